@@ -1,0 +1,3 @@
+from nwc.cli import main
+
+raise SystemExit(main())

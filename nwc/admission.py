@@ -1,0 +1,342 @@
+"""Admission: may these two IVNs be woven, with this profile, rate and duration, and on which path?
+
+`evaluate` is pure: it reads the policy, the topology, the fabric ledger and the live weaves,
+takes the time as an argument, and returns either an `Admission` (what to reserve and build) or a
+`Denial` (a machine-readable reason plus a precise sentence). It changes nothing; the weaver
+applies an Admission. This is the seed's `initiateWeave`, with "Policy Violation" and
+"Insufficient Bandwidth" made exact.
+
+The checks run in a fixed order, so a request that is wrong in several ways always gets the
+same answer: invalid_request, unknown_ivn, policy_violation (requester side first),
+cidr_overlap, insufficient_bandwidth.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Literal
+
+from nwc.fabric import Arc, Fabric, mbps_to_kbps, path_arcs
+from nwc.policy import Ivn, Policy
+from nwc.topology import Topology
+
+Side = Literal["requester", "target"]
+
+
+class Reason(StrEnum):
+    INVALID_REQUEST = "invalid_request"
+    UNKNOWN_IVN = "unknown_ivn"
+    POLICY_VIOLATION = "policy_violation"
+    CIDR_OVERLAP = "cidr_overlap"
+    INSUFFICIENT_BANDWIDTH = "insufficient_bandwidth"
+
+
+@dataclass(frozen=True)
+class WeaveRequest:
+    requester: str
+    target: str
+    duration_s: int
+    bandwidth_mbps: float
+    security_profile: str | None = None  # None: the best profile both sides allow
+
+
+@dataclass(frozen=True)
+class Denial:
+    reason: Reason
+    detail: str
+    side: Side | None = None  # which IVN's policy refused (policy_violation)
+    rule: str | None = None  # partner, profile, duration, bandwidth, total_bandwidth, ...
+    link: tuple[str, str] | None = None  # the bottleneck (insufficient_bandwidth)
+
+    @property
+    def admitted(self) -> bool:
+        return False
+
+    def as_dict(self) -> dict[str, object]:
+        out: dict[str, object] = {"error": self.reason.value, "detail": self.detail}
+        if self.side:
+            out["side"] = self.side
+        if self.rule:
+            out["rule"] = self.rule
+        if self.link:
+            out["link"] = list(self.link)
+        return out
+
+
+@dataclass(frozen=True)
+class LiveWeave:
+    """What admission needs to know about a weave already holding resources."""
+
+    id: str
+    requester: str
+    target: str
+    kbps: int  # in total, over all its legs
+    requester_prefixes: tuple[ipaddress.IPv4Network, ...]
+    target_prefixes: tuple[ipaddress.IPv4Network, ...]
+
+    def ivns(self) -> tuple[str, str]:
+        return self.requester, self.target
+
+    def remote_prefixes(self, ivn: str) -> tuple[ipaddress.IPv4Network, ...]:
+        """The prefixes `ivn` reaches through this weave."""
+        return self.target_prefixes if ivn == self.requester else self.requester_prefixes
+
+
+@dataclass(frozen=True)
+class LegPlan:
+    """One host pair of a weave: a compute host with VMs of the requester, one with VMs of the
+    target, and the fabric path between them (just the host when both are the same)."""
+
+    requester_host: str
+    target_host: str
+    path: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Admission:
+    requester: str
+    target: str
+    profile: str
+    kbps: int  # per leg
+    legs: tuple[LegPlan, ...]
+    requester_prefixes: tuple[ipaddress.IPv4Network, ...]  # of the requester, reachable by target
+    target_prefixes: tuple[ipaddress.IPv4Network, ...]  # of the target, reachable by requester
+    expires_at: datetime
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def admitted(self) -> bool:
+        return True
+
+
+Decision = Admission | Denial
+
+
+def _deny(reason: Reason, detail: str, **kw: object) -> Denial:
+    return Denial(reason, detail, **kw)  # type: ignore[arg-type]
+
+
+def check_request(request: WeaveRequest, policy: Policy) -> Denial | None:
+    """Shape checks that need no fabric: types, ranges, names."""
+    if not isinstance(request.duration_s, int) or isinstance(request.duration_s, bool) \
+            or request.duration_s < 1:
+        return _deny(Reason.INVALID_REQUEST, "duration_s must be a whole number of seconds >= 1")
+    bw = request.bandwidth_mbps
+    if isinstance(bw, bool) or not isinstance(bw, int | float) or not math.isfinite(bw) \
+            or bw <= 0:
+        return _deny(Reason.INVALID_REQUEST, "bandwidth_mbps must be a positive number")
+    if mbps_to_kbps(bw) < 1:
+        return _deny(Reason.INVALID_REQUEST, "bandwidth_mbps must be at least 0.001 (1 kbit/s)")
+    if request.requester == request.target:
+        return _deny(Reason.INVALID_REQUEST, "an IVN cannot be woven with itself")
+    if request.security_profile is not None and request.security_profile not in policy.profiles:
+        return _deny(Reason.INVALID_REQUEST,
+                     f"no security profile named {request.security_profile!r}")
+    for role in ("requester", "target"):
+        name = getattr(request, role)
+        if name not in policy.ivns:
+            return _deny(Reason.UNKNOWN_IVN, f"{role} IVN {name!r} does not exist")
+    return None
+
+
+def _partner_check(side: Side, me: Ivn, other: Ivn) -> tuple[Denial | None,
+                                                            tuple[ipaddress.IPv4Network, ...]]:
+    rule = me.weaving.partner_rule(other)
+    if rule is None:
+        allowed = ", ".join(r.describe() for r in me.weaving.partners) or "nobody"
+        return _deny(Reason.POLICY_VIOLATION,
+                     f"{side} IVN {me.name} (tenant {me.tenant}) does not allow weaving with "
+                     f"IVN {other.name} of tenant {other.tenant}; it allows: {allowed}",
+                     side=side, rule="partner"), ()
+    return None, rule.prefixes or other.cidrs
+
+
+def negotiate_profile(requested: str | None, requester: Ivn, target: Ivn,
+                      policy: Policy) -> str | Denial:
+    mine, theirs = requester.weaving.profiles, target.weaving.profiles
+    if requested is not None:
+        for side, ivn in (("requester", requester), ("target", target)):
+            if requested not in ivn.weaving.profiles:
+                return _deny(Reason.POLICY_VIOLATION,
+                             f"security profile {requested!r} is not allowed by {side} IVN "
+                             f"{ivn.name} (it allows: {', '.join(ivn.weaving.profiles) or 'none'})",
+                             side=side, rule="profile")
+        return requested
+    common = [p for p in mine if p in theirs and p in policy.profiles]
+    if not common:
+        return _deny(Reason.POLICY_VIOLATION,
+                     f"no security profile is allowed by both sides ({requester.name}: "
+                     f"{', '.join(mine) or 'none'}; {target.name}: {', '.join(theirs) or 'none'})",
+                     side="target", rule="profile")
+    return common[0]
+
+
+def policy_check(policy: Policy, requester: Ivn, target: Ivn, *, remaining_s: float,
+                 kbps: int, live: Iterable[LiveWeave], profile: str,
+                 exclude: str | None = None, legs: int = 1) -> Denial | None:
+    """The caps of both IVNs: duration, rate per weave, total rate over live weaves. A weave
+    is charged its rate once per leg (host pair), as that is what it reserves and may carry.
+    `exclude` leaves one weave out of the totals (an extension re-checks itself)."""
+    what = f"{kbps / 1000:g} Mbit/s" if legs == 1 else \
+        f"{legs} host pairs x {kbps / 1000:g} Mbit/s = {legs * kbps / 1000:g} Mbit/s"
+    kbps *= legs
+    live = [w for w in live if w.id != exclude]
+    for side, ivn in (("requester", requester), ("target", target)):
+        rules = ivn.weaving
+        if profile not in rules.profiles:
+            return _deny(Reason.POLICY_VIOLATION,
+                         f"security profile {profile!r} is no longer allowed by {side} IVN "
+                         f"{ivn.name}", side=side, rule="profile")
+        if remaining_s > rules.max_duration_s:
+            return _deny(Reason.POLICY_VIOLATION,
+                         f"duration {remaining_s:g} s exceeds {side} IVN {ivn.name}'s maximum "
+                         f"of {rules.max_duration_s} s", side=side, rule="duration")
+        cap = mbps_to_kbps(rules.max_weave_mbps)
+        if kbps > cap:
+            return _deny(Reason.POLICY_VIOLATION,
+                         f"{what} exceeds {side} IVN {ivn.name}'s per-weave "
+                         f"maximum of {rules.max_weave_mbps:g} Mbit/s", side=side,
+                         rule="bandwidth")
+        in_use = sum(w.kbps for w in live if ivn.name in w.ivns())
+        total_cap = mbps_to_kbps(rules.max_total_mbps)
+        if in_use + kbps > total_cap:
+            return _deny(Reason.POLICY_VIOLATION,
+                         f"{side} IVN {ivn.name} already has {in_use / 1000:g} Mbit/s in live "
+                         f"weaves; {what} more exceeds its total of "
+                         f"{rules.max_total_mbps:g} Mbit/s", side=side, rule="total_bandwidth")
+    return None
+
+
+def _overlap_check(requester: Ivn, target: Ivn,
+                   requester_prefixes: tuple[ipaddress.IPv4Network, ...],
+                   target_prefixes: tuple[ipaddress.IPv4Network, ...],
+                   live: Iterable[LiveWeave]) -> Denial | None:
+    """Routing inside each IVN must stay unambiguous: what it reaches through the weave must
+    not overlap its own prefixes, nor what it already reaches through another live weave."""
+    for me, remote in ((requester, target_prefixes), (target, requester_prefixes)):
+        for net in remote:
+            for own in me.cidrs:
+                if net.overlaps(own):
+                    return _deny(Reason.CIDR_OVERLAP,
+                                 f"{net} (of the partner) overlaps {own} of IVN {me.name}; "
+                                 "traffic between them could not be routed")
+    for weave in live:
+        if set(weave.ivns()) == {requester.name, target.name}:
+            return _deny(Reason.CIDR_OVERLAP,
+                         f"{requester.name} and {target.name} are already woven by {weave.id}; "
+                         "extend that weave instead of weaving them twice")
+        for me, remote in ((requester, target_prefixes), (target, requester_prefixes)):
+            if me.name not in weave.ivns():
+                continue
+            for net in remote:
+                for taken in weave.remote_prefixes(me.name):
+                    if net.overlaps(taken):
+                        return _deny(Reason.CIDR_OVERLAP,
+                                     f"IVN {me.name} already reaches {taken} through weave "
+                                     f"{weave.id}, which overlaps {net}")
+    return None
+
+
+def plan_legs(fabric: Fabric, pairs: Iterable[tuple[str, str]], kbps: int,
+              keep: Mapping[tuple[str, str], tuple[str, ...]] | None = None
+              ) -> tuple[LegPlan, ...] | Denial:
+    """A path for every host pair, all fitting together (legs may share links). `keep` gives
+    paths to reuse as they are (a reroute keeps the legs that did not break)."""
+    pending: dict[Arc, int] = {}
+    legs = []
+    pairs = list(pairs)
+    for a, b in pairs:
+        path = (keep or {}).get((a, b)) or fabric.find_path(a, b, kbps, pending)
+        if path is None:
+            neck = fabric.bottleneck(a, b, kbps, pending)
+            detail = neck.describe(kbps, a, b)
+            if len(pairs) > 1:
+                detail += f" (host pair {a}-{b}, one of {len(pairs)} legs)"
+            return _deny(Reason.INSUFFICIENT_BANDWIDTH, detail, link=neck.link)
+        for arc in path_arcs(path):
+            pending[arc] = pending.get(arc, 0) + kbps
+        legs.append(LegPlan(a, b, path))
+    return tuple(legs)
+
+
+def evaluate(request: WeaveRequest, *, policy: Policy, topology: Topology, fabric: Fabric,
+             live: Iterable[LiveWeave], now: datetime) -> Decision:
+    """Decide a weave request. Pure: nothing is reserved until the caller applies the result."""
+    live = list(live)
+    denial = check_request(request, policy)
+    if denial:
+        return denial
+    requester, target = policy.ivns[request.requester], policy.ivns[request.target]
+    # Both sides must allow each other; each side's rule may narrow the other's prefixes.
+    denial, target_prefixes = _partner_check("requester", requester, target)
+    if denial:
+        return denial
+    denial, requester_prefixes = _partner_check("target", target, requester)
+    if denial:
+        return denial
+    profile = negotiate_profile(request.security_profile, requester, target, policy)
+    if isinstance(profile, Denial):
+        return profile
+    # A weave has one leg per pair of hosts that carry VMs of the two IVNs, so that every
+    # packet between them is encrypted from the host it starts on.
+    pairs = [(a, b) for a in topology.hosts_of_ivn(requester.name)
+             for b in topology.hosts_of_ivn(target.name)]
+    for ivn in (requester, target):
+        if not topology.hosts_of_ivn(ivn.name):
+            return _deny(Reason.INVALID_REQUEST,
+                         f"IVN {ivn.name} has no VMs on any compute host of the fabric")
+    kbps = mbps_to_kbps(request.bandwidth_mbps)
+    denial = policy_check(policy, requester, target, remaining_s=request.duration_s,
+                          kbps=kbps, live=live, profile=profile, legs=len(pairs))
+    if denial:
+        return denial
+    denial = _overlap_check(requester, target, requester_prefixes, target_prefixes, live)
+    if denial:
+        return denial
+    legs = plan_legs(fabric, pairs, kbps)
+    if isinstance(legs, Denial):
+        return legs
+    return Admission(
+        requester=requester.name, target=target.name, profile=profile, kbps=kbps, legs=legs,
+        requester_prefixes=tuple(requester_prefixes), target_prefixes=tuple(target_prefixes),
+        expires_at=now + timedelta(seconds=request.duration_s))
+
+
+def evaluate_extension(weave: LiveWeave, *, profile: str, new_expires_at: datetime,
+                       paths: Iterable[tuple[str, ...]], policy: Policy, fabric: Fabric,
+                       live: Iterable[LiveWeave], now: datetime) -> Denial | None:
+    """An extension is admitted again: both policies as they are now, and the fabric."""
+    if new_expires_at <= now:
+        return _deny(Reason.INVALID_REQUEST, "the new expiry is not in the future")
+    for role in ("requester", "target"):
+        name = getattr(weave, role)
+        if name not in policy.ivns:
+            return _deny(Reason.UNKNOWN_IVN, f"{role} IVN {name!r} no longer exists")
+    requester, target = policy.ivns[weave.requester], policy.ivns[weave.target]
+    for side, me, other in (("requester", requester, target), ("target", target, requester)):
+        denial, _ = _partner_check(side, me, other)  # type: ignore[arg-type]
+        if denial:
+            return denial
+    denial = policy_check(policy, requester, target,
+                          remaining_s=(new_expires_at - now).total_seconds(), kbps=weave.kbps,
+                          live=live, profile=profile, exclude=weave.id)
+    if denial:
+        return denial
+    for path in paths:
+        for a, b in itertools.pairwise(path):
+            key = (a, b) if a <= b else (b, a)
+            if key in fabric.down:
+                return _deny(Reason.INSUFFICIENT_BANDWIDTH,
+                             f"link {key[0]}-{key[1]} on the weave's path is down", link=key)
+            for arc in ((a, b), (b, a)):
+                if fabric.reserved[arc] > fabric.reservable[arc]:
+                    return _deny(Reason.INSUFFICIENT_BANDWIDTH,
+                                 f"link {key[0]}-{key[1]} is over-reserved after a topology "
+                                 "change", link=key)
+    return None

@@ -1,0 +1,126 @@
+"""The `nwc` command. Each feature module registers its own subcommands (see COMMAND_MODULES),
+so this file only holds the commands that belong to no other module."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from pathlib import Path
+
+from nwc.config import SHIPPED_POLICIES, SHIPPED_TOPOLOGIES, default_state_dir
+from nwc.policy import load_policy
+from nwc.topology import load_topology
+from nwc.yamlsource import ConfigError
+
+# Modules with a `register(subparsers)` function adding their subcommands.
+COMMAND_MODULES = (
+    "nwc.admission_demo",
+)
+
+# Exit codes shared by every subcommand.
+EXIT_OK = 0
+EXIT_ERROR = 1  # bad input, invalid configuration, failed check
+EXIT_USAGE = 2  # argparse's own
+
+
+def add_state_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--state-dir", type=Path, default=None,
+                        help="where the controller keeps SQLite, keys and the audit log "
+                             f"(default: $NWC_STATE_DIR or {default_state_dir()})")
+
+
+def state_dir(args: argparse.Namespace) -> Path:
+    return args.state_dir or default_state_dir()
+
+
+def cmd_check_policy(args: argparse.Namespace) -> int:
+    policy_paths = args.paths or [SHIPPED_POLICIES]
+    topologies = args.topology if args.topology is not None else \
+        ([] if args.paths else sorted(SHIPPED_TOPOLOGIES.glob("*.yaml")))
+    try:
+        policy = load_policy(policy_paths)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        print(f"check-policy: {len(exc.problems)} problem(s)", file=sys.stderr)
+        return EXIT_ERROR
+    print(f"policy OK: {len(policy.tenants)} tenants, {len(policy.ivns)} IVNs, "
+          f"{len(policy.profiles)} security profiles, {len(policy.qos_classes)} QoS classes "
+          f"({', '.join(policy.sources)})")
+    failed = 0
+    for path in topologies:
+        try:
+            topo = load_topology(Path(path), policy)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                print(problem, file=sys.stderr)
+            failed += len(exc.problems)
+            continue
+        print(f"topology OK: {topo.name}: {len(topo.switches)} switches, {len(topo.links)} "
+              f"links, {len(topo.hosts)} hosts, {len(topo.vms)} VMs ({path})")
+    if failed:
+        print(f"check-policy: {failed} problem(s)", file=sys.stderr)
+        return EXIT_ERROR
+    return EXIT_OK
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from nwc.audit import read_jsonl, verify_chain
+
+    path = args.file or state_dir(args) / "audit.jsonl"
+    if not path.exists():
+        print(f"audit verify: {path} does not exist", file=sys.stderr)
+        return EXIT_ERROR
+    records = list(read_jsonl(path))
+    breaks = verify_chain(records)
+    for b in breaks:
+        print(f"{path}: {b}", file=sys.stderr)
+    if breaks:
+        print(f"audit verify: chain broken ({len(breaks)} problem(s) in {len(records)} records)",
+              file=sys.stderr)
+        return EXIT_ERROR
+    print(f"audit verify: {len(records)} records, chain intact")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nwc", description=__doc__.split("\n")[0] if __doc__
+                                     else None)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("check-policy", help="validate policy files (and topologies)",
+                       description="Validate a policy set; print one line per problem naming "
+                                   "file, line and field; exit 1 if there is any.")
+    p.add_argument("paths", nargs="*", type=Path,
+                   help=f"policy files or directories (default: {SHIPPED_POLICIES})")
+    p.add_argument("--topology", action="append", type=Path, default=None,
+                   help="also check this topology against the policy (repeatable; default "
+                        "with no PATH: every shipped topology)")
+    p.set_defaults(func=cmd_check_policy)
+
+    audit = sub.add_parser("audit", help="the audit log").add_subparsers(
+        dest="audit_command", required=True, metavar="ACTION")
+    p = audit.add_parser("verify", help="check the audit log's hash chain")
+    add_state_dir(p)
+    p.add_argument("--file", type=Path, default=None, help="an audit.jsonl file to check")
+    p.set_defaults(func=cmd_audit_verify)
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

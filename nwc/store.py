@@ -1,0 +1,177 @@
+"""Durable controller state in SQLite: weaves, their reservations and leases, the audit chain.
+
+Every change is one transaction (WAL, synchronous=FULL: committed means on disk), so a
+controller that restarts finds exactly the weaves that were live, with their reservations, and
+an audit record for every decision up to the crash. The state directory is private (0700) and
+the database 0600: it names tenants and their networks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from nwc.audit import GENESIS, JsonlMirror, seal
+from nwc.fabric import Reservation
+from nwc.weave import LIVE_STATES, Weave
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS weaves (
+    id TEXT PRIMARY KEY,
+    number INTEGER NOT NULL UNIQUE,
+    state TEXT NOT NULL,
+    requester TEXT NOT NULL,
+    target TEXT NOT NULL,
+    expires_at TEXT NOT NULL,
+    record TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS weaves_state ON weaves(state);
+CREATE TABLE IF NOT EXISTS reservations (
+    weave_id TEXT PRIMARY KEY REFERENCES weaves(id),
+    paths TEXT NOT NULL,
+    kbps INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit (
+    seq INTEGER PRIMARY KEY,
+    hash TEXT NOT NULL,
+    record TEXT NOT NULL
+);
+"""
+
+
+def private_dir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path, 0o700)
+    return path
+
+
+class Store:
+    def __init__(self, state_dir: Path) -> None:
+        self.dir = private_dir(state_dir)
+        self.path = self.dir / "nwc.db"
+        old_umask = os.umask(0o077)
+        try:
+            self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        finally:
+            os.umask(old_umask)
+        os.chmod(self.path, 0o600)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.execute("PRAGMA foreign_keys=ON")
+        self.db.executescript(SCHEMA)
+        self._lock = threading.RLock()
+        self._tx_depth = 0
+        self._pending_audit: list[dict[str, Any]] = []
+        row = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        if row is None:
+            self.db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+        elif int(row[0]) != SCHEMA_VERSION:
+            raise RuntimeError(f"{self.path} has schema {row[0]}, this NWC knows "
+                               f"{SCHEMA_VERSION}")
+        last = self.db.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+        self._audit_seq, self._audit_hash = (last[0], last[1]) if last else (0, GENESIS)
+        self.mirror = JsonlMirror(self.dir / "audit.jsonl")
+        # Catch the file up with records committed before a crash.
+        self.mirror.append(self.audit_records(after=self.mirror.last_seq))
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """All writes inside commit together or not at all; audit records reach the JSONL
+        file only after their transaction commits."""
+        with self._lock:
+            outer = self._tx_depth == 0
+            if outer:
+                self.db.execute("BEGIN IMMEDIATE")
+                saved = (self._audit_seq, self._audit_hash)
+            self._tx_depth += 1
+            try:
+                yield
+            except BaseException:
+                self._tx_depth -= 1
+                if outer:
+                    self.db.execute("ROLLBACK")
+                    self._audit_seq, self._audit_hash = saved
+                    self._pending_audit.clear()
+                raise
+            self._tx_depth -= 1
+            if outer:
+                self.db.execute("COMMIT")
+                pending, self._pending_audit = self._pending_audit, []
+                self.mirror.append(pending)
+
+    # -- weaves ---------------------------------------------------------------------------
+
+    def next_weave_number(self) -> int:
+        row = self.db.execute("SELECT COALESCE(MAX(number), 0) + 1 FROM weaves").fetchone()
+        return int(row[0])
+
+    def save_weave(self, weave: Weave) -> None:
+        number = int(weave.id.rsplit("-", 1)[-1])
+        self.db.execute(
+            "INSERT INTO weaves (id, number, state, requester, target, expires_at, record) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET state=excluded.state, "
+            "expires_at=excluded.expires_at, record=excluded.record",
+            (weave.id, number, weave.state.value, weave.requester, weave.target,
+             weave.to_dict()["expires_at"], json.dumps(weave.to_dict())))
+
+    def weave(self, weave_id: str) -> Weave | None:
+        row = self.db.execute("SELECT record FROM weaves WHERE id=?", (weave_id,)).fetchone()
+        return Weave.from_dict(json.loads(row[0])) if row else None
+
+    def weaves(self, *, live_only: bool = False) -> list[Weave]:
+        if live_only:
+            marks = ",".join("?" * len(LIVE_STATES))
+            rows = self.db.execute(f"SELECT record FROM weaves WHERE state IN ({marks}) "
+                                   "ORDER BY number", [s.value for s in LIVE_STATES])
+        else:
+            rows = self.db.execute("SELECT record FROM weaves ORDER BY number")
+        return [Weave.from_dict(json.loads(r[0])) for r in rows]
+
+    # -- reservations ---------------------------------------------------------------------
+
+    def save_reservation(self, reservation: Reservation) -> None:
+        self.db.execute("INSERT OR REPLACE INTO reservations VALUES (?, ?, ?)",
+                        (reservation.weave_id, json.dumps([list(p) for p in reservation.paths]),
+                         reservation.kbps))
+
+    def delete_reservation(self, weave_id: str) -> None:
+        self.db.execute("DELETE FROM reservations WHERE weave_id=?", (weave_id,))
+
+    def reservations(self) -> dict[str, Reservation]:
+        rows = self.db.execute("SELECT weave_id, paths, kbps FROM reservations")
+        return {w: Reservation(w, tuple(tuple(p) for p in json.loads(ps)), k)
+                for w, ps, k in rows}
+
+    # -- audit ----------------------------------------------------------------------------
+
+    def audit(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Append a record to the chain; must run inside a transaction."""
+        if self._tx_depth == 0:
+            with self.transaction():
+                return self.audit(body)
+        record = seal({**body, "seq": self._audit_seq + 1}, self._audit_hash)
+        self.db.execute("INSERT INTO audit VALUES (?, ?, ?)",
+                        (record["seq"], record["hash"], json.dumps(record, sort_keys=True)))
+        self._audit_seq, self._audit_hash = record["seq"], record["hash"]
+        self._pending_audit.append(record)
+        return record
+
+    def audit_records(self, after: int = 0, limit: int | None = None) -> list[dict[str, Any]]:
+        sql = "SELECT record FROM audit WHERE seq > ? ORDER BY seq"
+        args: list[Any] = [after]
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(limit)
+        return [json.loads(r[0]) for r in self.db.execute(sql, args)]

@@ -1,0 +1,537 @@
+"""The weaver: the one place that changes weave state.
+
+It applies admission decisions to the fabric ledger, the lease book and the store, and tells the
+data-plane parts (OpenFlow flows, IPsec tunnels) what to build or tear down. It is driven by a
+single loop thread (`WeaverLoop`): REST calls, lease expiries, provisioning reports and switch
+events all become calls on that thread, so nothing here needs a lock and no two changes
+interleave.
+
+Order of effects, so a crash at any point leaves a state the next start repairs: the durable
+record is committed first, then the data plane is told. A controller that restarts rebuilds the
+ledger and leases from the store, releases what expired while it was down, and hands every live
+weave to the parts again (they make the switches equal to it).
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import queue
+import threading
+import traceback
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Protocol, TypeVar
+
+from nwc.admission import (
+    Admission,
+    Denial,
+    Reason,
+    WeaveRequest,
+    evaluate,
+    evaluate_extension,
+    plan_legs,
+)
+from nwc.fabric import CapacityError, Fabric
+from nwc.lease import Clock, LeaseBook, iso
+from nwc.policy import Policy
+from nwc.store import Store
+from nwc.topology import Topology
+from nwc.weave import EndReason, Leg, State, Weave
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+DEFAULT_PROVISION_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who asked: a tenant, or an operator (tenant None). Recorded in the audit trail."""
+
+    name: str
+    tenant: str | None = None
+
+    @property
+    def is_admin(self) -> bool:
+        return self.tenant is None
+
+
+SYSTEM = Actor("nwc")
+
+
+class Part(Protocol):
+    """A piece of the data plane. Calls come from the weaver's loop and must not block for
+    long; a part reports a built weave with `Weaver.part_ready` (posted to the loop)."""
+
+    name: str
+
+    def weave_up(self, weave: Weave) -> None: ...
+
+    def weave_down(self, weave: Weave) -> None: ...
+
+    def weave_moved(self, weave: Weave, old: Weave) -> None: ...
+
+
+class Weaver:
+    def __init__(self, *, policy: Policy, topology: Topology, store: Store, clock: Clock,
+                 parts: Iterable[Part] = (),
+                 provision_timeout_s: float = DEFAULT_PROVISION_TIMEOUT_S) -> None:
+        self.policy = policy
+        self.topology = topology
+        self.store = store
+        self.clock = clock
+        self.parts: list[Part] = list(parts)
+        self.provision_timeout = timedelta(seconds=provision_timeout_s)
+        self.fabric = Fabric(topology)
+        self.leases = LeaseBook()
+        self.live: dict[str, Weave] = {}
+        self._waiting: dict[str, set[str]] = {}  # weave id -> parts not yet ready
+        self._provision_deadline: dict[str, datetime] = {}
+        self._free_slots: list[int] = []
+        self._next_slot = 0
+        self._next_number = store.next_weave_number()
+        self._listeners: list[Callable[[dict[str, Any]], None]] = []
+
+    # -- observers ------------------------------------------------------------------------
+
+    def subscribe(self, listener: Callable[[dict[str, Any]], None]) -> None:
+        """Called with every event (weave state changes, denials, security events)."""
+        self._listeners.append(listener)
+
+    def emit(self, event: dict[str, Any]) -> None:
+        event.setdefault("ts", iso(self.clock.now()))
+        for listener in self._listeners:
+            try:
+                listener(event)
+            except Exception:
+                log.exception("event listener failed on %s", event.get("type"))
+
+    def add_part(self, part: Part) -> None:
+        self.parts.append(part)
+
+    # -- slots ----------------------------------------------------------------------------
+
+    def _take_slot(self) -> int:
+        if self._free_slots:
+            return heapq.heappop(self._free_slots)
+        if self._next_slot >= self.topology.underlay.weave_slots:
+            raise CapacityError("the underlay address pools have no free weave slot")
+        self._next_slot += 1
+        return self._next_slot - 1
+
+    def _give_slot(self, slot: int) -> None:
+        heapq.heappush(self._free_slots, slot)
+
+    def _rebuild_slots(self) -> None:
+        used = {leg.slot for w in self.live.values() for leg in w.legs if leg.slot is not None}
+        self._next_slot = max(used, default=-1) + 1
+        self._free_slots = [s for s in range(self._next_slot) if s not in used]
+        heapq.heapify(self._free_slots)
+
+    # -- start ----------------------------------------------------------------------------
+
+    def recover(self) -> list[Weave]:
+        """Load live weaves from the store; release those that expired or no longer fit."""
+        reservations = self.store.reservations()
+        now = self.clock.now()
+        for weave in self.store.weaves(live_only=True):
+            self.live[weave.id] = weave
+            held = reservations.get(weave.id)
+            try:
+                self.fabric.reserve(weave.id, held.paths if held else weave.paths, weave.kbps)
+            except (CapacityError, KeyError) as exc:
+                log.warning("weave %s no longer fits the fabric: %s", weave.id, exc)
+                self._end(weave, State.FAILED, EndReason.TOPOLOGY_CHANGED.value, SYSTEM,
+                          detail=str(exc), tell_parts=False)
+                continue
+            self.leases.set(weave.id, weave.expires_at)
+            if weave.state is State.PROVISIONING:
+                self._waiting[weave.id] = {p.name for p in self.parts}
+                self._provision_deadline[weave.id] = now + self.provision_timeout
+        self._rebuild_slots()
+        self.tick()
+        log.info("recovered %d live weaves", len(self.live))
+        return list(self.live.values())
+
+    def start_parts(self) -> None:
+        """Hand every live weave to the parts (after a restart, or when parts attach)."""
+        for weave in list(self.live.values()):
+            self._tell(weave, "weave_up")
+
+    # -- tenant requests ------------------------------------------------------------------
+
+    def live_view(self) -> list[Any]:
+        return [w.as_live() for w in self.live.values()]
+
+    def create(self, request: WeaveRequest, actor: Actor = SYSTEM,
+               request_id: str | None = None) -> Weave | Denial:
+        now = self.clock.now()
+        decision = evaluate(request, policy=self.policy, topology=self.topology,
+                            fabric=self.fabric, live=self.live_view(), now=now)
+        if isinstance(decision, Denial):
+            self._record_denial("weave.create", request, decision, actor, request_id)
+            return decision
+        return self._admit(decision, now, actor, request_id)
+
+    def _admit(self, admission: Admission, now: datetime, actor: Actor,
+               request_id: str | None) -> Weave:
+        policy = self.policy
+        legs = tuple(Leg(p.requester_host, p.target_host, p.path,
+                         None if p.requester_host == p.target_host else self._take_slot())
+                     for p in admission.legs)
+        weave = Weave(
+            id=f"wv-{self._next_number:06d}", requester=admission.requester,
+            target=admission.target,
+            requester_tenant=policy.ivns[admission.requester].tenant,
+            target_tenant=policy.ivns[admission.target].tenant,
+            legs=legs, kbps=admission.kbps, profile=admission.profile,
+            requester_prefixes=admission.requester_prefixes,
+            target_prefixes=admission.target_prefixes, created_at=now,
+            expires_at=admission.expires_at,
+            state=State.PROVISIONING if self.parts else State.ACTIVE)
+        try:
+            reservation = self.fabric.reserve(weave.id, weave.paths, weave.kbps)
+            try:
+                with self.store.transaction():
+                    self.store.save_weave(weave)
+                    self.store.save_reservation(reservation)
+                    self._audit("weave.create", "admitted", weave=weave, actor=actor,
+                                request_id=request_id, detail=self._describe(weave))
+            except BaseException:
+                self.fabric.release(weave.id)
+                raise
+        except BaseException:
+            for leg in legs:
+                if leg.slot is not None:
+                    self._give_slot(leg.slot)
+            raise
+        self._next_number += 1
+        self.live[weave.id] = weave
+        self.leases.set(weave.id, weave.expires_at)
+        self.emit({"type": "weave.state", "weave": weave.to_dict()})
+        if self.parts:
+            self._waiting[weave.id] = {p.name for p in self.parts}
+            self._provision_deadline[weave.id] = now + self.provision_timeout
+            self._tell(weave, "weave_up")
+        return weave
+
+    @staticmethod
+    def _describe(weave: Weave) -> str:
+        paths = "; ".join(" > ".join(leg.path) for leg in weave.legs)
+        return (f"{weave.bandwidth_mbps:g} Mbit/s per leg, profile {weave.profile}, until "
+                f"{iso(weave.expires_at)}, path {paths}")
+
+    def terminate(self, weave_id: str, actor: Actor = SYSTEM,
+                  request_id: str | None = None) -> Weave | None:
+        """End a weave now and release everything; None if it is not live."""
+        weave = self.live.get(weave_id)
+        if weave is None:
+            return None
+        return self._end(weave, State.TERMINATED, EndReason.REQUESTED.value, actor,
+                         request_id=request_id)
+
+    def extend(self, weave_id: str, duration_s: int, actor: Actor = SYSTEM,
+               request_id: str | None = None) -> Weave | Denial | None:
+        """Push the lease end back by `duration_s`, re-checked against both policies now."""
+        weave = self.live.get(weave_id)
+        if weave is None:
+            return None
+        now = self.clock.now()
+        if isinstance(duration_s, bool) or not isinstance(duration_s, int) or duration_s < 1:
+            denial: Denial | None = Denial(Reason.INVALID_REQUEST,
+                                           "duration_s must be a whole number of seconds >= 1")
+        else:
+            new_expiry = max(weave.expires_at, now) + timedelta(seconds=duration_s)
+            denial = evaluate_extension(weave.as_live(), profile=weave.profile,
+                                        new_expires_at=new_expiry, paths=weave.paths,
+                                        policy=self.policy, fabric=self.fabric,
+                                        live=self.live_view(), now=now)
+        if denial is not None:
+            with self.store.transaction():
+                self._audit("weave.extend", "denied", weave=weave, actor=actor,
+                            request_id=request_id, reason=denial.reason.value,
+                            detail=denial.detail)
+            self.emit({"type": "weave.denied", "action": "extend", "weave_id": weave.id,
+                       **denial.as_dict()})
+            return denial
+        extended = weave.with_(expires_at=new_expiry)
+        with self.store.transaction():
+            self.store.save_weave(extended)
+            self._audit("weave.extend", "extended", weave=extended, actor=actor,
+                        request_id=request_id, detail=f"until {iso(new_expiry)}")
+        self.live[weave.id] = extended
+        self.leases.set(weave.id, new_expiry)
+        self.emit({"type": "weave.extended", "weave": extended.to_dict()})
+        self._tell_moved(extended, weave)  # flows carry the lease as a hard timeout
+        return extended
+
+    # -- reports from the data plane ------------------------------------------------------
+
+    def part_ready(self, weave_id: str, part: str) -> None:
+        waiting = self._waiting.get(weave_id)
+        weave = self.live.get(weave_id)
+        if waiting is None or weave is None:
+            return
+        waiting.discard(part)
+        if waiting:
+            return
+        del self._waiting[weave_id]
+        self._provision_deadline.pop(weave_id, None)
+        if weave.state is State.PROVISIONING:
+            active = weave.with_(state=State.ACTIVE)
+            with self.store.transaction():
+                self.store.save_weave(active)
+                self._audit("weave.state", "active", weave=active, actor=SYSTEM)
+            self.live[weave_id] = active
+            self.emit({"type": "weave.state", "weave": active.to_dict()})
+
+    def part_failed(self, weave_id: str, part: str, detail: str) -> None:
+        weave = self.live.get(weave_id)
+        if weave is None:
+            return
+        log.warning("weave %s: %s failed: %s", weave_id, part, detail)
+        self.emit({"type": "security" if "auth" in detail.lower() else "weave.part_failed",
+                   "weave_id": weave_id, "part": part, "detail": detail})
+        self._end(weave, State.FAILED, EndReason.PROVISION_FAILED.value, SYSTEM,
+                  detail=f"{part}: {detail}")
+
+    def security_event(self, weave_id: str | None, kind: str, detail: str) -> None:
+        """Something a tenant's security team wants to know (IKE failure, SA down...)."""
+        with self.store.transaction():
+            self._audit("security", kind, weave=self.live.get(weave_id or ""), actor=SYSTEM,
+                        detail=detail, weave_id=weave_id)
+        self.emit({"type": "security", "kind": kind, "weave_id": weave_id, "detail": detail})
+
+    # -- time -----------------------------------------------------------------------------
+
+    def tick(self) -> list[Weave]:
+        """Release expired leases and weaves that took too long to build."""
+        now = self.clock.now()
+        ended = []
+        for weave_id in self.leases.due(now):
+            weave = self.live.get(weave_id)
+            if weave is not None:
+                ended.append(self._end(weave, State.TERMINATED, EndReason.EXPIRED.value,
+                                       SYSTEM))
+        for weave_id, deadline in list(self._provision_deadline.items()):
+            weave = self.live.get(weave_id)
+            if weave is not None and deadline <= now:
+                missing = ", ".join(sorted(self._waiting.get(weave_id, ())))
+                ended.append(self._end(weave, State.FAILED, EndReason.PROVISION_TIMEOUT.value,
+                                       SYSTEM, detail=f"not ready after "
+                                       f"{self.provision_timeout.total_seconds():g} s: {missing}"))
+        return ended
+
+    def seconds_to_next_deadline(self) -> float:
+        now = self.clock.now()
+        wait = self.leases.wait_seconds(now)
+        if self._provision_deadline:
+            first = min(self._provision_deadline.values())
+            wait = min(wait, max(0.0, (first - now).total_seconds()))
+        return wait
+
+    # -- fabric events --------------------------------------------------------------------
+
+    def link_changed(self, a: str, b: str, up: bool) -> list[Weave]:
+        """A fabric link went down (or came back). Weaves on a dead link move to another path
+        with the capacity, or fail with a reason. Returns the weaves that moved or failed."""
+        if not self.fabric.set_link(a, b, up):
+            return []
+        self.emit({"type": "fabric.link", "link": [a, b], "up": up})
+        with self.store.transaction():
+            self._audit("fabric.link", "up" if up else "down", actor=SYSTEM,
+                        detail=f"link {a}-{b} {'up' if up else 'down'}")
+        if up:
+            return []
+        changed = []
+        for weave_id in self.fabric.weaves_on(a, b):
+            changed.append(self._reroute(self.live[weave_id]))
+        return changed
+
+    def _reroute(self, weave: Weave) -> Weave:
+        """Re-plan a weave whose path lost a link: legs that still work keep their path."""
+        self.fabric.release(weave.id)
+        keep = {(leg.requester_host, leg.target_host): leg.path for leg in weave.legs
+                if not any(((a, b) if a <= b else (b, a)) in self.fabric.down
+                           for a, b in zip(leg.path, leg.path[1:], strict=False))}
+        planned = plan_legs(self.fabric, [(leg.requester_host, leg.target_host)
+                                          for leg in weave.legs], weave.kbps, keep)
+        if isinstance(planned, Denial):
+            # Already released above; _end records it and tears the data plane down.
+            return self._end(weave, State.FAILED, EndReason.NO_PATH.value, SYSTEM,
+                             detail=planned.detail)
+        legs = tuple(Leg(leg.requester_host, leg.target_host, plan.path, leg.slot)
+                     for leg, plan in zip(weave.legs, planned, strict=True))
+        moved = weave.with_(legs=legs)
+        reservation = self.fabric.reserve(weave.id, moved.paths, weave.kbps)
+        with self.store.transaction():
+            self.store.save_weave(moved)
+            self.store.save_reservation(reservation)
+            self._audit("weave.reroute", "rerouted", weave=moved, actor=SYSTEM,
+                        detail=self._describe(moved))
+        self.live[weave.id] = moved
+        self.emit({"type": "weave.rerouted", "weave": moved.to_dict(),
+                   "old_paths": [list(p) for p in weave.paths]})
+        self._tell_moved(moved, weave)
+        return moved
+
+    # -- policy ---------------------------------------------------------------------------
+
+    def reload_policy(self, policy: Policy, actor: Actor = SYSTEM) -> list[Weave]:
+        """Switch to a new (already validated) policy. Weaves that either side no longer
+        allows end now (policy_withdrawn); caps apply from the next request or extension."""
+        self.policy = policy
+        with self.store.transaction():
+            self._audit("policy.reload", "applied", actor=actor,
+                        detail=f"{len(policy.ivns)} IVNs from {', '.join(policy.sources)}")
+        ended = []
+        for weave in list(self.live.values()):
+            why = self._still_allowed(weave)
+            if why:
+                ended.append(self._end(weave, State.FAILED, EndReason.POLICY_WITHDRAWN.value,
+                                       actor, detail=why))
+        return ended
+
+    def _still_allowed(self, weave: Weave) -> str | None:
+        ivns = self.policy.ivns
+        if weave.requester not in ivns or weave.target not in ivns:
+            return "an IVN of the weave was removed from the policy"
+        requester, target = ivns[weave.requester], ivns[weave.target]
+        for me, other in ((requester, target), (target, requester)):
+            if me.weaving.partner_rule(other) is None:
+                return f"IVN {me.name} no longer allows weaving with {other.name}"
+            if weave.profile not in me.weaving.profiles:
+                return f"IVN {me.name} no longer allows profile {weave.profile}"
+        return None
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _end(self, weave: Weave, state: State, reason: str, actor: Actor, *,
+             detail: str | None = None, request_id: str | None = None,
+             tell_parts: bool = True) -> Weave:
+        """Release everything a weave holds: durable record first, then the data plane."""
+        now = self.clock.now()
+        ended = weave.with_(state=state, reason=reason, ended_at=now)
+        with self.store.transaction():
+            self.store.save_weave(ended)
+            self.store.delete_reservation(weave.id)
+            outcome = {EndReason.EXPIRED.value: "expired",
+                       EndReason.REQUESTED.value: "released"}.get(reason, "failed")
+            self._audit("weave.expire" if outcome == "expired" else
+                        "weave.terminate" if outcome == "released" else "weave.fail",
+                        outcome, weave=ended, actor=actor, request_id=request_id,
+                        reason=reason, detail=detail)
+        self.fabric.release(weave.id)
+        self.leases.remove(weave.id)
+        self._waiting.pop(weave.id, None)
+        self._provision_deadline.pop(weave.id, None)
+        if self.live.pop(weave.id, None) is not None:
+            for leg in weave.legs:
+                if leg.slot is not None:
+                    self._give_slot(leg.slot)
+        self.emit({"type": "weave.state", "weave": ended.to_dict(), "detail": detail})
+        if tell_parts:
+            self._tell(weave, "weave_down")
+        return ended
+
+    def _tell(self, weave: Weave, method: str) -> None:
+        for part in self.parts:
+            try:
+                getattr(part, method)(weave)
+            except Exception as exc:
+                log.error("part %s.%s(%s) raised:\n%s", part.name, method, weave.id,
+                          traceback.format_exc())
+                if method == "weave_up" and weave.id in self.live:
+                    self.part_failed(weave.id, part.name, f"{type(exc).__name__}: {exc}")
+                    return
+
+    def _tell_moved(self, weave: Weave, old: Weave) -> None:
+        for part in self.parts:
+            try:
+                part.weave_moved(weave, old)
+            except Exception:
+                log.exception("part %s.weave_moved(%s) raised", part.name, weave.id)
+
+    def _record_denial(self, action: str, request: WeaveRequest, denial: Denial, actor: Actor,
+                       request_id: str | None) -> None:
+        with self.store.transaction():
+            self._audit(action, "denied", actor=actor, request_id=request_id,
+                        reason=denial.reason.value, detail=denial.detail,
+                        requester=request.requester, target=request.target)
+        self.emit({"type": "weave.denied", "action": action, "requester": request.requester,
+                   "target": request.target, **denial.as_dict()})
+
+    def _audit(self, action: str, outcome: str, *, weave: Weave | None = None,
+               actor: Actor = SYSTEM, request_id: str | None = None,
+               reason: str | None = None, detail: str | None = None, **extra: Any) -> None:
+        body: dict[str, Any] = {"ts": iso(self.clock.now()), "action": action,
+                                "outcome": outcome, "actor": actor.name,
+                                "tenant": actor.tenant}
+        if weave is not None:
+            body.update(weave_id=weave.id, requester=weave.requester, target=weave.target,
+                        state=weave.state.value)
+        for key, value in (("request_id", request_id), ("reason", reason),
+                           ("detail", detail), *extra.items()):
+            if value is not None:
+                body[key] = value
+        self.store.audit(body)
+
+
+class WeaverLoop:
+    """Runs a Weaver on one thread: every change to weave state happens here, in order.
+    Other threads `call` (and wait for the result) or `post` (fire and forget)."""
+
+    def __init__(self, weaver: Weaver) -> None:
+        self.weaver = weaver
+        self._queue: queue.Queue[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any],
+                                       Future[Any] | None] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="nwc-weaver", daemon=True)
+        self._stopped = threading.Event()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    def call(self, fn: Callable[..., T], *args: Any, timeout: float | None = 30.0,
+             **kwargs: Any) -> T:
+        if threading.current_thread() is self._thread:
+            return fn(*args, **kwargs)
+        future: Future[T] = Future()
+        self._queue.put((fn, args, kwargs, future))
+        return future.result(timeout)
+
+    def post(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        self._queue.put((fn, args, kwargs, None))
+
+    def _run(self) -> None:
+        while True:
+            try:
+                item = self._queue.get(timeout=self.weaver.seconds_to_next_deadline())
+            except queue.Empty:
+                item = ()  # type: ignore[assignment]
+            if item is None:
+                break
+            if item:
+                fn, args, kwargs, future = item
+                if future is not None and not future.set_running_or_notify_cancel():
+                    continue
+                try:
+                    result = fn(*args, **kwargs)
+                except BaseException as exc:
+                    log.exception("weaver call %s failed", getattr(fn, "__name__", fn))
+                    if future is not None:
+                        future.set_exception(exc)
+                else:
+                    if future is not None:
+                        future.set_result(result)
+            try:
+                self.weaver.tick()
+            except Exception:
+                log.exception("weaver tick failed")
+        self._stopped.set()

@@ -1,0 +1,263 @@
+"""Strict YAML reading with positions, for configuration that people write by hand.
+
+PyYAML silently keeps the last of two equal keys in a mapping; in a policy that can turn
+"deny" into "allow" without anyone noticing, so duplicates are errors here. Every value keeps
+the line it came from, so a validator can say `policies/acme.yaml:12: ivns.web.cidrs[1]: ...`.
+
+The validators in `policy.py` and `topology.py` walk a `Cursor`: a value plus where it is.
+They collect every `Problem` instead of stopping at the first one, so one run of
+`nwc check-policy` lists everything that is wrong.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass(frozen=True, order=True)
+class Problem:
+    """One thing wrong with a configuration file, located precisely."""
+
+    file: str
+    line: int
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        return f"{where}: {self.field or '(document)'}: {self.message}"
+
+
+class ConfigError(Exception):
+    """A configuration could not be loaded; `problems` says every reason."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = sorted(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+PathKey = tuple[str | int, ...]
+
+
+def format_path(path: PathKey) -> str:
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + part
+    return out
+
+
+@dataclass
+class Document:
+    """One parsed YAML file: plain Python values plus the line of every key and item."""
+
+    file: str
+    root: Any
+    lines: dict[PathKey, int]
+
+    def line_of(self, path: PathKey) -> int:
+        # Fall back to the nearest enclosing node that has a position.
+        while path:
+            if path in self.lines:
+                return self.lines[path]
+            path = path[:-1]
+        return self.lines.get((), 1)
+
+
+def _plain(loader: yaml.SafeLoader, node: yaml.Node, path: PathKey, doc: Document,
+           problems: list[Problem]) -> Any:
+    doc.lines.setdefault(path, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        out: dict[Any, Any] = {}
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                problems.append(Problem(doc.file, key_node.start_mark.line + 1, format_path(path),
+                                        "mapping keys must be plain scalars"))
+                continue
+            key = loader.construct_object(key_node)
+            if not isinstance(key, str | int) or isinstance(key, bool):
+                key = str(key)
+            child = (*path, key)
+            line = key_node.start_mark.line + 1
+            if key in out:
+                problems.append(Problem(
+                    doc.file, line, format_path(child),
+                    f"duplicate key (first defined on line {doc.lines[child]}); "
+                    "YAML would silently keep only the last one"))
+                continue
+            doc.lines[child] = line
+            out[key] = _plain(loader, value_node, child, doc, problems)
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [_plain(loader, item, (*path, i), doc, problems)
+                for i, item in enumerate(node.value)]
+    return loader.construct_object(node)
+
+
+def parse_yaml(text: str, file: str) -> tuple[Document, list[Problem]]:
+    """Parse one YAML document strictly; syntax errors and duplicate keys become Problems."""
+    doc = Document(file=file, root=None, lines={(): 1})
+    problems: list[Problem] = []
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is not None:
+            doc.root = _plain(loader, node, (), doc, problems)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else 0
+        problems.append(Problem(file, line, "", f"YAML syntax error: {exc.problem or exc}"))
+    except yaml.YAMLError as exc:
+        problems.append(Problem(file, 0, "", f"YAML error: {exc}"))
+    finally:
+        loader.dispose()
+    return doc, problems
+
+
+def read_yaml(path: Path) -> tuple[Document, list[Problem]]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        problem = Problem(str(path), 0, "", f"cannot read: {exc}")
+        return Document(str(path), None, {(): 0}), [problem]
+    return parse_yaml(text, str(path))
+
+
+class Cursor:
+    """A value inside a Document, with typed accessors that record Problems instead of raising."""
+
+    def __init__(self, doc: Document, path: PathKey, value: Any, problems: list[Problem]) -> None:
+        self.doc = doc
+        self.path = path
+        self.value = value
+        self.problems = problems
+
+    @classmethod
+    def root(cls, doc: Document, problems: list[Problem]) -> Cursor:
+        return cls(doc, (), doc.root, problems)
+
+    @property
+    def line(self) -> int:
+        return self.doc.line_of(self.path)
+
+    @property
+    def field(self) -> str:
+        return format_path(self.path)
+
+    @property
+    def name(self) -> str:
+        """The last key of the path: for `ivns.web`, `web`."""
+        return str(self.path[-1]) if self.path else ""
+
+    def problem(self, message: str) -> None:
+        self.problems.append(Problem(self.doc.file, self.line, self.field, message))
+
+    def child(self, key: str | int, value: Any) -> Cursor:
+        return Cursor(self.doc, (*self.path, key), value, self.problems)
+
+    # -- shapes -------------------------------------------------------------------------------
+
+    def mapping(self, allowed: set[str] | None = None, required: set[str] = frozenset(),
+                *, what: str = "") -> dict[str, Cursor] | None:
+        """The value as a mapping of str to Cursor; None (after a Problem) if it is not one."""
+        if self.value is None and not required:
+            return {}
+        if not isinstance(self.value, dict):
+            self.problem(f"expected a mapping{' of ' + what if what else ''}, "
+                         f"got {_kind(self.value)}")
+            return None
+        out: dict[str, Cursor] = {}
+        for key, value in self.value.items():
+            child = self.child(key, value)
+            if not isinstance(key, str):
+                child.problem("keys here must be strings")
+                continue
+            if allowed is not None and key not in allowed:
+                hint = ", ".join(sorted(allowed))
+                child.problem(f"unknown key {key!r} (allowed: {hint})")
+                continue
+            out[key] = child
+        for key in sorted(required - set(out)):
+            if key not in (self.value or {}):
+                self.problem(f"missing required key {key!r}")
+        return out
+
+    def items(self) -> Iterator[Cursor]:
+        """The value as a list; a lone scalar is not silently promoted."""
+        if self.value is None:
+            return
+        if not isinstance(self.value, list):
+            self.problem(f"expected a list, got {_kind(self.value)}")
+            return
+        for i, item in enumerate(self.value):
+            yield self.child(i, item)
+
+    def string(self, *, pattern: Any = None, what: str = "a string") -> str | None:
+        if not isinstance(self.value, str) or not self.value:
+            self.problem(f"expected {what}, got {_kind(self.value)}")
+            return None
+        if pattern is not None and not pattern.fullmatch(self.value):
+            self.problem(f"{self.value!r} is not {what}")
+            return None
+        return self.value
+
+    def integer(self, *, minimum: int | None = None, maximum: int | None = None,
+                unit: str = "") -> int | None:
+        if isinstance(self.value, bool) or not isinstance(self.value, int):
+            self.problem(f"expected an integer{' (' + unit + ')' if unit else ''}, "
+                         f"got {_kind(self.value)}")
+            return None
+        return self._bounded(self.value, minimum, maximum, unit)
+
+    def number(self, *, minimum: float | None = None, maximum: float | None = None,
+               unit: str = "", exclusive_minimum: bool = False) -> float | None:
+        if isinstance(self.value, bool) or not isinstance(self.value, int | float):
+            self.problem(f"expected a number{' (' + unit + ')' if unit else ''}, "
+                         f"got {_kind(self.value)}")
+            return None
+        value = float(self.value)
+        if value != value or value in (float("inf"), float("-inf")):
+            self.problem("expected a finite number")
+            return None
+        if exclusive_minimum and minimum is not None and value <= minimum:
+            self.problem(f"must be greater than {minimum:g}{' ' + unit if unit else ''}, "
+                         f"got {value:g}")
+            return None
+        return self._bounded(value, None if exclusive_minimum else minimum, maximum, unit)
+
+    def boolean(self) -> bool | None:
+        if not isinstance(self.value, bool):
+            self.problem(f"expected true or false, got {_kind(self.value)}")
+            return None
+        return self.value
+
+    def _bounded(self, value: Any, minimum: Any, maximum: Any, unit: str) -> Any:
+        suffix = f" {unit}" if unit else ""
+        if minimum is not None and value < minimum:
+            self.problem(f"must be at least {minimum:g}{suffix}, got {value:g}")
+            return None
+        if maximum is not None and value > maximum:
+            self.problem(f"must be at most {maximum:g}{suffix}, got {value:g}")
+            return None
+        return value
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    if isinstance(value, bool):
+        return f"boolean {value}"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, str):
+        return f"string {value!r}"
+    return f"{type(value).__name__} {value!r}"
