@@ -17,6 +17,7 @@ from nwc.yamlsource import ConfigError
 # Modules with a `register(subparsers)` function adding their subcommands.
 COMMAND_MODULES = (
     "nwc.admission_demo",
+    "nwc.run",
 )
 
 # Exit codes shared by every subcommand.

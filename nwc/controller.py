@@ -1,0 +1,83 @@
+"""The controller process's parts, wired together: store, weaver, its loop, and the shells
+(OpenFlow, tunnels, REST) that attach to it. `nwc run` builds one of these."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from nwc.config import Config, load_config
+from nwc.lease import Clock, SystemClock
+from nwc.policy import load_policy
+from nwc.store import Store, private_dir
+from nwc.weaver import DEFAULT_PROVISION_TIMEOUT_S, SYSTEM, Actor, Part, Weaver, WeaverLoop
+from nwc.yamlsource import ConfigError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass
+class Controller:
+    config: Config
+    state_dir: Path
+    clock: Clock = field(default_factory=SystemClock)
+    provision_timeout_s: float = DEFAULT_PROVISION_TIMEOUT_S
+    store: Store = field(init=False)
+    weaver: Weaver = field(init=False)
+    loop: WeaverLoop = field(init=False)
+    _stoppers: list[Callable[[], None]] = field(default_factory=list, init=False)
+
+    def __post_init__(self) -> None:
+        private_dir(self.state_dir)
+        self.store = Store(self.state_dir)
+        self.weaver = Weaver(policy=self.config.policy, topology=self.config.topology,
+                             store=self.store, clock=self.clock,
+                             provision_timeout_s=self.provision_timeout_s)
+        self.loop = WeaverLoop(self.weaver)
+
+    @classmethod
+    def from_paths(cls, state_dir: Path, policy_paths: list[Path] | None = None,
+                   topology: str | Path | None = None, **kw: Any) -> Controller:
+        return cls(load_config(policy_paths, topology), state_dir, **kw)
+
+    def add_part(self, part: Part) -> None:
+        """Attach a data-plane part before `start` (or via the loop after it)."""
+        self.weaver.add_part(part)
+
+    def on_stop(self, stopper: Callable[[], None]) -> None:
+        self._stoppers.append(stopper)
+
+    def start(self) -> None:
+        self.weaver.recover()
+        self.loop.start()
+        self.loop.call(self.weaver.start_parts)
+
+    def stop(self) -> None:
+        for stopper in reversed(self._stoppers):
+            try:
+                stopper()
+            except Exception:
+                log.exception("stopping %s failed", stopper)
+        self.loop.stop()
+        self.store.close()
+
+    def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run `fn` on the weaver's loop and wait for its result."""
+        return self.loop.call(fn, *args, **kwargs)
+
+    def reload_policy(self, actor: Actor = SYSTEM) -> list[str]:
+        """Re-read the policy files. On any problem the running policy stays; returns the
+        problems (empty on success)."""
+        try:
+            policy = load_policy(self.config.policy_paths)
+        except ConfigError as exc:
+            log.error("policy reload refused, keeping the last good policy:\n%s", exc)
+            return [str(p) for p in exc.problems]
+        self.call(self.weaver.reload_policy, policy, actor)
+        self.config = Config(policy, self.config.topology, self.config.policy_paths,
+                             self.config.topology_path)
+        return []

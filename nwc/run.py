@@ -1,0 +1,121 @@
+"""`nwc run`: start the controller (os-ken 4 ships no ryu-manager; this is NWC's launcher).
+
+It loads the policy and topology (the shipped ones by default), recovers state from the state
+directory, then starts each shell that is available: the OpenFlow controller (`nwc.ofapp`) and
+the REST API (`nwc.api`). Logs go to stderr. SIGTERM or SIGINT stop it cleanly; SIGHUP reloads
+the policy (a policy with errors is refused and the running one kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import configparser
+import importlib
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from nwc.cli import EXIT_ERROR, EXIT_OK, add_state_dir, state_dir
+from nwc.config import DEFAULT_TOPOLOGY, SHIPPED_POLICIES
+from nwc.controller import Controller
+from nwc.yamlsource import ConfigError
+
+log = logging.getLogger("nwc.run")
+
+# Shells started by `nwc run`, in order; each module has `serve(controller, args)`, which
+# starts it (in threads) and registers its stopper with `controller.on_stop`.
+SHELLS = ("nwc.ofapp", "nwc.api")
+
+
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config-file", type=Path, default=None,
+                   help="an INI file whose [nwc] section sets any of these options "
+                        "(command-line options win)")
+    p.add_argument("--policy", type=Path, action="append", default=None,
+                   help=f"policy file or directory (repeatable; default {SHIPPED_POLICIES})")
+    p.add_argument("--topology", default=None,
+                   help=f"topology file or shipped name (default {DEFAULT_TOPOLOGY.stem})")
+    p.add_argument("--ofp-listen-host", default="0.0.0.0",
+                   help="address for OpenFlow connections from switches")
+    p.add_argument("--ofp-tcp-listen-port", type=int, default=6653)
+    p.add_argument("--api-host", default="127.0.0.1",
+                   help="address for the REST API (loopback unless you mean otherwise)")
+    p.add_argument("--api-port", type=int, default=8181)
+    p.add_argument("--provision-timeout", type=float, default=30.0,
+                   help="seconds a weave may stay provisioning before it fails")
+    add_state_dir(p)
+
+
+def apply_config_file(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Options from --config-file fill in whatever the command line left at its default."""
+    if not args.config_file:
+        return
+    ini = configparser.ConfigParser()
+    if not ini.read(args.config_file):
+        parser.error(f"cannot read {args.config_file}")
+    if not ini.has_section("nwc"):
+        parser.error(f"{args.config_file} has no [nwc] section")
+    for key, raw in ini.items("nwc"):
+        dest = key.replace("-", "_")
+        if not hasattr(args, dest) or dest == "config_file":
+            parser.error(f"{args.config_file}: unknown option {key!r}")
+        if getattr(args, dest) != parser.get_default(dest):
+            continue  # the command line said otherwise
+        default = parser.get_default(dest)
+        if dest == "policy":
+            value: object = [Path(p.strip()) for p in raw.split(",") if p.strip()]
+        elif dest == "state_dir":
+            value = Path(raw)
+        elif isinstance(default, int):
+            value = int(raw)
+        elif isinstance(default, float):
+            value = float(raw)
+        else:
+            value = raw
+        setattr(args, dest, value)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    parser: argparse.ArgumentParser = args._parser
+    apply_config_file(args, parser)
+    os.umask(0o077)  # keys, the database and the audit log are for root's eyes only
+    try:
+        controller = Controller.from_paths(state_dir(args), args.policy, args.topology,
+                                           provision_timeout_s=args.provision_timeout)
+    except ConfigError as exc:
+        print(f"nwc run: configuration refused:\n{exc}", file=sys.stderr)
+        return EXIT_ERROR
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGHUP, lambda *_: threading.Thread(
+        target=controller.reload_policy, name="nwc-reload", daemon=True).start())
+    controller.start()
+    topo = controller.config.topology
+    log.info("NWC controller up: topology %s (%d switches, %d hosts), %d live weaves, "
+             "state in %s", topo.name, len(topo.switches), len(topo.hosts),
+             len(controller.weaver.live), controller.state_dir)
+    try:
+        for name in SHELLS:
+            try:
+                module = importlib.import_module(name)
+            except ModuleNotFoundError as exc:
+                if exc.name != name:
+                    raise
+                log.debug("%s is not part of this build", name)
+                continue
+            module.serve(controller, args)
+        stop.wait()
+    finally:
+        log.info("NWC controller stopping")
+        controller.stop()
+    return EXIT_OK
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="start the controller", description=__doc__)
+    add_run_options(p)
+    p.set_defaults(func=cmd_run, _parser=p)
