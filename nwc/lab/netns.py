@@ -1,0 +1,190 @@
+"""Named network namespaces, veth pairs and processes, owned and cleaned up by name or pid.
+
+A `Lab` is a bag of resources created under one unique prefix; `Lab.close()` removes exactly
+those, newest first. Use it as a context manager in tests so a failing test still cleans up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def unique_prefix(tag: str = "") -> str:
+    """A short prefix for names of things this process creates: 'nw' + pid digits + tag.
+    Short because Linux interface names stop at 15 characters."""
+    return f"nw{os.getpid() % 100000:05d}{tag}"
+
+
+def run(cmd: Sequence[str], *, check: bool = True, timeout: float = 30,
+        input: str | None = None) -> subprocess.CompletedProcess[str]:
+    try:
+        result = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout,
+                                input=input)
+    except subprocess.TimeoutExpired as exc:
+        raise RuntimeError(f"{' '.join(cmd)} timed out after {timeout} s") from exc
+    if check and result.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({result.returncode}): "
+                           f"{result.stderr.strip() or result.stdout.strip()}")
+    return result
+
+
+@dataclass
+class Netns:
+    name: str
+
+    def cmd(self, *args: str) -> list[str]:
+        return ["ip", "netns", "exec", self.name, *args]
+
+    def run(self, *args: str, check: bool = True, timeout: float = 30,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        prefix = ["env", *(f"{k}={v}" for k, v in env.items())] if env else []
+        return run(self.cmd(*prefix, *args), check=check, timeout=timeout)
+
+    def popen(self, args: Sequence[str], *, env: dict[str, str] | None = None,
+              log: Path | None = None) -> subprocess.Popen[bytes]:
+        out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - child owns it
+        try:
+            return subprocess.Popen(self.cmd(*args), stdout=out, stderr=subprocess.STDOUT,
+                                    env={**os.environ, **(env or {})},
+                                    start_new_session=True)
+        finally:
+            if log:
+                out.close()  # type: ignore[union-attr]
+
+    def ip(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.run("ip", *args, check=check)
+
+    def exists(self) -> bool:
+        return Path("/run/netns", self.name).exists()
+
+
+def kill_pid(pid: int, timeout: float = 5.0) -> None:
+    """TERM a process (and its session), wait, then KILL: by pid, never by name."""
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 2.0)):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done = 0 if _alive(pid) else pid
+            if done == pid or not _alive(pid):
+                return
+            time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie that is not our child still answers kill(0): check its state.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str,
+             interval: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+@dataclass
+class Lab:
+    """Resources created under `prefix`, removed by `close()` in reverse order."""
+
+    prefix: str = field(default_factory=unique_prefix)
+    _undo: list[tuple[str, Callable[[], None]]] = field(default_factory=list)
+
+    def __enter__(self) -> Lab:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def on_close(self, what: str, undo: Callable[[], None]) -> None:
+        self._undo.append((what, undo))
+
+    def close(self) -> None:
+        errors = []
+        while self._undo:
+            what, undo = self._undo.pop()
+            try:
+                undo()
+            except Exception as exc:  # keep going: remove everything we can
+                errors.append(f"{what}: {exc}")
+        if errors:
+            raise RuntimeError("cleanup incomplete: " + "; ".join(errors))
+
+    def netns(self, suffix: str) -> Netns:
+        ns = Netns(f"{self.prefix}-{suffix}")
+        run(["ip", "netns", "add", ns.name])
+        self.on_close(f"netns {ns.name}", lambda: self._delete_netns(ns))
+        ns.ip("link", "set", "lo", "up")
+        return ns
+
+    @staticmethod
+    def _delete_netns(ns: Netns) -> None:
+        # Processes still inside would keep the namespace alive: kill those (by pid).
+        pids = run(["ip", "netns", "pids", ns.name], check=False).stdout.split()
+        for pid in pids:
+            kill_pid(int(pid), timeout=2)
+        run(["ip", "netns", "delete", ns.name], check=False)
+
+    def veth(self, a: Netns | None, a_name: str, b: Netns | None, b_name: str,
+             mtu: int | None = None) -> None:
+        """A veth pair with one end in each namespace (None: the root namespace)."""
+        tmp_a, tmp_b = f"{self.prefix}a", f"{self.prefix}b"
+        run(["ip", "link", "add", tmp_a, "type", "veth", "peer", "name", tmp_b])
+        try:
+            for tmp, ns, name in ((tmp_a, a, a_name), (tmp_b, b, b_name)):
+                if ns is not None:
+                    run(["ip", "link", "set", tmp, "netns", ns.name])
+                    ns.ip("link", "set", tmp, "name", name)
+                    if mtu:
+                        ns.ip("link", "set", name, "mtu", str(mtu))
+                    ns.ip("link", "set", name, "up")
+                else:
+                    run(["ip", "link", "set", tmp, "name", name])
+                    if mtu:
+                        run(["ip", "link", "set", name, "mtu", str(mtu)])
+                    run(["ip", "link", "set", name, "up"])
+                    self.on_close(f"link {name}",
+                                  lambda n=name: run(["ip", "link", "del", n], check=False))
+        except Exception:
+            run(["ip", "link", "del", tmp_a], check=False)
+            raise
+
+    def process(self, proc: subprocess.Popen[bytes], what: str) -> subprocess.Popen[bytes]:
+        self.on_close(what, lambda: kill_pid(proc.pid))
+        return proc
+
+    def directory(self, suffix: str) -> Path:
+        path = Path("/tmp") / f"{self.prefix}-{suffix}"
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.on_close(f"dir {path}", lambda: _rmtree(path))
+        return path
+
+
+def _rmtree(path: Path) -> None:
+    import shutil
+
+    with contextlib.suppress(FileNotFoundError):
+        shutil.rmtree(path)
