@@ -13,6 +13,7 @@ from nwc.config import Config, load_config
 from nwc.lease import Clock, SystemClock
 from nwc.policy import load_policy
 from nwc.store import Store, private_dir
+from nwc.weave import Weave
 from nwc.weaver import DEFAULT_PROVISION_TIMEOUT_S, SYSTEM, Actor, Part, Weaver, WeaverLoop
 from nwc.yamlsource import ConfigError
 
@@ -30,6 +31,11 @@ class Controller:
     weaver: Weaver = field(init=False)
     loop: WeaverLoop = field(init=False)
     _stoppers: list[Callable[[], None]] = field(default_factory=list, init=False)
+    # Live per-weave measurements, merged by the REST API and metrics: each source returns a
+    # dict for a weave (the OpenFlow app: bytes/packets each way and meter drops by cookie;
+    # the tunnel part: IKE/CHILD SA state and rekeys). Sources must not block for long.
+    stats_sources: list[Callable[[Weave], dict[str, Any]]] = field(default_factory=list,
+                                                                   init=False)
 
     def __post_init__(self) -> None:
         private_dir(self.state_dir)
@@ -43,6 +49,15 @@ class Controller:
     def from_paths(cls, state_dir: Path, policy_paths: list[Path] | None = None,
                    topology: str | Path | None = None, **kw: Any) -> Controller:
         return cls(load_config(policy_paths, topology), state_dir, **kw)
+
+    def weave_stats(self, weave: Weave) -> dict[str, Any]:
+        stats: dict[str, Any] = {}
+        for source in self.stats_sources:
+            try:
+                stats.update(source(weave))
+            except Exception:
+                log.exception("stats source %s failed for %s", source, weave.id)
+        return stats
 
     def add_part(self, part: Part) -> None:
         """Attach a data-plane part before `start` (or via the loop after it)."""
