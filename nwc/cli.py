@@ -18,6 +18,7 @@ from nwc.yamlsource import ConfigError
 COMMAND_MODULES = (
     "nwc.admission_demo",
     "nwc.run",
+    "nwc.agent",
 )
 
 # Exit codes shared by every subcommand.
