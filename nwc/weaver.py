@@ -112,6 +112,20 @@ class Weaver:
     def add_part(self, part: Part) -> None:
         self.parts.append(part)
 
+    def attach_part(self, part: Part) -> None:
+        """Add a part to a weaver that already started: weaves still provisioning now wait
+        for it too, and it is handed every live weave (as `start_parts` would have)."""
+        self.parts.append(part)
+        for weave in list(self.live.values()):
+            if weave.id in self._waiting:
+                self._waiting[weave.id].add(part.name)
+            try:
+                part.weave_up(weave)
+            except Exception as exc:
+                log.error("part %s.weave_up(%s) raised:\n%s", part.name, weave.id,
+                          traceback.format_exc())
+                self.part_failed(weave.id, part.name, f"{type(exc).__name__}: {exc}")
+
     # -- slots ----------------------------------------------------------------------------
 
     def _take_slot(self) -> int:
