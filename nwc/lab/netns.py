@@ -76,10 +76,15 @@ def kill_pid(pid: int, timeout: float = 5.0) -> None:
         while time.monotonic() < deadline:
             try:
                 done, _ = os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                done = 0 if _alive(pid) else pid
-            if done == pid or not _alive(pid):
-                return
+            except ChildProcessError:  # not our child: nothing to reap, wait until it is gone
+                if not _alive(pid):
+                    return
+            else:
+                # Our child: wait until it is reaped. A multi-threaded process (ovs-vswitchd)
+                # shows as a zombie while its other threads still exit, and cannot be reaped
+                # yet; returning then would leave a zombie behind.
+                if done == pid:
+                    return
             time.sleep(0.05)
 
 
