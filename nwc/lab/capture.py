@@ -24,7 +24,9 @@ ETH_IPV6 = 0x86DD
 IKE_PORTS = (500, 4500)
 VXLAN_PORT = 4789
 # What may cross an underlay that carries weaves: address resolution, IKE, and ESP.
-ENCRYPTED_OR_CONTROL = frozenset({"arp", "ike", "esp", "esp-in-udp"})
+# An ICMP error about an ESP or IKE packet (a host whose charon stopped answers its peer's ESP
+# with "port unreachable") quotes only the outer headers and encrypted bytes.
+ENCRYPTED_OR_CONTROL = frozenset({"arp", "ike", "esp", "esp-in-udp", "icmp-about-ipsec"})
 
 
 @dataclass
@@ -111,7 +113,7 @@ def classify(frame: bytes) -> str:
     if proto == 50:
         return "esp"
     if proto == 1:
-        return "icmp"
+        return _icmp(ip[header:])
     if proto == 6:
         return "tcp"
     if proto != 17:
@@ -128,6 +130,20 @@ def classify(frame: bytes) -> str:
     if sport == 500 or dport == 500:
         return "ike"
     return f"udp:{dport}"
+
+
+def _icmp(icmp: bytes) -> str:
+    if len(icmp) < 8 + 20 or icmp[0] not in (3, 11):  # unreachable, time exceeded
+        return "icmp"
+    quoted = icmp[8:]
+    inner_header = (quoted[0] & 0x0F) * 4
+    if quoted[9] == 50:
+        return "icmp-about-ipsec"
+    if quoted[9] == 17 and len(quoted) >= inner_header + 4:
+        sport, dport = struct.unpack("!HH", quoted[inner_header:inner_header + 4])
+        if {sport, dport} & set(IKE_PORTS):
+            return "icmp-about-ipsec"
+    return "icmp"
 
 
 def summarize(frames: Iterable[bytes]) -> Counter[str]:
