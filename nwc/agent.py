@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from nwc.hostnet import VxlanDevice
 from nwc.ike import IkeUnavailable, InitiateResult
 from nwc.pki import LegKey, Secret
 from nwc.tunnel import (
@@ -296,8 +297,6 @@ class Agent:
         return self.underlay if name == UNDERLAY else name
 
     def _build_network(self, spec: TunnelSpec, with_vxlan: bool) -> None:
-        from nwc.hostnet import VxlanDevice
-
         for route in spec.routes():
             if route.kind == "blackhole":  # first: nothing may leave before it is in place
                 self.net.ensure_blackhole(route.destination)

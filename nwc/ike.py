@@ -201,6 +201,7 @@ def _sa_info(ike: dict[str, Any]) -> SaInfo:
         child_state=_text(child["state"]) if child else None,
         child_id=_text(child.get("uniqueid", b"")) if child else None,
         encryption=_text(child.get("encr-alg")) if child and "encr-alg" in child else None,
+        key_bits=num("encr-keysize") or None,
         integrity=_text(child.get("integ-alg")) if child and "integ-alg" in child else None,
         dh_group=_text(child.get("dh-group")) if child and "dh-group" in child else None,
         bytes_in=num("bytes-in"), bytes_out=num("bytes-out"),

@@ -502,6 +502,7 @@ class SaInfo:
     child_id: str | None = None  # CHILD SA unique id: changes on every rekey
     ike_id: str | None = None
     encryption: str | None = None
+    key_bits: int | None = None
     integrity: str | None = None
     dh_group: str | None = None
     bytes_in: int = 0

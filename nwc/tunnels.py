@@ -22,11 +22,15 @@ import argparse
 import datetime as dt
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+# Imported here, never first from the part's thread: ovsdbapp pulls in python-ovs, which
+# imports eventlet, and a thread that imported eventlet first never finishes exiting.
+from nwc.hostdb import HostDb
 from nwc.pki import CertificateAuthority, CsrRejected, Secret, new_psk
 from nwc.policy import MAX_LEASE_S, Policy
 from nwc.topology import Topology
@@ -212,6 +216,7 @@ class Tunnels:
                         "ike_state": sa.ike_state if sa else None,
                         "child_state": sa.child_state if sa else None,
                         "encryption": sa.encryption if sa else None,
+                        "key_bits": sa.key_bits if sa else None,
                         "dh_group": sa.dh_group if sa else None,
                         "bytes_in": sa.bytes_in if sa else 0,
                         "bytes_out": sa.bytes_out if sa else 0,
@@ -261,8 +266,6 @@ class Tunnels:
 
     def sync(self) -> None:
         """One pass: read every involved host, decide, write what changed, report."""
-        import time
-
         with self._lock:
             weaves = list(self._weaves.values())
             removing = {h: set(keys) for h, keys in self._removing.items() if keys}
@@ -457,8 +460,6 @@ class Tunnels:
 
 
 def _open_hostdb(target: str) -> HostDbLike:
-    from nwc.hostdb import HostDb
-
     return HostDb(target)
 
 
