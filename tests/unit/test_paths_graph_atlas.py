@@ -59,7 +59,7 @@ def test_constrained_path_is_shortest_feasible_on_every_small_graph() -> None:
                 assert path[0] == "ha" and path[-1] == "hb"
                 expected_hops = nx.shortest_path_length(feasible, first, last)
                 assert len(path) - 3 == expected_hops, (index, need_mbps, path)
-                for a, b in itertools.pairwise(path):
+                for a, b in itertools.pairwise(path[1:-1]):
                     assert capacity[(int(a[1:]), int(b[1:]))] >= need_mbps
                 assert fabric.find_path("ha", "hb", kbps) == path  # deterministic
             else:
