@@ -435,6 +435,9 @@ class Weaver:
             if why:
                 ended.append(self._end(weave, State.FAILED, EndReason.POLICY_WITHDRAWN.value,
                                        actor, detail=why))
+            else:
+                # A profile's ACL or a QoS class may have changed: the parts recompile.
+                self._tell_moved(weave, weave)
         return ended
 
     def _still_allowed(self, weave: Weave) -> str | None:

@@ -211,8 +211,11 @@ def test_link_down_moves_weave_or_fails_it(make_weaver, leaf_spine) -> None:
 
 
 def test_policy_reload_ends_weaves_no_longer_allowed(make_weaver, small) -> None:
-    weaver = make_weaver(small)
+    part = SlowPart()
+    weaver = make_weaver(small, parts=[part])
     weave = weaver.create(REQ)
+    weaver.reload_policy(weaver.policy)
+    assert part.moved == [(weave.id, weave.paths)]  # still allowed: recompiled, not ended
     texts = "\n".join(p.read_text().replace("version: 1\n", "")
                       for p in sorted(SHIPPED_POLICIES.glob("*.yaml")))
     revoked_text = texts.replace("        - ivn: acme-web\n          prefixes: [192.0.2.0/27]",
