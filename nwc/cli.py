@@ -18,6 +18,8 @@ from nwc.yamlsource import ConfigError
 COMMAND_MODULES = (
     "nwc.admission_demo",
     "nwc.run",
+    "nwc.auth",
+    "nwc.client",
 )
 
 # Exit codes shared by every subcommand.
