@@ -93,6 +93,8 @@ class ApiSettings:
     keepalive_s: float = 15.0
     audit_refusals_per_s: float = 20.0  # request records for refusals, sustained...
     audit_refusals_burst: int = 200  # ...and in a burst (see the module docstring)
+    call_timeout_s: float = 30.0  # longest wait for the weaver's loop before 503 busy
+    health_timeout_s: float = 2.0  # /v1/health answers 503 when the loop is slower
 
 
 # -- wire models ------------------------------------------------------------------------------
@@ -436,6 +438,10 @@ class NorthboundApi:
 
     # -- authentication ---------------------------------------------------------------------
 
+    def on_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run fn on the weaver's loop and wait (bounded: TimeoutError answers 503)."""
+        return self.controller.call(fn, *args, timeout=self.settings.call_timeout_s)
+
     def authenticate(self, ctx: RequestContext, authorization: str | None) -> ApiError | None:
         """Runs in the gate, before anything reads the body: who is asking, and are they
         within their rate. Sets ctx.principal; returns the refusal, if any."""
@@ -502,7 +508,7 @@ class NorthboundApi:
                 record["suppressed_before"] = self._suppressed
                 self._suppressed = 0
         # On the weaver's loop: the store is only ever touched from that thread.
-        self.controller.call(self.controller.store.audit, record)
+        self.on_loop(self.controller.store.audit, record)
 
     def publish_refusal(self, ctx: RequestContext, action: str, status: int) -> None:
         event = {"ts": iso(self.controller.clock.now()), "action": action, "status": status,
@@ -561,12 +567,12 @@ class NorthboundApi:
             waiter = self.waiters.register(weave.id)
             try:
                 # Re-read after registering: a change in between has already set nothing.
-                current = self.controller.call(self.controller.store.weave, weave.id)
+                current = self.on_loop(self.controller.store.weave, weave.id)
                 if current is not None and current.state is State.PROVISIONING:
                     waiter.wait(self.wait_timeout_s)
             finally:
                 self.waiters.unregister(weave.id, waiter)
-            return self.controller.call(self.controller.store.weave, weave.id) or weave
+            return self.on_loop(self.controller.store.weave, weave.id) or weave
         finally:
             self._wait_slots.release()
 
@@ -687,7 +693,7 @@ class NorthboundApi:
                                          body.bandwidth_mbps, body.security_profile)
             started = time.perf_counter()
             try:
-                outcome = controller.call(self._create_on_loop, weave_request, principal, ctx)
+                outcome = self.on_loop(self._create_on_loop, weave_request, principal, ctx)
             finally:
                 self.metrics.admission_latency.labels("create").observe(
                     time.perf_counter() - started)
@@ -709,7 +715,7 @@ class NorthboundApi:
                         state: Annotated[State | None, Query()] = None,
                         limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict[str, Any]:
             """Weaves you are party to (all, for admins), newest first."""
-            weaves = controller.call(self._list_on_loop, principal, state, limit)
+            weaves = self.on_loop(self._list_on_loop, principal, state, limit)
             return {"weaves": [weave_view(w) for w in weaves], "count": len(weaves)}
 
         @app.get(f"{API_PREFIX}/weaves/{{weave_id}}", name="weave.show",
@@ -719,7 +725,7 @@ class NorthboundApi:
                        wait: Annotated[bool, Query(description="block (bounded) while "
                                                    "provisioning")] = False) -> dict[str, Any]:
             request.state.nwc.weave_id = weave_id[:40]
-            weave = checked(controller.call(self._find, weave_id, principal))
+            weave = checked(self.on_loop(self._find, weave_id, principal))
             return weave_view(self.settle(weave) if wait else weave)
 
         @app.delete(f"{API_PREFIX}/weaves/{{weave_id}}", name="weave.terminate",
@@ -731,7 +737,7 @@ class NorthboundApi:
             that has already ended is answered as it is."""
             ctx: RequestContext = request.state.nwc
             ctx.weave_id = weave_id[:40]
-            return weave_view(checked(controller.call(self._terminate_on_loop, weave_id,
+            return weave_view(checked(self.on_loop(self._terminate_on_loop, weave_id,
                                                       principal, ctx)))
 
         @app.post(f"{API_PREFIX}/weaves/{{weave_id}}/extend", name="weave.extend",
@@ -745,7 +751,7 @@ class NorthboundApi:
             ctx.weave_id = weave_id[:40]
             started = time.perf_counter()
             try:
-                outcome = controller.call(self._extend_on_loop, weave_id, body.duration_s,
+                outcome = self.on_loop(self._extend_on_loop, weave_id, body.duration_s,
                                           principal, ctx)
             finally:
                 self.metrics.admission_latency.labels("extend").observe(
@@ -767,7 +773,7 @@ class NorthboundApi:
             """What the data plane measures for a live weave (bytes, packets and meter drops
             each way, IKE SA state, rekeys); empty once it has ended."""
             request.state.nwc.weave_id = weave_id[:40]
-            weave = checked(controller.call(self._find, weave_id, principal))
+            weave = checked(self.on_loop(self._find, weave_id, principal))
             # Off the loop: sources read counters from the parts and may take a moment.
             measured = json_safe(controller.weave_stats(weave)) if weave.live else {}
             remaining = (weave.expires_at - controller.clock.now()).total_seconds() \
@@ -790,7 +796,7 @@ class NorthboundApi:
                  responses=_errors(*AUTH_ERRORS))
         def show_fabric(principal: Caller) -> dict[str, Any]:
             """Every fabric link: capacity, the share weaves may reserve, what is reserved."""
-            loads = controller.call(link_loads, controller.weaver)
+            loads = self.on_loop(link_loads, controller.weaver)
             topology = controller.config.topology
             return {"topology": topology.name, "switches": sorted(topology.switches),
                     "hosts": sorted(topology.hosts),
@@ -806,7 +812,7 @@ class NorthboundApi:
         def health() -> Any:
             """Liveness: the weaver's loop answers. No token needed; says nothing else."""
             try:
-                controller.call(_noop, timeout=2.0)
+                controller.call(_noop, timeout=settings.health_timeout_s)
             except Exception:
                 return JSONResponse({"status": "unavailable", "version": __version__},
                                     status_code=503)
