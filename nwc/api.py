@@ -557,8 +557,9 @@ class NorthboundApi:
 
     # -- waiting ----------------------------------------------------------------------------
 
-    def settle(self, weave: Weave) -> Weave:
-        """`?wait=true`: block (bounded) until the weave is active or has ended."""
+    def settle(self, weave: Weave, timeout_s: float | None = None) -> Weave:
+        """`?wait=true`: block until the weave is active or has ended, for at most the
+        server's bound (or the client's `wait_timeout_s`, if shorter)."""
         if weave.state is not State.PROVISIONING:
             return weave
         if not self._wait_slots.acquire(blocking=False):
@@ -569,7 +570,7 @@ class NorthboundApi:
                 # Re-read after registering: a change in between has already set nothing.
                 current = self.on_loop(self.controller.store.weave, weave.id)
                 if current is not None and current.state is State.PROVISIONING:
-                    waiter.wait(self.wait_timeout_s)
+                    waiter.wait(min(timeout_s or self.wait_timeout_s, self.wait_timeout_s))
             finally:
                 self.waiters.unregister(weave.id, waiter)
             return self.on_loop(self.controller.store.weave, weave.id) or weave
@@ -677,6 +678,9 @@ class NorthboundApi:
 
         Caller = Annotated[Principal, Depends(principal_of)]
         WeaveId = Annotated[str, Path(description="wv-NNNNNN", examples=["wv-000001"])]
+        WaitBound = Annotated[float | None, Query(
+            gt=0, le=3600, description="with wait: the longest the client will wait (the "
+            "server's own bound still applies)")]
 
         @app.post(f"{API_PREFIX}/weaves", name="weave.create", status_code=201,
                   response_model=WeaveOut, tags=["weaves"],
@@ -685,7 +689,7 @@ class NorthboundApi:
                          principal: Caller,
                          wait: Annotated[bool, Query(description=
                                                      "block (bounded) until active or failed")]
-                         = False) -> dict[str, Any]:
+                         = False, wait_timeout_s: WaitBound = None) -> dict[str, Any]:
             """Ask for a weave. 201 with the weave when admitted (state `provisioning`, or
             `active` when no data plane is attached); a refusal says exactly why."""
             ctx: RequestContext = request.state.nwc
@@ -705,7 +709,7 @@ class NorthboundApi:
                 raise denial_error(outcome)
             self.metrics.admissions.labels("create").inc()
             ctx.weave_id = outcome.id
-            weave = self.settle(outcome) if wait else outcome
+            weave = self.settle(outcome, wait_timeout_s) if wait else outcome
             response.headers["Location"] = f"{API_PREFIX}/weaves/{weave.id}"
             return weave_view(weave)
 
@@ -723,10 +727,11 @@ class NorthboundApi:
                  responses=_errors(*AUTH_ERRORS, 404, 422))
         def show_weave(weave_id: WeaveId, request: Request, principal: Caller,
                        wait: Annotated[bool, Query(description="block (bounded) while "
-                                                   "provisioning")] = False) -> dict[str, Any]:
+                                                   "provisioning")] = False,
+                       wait_timeout_s: WaitBound = None) -> dict[str, Any]:
             request.state.nwc.weave_id = weave_id[:40]
             weave = checked(self.on_loop(self._find, weave_id, principal))
-            return weave_view(self.settle(weave) if wait else weave)
+            return weave_view(self.settle(weave, wait_timeout_s) if wait else weave)
 
         @app.delete(f"{API_PREFIX}/weaves/{{weave_id}}", name="weave.terminate",
                     response_model=WeaveOut, tags=["weaves"],

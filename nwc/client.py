@@ -123,10 +123,15 @@ class ApiClient:
     def weaves(self, state: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
         return self.call("GET", "/v1/weaves", query={"state": state, "limit": limit})["weaves"]
 
-    def weave(self, weave_id: str, wait: bool = False, timeout_s: float | None = None
-              ) -> dict[str, Any]:
+    def weave(self, weave_id: str, wait_s: float | None = None) -> dict[str, Any]:
+        """One weave; with wait_s, the controller holds the answer up to that long while the
+        weave is still provisioning."""
+        if wait_s is None:
+            return self.call("GET", f"/v1/weaves/{_quote(weave_id)}")
+        wait_s = min(max(wait_s, 0.1), 3600.0)
         return self.call("GET", f"/v1/weaves/{_quote(weave_id)}",
-                         query={"wait": "true"} if wait else None, timeout_s=timeout_s)
+                         query={"wait": "true", "wait_timeout_s": f"{wait_s:.3f}"},
+                         timeout_s=wait_s + self.timeout_s)
 
     def extend_weave(self, weave_id: str, duration_s: int) -> dict[str, Any]:
         return self.call("POST", f"/v1/weaves/{_quote(weave_id)}/extend",
@@ -290,9 +295,7 @@ def _wait_for(client: ApiClient, weave: dict[str, Any], timeout_s: float,
 
         def ask(into: dict[str, Any] = result, weave_id: str = current["id"]) -> None:
             try:
-                into["weave"] = client.weave(weave_id, wait=True,
-                                             timeout_s=max(5.0, deadline - time.monotonic()
-                                                           + 5.0))
+                into["weave"] = client.weave(weave_id, wait_s=deadline - time.monotonic())
             except (ClientError, Unreachable) as exc:
                 into["error"] = exc
 

@@ -216,6 +216,14 @@ def test_wait_is_bounded(make_harness: MakeHarness) -> None:
     assert r.status_code == 201 and r.json()["state"] == "provisioning"
 
 
+def test_the_client_may_wait_less_than_the_server_would(make_harness: MakeHarness) -> None:
+    h = make_harness(parts=(ManualPart(),))  # the server would hold it for 35 s
+    r = h.create(params={"wait": "true", "wait_timeout_s": "0.05"})
+    assert r.status_code == 201 and r.json()["state"] == "provisioning"
+    r = h.create(params={"wait": "true", "wait_timeout_s": "0"})
+    assert r.status_code == 422
+
+
 def test_a_weave_no_host_builds_fails_after_the_provision_timeout(make_harness: MakeHarness
                                                                   ) -> None:
     part = ManualPart()
