@@ -83,7 +83,7 @@ class ApiSettings:
 
     max_body_bytes: int = 16 * 1024
     max_live_weaves_per_tenant: int = 20  # weaves a tenant's IVNs requested, still live
-    rate_per_s: float = 5.0  # requests per principal, sustained...
+    rate_per_s: float = 5.0  # requests per tenant (admins share one budget), sustained...
     rate_burst: int = 60  # ...and in a burst
     wait_timeout_s: float | None = None  # ?wait=true bound; None: provision timeout + 5 s
     max_waiters: int = 16  # requests blocked in ?wait=true at once; more answer at once
@@ -459,7 +459,8 @@ class NorthboundApi:
                             else "the bearer token is not valid",
                             headers={"WWW-Authenticate": "Bearer"})
         ctx.principal = principal
-        retry = self.limiter.take(f"{principal.name}/{principal.token_id}")
+        # Per tenant, not per token: issuing more tokens does not buy more rate.
+        retry = self.limiter.take(principal.name)
         if retry is not None:
             return ApiError(429, "rate_limited",
                             f"more than {self.settings.rate_burst} requests in a burst or "

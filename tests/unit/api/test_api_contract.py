@@ -9,6 +9,7 @@ import pytest
 from api_harness import EagerPart, Harness, ManualPart
 
 from nwc.api import ApiSettings
+from nwc.auth import TokenStore
 from nwc.lease import parse_iso
 
 pytestmark = pytest.mark.unit
@@ -181,7 +182,10 @@ def test_request_rate_is_429_until_the_bucket_refills(make_harness: MakeHarness)
     r = h.request("GET", "/v1/weaves")
     assert r.status_code == 429 and error_of(r) == "rate_limited"
     assert int(r.headers["Retry-After"]) >= 1
-    assert h.request("GET", "/v1/weaves", "globex").status_code == 200  # per principal
+    assert h.request("GET", "/v1/weaves", "globex").status_code == 200  # per tenant
+    second_acme_token = TokenStore(h.state_dir).issue("acme")[0]
+    r = h.client.get("/v1/weaves", headers={"Authorization": f"Bearer {second_acme_token}"})
+    assert r.status_code == 429  # another token of the same tenant shares its budget
     h.clock.advance(1.0)
     assert h.request("GET", "/v1/weaves").status_code == 200
 
