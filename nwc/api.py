@@ -30,7 +30,6 @@ log's fsyncs into a denial of service for real work.
 
 
 import argparse
-import asyncio
 import ipaddress
 import logging
 import re
@@ -47,6 +46,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
@@ -67,6 +67,7 @@ log = logging.getLogger(__name__)
 API_PREFIX = "/v1"
 # Answered without a token: liveness probes and the API's own description.
 PUBLIC_PATHS = frozenset({f"{API_PREFIX}/health", "/openapi.json"})
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 WEAVE_ID = re.compile(r"wv-\d{6,12}")
 NAME_PATTERN = r"^[a-z][a-z0-9-]{0,31}$"
 CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
@@ -473,6 +474,7 @@ class NorthboundApi:
     def request_record(self, ctx: RequestContext, action: str, status: int) -> dict[str, Any]:
         outcome = ("ok" if status < 400 else "unauthenticated" if status == 401
                    else "invalid" if status in BODY_ERRORS
+                   else "not_found" if status in (404, 405)
                    else "error" if status >= 500 else "denied")
         record: dict[str, Any] = {
             "ts": iso(self.controller.clock.now()), "action": action, "outcome": outcome,
@@ -528,14 +530,16 @@ class NorthboundApi:
         route = scope.get("route") or self.match_route(scope)
         action = getattr(route, "name", None) or "http.unrouted"
         template = getattr(route, "path", None) or "unrouted"
-        self.metrics.api_requests.labels(ctx.method, template, str(status)).inc()
+        # Methods are whatever a client sends: keep the label set bounded.
+        method = ctx.method if ctx.method in HTTP_METHODS else "OTHER"
+        self.metrics.api_requests.labels(method, template, str(status)).inc()
         if status == 401 or (status in (403, 429) and not ctx.decided_by_weaver):
             self.publish_refusal(ctx, action, status)
         if status == 401:
             self.metrics.security_events.labels("auth_failure").inc()
         if self.should_record(ctx, action, status):
             try:
-                await asyncio.to_thread(self.write_record,
+                await run_in_threadpool(self.write_record,
                                         self.request_record(ctx, action, status))
             except Exception:
                 log.exception("request %s: the audit record could not be written",
@@ -839,10 +843,12 @@ class NorthboundApi:
                     self.hub.count_for(principal.tenant) >= \
                     settings.max_event_streams_per_principal:
                 raise ApiError(429, "too_many_streams", "too many open event streams")
-            sub = self.hub.subscribe(principal.tenant)
-            self.metrics.event_clients.inc()
 
             async def body() -> Any:
+                # Subscribe only once the response streams: a client gone before that leaves
+                # no subscription behind (a generator never started runs no `finally`).
+                sub = self.hub.subscribe(principal.tenant)
+                self.metrics.event_clients.inc()
                 try:
                     async for chunk in stream(
                             self.hub, sub, max_events=max_events, keepalive_s=settings.keepalive_s,
@@ -850,6 +856,7 @@ class NorthboundApi:
                             on_overflow=self.metrics.event_overflows.inc):
                         yield chunk
                 finally:
+                    self.hub.unsubscribe(sub)
                     self.metrics.event_clients.dec()
 
             return StreamingResponse(body(), media_type="text/event-stream",
