@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 import pytest
@@ -434,3 +435,14 @@ def test_openapi_describes_the_v1_contract(harness: Harness) -> None:
     assert {"201", "400", "401", "403", "404", "409", "413", "422", "429"} <= \
         set(create["responses"])
     assert "bearer" in str(doc["components"]["securitySchemes"]).lower()
+
+
+def test_concurrent_requests_are_decided_one_at_a_time(make_harness: MakeHarness) -> None:
+    """Eight threads ask for the same weave at once: the weaver's loop decides them
+    in turn, so exactly one is admitted and the rest see it (cidr_overlap), and the ledger
+    holds exactly one reservation."""
+    h = make_harness()
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        codes = sorted(pool.map(lambda _: h.create(bandwidth_mbps=20).status_code, range(8)))
+    assert codes == [201] + [409] * 7
+    assert s1_s2_reserved(h) == 20

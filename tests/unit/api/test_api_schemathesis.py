@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, settings
 from schemathesis.config import SchemathesisConfig
 
 from nwc.api import ApiSettings, create_app
+from nwc.audit import verify_chain
 from nwc.auth import TokenStore
 from nwc.controller import Controller
 
@@ -66,6 +67,13 @@ def fuzzed(make_harness: Callable[..., Harness]) -> Iterator[Harness]:
     CURRENT.app = h.client.app
     yield h
     CURRENT.app = None
+    # Whatever was sent, the state is whole: the ledger agrees with itself and with the live
+    # weaves, and the audit chain is intact.
+    weaver = h.controller.weaver
+    assert h.controller.call(weaver.fabric.violations) == []
+    held = h.controller.call(lambda: set(weaver.fabric.by_weave))
+    assert held == {w.id for w in h.controller.call(weaver.store.weaves, live_only=True)}
+    assert verify_chain(h.audit()) == []
 
 
 @schema.parametrize()
