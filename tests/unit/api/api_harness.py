@@ -112,7 +112,8 @@ class Harness:
         path = self.state_dir / "audit.jsonl"
         if not path.exists():
             return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        # Split on "\n" only: records may hold U+2028 and friends, which splitlines() breaks on.
+        return [json.loads(line) for line in path.read_text().split("\n") if line.strip()]
 
     def tick(self, seconds: float) -> None:
         """Move the clock and let the weaver act on it (leases, provisioning deadlines)."""
