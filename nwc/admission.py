@@ -267,7 +267,8 @@ def plan_legs(fabric: Fabric, pairs: Iterable[tuple[str, str]], kbps: int,
 
 def evaluate(request: WeaveRequest, *, policy: Policy, topology: Topology, fabric: Fabric,
              live: Iterable[LiveWeave], now: datetime) -> Decision:
-    """Decide a weave request. Pure: nothing is reserved until the caller applies the result."""
+    """Decide a weave request. Pure: nothing is reserved until the caller applies the result.
+    `live` needs to hold at least the live weaves of the two IVNs (others are ignored)."""
     live = list(live)
     denial = check_request(request, policy)
     if denial:
