@@ -280,7 +280,8 @@ class Agent:
         status = leg.status()
         text = status.to_json()
         core = LegStatus(status.phase, status.detail,
-                         SaInfo(status.sa.ike_state, status.sa.child_state, status.sa.child_id)
+                         SaInfo(status.sa.ike_state, status.sa.child_state, status.sa.child_id,
+                                rekeying=status.sa.rekeying)
                          if status.sa else None, status.rekeys, status.csr_pem,
                          status.applied, status.extra).to_json()
         now = self.clock()

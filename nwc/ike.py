@@ -35,6 +35,9 @@ AUTH_FAILURE = re.compile(
     r"tried \d+ shared keys? for .* but MAC mismatched", re.IGNORECASE)
 
 
+REKEY_STATES = frozenset({"REKEYING", "REKEYED"})
+
+
 class IkeUnavailable(Exception):
     """The IKE daemon's VICI socket does not answer."""
 
@@ -206,4 +209,6 @@ def _sa_info(ike: dict[str, Any]) -> SaInfo:
         dh_group=_text(child.get("dh-group")) if child and "dh-group" in child else None,
         bytes_in=num("bytes-in"), bytes_out=num("bytes-out"),
         packets_in=num("packets-in"), packets_out=num("packets-out"),
-        installed_s=num("install-time"))
+        installed_s=num("install-time"),
+        rekeying=_text(ike.get("state", b"")) in REKEY_STATES
+        or any(_text(c.get("state", b"")) in REKEY_STATES for c in children))

@@ -510,10 +510,13 @@ class SaInfo:
     packets_in: int = 0
     packets_out: int = 0
     installed_s: int = 0
+    rekeying: bool = False  # an IKE or CHILD SA rekey is under way (traffic still flows)
 
     @property
     def installed(self) -> bool:
-        return self.ike_state == "ESTABLISHED" and self.child_state == "INSTALLED"
+        """The CHILD SA carries traffic (also while its IKE SA is being rekeyed)."""
+        return (self.ike_state in ("ESTABLISHED", "REKEYING", "REKEYED")
+                and self.child_state == "INSTALLED")
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if v is not None}

@@ -200,7 +200,9 @@ class Tunnels:
     # -- observation (any thread) ---------------------------------------------------------
 
     def stats(self, weave: Weave) -> dict[str, Any]:
-        """The controller's stats source: SA state and rekeys of a weave's legs."""
+        """The controller's stats source (keys as docs/design.md lists them): `sa_state`
+        (established, connecting, rekeying or down: the worst of the legs), `rekeys`, and
+        `tunnel_legs` with each leg end's phase, algorithms and counters."""
         with self._lock:
             held = self._weaves.get(weave.id)
             if held is None:
@@ -224,13 +226,18 @@ class Tunnels:
                 legs.append({"slot": leg.requester.slot, "device": leg.requester.device,
                              "requester_host": leg.requester.host,
                              "target_host": leg.target.host, "auth": leg.requester.auth,
-                             "installed": leg.installed(), "ends": ends})
+                             "installed": leg.installed(),
+                             "rekeying": any(_rekeying(leg.statuses.get(e.host))
+                                             for e in leg.ends()),
+                             "ends": ends})
         if not legs:
-            state = "none"  # no remote leg: nothing crosses the fabric
-        elif all(leg["installed"] for leg in legs):
-            state = "installed"
+            return {}  # every leg inside one host: nothing to measure, so nothing reported
+        if not all(leg["installed"] for leg in legs):
+            state = "down" if held.ready else "connecting"
+        elif any(leg["rekeying"] for leg in legs):
+            state = "rekeying"
         else:
-            state = "down" if held.ready else "negotiating"
+            state = "established"
         return {"sa_state": state,
                 "rekeys": sum(e["rekeys"] for leg in legs for e in leg["ends"].values()),
                 "tunnel_legs": legs}
@@ -411,7 +418,7 @@ class Tunnels:
                     held.failed = True
                     detail = f"IKE authentication failed, {where}: {st.detail}"
                     reports.append(lambda d=detail: self.reports.security(
-                        weave.id, "ike_auth_failed", d))
+                        weave.id, "ike_failure", d))
                     reports.append(lambda d=detail: self.reports.failed(weave.id, d))
                     return
                 if st.phase is Phase.ERROR:
@@ -457,6 +464,10 @@ class Tunnels:
                                        leg.start and end.initiator)
                     want.setdefault(end.host, {})[RECORD_PREFIX + leg.key] = record.to_json()
         return want
+
+
+def _rekeying(status: LegStatus | None) -> bool:
+    return status is not None and status.sa is not None and status.sa.rekeying
 
 
 def _open_hostdb(target: str) -> HostDbLike:

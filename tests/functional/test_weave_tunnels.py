@@ -217,7 +217,7 @@ def test_a_weave_carries_traffic_encrypted_and_leaves_nothing_behind(
     # Byte counters reach the controller every couple of seconds, state changes at once.
     wait_for(lambda: stats()["tunnel_legs"][0]["ends"]["h1"]["bytes_out"] > 0, 10,
              "byte counters")
-    assert stats()["sa_state"] == "installed"
+    assert stats()["sa_state"] == "established"
     assert stats()["tunnel_legs"][0]["ends"]["h1"]["encryption"] == "AES_GCM_16"
     # No key in the process list, the API's view of the weave, or the audit trail.
     shown = [process_arguments(), json.dumps(stats()), json.dumps(weave.to_dict()),
@@ -292,11 +292,11 @@ def test_a_wrong_key_gives_no_tunnel_and_a_security_event(world: World) -> None:
         os.kill(pid, signal.SIGCONT)
     ended = world.wait_state(weave.id, State.FAILED, timeout=30)
     assert ended.reason == "provision_failed"  # a decision, not a provisioning timeout
-    events = world.security("ike_auth_failed")
+    events = world.security("ike_failure")
     assert events and events[-1]["weave_id"] == weave.id
     assert "AUTHENTICATION_FAILED" in events[-1]["detail"]
     audit = [r for r in world.controller.store.audit_records() if r["action"] == "security"]
-    assert any(r.get("weave_id") == weave.id and r["outcome"] == "ike_auth_failed"
+    assert any(r.get("weave_id") == weave.id and r["outcome"] == "ike_failure"
                for r in audit)
     wait_for(world.part.drained, 30, "teardown after the failure")
     for host in (h1, h2):

@@ -19,7 +19,15 @@ from nwc.lab.tunnel_lab import TWO_HOSTS
 from nwc.pki import CertificateAuthority, LegKey, certificate_identity, new_psk
 from nwc.policy import load_policy
 from nwc.topology import parse_topology_text
-from nwc.tunnel import RECORD_PREFIX, STATUS_PREFIX, LegRecord, LegStatus, Phase, TunnelError
+from nwc.tunnel import (
+    RECORD_PREFIX,
+    STATUS_PREFIX,
+    LegRecord,
+    LegStatus,
+    Phase,
+    SaInfo,
+    TunnelError,
+)
 from nwc.tunnels import Tunnels
 from nwc.weave import Leg, Weave
 
@@ -119,7 +127,7 @@ def test_a_psk_weave_comes_up_with_one_shared_fresh_key(world: World) -> None:
     assert world.record("h1", w).start and not world.record("h2", w).start
     assert world.reports.log == [("ready", w.id)]
     stats = world.part.stats(w)
-    assert stats["sa_state"] == "installed" and stats["tunnel_legs"][0]["installed"]
+    assert stats["sa_state"] == "established" and stats["tunnel_legs"][0]["installed"]
     assert set(stats["tunnel_legs"][0]["ends"]) == {"h1", "h2"}
     assert r1.psk.to_text() not in json.dumps(stats)
     world.rounds(3)
@@ -144,7 +152,7 @@ def test_wrong_key_means_no_tunnel_a_security_event_and_failure(world: World) ->
     world.rounds(1)  # both listening, keys loaded, nobody started yet
     world.ikes["h2"].shared["nwc-wv-000001-s0"] = (new_psk(), [])  # charon on h2 holds junk
     world.rounds(3)
-    assert world.reports.kinds() == ["ike_auth_failed", "failed"]
+    assert world.reports.kinds() == ["ike_failure", "failed"]
     assert "auth_failed" in json.dumps(world.part.stats(w))
     assert "authentication failed" in world.reports.log[1][2].lower()
     assert not any(sa.installed for sa in world.ikes["h1"].sa_table.values())
@@ -238,7 +246,7 @@ def test_an_installed_sa_going_away_is_a_security_event(world: World) -> None:
     world.clock.advance(2)
     world.rounds(6)
     assert world.reports.kinds()[-1] == "sa_restored"
-    assert world.part.stats(w)["sa_state"] == "installed"
+    assert world.part.stats(w)["sa_state"] == "established"
 
 
 def test_a_host_without_ovsdb_cannot_carry_a_tunnel(world: World) -> None:
@@ -246,3 +254,37 @@ def test_a_host_without_ovsdb_cannot_carry_a_tunnel(world: World) -> None:
                    ovsdb_targets={"h1": "unix:h1"})
     with pytest.raises(TunnelError, match="h2"):
         part.weave_up(weave())
+
+
+def test_sa_state_follows_the_contract_through_a_rekey(world: World) -> None:
+    w = weave()
+    world.part.weave_up(w)
+    world.part.sync()
+    assert world.part.stats(w)["sa_state"] == "connecting"
+    world.rounds()
+    name = "nwc-wv-000001-s0"
+    old = world.ikes["h1"].sa_table[name]
+    # An IKE rekey under way: the CHILD SA still carries traffic; nobody is alarmed.
+    world.ikes["h1"].sa_table[name] = SaInfo("REKEYING", "INSTALLED", old.child_id, old.ike_id,
+                                             rekeying=True)
+    world.clock.advance(3)
+    world.rounds(2)
+    assert world.part.stats(w)["sa_state"] == "rekeying"
+    world.ikes["h1"].sa_table[name] = SaInfo("ESTABLISHED", "INSTALLED", old.child_id, "99")
+    world.clock.advance(3)
+    world.rounds(2)
+    stats = world.part.stats(w)
+    assert stats["sa_state"] == "established" and stats["rekeys"] == 1
+    assert world.reports.kinds() == ["ready"]
+
+
+def test_a_weave_inside_one_host_reports_no_tunnel_measurements(world: World) -> None:
+    local = Weave(id="wv-000009", requester="acme-web", target="globex-db",
+                  requester_tenant="acme", target_tenant="globex",
+                  legs=(Leg("h1", "h1", ("h1",), None),), kbps=1000, profile="gold",
+                  requester_prefixes=(ipaddress.IPv4Network("192.0.2.0/26"),),
+                  target_prefixes=(ipaddress.IPv4Network("192.0.2.64/26"),),
+                  created_at=T0, expires_at=T0 + dt.timedelta(hours=1))
+    world.part.weave_up(local)
+    assert world.reports.log == [("ready", local.id)]
+    assert world.part.stats(local) == {}
