@@ -457,7 +457,11 @@ class Agent:
                     or have["ofport_request"] != want["ofport_request"]:
                 self.db.add_port(spec.bridge, want)
         except Exception as exc:
-            self._fail(leg, f"writing the OVS IPsec interface failed: {exc}")
+            detail = str(exc)
+            if record.psk is not None:  # an error may quote the row it refused
+                for form in (record.psk.reveal().hex(), record.psk.to_text()):
+                    detail = detail.replace(form, "<redacted>")
+            self._fail(leg, f"writing the OVS IPsec interface failed: {detail}")
             return
         leg.extra["ovs_keys"] = sorted(self._ovs_keys_set)
         # ovs-monitor-ipsec names its connections <interface>-in-<n> / -out-<n>.

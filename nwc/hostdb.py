@@ -169,11 +169,13 @@ class HostDb:
     # -- NWC's keys in the Open_vSwitch row -----------------------------------------------
 
     def external_ids(self, prefix: str = "nwc-") -> dict[str, str]:
+        """NWC's keys. An OVSDB without its Open_vSwitch row is not a host with no legs (that
+        answer would tear every tunnel down): it is an error."""
         api = self.api
         with api.ovsdb_connection.lock:
             rows = list(api.tables["Open_vSwitch"].rows.values())
             if not rows:
-                return {}
+                raise RuntimeError(f"OVSDB {self.target} has no Open_vSwitch row (yet)")
             return {k: v for k, v in rows[0].external_ids.items() if k.startswith(prefix)}
 
     def update_external_ids(self, set_keys: Mapping[str, str] | None = None,

@@ -373,7 +373,9 @@ class Tunnels:
         """Take in both agents' statuses; sign certificate requests."""
         weave = held.weave
         for end in leg.ends():
-            text = current.get(end.host, {}).get(STATUS_PREFIX + leg.key)
+            if end.host not in current:
+                continue  # unreachable this round: keep what it last said
+            text = current[end.host].get(STATUS_PREFIX + leg.key)
             if text is None:
                 leg.statuses.pop(end.host, None)
                 continue
