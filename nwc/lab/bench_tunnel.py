@@ -128,7 +128,7 @@ def plain_vxlan(tl: TunnelLab) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--trials", type=int, default=3, help="first-packet measurements")
+    parser.add_argument("--trials", type=int, default=5, help="first-packet measurements")
     parser.add_argument("--seconds", type=int, default=5, help="iperf3 duration")
     args = parser.parse_args(argv)
     policy = load_policy([SHIPPED_POLICIES])
