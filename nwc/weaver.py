@@ -422,7 +422,12 @@ class Weaver:
         legs = tuple(Leg(leg.requester_host, leg.target_host, plan.path, leg.slot)
                      for leg, plan in zip(weave.legs, planned, strict=True))
         moved = weave.with_(legs=legs)
-        reservation = self.fabric.reserve(weave.id, moved.paths, weave.kbps)
+        try:
+            reservation = self.fabric.reserve(weave.id, moved.paths, weave.kbps)
+        except CapacityError as exc:  # plan_legs said it fits; never let a link event raise
+            log.error("weave %s: re-planned paths do not fit: %s", weave.id, exc)
+            return self._end(weave, State.FAILED, EndReason.NO_PATH.value, SYSTEM,
+                             detail=str(exc))
         with self.store.transaction():
             self.store.save_weave(moved)
             self.store.save_reservation(reservation)

@@ -150,3 +150,17 @@ class WeaveLifecycle(RuleBasedStateMachine):
 TestWeaveLifecycle = WeaveLifecycle.TestCase
 TestWeaveLifecycle.settings = settings(max_examples=60, stateful_step_count=30, deadline=None,
                                        suppress_health_check=[HealthCheck.too_slow])
+
+
+def test_reroute_keeps_capacity_for_the_legs_that_did_not_break() -> None:
+    """Found by the state machine: a leg routed afresh after a link failure took capacity that
+    a kept leg of the same weave still needed, and the reservation then failed."""
+    machine = WeaveLifecycle()
+    try:
+        machine.admit(pair=("a0", "b4"), mbps=21, duration=1)
+        machine.admit(pair=("a0", "b3"), mbps=1, duration=1)
+        machine.admit(pair=("a2", "b5"), mbps=20, duration=1)
+        machine.link_changes(link=("leaf3", "spine1"), up=False)
+        machine.ledger_is_consistent()
+    finally:
+        machine.teardown()
