@@ -1,0 +1,590 @@
+"""The OpenFlow 1.3 shell: an os-ken app that connects switches to NWC's pure compiler.
+
+Two pieces:
+
+- `FlowsApp`, the os-ken app. It only receives: switch up/down, port descriptions and status,
+  meter lists, errors, barrier and statistics replies. It hands each to the attached
+  `FlowsPart` and never computes a flow.
+- `FlowsPart`, the weaver `Part` named "flows". Everything that decides what a switch holds
+  runs on the weaver's loop thread (weave_up/down/moved are called there; switch events are
+  posted there), so programming a switch never races a weave change. It compiles with
+  `nwc.pipeline`, sends with `nwc.ofmessages` (meters first, then one atomic ordered bundle,
+  then a barrier) and reports `part_ready` once every switch a weave uses confirmed it.
+
+Every accepted connection is wrapped by `nwc.ofguard.GuardedSocket`, so malformed or
+unexpected OpenFlow never reaches os-ken's parser (which can loop forever on some).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import socket
+import threading
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from os_ken.base import app_manager
+from os_ken.controller import ofp_event
+from os_ken.controller.handler import (
+    CONFIG_DISPATCHER,
+    DEAD_DISPATCHER,
+    MAIN_DISPATCHER,
+    set_ev_cls,
+)
+from os_ken.ofproto import ofproto_v1_3 as ofp
+from os_ken.ofproto import ofproto_v1_3_parser as parser
+
+from nwc import ofguard
+from nwc.ofmessages import install_messages, remove_messages, sync_messages
+from nwc.pipeline import (
+    DELIVERED_ROLES,
+    DIRECTIONS,
+    OWNER_MASK,
+    DesiredState,
+    PipelineError,
+    Program,
+    compile_switch,
+    compile_weave,
+    cookie_owner,
+    fabric_link_of_port,
+    meter_id,
+    switch_name,
+    weave_cookie,
+    weave_switches,
+)
+from nwc.weave import Weave
+
+log = logging.getLogger(__name__)
+
+MAX_CONNECTIONS = 256  # more peers than any fabric NWC runs: the rest are refused
+RESYNC_RETRY_S = 2.0
+STATS_TIMEOUT_S = 2.0
+MAX_REPLY_PARTS = 4096  # multipart replies NWC accumulates before giving up on one request
+
+
+def _loud(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """os-ken's event loop swallows exceptions; NWC logs each with what it was handling."""
+    def wrapper(self: Any, ev: Any, *args: Any) -> Any:
+        try:
+            return fn(self, ev, *args)
+        except Exception:
+            dp = getattr(getattr(ev, "msg", None), "datapath", None) or \
+                getattr(ev, "datapath", None)
+            log.error("handler %s failed for switch %s on %s:\n%s", fn.__name__,
+                      f"{dp.id:#x}" if dp is not None and dp.id else "?",
+                      type(ev).__name__, traceback.format_exc())
+            return None
+    wrapper.__name__ = fn.__name__
+    return wrapper
+
+
+@dataclass
+class Batch:
+    """Messages sent to one switch, confirmed by the barrier that follows them."""
+
+    kind: str  # "sync", "weave", "remove"
+    xids: set[int]
+    weaves: dict[str, int]  # weave id -> generation this batch installs
+    errors: list[str] = field(default_factory=list)
+    meters_after: set[int] | None = None
+
+
+@dataclass
+class SwitchConn:
+    datapath: Any
+    dpid: int
+    kind: str  # "host" or "fabric"
+    name: str
+    ports: dict[str, int] = field(default_factory=dict)
+    port_state: dict[int, bool] = field(default_factory=dict)  # port_no -> link up
+    meters: set[int] = field(default_factory=set)  # meter ids present on the switch
+    synced: bool = False
+    batches: dict[int, Batch] = field(default_factory=dict)  # barrier xid -> batch
+    xids: itertools.count = field(default_factory=lambda: itertools.count(0x4E570000))
+    bundles: itertools.count = field(default_factory=lambda: itertools.count(1))
+    replies: dict[int, list[Any]] = field(default_factory=dict)  # stats xid -> parts
+    waiters: dict[int, threading.Event] = field(default_factory=dict)
+
+    def next_xid(self) -> int:
+        return next(self.xids) & 0xFFFFFFFF
+
+
+class FlowsPart:
+    """The weaver part "flows". Methods without `on_` run on the weaver's loop thread."""
+
+    name = "flows"
+
+    def __init__(self, controller: Any) -> None:
+        self.controller = controller
+        self.weaver = controller.weaver
+        self.lock = threading.Lock()  # guards `switches` and their batches/replies
+        self.switches: dict[int, SwitchConn] = {}
+        self.pending: dict[str, set[int]] = {}  # weave id -> dpids not yet confirmed
+        self.generation: dict[str, int] = {}
+        self._stopped = False
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def attach(self) -> None:
+        """On the loop: join the weaver; live weaves are confirmed by each switch's resync."""
+        self.weaver.add_part(self)
+        for weave in self.weaver.live.values():
+            self._want(weave)
+
+    def stop(self) -> None:
+        self._stopped = True
+        with self.lock:
+            conns = list(self.switches.values())
+            self.switches.clear()
+        for conn in conns:
+            _close(conn.datapath)
+
+    # -- desired state ----------------------------------------------------------------------
+
+    def state(self) -> DesiredState:
+        w = self.weaver
+        return DesiredState(w.policy, w.topology, tuple(w.live.values()), w.clock.now(),
+                            frozenset(w.fabric.down))
+
+    def _want(self, weave: Weave) -> set[int]:
+        dpids = weave_switches(self.weaver.topology, weave)
+        self.generation[weave.id] = self.generation.get(weave.id, 0) + 1
+        self.pending[weave.id] = set(dpids)
+        return dpids
+
+    # -- the Part protocol (loop thread) ------------------------------------------------------
+
+    def weave_up(self, weave: Weave) -> None:
+        self._program(weave)
+
+    def weave_moved(self, weave: Weave, old: Weave) -> None:
+        topo = self.weaver.topology
+        gone = weave_switches(topo, old) - weave_switches(topo, weave)
+        self._program(weave)
+        for dpid in gone:
+            self._remove_from(dpid, old)
+
+    def weave_down(self, weave: Weave) -> None:
+        self.pending.pop(weave.id, None)
+        self.generation.pop(weave.id, None)
+        for dpid in weave_switches(self.weaver.topology, weave):
+            self._remove_from(dpid, weave)
+
+    def _program(self, weave: Weave) -> None:
+        state = self.state()
+        for dpid in sorted(self._want(weave)):
+            conn = self._conn(dpid)
+            if conn is None or not conn.synced:
+                continue  # confirmed by that switch's resync when it (re)connects
+            program = compile_weave(state, weave, dpid, conn.ports)
+            cookie = weave_cookie(weave.number)
+            msgs = install_messages(conn.datapath, program, cookie, conn.meters,
+                                    next(conn.bundles))
+            self._send(conn, "weave", msgs, {weave.id: self.generation[weave.id]},
+                       conn.meters | {m.meter_id for m in program.meters})
+
+    def _remove_from(self, dpid: int, weave: Weave) -> None:
+        conn = self._conn(dpid)
+        if conn is None or not conn.synced:
+            return  # its resync will not bring the weave back
+        ids = {meter_id(weave.number, d) for d in DIRECTIONS} & conn.meters
+        msgs = remove_messages(conn.datapath, weave_cookie(weave.number), ids,
+                               next(conn.bundles))
+        self._send(conn, "remove", msgs, {}, conn.meters - ids)
+
+    def resync(self, dpid: int) -> None:
+        """Make a (re)connected switch equal to the desired state: one atomic bundle."""
+        conn = self._conn(dpid)
+        if conn is None or self._stopped:
+            return
+        state = self.state()
+        try:
+            program = compile_switch(state, dpid, conn.ports)
+        except PipelineError as exc:
+            log.error("cannot compile switch %s (%s): %s", conn.name, f"{dpid:#x}", exc)
+            return
+        msgs = sync_messages(conn.datapath, program, conn.meters, next(conn.bundles))
+        confirms = {w.id: self.generation.get(w.id, 0) for w in state.weaves
+                    if dpid in weave_switches(state.topology, w)}
+        conn.synced = True
+        self._send(conn, "sync", msgs, confirms, {m.meter_id for m in program.meters})
+        log.info("switch %s (%#x): resync with %d flows, %d meters", conn.name, dpid,
+                 len(program.flows), len(program.meters))
+
+    def _conn(self, dpid: int) -> SwitchConn | None:
+        with self.lock:
+            return self.switches.get(dpid)
+
+    def _send(self, conn: SwitchConn, kind: str, msgs: list[Any], weaves: dict[str, int],
+              meters_after: set[int]) -> None:
+        dp = conn.datapath
+        xids = set()
+        barrier = parser.OFPBarrierRequest(dp)
+        with self.lock:
+            for msg in msgs:
+                msg.set_xid(conn.next_xid())
+                xids.add(msg.xid)
+            barrier.set_xid(conn.next_xid())
+            conn.batches[barrier.xid] = Batch(kind, xids, dict(weaves),
+                                              meters_after=set(meters_after))
+        for msg in [*msgs, barrier]:
+            if not dp.send_msg(msg):
+                log.warning("switch %s went away while being programmed", conn.name)
+                return
+
+    # -- switch events (posted to the loop by FlowsApp) ---------------------------------------
+
+    def switch_ready(self, datapath: Any, ports: dict[str, int], port_state: dict[int, bool],
+                     meters: set[int]) -> None:
+        what = switch_name(self.weaver.topology, datapath.id)
+        if what is None:
+            log.warning("switch %#x is not in topology %s: leaving it empty (fail_mode=secure "
+                        "drops everything)", datapath.id, self.weaver.topology.name)
+            return
+        kind, name = what
+        conn = SwitchConn(datapath, datapath.id, kind, name, dict(ports), dict(port_state),
+                          set(meters))
+        with self.lock:
+            old = self.switches.get(datapath.id)
+            self.switches[datapath.id] = conn
+        if old is not None and old.datapath is not datapath:
+            _close(old.datapath)
+        log.info("switch %s (%#x) connected from %s: %d ports, %d meters", name, datapath.id,
+                 datapath.address, len(ports), len(meters))
+        self.resync(datapath.id)
+        if kind == "fabric":
+            for port_no, up in sorted(port_state.items()):
+                if not up:
+                    self.port_changed(datapath, "", port_no, up=False, present=True)
+
+    def switch_gone(self, datapath: Any) -> None:
+        with self.lock:
+            conn = self.switches.get(datapath.id)
+            if conn is None or conn.datapath is not datapath:
+                return
+            del self.switches[datapath.id]
+            for waiter in conn.waiters.values():
+                waiter.set()
+        log.warning("switch %s (%#x) disconnected; its weaves are not confirmed until it is "
+                    "back", conn.name, conn.dpid)
+
+    def port_changed(self, datapath: Any, port_name: str, port_no: int, *, up: bool,
+                     present: bool) -> None:
+        conn = self._conn(datapath.id)
+        if conn is None or conn.datapath is not datapath:
+            return
+        if conn.kind == "host":
+            known = {vm.port for vm in self.weaver.topology.vms.values()
+                     if vm.host == conn.name}
+            before = conn.ports.get(port_name)
+            if present:
+                conn.ports[port_name] = port_no
+            else:
+                conn.ports.pop(port_name, None)
+            if port_name in known and before != conn.ports.get(port_name):
+                self.resync(conn.dpid)  # a VM plugged or unplugged: its flows follow
+            return
+        conn.port_state[port_no] = up and present
+        link = fabric_link_of_port(self.weaver.topology, conn.name, port_no)
+        if link is None:
+            return
+        down_before = frozenset(self.weaver.fabric.down)
+        self.weaver.link_changed(link[0], link[1], up and present)
+        if frozenset(self.weaver.fabric.down) != down_before:
+            # Host routes follow the link; weaves were moved by the weaver (weave_moved).
+            for dpid in sorted(self._fabric_dpids()):
+                self.resync(dpid)
+
+    def _fabric_dpids(self) -> list[int]:
+        with self.lock:
+            return [c.dpid for c in self.switches.values() if c.kind == "fabric"]
+
+    # -- replies (os-ken's thread) ---------------------------------------------------------------
+
+    def on_barrier(self, datapath: Any, xid: int) -> None:
+        with self.lock:
+            conn = self.switches.get(datapath.id)
+            if conn is None or conn.datapath is not datapath:
+                return
+            batch = conn.batches.pop(xid, None)
+        if batch is None:
+            return
+        if batch.errors:
+            detail = "; ".join(batch.errors)
+            log.error("switch %s refused a %s change (the bundle left its tables as they "
+                      "were): %s", conn.name, batch.kind, detail)
+            for weave_id in batch.weaves:
+                self.controller.loop.post(self.weaver.part_failed, weave_id, self.name,
+                                          f"switch {conn.name}: {detail}")
+            if batch.kind == "sync":
+                self._retry_resync(conn)
+            return
+        if batch.meters_after is not None:
+            conn.meters = batch.meters_after
+        if batch.weaves:
+            self.controller.loop.post(self._confirmed, conn.dpid, batch.weaves)
+
+    def _confirmed(self, dpid: int, weaves: dict[str, int]) -> None:
+        for weave_id, generation in weaves.items():
+            waiting = self.pending.get(weave_id)
+            if waiting is None or self.generation.get(weave_id) != generation:
+                continue  # changed since: the newer batch confirms it
+            waiting.discard(dpid)
+            if not waiting:
+                self.weaver.part_ready(weave_id, self.name)
+
+    def _retry_resync(self, conn: SwitchConn) -> None:
+        conn.synced = False
+
+        def again() -> None:
+            if not self._stopped:
+                self.controller.loop.post(self.resync, conn.dpid)
+        timer = threading.Timer(RESYNC_RETRY_S, again)
+        timer.daemon = True
+        timer.start()
+
+    def on_error(self, datapath: Any, msg: Any) -> None:
+        with self.lock:
+            conn = self.switches.get(datapath.id)
+            batch = None
+            if conn is not None:
+                batch = next((b for b in conn.batches.values() if msg.xid in b.xids), None)
+        text = f"OpenFlow error type {msg.type} code {msg.code}"
+        if batch is None:
+            log.error("switch %#x: %s (xid %#x, not from a pending change)", datapath.id,
+                      text, msg.xid)
+            return
+        batch.errors.append(text)
+
+    def on_stats_reply(self, datapath: Any, msg: Any) -> None:
+        with self.lock:
+            conn = self.switches.get(datapath.id)
+            if conn is None or msg.xid not in conn.waiters:
+                return
+            parts = conn.replies.setdefault(msg.xid, [])
+            if len(parts) < MAX_REPLY_PARTS:
+                parts.extend(msg.body)
+            if not msg.flags & ofp.OFPMPF_REPLY_MORE:
+                conn.waiters[msg.xid].set()
+
+    # -- statistics (any thread) -----------------------------------------------------------------
+
+    def _request(self, conn: SwitchConn, msg: Any) -> tuple[int, threading.Event]:
+        with self.lock:
+            msg.set_xid(conn.next_xid())
+            event = threading.Event()
+            conn.waiters[msg.xid] = event
+            conn.replies[msg.xid] = []
+        conn.datapath.send_msg(msg)
+        return msg.xid, event
+
+    def _collect(self, conn: SwitchConn, xid: int, event: threading.Event) -> list[Any]:
+        event.wait(STATS_TIMEOUT_S)
+        with self.lock:
+            conn.waiters.pop(xid, None)
+            return conn.replies.pop(xid, [])
+
+    def weave_stats(self, weave: Weave) -> dict[str, Any]:
+        """Bytes and packets each weave direction delivered (flow counters by cookie) and
+        the bytes its meters dropped, summed over the hosts of its legs."""
+        topo = self.weaver.topology
+        hosts = {topo.hosts[h].dpid for leg in weave.legs
+                 for h in (leg.requester_host, leg.target_host)}
+        out: dict[str, Any] = {}
+        for d in DIRECTIONS:
+            out[f"bytes_{d}"] = out[f"packets_{d}"] = out[f"meter_dropped_bytes_{d}"] = 0
+        requests = []
+        cookie = weave_cookie(weave.number)
+        ids = {meter_id(weave.number, d): d for d in DIRECTIONS}
+        for dpid in sorted(hosts):
+            conn = self._conn(dpid)
+            if conn is None:
+                continue
+            dp = conn.datapath
+            flows = parser.OFPFlowStatsRequest(dp, 0, ofp.OFPTT_ALL, ofp.OFPP_ANY, ofp.OFPG_ANY,
+                                               cookie, OWNER_MASK, parser.OFPMatch())
+            requests.append(("flows", conn, *self._request(conn, flows)))
+            for mid in ids:
+                meters = parser.OFPMeterStatsRequest(dp, 0, mid)
+                requests.append(("meters", conn, *self._request(conn, meters)))
+        for kind, conn, xid, event in requests:
+            for entry in self._collect(conn, xid, event):
+                if kind == "flows":
+                    _, number = cookie_owner(entry.cookie)
+                    role = entry.cookie & 0xFF
+                    if number != weave.number:
+                        continue
+                    for d, roles in DELIVERED_ROLES.items():
+                        if role in roles:
+                            out[f"bytes_{d}"] += entry.byte_count
+                            out[f"packets_{d}"] += entry.packet_count
+                elif entry.meter_id in ids:
+                    d = ids[entry.meter_id]
+                    out[f"meter_dropped_bytes_{d}"] += sum(b.byte_band_count
+                                                            for b in entry.band_stats)
+        return out
+
+
+def _close(datapath: Any) -> None:
+    try:
+        datapath.close()
+        datapath.socket.shutdown(socket.SHUT_RDWR)
+    except Exception:  # already gone: nothing to release
+        log.debug("closing %s", datapath.address, exc_info=True)
+
+
+class FlowsApp(app_manager.OSKenApp):
+    """The os-ken side: receives, converts to plain calls, posts them to the weaver loop."""
+
+    OFP_VERSIONS: ClassVar[list[int]] = [ofp.OFP_VERSION]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.part: FlowsPart | None = None
+        self._meter_requests: dict[int, tuple[Any, int, list[int]]] = {}
+
+    def attach(self, part: FlowsPart | None) -> None:
+        self.part = part
+
+    def _post(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        part = self.part
+        if part is not None:
+            part.controller.loop.post(fn, *args, **kwargs)
+
+    @set_ev_cls(ofp_event.EventOFPStateChange, [MAIN_DISPATCHER, DEAD_DISPATCHER])
+    @_loud
+    def state_change(self, ev: Any) -> None:
+        dp = ev.datapath
+        if ev.state == MAIN_DISPATCHER:
+            # Ports are known (os-ken asked on connect); NWC still needs the meters present.
+            req = parser.OFPMeterConfigStatsRequest(dp, 0, ofp.OFPM_ALL)
+            dp.set_xid(req)
+            self._meter_requests[id(dp)] = (dp, req.xid, [])
+            dp.send_msg(req)
+        elif ev.state == DEAD_DISPATCHER and dp.id is not None:
+            self._meter_requests.pop(id(dp), None)
+            if self.part is not None:
+                self._post(self.part.switch_gone, dp)
+
+    @set_ev_cls(ofp_event.EventOFPMeterConfigStatsReply, MAIN_DISPATCHER)
+    @_loud
+    def meter_config(self, ev: Any) -> None:
+        dp = ev.msg.datapath
+        pending = self._meter_requests.get(id(dp))
+        if pending is None or pending[1] != ev.msg.xid:
+            if self.part is not None:
+                self.part.on_stats_reply(dp, ev.msg)
+            return
+        pending[2].extend(c.meter_id for c in ev.msg.body)
+        if ev.msg.flags & ofp.OFPMPF_REPLY_MORE:
+            return
+        del self._meter_requests[id(dp)]
+        ports = {p.name.decode(errors="replace"): p.port_no for p in (dp.ports or {}).values()
+                 if p.port_no <= ofp.OFPP_MAX}
+        state = {p.port_no: not p.state & ofp.OFPPS_LINK_DOWN and
+                 not p.config & ofp.OFPPC_PORT_DOWN for p in (dp.ports or {}).values()
+                 if p.port_no <= ofp.OFPP_MAX}
+        if self.part is not None:
+            self._post(self.part.switch_ready, dp, ports, state, set(pending[2]))
+
+    @set_ev_cls(ofp_event.EventOFPPortStatus, MAIN_DISPATCHER)
+    @_loud
+    def port_status(self, ev: Any) -> None:
+        msg = ev.msg
+        desc = msg.desc
+        present = msg.reason != ofp.OFPPR_DELETE
+        up = not desc.state & ofp.OFPPS_LINK_DOWN and not desc.config & ofp.OFPPC_PORT_DOWN
+        if self.part is not None:
+            self._post(self.part.port_changed, msg.datapath,
+                       desc.name.decode(errors="replace"), desc.port_no, up=up,
+                       present=present)
+
+    @set_ev_cls(ofp_event.EventOFPBarrierReply, MAIN_DISPATCHER)
+    @_loud
+    def barrier(self, ev: Any) -> None:
+        if self.part is not None:
+            self.part.on_barrier(ev.msg.datapath, ev.msg.xid)
+
+    @set_ev_cls(ofp_event.EventOFPErrorMsg, [CONFIG_DISPATCHER, MAIN_DISPATCHER])
+    @_loud
+    def error(self, ev: Any) -> None:
+        if self.part is not None:
+            self.part.on_error(ev.msg.datapath, ev.msg)
+        else:
+            log.error("OpenFlow error from %s: type %s code %s", ev.msg.datapath.address,
+                      ev.msg.type, ev.msg.code)
+
+    @set_ev_cls([ofp_event.EventOFPFlowStatsReply, ofp_event.EventOFPMeterStatsReply],
+                MAIN_DISPATCHER)
+    @_loud
+    def stats(self, ev: Any) -> None:
+        if self.part is not None:
+            self.part.on_stats_reply(ev.msg.datapath, ev.msg)
+
+
+# -- starting os-ken inside `nwc run` (os-ken 4 has no ryu-manager) ------------------------------
+
+_started: dict[str, Any] = {}
+_start_lock = threading.Lock()
+_connections = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+
+def _guarded_factory(original: Callable[[Any, Any], None]) -> Callable[[Any, Any], None]:
+    def factory(sock: Any, address: Any) -> None:
+        if not _connections.acquire(blocking=False):
+            log.warning("refusing OpenFlow connection from %s: %d connections already",
+                        address, MAX_CONNECTIONS)
+            sock.close()
+            return
+        try:
+            original(ofguard.GuardedSocket(sock, address), address)
+        except Exception:
+            log.warning("OpenFlow connection from %s ended with an error", address,
+                        exc_info=True)
+        finally:
+            _connections.release()
+    return factory
+
+
+def start_osken(listen_host: str, listen_port: int) -> FlowsApp:
+    """Start os-ken's OpenFlow listener and FlowsApp in this process, once."""
+    with _start_lock:
+        if "app" in _started:
+            return _started["app"]
+        from os_ken import cfg
+        from os_ken.controller import controller as osken_controller
+
+        cfg.CONF(args=["--ofp-listen-host", listen_host,
+                       "--ofp-tcp-listen-port", str(listen_port)], project="os_ken")
+        osken_controller.datapath_connection_factory = _guarded_factory(
+            osken_controller.datapath_connection_factory)
+        manager = app_manager.AppManager.get_instance()
+        manager.load_apps([__name__])
+        contexts = manager.create_contexts()
+        manager.instantiate_apps(**contexts)
+        app = next(a for a in manager.applications.values() if isinstance(a, FlowsApp))
+        _started["app"] = app
+        return app
+
+
+def serve(controller: Any, args: Any) -> FlowsPart:
+    """`nwc run` hook: listen for switches and attach the "flows" part to the weaver."""
+    app = start_osken(args.ofp_listen_host, args.ofp_tcp_listen_port)
+    part = FlowsPart(controller)
+    controller.loop.call(part.attach)
+    app.attach(part)
+    controller.stats_sources.append(part.weave_stats)
+
+    def stop() -> None:
+        if app.part is part:
+            app.attach(None)
+        part.stop()
+    controller.on_stop(stop)
+    log.info("OpenFlow 1.3 listening on %s:%d", args.ofp_listen_host, args.ofp_tcp_listen_port)
+    return part
+
+
+__all__ = ["FlowsApp", "FlowsPart", "Program", "serve", "start_osken"]

@@ -1,0 +1,241 @@
+"""A gate in front of os-ken's OpenFlow parser.
+
+os-ken (like Ryu before it) walks length-prefixed lists with `while offset < end: offset +=
+item.len`; an item whose length is 0 never advances and the connection's thread spins forever
+(the public reproducers: hello elements, instructions, actions, multipart bodies, buckets,
+queue properties). One such peer would eat the controller's CPU and its other switches.
+
+So every message from a peer is checked here, on raw bytes, before os-ken sees it: only the
+message types a switch sends NWC, only OpenFlow 1.3, and every nested length walked and
+bounded. A message that fails is never parsed: the connection is closed. Messages NWC never
+asks for (packet-in, flow-removed...) are dropped unparsed. Pure functions plus a socket
+wrapper; the os-ken shell installs the wrapper on every accepted connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import struct
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+OFP13 = 4
+HEADER = struct.Struct("!BBHI")
+MAX_MESSAGE = 65535
+# Bytes a peer may have buffered without completing a message (one maximal message).
+MAX_PENDING = MAX_MESSAGE + HEADER.size
+
+HELLO, ERROR, ECHO_REQUEST, ECHO_REPLY, EXPERIMENTER = 0, 1, 2, 3, 4
+FEATURES_REPLY, GET_CONFIG_REPLY, PACKET_IN, FLOW_REMOVED, PORT_STATUS = 6, 8, 10, 11, 12
+MULTIPART_REPLY, BARRIER_REPLY, ROLE_REPLY, GET_ASYNC_REPLY = 19, 21, 25, 27
+
+# Multipart types NWC requests.
+MP_FLOW, MP_PORT_DESC, MP_METER, MP_METER_CONFIG = 1, 13, 9, 10
+
+ONF_EXPERIMENTER_ID = 0x4F4E4600
+ONF_ET_BUNDLE_CONTROL = 2300
+
+# Instruction and action types NWC installs (and so may see in flow stats).
+INSTRUCTIONS = {1: "goto", 2: "write_metadata", 4: "apply_actions", 6: "meter"}
+ACTIONS = {0: "output", 24: "dec_nw_ttl", 25: "set_field", 0xFFFF: "experimenter"}
+NX_VENDOR = 0x00002320
+
+
+class Rejected(Exception):
+    """The peer sent something NWC will not parse."""
+
+
+# Dropped without parsing: a switch may send them, NWC never needs them.
+IGNORED = {PACKET_IN, FLOW_REMOVED, ROLE_REPLY, GET_ASYNC_REPLY, GET_CONFIG_REPLY}
+
+
+def check_message(buf: bytes) -> bool:
+    """True: hand to os-ken. False: drop quietly. Raises Rejected: close the connection."""
+    if len(buf) < HEADER.size:
+        raise Rejected("short header")
+    version, msg_type, length, _xid = HEADER.unpack_from(buf)
+    if length != len(buf):
+        raise Rejected("length field does not match the message")
+    if msg_type == HELLO:
+        if version < 1:
+            raise Rejected("hello with version 0")
+        _walk_tlvs(buf, 8, len(buf), unit=1, what="hello element", min_len=4)
+        return True
+    if version != OFP13:
+        raise Rejected(f"OpenFlow version {version}; NWC speaks 1.3 (4) only")
+    if msg_type in IGNORED:
+        return False
+    if msg_type in (ECHO_REQUEST, ECHO_REPLY, BARRIER_REPLY):
+        if msg_type == BARRIER_REPLY and length != 8:
+            raise Rejected("barrier reply with a body")
+        return True
+    if msg_type == ERROR:
+        if length < 12:
+            raise Rejected("error message shorter than 12 bytes")
+        return True
+    if msg_type == FEATURES_REPLY:
+        if length != 32:
+            raise Rejected("features reply is not 32 bytes")
+        return True
+    if msg_type == PORT_STATUS:
+        if length != 80:
+            raise Rejected("port status is not 80 bytes")
+        return True
+    if msg_type == EXPERIMENTER:
+        return _check_experimenter(buf)
+    if msg_type == MULTIPART_REPLY:
+        _check_multipart(buf)
+        return True
+    raise Rejected(f"unexpected message type {msg_type} from a switch")
+
+
+def _walk_tlvs(buf: bytes, start: int, end: int, *, unit: int, what: str,
+               min_len: int, len_offset: int = 2) -> list[tuple[int, int]]:
+    """Walk type-length items; each must be at least `min_len`, a multiple of `unit`, and
+    inside [start, end). Returns (offset, length) of each."""
+    items = []
+    offset = start
+    while offset < end:
+        if offset + len_offset + 2 > end:
+            raise Rejected(f"truncated {what}")
+        (length,) = struct.unpack_from("!H", buf, offset + len_offset)
+        if length < min_len or length % unit or offset + length > end:
+            raise Rejected(f"{what} of length {length} at offset {offset}")
+        items.append((offset, length))
+        offset += length
+    return items
+
+
+def _check_experimenter(buf: bytes) -> bool:
+    if len(buf) < 16:
+        raise Rejected("experimenter message shorter than 16 bytes")
+    experimenter, exp_type = struct.unpack_from("!II", buf, 8)
+    if (experimenter, exp_type) != (ONF_EXPERIMENTER_ID, ONF_ET_BUNDLE_CONTROL):
+        return False  # NWC asked for no other experimenter message
+    if len(buf) < 24:
+        raise Rejected("bundle control reply shorter than 24 bytes")
+    _walk_tlvs(buf, 24, len(buf), unit=1, what="bundle property", min_len=4)
+    return True
+
+
+def _check_multipart(buf: bytes) -> None:
+    if len(buf) < 16:
+        raise Rejected("multipart reply shorter than 16 bytes")
+    (mp_type,) = struct.unpack_from("!H", buf, 8)
+    body = 16
+    end = len(buf)
+    if mp_type == MP_PORT_DESC:
+        if (end - body) % 64:
+            raise Rejected("port description body is not whole 64-byte ports")
+    elif mp_type == MP_FLOW:
+        for offset, length in _walk_tlvs(buf, body, end, unit=8, what="flow stats entry",
+                                         min_len=56, len_offset=0):
+            _check_flow_stats(buf, offset, offset + length)
+    elif mp_type == MP_METER:
+        for offset, length in _walk_tlvs(buf, body, end, unit=8, what="meter stats entry",
+                                         min_len=40, len_offset=4):
+            if (length - 40) % 16:
+                raise Rejected("meter band stats are not whole 16-byte entries")
+            del offset
+    elif mp_type == MP_METER_CONFIG:
+        for offset, length in _walk_tlvs(buf, body, end, unit=8, what="meter config",
+                                         min_len=8, len_offset=0):
+            _walk_tlvs(buf, offset + 8, offset + length, unit=8, what="meter band",
+                       min_len=16)
+    else:
+        raise Rejected(f"multipart reply of type {mp_type}, which NWC never requests")
+
+
+def _check_flow_stats(buf: bytes, start: int, end: int) -> None:
+    match_at = start + 48
+    if match_at + 4 > end:
+        raise Rejected("flow stats entry without a match")
+    (match_len,) = struct.unpack_from("!H", buf, match_at + 2)
+    padded = (match_len + 7) // 8 * 8
+    if match_len < 4 or match_at + padded > end:
+        raise Rejected(f"match of length {match_len}")
+    offset = match_at + 4
+    while offset < match_at + match_len:  # OXM TLVs: 4-byte header, payload length byte
+        if offset + 4 > match_at + match_len:
+            raise Rejected("truncated OXM field")
+        payload = buf[offset + 3]
+        offset += 4 + payload
+    if offset != match_at + match_len:
+        raise Rejected("OXM fields overrun the match")
+    for inst_at, inst_len in _walk_tlvs(buf, match_at + padded, end, unit=8,
+                                        what="instruction", min_len=8):
+        (inst_type,) = struct.unpack_from("!H", buf, inst_at)
+        if inst_type not in INSTRUCTIONS:
+            raise Rejected(f"instruction type {inst_type}")
+        if inst_type in (3, 4, 5):  # write/apply/clear actions: a list after 8 bytes
+            for act_at, act_len in _walk_tlvs(buf, inst_at + 8, inst_at + inst_len, unit=8,
+                                              what="action", min_len=8):
+                (act_type,) = struct.unpack_from("!H", buf, act_at)
+                if act_type not in ACTIONS:
+                    raise Rejected(f"action type {act_type}")
+                if act_type == 0xFFFF:
+                    _check_nx_action(buf, act_at, act_len)
+
+
+def _check_nx_action(buf: bytes, at: int, length: int) -> None:
+    if length < 16:
+        raise Rejected("experimenter action shorter than 16 bytes")
+    vendor, subtype = struct.unpack_from("!IH", buf, at + 4)
+    if vendor != NX_VENDOR or subtype != 6:  # NXAST_REG_MOVE: the only one NWC installs
+        raise Rejected(f"experimenter action {vendor:#x}/{subtype}")
+
+
+class GuardedSocket:
+    """Wraps an accepted socket: `recv` returns only bytes of whole, checked messages, and
+    end-of-stream as soon as the peer sends something rejected (os-ken then closes)."""
+
+    def __init__(self, sock: socket.socket, peer: Any) -> None:
+        self._sock = sock
+        self._peer = peer
+        self._raw = bytearray()
+        self._ready = bytearray()
+        self.rejected: str | None = None
+        self.dropped = 0
+
+    def recv(self, size: int, *flags: int) -> bytes:
+        while not self._ready:
+            if self.rejected:
+                return b""
+            data = self._sock.recv(65536)  # a timeout propagates; state is kept
+            if not data:
+                return b""
+            self._raw += data
+            self._take_messages()
+        out = bytes(self._ready[:size])
+        del self._ready[:size]
+        return out
+
+    def _take_messages(self) -> None:
+        while len(self._raw) >= HEADER.size:
+            _version, _type, length, _xid = HEADER.unpack_from(self._raw)
+            if length < HEADER.size:
+                self._reject(f"message length {length}")
+                return
+            if len(self._raw) < length:
+                return
+            msg = bytes(self._raw[:length])
+            del self._raw[:length]
+            try:
+                if check_message(msg):
+                    self._ready += msg
+                else:
+                    self.dropped += 1
+            except Rejected as exc:
+                self._reject(str(exc))
+                return
+
+    def _reject(self, why: str) -> None:
+        self.rejected = why
+        self._raw.clear()
+        log.warning("OpenFlow peer %s sent a malformed or unexpected message (%s): "
+                    "closing the connection without parsing it", self._peer, why)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
