@@ -61,7 +61,7 @@ def run(topology: str, state_dir: Path) -> int:
           weaver.create(WeaveRequest("acme-web", "globex-lab", 600, 5), acme))
     _show("globex asks: weave globex-db with acme-web using profile silver",
           weaver.create(WeaveRequest("globex-db", "acme-web", 600, 5, "silver"), globex))
-    _show("acme asks: weave acme-web with globex-db, 50 Mbit/s (over both caps)",
+    _show("acme asks: weave acme-web with globex-db, 50 Mbit/s (over globex-db's cap)",
           weaver.create(WeaveRequest("acme-web", "globex-db", 600, 50), acme))
     first = weaver.create(WeaveRequest("acme-web", "globex-db", 600, 20), acme)
     _show("acme asks: weave acme-web with globex-db, 20 Mbit/s for 10 min", first)

@@ -157,7 +157,7 @@ PROFILE_KEYS = {"ike", "esp", "auth", "rekey_s", "acl", "description"}
 ACL_KEYS = {"from", "protocol", "ports"}
 QOS_KEYS = {"dscp", "burst_ms", "description"}
 
-DEFAULT_QOS = {"standard": QosClass("standard", dscp=0, burst_ms=100)}
+DEFAULT_QOS = {"standard": QosClass("standard", dscp=0, burst_ms=200)}
 
 
 def policy_files(paths: Iterable[Path]) -> list[Path]:
@@ -278,7 +278,7 @@ def _qos(name: str, c: Cursor) -> QosClass | None:
         return None
     dscp = fields["dscp"].integer(minimum=0, maximum=63)
     burst = fields["burst_ms"].integer(minimum=1, maximum=10_000, unit="ms") \
-        if "burst_ms" in fields else 100
+        if "burst_ms" in fields else 200
     if dscp is None or burst is None:
         return None
     return QosClass(name, dscp=dscp, burst_ms=burst)

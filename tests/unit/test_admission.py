@@ -280,9 +280,9 @@ def test_legs_one_per_host_pair_and_caps_charge_every_leg(shipped_policy, leaf_s
     assert [(leg.requester_host, leg.target_host) for leg in d.legs] == [("h1", "h3"),
                                                                         ("h2", "h3")]
     assert [len(leg.path) for leg in d.legs] == [5, 5]
-    d = denied(decide(shipped_policy, leaf_spine, WeaveRequest("acme-web", "globex-db", 60, 25)),
+    d = denied(decide(shipped_policy, leaf_spine, WeaveRequest("acme-web", "globex-db", 60, 30)),
                Reason.POLICY_VIOLATION)
-    assert "2 host pairs x 25 Mbit/s = 50 Mbit/s exceeds requester IVN acme-web's per-weave" \
+    assert "2 host pairs x 30 Mbit/s = 60 Mbit/s exceeds requester IVN acme-web's per-weave" \
         in d.detail
 
 
@@ -300,8 +300,8 @@ def test_paths_avoid_full_links_and_are_deterministic(shipped_policy, leaf_spine
     again = decide(shipped_policy, leaf_spine, request, fabric=fabric)
     assert first.legs == again.legs
     assert all(leg.path[2] == "spine1" for leg in first.legs)  # first-named spine packs first
-    # Fill spine1's link to leaf4 (80 reservable): the next weave goes over spine2.
-    fabric.reserve("filler", [("leaf4", "spine1")], 80_000 - 5_000)
+    # Fill spine1's link to leaf4 (32 reservable): the next weave goes over spine2.
+    fabric.reserve("filler", [("leaf4", "spine1")], 32_000 - 5_000)
     moved = decide(shipped_policy, leaf_spine, request, fabric=fabric)
     assert all(leg.path[2] == "spine2" for leg in moved.legs)
 

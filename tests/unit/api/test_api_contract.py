@@ -358,7 +358,7 @@ def test_stats_carry_what_the_data_plane_reports(harness: Harness) -> None:
 def test_ivns_show_own_networks_in_full_and_partners_by_name(harness: Harness) -> None:
     ivns = {i["name"]: i for i in harness.request("GET", "/v1/ivns").json()["ivns"]}
     assert ivns["acme-web"]["own"] and ivns["acme-web"]["cidrs"] == ["192.0.2.0/26"]
-    assert ivns["acme-web"]["weaving"]["max_weave_mbps"] == 40
+    assert ivns["acme-web"]["weaving"]["max_weave_mbps"] == 50
     assert "globex-db" in ivns["acme-web"]["can_weave_with"]
     assert ivns["globex-db"] == {"name": "globex-db", "tenant": "globex", "own": False,
                                  "can_weave_with": ["acme-web"]}

@@ -1,0 +1,360 @@
+"""The provider lab: a whole topology emulated on one machine, with NWC controlling it.
+
+- The controller is a real `nwc run` process (OpenFlow, tunnel part, REST API) with its own
+  state directory; the lab talks to it only through its REST API, as tenants do.
+- Every compute host is a network namespace with a private OVS (`br-int` for tenants, `br-ul`
+  for its underlay address), a private charon and a `nwc agent`; its OVSDB listens on the
+  management network, where NWC reaches it (`hosts.NAME.ovsdb` in the lab's copy of the
+  topology), and its bridges reach NWC's OpenFlow listener there too.
+- The fabric switches are bridges of a private OVS in one namespace, wired as the topology
+  says, every link shaped to its capacity (tbf at both ends).
+- VMs are Mininet hosts, linked into their compute host's `br-int` on the port the topology
+  names, configured as a tenant would configure them (address, default route via the IVN
+  gateway) and never touched again: NWC changes nothing in a VM.
+
+Everything is created under one unique prefix and removed by `stop()`, by name and pid. No
+Mininet global cleanup is ever run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from nwc.client import ApiClient, ClientError
+from nwc.config import SHIPPED_POLICIES, topology_path
+from nwc.lab.host import EmulatedFabric, EmulatedHost, ManagementNet
+from nwc.lab.netns import Lab, Netns, kill_pid, run, wait_for
+from nwc.lab.strongswan import PrivateCharon
+from nwc.pipeline import INTEGRATION_BRIDGE
+from nwc.policy import Policy, load_policy
+from nwc.topology import Topology, load_topology
+
+OVSDB_PORT = 6640
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _mininet_node_class() -> type:
+    """Mininet imports are deferred: the unit tier must not need Mininet's tools."""
+    from mininet.node import Node
+
+    class NetnsNode(Node):  # type: ignore[misc]
+        """A Mininet node for a namespace the lab made (a compute host): Mininet links VMs
+        into it by its shell's pid, and the Mininet CLI runs commands there."""
+
+        def __init__(self, name: str, netns: str = "", env: dict[str, str] | None = None,
+                     **params: Any) -> None:
+            self.netns = netns
+            self.env = env or {}
+            super().__init__(name, inNamespace=False, **params)
+
+        def _popen(self, cmd: list[str], **params: Any) -> subprocess.Popen[Any]:
+            exports = [f"{k}={v}" for k, v in self.env.items()]
+            return super()._popen(["ip", "netns", "exec", self.netns, "env", *exports, *cmd],
+                                  **params)
+
+    return NetnsNode
+
+
+@dataclass
+class LabHost:
+    """One emulated compute host: the OpenFlow side (EmulatedHost) plus its IKE daemon and
+    tunnel agent."""
+
+    emulated: EmulatedHost
+    charon: PrivateCharon
+    management_ip: str
+    agent: subprocess.Popen[bytes] | None = None
+
+    @property
+    def ns(self) -> Netns:
+        return self.emulated.ns
+
+    def start_agent(self, lab: Lab, log_dir: Path) -> None:
+        ovs = self.emulated.ovs
+        self.agent = self.ns.popen(
+            [sys.executable, "-m", "nwc", "agent", "--ovsdb", ovs.db_target,
+             "--vici", str(self.charon.vici_socket), "--underlay-dev", "br-ul",
+             "--backend", self.emulated.topology.hosts[self.emulated.name].backend,
+             "--state-dir", str(lab.directory(f"agent-{self.emulated.name}")),
+             "--ovsdb-server-ctl", str(ovs.rundir / "ovsdb-server.ctl")],
+            log=log_dir / f"agent-{self.emulated.name}.log")
+        lab.process(self.agent, f"agent of {self.emulated.name}")
+
+
+@dataclass
+class ProviderLab:
+    topology: str | Path = "small"
+    policy_paths: list[Path] = field(default_factory=lambda: [SHIPPED_POLICIES])
+    provision_timeout_s: float = 30.0
+    lab: Lab = field(default_factory=Lab)
+    policy: Policy = field(init=False)
+    topo: Topology = field(init=False)
+    mgmt: ManagementNet = field(init=False)
+    hosts: dict[str, LabHost] = field(default_factory=dict, init=False)
+    fabric: EmulatedFabric = field(init=False)
+    net: Any = field(default=None, init=False)  # the Mininet network of VMs
+    state_dir: Path = field(init=False)
+    api_url: str = field(init=False)
+    controller: subprocess.Popen[bytes] | None = field(default=None, init=False)
+    _tokens: dict[str, str] = field(default_factory=dict, init=False)
+
+    # -- life ------------------------------------------------------------------------------
+
+    def start(self, progress: Any = None) -> ProviderLab:
+        say = progress or (lambda _msg: None)
+        try:
+            self._start(say)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self, say: Any) -> None:
+        path = topology_path(self.topology)
+        self.policy = load_policy(self.policy_paths)
+        self.topo = load_topology(path, self.policy)
+        self.logs = self.lab.directory("logs")
+        self.state_dir = self.lab.directory("nwc-state")
+        self.mgmt = ManagementNet(self.lab)
+        ofp_port = free_port()
+        target = f"tcp:{self.mgmt.controller_ip}:{ofp_port}"
+        say(f"compute hosts: {', '.join(sorted(self.topo.hosts))} (private OVS, charon, agent)")
+        for name in sorted(self.topo.hosts):
+            emulated = EmulatedHost(self.lab, self.topo, self.policy, name, target, self.mgmt)
+            emulated.build()
+            for scope in ("all", "default"):
+                emulated.ns.run("sysctl", "-q", "-w", f"net.ipv6.conf.{scope}.disable_ipv6=1")
+            mgmt_ip = _address_of(emulated.ns, "mgmt0")
+            emulated.ovs.vsctl("set-manager", f"ptcp:{OVSDB_PORT}:{mgmt_ip}")
+            charon = PrivateCharon(self.lab, emulated.ns, name).start()
+            self.hosts[name] = LabHost(emulated, charon, mgmt_ip)
+        say(f"fabric: {len(self.topo.switches)} switches, "
+            f"{sum(1 for link in self.topo.links if link.a in self.topo.switches)} links "
+            "shaped to their capacity")
+        self.fabric = EmulatedFabric(self.lab, self.topo, target, self.mgmt)
+        self.fabric.build({n: h.emulated for n, h in self.hosts.items()})
+        for scope in ("all", "default"):  # so a capture on a fabric link shows only weaves
+            self.fabric.ns.run("sysctl", "-q", "-w", f"net.ipv6.conf.{scope}.disable_ipv6=1")
+        self._shape_links()
+        for host in self.hosts.values():
+            host.start_agent(self.lab, self.logs)
+        say(f"VMs: {', '.join(sorted(self.topo.vms))} (Mininet hosts)")
+        self._build_vms()
+        say("NWC controller: nwc run")
+        self._start_controller(path, ofp_port)
+        self._wait_connected()
+
+    def stop(self) -> None:
+        if self.net is not None:
+            # Mininet's own teardown; if it stumbles, the Lab still removes everything.
+            with contextlib.suppress(Exception):
+                self.net.stop()
+            self.net = None
+        if self.controller is not None and self.controller.poll() is None:
+            kill_pid(self.controller.pid, timeout=10)
+        self.lab.close()
+
+    def __enter__(self) -> ProviderLab:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- building --------------------------------------------------------------------------
+
+    def _shape_links(self) -> None:
+        """Both ends of every fabric link get a token bucket at the link's capacity, so a
+        link carries what the topology says and no more."""
+        for link in self.topo.links:
+            for switch, neighbour in ((link.a, link.b), (link.b, link.a)):
+                if switch not in self.topo.switches:
+                    continue
+                dev = EmulatedFabric.port_name(switch, neighbour)
+                rate = int(link.capacity_mbps * 1000)
+                burst = max(16_000, rate * 1000 // 8 // 250)  # 4 ms of traffic, >= 16 kB
+                self.fabric.ns.run("tc", "qdisc", "replace", "dev", dev, "root", "tbf", "rate",
+                                   f"{rate}kbit", "burst", str(burst), "latency", "50ms")
+
+    def _build_vms(self) -> None:
+        from mininet.net import Mininet
+        from mininet.node import Host
+
+        node_class = _mininet_node_class()
+        net = Mininet(build=False, controller=None, autoSetMacs=False, waitConnected=False)
+        self.net = net
+        compute = {}
+        for name, host in self.hosts.items():
+            env = host.emulated.ovs.env
+            compute[name] = net.addHost(name, cls=node_class, netns=host.ns.name, env=env,
+                                        ip=None)
+        for vm in sorted(self.topo.vms.values(), key=lambda v: v.name):
+            ivn = self.policy.ivns[vm.ivn]
+            prefixlen = next(n.prefixlen for n in ivn.cidrs if vm.ip in n)
+            node = net.addHost(vm.name, cls=Host, ip=f"{vm.ip}/{prefixlen}", mac=vm.mac,
+                               defaultRoute=f"via {ivn.gateway}")
+            net.addLink(node, compute[vm.host], intfName1=f"{vm.name[:10]}-eth0",
+                        intfName2=vm.port)
+        net.build()
+        for vm in self.topo.vms.values():
+            node = net.get(vm.name)
+            node.cmd("sysctl -q -w net.ipv6.conf.all.disable_ipv6=1")
+            node.cmd(f"ethtool -K {node.defaultIntf()} tx off rx off")
+            host = self.hosts[vm.host]
+            host.ns.run("ethtool", "-K", vm.port, "tx", "off", "rx", "off", check=False)
+            host.emulated.ovs.add_port(INTEGRATION_BRIDGE, vm.port)
+
+    def _start_controller(self, path: Path, ofp_port: int) -> None:
+        doc = yaml.safe_load(path.read_text())
+        for name, host in self.hosts.items():
+            doc["hosts"][name]["ovsdb"] = f"tcp:{host.management_ip}:{OVSDB_PORT}"
+        lab_topology = self.lab.directory("config") / f"{self.topo.name}.yaml"
+        lab_topology.write_text(yaml.safe_dump(doc, sort_keys=False))
+        api_port = free_port()
+        self.api_url = f"http://127.0.0.1:{api_port}"
+        args = [sys.executable, "-m", "nwc", "run", "--state-dir", str(self.state_dir),
+                "--topology", str(lab_topology),
+                "--ofp-listen-host", str(self.mgmt.controller_ip),
+                "--ofp-tcp-listen-port", str(ofp_port),
+                "--api-host", "127.0.0.1", "--api-port", str(api_port),
+                "--provision-timeout", str(self.provision_timeout_s)]
+        for p in self.policy_paths:
+            args += ["--policy", str(p)]
+        log = open(self.logs / "nwc-run.log", "ab")  # noqa: SIM115 - the child owns it
+        try:
+            self.controller = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
+                                               start_new_session=True)
+        finally:
+            log.close()
+        self.lab.process(self.controller, "nwc run")
+        wait_for(self._api_up, 30, "the NWC REST API")
+
+    def _api_up(self) -> bool:
+        if self.controller is not None and self.controller.poll() is not None:
+            raise RuntimeError(f"nwc run exited ({self.controller.returncode}); see "
+                               f"{self.logs / 'nwc-run.log'}")
+        try:
+            ApiClient(self.api_url, None, timeout_s=2).call("GET", "/v1/health")
+        except Exception:
+            return False
+        return True
+
+    def _wait_connected(self, timeout: float = 30) -> None:
+        def all_connected() -> bool:
+            for host in self.hosts.values():
+                if host.emulated.ovs.vsctl("get", "controller", INTEGRATION_BRIDGE,
+                                           "is_connected") != "true":
+                    return False
+            return all(self.fabric.ovs.vsctl("get", "controller", s, "is_connected") == "true"
+                       for s in self.topo.switches)
+        wait_for(all_connected, timeout, "every switch to connect to NWC", interval=0.2)
+
+    # -- using it --------------------------------------------------------------------------
+
+    def token(self, principal: str) -> str:
+        """A bearer token for a tenant (or `admin`), issued as an operator would."""
+        if principal not in self._tokens:
+            out = run([sys.executable, "-m", "nwc", "token", "issue", principal,
+                       "--state-dir", str(self.state_dir)])
+            self._tokens[principal] = out.stdout.strip()
+        return self._tokens[principal]
+
+    def client(self, principal: str) -> ApiClient:
+        return ApiClient(self.api_url, self.token(principal), timeout_s=60)
+
+    def weave(self, tenant: str, requester: str, target: str, *, duration_s: int = 600,
+              bandwidth_mbps: float = 10, profile: str | None = None,
+              wait: bool = True) -> dict[str, Any]:
+        """Ask for a weave as `tenant`; a refusal raises ClientError (status and body)."""
+        body: dict[str, Any] = {"requester": requester, "target": target,
+                                "duration_s": duration_s, "bandwidth_mbps": bandwidth_mbps}
+        if profile:
+            body["security_profile"] = profile
+        path = "/v1/weaves?wait=true" if wait else "/v1/weaves"
+        return self.client(tenant).call("POST", path, body)
+
+    def vm(self, name: str) -> Any:
+        return self.net.get(name)
+
+    def ping(self, src: str, dst_ip: str, count: int = 1, wait_s: float = 1) -> bool:
+        out = self.vm(src).cmd(f"ping -n -c {count} -W {wait_s} {dst_ip} >/dev/null; echo $?")
+        return out.strip().splitlines()[-1] == "0"
+
+    def ping_loss(self, src: str, dst_ip: str, count: int, interval: float = 0.2) -> float:
+        out = self.vm(src).cmd(f"ping -n -q -c {count} -i {interval} -W 1 {dst_ip}")
+        for line in out.splitlines():
+            if "packet loss" in line:
+                return float(line.split("%")[0].split()[-1]) / 100
+        raise RuntimeError(f"no ping summary from {src}: {out!r}")
+
+    def ip_of(self, vm: str) -> str:
+        return str(self.topo.vms[vm].ip)
+
+    def fabric_port_bytes(self) -> dict[tuple[str, str], int]:
+        """Transmitted bytes of every fabric switch port, by (switch, neighbour)."""
+        out: dict[tuple[str, str], int] = {}
+        for switch in self.topo.switches:
+            by_port = {p: n for n, p in self.topo.ports(switch).items()}
+            text = self.fabric.ovs.ofctl("dump-ports", switch)
+            port = None
+            for line in text.splitlines():
+                line = line.strip()
+                if line.startswith("port"):
+                    head = line.split(":", 1)[0].split()[-1]
+                    port = int(head) if head.isdigit() else None
+                if line.startswith("tx") and port in by_port:
+                    out[(switch, by_port[port])] = int(line.split("bytes=")[1].split(",")[0])
+        return out
+
+    def set_link(self, a: str, b: str, up: bool) -> None:
+        self.fabric.set_link(a, b, up)
+
+    def wait_state(self, tenant: str, weave_id: str, states: set[str],
+                   timeout: float = 30) -> dict[str, Any]:
+        client = self.client(tenant)
+        deadline = time.monotonic() + timeout
+        while True:
+            weave = client.call("GET", f"/v1/weaves/{weave_id}")
+            if weave["state"] in states or time.monotonic() > deadline:
+                return weave
+            time.sleep(0.1)
+
+    def host_snapshot(self, host: str) -> dict[str, Any]:
+        """What a weave may leave on a compute host (links, addresses, routes, OVS ports)."""
+        ns = self.hosts[host].ns
+        ovs = self.hosts[host].emulated.ovs
+        return {
+            "links": sorted(line.split(":")[1].strip().split("@")[0]
+                            for line in ns.ip("-o", "link").stdout.splitlines()),
+            "addresses": sorted(" ".join(line.split()[1:4])
+                                for line in ns.ip("-o", "-4", "addr").stdout.splitlines()),
+            "routes": sorted(ns.ip("-4", "route", "show", "table", "all").stdout.splitlines()),
+            "ports": sorted(ovs.vsctl("list-ports", INTEGRATION_BRIDGE).split()),
+        }
+
+    def flows(self, host: str, cookie: str | None = None) -> list[str]:
+        ovs = self.hosts[host].emulated.ovs
+        args = [f"cookie={cookie}/-1"] if cookie else []
+        text = ovs.ofctl("dump-flows", INTEGRATION_BRIDGE, *args)
+        return [line for line in text.splitlines() if "cookie=" in line]
+
+
+def _address_of(ns: Netns, dev: str) -> str:
+    out = ns.ip("-o", "-4", "addr", "show", "dev", dev).stdout.split()
+    return out[out.index("inet") + 1].split("/")[0]
+
+
+__all__ = ["ClientError", "LabHost", "ProviderLab", "free_port"]
