@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "nwc.auth",
     "nwc.client",
     "nwc.agent",
+    "nwc.lab.story",
 )
 
 # Exit codes shared by every subcommand.

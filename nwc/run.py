@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import configparser
+import faulthandler
 import importlib
 import logging
 import os
@@ -28,6 +29,8 @@ log = logging.getLogger("nwc.run")
 
 # Shells started by `nwc run`, in order; each module has `serve(controller, args)`, which
 # starts it (in threads) and registers its stopper with `controller.on_stop`.
+STOP_GRACE_S = 10.0
+
 SHELLS = ("nwc.ofapp", "nwc.tunnels", "nwc.api")
 
 
@@ -99,6 +102,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     log.info("NWC controller up: topology %s (%d switches, %d hosts), %d live weaves, "
              "state in %s", topo.name, len(topo.switches), len(topo.hosts),
              len(controller.weaver.live), controller.state_dir)
+    code = EXIT_OK
     try:
         for name in SHELLS:
             try:
@@ -110,10 +114,23 @@ def cmd_run(args: argparse.Namespace) -> int:
                 continue
             module.serve(controller, args)
         stop.wait()
+    except Exception:
+        log.exception("NWC controller failed")
+        code = EXIT_ERROR
     finally:
         log.info("NWC controller stopping")
+        # A shell that does not let go shows where it hangs instead of hanging silently.
+        faulthandler.dump_traceback_later(STOP_GRACE_S, exit=True)
         controller.stop()
-    return EXIT_OK
+        faulthandler.cancel_dump_traceback_later()
+        log.info("NWC controller stopped")
+        # os-ken's hub threads (listener, per-switch loops) are not daemon threads and have
+        # no stop: with every shell stopped and the state closed, leave without waiting.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code  # not reached
 
 
 def register(sub: argparse._SubParsersAction) -> None:

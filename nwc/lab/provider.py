@@ -19,6 +19,7 @@ Mininet global cleanup is ever run.
 from __future__ import annotations
 
 import contextlib
+import signal
 import socket
 import subprocess
 import sys
@@ -34,7 +35,7 @@ from nwc.config import SHIPPED_POLICIES, topology_path
 from nwc.lab.host import EmulatedFabric, EmulatedHost, ManagementNet
 from nwc.lab.netns import Lab, Netns, kill_pid, run, wait_for
 from nwc.lab.strongswan import PrivateCharon
-from nwc.pipeline import INTEGRATION_BRIDGE
+from nwc.pipeline import INTEGRATION_BRIDGE, KIND_WEAVE, cookie_owner
 from nwc.policy import Policy, load_policy
 from nwc.topology import Topology, load_topology
 
@@ -303,21 +304,33 @@ class ProviderLab:
     def ip_of(self, vm: str) -> str:
         return str(self.topo.vms[vm].ip)
 
-    def fabric_port_bytes(self) -> dict[tuple[str, str], int]:
-        """Transmitted bytes of every fabric switch port, by (switch, neighbour)."""
-        out: dict[tuple[str, str], int] = {}
+    def fabric_port_bytes(self) -> dict[tuple[str, str], tuple[int, int]]:
+        """(received, transmitted) bytes of every fabric switch port, by (switch, neighbour)."""
+        out: dict[tuple[str, str], tuple[int, int]] = {}
         for switch in self.topo.switches:
             by_port = {p: n for n, p in self.topo.ports(switch).items()}
-            text = self.fabric.ovs.ofctl("dump-ports", switch)
-            port = None
-            for line in text.splitlines():
+            port, rx = None, 0
+            for line in self.fabric.ovs.ofctl("dump-ports", switch).splitlines():
                 line = line.strip()
                 if line.startswith("port"):
                     head = line.split(":", 1)[0].split()[-1]
                     port = int(head) if head.isdigit() else None
+                if line.startswith("port") or line.startswith("rx"):
+                    rx = int(line.split("bytes=")[1].split(",")[0]) if "bytes=" in line else rx
                 if line.startswith("tx") and port in by_port:
-                    out[(switch, by_port[port])] = int(line.split("bytes=")[1].split(",")[0])
+                    out[(switch, by_port[port])] = (rx, int(line.split("bytes=")[1].split(",")[0]))
         return out
+
+    def link_bytes(self, before: dict[tuple[str, str], tuple[int, int]],
+                   after: dict[tuple[str, str], tuple[int, int]]) -> dict[tuple[str, str], int]:
+        """Bytes that crossed each link (either way) between two `fabric_port_bytes`
+        readings: the most any switch-side end of it received or sent."""
+        moved: dict[tuple[str, str], int] = {}
+        for (switch, neighbour), (rx, tx) in after.items():
+            rx0, tx0 = before.get((switch, neighbour), (0, 0))
+            key = (switch, neighbour) if switch <= neighbour else (neighbour, switch)
+            moved[key] = max(moved.get(key, 0), rx - rx0, tx - tx0)
+        return moved
 
     def set_link(self, a: str, b: str, up: bool) -> None:
         self.fabric.set_link(a, b, up)
@@ -330,7 +343,7 @@ class ProviderLab:
             weave = client.call("GET", f"/v1/weaves/{weave_id}")
             if weave["state"] in states or time.monotonic() > deadline:
                 return weave
-            time.sleep(0.1)
+            time.sleep(0.25)  # 4 requests/s: inside the API's per-tenant rate limit (5/s)
 
     def host_snapshot(self, host: str) -> dict[str, Any]:
         """What a weave may leave on a compute host (links, addresses, routes, OVS ports)."""
@@ -350,6 +363,91 @@ class ProviderLab:
         args = [f"cookie={cookie}/-1"] if cookie else []
         text = ovs.ofctl("dump-flows", INTEGRATION_BRIDGE, *args)
         return [line for line in text.splitlines() if "cookie=" in line]
+
+
+    # -- what is left ------------------------------------------------------------------------
+
+    def leftovers(self) -> dict[str, list[str]]:
+        """Everything a weave could hold, on every switch and host and in the controller:
+        weave flows and meters, leg ports and devices, SAs and shared keys, tunnel records
+        in the hosts' OVSDBs, fabric reservations. Empty lists when no weave is live."""
+        from nwc.ike import IkeDaemon, IkeUnavailable
+
+        out: dict[str, list[str]] = {}
+
+        def weave_flows(ovs: Any, bridge: str) -> list[str]:
+            flows = []
+            for line in ovs.ofctl("dump-flows", bridge).splitlines():
+                if "cookie=" not in line:
+                    continue
+                cookie = int(line.split("cookie=")[1].split(",")[0], 16)
+                if cookie_owner(cookie)[0] == KIND_WEAVE:
+                    flows.append(line.strip())
+            return flows
+
+        for name, host in sorted(self.hosts.items()):
+            ovs = host.emulated.ovs
+            meters = [line.strip() for line in ovs.ofctl("dump-meters",
+                                                         INTEGRATION_BRIDGE).splitlines()
+                      if line.strip().startswith("meter=")]
+            ike = IkeDaemon(host.charon.vici_socket)
+            try:
+                sas = sorted(ike.sas()) + sorted(ike.shared_ids())
+            except IkeUnavailable as exc:
+                sas = [f"charon unreachable: {exc}"]
+            ids = ovs.vsctl("get", "open_vswitch", ".", "external_ids")
+            out[name] = (
+                [f"flow {f}" for f in weave_flows(ovs, INTEGRATION_BRIDGE)]
+                + [f"meter {m}" for m in meters]
+                + [f"port {p}" for p in ovs.vsctl("list-ports", INTEGRATION_BRIDGE).split()
+                   if p.startswith("nwv")]
+                + [f"link {line.split(':')[1].strip()}"
+                   for line in host.ns.ip("-o", "link").stdout.splitlines()
+                   if line.split(":")[1].strip().startswith("nwv")]
+                + [f"ike {sa}" for sa in sas]
+                + [f"ovsdb {k}" for k in ids.strip("{}").split(", ")
+                   if k.startswith("nwc-tunnel") or k.startswith("nwc-status")])
+        for switch in sorted(self.topo.switches):
+            out[switch] = [f"flow {f}" for f in weave_flows(self.fabric.ovs, switch)]
+        fabric = self.client("admin").call("GET", "/v1/fabric")
+        out["reservations"] = [f"{link['a']}-{link['b']} {link['reserved_mbps']}"
+                               for link in fabric["links"] if link["reserved_mbps"]]
+        return {k: v for k, v in out.items() if v}
+
+    def vm_capture(self, vm: str, name: str) -> VmCapture:
+        return VmCapture(self, vm, self.lab.directory("captures") / f"{name}.pcap").start()
+
+
+@dataclass
+class VmCapture:
+    """tcpdump on a VM's interface (a Mininet host is not a named namespace)."""
+
+    lab: ProviderLab
+    vm: str
+    path: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> VmCapture:
+        node = self.lab.vm(self.vm)
+        self.proc = node.popen(["tcpdump", "-n", "-U", "-s", "0", "-i",
+                                str(node.defaultIntf()), "-w", str(self.path)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.lab.lab.process(self.proc, f"tcpdump on {self.vm}")
+        wait_for(lambda: self.path.exists() and self.path.stat().st_size > 0, 10,
+                 f"tcpdump on {self.vm}")
+        return self
+
+    def stop(self) -> list[bytes]:
+        from nwc.lab.capture import read_pcap
+
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                kill_pid(self.proc.pid)
+            self.proc = None
+        return read_pcap(self.path)
 
 
 def _address_of(ns: Netns, dev: str) -> str:
