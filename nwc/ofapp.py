@@ -556,11 +556,26 @@ def start_osken(listen_host: str, listen_port: int) -> FlowsApp:
                        "--ofp-tcp-listen-port", str(listen_port)], project="os_ken")
         osken_controller.datapath_connection_factory = _guarded_factory(
             osken_controller.datapath_connection_factory)
-        manager = app_manager.AppManager.get_instance()
-        manager.load_apps([__name__])
-        contexts = manager.create_contexts()
-        manager.instantiate_apps(**contexts)
-        app = next(a for a in manager.applications.values() if isinstance(a, FlowsApp))
+        # Threads inherit daemon-ness from their creator: starting os-ken from a daemon
+        # thread makes its listener and connection threads daemons, so `nwc run` can exit.
+        box: dict[str, Any] = {}
+
+        def start() -> None:
+            try:
+                manager = app_manager.AppManager.get_instance()
+                manager.load_apps([__name__])
+                contexts = manager.create_contexts()
+                manager.instantiate_apps(**contexts)
+                box["app"] = next(a for a in manager.applications.values()
+                                  if isinstance(a, FlowsApp))
+            except BaseException as exc:
+                box["error"] = exc
+        starter = threading.Thread(target=start, name="nwc-osken-start", daemon=True)
+        starter.start()
+        starter.join()
+        if "error" in box:
+            raise box["error"]
+        app = box["app"]
         _started["app"] = app
         return app
 
