@@ -248,11 +248,19 @@ def plan_legs(fabric: Fabric, pairs: Iterable[tuple[str, str]], kbps: int,
               ) -> tuple[LegPlan, ...] | Denial:
     """A path for every host pair, all fitting together (legs may share links). `keep` gives
     paths to reuse as they are (a reroute keeps the legs that did not break)."""
-    pending: dict[Arc, int] = {}
-    legs = []
     pairs = list(pairs)
+    keep = {pair: path for pair, path in (keep or {}).items() if pair in pairs}
+    pending: dict[Arc, int] = {}
+    # Kept paths hold their capacity first, so a leg routed afresh never takes it from them.
+    for path in keep.values():
+        for arc in path_arcs(path):
+            pending[arc] = pending.get(arc, 0) + kbps
+    legs = []
     for a, b in pairs:
-        path = (keep or {}).get((a, b)) or fabric.find_path(a, b, kbps, pending)
+        if (a, b) in keep:
+            legs.append(LegPlan(a, b, keep[(a, b)]))
+            continue
+        path = fabric.find_path(a, b, kbps, pending)
         if path is None:
             neck = fabric.bottleneck(a, b, kbps, pending)
             detail = neck.describe(kbps, a, b)
@@ -267,7 +275,8 @@ def plan_legs(fabric: Fabric, pairs: Iterable[tuple[str, str]], kbps: int,
 
 def evaluate(request: WeaveRequest, *, policy: Policy, topology: Topology, fabric: Fabric,
              live: Iterable[LiveWeave], now: datetime) -> Decision:
-    """Decide a weave request. Pure: nothing is reserved until the caller applies the result."""
+    """Decide a weave request. Pure: nothing is reserved until the caller applies the result.
+    `live` needs to hold at least the live weaves of the two IVNs (others are ignored)."""
     live = list(live)
     denial = check_request(request, policy)
     if denial:

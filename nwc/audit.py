@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sqlite3
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,8 @@ class ChainBreak:
 def verify_chain(records: Iterable[dict[str, Any]]) -> list[ChainBreak]:
     """Check hashes, links and sequence numbers; report where the chain first breaks, plus
     every later record whose own hash is wrong (so several edits are all named)."""
+    records = list(records)
+    present = {r.get("seq") for r in records if isinstance(r, dict)}
     breaks: list[ChainBreak] = []
     prev, expected_seq = GENESIS, 1
     for line, record in enumerate(records, start=1):
@@ -56,14 +59,55 @@ def verify_chain(records: Iterable[dict[str, Any]]) -> list[ChainBreak]:
         if hashlib.sha256(canonical(body)).hexdigest() != record["hash"]:
             breaks.append(ChainBreak(line, seq, "contents do not match its hash (edited)"))
         elif record.get("prev") != prev:
-            breaks.append(ChainBreak(line, seq, "does not follow the record before it "
-                                     "(a record was deleted, inserted or reordered)"))
+            breaks.append(ChainBreak(line, seq, _link_problem(seq, expected_seq, present)))
         elif seq != expected_seq:
             breaks.append(ChainBreak(line, seq, f"sequence number {seq}, expected "
                                      f"{expected_seq} (deleted or reordered records)"))
         prev = record["hash"]
         expected_seq = (seq if isinstance(seq, int) else expected_seq) + 1
     return breaks
+
+
+def _link_problem(seq: Any, expected: int, present: set[Any]) -> str:
+    """Why a record does not follow the one before it, as precisely as the file tells."""
+    if isinstance(seq, int) and seq > expected:
+        gap = range(expected, seq)
+        name = f"record {gap[0]}" if len(gap) == 1 else f"records {gap[0]}..{gap[-1]}"
+        if any(s in present for s in gap):
+            return f"out of order: {name} should come before it (reordered)"
+        return f"{name} before it {'is' if len(gap) == 1 else 'are'} missing (deleted)"
+    if isinstance(seq, int) and seq < expected:
+        return (f"out of order: it comes after record {expected - 1} "
+                "(reordered, or replayed from earlier)")
+    return "does not follow the record before it (a record was deleted, inserted or reordered)"
+
+
+def database_head(db_path: Path) -> tuple[int, str] | None:
+    """The last (seq, hash) of the audit chain in the controller's database, read-only.
+    Removing records from the end of the file leaves an intact chain; the database, written
+    in the same transaction as each record, still knows how long it was."""
+    db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    try:
+        row = db.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+    finally:
+        db.close()
+    return (int(row[0]), str(row[1])) if row else None
+
+
+def check_tail(records: list[dict[str, Any]], head: tuple[int, str] | None) -> ChainBreak | None:
+    """Compare the file's last record with the database's (see `database_head`)."""
+    if head is None:
+        return None
+    last = next((r for r in reversed(records) if isinstance(r.get("seq"), int)), None)
+    last_seq = last["seq"] if last else 0
+    if head[0] > last_seq:
+        gap = f"record {head[0]}" if head[0] == last_seq + 1 else \
+            f"records {last_seq + 1}..{head[0]}"
+        return ChainBreak(len(records) + 1, last_seq + 1, f"{gap} missing from the end of the "
+                          "file (deleted): the database holds them")
+    if last is not None and head[0] == last_seq and last.get("hash") != head[1]:
+        return ChainBreak(len(records), last_seq, "differs from the database's last record")
+    return None
 
 
 def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:

@@ -18,6 +18,9 @@ from nwc.yamlsource import ConfigError
 COMMAND_MODULES = (
     "nwc.admission_demo",
     "nwc.run",
+    "nwc.auth",
+    "nwc.client",
+    "nwc.agent",
 )
 
 # Exit codes shared by every subcommand.
@@ -68,7 +71,7 @@ def cmd_check_policy(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    from nwc.audit import read_jsonl, verify_chain
+    from nwc.audit import check_tail, database_head, read_jsonl, verify_chain
 
     path = args.file or state_dir(args) / "audit.jsonl"
     if not path.exists():
@@ -76,6 +79,11 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         return EXIT_ERROR
     records = list(read_jsonl(path))
     breaks = verify_chain(records)
+    database = state_dir(args) / "nwc.db"
+    if args.file is None and database.exists():
+        tail = check_tail(records, database_head(database))
+        if tail is not None:
+            breaks.append(tail)
     for b in breaks:
         print(f"{path}: {b}", file=sys.stderr)
     if breaks:

@@ -89,7 +89,8 @@ class Fabric:
         self.adjacency: dict[str, tuple[str, ...]] = {n: tuple(sorted(v))
                                                       for n, v in adjacency.items()}
         self.reserved: dict[Arc, int] = dict.fromkeys(self.reservable, 0)
-        self.down: set[tuple[str, str]] = set()
+        self.down: set[tuple[str, str]] = set()  # links, as link_key pairs
+        self._down_arcs: set[Arc] = set()  # the same, both directions, for the search
         self.by_weave: dict[str, Reservation] = {}
 
     # -- queries ---------------------------------------------------------------------------
@@ -109,6 +110,8 @@ class Fabric:
         if src == dst:
             return (src,)
         adjacency, hosts = self.adjacency, self.hosts
+        reservable, reserved, down = self.reservable, self.reserved, self._down_arcs
+        pending = pending or {}
         pred: dict[str, str | None] = {src: None}
         succ: dict[str, str | None] = {dst: None}
         forward, backward = [src], [dst]
@@ -121,7 +124,10 @@ class Fabric:
                 for v in adjacency[u]:
                     if v in seen or (v in hosts and v not in other):
                         continue
-                    if not self.usable(u, v, kbps, pending):
+                    # Inlined `usable`: every reservation takes both directions of an arc
+                    # alike, so one direction's room is the other's.
+                    arc = (u, v)
+                    if arc in down or reservable[arc] - reserved[arc] - pending.get(arc, 0) < kbps:
                         continue
                     seen[v] = u
                     if v in other:
@@ -204,8 +210,10 @@ class Fabric:
         was_down = key in self.down
         if up:
             self.down.discard(key)
+            self._down_arcs -= {(a, b), (b, a)}
         else:
             self.down.add(key)
+            self._down_arcs |= {(a, b), (b, a)}
         return was_down == up
 
     # -- the invariant ------------------------------------------------------------------------

@@ -182,9 +182,15 @@ def load_policy(paths: Iterable[Path]) -> Policy:
         doc, parse_problems = read_yaml(path)
         problems += parse_problems
         docs.append(doc)
+    # Keep validating after a duplicate key (the first value stands) so one run reports
+    # everything; a syntax error leaves an empty document that adds nothing.
+    try:
+        policy = build_policy(docs)
+    except ConfigError as exc:
+        problems += exc.problems
     if problems:
         raise ConfigError(problems)
-    return build_policy(docs)
+    return policy
 
 
 def parse_policy_text(text: str, file: str = "<policy>") -> Policy:
@@ -192,9 +198,13 @@ def parse_policy_text(text: str, file: str = "<policy>") -> Policy:
     from nwc.yamlsource import parse_yaml
 
     doc, problems = parse_yaml(text, file)
+    try:
+        policy = build_policy([doc])
+    except ConfigError as exc:
+        problems += exc.problems
     if problems:
         raise ConfigError(problems)
-    return build_policy([doc])
+    return policy
 
 
 def build_policy(docs: list[Document]) -> Policy:

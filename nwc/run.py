@@ -1,8 +1,9 @@
 """`nwc run`: start the controller (os-ken 4 ships no ryu-manager; this is NWC's launcher).
 
 It loads the policy and topology (the shipped ones by default), recovers state from the state
-directory, then starts each shell that is available: the OpenFlow controller (`nwc.ofapp`) and
-the REST API (`nwc.api`). Logs go to stderr. SIGTERM or SIGINT stop it cleanly; SIGHUP reloads
+directory, then starts each shell that is available: the OpenFlow controller (`nwc.ofapp`), the
+tunnel part (`nwc.tunnels`, which drives each host's OVSDB and agent) and the REST API
+(`nwc.api`). Logs go to stderr. SIGTERM or SIGINT stop it cleanly; SIGHUP reloads
 the policy (a policy with errors is refused and the running one kept).
 """
 
@@ -27,7 +28,7 @@ log = logging.getLogger("nwc.run")
 
 # Shells started by `nwc run`, in order; each module has `serve(controller, args)`, which
 # starts it (in threads) and registers its stopper with `controller.on_stop`.
-SHELLS = ("nwc.ofapp", "nwc.api")
+SHELLS = ("nwc.ofapp", "nwc.tunnels", "nwc.api")
 
 
 def add_run_options(p: argparse.ArgumentParser) -> None:

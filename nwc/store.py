@@ -139,6 +139,11 @@ class Store:
             rows = self.db.execute("SELECT record FROM weaves ORDER BY number")
         return [Weave.from_dict(json.loads(r[0])) for r in rows]
 
+    def count_weaves_by_state(self) -> dict[str, int]:
+        """How many weaves are in each state (ended ones included): for metrics."""
+        rows = self.db.execute("SELECT state, COUNT(*) FROM weaves GROUP BY state")
+        return {state: count for state, count in rows}
+
     # -- reservations ---------------------------------------------------------------------
 
     def save_reservation(self, reservation: Reservation) -> None:

@@ -7,6 +7,7 @@ the same network from the same file, so what is tested is what is reserved.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import zlib
@@ -124,7 +125,14 @@ class Topology:
             requester_vtep=vt[2 * slot + 2], target_vtep=vt[2 * slot + 3])
 
     def hosts_of_ivn(self, ivn: str) -> list[str]:
-        return sorted({vm.host for vm in self.vms.values() if vm.ivn == ivn})
+        return self._hosts_by_ivn.get(ivn, [])
+
+    @functools.cached_property
+    def _hosts_by_ivn(self) -> dict[str, list[str]]:
+        hosts: dict[str, set[str]] = {}
+        for vm in self.vms.values():
+            hosts.setdefault(vm.ivn, set()).add(vm.host)
+        return {ivn: sorted(h) for ivn, h in hosts.items()}
 
     def uplink(self, host: str) -> Link:
         h = self.hosts[host]

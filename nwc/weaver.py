@@ -28,6 +28,7 @@ from typing import Any, Protocol, TypeVar
 from nwc.admission import (
     Admission,
     Denial,
+    LiveWeave,
     Reason,
     WeaveRequest,
     evaluate,
@@ -75,6 +76,44 @@ class Part(Protocol):
     def weave_moved(self, weave: Weave, old: Weave) -> None: ...
 
 
+class LiveWeaves(dict[str, Weave]):
+    """The live weaves by id, indexed by IVN, so that admission reads only the weaves of the
+    two IVNs it decides about (with a thousand live weaves, rebuilding the whole view per
+    request was most of an admission's cost)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._by_ivn: dict[str, set[str]] = {}
+        self._view: dict[str, LiveWeave] = {}
+
+    def __setitem__(self, weave_id: str, weave: Weave) -> None:
+        if weave_id in self:
+            self._unindex(self[weave_id])
+        super().__setitem__(weave_id, weave)
+        for ivn in (weave.requester, weave.target):
+            self._by_ivn.setdefault(ivn, set()).add(weave_id)
+        self._view[weave_id] = weave.as_live()
+
+    def __delitem__(self, weave_id: str) -> None:
+        self.pop(weave_id)
+
+    def pop(self, weave_id: str, default: Any = None) -> Any:  # type: ignore[override]
+        if weave_id not in self:
+            return default
+        weave = super().pop(weave_id)
+        self._unindex(weave)
+        return weave
+
+    def _unindex(self, weave: Weave) -> None:
+        for ivn in (weave.requester, weave.target):
+            self._by_ivn.get(ivn, set()).discard(weave.id)
+        self._view.pop(weave.id, None)
+
+    def involving(self, *ivns: str) -> list[LiveWeave]:
+        ids = set().union(*(self._by_ivn.get(ivn, ()) for ivn in ivns))
+        return [self._view[i] for i in sorted(ids)]
+
+
 class Weaver:
     def __init__(self, *, policy: Policy, topology: Topology, store: Store, clock: Clock,
                  parts: Iterable[Part] = (),
@@ -87,7 +126,7 @@ class Weaver:
         self.provision_timeout = timedelta(seconds=provision_timeout_s)
         self.fabric = Fabric(topology)
         self.leases = LeaseBook()
-        self.live: dict[str, Weave] = {}
+        self.live = LiveWeaves()
         self._waiting: dict[str, set[str]] = {}  # weave id -> parts not yet ready
         self._provision_deadline: dict[str, datetime] = {}
         self._free_slots: list[int] = []
@@ -111,6 +150,20 @@ class Weaver:
 
     def add_part(self, part: Part) -> None:
         self.parts.append(part)
+
+    def attach_part(self, part: Part) -> None:
+        """Add a part to a weaver that already started: weaves still provisioning now wait
+        for it too, and it is handed every live weave (as `start_parts` would have)."""
+        self.parts.append(part)
+        for weave in list(self.live.values()):
+            if weave.id in self._waiting:
+                self._waiting[weave.id].add(part.name)
+            try:
+                part.weave_up(weave)
+            except Exception as exc:
+                log.error("part %s.weave_up(%s) raised:\n%s", part.name, weave.id,
+                          traceback.format_exc())
+                self.part_failed(weave.id, part.name, f"{type(exc).__name__}: {exc}")
 
     # -- slots ----------------------------------------------------------------------------
 
@@ -163,14 +216,16 @@ class Weaver:
 
     # -- tenant requests ------------------------------------------------------------------
 
-    def live_view(self) -> list[Any]:
-        return [w.as_live() for w in self.live.values()]
+    def live_view(self, *ivns: str) -> list[LiveWeave]:
+        """Live weaves involving any of `ivns`: all admission needs to see."""
+        return self.live.involving(*ivns)
 
     def create(self, request: WeaveRequest, actor: Actor = SYSTEM,
                request_id: str | None = None) -> Weave | Denial:
         now = self.clock.now()
         decision = evaluate(request, policy=self.policy, topology=self.topology,
-                            fabric=self.fabric, live=self.live_view(), now=now)
+                            fabric=self.fabric,
+                            live=self.live_view(request.requester, request.target), now=now)
         if isinstance(decision, Denial):
             self._record_denial("weave.create", request, decision, actor, request_id)
             return decision
@@ -248,7 +303,8 @@ class Weaver:
             denial = evaluate_extension(weave.as_live(), profile=weave.profile,
                                         new_expires_at=new_expiry, paths=weave.paths,
                                         policy=self.policy, fabric=self.fabric,
-                                        live=self.live_view(), now=now)
+                                        live=self.live_view(weave.requester, weave.target),
+                                        now=now)
         if denial is not None:
             with self.store.transaction():
                 self._audit("weave.extend", "denied", weave=weave, actor=actor,
@@ -366,7 +422,12 @@ class Weaver:
         legs = tuple(Leg(leg.requester_host, leg.target_host, plan.path, leg.slot)
                      for leg, plan in zip(weave.legs, planned, strict=True))
         moved = weave.with_(legs=legs)
-        reservation = self.fabric.reserve(weave.id, moved.paths, weave.kbps)
+        try:
+            reservation = self.fabric.reserve(weave.id, moved.paths, weave.kbps)
+        except CapacityError as exc:  # plan_legs said it fits; never let a link event raise
+            log.error("weave %s: re-planned paths do not fit: %s", weave.id, exc)
+            return self._end(weave, State.FAILED, EndReason.NO_PATH.value, SYSTEM,
+                             detail=str(exc))
         with self.store.transaction():
             self.store.save_weave(moved)
             self.store.save_reservation(reservation)
@@ -393,6 +454,9 @@ class Weaver:
             if why:
                 ended.append(self._end(weave, State.FAILED, EndReason.POLICY_WITHDRAWN.value,
                                        actor, detail=why))
+            else:
+                # A profile's ACL or a QoS class may have changed: the parts recompile.
+                self._tell_moved(weave, weave)
         return ended
 
     def _still_allowed(self, weave: Weave) -> str | None:

@@ -241,12 +241,16 @@ class Cursor:
     def _bounded(self, value: Any, minimum: Any, maximum: Any, unit: str) -> Any:
         suffix = f" {unit}" if unit else ""
         if minimum is not None and value < minimum:
-            self.problem(f"must be at least {minimum:g}{suffix}, got {value:g}")
+            self.problem(f"must be at least {_num(minimum)}{suffix}, got {_num(value)}")
             return None
         if maximum is not None and value > maximum:
-            self.problem(f"must be at most {maximum:g}{suffix}, got {value:g}")
+            self.problem(f"must be at most {_num(maximum)}{suffix}, got {_num(value)}")
             return None
         return value
+
+
+def _num(value: float) -> str:
+    return str(value) if isinstance(value, int) else f"{value:g}"
 
 
 def _kind(value: Any) -> str:

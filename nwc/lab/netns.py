@@ -66,7 +66,8 @@ class Netns:
 
 
 def kill_pid(pid: int, timeout: float = 5.0) -> None:
-    """TERM a process (and its session), wait, then KILL: by pid, never by name."""
+    """TERM a process (and its session), wait, then KILL: by pid, never by name. A child of
+    ours is reaped too, so it does not linger as a zombie."""
     for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 2.0)):
         try:
             os.kill(pid, sig)
@@ -74,13 +75,25 @@ def kill_pid(pid: int, timeout: float = 5.0) -> None:
             return
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
-            try:
-                done, _ = os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                done = 0 if _alive(pid) else pid
-            if done == pid or not _alive(pid):
+            reaped = _reap(pid)
+            if reaped:
+                return
+            # Not reaped: still running, or a multi-threaded leader (ovs-vswitchd) that shows
+            # as a zombie while its other threads exit and cannot be reaped yet. Only a process
+            # that is not our child may be left once it is no longer alive.
+            if reaped is None and not _alive(pid):
                 return
             time.sleep(0.05)
+
+
+def _reap(pid: int) -> bool | None:
+    """True if `pid` was our child and has now been reaped, False if it is our child but not
+    reapable yet, None if it is not our child."""
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return None
+    return done == pid
 
 
 def _alive(pid: int) -> bool:

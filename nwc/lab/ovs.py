@@ -49,7 +49,9 @@ class PrivateOvs:
         """What ovs-ofctl takes to talk to a bridge of this instance."""
         return f"unix:{self.rundir / bridge}.mgmt"
 
-    def start(self) -> PrivateOvs:
+    def start(self, *, switchd: bool = True) -> PrivateOvs:
+        """ovsdb-server, then ovs-vswitchd (unless `switchd` is False: a bare database, for
+        tests of what is written into it)."""
         db = self.rundir / "conf.db"
         self.ns.run("ovsdb-tool", "create", str(db), str(SCHEMA), env=self.env)
         db.chmod(0o600)  # the tunnel backends keep pre-shared keys in here
@@ -65,11 +67,13 @@ class PrivateOvs:
         self._track(server, "ovsdb-server")
         wait_for(self.db_sock.exists, 10, f"ovsdb-server of {self.name}")
         self.vsctl("--no-wait", "init")
-        switchd = self.ns.popen(
+        if not switchd:
+            return self
+        vswitchd = self.ns.popen(
             ["ovs-vswitchd", self.db_target, f"--unixctl={self.rundir}/ovs-vswitchd.ctl",
              f"--pidfile={self.rundir}/ovs-vswitchd.pid",
              f"--log-file={self.rundir}/ovs-vswitchd.log"], env=self.env)
-        self._track(switchd, "ovs-vswitchd")
+        self._track(vswitchd, "ovs-vswitchd")
         wait_for(lambda: (self.rundir / "ovs-vswitchd.ctl").exists(), 10,
                  f"ovs-vswitchd of {self.name}")
         return self

@@ -1,0 +1,655 @@
+"""`nwc agent`: the per-host tunnel agent (what ovs-monitor-ipsec is to OVS's own IPsec).
+
+It watches the host's OVSDB for leg ends the controller wants (`nwc-tunnel-*` keys in the
+Open_vSwitch row's external_ids), builds each one on this host, hands its connection and key
+material to the local IKE daemon over VICI, starts IKE where this host initiates, and reports
+back (`nwc-status-*`): the phase, SA state and counters, and for x509 legs a certificate
+signing request. When a key disappears it removes everything the leg had on the host.
+
+It holds nothing on disk for the `strongswan` backend: pre-shared keys and private keys live
+only in charon's memory and in this process. A restarted agent finds its legs again from its
+own status keys (each carries the spec it built) and replays them; every step is idempotent.
+
+Order matters for "never in clear": the blackhole route for the peer's VTEP exists before the
+VXLAN device does and goes only after the device is gone, so whenever no CHILD SA routes VXLAN
+into IPsec (not yet negotiated, charon stopped, rekeying failed) it is dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import logging
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from nwc.hostnet import VxlanDevice
+from nwc.ike import IkeUnavailable, InitiateResult
+from nwc.pki import LegKey, Secret
+from nwc.tunnel import (
+    RECORD_PREFIX,
+    STATUS_PREFIX,
+    UNDERLAY,
+    VXLAN_UDP_PORT,
+    LegRecord,
+    LegStatus,
+    Phase,
+    SaInfo,
+    TunnelError,
+    TunnelSpec,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OVSDB = "unix:/var/run/openvswitch/db.sock"
+DEFAULT_VICI = "/var/run/charon.vici"
+DEFAULT_STATE_DIR = Path("/var/lib/nwc-agent")
+PORT_GRACE_S = 5.0  # how long ovs-vswitchd may take to give the leg port its ofport
+COUNTERS_EVERY_S = 2.0  # byte counters are reported this often; state changes at once
+MAX_BACKOFF_S = 10.0
+
+
+# -- the boundaries (real ones: nwc.hostdb, nwc.ike, nwc.hostnet; fakes in the unit tests) ----
+
+class HostDbPort(Protocol):
+    def external_ids(self, prefix: str = ...) -> dict[str, str]: ...
+    def update_external_ids(self, set_keys: Mapping[str, str] | None = ...,
+                            delete_keys: Iterable[str] = ...) -> None: ...
+    def other_config(self) -> dict[str, str]: ...
+    def update_other_config(self, set_keys: Mapping[str, str] | None = ...,
+                            delete_keys: Iterable[str] = ...) -> None: ...
+    def add_port(self, bridge: str, columns: Mapping[str, Any]) -> None: ...
+    def delete_port(self, name: str) -> None: ...
+    def interface(self, name: str) -> dict[str, Any] | None: ...
+
+
+class IkePort(Protocol):
+    def load_connection(self, conn: dict[str, Any]) -> None: ...
+    def unload_connection(self, name: str) -> None: ...
+    def connections(self) -> set[str]: ...
+    def load_shared(self, secret_id: str, secret: Secret, owners: list[str]) -> None: ...
+    def unload_shared(self, secret_id: str) -> None: ...
+    def load_key(self, der: Secret, kind: str = ...) -> str: ...
+    def unload_key(self, key_id: str) -> None: ...
+    def initiate(self, name: str, timeout_s: float = ...) -> InitiateResult: ...
+    def terminate(self, name: str, timeout_s: float = ...) -> None: ...
+    def sas(self) -> dict[str, SaInfo]: ...
+
+
+class NetPort(Protocol):
+    def ensure_address(self, address: Any, device: str) -> None: ...
+    def remove_address(self, address: Any, device: str) -> None: ...
+    def ensure_blackhole(self, destination: Any) -> None: ...
+    def remove_blackhole(self, destination: Any) -> None: ...
+    def ensure_link_route(self, destination: Any, device: str, source: Any) -> None: ...
+    def remove_link_route(self, destination: Any, device: str) -> None: ...
+    def ensure_vxlan(self, want: Any) -> None: ...
+    def remove_link(self, name: str) -> None: ...
+    def link_exists(self, name: str) -> bool: ...
+
+
+Submit = Callable[[Callable[[], InitiateResult]], "concurrent.futures.Future[InitiateResult]"]
+
+
+@dataclass
+class _Leg:
+    """What the agent knows about one leg end it holds."""
+
+    spec: TunnelSpec
+    record: LegRecord | None = None
+    built: bool = False
+    loaded: LegRecord | None = None  # the material now in the IKE daemon
+    key: LegKey | None = None
+    csr: bytes | None = None  # made once per key (signing again would change it every step)
+    key_id: str | None = None
+    phase: Phase = Phase.BUILDING
+    detail: str = ""
+    sa: SaInfo | None = None
+    rekeys: int = 0
+    sa_ids: tuple[str | None, str | None] | None = None  # (CHILD SA, IKE SA) last seen
+    auth_failed_for: LegRecord | None = None
+    # The local IKE daemon came back from a restart: this end starts IKE even as responder,
+    # since the peer still holds the dead SA until its DPD notices (tens of seconds).
+    restarted: bool = False
+    pending: concurrent.futures.Future[InitiateResult] | None = None
+    attempts: int = 0
+    next_attempt: float = 0.0
+    port_since: float = 0.0
+    written: str | None = None
+    written_core: str | None = None
+    written_at: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+    _csr_key: LegKey | None = None
+
+    def status(self) -> LegStatus:
+        if self.key is not None and (self.csr is None or self._csr_key is not self.key):
+            self.csr, self._csr_key = self.key.csr_pem(), self.key
+        csr = self.csr if self.phase is Phase.WAITING_CERT else None
+        return LegStatus(self.phase, self.detail, self.sa, self.rekeys, csr, self.spec,
+                         dict(self.extra))
+
+
+class Agent:
+    def __init__(self, *, db: HostDbPort, ike: IkePort, net: NetPort, backend: str,
+                 underlay_device: str, state_dir: Path | None = None,
+                 submit: Submit | None = None, clock: Callable[[], float] = time.monotonic,
+                 initiate_timeout_s: float = 10.0,
+                 compact_db: Callable[[], None] | None = None) -> None:
+        if backend not in ("strongswan", "ovs-ipsec"):
+            raise ValueError(f"unknown backend {backend!r}")
+        self.db, self.ike, self.net = db, ike, net
+        self.backend = backend
+        self.underlay = underlay_device
+        self.state_dir = state_dir
+        self.clock = clock
+        self.initiate_timeout_s = initiate_timeout_s
+        # OVSDB keeps deleted values in its on-disk log until it compacts; after a leg (and
+        # its key) is gone the agent asks for that, so no old key stays on the host's disk.
+        self.compact_db = compact_db
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._submit = submit or self._thread_submit
+        self.legs: dict[str, _Leg] = {}
+        self._adopted = False
+        self._host_key: LegKey | None = None  # ovs-ipsec x509: one key per host
+        self._ovs_keys_set: set[str] = set()  # other_config keys this agent added
+
+    def _thread_submit(self, fn: Callable[[], InitiateResult]
+                       ) -> concurrent.futures.Future[InitiateResult]:
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(4, "nwc-initiate")
+        return self._pool.submit(fn)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event, interval: float = 0.1) -> None:
+        """Reconcile until `stop` is set. Stopping the agent leaves the tunnels as they are:
+        traffic keeps flowing while the agent restarts."""
+        while not stop.is_set():
+            started = self.clock()
+            try:
+                self.step()
+            except Exception:
+                log.exception("agent step failed; retrying")
+            stop.wait(max(0.0, interval - (self.clock() - started)))
+
+    def step(self) -> None:
+        """One reconciliation: make this host's leg ends equal to the controller's records."""
+        records = self.db.external_ids(RECORD_PREFIX)
+        statuses = self.db.external_ids(STATUS_PREFIX)
+        if not self._adopted:
+            self._adopt(statuses)
+        writes: dict[str, str] = {}
+        deletes: list[str] = []
+        wanted: dict[str, LegRecord] = {}
+        for raw_key, text in records.items():
+            key = raw_key[len(RECORD_PREFIX):]
+            try:
+                record = LegRecord.from_json(text)
+                if record.spec.backend != self.backend:
+                    raise TunnelError(f"this host runs the {self.backend} backend, the record "
+                                      f"asks for {record.spec.backend}")
+            except TunnelError as exc:
+                if key in self.legs and not self._teardown(self.legs[key]):
+                    continue
+                self.legs.pop(key, None)
+                status = LegStatus(Phase.ERROR, f"unusable tunnel record: {exc}").to_json()
+                if statuses.get(STATUS_PREFIX + key) != status:
+                    writes[STATUS_PREFIX + key] = status
+                    log.error("leg %s: unusable tunnel record: %s", key, exc)
+                continue
+            wanted[key] = record
+        removed = False
+        for key in [k for k in self.legs if k not in wanted]:
+            if self._teardown(self.legs[key]):
+                del self.legs[key]
+                deletes.append(STATUS_PREFIX + key)
+                removed = True
+            else:
+                writes.update(self._report(self.legs[key]))
+        for key in [k[len(STATUS_PREFIX):] for k in statuses]:
+            if key not in self.legs and RECORD_PREFIX + key not in records:
+                deletes.append(STATUS_PREFIX + key)  # left by a leg torn down before a crash
+        for key, record in wanted.items():
+            leg = self.legs.get(key)
+            if leg is not None and leg.spec != record.spec:
+                log.info("leg %s: spec changed, rebuilding", key)
+                if not self._teardown(leg):
+                    continue
+                leg = None
+            if leg is None:
+                leg = self.legs[key] = _Leg(record.spec, port_since=self.clock())
+                log.info("leg %s: building (%s to %s, %s)", key, record.spec.host,
+                         record.spec.peer_host, record.spec.auth)
+            leg.record = record
+        try:
+            sas: dict[str, SaInfo] | None = self.ike.sas()
+            conns: set[str] = self.ike.connections()
+        except IkeUnavailable:
+            sas, conns = None, set()
+        for key, leg in self.legs.items():
+            if key not in wanted:
+                continue
+            before = leg.phase
+            if self.backend == "strongswan":
+                self._ensure_strongswan(leg, sas, conns)
+            else:
+                self._ensure_ovs_ipsec(leg, sas)
+            if leg.phase != before:
+                log.info("leg %s: %s -> %s%s", key, before, leg.phase,
+                         f" ({leg.detail})" if leg.detail else "")
+            writes.update(self._report(leg))
+        if writes or deletes:
+            self.db.update_external_ids(writes, [d for d in deletes if d not in writes])
+        if removed and self.compact_db is not None:
+            try:
+                self.compact_db()
+            except Exception as exc:
+                log.warning("could not compact the OVSDB log: %s", exc)
+
+    def _adopt(self, statuses: Mapping[str, str]) -> None:
+        """After a restart: take back the legs this agent had built (their status keys carry
+        the spec), so they can be checked or torn down."""
+        self._adopted = True
+        for raw_key, text in statuses.items():
+            try:
+                status = LegStatus.from_json(text)
+            except TunnelError:
+                continue
+            if status.applied is None or status.applied.backend != self.backend:
+                continue
+            leg = _Leg(status.applied, phase=status.phase, rekeys=status.rekeys,
+                       key_id=status.extra.get("key_id"), port_since=self.clock(),
+                       extra=dict(status.extra))
+            self.legs[raw_key[len(STATUS_PREFIX):]] = leg
+            self._ovs_keys_set.update(status.extra.get("ovs_keys", []))
+
+    def _report(self, leg: _Leg) -> dict[str, str]:
+        """The status to write, if it changed: state changes at once, counters every few
+        seconds (each write is an OVSDB transaction on disk)."""
+        status = leg.status()
+        text = status.to_json()
+        core = LegStatus(status.phase, status.detail,
+                         SaInfo(status.sa.ike_state, status.sa.child_state, status.sa.child_id,
+                                rekeying=status.sa.rekeying)
+                         if status.sa else None, status.rekeys, status.csr_pem,
+                         status.applied, status.extra).to_json()
+        now = self.clock()
+        if text == leg.written:
+            return {}
+        if core == leg.written_core and now - leg.written_at < COUNTERS_EVERY_S:
+            return {}
+        leg.written, leg.written_core, leg.written_at = text, core, now
+        return {STATUS_PREFIX + leg.spec.key: text}
+
+    # -- strongswan backend -----------------------------------------------------------------
+
+    def _device(self, name: str) -> str:
+        return self.underlay if name == UNDERLAY else name
+
+    def _build_network(self, spec: TunnelSpec, with_vxlan: bool) -> None:
+        for route in spec.routes():
+            if route.kind == "blackhole":  # first: nothing may leave before it is in place
+                self.net.ensure_blackhole(route.destination)
+        for address in spec.addresses():
+            self.net.ensure_address(address.address, self._device(address.device))
+        for route in spec.routes():
+            if route.kind == "link":
+                self.net.ensure_link_route(route.destination, self._device(route.device or ""),
+                                           route.source)
+        if with_vxlan:
+            self.net.ensure_vxlan(VxlanDevice(spec.device, spec.vni, spec.local_vtep,
+                                              spec.remote_vtep, VXLAN_UDP_PORT,
+                                              spec.mtu.vm_mtu))
+
+    def _ensure_strongswan(self, leg: _Leg, sas: dict[str, SaInfo] | None,
+                           conns: set[str]) -> None:
+        spec, record = leg.spec, leg.record
+        assert record is not None
+        now = self.clock()
+        try:
+            if leg.built and not self.net.link_exists(spec.device):
+                log.warning("leg %s: %s disappeared; rebuilding", spec.key, spec.device)
+                leg.built = False
+            if not leg.built:
+                self._build_network(spec, with_vxlan=True)
+                self.db.add_port(spec.bridge, {"name": spec.device,
+                                               "ofport_request": spec.ofport,
+                                               "external_ids": spec.owner_tags()})
+                leg.built, leg.port_since = True, now
+        except Exception as exc:
+            self._fail(leg, f"building failed: {exc}")
+            return
+        port_problem = self._port_problem(spec, now - leg.port_since)
+        if port_problem:
+            self._fail(leg, port_problem)
+            return
+        if sas is None:
+            leg.phase, leg.detail, leg.sa = Phase.IKE_DOWN, "the IKE daemon does not answer; " \
+                "the leg's traffic is dropped", None
+            leg.loaded = None  # a restarted daemon has forgotten everything
+            leg.pending = None
+            leg.restarted = True
+            return
+        if spec.auth == "x509":
+            if leg.key is None:
+                leg.key = LegKey.generate(spec.local_id)
+            if not (record.cert_pem and record.ca_pem and leg.key.matches(record.cert_pem)):
+                leg.phase, leg.detail = Phase.WAITING_CERT, "certificate requested"
+                return
+        try:
+            if (leg.loaded is None or not record.same_material(leg.loaded)
+                    or spec.connection_name not in conns):
+                self._load(leg, record)
+        except IkeUnavailable:
+            leg.phase, leg.loaded = Phase.IKE_DOWN, None
+            return
+        except Exception as exc:
+            self._fail(leg, f"loading into the IKE daemon failed: {exc}")
+            return
+        self._observe(leg, sas.get(spec.connection_name), now)
+
+    def _load(self, leg: _Leg, record: LegRecord) -> None:
+        spec = leg.spec
+        if spec.auth == "psk":
+            assert record.psk is not None
+            self.ike.load_shared(spec.connection_name, record.psk,
+                                 [spec.local_id, spec.remote_id])
+            conn = spec.vici_connection()
+        else:
+            assert leg.key is not None
+            leg.key_id = self.ike.load_key(leg.key.private_der())
+            leg.extra["key_id"] = leg.key_id  # a public key hash: lets a restart unload it
+            conn = spec.vici_connection(cert_pem=record.cert_pem, ca_pem=record.ca_pem)
+        self.ike.load_connection(conn)
+        leg.loaded = record
+
+    def _observe(self, leg: _Leg, sa: SaInfo | None, now: float) -> None:
+        spec, record = leg.spec, leg.record
+        assert record is not None
+        leg.sa = sa
+        if leg.pending is not None and leg.pending.done():
+            result = leg.pending.result()
+            leg.pending = None
+            if result.ok:
+                leg.attempts = 0
+            elif result.auth_failed:
+                leg.auth_failed_for = record
+                leg.detail = f"authentication failed: {result.detail}"
+            else:
+                leg.attempts += 1
+                leg.next_attempt = now + min(MAX_BACKOFF_S, 0.5 * 2 ** (leg.attempts - 1))
+                leg.detail = f"IKE attempt {leg.attempts} failed: {result.detail}"
+        if sa is not None and sa.installed:
+            before = leg.sa_ids
+            if leg.phase is Phase.INSTALLED and before is not None:
+                # A CHILD_SA rekey keeps the IKE_SA; an IKE_SA rekey keeps the CHILD_SA. Both
+                # new means the SA was negotiated afresh, which is not a rekey.
+                child_new, ike_new = sa.child_id != before[0], sa.ike_id != before[1]
+                if child_new != ike_new:
+                    leg.rekeys += 1
+            leg.sa_ids = (sa.child_id, sa.ike_id)
+            leg.phase, leg.detail, leg.attempts = Phase.INSTALLED, "", 0
+            leg.auth_failed_for = None
+            leg.restarted = False
+            return
+        if leg.auth_failed_for is not None and leg.auth_failed_for.same_material(record):
+            leg.phase = Phase.AUTH_FAILED  # no retry with the same key: it would fail again
+            return
+        leg.auth_failed_for = None
+        starts = (spec.initiator and record.start) or leg.restarted
+        if leg.pending is None and starts and now >= leg.next_attempt:
+            name, timeout = spec.connection_name, self.initiate_timeout_s
+            leg.pending = self._submit(lambda: self.ike.initiate(name, timeout))
+        if leg.pending is not None or sa is not None:
+            leg.phase = Phase.CONNECTING
+        else:
+            leg.phase = Phase.LISTENING
+            if not leg.attempts:
+                leg.detail = ""
+
+    def _port_problem(self, spec: TunnelSpec, age_s: float) -> str | None:
+        iface = self.db.interface(spec.device)
+        if iface is None:
+            return f"port {spec.device} is missing from {spec.bridge}" \
+                if age_s > PORT_GRACE_S else None
+        ofport = iface.get("ofport")
+        if ofport == -1:
+            return f"OVS could not add {spec.device}: {iface.get('error') or 'ofport -1'}"
+        if ofport is not None and ofport != spec.ofport:
+            return f"{spec.device} got ofport {ofport}, not {spec.ofport} (already taken?)"
+        return None
+
+    def _fail(self, leg: _Leg, detail: str) -> None:
+        if leg.phase is not Phase.ERROR or leg.detail != detail:
+            log.error("leg %s: %s", leg.spec.key, detail)
+        leg.phase, leg.detail = Phase.ERROR, detail
+
+    # -- ovs-ipsec backend -------------------------------------------------------------------
+
+    def _ensure_ovs_ipsec(self, leg: _Leg, sas: dict[str, SaInfo] | None) -> None:
+        """Write the leg as an OVS vxlan Interface with IPsec options: ovs-monitor-ipsec
+        (on hosts with the kernel datapath) does the rest. Its skb-mark drop policy is what
+        keeps the tunnel's traffic from leaving in clear, so the agent makes sure it is set."""
+        spec, record = leg.spec, leg.record
+        assert record is not None
+        try:
+            self._build_network(spec, with_vxlan=False)
+            config = self.db.other_config()
+            if "ipsec_skb_mark" not in config:
+                self.db.update_other_config({"ipsec_skb_mark": "0/1"})
+                self._ovs_keys_set.add("ipsec_skb_mark")
+            if spec.auth == "x509" and not self._ensure_host_certificate(leg, record, config):
+                return
+            want = spec.ovs_interface(psk=record.psk)
+            have = self.db.interface(spec.device)
+            if have is None or have["options"] != want["options"] \
+                    or have["ofport_request"] != want["ofport_request"]:
+                self.db.add_port(spec.bridge, want)
+        except Exception as exc:
+            detail = str(exc)
+            if record.psk is not None:  # an error may quote the row it refused
+                for form in (record.psk.reveal().hex(), record.psk.to_text()):
+                    detail = detail.replace(form, "<redacted>")
+            self._fail(leg, f"writing the OVS IPsec interface failed: {detail}")
+            return
+        leg.extra["ovs_keys"] = sorted(self._ovs_keys_set)
+        # ovs-monitor-ipsec names its connections <interface>-in-<n> / -out-<n>.
+        mine = [sa for name, sa in (sas or {}).items() if name.startswith(f"{spec.device}-")]
+        leg.sa = next((sa for sa in mine if sa.installed), mine[0] if mine else None)
+        if mine and all(sa.installed for sa in mine):
+            leg.phase, leg.detail = Phase.INSTALLED, ""
+        else:
+            leg.phase, leg.detail = Phase.DELEGATED, "handed to ovs-monitor-ipsec"
+
+    def _ensure_host_certificate(self, leg: _Leg, record: LegRecord,
+                                 config: Mapping[str, str]) -> bool:
+        """ovs-monitor-ipsec authenticates with one certificate per host, configured as
+        files in Open_vSwitch other_config. The agent makes that key pair (files 0600 in its
+        state directory) and has the controller sign it like a leg's."""
+        if self.state_dir is None:
+            self._fail(leg, "x509 on ovs-ipsec needs the agent's --state-dir")
+            return False
+        directory = self.state_dir / "ovs-ipsec"
+        paths = {"private_key": directory / "host.key", "certificate": directory / "host.crt",
+                 "ca_cert": directory / "ca.crt"}
+        foreign = [k for k, p in paths.items() if k in config and config[k] != str(p)]
+        if foreign:
+            self._fail(leg, f"this host's OVS already uses an IPsec {foreign[0]} NWC does not "
+                            f"manage ({config[foreign[0]]})")
+            return False
+        if self._host_key is None or self._host_key.identity != leg.spec.local_id:
+            self._host_key = LegKey.generate(leg.spec.local_id)
+        leg.key = self._host_key
+        if not (record.cert_pem and record.ca_pem and self._host_key.matches(record.cert_pem)):
+            leg.phase, leg.detail = Phase.WAITING_CERT, "host certificate requested"
+            return False
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        contents = {"private_key": self._host_key.private_pem().reveal(),
+                    "certificate": record.cert_pem, "ca_cert": record.ca_pem}
+        for name, data in contents.items():
+            _write_private(paths[name], data)
+        wanted = {k: str(p) for k, p in paths.items()}
+        if any(config.get(k) != v for k, v in wanted.items()):
+            self.db.update_other_config(wanted)
+            self._ovs_keys_set.update(wanted)
+        return True
+
+    # -- teardown ------------------------------------------------------------------------------
+
+    def _teardown(self, leg: _Leg) -> bool:
+        """Remove everything the leg had on this host; True when all of it is gone. The VXLAN
+        device goes first and the blackhole last, so no VXLAN packet can leave in clear
+        while the SA is being removed."""
+        spec = leg.spec
+        problems: list[str] = []
+
+        def attempt(what: str, action: Callable[[], object], ike: bool = False) -> None:
+            try:
+                action()
+            except IkeUnavailable:
+                if not ike:
+                    problems.append(f"{what}: IKE daemon unavailable")
+                # A daemon that does not run holds no SA, connection or key.
+            except Exception as exc:
+                problems.append(f"{what}: {exc}")
+
+        if leg.pending is not None:
+            leg.pending.cancel()
+            leg.pending = None
+        attempt("OVS port", lambda: self.db.delete_port(spec.device))
+        if self.backend == "strongswan":
+            attempt("VXLAN device", lambda: self.net.remove_link(spec.device))
+            attempt("IKE SA", lambda: self.ike.terminate(spec.connection_name), ike=True)
+            attempt("IKE connection", lambda: self.ike.unload_connection(spec.connection_name),
+                    ike=True)
+            if spec.auth == "psk":
+                attempt("pre-shared key", lambda: self.ike.unload_shared(spec.connection_name),
+                        ike=True)
+            key_id = leg.key_id or leg.extra.get("key_id")
+            if key_id:
+                attempt("private key", lambda: self.ike.unload_key(key_id), ike=True)
+        for route in spec.routes():
+            if route.kind == "link":
+                attempt("route", lambda r=route: self.net.remove_link_route(
+                    r.destination, self._device(r.device or "")))
+        for address in spec.addresses():
+            attempt("address", lambda a=address: self.net.remove_address(
+                a.address, self._device(a.device)))
+        if self.backend == "ovs-ipsec":
+            others = [k for k, other in self.legs.items() if other is not leg]
+            if not others:
+                attempt("OVS IPsec settings", self._remove_ovs_settings)
+        for route in spec.routes():
+            if route.kind == "blackhole":
+                attempt("blackhole", lambda r=route: self.net.remove_blackhole(r.destination))
+        leg.key = None
+        if problems:
+            self._fail(leg, "teardown incomplete: " + "; ".join(problems))
+            return False
+        log.info("leg %s: removed", spec.key)
+        return True
+
+    def _remove_ovs_settings(self) -> None:
+        if self._ovs_keys_set:
+            self.db.update_other_config(delete_keys=sorted(self._ovs_keys_set))
+            self._ovs_keys_set.clear()
+        if self.state_dir is not None:
+            for name in ("host.key", "host.crt", "ca.crt"):
+                (self.state_dir / "ovs-ipsec" / name).unlink(missing_ok=True)
+            directory = self.state_dir / "ovs-ipsec"
+            if directory.exists() and not any(directory.iterdir()):
+                directory.rmdir()
+        self._host_key = None
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+# -- the command ------------------------------------------------------------------------------
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    from nwc.cli import EXIT_OK
+    from nwc.hostdb import AGENT_TABLES, HostDb
+    from nwc.hostnet import HostNetwork
+    from nwc.ike import IkeDaemon
+
+    os.umask(0o077)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    db = HostDb(args.ovsdb, AGENT_TABLES)
+    delay = 0.5
+    while not stop.is_set():
+        try:
+            db.open()
+            break
+        except Exception as exc:
+            log.warning("OVSDB %s not reachable (%s); retrying", args.ovsdb, exc)
+            stop.wait(delay)
+            delay = min(delay * 2, 10.0)
+    if stop.is_set():
+        return EXIT_OK
+    net = HostNetwork()
+    compact = None
+    if args.ovsdb_server_ctl:
+        def compact() -> None:
+            subprocess.run(["ovs-appctl", "-t", str(args.ovsdb_server_ctl),
+                            "ovsdb-server/compact"], check=True, capture_output=True,
+                           timeout=10)
+    agent = Agent(db=db, ike=IkeDaemon(args.vici), net=net, backend=args.backend,
+                  underlay_device=args.underlay_dev, state_dir=args.state_dir,
+                  initiate_timeout_s=args.initiate_timeout, compact_db=compact)
+    log.info("nwc agent up: backend %s, OVSDB %s, VICI %s, underlay %s", args.backend,
+             args.ovsdb, args.vici, args.underlay_dev)
+    try:
+        agent.run(stop, args.interval)
+    finally:
+        agent.close()
+        net.close()
+        db.close()
+        log.info("nwc agent stopped (tunnels left as they are)")
+    return EXIT_OK
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("agent", help="run the per-host tunnel agent",
+                       description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument("--ovsdb", default=DEFAULT_OVSDB,
+                   help=f"this host's OVSDB (default {DEFAULT_OVSDB})")
+    p.add_argument("--vici", default=DEFAULT_VICI,
+                   help=f"the local charon's VICI socket (default {DEFAULT_VICI})")
+    p.add_argument("--underlay-dev", required=True,
+                   help="the device holding this host's underlay address")
+    p.add_argument("--backend", choices=("strongswan", "ovs-ipsec"), default="strongswan",
+                   help="how this host encrypts weaves (as in the topology's hosts.NAME."
+                        "backend)")
+    p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR,
+                   help="where the ovs-ipsec backend keeps its host key and certificates "
+                        f"(0700; default {DEFAULT_STATE_DIR})")
+    p.add_argument("--ovsdb-server-ctl", type=Path, default=None,
+                   help="ovsdb-server's control socket: compact the database after a leg is "
+                        "removed, so its key leaves the on-disk log too")
+    p.add_argument("--interval", type=float, default=0.1,
+                   help="seconds between reconciliations")
+    p.add_argument("--initiate-timeout", type=float, default=10.0,
+                   help="seconds one IKE attempt may take")
+    p.set_defaults(func=cmd_agent)

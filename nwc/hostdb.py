@@ -1,0 +1,228 @@
+"""A compute host's OVSDB as NWC's tunnel code uses it, through ovsdbapp.
+
+The controller and the host agent talk through one place: external_ids of the host's single
+Open_vSwitch row. The controller sets `nwc-tunnel-*` keys (desired leg ends), the agent sets
+`nwc-status-*` keys (what it built, SA state). Both write single keys with OVSDB mutations, so
+the two writers never conflict and nothing else in that column is touched. The agent also adds
+and removes its own Port/Interface rows on the integration bridge.
+
+Transactions here do not wait for ovs-vswitchd to apply them (ovsdbapp's Open_vSwitch backend
+does, and would hang against an ovsdb-server without vswitchd, as in the ovs-ipsec tests):
+callers that need an ofport poll for it.
+
+Every command NWC runs prints only key names in its repr: ovsdbapp logs commands at debug
+level, and some values here are pre-shared keys.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from ovsdbapp.backend.ovs_idl import command as ovs_command
+from ovsdbapp.backend.ovs_idl import connection, idlutils, transaction
+from ovsdbapp.schema.open_vswitch import impl_idl
+
+log = logging.getLogger(__name__)
+
+CONTROLLER_TABLES = ("Open_vSwitch",)
+AGENT_TABLES = ("Open_vSwitch", "Bridge", "Port", "Interface")
+
+
+class _PlainTransactions(impl_idl.OvsdbIdl):
+    """ovsdbapp's Open_vSwitch API with plain transactions (no wait for ovs-vswitchd), and
+    one connection per instance: ovsdbapp's backends share a single class-wide connection,
+    and NWC talks to every host's OVSDB at once."""
+
+    _own_connection: connection.Connection | None = None
+
+    @property  # type: ignore[override]
+    def ovsdb_connection(self) -> connection.Connection:
+        return self._own_connection
+
+    @ovsdb_connection.setter
+    def ovsdb_connection(self, conn: connection.Connection) -> None:
+        self._own_connection = conn
+
+    def create_transaction(self, check_error: bool = False, log_errors: bool = True,
+                           **kwargs: Any) -> transaction.Transaction:
+        return transaction.Transaction(self, self.ovsdb_connection, check_error=check_error,
+                                       log_errors=log_errors)
+
+
+class _UpdateMap(ovs_command.BaseCommand):
+    """Set and delete single keys of a map column (OVSDB mutate: no read, no conflict)."""
+
+    def __init__(self, api: Any, table: str, record: str, column: str,
+                 set_keys: Mapping[str, str], delete_keys: Iterable[str]) -> None:
+        super().__init__(api)
+        self.table, self.record, self.column = table, record, column
+        self.set_keys = dict(set_keys)
+        self.delete_keys = list(delete_keys)
+
+    def run_idl(self, txn: Any) -> None:
+        row = self.api.lookup(self.table, self.record)
+        for key in self.delete_keys:
+            row.delkey(self.column, key)
+        for key, value in self.set_keys.items():
+            row.setkey(self.column, key, value)
+
+    def __str__(self) -> str:
+        return (f"UpdateMap({self.table} {self.record} {self.column}: set "
+                f"{sorted(self.set_keys)}, delete {sorted(self.delete_keys)})")
+
+    __repr__ = __str__
+
+
+class _AddTunnelPort(ovs_command.BaseCommand):
+    """A Port with one Interface on a bridge (replacing any row of that name NWC owns)."""
+
+    def __init__(self, api: Any, bridge: str, columns: Mapping[str, Any]) -> None:
+        super().__init__(api)
+        self.bridge = bridge
+        self.columns = dict(columns)
+
+    def run_idl(self, txn: Any) -> None:
+        name = self.columns["name"]
+        br = self.api.lookup("Bridge", self.bridge)
+        iface = idlutils.row_by_value(self.api.idl, "Interface", "name", name, None)
+        port = idlutils.row_by_value(self.api.idl, "Port", "name", name, None)
+        if port is None:
+            iface = txn.insert(self.api.idl.tables["Interface"])
+            port = txn.insert(self.api.idl.tables["Port"])
+            port.name = name
+            port.interfaces = [iface]
+            port.external_ids = self.columns.get("external_ids", {})
+            br.addvalue("ports", port)
+        elif iface is None:
+            raise RuntimeError(f"port {name} exists without its interface")
+        for column, value in self.columns.items():
+            setattr(iface, column, value)
+
+    def __str__(self) -> str:
+        return f"AddTunnelPort({self.bridge} {self.columns.get('name')})"
+
+    __repr__ = __str__
+
+
+class _DeletePort(ovs_command.BaseCommand):
+    def __init__(self, api: Any, name: str) -> None:
+        super().__init__(api)
+        self.name = name
+
+    def run_idl(self, txn: Any) -> None:
+        port = idlutils.row_by_value(self.api.idl, "Port", "name", self.name, None)
+        if port is None:
+            return
+        for br in self.api.idl.tables["Bridge"].rows.values():
+            if port in br.ports:
+                br.delvalue("ports", port)
+        for iface in port.interfaces:
+            iface.delete()
+        port.delete()
+
+    def __str__(self) -> str:
+        return f"DeletePort({self.name})"
+
+    __repr__ = __str__
+
+
+class HostDb:
+    """One connection to one host's OVSDB (an ovsdbapp IDL with its own thread)."""
+
+    def __init__(self, target: str, tables: Iterable[str] = CONTROLLER_TABLES,
+                 timeout: float = 10.0) -> None:
+        self.target = target
+        self.tables = tuple(tables)
+        self.timeout = timeout
+        self._api: _PlainTransactions | None = None
+        self._lock = threading.Lock()
+
+    def open(self) -> HostDb:
+        with self._lock:
+            if self._api is None:
+                helper = idlutils.get_schema_helper(self.target, "Open_vSwitch")
+                for table in self.tables:
+                    helper.register_table(table)
+                idl = connection.OvsdbIdl(self.target, helper)
+                conn = connection.Connection(idl=idl, timeout=self.timeout)
+                self._api = _PlainTransactions(conn)
+        return self
+
+    @property
+    def api(self) -> _PlainTransactions:
+        if self._api is None:
+            raise RuntimeError(f"OVSDB {self.target} is not open")
+        return self._api
+
+    def close(self) -> None:
+        with self._lock:
+            if self._api is not None:
+                try:
+                    self._api.ovsdb_connection.stop(timeout=2)
+                except Exception:  # a dead connection still has to go
+                    log.debug("closing %s", self.target, exc_info=True)
+                self._api = None
+
+    # -- NWC's keys in the Open_vSwitch row -----------------------------------------------
+
+    def external_ids(self, prefix: str = "nwc-") -> dict[str, str]:
+        """NWC's keys. An OVSDB without its Open_vSwitch row is not a host with no legs (that
+        answer would tear every tunnel down): it is an error."""
+        api = self.api
+        with api.ovsdb_connection.lock:
+            rows = list(api.tables["Open_vSwitch"].rows.values())
+            if not rows:
+                raise RuntimeError(f"OVSDB {self.target} has no Open_vSwitch row (yet)")
+            return {k: v for k, v in rows[0].external_ids.items() if k.startswith(prefix)}
+
+    def update_external_ids(self, set_keys: Mapping[str, str] | None = None,
+                            delete_keys: Iterable[str] = ()) -> None:
+        set_keys = dict(set_keys or {})
+        delete_keys = list(delete_keys)
+        if not set_keys and not delete_keys:
+            return
+        _UpdateMap(self.api, "Open_vSwitch", ".", "external_ids", set_keys,
+                   delete_keys).execute(check_error=True)
+
+    def other_config(self) -> dict[str, str]:
+        api = self.api
+        with api.ovsdb_connection.lock:
+            rows = list(api.tables["Open_vSwitch"].rows.values())
+            return dict(rows[0].other_config) if rows else {}
+
+    def update_other_config(self, set_keys: Mapping[str, str] | None = None,
+                            delete_keys: Iterable[str] = ()) -> None:
+        _UpdateMap(self.api, "Open_vSwitch", ".", "other_config", dict(set_keys or {}),
+                   list(delete_keys)).execute(check_error=True)
+
+    # -- ports (the agent) ------------------------------------------------------------------
+
+    def add_port(self, bridge: str, columns: Mapping[str, Any]) -> None:
+        """Add (or update) a Port+Interface named columns['name'] with these Interface
+        columns (ofport_request, type, options, external_ids...)."""
+        _AddTunnelPort(self.api, bridge, columns).execute(check_error=True)
+
+    def delete_port(self, name: str) -> None:
+        _DeletePort(self.api, name).execute(check_error=True)
+
+    def interface(self, name: str) -> dict[str, Any] | None:
+        """An Interface's columns NWC looks at (None if there is no such interface)."""
+        api = self.api
+        with api.ovsdb_connection.lock:
+            row = idlutils.row_by_value(api.idl, "Interface", "name", name, None)
+            if row is None:
+                return None
+            ofport = row.ofport[0] if row.ofport else None
+            return {"name": row.name, "type": row.type, "ofport": ofport,
+                    "ofport_request": row.ofport_request[0] if row.ofport_request else None,
+                    "options": dict(row.options), "external_ids": dict(row.external_ids),
+                    "error": row.error[0] if row.error else None}
+
+    def port_names(self, bridge: str) -> list[str]:
+        api = self.api
+        with api.ovsdb_connection.lock:
+            br = idlutils.row_by_value(api.idl, "Bridge", "name", bridge, None)
+            return sorted(p.name for p in br.ports) if br is not None else []

@@ -1,0 +1,214 @@
+"""The host's IKE daemon (strongSwan's charon) over VICI, as the tunnel agent uses it.
+
+A thin shell: one short-lived VICI session per call (charon may restart under us; a fresh
+socket per call finds the new one), decoded results, and no key material anywhere but in the
+request bytes. Failures are `IkeUnavailable` (the daemon does not answer) or `IkeError` (it
+refused).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import vici
+from vici.exception import CommandException, SessionException
+
+from nwc.pki import Secret
+from nwc.tunnel import SaInfo
+
+log = logging.getLogger(__name__)
+
+# What charon says when the peer's (or our) authentication fails: wrong PSK, a certificate
+# from another CA or for another identity. Anything else (timeouts, no proposal chosen, the
+# peer not yet listening) is worth retrying; these are not.
+AUTH_FAILURE = re.compile(
+    r"AUTHENTICATION_FAILED|authentication of .* failed|MAC mismatched|"
+    r"constraint check failed|no trusted .* public key found|"
+    r"no issuer certificate found|certificate status is not available|"
+    r"tried \d+ shared keys? for .* but MAC mismatched", re.IGNORECASE)
+
+
+REKEY_STATES = frozenset({"REKEYING", "REKEYED"})
+
+
+class IkeUnavailable(Exception):
+    """The IKE daemon's VICI socket does not answer."""
+
+
+class IkeError(Exception):
+    """The IKE daemon refused a command."""
+
+
+@dataclass(frozen=True)
+class InitiateResult:
+    ok: bool
+    auth_failed: bool = False
+    detail: str = ""
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+class IkeDaemon:
+    def __init__(self, socket_path: Path | str, timeout: float = 5.0) -> None:
+        self.socket_path = str(socket_path)
+        self.timeout = timeout
+
+    @contextmanager
+    def _session(self, timeout: float | None = None) -> Iterator[vici.Session]:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout or self.timeout)
+        try:
+            sock.connect(self.socket_path)
+        except OSError as exc:
+            sock.close()
+            raise IkeUnavailable(f"{self.socket_path}: {exc.strerror or exc}") from None
+        try:
+            yield vici.Session(sock)
+        except (OSError, SessionException) as exc:
+            raise IkeUnavailable(f"{self.socket_path}: {exc}") from None
+        except CommandException as exc:
+            raise IkeError(str(exc)) from None
+        finally:
+            sock.close()
+
+    def alive(self) -> bool:
+        try:
+            with self._session(timeout=2.0) as s:
+                s.version()
+            return True
+        except (IkeUnavailable, IkeError):
+            return False
+
+    # -- configuration --------------------------------------------------------------------
+
+    def load_connection(self, conn: dict[str, Any]) -> None:
+        with self._session() as s:
+            s.load_conn(conn)
+
+    def unload_connection(self, name: str) -> None:
+        with self._session() as s:
+            if name in self.connections(session=s):
+                s.unload_conn({"name": name})
+
+    def connections(self, session: vici.Session | None = None) -> set[str]:
+        if session is not None:
+            return {_text(c) for c in session.get_conns().get("conns", [])}
+        with self._session() as s:
+            return {_text(c) for c in s.get_conns().get("conns", [])}
+
+    def load_shared(self, secret_id: str, secret: Secret, owners: list[str]) -> None:
+        with self._session() as s:
+            s.request("load-shared", {"id": secret_id, "type": "IKE", "data": secret.reveal(),
+                                      "owners": owners})
+
+    def unload_shared(self, secret_id: str) -> None:
+        with self._session() as s:
+            if secret_id in self.shared_ids(session=s):
+                s.request("unload-shared", {"id": secret_id})
+
+    def shared_ids(self, session: vici.Session | None = None) -> set[str]:
+        if session is not None:
+            return {_text(k) for k in session.request("get-shared", {}).get("keys", [])}
+        with self._session() as s:
+            return {_text(k) for k in s.request("get-shared", {}).get("keys", [])}
+
+    def load_key(self, der: Secret, kind: str = "ECDSA") -> str:
+        """Hand a private key to charon's memory; returns its id (a public key hash)."""
+        with self._session() as s:
+            return _text(s.request("load-key", {"type": kind, "data": der.reveal()})["id"])
+
+    def unload_key(self, key_id: str) -> None:
+        with self._session() as s:
+            if key_id in self.key_ids(session=s):
+                s.request("unload-key", {"id": key_id})
+
+    def key_ids(self, session: vici.Session | None = None) -> set[str]:
+        if session is not None:
+            return {_text(k) for k in session.request("get-keys", {}).get("keys", [])}
+        with self._session() as s:
+            return {_text(k) for k in s.request("get-keys", {}).get("keys", [])}
+
+    # -- SAs --------------------------------------------------------------------------------
+
+    def initiate(self, name: str, timeout_s: float = 10.0) -> InitiateResult:
+        """Start the leg's IKE and CHILD SA and wait for the outcome. charon's log lines for
+        this attempt tell an authentication failure from a transient one."""
+        lines: list[str] = []
+        try:
+            with self._session(timeout=timeout_s + 5) as s:
+                for event in s.initiate({"child": name, "ike": name,
+                                         "timeout": str(int(timeout_s * 1000)),
+                                         "loglevel": "1"}):
+                    lines.append(_text(event.get("msg", b"")))
+        except IkeError as exc:
+            failed = [line for line in lines if AUTH_FAILURE.search(line)]
+            if failed:
+                return InitiateResult(False, True, failed[0])
+            return InitiateResult(False, False, lines[-1] if lines else str(exc))
+        return InitiateResult(True)
+
+    def terminate(self, name: str, timeout_s: float = 3.0) -> None:
+        try:
+            with self._session(timeout=timeout_s + 2) as s:
+                for _ in s.terminate({"ike": name, "timeout": str(int(timeout_s * 1000))}):
+                    pass
+        except IkeError as exc:
+            if "no matching" not in str(exc).lower():
+                raise
+
+    def sas(self) -> dict[str, SaInfo]:
+        """Every IKE SA by connection name (the best one where a name has several: one
+        with an installed CHILD SA, then the newest)."""
+        best: dict[str, SaInfo] = {}
+        with self._session() as s:
+            for entry in s.list_sas():
+                for ike_name, ike in entry.items():
+                    name, info = _text(ike_name), _sa_info(ike)
+                    if name not in best or _rank(info) > _rank(best[name]):
+                        best[name] = info
+        return best
+
+    def sa(self, name: str) -> SaInfo | None:
+        return self.sas().get(name)
+
+
+def _rank(info: SaInfo) -> tuple[bool, int]:
+    """Prefer an SA with an installed CHILD SA, then the newest."""
+    return info.installed, int(info.ike_id or 0)
+
+
+def _sa_info(ike: dict[str, Any]) -> SaInfo:
+    children = [c for c in ike.get("child-sas", {}).values()]
+    installed = [c for c in children if _text(c.get("state", b"")) == "INSTALLED"]
+    child = max(installed or children, key=lambda c: int(_text(c.get("uniqueid", b"0"))),
+                default=None)
+
+    def num(key: str) -> int:
+        try:
+            return int(_text(child.get(key, b"0"))) if child else 0
+        except ValueError:
+            return 0
+
+    return SaInfo(
+        ike_state=_text(ike.get("state", b"")),
+        ike_id=_text(ike.get("uniqueid", b"")) or None,
+        child_state=_text(child["state"]) if child else None,
+        child_id=_text(child.get("uniqueid", b"")) if child else None,
+        encryption=_text(child.get("encr-alg")) if child and "encr-alg" in child else None,
+        key_bits=num("encr-keysize") or None,
+        integrity=_text(child.get("integ-alg")) if child and "integ-alg" in child else None,
+        dh_group=_text(child.get("dh-group")) if child and "dh-group" in child else None,
+        bytes_in=num("bytes-in"), bytes_out=num("bytes-out"),
+        packets_in=num("packets-in"), packets_out=num("packets-out"),
+        installed_s=num("install-time"),
+        rekeying=_text(ike.get("state", b"")) in REKEY_STATES
+        or any(_text(c.get("state", b"")) in REKEY_STATES for c in children))

@@ -1,0 +1,614 @@
+"""Tunnel specs: for one leg of a weave and one of its two hosts, everything that host builds.
+
+Pure: no root, no daemons. The controller computes a `TunnelSpec` per leg end from the weave,
+the topology and the security profile, wraps it with the leg's key material in a `LegRecord`
+and writes that into the host's OVSDB; the host agent reads it back and builds exactly what it
+says. The agent answers with a `LegStatus`. Both records are JSON in the external_ids of the
+host's Open_vSwitch row (see docs/design.md, "Tunnels").
+
+What a leg end is, for the `strongswan` backend (the one these machines can run):
+- its endpoint address (/32 on the underlay device) and a link route to the peer's endpoint:
+  IKE and ESP use these outer addresses, which the fabric steers along the leg's path;
+- its VTEP address (/32 on lo) and a blackhole route for the peer's VTEP, so VXLAN for the
+  peer is dropped, never sent in clear, whenever no CHILD SA routes it into IPsec;
+- a kernel VXLAN device `nwv<slot>` (VNI, local/remote VTEP, destination port 4789) attached to
+  the integration bridge with ofport 10000 + slot;
+- an IKEv2 connection between the endpoints whose tunnel-mode CHILD SA covers UDP between
+  the two VTEPs, with the profile's proposals, authentication and rekeying.
+
+For the `ovs-ipsec` backend the leg end is an OVS vxlan Interface between the endpoints whose
+IPsec options ovs-monitor-ipsec turns into a transport-mode SA.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Literal
+
+from nwc.pki import Secret
+from nwc.policy import SecurityProfile
+from nwc.topology import Topology
+from nwc.weave import Leg, Weave
+
+RECORD_VERSION = 1
+VXLAN_UDP_PORT = 4789
+LEG_OFPORT_BASE = 10000
+DEVICE_PREFIX = "nwv"
+# Keys in the host's Open_vSwitch row external_ids: the controller writes RECORD_PREFIX + key,
+# the agent answers with STATUS_PREFIX + key.
+RECORD_PREFIX = "nwc-tunnel-"
+STATUS_PREFIX = "nwc-status-"
+# Stands for the agent's own underlay device (the controller does not know its name).
+UNDERLAY = "@underlay"
+DEFAULT_BRIDGE = "br-int"
+
+# -- MTU --------------------------------------------------------------------------------------
+# A VM keeps MTU 1500. Its frame crosses the weave inside VXLAN (outer IPv4 20 + UDP 8 + VXLAN
+# 8 + the inner Ethernet header 14 = 50 bytes) inside ESP in tunnel mode, UDP-encapsulated
+# (outer IPv4 20 + UDP 8 + SPI/sequence 8 + IV + padding + pad length/next header 2 + ICV).
+VM_MTU = 1500
+VXLAN_OVERHEAD = 20 + 8 + 8 + 14
+IPV4_HEADER = 20
+UDP_HEADER = 8
+ESP_HEADER = 8  # SPI + sequence number
+ESP_TRAILER = 2  # pad length + next header
+# kernel-libipsec's TUN device (ipsec0) has a fixed MTU of 1400 (strongSwan 5.9 has no option
+# to change it, and its read buffer is sized from it, so raising it with `ip link` would
+# truncate packets). VXLAN packets above it are fragmented *inside* the tunnel: the VXLAN
+# outer header does not set DF, the peer reassembles before decapsulating, and the tenant's
+# own packet is never fragmented.
+LIBIPSEC_TUN_MTU = 1400
+
+_IV = {"gcm": 8, "ccm": 8, "chacha20poly1305": 8, "ctr": 8, "cbc": 16}
+_PAD_BLOCK = {"gcm": 4, "ccm": 4, "chacha20poly1305": 4, "ctr": 4, "cbc": 16}
+_ICV = {"sha256": 16, "sha384": 24, "sha512": 32}
+
+
+def _cipher_family(token: str) -> str | None:
+    if token == "chacha20poly1305":
+        return token
+    m = re.fullmatch(r"aes(128|192|256)(gcm|ccm)(8|12|16)|aes(128|192|256)(ctr)?", token)
+    if not m:
+        return None
+    return m.group(2) or m.group(5) or "cbc"
+
+
+def esp_overhead(proposal: str) -> int:
+    """Worst-case bytes ESP (tunnel mode, UDP-encapsulated) adds to a packet, for one
+    strongSwan ESP proposal such as `aes256gcm16-x25519` or `aes128-sha256`."""
+    tokens = proposal.lower().split("-")
+    family, icv = None, 0
+    for token in tokens:
+        fam = _cipher_family(token)
+        if fam:
+            family = fam
+            if fam in ("gcm", "ccm"):
+                icv = int(re.search(r"(8|12|16)$", token).group(1))  # type: ignore[union-attr]
+            elif fam == "chacha20poly1305":
+                icv = 16
+        elif token in _ICV:
+            icv = _ICV[token]
+    if family is None:
+        raise ValueError(f"{proposal!r} names no cipher NWC knows")
+    return (IPV4_HEADER + UDP_HEADER + ESP_HEADER + _IV[family] + (_PAD_BLOCK[family] - 1)
+            + ESP_TRAILER + icv)
+
+
+@dataclass(frozen=True)
+class MtuPlan:
+    """How a weave's packets fit the underlay. Nothing a tenant sends is fragmented or
+    black-holed: the VM MTU stays 1500, the VXLAN device carries full 1500-byte frames, and the
+    underlay must carry the encrypted result."""
+
+    vm_mtu: int
+    esp_overhead: int  # worst case over the profile's ESP proposals
+    underlay_mtu: int
+
+    @property
+    def vxlan_packet(self) -> int:
+        """The VXLAN packet (an IP packet between the VTEPs) of a full-size VM frame."""
+        return self.vm_mtu + VXLAN_OVERHEAD
+
+    @property
+    def kernel_esp_packet(self) -> int:
+        """On the underlay, with kernel ESP: the whole VXLAN packet in one ESP packet."""
+        return self.vxlan_packet + self.esp_overhead
+
+    @property
+    def libipsec_fragments(self) -> bool:
+        """Whether kernel-libipsec splits a full-size VXLAN packet in two inside ESP."""
+        return self.vxlan_packet > LIBIPSEC_TUN_MTU
+
+    @property
+    def libipsec_esp_packet(self) -> int:
+        return min(self.vxlan_packet, LIBIPSEC_TUN_MTU) + self.esp_overhead
+
+    @property
+    def fits_underlay(self) -> bool:
+        """No ESP packet is ever fragmented on the underlay (kernel ESP or kernel-libipsec)."""
+        return max(self.kernel_esp_packet, self.libipsec_esp_packet) <= self.underlay_mtu
+
+    def problem(self) -> str | None:
+        if self.fits_underlay:
+            return None
+        return (f"underlay MTU {self.underlay_mtu} is below the {self.kernel_esp_packet} bytes "
+                f"an encrypted full-size VM frame takes ({self.vm_mtu} + {VXLAN_OVERHEAD} "
+                f"VXLAN + {self.esp_overhead} ESP): the kernel will fragment VXLAN inside "
+                "ESP, which works but costs throughput; raise underlay.mtu")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"vm_mtu": self.vm_mtu, "vxlan_packet": self.vxlan_packet,
+                "esp_overhead": self.esp_overhead, "underlay_mtu": self.underlay_mtu,
+                "kernel_esp_packet": self.kernel_esp_packet,
+                "libipsec_tun_mtu": LIBIPSEC_TUN_MTU,
+                "libipsec_fragments_inside_esp": self.libipsec_fragments,
+                "fits_underlay": self.fits_underlay}
+
+
+def mtu_plan(esp_proposals: tuple[str, ...], underlay_mtu: int, vm_mtu: int = VM_MTU) -> MtuPlan:
+    return MtuPlan(vm_mtu, max(esp_overhead(p) for p in esp_proposals), underlay_mtu)
+
+
+# -- names ------------------------------------------------------------------------------------
+
+def device_name(slot: int) -> str:
+    return f"{DEVICE_PREFIX}{slot}"
+
+
+def leg_ofport(slot: int) -> int:
+    return LEG_OFPORT_BASE + slot
+
+
+def leg_key(weave_id: str, slot: int) -> str:
+    """Names everything of one leg: OVSDB keys, the IKE connection, the secret."""
+    return f"{weave_id}-s{slot}"
+
+
+def ike_identity(host: str, weave_id: str, slot: int, backend: str) -> str:
+    """The IKE identity (FQDN, and the certificate's name) of one leg end. The strongswan
+    backend gives every leg end its own; ovs-monitor-ipsec knows one certificate per host."""
+    if backend == "ovs-ipsec":
+        return f"{host}.host.nwc"
+    return f"{host}.s{slot}.{weave_id}.nwc"
+
+
+Side = Literal["requester", "target"]
+Backend = Literal["strongswan", "ovs-ipsec"]
+AuthMethod = Literal["psk", "x509"]
+
+
+class TunnelError(ValueError):
+    """A leg that cannot be built as asked (bad record, incompatible hosts...)."""
+
+
+@dataclass(frozen=True)
+class HostAddress:
+    address: ipaddress.IPv4Address  # always a /32
+    device: str  # "lo" or UNDERLAY
+
+
+@dataclass(frozen=True)
+class HostRoute:
+    destination: ipaddress.IPv4Address  # always a /32
+    kind: Literal["link", "blackhole"]
+    device: str | None = None  # UNDERLAY for link routes
+    source: ipaddress.IPv4Address | None = None
+
+
+# -- the spec ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TunnelSpec:
+    """One leg end: what one host builds for one leg of one weave. Holds no secret."""
+
+    weave_id: str
+    slot: int
+    side: Side
+    host: str
+    peer_host: str
+    backend: Backend
+    vni: int
+    local_endpoint: ipaddress.IPv4Address
+    remote_endpoint: ipaddress.IPv4Address
+    local_vtep: ipaddress.IPv4Address
+    remote_vtep: ipaddress.IPv4Address
+    auth: AuthMethod
+    local_id: str
+    remote_id: str
+    ike_proposals: tuple[str, ...]
+    esp_proposals: tuple[str, ...]
+    rekey_s: int
+    underlay_mtu: int
+    bridge: str = DEFAULT_BRIDGE
+
+    @property
+    def key(self) -> str:
+        return leg_key(self.weave_id, self.slot)
+
+    @property
+    def device(self) -> str:
+        return device_name(self.slot)
+
+    @property
+    def ofport(self) -> int:
+        return leg_ofport(self.slot)
+
+    @property
+    def connection_name(self) -> str:
+        return f"nwc-{self.key}"
+
+    @property
+    def initiator(self) -> bool:
+        """The requester's host starts IKE; the target's host answers. One initiator means
+        no duplicate SAs from both ends starting at once."""
+        return self.side == "requester"
+
+    @property
+    def mtu(self) -> MtuPlan:
+        return mtu_plan(self.esp_proposals, self.underlay_mtu)
+
+    def addresses(self) -> tuple[HostAddress, ...]:
+        if self.backend == "ovs-ipsec":
+            return (HostAddress(self.local_endpoint, UNDERLAY),)
+        return (HostAddress(self.local_endpoint, UNDERLAY), HostAddress(self.local_vtep, "lo"))
+
+    def routes(self) -> tuple[HostRoute, ...]:
+        """The peer endpoint is on-link: the fabric answers ARP for it along the leg's path.
+        The blackhole is what keeps VXLAN from ever leaving in clear (kernel-libipsec's own
+        route in table 220 wins over it while a CHILD SA exists)."""
+        link = HostRoute(self.remote_endpoint, "link", UNDERLAY, self.local_endpoint)
+        if self.backend == "ovs-ipsec":
+            return (link,)
+        return (link, HostRoute(self.remote_vtep, "blackhole"))
+
+    def traffic_selectors(self) -> tuple[str, str]:
+        """UDP between the two VTEPs, any port: a full-size VXLAN packet is fragmented
+        inside the tunnel (kernel-libipsec), and a non-first fragment has no UDP header, so
+        a selector naming port 4789 would drop it. The VTEPs are this leg's own addresses
+        and carry nothing but its VXLAN."""
+        return f"{self.local_vtep}/32[udp]", f"{self.remote_vtep}/32[udp]"
+
+    def vici_connection(self, *, cert_pem: bytes | None = None,
+                        ca_pem: bytes | None = None) -> dict[str, Any]:
+        """The message VICI `load-conn` takes for this leg end. No secret is in it: the PSK
+        goes in with `load-shared`, the private key with `load-key`."""
+        if self.auth == "x509" and not (cert_pem and ca_pem):
+            raise TunnelError("an x509 leg needs its certificate and the CA certificate")
+        local: dict[str, Any] = {"auth": "psk" if self.auth == "psk" else "pubkey",
+                                 "id": self.local_id}
+        remote: dict[str, Any] = {"auth": local["auth"], "id": self.remote_id}
+        if self.auth == "x509":
+            local["certs"] = [cert_pem]
+            remote["cacerts"] = [ca_pem]
+        local_ts, remote_ts = self.traffic_selectors()
+        child: dict[str, Any] = {
+            "mode": "tunnel",
+            "local_ts": [local_ts], "remote_ts": [remote_ts],
+            "esp_proposals": list(self.esp_proposals),
+            "rekey_time": f"{self.rekey_s}s",
+            # The initiator keeps a trap policy: traffic re-negotiates a lost SA, and until
+            # then the packets are dropped (never sent in clear). The responder just answers.
+            "start_action": "trap" if self.initiator else "none",
+            "dpd_action": "trap" if self.initiator else "clear",
+            "close_action": "trap" if self.initiator else "none",
+        }
+        conn: dict[str, Any] = {
+            "version": "2",
+            "local_addrs": [str(self.local_endpoint)],
+            "remote_addrs": [str(self.remote_endpoint)],
+            "proposals": list(self.ike_proposals),
+            "rekey_time": f"{self.rekey_s}s",
+            "reauth_time": "0s",
+            "dpd_delay": "10s",
+            "mobike": "no",  # the endpoint addresses never move
+            "keyingtries": "1",  # the agent decides about retries: auth failures are final
+            "unique": "replace",
+            "local-nwc": local,
+            "remote-nwc": remote,
+            "children": {self.connection_name: child},
+        }
+        if self.auth == "x509":
+            conn["send_cert"] = "always"
+        return {self.connection_name: conn}
+
+    def ovs_interface(self, *, psk: Secret | None = None) -> dict[str, Any]:
+        """The Interface row (columns) of an `ovs-ipsec` leg end, as ovs-monitor-ipsec reads
+        it: a vxlan tunnel between the endpoint addresses, authenticated with `options:psk`,
+        or with the host certificate configured in Open_vSwitch other_config and
+        `options:remote_name` naming the peer's. `options:ipsec_*` carry the profile's
+        proposals and rekeying to the IKE daemon (ovs-monitor-ipsec passes them through;
+        versions that do not use their built-in AES-256-GCM proposals)."""
+        if self.auth == "psk" and not psk:
+            raise TunnelError("a psk leg needs its pre-shared key")
+        life = self.rekey_s + self.rekey_s // 10
+        options = {
+            "local_ip": str(self.local_endpoint), "remote_ip": str(self.remote_endpoint),
+            "key": str(self.vni), "dst_port": str(VXLAN_UDP_PORT),
+            "ipsec_ike": ",".join(self.ike_proposals) + "!",
+            "ipsec_esp": ",".join(self.esp_proposals) + "!",
+            "ipsec_ikelifetime": f"{life}s", "ipsec_lifetime": f"{life}s",
+            "ipsec_margintime": f"{life - self.rekey_s}s",
+        }
+        if self.auth == "psk":
+            assert psk is not None
+            options["psk"] = psk.reveal().hex()  # ovs-monitor-ipsec writes it into a "..."
+        else:
+            options["remote_name"] = self.remote_id
+        return {"name": self.device, "type": "vxlan", "ofport_request": self.ofport,
+                "options": options, "external_ids": self.owner_tags()}
+
+    def owner_tags(self) -> dict[str, str]:
+        """external_ids on the OVS rows NWC's agent creates: who owns them, and why."""
+        return {"nwc-weave": self.weave_id, "nwc-slot": str(self.slot), "nwc-owner": "nwc-agent"}
+
+    # -- JSON ----------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"weave": self.weave_id, "slot": self.slot, "side": self.side,
+                "host": self.host, "peer": self.peer_host, "backend": self.backend,
+                "vni": self.vni, "local_endpoint": str(self.local_endpoint),
+                "remote_endpoint": str(self.remote_endpoint),
+                "local_vtep": str(self.local_vtep), "remote_vtep": str(self.remote_vtep),
+                "auth": self.auth, "local_id": self.local_id, "remote_id": self.remote_id,
+                "ike": list(self.ike_proposals), "esp": list(self.esp_proposals),
+                "rekey_s": self.rekey_s, "underlay_mtu": self.underlay_mtu,
+                "bridge": self.bridge}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> TunnelSpec:
+        """Parse and check a spec read from OVSDB: a garbled record must become an error
+        status, not a half-built tunnel."""
+        if not isinstance(d, dict):
+            raise TunnelError("a tunnel spec is a JSON object")
+        try:
+            spec = cls(
+                weave_id=_text(d, "weave", r"wv-\d{1,12}"), slot=_int(d, "slot", 0, 65535),
+                side=_choice(d, "side", ("requester", "target")),  # type: ignore[arg-type]
+                host=_text(d, "host", r"[a-z][a-z0-9-]{0,31}"),
+                peer_host=_text(d, "peer", r"[a-z][a-z0-9-]{0,31}"),
+                backend=_choice(d, "backend", ("strongswan", "ovs-ipsec")),  # type: ignore
+                vni=_int(d, "vni", 1, 2**24 - 1),
+                local_endpoint=_ip(d, "local_endpoint"),
+                remote_endpoint=_ip(d, "remote_endpoint"),
+                local_vtep=_ip(d, "local_vtep"), remote_vtep=_ip(d, "remote_vtep"),
+                auth=_choice(d, "auth", ("psk", "x509")),  # type: ignore[arg-type]
+                local_id=_text(d, "local_id", r"[a-z0-9.-]{1,253}"),
+                remote_id=_text(d, "remote_id", r"[a-z0-9.-]{1,253}"),
+                ike_proposals=_proposals(d, "ike"), esp_proposals=_proposals(d, "esp"),
+                rekey_s=_int(d, "rekey_s", 60, 86_400),
+                underlay_mtu=_int(d, "underlay_mtu", 1280, 65535),
+                bridge=_text(d, "bridge", r"[A-Za-z0-9_.-]{1,15}"))
+        except KeyError as exc:
+            raise TunnelError(f"tunnel spec lacks {exc.args[0]!r}") from None
+        if spec.slot > 65535 - LEG_OFPORT_BASE:
+            raise TunnelError(f"slot {spec.slot} has no ofport")
+        return spec
+
+
+def _text(d: dict[str, Any], key: str, pattern: str) -> str:
+    value = d[key]
+    if not isinstance(value, str) or not re.fullmatch(pattern, value):
+        raise TunnelError(f"tunnel spec field {key!r} is not valid: {value!r}")
+    return value
+
+
+def _int(d: dict[str, Any], key: str, lo: int, hi: int) -> int:
+    value = d[key]
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise TunnelError(f"tunnel spec field {key!r} must be an integer in {lo}..{hi}")
+    return value
+
+
+def _choice(d: dict[str, Any], key: str, choices: tuple[str, ...]) -> str:
+    value = d[key]
+    if value not in choices:
+        raise TunnelError(f"tunnel spec field {key!r} must be one of {', '.join(choices)}")
+    return str(value)
+
+
+def _ip(d: dict[str, Any], key: str) -> ipaddress.IPv4Address:
+    try:
+        return ipaddress.IPv4Address(d[key])
+    except (ValueError, TypeError) as exc:
+        raise TunnelError(f"tunnel spec field {key!r} is not an IPv4 address") from exc
+
+
+def _proposals(d: dict[str, Any], key: str) -> tuple[str, ...]:
+    value = d[key]
+    if not (isinstance(value, list) and value and all(
+            isinstance(p, str) and re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", p) for p in value)):
+        raise TunnelError(f"tunnel spec field {key!r} must list strongSwan proposals")
+    return tuple(value)
+
+
+# -- what the controller writes: the spec plus the leg's key material --------------------------
+
+@dataclass(frozen=True)
+class LegRecord:
+    """The desired state of one leg end, as written into the host's OVSDB. `start` tells the
+    initiator that its peer is listening (the controller sets it once the responder says so),
+    so IKE's first attempt succeeds instead of retransmitting into the void."""
+
+    spec: TunnelSpec
+    psk: Secret | None = None
+    ca_pem: bytes | None = None
+    cert_pem: bytes | None = None
+    start: bool = False
+
+    def to_json(self) -> str:
+        d: dict[str, Any] = {"v": RECORD_VERSION, "spec": self.spec.to_dict(),
+                             "start": self.start}
+        if self.psk is not None:
+            d["psk"] = self.psk.to_text()
+        if self.ca_pem is not None:
+            d["ca"] = self.ca_pem.decode("ascii")
+        if self.cert_pem is not None:
+            d["cert"] = self.cert_pem.decode("ascii")
+        return json.dumps(d, sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> LegRecord:
+        try:
+            d = json.loads(text)
+        except ValueError as exc:
+            raise TunnelError(f"tunnel record is not JSON: {exc.msg}") from None
+        if not isinstance(d, dict) or d.get("v") != RECORD_VERSION:
+            raise TunnelError(f"tunnel record is not version {RECORD_VERSION}")
+        spec = TunnelSpec.from_dict(d.get("spec"))
+        try:
+            psk = Secret.from_text(d["psk"]) if "psk" in d else None
+        except (ValueError, TypeError, AttributeError):
+            raise TunnelError("tunnel record's psk is not base64") from None
+        if spec.auth == "psk" and not psk:
+            raise TunnelError("psk leg without a pre-shared key")
+        ca = d.get("ca")
+        cert = d.get("cert")
+        for name, value in (("ca", ca), ("cert", cert)):
+            if value is not None and not (isinstance(value, str)
+                                          and value.startswith("-----BEGIN CERTIFICATE-----")):
+                raise TunnelError(f"tunnel record's {name} is not a PEM certificate")
+        return cls(spec, psk, ca.encode() if ca else None, cert.encode() if cert else None,
+                   bool(d.get("start")))
+
+    def same_material(self, other: LegRecord) -> bool:
+        return (self.psk == other.psk and self.ca_pem == other.ca_pem
+                and self.cert_pem == other.cert_pem)
+
+
+# -- what the agent answers -------------------------------------------------------------------
+
+class Phase(StrEnum):
+    BUILDING = "building"  # addresses, routes, device, port being made
+    WAITING_CERT = "waiting_cert"  # CSR published, waiting for the controller's signature
+    LISTENING = "listening"  # built and loaded into the IKE daemon; no SA yet
+    CONNECTING = "connecting"  # IKE under way
+    INSTALLED = "installed"  # the CHILD SA is installed: traffic flows, encrypted
+    DELEGATED = "delegated"  # ovs-ipsec: handed to ovs-monitor-ipsec, SA not yet seen
+    AUTH_FAILED = "auth_failed"  # wrong key or certificate: final until the record changes
+    IKE_DOWN = "ike_down"  # the IKE daemon does not answer: traffic is dropped
+    ERROR = "error"  # could not build (detail says why)
+
+
+@dataclass(frozen=True)
+class SaInfo:
+    """What the IKE daemon reports about a leg's SAs (no key material)."""
+
+    ike_state: str
+    child_state: str | None = None
+    child_id: str | None = None  # CHILD SA unique id: changes on every rekey
+    ike_id: str | None = None
+    encryption: str | None = None
+    key_bits: int | None = None
+    integrity: str | None = None
+    dh_group: str | None = None
+    bytes_in: int = 0
+    bytes_out: int = 0
+    packets_in: int = 0
+    packets_out: int = 0
+    installed_s: int = 0
+    rekeying: bool = False  # an IKE or CHILD SA rekey is under way (traffic still flows)
+
+    @property
+    def installed(self) -> bool:
+        """The CHILD SA carries traffic (also while its IKE SA is being rekeyed)."""
+        return (self.ike_state in ("ESTABLISHED", "REKEYING", "REKEYED")
+                and self.child_state == "INSTALLED")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SaInfo:
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass(frozen=True)
+class LegStatus:
+    """One agent's report on one leg end. `applied` is the spec it built (so it can tear the
+    leg down even once the controller's record is gone); `csr` asks for a certificate."""
+
+    phase: Phase
+    detail: str = ""
+    sa: SaInfo | None = None
+    rekeys: int = 0
+    csr_pem: bytes | None = None
+    applied: TunnelSpec | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. which OVS keys NWC set
+
+    def to_json(self) -> str:
+        d: dict[str, Any] = {"v": RECORD_VERSION, "phase": self.phase.value,
+                             "detail": self.detail, "rekeys": self.rekeys}
+        if self.sa is not None:
+            d["sa"] = self.sa.to_dict()
+        if self.csr_pem is not None:
+            d["csr"] = self.csr_pem.decode("ascii")
+        if self.applied is not None:
+            d["applied"] = self.applied.to_dict()
+        if self.extra:
+            d["extra"] = self.extra
+        return json.dumps(d, sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> LegStatus:
+        try:
+            d = json.loads(text)
+            phase = Phase(d["phase"])
+        except (ValueError, KeyError, TypeError):
+            raise TunnelError("unreadable tunnel status") from None
+        applied = None
+        if isinstance(d.get("applied"), dict):
+            try:
+                applied = TunnelSpec.from_dict(d["applied"])
+            except TunnelError:
+                applied = None
+        csr = d.get("csr")
+        return cls(phase, str(d.get("detail", "")),
+                   SaInfo.from_dict(d["sa"]) if isinstance(d.get("sa"), dict) else None,
+                   int(d.get("rekeys", 0)), csr.encode() if isinstance(csr, str) else None,
+                   applied, d.get("extra") if isinstance(d.get("extra"), dict) else {})
+
+
+# -- from a weave to its leg ends -------------------------------------------------------------
+
+def leg_specs(weave: Weave, leg: Leg, profile: SecurityProfile, topology: Topology,
+              bridge: str = DEFAULT_BRIDGE) -> tuple[TunnelSpec, TunnelSpec]:
+    """The requester's and the target's end of one remote leg."""
+    if leg.slot is None or leg.local:
+        raise TunnelError("a leg inside one host has no tunnel")
+    hosts = topology.hosts
+    requester, target = hosts[leg.requester_host], hosts[leg.target_host]
+    if requester.backend != target.backend:
+        raise TunnelError(f"hosts {requester.name} ({requester.backend}) and {target.name} "
+                          f"({target.backend}) use different tunnel backends")
+    backend = requester.backend
+    addrs = topology.weave_addresses(leg.slot)
+    ids = {h.name: ike_identity(h.name, weave.id, leg.slot, backend) for h in (requester, target)}
+    common = dict(weave_id=weave.id, slot=leg.slot, backend=backend, vni=addrs.vni,
+                  auth=profile.auth, ike_proposals=profile.ike_proposals,
+                  esp_proposals=profile.esp_proposals, rekey_s=profile.rekey_s,
+                  underlay_mtu=topology.underlay.mtu, bridge=bridge)
+    req = TunnelSpec(side="requester", host=requester.name, peer_host=target.name,
+                     local_endpoint=addrs.requester_endpoint,
+                     remote_endpoint=addrs.target_endpoint,
+                     local_vtep=addrs.requester_vtep, remote_vtep=addrs.target_vtep,
+                     local_id=ids[requester.name], remote_id=ids[target.name],
+                     **common)  # type: ignore[arg-type]
+    tgt = TunnelSpec(side="target", host=target.name, peer_host=requester.name,
+                     local_endpoint=addrs.target_endpoint,
+                     remote_endpoint=addrs.requester_endpoint,
+                     local_vtep=addrs.target_vtep, remote_vtep=addrs.requester_vtep,
+                     local_id=ids[target.name], remote_id=ids[requester.name],
+                     **common)  # type: ignore[arg-type]
+    return req, tgt
+
+
+def weave_specs(weave: Weave, profile: SecurityProfile, topology: Topology,
+                bridge: str = DEFAULT_BRIDGE) -> list[tuple[TunnelSpec, TunnelSpec]]:
+    """Both ends of every remote leg of a weave (legs inside one host have no tunnel)."""
+    return [leg_specs(weave, leg, profile, topology, bridge)
+            for leg in weave.legs if not leg.local and leg.slot is not None]

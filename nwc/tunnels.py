@@ -1,0 +1,506 @@
+"""The controller's tunnel part: every remote leg of every live weave, realized through the
+hosts' OVSDBs and their agents.
+
+For each leg it writes both ends' desired state (`nwc.tunnel.LegRecord`: spec plus the leg's
+fresh pre-shared key, or the CA certificate and, once signed, the host's leg certificate) into
+the two hosts' OVSDB, and reads back what the agents report. It signs the agents' certificate
+requests (after checking they ask for the identity NWC assigned), tells the initiator to start
+once the responder listens, and reports to the weaver through its loop: `part_ready` when both
+ends of every leg have their CHILD SA installed, `part_failed` plus a security event when
+authentication fails or a leg cannot be built, security events when an installed SA goes down
+(its traffic is dropped, never sent in clear) or comes back. `weave_down` deletes the records;
+the agents remove everything on the hosts and then their status keys.
+
+All OVSDB I/O happens on this part's own thread: the weaver's loop only updates the desired
+state in memory and wakes it. Keys are held in memory only; a restarted controller adopts the
+key of a leg whose two hosts still agree on it, and otherwise draws a new one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+# Imported here, never first from the part's thread: ovsdbapp pulls in python-ovs, which
+# imports eventlet, and a thread that imported eventlet first never finishes exiting.
+from nwc.hostdb import HostDb
+from nwc.pki import CertificateAuthority, CsrRejected, Secret, new_psk
+from nwc.policy import MAX_LEASE_S, Policy
+from nwc.topology import Topology
+from nwc.tunnel import (
+    RECORD_PREFIX,
+    STATUS_PREFIX,
+    LegRecord,
+    LegStatus,
+    Phase,
+    TunnelError,
+    TunnelSpec,
+    weave_specs,
+)
+from nwc.weave import Weave
+
+log = logging.getLogger(__name__)
+
+PART_NAME = "tunnels"
+RECONNECT_S = 2.0
+# A responder in one of these phases answers IKE: the initiator may start.
+RESPONDER_READY = frozenset({Phase.LISTENING, Phase.CONNECTING, Phase.INSTALLED})
+
+
+class Reports(Protocol):
+    """How the part tells the weaver (posted to its loop, never called from this thread)."""
+
+    def ready(self, weave_id: str) -> None: ...
+    def failed(self, weave_id: str, detail: str) -> None: ...
+    def security(self, weave_id: str, kind: str, detail: str) -> None: ...
+
+
+class HostDbLike(Protocol):
+    def open(self) -> Any: ...
+    def close(self) -> None: ...
+    def external_ids(self, prefix: str = ...) -> dict[str, str]: ...
+    def update_external_ids(self, set_keys: Mapping[str, str] | None = ...,
+                            delete_keys: Any = ...) -> None: ...
+
+
+class WeaverReports:
+    """Reports for a running controller: each one is posted onto the weaver's loop."""
+
+    def __init__(self, controller: Any) -> None:
+        self.controller = controller
+
+    def ready(self, weave_id: str) -> None:
+        c = self.controller
+        c.loop.post(c.weaver.part_ready, weave_id, PART_NAME)
+
+    def failed(self, weave_id: str, detail: str) -> None:
+        c = self.controller
+        c.loop.post(c.weaver.part_failed, weave_id, PART_NAME, detail)
+
+    def security(self, weave_id: str, kind: str, detail: str) -> None:
+        c = self.controller
+        c.loop.post(c.weaver.security_event, weave_id, kind, detail)
+
+
+@dataclass
+class _Leg:
+    """Both ends of one remote leg, and what NWC decided for it."""
+
+    requester: TunnelSpec
+    target: TunnelSpec
+    psk: Secret | None = None
+    certs: dict[str, bytes] = field(default_factory=dict)  # host -> signed leaf
+    csrs: dict[str, bytes] = field(default_factory=dict)  # host -> the request it answers
+    start: bool = False
+    statuses: dict[str, LegStatus] = field(default_factory=dict)
+    materialized: bool = False
+    down_reported: set[str] = field(default_factory=set)
+
+    @property
+    def key(self) -> str:
+        return self.requester.key
+
+    def ends(self) -> tuple[TunnelSpec, TunnelSpec]:
+        return self.requester, self.target
+
+    def installed(self) -> bool:
+        return all(self.statuses.get(s.host) is not None
+                   and self.statuses[s.host].phase is Phase.INSTALLED for s in self.ends())
+
+
+@dataclass
+class _WeaveTunnels:
+    weave: Weave
+    legs: dict[str, _Leg]
+    ready: bool = False
+    failed: bool = False
+
+
+class Tunnels:
+    """The weaver part named "tunnels". Start its thread with `start()` after the weaver has
+    handed it the live weaves (records of weaves it does not know are removed from hosts)."""
+
+    name = PART_NAME
+
+    def __init__(self, *, topology: Topology, policy: Callable[[], Policy],
+                 ca: CertificateAuthority, reports: Reports, ovsdb_targets: Mapping[str, str],
+                 db_factory: Callable[[str], HostDbLike] | None = None,
+                 poll_interval: float = 0.1, bridge: str = "br-int",
+                 now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)) -> None:
+        self.topology = topology
+        self.policy = policy
+        self.ca = ca
+        self.reports = reports
+        self.targets = dict(ovsdb_targets)
+        self.poll_interval = poll_interval
+        self.bridge = bridge
+        self.now = now
+        self._db_factory = db_factory or _open_hostdb
+        self._dbs: dict[str, HostDbLike] = {}
+        self._retry_at: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._weaves: dict[str, _WeaveTunnels] = {}
+        self._removing: dict[str, set[str]] = {}  # host -> leg keys awaiting the agent
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- Part (called on the weaver's loop) -----------------------------------------------
+
+    def weave_up(self, weave: Weave) -> None:
+        legs = self._plan(weave)
+        with self._lock:
+            self._weaves[weave.id] = _WeaveTunnels(weave, legs)
+        if not legs:  # every leg inside one host: nothing to encrypt
+            self.reports.ready(weave.id)
+        self._wake.set()
+
+    def weave_down(self, weave: Weave) -> None:
+        with self._lock:
+            held = self._weaves.pop(weave.id, None)
+            if held is not None:
+                for leg in held.legs.values():
+                    for end in leg.ends():
+                        self._removing.setdefault(end.host, set()).add(leg.key)
+        self._wake.set()
+
+    def weave_moved(self, weave: Weave, old: Weave) -> None:
+        """A reroute keeps every leg's slot, so its tunnel stays; only the fabric changes."""
+        legs = self._plan(weave)
+        with self._lock:
+            held = self._weaves.get(weave.id)
+            if held is None:
+                return
+            held.weave = weave
+            for key, leg in legs.items():
+                if key not in held.legs or held.legs[key].ends() != leg.ends():
+                    held.legs[key] = leg
+        self._wake.set()
+
+    def _plan(self, weave: Weave) -> dict[str, _Leg]:
+        profile = self.policy().profiles.get(weave.profile)
+        if profile is None:
+            raise TunnelError(f"security profile {weave.profile} is not in the policy")
+        legs = {}
+        for requester, target in weave_specs(weave, profile, self.topology, self.bridge):
+            for end in (requester, target):
+                if end.host not in self.targets:
+                    raise TunnelError(f"no OVSDB target for host {end.host} "
+                                      "(set hosts.NAME.ovsdb in the topology)")
+            legs[requester.key] = _Leg(requester, target)
+        return legs
+
+    # -- observation (any thread) ---------------------------------------------------------
+
+    def stats(self, weave: Weave) -> dict[str, Any]:
+        """The controller's stats source (keys as docs/design.md lists them): `sa_state`
+        (established, connecting, rekeying or down: the worst of the legs), `rekeys`, and
+        `tunnel_legs` with each leg end's phase, algorithms and counters."""
+        with self._lock:
+            held = self._weaves.get(weave.id)
+            if held is None:
+                return {}
+            legs = []
+            for leg in held.legs.values():
+                ends = {}
+                for end in leg.ends():
+                    st = leg.statuses.get(end.host)
+                    sa = st.sa if st else None
+                    ends[end.host] = {
+                        "phase": st.phase.value if st else "pending",
+                        "ike_state": sa.ike_state if sa else None,
+                        "child_state": sa.child_state if sa else None,
+                        "encryption": sa.encryption if sa else None,
+                        "key_bits": sa.key_bits if sa else None,
+                        "dh_group": sa.dh_group if sa else None,
+                        "bytes_in": sa.bytes_in if sa else 0,
+                        "bytes_out": sa.bytes_out if sa else 0,
+                        "rekeys": st.rekeys if st else 0}
+                legs.append({"slot": leg.requester.slot, "device": leg.requester.device,
+                             "requester_host": leg.requester.host,
+                             "target_host": leg.target.host, "auth": leg.requester.auth,
+                             "installed": leg.installed(),
+                             "rekeying": any(_rekeying(leg.statuses.get(e.host))
+                                             for e in leg.ends()),
+                             "ends": ends})
+        if not legs:
+            return {}  # every leg inside one host: nothing to measure, so nothing reported
+        if not all(leg["installed"] for leg in legs):
+            state = "down" if held.ready else "connecting"
+        elif any(leg["rekeying"] for leg in legs):
+            state = "rekeying"
+        else:
+            state = "established"
+        return {"sa_state": state,
+                "rekeys": sum(e["rekeys"] for leg in legs for e in leg["ends"].values()),
+                "tunnel_legs": legs}
+
+    def drained(self) -> bool:
+        """Whether every torn-down leg is confirmed gone by its hosts' agents."""
+        with self._lock:
+            return not any(self._removing.values())
+
+    # -- the thread ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="nwc-tunnels", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(10)
+        for db in self._dbs.values():
+            db.close()
+        self._dbs.clear()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.sync()
+            except Exception:
+                log.exception("tunnel sync failed; retrying")
+            self._wake.wait(self.poll_interval)
+            self._wake.clear()
+
+    def sync(self) -> None:
+        """One pass: read every involved host, decide, write what changed, report."""
+        with self._lock:
+            weaves = list(self._weaves.values())
+            removing = {h: set(keys) for h, keys in self._removing.items() if keys}
+        # Every host, not only those with live legs: records of weaves that ended while the
+        # controller was away are found and removed too.
+        hosts = set(self.targets) | set(removing)
+        current: dict[str, dict[str, str]] = {}
+        for host in sorted(hosts):
+            db = self._connect(host, time.monotonic())
+            if db is None:
+                continue
+            try:
+                current[host] = db.external_ids("nwc-")
+            except Exception as exc:
+                log.warning("OVSDB of %s unreadable (%s); reconnecting", host, exc)
+                self._disconnect(host)
+        reports: list[Callable[[], None]] = []
+        with self._lock:
+            for held in weaves:
+                if held.weave.id not in self._weaves:
+                    continue  # went down meanwhile
+                for leg in held.legs.values():
+                    self._materialize(leg, current)
+                    self._absorb(held, leg, current, reports)
+                self._judge(held, reports)
+            desired = self._desired()
+            # Legs whose material is not decided yet keep whatever their hosts hold.
+            protected = {RECORD_PREFIX + key for held in self._weaves.values()
+                         if not held.failed for key in held.legs}
+            for host, keys in list(self._removing.items()):
+                if host in current:
+                    keys -= {k for k in keys if STATUS_PREFIX + k not in current[host]
+                             and RECORD_PREFIX + k not in current[host]}
+        for host, ids in current.items():
+            want = desired.get(host, {})
+            writes = {k: v for k, v in want.items() if ids.get(k) != v}
+            deletes = [k for k in ids if k.startswith(RECORD_PREFIX) and k not in want
+                       and k not in protected]
+            if writes or deletes:
+                try:
+                    self._dbs[host].update_external_ids(writes, deletes)
+                except Exception as exc:
+                    log.warning("writing to OVSDB of %s failed (%s); will retry", host, exc)
+                    self._disconnect(host)
+        for report in reports:
+            report()
+
+    def _connect(self, host: str, now: float) -> HostDbLike | None:
+        db = self._dbs.get(host)
+        if db is not None:
+            return db
+        if now < self._retry_at.get(host, 0.0) or host not in self.targets:
+            return None
+        try:
+            db = self._db_factory(self.targets[host])
+            db.open()
+        except Exception as exc:
+            log.warning("cannot reach the OVSDB of %s at %s (%s); retrying in %g s", host,
+                        self.targets[host], exc, RECONNECT_S)
+            self._retry_at[host] = now + RECONNECT_S
+            return None
+        self._dbs[host] = db
+        return db
+
+    def _disconnect(self, host: str) -> None:
+        db = self._dbs.pop(host, None)
+        if db is not None:
+            db.close()
+
+    # -- decisions (under the lock) -------------------------------------------------------
+
+    def _materialize(self, leg: _Leg, current: Mapping[str, Mapping[str, str]]) -> None:
+        """Decide the leg's key material once both hosts can be read: keep what they already
+        agree on (a controller restart must not re-key working tunnels), else draw anew."""
+        if leg.materialized or any(end.host not in current for end in leg.ends()):
+            return
+        found = []
+        for end in leg.ends():
+            text = current[end.host].get(RECORD_PREFIX + leg.key)
+            try:
+                found.append(LegRecord.from_json(text) if text else None)
+            except TunnelError:
+                found.append(None)
+        req, tgt = found
+        if (req is not None and tgt is not None and req.spec == leg.requester
+                and tgt.spec == leg.target and req.psk == tgt.psk):
+            leg.psk = req.psk
+            leg.start = req.start
+            for end, rec in ((leg.requester, req), (leg.target, tgt)):
+                if rec.cert_pem is not None and rec.ca_pem == self.ca.cert_pem:
+                    leg.certs[end.host] = rec.cert_pem
+        elif leg.requester.auth == "psk":
+            leg.psk = new_psk()
+        leg.materialized = True
+
+    def _absorb(self, held: _WeaveTunnels, leg: _Leg, current: Mapping[str, Mapping[str, str]],
+                reports: list[Callable[[], None]]) -> None:
+        """Take in both agents' statuses; sign certificate requests."""
+        weave = held.weave
+        for end in leg.ends():
+            if end.host not in current:
+                continue  # unreachable this round: keep what it last said
+            text = current[end.host].get(STATUS_PREFIX + leg.key)
+            if text is None:
+                leg.statuses.pop(end.host, None)
+                continue
+            try:
+                status = LegStatus.from_json(text)
+            except TunnelError:
+                continue
+            if status.applied is not None and status.applied != end:
+                continue  # the agent still reports an older build of this leg
+            leg.statuses[end.host] = status
+            if (status.phase is Phase.WAITING_CERT and status.csr_pem
+                    and leg.csrs.get(end.host) != status.csr_pem):
+                try:
+                    not_after = weave.created_at + dt.timedelta(seconds=MAX_LEASE_S)
+                    leg.certs[end.host] = self.ca.sign_request(
+                        status.csr_pem, end.local_id, now=self.now(), not_after=not_after)
+                    leg.csrs[end.host] = status.csr_pem
+                    log.info("weave %s: signed %s's certificate for %s", weave.id, end.host,
+                             end.local_id)
+                except CsrRejected as exc:
+                    detail = f"host {end.host} asked for a certificate NWC will not sign: {exc}"
+                    if not held.failed:
+                        held.failed = True
+                        reports.append(lambda d=detail: self.reports.security(
+                            weave.id, "csr_rejected", d))
+                        reports.append(lambda d=detail: self.reports.failed(weave.id, d))
+        responder = leg.statuses.get(leg.target.host)
+        if responder is not None and responder.phase in RESPONDER_READY:
+            leg.start = True
+
+    def _judge(self, held: _WeaveTunnels, reports: list[Callable[[], None]]) -> None:
+        weave = held.weave
+        if held.failed:
+            return
+        for leg in held.legs.values():
+            for end in leg.ends():
+                st = leg.statuses.get(end.host)
+                if st is None:
+                    continue
+                where = f"leg {end.host}-{end.peer_host} (slot {end.slot}) on {end.host}"
+                if st.phase is Phase.AUTH_FAILED:
+                    held.failed = True
+                    detail = f"IKE authentication failed, {where}: {st.detail}"
+                    reports.append(lambda d=detail: self.reports.security(
+                        weave.id, "ike_failure", d))
+                    reports.append(lambda d=detail: self.reports.failed(weave.id, d))
+                    return
+                if st.phase is Phase.ERROR:
+                    held.failed = True
+                    detail = f"{where}: {st.detail}"
+                    reports.append(lambda d=detail: self.reports.failed(weave.id, d))
+                    return
+        if not held.ready:
+            if all(leg.installed() for leg in held.legs.values()):
+                held.ready = True
+                reports.append(lambda: self.reports.ready(weave.id))
+            return
+        for leg in held.legs.values():
+            for end in leg.ends():
+                st = leg.statuses.get(end.host)
+                up = st is not None and st.phase is Phase.INSTALLED
+                where = f"leg {end.host}-{end.peer_host} (slot {end.slot}) on {end.host}"
+                if not up and end.host not in leg.down_reported:
+                    leg.down_reported.add(end.host)
+                    phase = st.phase.value if st else "no report"
+                    detail = (f"{where}: SA not installed ({phase}); the leg's traffic is "
+                              "dropped until it is back")
+                    reports.append(lambda d=detail: self.reports.security(weave.id, "sa_down",
+                                                                          d))
+                elif up and end.host in leg.down_reported:
+                    leg.down_reported.discard(end.host)
+                    reports.append(lambda w=where: self.reports.security(
+                        weave.id, "sa_restored", f"{w}: SA installed again"))
+
+    def _desired(self) -> dict[str, dict[str, str]]:
+        """Every record each host should hold, as the exact JSON text."""
+        want: dict[str, dict[str, str]] = {}
+        for held in self._weaves.values():
+            if held.failed:
+                continue  # the weaver is ending it; don't keep building
+            for leg in held.legs.values():
+                if not leg.materialized:
+                    continue
+                for end in leg.ends():
+                    x509 = end.auth == "x509"
+                    record = LegRecord(end, leg.psk, self.ca.cert_pem if x509 else None,
+                                       leg.certs.get(end.host) if x509 else None,
+                                       leg.start and end.initiator)
+                    want.setdefault(end.host, {})[RECORD_PREFIX + leg.key] = record.to_json()
+        return want
+
+
+def _rekeying(status: LegStatus | None) -> bool:
+    return status is not None and status.sa is not None and status.sa.rekeying
+
+
+def _open_hostdb(target: str) -> HostDbLike:
+    return HostDb(target)
+
+
+# -- `nwc run` --------------------------------------------------------------------------------
+
+def tunnels_for(controller: Any, ovsdb_targets: Mapping[str, str] | None = None,
+                **kwargs: Any) -> Tunnels:
+    """A Tunnels part wired to a controller: its CA in <state-dir>/pki, reports posted to
+    its loop, OVSDB targets from the topology unless given."""
+    topology = controller.config.topology
+    targets = dict(ovsdb_targets) if ovsdb_targets is not None else {
+        h.name: h.ovsdb for h in topology.hosts.values() if h.ovsdb}
+    ca = CertificateAuthority.load_or_create(Path(controller.state_dir) / "pki")
+    part = Tunnels(topology=topology, policy=lambda: controller.weaver.policy, ca=ca,
+                   reports=WeaverReports(controller), ovsdb_targets=targets, **kwargs)
+    controller.stats_sources.append(part.stats)
+    return part
+
+
+def serve(controller: Any, args: argparse.Namespace) -> None:
+    """Attach the tunnel part to a running controller (`nwc run` calls this). Without any
+    host OVSDB in the topology (an admission-only run) there is nothing to drive."""
+    part = tunnels_for(controller)
+    if not part.targets:
+        controller.stats_sources.remove(part.stats)
+        log.info("no host has an OVSDB target (hosts.NAME.ovsdb): tunnels are not driven")
+        return
+    controller.call(controller.weaver.attach_part, part)
+    part.start()
+    controller.on_stop(part.stop)
+    log.info("tunnels: driving %d hosts' OVSDBs", len(part.targets))

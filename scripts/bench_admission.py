@@ -1,0 +1,197 @@
+"""Admission benchmark: NWC's full admission (bilateral policy, constrained path over every leg,
+reservation, durable SQLite commit with its audit record) against a bare networkx shortest path
+between the same hosts on the same graph, in the same run.
+
+Fabrics are generated three-tier Clos networks (pods of leaves and pod spines under a core) of
+about 100, 1,000 and 10,000 switches; each carries 1,000 live weaves before timing starts, and
+keeps about that many while it runs (each timed admission is followed by an untimed release
+of a random live weave). Nothing touches the network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import networkx as nx
+
+from nwc.admission import Denial, WeaveRequest, plan_legs
+from nwc.lease import ManualClock
+from nwc.policy import (
+    AclRule,
+    Ivn,
+    PartnerRule,
+    Policy,
+    QosClass,
+    SecurityProfile,
+    Tenant,
+    WeavingPolicy,
+)
+from nwc.store import Store
+from nwc.topology import ComputeHost, Link, Switch, Topology, Underlay, Vm, derived_mac
+from nwc.weaver import Weaver
+
+
+def clos(n_switches: int, n_hosts: int, seed: int) -> tuple[dict, list[Link], dict]:
+    """A three-tier Clos: `cores` core switches; pods of 4 pod spines and `leaves` leaves,
+    every leaf to every spine of its pod, pod spine j to cores j, j+4, j+8... Leftover
+    switches become extra leaves. Hosts sit on leaves, spread evenly."""
+    cores = 4 if n_switches <= 1000 else 16
+    leaves_per_pod = 20 if n_switches <= 1000 else 48
+    pods = max(1, (n_switches - cores) // (4 + leaves_per_pod))
+    switches: dict[str, Switch] = {}
+    links: list[Link] = []
+
+    def switch(name: str) -> str:
+        switches[name] = Switch(name, len(switches) + 1)
+        return name
+
+    core = [switch(f"c{i}") for i in range(cores)]
+    leaves: list[str] = []
+    pod_spines: list[list[str]] = []
+    for p in range(pods):
+        spines = [switch(f"p{p}s{j}") for j in range(4)]
+        pod_spines.append(spines)
+        for j, s in enumerate(spines):
+            for c in core[j::4]:
+                links.append(Link(s, c, 40_000, 0.8))
+        for i in range(leaves_per_pod):
+            leaves.append(switch(f"p{p}l{i}"))
+    extra = n_switches - len(switches)
+    for i in range(extra):
+        leaves.append(switch(f"p{i % pods}x{i}"))
+    for leaf in leaves:
+        pod = int(leaf[1:].split("l")[0].split("x")[0])
+        for s in pod_spines[pod]:
+            links.append(Link(leaf, s, 1_000, 0.8))
+    rnd = random.Random(seed)
+    hosts: dict[str, ComputeHost] = {}
+    underlay = ipaddress.IPv4Network("100.64.0.0/16")
+    for h in range(n_hosts):
+        leaf = leaves[(h * 7919 + rnd.randrange(3)) % len(leaves)]
+        name = f"h{h}"
+        hosts[name] = ComputeHost(name, leaf, underlay[h + 1], 10**9 + h, "strongswan")
+        links.append(Link(name, leaf, 25_000, 0.8))
+    return switches, links, hosts
+
+
+def synthetic_policy(n_pairs: int) -> Policy:
+    """Tenant a's IVN i may weave with tenant b's IVN i (tenant-wide partner rules), with caps
+    that leave the fabric as the limit. Prefixes are synthetic (10/8): nothing is sent."""
+    profile = SecurityProfile("gold", ("aes256gcm16-prfsha256-x25519",), ("aes256gcm16",), "psk",
+                              3600, (AclRule("either", "any"),))
+    ivns = {}
+    for side, other, base in (("a", "b", 0), ("b", "a", n_pairs)):
+        rule = WeavingPolicy((PartnerRule(tenant=other),), 1000.0, 10_000.0, 86_400, ("gold",),
+                             "standard")
+        for i in range(n_pairs):
+            k = base + i
+            net = ipaddress.IPv4Network(f"10.{k // 256}.{k % 256}.0/24")
+            ivns[f"{side}{i}"] = Ivn(f"{side}{i}", side, k + 1, (net,), net[1], rule)
+    return Policy({"a": Tenant("a"), "b": Tenant("b")}, ivns, {"gold": profile},
+                  {"standard": QosClass("standard", 0, 100)})
+
+
+def build(n_switches: int, n_pairs: int, seed: int) -> tuple[Policy, Topology]:
+    policy = synthetic_policy(n_pairs)
+    switches, links, hosts = clos(n_switches, 2 * n_pairs, seed)
+    vms = {}
+    host_names = sorted(hosts, key=lambda h: int(h[1:]))
+    for i in range(n_pairs):
+        for side, host in (("a", host_names[2 * i]), ("b", host_names[2 * i + 1])):
+            ivn = policy.ivns[f"{side}{i}"]
+            name = f"v{side}{i}"
+            vms[name] = Vm(name, host, ivn.name, ivn.cidrs[0][10], derived_mac(name), name[:15])
+    underlay = Underlay(ipaddress.IPv4Network("100.64.0.0/16"),
+                        ipaddress.IPv4Network("100.96.0.0/12"),
+                        ipaddress.IPv4Network("100.112.0.0/12"), 9000)
+    return policy, Topology(f"clos{n_switches}", underlay, switches, tuple(links), hosts, vms)
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def bench_scale(n_switches: int, live: int, timed: int, seed: int, state_root: Path) -> dict:
+    n_pairs = live + timed
+    policy, topology = build(n_switches, n_pairs, seed)
+    graph = topology.graph()
+    clock = ManualClock()
+    with tempfile.TemporaryDirectory(dir=state_root, prefix="nwc-bench-") as tmp:
+        store = Store(Path(tmp))
+        weaver = Weaver(policy=policy, topology=topology, store=store, clock=clock)
+        weaver.recover()
+        rnd = random.Random(seed)
+        for i in range(live):
+            result = weaver.create(WeaveRequest(f"a{i}", f"b{i}", 3600, rnd.choice((50, 100, 200))))
+            assert not isinstance(result, Denial), result
+        nwc_s, plan_s, bare_s, denied = [], [], [], 0
+        for i in range(live, live + timed):
+            request = WeaveRequest(f"a{i}", f"b{i}", 3600, rnd.choice((50, 100, 200)))
+            ha, hb = topology.vms[f"va{i}"].host, topology.vms[f"vb{i}"].host
+            # Side by side, alternating so that machine noise hits both alike.
+            t0 = time.perf_counter()
+            nx.shortest_path(graph, ha, hb)
+            t1 = time.perf_counter()
+            plan_legs(weaver.fabric, [(ha, hb)], request.bandwidth_mbps * 1000)
+            t2 = time.perf_counter()
+            result = weaver.create(request)
+            t3 = time.perf_counter()
+            bare_s.append(t1 - t0)
+            plan_s.append(t2 - t1)
+            nwc_s.append(t3 - t2)
+            denied += isinstance(result, Denial)
+            victim = rnd.choice(sorted(weaver.live))
+            weaver.terminate(victim)
+        assert weaver.fabric.violations() == []
+        store.close()
+    return {
+        "switches": len(topology.switches), "links": len(topology.links),
+        "live": live, "timed": timed, "denied": denied,
+        "admit_p50_ms": statistics.median(nwc_s) * 1e3, "admit_p99_ms": pct(nwc_s, 99) * 1e3,
+        "admit_per_s": len(nwc_s) / sum(nwc_s),
+        "bare_p50_ms": statistics.median(bare_s) * 1e3,
+        "path_p50_ms": statistics.median(plan_s) * 1e3,
+        "ratio": statistics.median(nwc_s) / statistics.median(bare_s),
+        "path_ratio": statistics.median(plan_s) / statistics.median(bare_s),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scales", default="100,1000,10000")
+    parser.add_argument("--live", type=int, default=1000)
+    parser.add_argument("--timed", type=int, default=500)
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--state-root", type=Path, default=Path("/var/tmp"),
+                        help="where the benchmark's SQLite lives (a real disk: fsync counts)")
+    args = parser.parse_args()
+    results = {}
+    for scale in (int(s) for s in args.scales.split(",")):
+        r = bench_scale(scale, args.live, args.timed, args.seed, args.state_root)
+        results[scale] = r
+        print(f"{r['switches']:>6} switches {r['links']:>6} links, {r['live']} live weaves: "
+              f"NWC admit p50 {r['admit_p50_ms']:.3f} ms p99 {r['admit_p99_ms']:.3f} ms "
+              f"({r['admit_per_s']:.0f}/s, {r['denied']} denied); constrained path p50 "
+              f"{r['path_p50_ms']:.3f} ms; bare networkx path p50 {r['bare_p50_ms']:.3f} ms; "
+              f"admit/bare {r['ratio']:.1f}x, path/bare {r['path_ratio']:.1f}x", flush=True)
+    one_k, ten_k = results.get(1000), results.get(10000)
+    if not one_k or not ten_k:
+        print("RESULT needs the 1000 and 10000 scales", file=sys.stderr)
+        return 1
+    print(f"RESULT admit_p99_ms_1k={one_k['admit_p99_ms']:.3f} "
+          f"admit_per_s_1k={one_k['admit_per_s']:.0f} "
+          f"ratio_vs_bare_path_10k={ten_k['ratio']:.2f} "
+          f"path_only_ratio_vs_bare_path_10k={ten_k['path_ratio']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,417 @@
+"""Weave tunnels for real: two emulated compute hosts (network namespaces, each with its own OVS
+on the userspace datapath, its own charon with kernel-libipsec, and a `nwc agent` process), the
+controller's tunnel part in this process, VMs on each host's br-int. Traffic crosses, the
+underlay carries only IKE and ESP, a stopped IKE daemon leaks nothing, a wrong key fails fast
+with a security event, and a torn-down weave leaves each host exactly as it was."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nwc.admission import WeaveRequest
+from nwc.config import SHIPPED_POLICIES, Config
+from nwc.controller import Controller
+from nwc.ike import IkeDaemon
+from nwc.lab.capture import Capture, cleartext, contains, summarize
+from nwc.lab.netns import Lab, Netns, unique_prefix, wait_for
+from nwc.lab.ovs import PrivateOvs
+from nwc.lab.tunnel_lab import TWO_HOSTS, TunnelLab
+from nwc.pki import Secret
+from nwc.policy import load_policy
+from nwc.topology import parse_topology_text
+from nwc.tunnel import RECORD_PREFIX, STATUS_PREFIX, LegRecord, LegStatus, Phase
+from nwc.tunnels import Tunnels, tunnels_for
+from nwc.weave import State, Weave
+
+pytestmark = pytest.mark.functional
+
+POLICY = load_policy([SHIPPED_POLICIES])
+MARKER = b"NWC-TENANT-PAYLOAD-must-never-be-seen-on-the-underlay"
+PING_PATTERN = "6e77632d74656e616e74"  # "nwc-tenant", repeated in every ping payload
+PYTHON = "/usr/bin/python3"  # the VMs' own interpreter; no NWC code runs inside a VM
+
+TCP_SINK = """
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 5201)); s.listen(1); s.settimeout(20)
+c, _ = s.accept(); c.settimeout(20); n = 0
+while True:
+    d = c.recv(65536)
+    if not d:
+        break
+    n += len(d)
+print(n)
+"""
+TCP_SOURCE = """
+import socket, sys, time
+data = sys.argv[2].encode() * int(sys.argv[3])
+for _ in range(100):
+    try:
+        c = socket.create_connection((sys.argv[1], 5201), timeout=5)
+        break
+    except OSError:
+        time.sleep(0.1)
+c.sendall(data); c.close()
+"""
+
+
+@dataclass
+class World:
+    lab: Lab
+    tl: TunnelLab
+    controller: Controller
+    part: Tunnels
+    events: list[dict[str, Any]] = field(default_factory=list)
+    pristine: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def create(self, requester: str, target: str, profile: str) -> Weave:
+        c = self.controller
+        weave = c.call(c.weaver.create, WeaveRequest(requester, target, 600, 5, profile))
+        assert isinstance(weave, Weave), weave
+        return weave
+
+    def weave(self, weave_id: str) -> Weave:
+        c = self.controller
+        return c.call(lambda: c.weaver.live.get(weave_id) or c.store.weave(weave_id))
+
+    def wait_state(self, weave_id: str, *states: State, timeout: float = 30) -> Weave:
+        wait_for(lambda: self.weave(weave_id).state in states, timeout,
+                 f"{weave_id} to become {'/'.join(states)} (now {self.weave(weave_id).state})")
+        return self.weave(weave_id)
+
+    def end(self, weave: Weave) -> None:
+        c = self.controller
+        c.call(c.weaver.terminate, weave.id)
+        for leg in weave.legs:
+            if leg.slot is not None:
+                self.tl.disconnect(leg.slot)
+        wait_for(self.part.drained, 30, "the agents to remove every leg")
+
+    def security(self, kind: str) -> list[dict[str, Any]]:
+        return [e for e in list(self.events) if e.get("type") == "security"
+                and e.get("kind") == kind]
+
+    def assert_pristine(self) -> None:
+        for name, host in self.tl.hosts.items():
+            assert host.snapshot() == self.pristine[name], f"{name} kept something"
+
+
+@pytest.fixture(scope="module")
+def world() -> Iterator[World]:
+    topo = parse_topology_text(TWO_HOSTS, POLICY)
+    with Lab() as lab:
+        tl = TunnelLab(lab, topo).build()
+        tl.start_agents()
+        config = Config(POLICY, topo, (SHIPPED_POLICIES,), Path("tunnel-lab.yaml"))
+        controller = Controller(config, lab.directory("controller"))
+        part = tunnels_for(controller, tl.ovsdb_targets(), poll_interval=0.05)
+        controller.add_part(part)
+        w = World(lab, tl, controller, part)
+        controller.weaver.subscribe(w.events.append)
+        controller.start()
+        part.start()
+        try:
+            w.pristine = {name: host.snapshot() for name, host in tl.hosts.items()}
+            yield w
+        finally:
+            part.stop()
+            controller.stop()
+
+
+def ping(vm: Netns, address: str, count: int = 3, size: int = 56, df: bool = False,
+         timeout: int = 2) -> bool:
+    args = ["ping", "-n", "-c", str(count), "-i", "0.2", "-W", str(timeout), "-s", str(size),
+            "-p", PING_PATTERN]
+    if df:
+        args += ["-M", "do"]
+    return vm.run(*args, address, check=False, timeout=30).returncode == 0
+
+
+def tcp_transfer(world: World, source: str, sink: str, repeat: int = 2000) -> int:
+    """Send MARKER x repeat over TCP from one VM to another; the bytes that arrived."""
+    receiver = world.tl.vm(sink)
+    address = str(world.tl.topology.vms[sink].ip)
+    log = world.lab.directory("logs") / f"tcp-{source}-{sink}.out"
+    server = receiver.popen([PYTHON, "-c", TCP_SINK], log=log)
+    world.lab.process(server, f"tcp sink in {sink}")
+    world.tl.vm(source).run(PYTHON, "-c", TCP_SOURCE, address, MARKER.decode(), str(repeat),
+                            timeout=60)
+    server.wait(30)
+    return int(log.read_text().split()[-1])
+
+
+def host_secrets(world: World, weave: Weave) -> list[str]:
+    """Every form in which a leg's key could leak: base64 and hex of the PSK."""
+    found = []
+    for host in world.tl.hosts.values():
+        for key, text in _external_ids(host.ovs).items():
+            if key.startswith(RECORD_PREFIX) and weave.id in key:
+                record = LegRecord.from_json(text)
+                if record.psk is not None:
+                    found += [record.psk.to_text(), record.psk.reveal().hex()]
+    return sorted(set(found))
+
+
+def ovs_map(ovs: Any, table: str, record: str, column: str) -> dict[str, str]:
+    """A map column, read with ovs-vsctl (JSON output, so keys and values are exact); {} if
+    the row does not exist."""
+    try:
+        raw = ovs.vsctl("--format=json", f"--columns={column}", "list", table, record)
+    except RuntimeError:
+        return {}
+    cell = json.loads(raw)["data"][0][0]
+    return dict(cell[1]) if cell[0] == "map" else {}
+
+
+def _external_ids(ovs: Any) -> dict[str, str]:
+    return ovs_map(ovs, "open_vswitch", ".", "external_ids")
+
+
+def process_arguments() -> str:
+    chunks = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                chunks.append(Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"))
+            except OSError:
+                continue
+    return "\n".join(chunks)
+
+
+def test_a_weave_carries_traffic_encrypted_and_leaves_nothing_behind(
+        world: World, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    tl = world.tl
+    capture = Capture(world.lab, tl.hosts["h1"].ns, "ul0", "weave-up").start()
+    weave = world.create("acme-web", "globex-db", "gold")
+    tl.connect("web1", "db1", weave.legs[0].slot)
+    world.wait_state(weave.id, State.ACTIVE)
+    secrets = host_secrets(world, weave)
+    assert secrets, "a gold weave has a pre-shared key on its hosts"
+
+    db1 = str(tl.topology.vms["db1"].ip)
+    assert ping(tl.vm("web1"), db1)
+    # Full-size frames pass with DF set: VM MTU 1500 holds across VXLAN+ESP.
+    assert ping(tl.vm("web1"), db1, count=2, size=1472, df=True)
+    assert tcp_transfer(world, "web1", "db1") == len(MARKER) * 2000
+    frames = capture.stop()
+    kinds = summarize(frames)
+    assert not cleartext(frames), f"cleartext on the underlay: {kinds}"
+    assert kinds["esp-in-udp"] > 0 and kinds["ike"] > 0
+    assert contains(frames, MARKER[:24]) == 0
+    assert contains(frames, bytes.fromhex(PING_PATTERN)) == 0
+
+    def stats() -> dict[str, Any]:
+        return world.controller.weave_stats(world.weave(weave.id))
+
+    # Byte counters reach the controller every couple of seconds, state changes at once.
+    wait_for(lambda: stats()["tunnel_legs"][0]["ends"]["h1"]["bytes_out"] > 0, 10,
+             "byte counters")
+    assert stats()["sa_state"] == "established"
+    assert stats()["tunnel_legs"][0]["ends"]["h1"]["encryption"] == "AES_GCM_16"
+    # No key in the process list, the API's view of the weave, or the audit trail.
+    shown = [process_arguments(), json.dumps(stats()), json.dumps(weave.to_dict()),
+             json.dumps(world.controller.store.audit_records())]
+    for secret in secrets:
+        assert not any(secret in text for text in shown)
+
+    world.end(weave)
+    assert world.weave(weave.id).state is State.TERMINATED
+    world.assert_pristine()
+    # Nor in any log, file or database left on the hosts (OVSDB was compacted).
+    logs = [r.getMessage() for r in caplog.records]
+    files = [p for p in world.lab.directory("logs").iterdir()]
+    for host in tl.hosts.values():
+        files += [host.ovs.rundir / "conf.db", host.charon.log_path]
+        files += [p for p in host.state_dir.rglob("*") if p.is_file()]
+    for secret in secrets:
+        assert not any(secret in line for line in logs)
+        for path in files:
+            assert secret.encode() not in path.read_bytes(), f"{secret[:6]}... in {path}"
+
+
+def test_with_the_ike_daemon_killed_nothing_leaves_in_clear(world: World) -> None:
+    tl = world.tl
+    weave = world.create("acme-web", "globex-db", "gold")
+    tl.connect("web1", "db1", weave.legs[0].slot)
+    world.wait_state(weave.id, State.ACTIVE)
+    db1 = str(tl.topology.vms["db1"].ip)
+    assert ping(tl.vm("web1"), db1, count=1)
+
+    h1 = tl.hosts["h1"]
+    capture = Capture(world.lab, h1.ns, "ul0", "ike-stopped").start()
+    h1.charon.crash()  # SIGKILL: nothing is cleaned up by charon itself
+    wait_for(lambda: world.security("sa_down"), 15, "the controller to see the SA go")
+    assert not ping(tl.vm("web1"), db1, count=5, timeout=1)
+    assert not ping(tl.vm("db1"), str(tl.topology.vms["web1"].ip), count=3, timeout=1)
+    frames = capture.stop()
+    assert not cleartext(frames), f"cleartext with charon stopped: {summarize(frames)}"
+    assert contains(frames, bytes.fromhex(PING_PATTERN)) == 0
+    assert "nwv0" in h1.ns.run("ip", "-o", "link").stdout  # the tunnel port stayed...
+    assert "blackhole" in h1.ns.run("ip", "route").stdout  # ...and so did the blackhole
+    assert world.weave(weave.id).state is State.ACTIVE  # the weave holds; its traffic waits
+
+    h1.charon.start()
+    wait_for(lambda: world.security("sa_restored"), 30, "the SA to come back")
+    assert ping(tl.vm("web1"), db1, count=2)
+    world.end(weave)
+    world.assert_pristine()
+
+
+def test_a_wrong_key_gives_no_tunnel_and_a_security_event(world: World) -> None:
+    tl = world.tl
+    h1, h2 = tl.hosts["h1"], tl.hosts["h2"]
+    pid = h1.agent_pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)  # hold the initiator back while h2's charon is tampered with
+    try:
+        weave = world.create("acme-web", "globex-db", "gold")
+        key = f"{weave.id}-s{weave.legs[0].slot}"
+
+        def h2_listening() -> bool:
+            text = _external_ids(h2.ovs).get(STATUS_PREFIX + key)
+            return text is not None and LegStatus.from_json(text).phase is Phase.LISTENING
+
+        wait_for(h2_listening, 20, "h2 to listen")
+        record = LegRecord.from_json(_external_ids(h2.ovs)[RECORD_PREFIX + key])
+        # The key in h2's charon is not the one NWC gave h1.
+        IkeDaemon(h2.charon.vici_socket).load_shared(
+            record.spec.connection_name, Secret(b"not the key NWC issued" + b"\0" * 10),
+            [record.spec.local_id, record.spec.remote_id])
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    ended = world.wait_state(weave.id, State.FAILED, timeout=30)
+    assert ended.reason == "provision_failed"  # a decision, not a provisioning timeout
+    events = world.security("ike_failure")
+    assert events and events[-1]["weave_id"] == weave.id
+    assert "AUTHENTICATION_FAILED" in events[-1]["detail"]
+    audit = [r for r in world.controller.store.audit_records() if r["action"] == "security"]
+    assert any(r.get("weave_id") == weave.id and r["outcome"] == "ike_failure"
+               for r in audit)
+    wait_for(world.part.drained, 30, "teardown after the failure")
+    for host in (h1, h2):
+        assert not any(sa.installed for sa in host.ike.sas().values())
+    world.assert_pristine()
+
+
+def test_two_weaves_between_the_same_hosts_with_different_profiles(world: World) -> None:
+    tl = world.tl
+    gold = world.create("acme-web", "globex-db", "gold")
+    silver = world.create("acme-web", "initech-app", "silver")
+    tl.connect("web1", "db1", gold.legs[0].slot)
+    tl.connect("web2", "app1", silver.legs[0].slot)
+    world.wait_state(gold.id, State.ACTIVE)
+    world.wait_state(silver.id, State.ACTIVE)
+    assert ping(tl.vm("web1"), str(tl.topology.vms["db1"].ip), count=2)
+    assert ping(tl.vm("web2"), str(tl.topology.vms["app1"].ip), count=2)
+    assert tcp_transfer(world, "web2", "app1", repeat=500) == len(MARKER) * 500
+
+    ike = tl.hosts["h1"].ike
+    sas = ike.sas()
+    gold_sa = sas[f"nwc-{gold.id}-s{gold.legs[0].slot}"]
+    silver_sa = sas[f"nwc-{silver.id}-s{silver.legs[0].slot}"]
+    assert gold_sa.installed and silver_sa.installed
+    assert gold_sa.child_id != silver_sa.child_id
+    # gold: AES-256-GCM and a PSK; silver: AES-128-GCM and certificates.
+    assert (gold_sa.encryption, gold_sa.key_bits) == ("AES_GCM_16", 256)
+    assert (silver_sa.encryption, silver_sa.key_bits) == ("AES_GCM_16", 128)
+    assert ike.shared_ids() == {f"nwc-{gold.id}-s{gold.legs[0].slot}"}
+    assert len(ike.key_ids()) == 1  # silver's leg key, in charon's memory only
+    world.end(gold)
+    world.end(silver)
+    world.assert_pristine()
+
+
+def test_ovs_ipsec_backend_writes_its_interfaces_into_a_real_ovsdb() -> None:
+    """Hosts whose OVS does the IPsec (kernel datapath + ovs-monitor-ipsec) cannot encrypt on
+    these machines; what NWC writes into their OVSDB is checked against a real ovsdb-server."""
+    text = (TWO_HOSTS.replace("underlay_ip: 100.64.0.1}", "underlay_ip: 100.64.0.1, "
+                              "backend: ovs-ipsec}")
+            .replace("underlay_ip: 100.64.0.2}", "underlay_ip: 100.64.0.2, backend: ovs-ipsec}"))
+    topo = parse_topology_text(text, POLICY)
+    with Lab(unique_prefix("o")) as lab:  # the module's lab may still be up: other names
+        hosts = {name: lab.netns(name) for name in ("h1", "h2")}
+        lab.veth(hosts["h1"], "ul0", hosts["h2"], "ul0")
+        dbs, agents = {}, {}
+        for name, ns in hosts.items():
+            ns.ip("addr", "add", f"{topo.hosts[name].underlay_ip}/24", "dev", "ul0")
+            ovs = dbs[name] = PrivateOvs(lab, ns, name).start(switchd=False)
+            ovs.vsctl("--no-wait", "add-br", "br-int")
+            state = lab.directory(f"agent-{name}")
+            proc = ns.popen(
+                [sys.executable, "-m", "nwc", "agent",
+                 "--backend", "ovs-ipsec", "--ovsdb", ovs.db_target, "--underlay-dev", "ul0",
+                 "--vici", str(state / "no-charon.vici"), "--state-dir", str(state),
+                 "--interval", "0.05"], log=lab.directory("logs") / f"agent-{name}.log")
+            lab.process(proc, f"agent {name}")
+            agents[name] = state
+        config = Config(POLICY, topo, (SHIPPED_POLICIES,), Path("ovs-ipsec.yaml"))
+        controller = Controller(config, lab.directory("controller"))
+        part = tunnels_for(controller, {n: o.db_target for n, o in dbs.items()},
+                           poll_interval=0.05)
+        controller.add_part(part)
+        controller.start()
+        part.start()
+        try:
+            _check_ovs_ipsec(controller, part, dbs, agents)
+        finally:
+            part.stop()
+            controller.stop()
+
+
+def _check_ovs_ipsec(controller: Controller, part: Tunnels, dbs: dict[str, Any],
+                     agents: dict[str, Path]) -> None:
+    def iface(ovs: Any, column: str) -> str:
+        return ovs.vsctl("--if-exists", "get", "interface", "nwv0", column)
+
+    gold = controller.call(controller.weaver.create,
+                           WeaveRequest("acme-web", "globex-db", 600, 5, "gold"))
+    assert isinstance(gold, Weave)
+    for name, ovs in dbs.items():
+        wait_for(lambda o=ovs: iface(o, "type") == "vxlan", 20, f"{name}'s interface")
+    h1, h2 = dbs["h1"], dbs["h2"]
+    o1 = ovs_map(h1, "interface", "nwv0", "options")
+    o2 = ovs_map(h2, "interface", "nwv0", "options")
+    assert o1["remote_ip"] == o2["local_ip"] and o1["local_ip"] == o2["remote_ip"]
+    assert o1["key"] == o2["key"] == str(2**23 + gold.legs[0].slot)
+    assert o1["psk"] == o2["psk"] and len(o1["psk"]) == 64
+    assert o1["ipsec_esp"] == "aes256gcm16-x25519!"
+    assert iface(h1, "ofport_request") == "10000"
+    assert ovs_map(h1, "interface", "nwv0", "external_ids")["nwc-weave"] == gold.id
+    assert ovs_map(h1, "open_vswitch", ".", "other_config")["ipsec_skb_mark"] == "0/1"
+    assert "nwv0" in h1.vsctl("list-ports", "br-int").split()
+    status = LegStatus.from_json(_external_ids(h1)[f"{STATUS_PREFIX}{gold.id}-s0"])
+    assert status.phase is Phase.DELEGATED  # no IKE daemon to see an SA here
+
+    controller.call(controller.weaver.terminate, gold.id)
+    wait_for(part.drained, 20, "ovs-ipsec teardown")
+    for ovs in dbs.values():
+        assert ovs.vsctl("list-ports", "br-int") == ""
+        assert ovs.vsctl("get", "open_vswitch", ".", "other_config") == "{}"
+        assert ovs.vsctl("get", "open_vswitch", ".", "external_ids") == "{}"
+
+    silver = controller.call(controller.weaver.create,
+                             WeaveRequest("acme-web", "initech-app", 600, 5, "silver"))
+    assert isinstance(silver, Weave)
+    wait_for(lambda: ovs_map(h1, "interface", "nwv0", "options").get("remote_name")
+             == "h2.host.nwc", 20,
+             "the x509 interface")
+    config = ovs_map(h1, "open_vswitch", ".", "other_config")
+    key_file = Path(config["private_key"])
+    assert key_file.parent.parent == agents["h1"]
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    assert "psk" not in iface(h1, "options")
+    controller.call(controller.weaver.terminate, silver.id)
+    wait_for(part.drained, 20, "x509 ovs-ipsec teardown")
+    assert not key_file.exists()
+    assert h1.vsctl("get", "open_vswitch", ".", "other_config") == "{}"

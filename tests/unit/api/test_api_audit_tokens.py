@@ -1,0 +1,142 @@
+"""`nwc audit verify` on a log the API wrote, after each kind of tampering; `nwc token`."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+from api_harness import Harness
+
+from nwc.auth import TOKEN_SHAPE, TokenStore
+from nwc.cli import main
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture
+def audit_lines(harness: Harness) -> list[str]:
+    """A real log: a weave created, read, extended, refused, deleted; an anonymous call."""
+    wid = harness.create().json()["id"]
+    harness.request("GET", f"/v1/weaves/{wid}")
+    harness.request("POST", f"/v1/weaves/{wid}/extend", json={"duration_s": 60})
+    harness.create(bandwidth_mbps=500)
+    harness.request("GET", "/v1/weaves", None)
+    harness.request("DELETE", f"/v1/weaves/{wid}")
+    harness.audit()  # flushed
+    lines = (harness.state_dir / "audit.jsonl").read_text().splitlines()
+    assert len(lines) >= 6
+    return lines
+
+
+def verify(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    code = main(["audit", "verify", *args])
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+def tampered(tmp_path: Path, lines: list[str]) -> str:
+    path = tmp_path / "tampered.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_an_intact_log_verifies(harness: Harness, audit_lines: list[str],
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = verify(capsys, "--state-dir", str(harness.state_dir))
+    assert code == 0 and f"{len(audit_lines)} records, chain intact" in out
+
+
+def test_an_edited_record_is_named(tmp_path: Path, audit_lines: list[str],
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    record = json.loads(audit_lines[2])
+    record["outcome"] = "denied" if record["outcome"] != "denied" else "admitted"
+    lines = [*audit_lines[:2], json.dumps(record, sort_keys=True), *audit_lines[3:]]
+    code, out = verify(capsys, "--file", tampered(tmp_path, lines))
+    assert code == 1
+    assert "line 3: record 3: contents do not match its hash (edited)" in out
+    assert "record 4" not in out  # the records after it are still linked to it
+
+
+def test_a_deleted_record_is_named(tmp_path: Path, audit_lines: list[str],
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    lines = [*audit_lines[:2], *audit_lines[3:]]
+    code, out = verify(capsys, "--file", tampered(tmp_path, lines))
+    assert code == 1
+    assert "line 3: record 4: record 3 before it is missing (deleted)" in out
+
+
+def test_reordered_records_are_named(tmp_path: Path, audit_lines: list[str],
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    lines = [audit_lines[0], audit_lines[2], audit_lines[1], *audit_lines[3:]]
+    code, out = verify(capsys, "--file", tampered(tmp_path, lines))
+    assert code == 1
+    assert "line 2: record 3: out of order: record 2 should come before it (reordered)" in out
+    assert "line 3: record 2: out of order" in out
+
+
+def test_records_cut_from_the_end_are_named_against_the_database(
+        harness: Harness, audit_lines: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    path = harness.state_dir / "audit.jsonl"
+    path.write_text("\n".join(audit_lines[:-2]) + "\n")
+    n = len(audit_lines)
+    code, out = verify(capsys, "--state-dir", str(harness.state_dir))
+    assert code == 1
+    assert f"records {n - 1}..{n} missing from the end of the file (deleted)" in out
+
+
+# -- nwc token -------------------------------------------------------------------------------
+
+def test_token_issue_prints_only_the_token(tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["token", "issue", "acme", "--state-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr()
+    token = out.out.strip()
+    assert out.out == token + "\n" and TOKEN_SHAPE.fullmatch(token)
+    assert "issued tk-" in out.err and token not in out.err
+    store = TokenStore(tmp_path)
+    principal = store.authenticate(token)
+    assert principal is not None and principal.tenant == "acme"
+    tokens_file = tmp_path / "tokens"
+    assert stat.S_IMODE(tokens_file.stat().st_mode) == 0o600
+    assert token not in tokens_file.read_text()  # only its hash is kept
+
+
+def test_admin_tokens_and_listing_without_secrets(tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["token", "issue", "admin", "--state-dir", str(tmp_path)]) == 0
+    token = capsys.readouterr().out.strip()
+    principal = TokenStore(tmp_path).authenticate(token)
+    assert principal is not None and principal.is_admin
+    assert main(["token", "list", "--json", "--state-dir", str(tmp_path)]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [t["principal"] for t in listed] == ["admin"]
+    assert set(listed[0]) == {"id", "principal", "created_at"}
+    assert main(["token", "revoke", listed[0]["id"], "--state-dir", str(tmp_path)]) == 0
+    assert TokenStore(tmp_path).authenticate(token) is None
+
+
+def test_token_issue_refuses_unknown_tenants(tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["token", "issue", "umbrella", "--state-dir", str(tmp_path)]) == 1
+    out = capsys.readouterr()
+    assert out.out == "" and "umbrella" in out.err
+    assert not (tmp_path / "tokens").exists()
+
+
+def test_a_loose_tokens_file_is_tightened(tmp_path: Path) -> None:
+    store = TokenStore(tmp_path)
+    token, _ = store.issue("globex")
+    os.chmod(tmp_path / "tokens", 0o644)
+    assert TokenStore(tmp_path).authenticate(token) is not None
+    assert stat.S_IMODE((tmp_path / "tokens").stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize("presented", ["", "nwc_short", "Bearer nwc_" + "a" * 43,
+                                       "nwc_" + "a" * 42 + "!", "x" * 10_000])
+def test_malformed_tokens_are_refused(tmp_path: Path, presented: str) -> None:
+    store = TokenStore(tmp_path)
+    store.issue("acme")
+    assert store.authenticate(presented) is None

@@ -1,0 +1,129 @@
+"""GET /v1/events: live weave state changes and security events, each to those allowed to
+see it, through bounded per-client queues."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+from api_harness import Harness
+
+from nwc import __version__
+from nwc.api import ApiSettings
+from nwc.events import EventHub, Subscription, stream
+
+pytestmark = pytest.mark.unit
+
+
+def read_events(lines: Any, count: int) -> list[tuple[str, dict[str, Any]]]:
+    """Parse server-sent events from an iterator of lines until `count` were read."""
+    events: list[tuple[str, dict[str, Any]]] = []
+    kind = None
+    for line in lines:
+        if line.startswith("event:"):
+            kind = line.split(":", 1)[1].strip()
+        elif line.startswith("data:") and kind is not None:
+            events.append((kind, json.loads(line.split(":", 1)[1])))
+            kind = None
+            if len(events) == count:
+                break
+    return events
+
+
+def test_a_tenant_follows_its_weaves_over_sse(harness: Harness) -> None:
+    with harness.client.stream("GET", "/v1/events", headers=harness.auth("acme"),
+                               params={"max_events": 3}) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = r.iter_lines()
+        assert read_events(lines, 1) == [("ready", {"principal": "acme",
+                                                    "version": __version__})]
+        # Subscribed from here on: act, then read what the stream says.
+        weave_id = harness.create().json()["id"]
+        harness.create(bandwidth_mbps=500)  # refused: acme hears why
+        harness.request("DELETE", f"/v1/weaves/{weave_id}")
+        events = read_events(lines, 3)
+    assert [k for k, _ in events] == ["weave.state", "weave.denied", "weave.state"]
+    assert events[0][1]["weave"]["state"] == "active"
+    assert events[1][1]["error"] == "policy_violation"
+    assert events[2][1]["weave"]["state"] == "terminated"
+
+
+async def _next(sub: Subscription) -> Any:
+    return await asyncio.wait_for(sub.queue.get(), timeout=5)
+
+
+def test_events_reach_only_those_they_concern(harness: Harness) -> None:
+    weave_id = harness.create().json()["id"]
+    hub, weaver = harness.api.hub, harness.controller.weaver
+
+    async def scenario() -> dict[str, list[dict[str, Any]]]:
+        subs = {who: hub.subscribe(who) for who in ("initech", "acme", "globex")}
+        subs["admin"] = hub.subscribe(None)  # last: once it has an event, the others do too
+        seen: dict[str, list[dict[str, Any]]] = {who: [] for who in subs}
+
+        async def drain() -> None:
+            admin_event = (await _next(subs["admin"]))[1]
+            seen["admin"].append(admin_event)
+            for who in ("initech", "acme", "globex"):
+                while not subs[who].queue.empty():
+                    seen[who].append(subs[who].queue.get_nowait()[1])
+
+        # A security event about the weave (as the tunnel part reports an IKE failure)...
+        await asyncio.to_thread(harness.controller.call, weaver.security_event, weave_id,
+                                "ike_failure", "AUTH_FAILED from the peer")
+        await drain()
+        # ...and an authentication failure, which concerns no tenant.
+        await asyncio.to_thread(harness.request, "GET", "/v1/weaves", "bogus")
+        await drain()
+        for sub in subs.values():
+            hub.unsubscribe(sub)
+        return seen
+
+    seen = asyncio.run(scenario())
+    assert [e["kind"] for e in seen["admin"]] == ["ike_failure", "auth_failure"]
+    assert [e["kind"] for e in seen["acme"]] == ["ike_failure"]
+    assert [e["kind"] for e in seen["globex"]] == ["ike_failure"]
+    assert seen["initech"] == []
+    assert "Bearer" not in json.dumps(seen["admin"])  # the presented token is never echoed
+
+
+def test_a_client_that_falls_behind_is_told_and_disconnected() -> None:
+    async def scenario() -> list[str]:
+        hub = EventHub(queue_size=2)
+        sub = hub.subscribe("acme")
+        for n in range(5):
+            hub.publish({"type": "weave.state", "n": n}, {"acme"})
+        await asyncio.sleep(0)  # the hand-offs run on this loop
+        return [chunk async for chunk in stream(hub, sub, ready={}, keepalive_s=5)]
+
+    chunks = asyncio.run(scenario())
+    assert "event: ready" in chunks[0]
+    assert "event: overflow" in chunks[-1]
+    assert len(chunks) == 2  # the stream ended: no further reads, no unbounded memory
+
+
+def test_streams_end_when_the_controller_stops() -> None:
+    async def scenario() -> list[str]:
+        hub = EventHub()
+        sub = hub.subscribe(None)
+        hub.close()
+        await asyncio.sleep(0)
+        return [chunk async for chunk in stream(hub, sub, ready={}, keepalive_s=5)]
+
+    chunks = asyncio.run(scenario())
+    assert "event: closing" in chunks[-1]
+
+
+def test_open_streams_are_capped_per_principal(make_harness: Any) -> None:
+    h = make_harness(settings=ApiSettings(max_event_streams_per_principal=1))
+    with h.client.stream("GET", "/v1/events", headers=h.auth("acme"),
+                         params={"max_events": 1}) as first:
+        read_events(first.iter_lines(), 1)  # ready: the first stream is open
+        second = h.request("GET", "/v1/events", "acme", params={"max_events": 1})
+        assert second.status_code == 429 and second.json()["error"] == "too_many_streams"
+        with h.client.stream("GET", "/v1/events", headers=h.auth("globex"),
+                             params={"max_events": 1}) as other:
+            assert other.status_code == 200

@@ -1,0 +1,161 @@
+"""A weave's whole life through the API (create, build, measure, extend, expire; another one
+deleted), checked in /metrics and in the audit log at every step."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from api_harness import Harness, ManualPart
+
+from nwc.audit import verify_chain
+
+pytestmark = pytest.mark.unit
+
+
+class Recorder:
+    """Makes requests through the harness and remembers each one's request id."""
+
+    def __init__(self, h: Harness) -> None:
+        self.h = h
+        self.ids: list[str] = []
+
+    def __call__(self, method: str, path: str, who: str | None = "acme", **kw: Any) -> Any:
+        r = self.h.request(method, path, who, **kw)
+        self.ids.append(r.headers["X-Request-ID"])
+        return r
+
+
+def test_metrics_and_audit_over_a_weaves_life(make_harness: Callable[..., Harness]) -> None:
+    part = ManualPart()
+    h = make_harness(parts=(part,))
+    req = Recorder(h)
+    body = {"requester": "acme-web", "target": "globex-db", "duration_s": 600,
+            "bandwidth_mbps": 20}
+
+    # Admitted: reserved at once, provisioning until the data plane reports.
+    created = req("POST", "/v1/weaves", json=body)
+    wid, create_id = created.json()["id"], created.headers["X-Request-ID"]
+    assert created.json()["state"] == "provisioning"
+    assert h.metric("nwc_weaves", state="provisioning") == 1
+    assert h.metric("nwc_admissions_total", action="create") == 1
+    assert h.metric("nwc_admission_latency_seconds_count", action="create") == 1
+    assert h.metric("nwc_link_reserved_mbps", link="s1-s2") == 20
+    assert h.metric("nwc_link_capacity_mbps", link="s1-s2") == 60
+    assert h.metric("nwc_link_reservable_mbps", link="s1-s2") == 30
+
+    # Built two seconds later (on the controller's clock).
+    h.clock.advance(2)
+    part.report_ready(wid)
+    assert h.metric("nwc_weaves", state="active") == 1
+    assert h.metric("nwc_weaves", state="provisioning") == 0
+    assert h.metric("nwc_provisioning_latency_seconds_count", outcome="active") == 1
+    assert h.metric("nwc_provisioning_latency_seconds_sum", outcome="active") == 2.0
+
+    # The data plane measures it (keys as docs/design.md names them).
+    h.stats[wid] = {"bytes_requester_to_target": 10_000, "bytes_target_to_requester": 4_000,
+                    "packets_requester_to_target": 10, "packets_target_to_requester": 4,
+                    "meter_dropped_bytes_requester_to_target": 1_500,
+                    "meter_dropped_bytes_target_to_requester": 0,
+                    "sa_state": "established", "rekeys": 3}
+    assert req("GET", f"/v1/weaves/{wid}/stats").json()["measured"]["rekeys"] == 3
+    assert h.metric("nwc_weave_bytes_total", weave=wid, direction="requester_to_target") \
+        == 10_000
+    assert h.metric("nwc_weave_packets_total", weave=wid, direction="target_to_requester") == 4
+    assert h.metric("nwc_weave_meter_dropped_bytes_total", weave=wid,
+                    direction="requester_to_target") == 1_500
+    assert h.metric("nwc_ike_sa_state", weave=wid, state="established") == 1
+    assert h.metric("nwc_ike_rekeys_total", weave=wid) == 3
+    assert h.metric("nwc_weave_info", weave=wid, requester="acme-web", profile="gold") == 1
+
+    # Refused, then extended.
+    denied = req("POST", "/v1/weaves", json={**body, "bandwidth_mbps": 50})
+    assert denied.status_code == 403
+    assert h.metric("nwc_denials_total", action="create", reason="policy_violation") == 1
+    extended = req("POST", f"/v1/weaves/{wid}/extend", json={"duration_s": 300})
+    assert extended.status_code == 200
+    assert h.metric("nwc_admissions_total", action="extend") == 1
+
+    # Someone without a token.
+    assert req("GET", "/v1/weaves", None).status_code == 401
+    assert h.metric("nwc_auth_failures_total", reason="missing") == 1
+    assert h.metric("nwc_security_events_total", kind="auth_failure") == 1
+
+    # The lease runs out (600 + 300 s after creation, 2 s of which passed above): released,
+    # and its per-weave series are gone.
+    h.tick(897)
+    assert h.metric("nwc_weaves", state="active") == 1
+    h.tick(1)
+    assert h.metric("nwc_weaves", state="terminated") == 1
+    assert h.metric("nwc_weaves", state="active") == 0
+    assert h.metric("nwc_weave_transitions_total", state="terminated", reason="expired") == 1
+    assert h.metric("nwc_link_reserved_mbps", link="s1-s2") == 0
+    assert h.metric("nwc_weave_bytes_total", weave=wid, direction="requester_to_target") \
+        is None
+    assert part.down == [wid]
+
+    # A second weave, ended on request by the other party.
+    second = req("POST", "/v1/weaves", json=body).json()["id"]
+    part.report_ready(second)
+    deleted = req("DELETE", f"/v1/weaves/{second}", "globex")
+    assert deleted.json()["state"] == "terminated"
+    assert h.metric("nwc_weaves", state="terminated") == 2
+    assert h.metric("nwc_weave_transitions_total", state="terminated", reason="requested") == 1
+
+    # -- the audit log ------------------------------------------------------------------
+    records = h.audit()
+    assert verify_chain(records) == []
+    by_request: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+        if "request_id" in record:
+            by_request.setdefault(record["request_id"], []).append(record)
+    # One record per request, whether the weaver decided it or the API answered it...
+    for request_id in req.ids:
+        assert len(by_request.get(request_id, [])) == 1, request_id
+    # ...and successful /metrics scrapes (Prometheus' polling) are not among them.
+    assert not any(r["action"] == "metrics.scrape" for r in records)
+
+    def one(request_id: str) -> dict[str, Any]:
+        return by_request[request_id][0]
+
+    create = one(create_id)
+    assert (create["action"], create["outcome"], create["tenant"]) == \
+        ("weave.create", "admitted", "acme")
+    assert create["actor"].startswith("acme/tk-") and "via" not in create  # weaver's record
+    refusal = one(denied.headers["X-Request-ID"])
+    assert (refusal["outcome"], refusal["reason"]) == ("denied", "policy_violation")
+    extension = one(extended.headers["X-Request-ID"])
+    assert (extension["action"], extension["outcome"]) == ("weave.extend", "extended")
+    anonymous = one(req.ids[4])
+    assert (anonymous["actor"], anonymous["outcome"], anonymous["status"]) == \
+        ("anonymous", "unauthenticated", 401)
+    termination = one(deleted.headers["X-Request-ID"])
+    assert (termination["action"], termination["outcome"], termination["tenant"]) == \
+        ("weave.terminate", "released", "globex")
+    stats_read = one(req.ids[1])
+    assert (stats_read["action"], stats_read["outcome"], stats_read["via"]) == \
+        ("weave.stats", "ok", "api")
+
+    # State changes nobody requested are recorded too, by the controller itself.
+    system = [(r["action"], r["outcome"], r.get("weave_id")) for r in records
+              if r["actor"] == "nwc"]
+    assert system == [("weave.state", "active", wid), ("weave.expire", "expired", wid),
+                      ("weave.state", "active", second)]
+
+
+def test_a_flood_of_refusals_is_counted_not_written(make_harness: Callable[..., Harness]
+                                                    ) -> None:
+    from nwc.api import ApiSettings
+
+    h = make_harness(settings=ApiSettings(audit_refusals_per_s=1.0, audit_refusals_burst=3))
+    for _ in range(10):
+        assert h.request("GET", "/v1/weaves", "bogus").status_code == 401
+    refusals = [r for r in h.audit() if r.get("outcome") == "unauthenticated"]
+    assert len(refusals) == 3
+    assert h.metric("nwc_audit_records_suppressed_total") == 7
+    h.clock.advance(1.0)  # the budget refills: the next record says what was left out
+    h.request("GET", "/v1/weaves", "bogus")
+    last = h.audit()[-1]
+    assert last["outcome"] == "unauthenticated" and last["suppressed_before"] == 7
+    assert verify_chain(h.audit()) == []

@@ -1,0 +1,336 @@
+"""The host agent's reconciliation, against fakes of OVSDB, charon and the kernel: what it
+builds, in which order, what it tells the controller, and that teardown leaves nothing."""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from tunnel_fakes import FakeClock, FakeHostDb, FakeIke, FakeNet, Journal, run_now
+
+from nwc.agent import Agent
+from nwc.config import SHIPPED_POLICIES
+from nwc.lab.tunnel_lab import TWO_HOSTS
+from nwc.pki import CertificateAuthority, LegKey, new_psk
+from nwc.policy import load_policy
+from nwc.topology import parse_topology_text
+from nwc.tunnel import (
+    RECORD_PREFIX,
+    STATUS_PREFIX,
+    LegRecord,
+    LegStatus,
+    Phase,
+    SaInfo,
+    TunnelSpec,
+    leg_specs,
+)
+from nwc.weave import Leg, Weave
+
+pytestmark = pytest.mark.unit
+
+POLICY = load_policy([SHIPPED_POLICIES])
+TOPO = parse_topology_text(TWO_HOSTS, POLICY)
+OVS_TOPO = parse_topology_text(
+    TWO_HOSTS.replace("underlay_ip: 100.64.0.1}", "underlay_ip: 100.64.0.1, backend: ovs-ipsec}")
+    .replace("underlay_ip: 100.64.0.2}", "underlay_ip: 100.64.0.2, backend: ovs-ipsec}"), POLICY)
+T0 = dt.datetime(2026, 11, 24, 12, 0, tzinfo=dt.UTC)
+
+
+def specs(profile: str = "gold", slot: int = 0, topo=TOPO) -> tuple[TunnelSpec, TunnelSpec]:
+    w = Weave(id="wv-000007", requester="acme-web", target="globex-db",
+              requester_tenant="acme", target_tenant="globex",
+              legs=(Leg("h1", "h2", ("h1", "s1", "h2"), slot),), kbps=1000, profile=profile,
+              requester_prefixes=(ipaddress.IPv4Network("192.0.2.0/26"),),
+              target_prefixes=(ipaddress.IPv4Network("192.0.2.64/26"),),
+              created_at=T0, expires_at=T0 + dt.timedelta(hours=1))
+    return leg_specs(w, w.legs[0], POLICY.profiles[profile], topo)
+
+
+@dataclass
+class Host:
+    backend: str = "strongswan"
+    journal: Journal = field(default_factory=Journal)
+    clock: FakeClock = field(default_factory=FakeClock)
+    db: FakeHostDb = field(init=False)
+    ike: FakeIke = field(init=False)
+    net: FakeNet = field(init=False)
+    agent: Agent = field(init=False)
+    compactions: int = 0
+    state_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        self.db = FakeHostDb(self.journal)
+        self.ike = FakeIke(self.journal)
+        self.net = FakeNet(self.journal)
+        self.agent = self.new_agent()
+
+    def new_agent(self) -> Agent:
+        def compact() -> None:
+            self.compactions += 1
+
+        return Agent(db=self.db, ike=self.ike, net=self.net, backend=self.backend,
+                     underlay_device="ul0", submit=run_now, clock=self.clock,
+                     compact_db=compact, state_dir=self.state_dir)
+
+    def want(self, record: LegRecord) -> None:
+        self.db.ids[RECORD_PREFIX + record.spec.key] = record.to_json()
+
+    def drop(self, spec: TunnelSpec) -> None:
+        del self.db.ids[RECORD_PREFIX + spec.key]
+
+    def status(self, spec: TunnelSpec) -> LegStatus:
+        return LegStatus.from_json(self.db.ids[STATUS_PREFIX + spec.key])
+
+    def steps(self, n: int = 3) -> None:
+        for _ in range(n):
+            self.agent.step()
+
+
+def test_a_leg_is_built_blackhole_first_and_waits_for_the_start_signal() -> None:
+    req, _ = specs()
+    host = Host()
+    psk = new_psk()
+    host.want(LegRecord(req, psk))
+    host.steps()
+    j = host.journal
+    assert j.index("add_blackhole", str(req.remote_vtep)) < j.index("add_vxlan", "nwv0")
+    assert j.index("add_vxlan", "nwv0") < j.index("add_port", "nwv0")
+    assert host.net.addresses == {(str(req.local_endpoint), "ul0"), (str(req.local_vtep), "lo")}
+    assert host.net.link_routes == {(str(req.remote_endpoint), "ul0", str(req.local_endpoint))}
+    vxlan = host.net.vxlans["nwv0"]
+    assert (vxlan.vni, vxlan.local, vxlan.remote, vxlan.port, vxlan.mtu) == (
+        req.vni, req.local_vtep, req.remote_vtep, 4789, 1500)
+    port = host.db.ports["nwv0"]
+    assert (port["bridge"], port["ofport_request"]) == ("br-int", 10000)
+    assert port["external_ids"]["nwc-weave"] == "wv-000007"
+    assert host.ike.shared[req.connection_name] == (psk, [req.local_id, req.remote_id])
+    assert j.index("load_shared") < j.index("load_conn")
+    assert set(host.ike.conns) == {req.connection_name}
+    assert host.ike.initiations == 0  # the responder may not be listening yet
+    status = host.status(req)
+    assert status.phase is Phase.LISTENING and status.applied == req
+    raw = host.db.ids[STATUS_PREFIX + req.key]
+    assert psk.to_text() not in raw and psk.reveal().hex() not in raw
+
+    host.want(LegRecord(req, psk, start=True))
+    host.steps()
+    assert host.ike.initiations == 1
+    assert host.status(req).phase is Phase.INSTALLED
+    host.steps(5)
+    assert host.ike.initiations == 1  # installed: nothing more to do
+
+
+def test_the_responder_never_initiates() -> None:
+    _, tgt = specs()
+    host = Host()
+    host.want(LegRecord(tgt, new_psk(), start=True))
+    host.steps(5)
+    assert host.ike.initiations == 0
+    assert host.status(tgt).phase is Phase.LISTENING
+    host.ike.sa_table[tgt.connection_name] = SaInfo("ESTABLISHED", "INSTALLED", "4", "2")
+    host.steps(1)
+    assert host.status(tgt).phase is Phase.INSTALLED
+
+
+def test_an_authentication_failure_is_reported_and_not_retried_with_the_same_key() -> None:
+    req, _ = specs()
+    host = Host()
+    host.ike.outcome = "auth"
+    host.want(LegRecord(req, new_psk(), start=True))
+    host.steps(3)
+    status = host.status(req)
+    assert status.phase is Phase.AUTH_FAILED and "AUTHENTICATION_FAILED" in status.detail
+    host.clock.advance(60)
+    host.steps(5)
+    assert host.ike.initiations == 1
+    assert "nwv0" in host.net.vxlans and str(req.remote_vtep) in host.net.blackholes
+    host.ike.outcome = "ok"  # the controller sends a new key: a new attempt
+    host.want(LegRecord(req, new_psk(), start=True))
+    host.steps(3)
+    assert host.ike.initiations == 2 and host.status(req).phase is Phase.INSTALLED
+
+
+def test_transient_ike_failures_back_off_and_retry() -> None:
+    req, _ = specs()
+    host = Host()
+    host.ike.outcome = "timeout"
+    host.want(LegRecord(req, new_psk(), start=True))
+    host.steps(1)
+    host.steps(4)
+    assert host.ike.initiations == 1  # within the back-off: no storm
+    assert host.status(req).phase is Phase.LISTENING
+    host.clock.advance(0.6)
+    host.steps(2)
+    assert host.ike.initiations == 2
+    host.ike.outcome = "ok"
+    host.clock.advance(1.1)
+    host.steps(3)
+    assert host.status(req).phase is Phase.INSTALLED
+
+
+def test_teardown_removes_everything_device_first_blackhole_last() -> None:
+    req, _ = specs()
+    host = Host()
+    host.want(LegRecord(req, new_psk(), start=True))
+    host.steps()
+    host.drop(req)
+    host.steps(1)
+    j = host.journal
+    assert j.index("delete_port", "nwv0") < j.index("terminate")
+    assert j.index("remove_vxlan", "nwv0") < j.index("terminate")
+    last_ike = max(j.index("unload_conn"), j.index("unload_shared"), j.index("terminate"))
+    assert last_ike < j.index("remove_blackhole", str(req.remote_vtep))
+    assert j.entries[-1][0] == "remove_blackhole"
+    assert host.net.empty()
+    assert not host.db.ports and not host.db.ids
+    assert not (host.ike.conns or host.ike.shared or host.ike.keys or host.ike.sa_table)
+    assert host.compactions == 1  # the key's old value leaves OVSDB's on-disk log too
+
+
+def test_a_restarted_charon_gets_everything_back() -> None:
+    req, _ = specs()
+    host = Host()
+    host.want(LegRecord(req, new_psk(), start=True))
+    host.steps()
+    host.ike.up = False
+    host.steps(1)
+    status = host.status(req)
+    assert status.phase is Phase.IKE_DOWN
+    # Nothing is torn down while charon is away: the blackhole keeps traffic from leaving.
+    assert "nwv0" in host.net.vxlans and str(req.remote_vtep) in host.net.blackholes
+    host.ike.restart()
+    host.ike.up = True
+    host.clock.advance(1)
+    host.steps(3)
+    assert set(host.ike.conns) == {req.connection_name} and host.ike.shared
+    assert host.status(req).phase is Phase.INSTALLED
+    assert host.ike.initiations == 2
+
+
+def test_a_restarted_agent_takes_its_legs_back_and_can_remove_them() -> None:
+    req, _ = specs()
+    host = Host()
+    host.want(LegRecord(req, new_psk(), start=True))
+    host.steps()
+    host.agent = host.new_agent()  # the process restarted: no memory
+    host.drop(req)  # and meanwhile the weave ended
+    host.steps(1)
+    assert host.net.empty() and not host.db.ports and not host.db.ids
+    assert not (host.ike.conns or host.ike.shared)
+
+
+def test_a_garbled_record_becomes_an_error_and_builds_nothing() -> None:
+    req, _ = specs()
+    host = Host()
+    record = json.loads(LegRecord(req, new_psk()).to_json())
+    record["spec"]["local_vtep"] = "not-an-address"
+    host.db.ids[RECORD_PREFIX + req.key] = json.dumps(record)
+    host.steps(2)
+    status = host.status(req)
+    assert status.phase is Phase.ERROR and "IPv4" in status.detail
+    assert host.net.empty() and not host.db.ports
+
+
+def test_a_record_for_another_backend_is_refused() -> None:
+    req, _ = specs(topo=OVS_TOPO)
+    host = Host()
+    host.want(LegRecord(req, new_psk()))
+    host.steps(1)
+    assert host.status(req).phase is Phase.ERROR
+    assert "backend" in host.status(req).detail and host.net.empty()
+
+
+def test_an_x509_leg_asks_for_a_certificate_and_uses_it(tmp_path: Path) -> None:
+    req, _ = specs(profile="silver")
+    ca = CertificateAuthority.load_or_create(tmp_path / "pki", now=T0)
+    host = Host()
+    host.want(LegRecord(req, None, ca.cert_pem))
+    host.steps(2)
+    status = host.status(req)
+    assert status.phase is Phase.WAITING_CERT and status.csr_pem is not None
+    assert not host.ike.conns and not host.ike.keys
+    cert = ca.sign_request(status.csr_pem, req.local_id, now=T0,
+                           not_after=T0 + dt.timedelta(days=1))
+    host.want(LegRecord(req, None, ca.cert_pem, cert, start=True))
+    host.steps(3)
+    assert len(host.ike.keys) == 1
+    body = host.ike.conns[req.connection_name]
+    assert body["local-nwc"]["certs"] == [cert] and body["remote-nwc"]["cacerts"] == [ca.cert_pem]
+    assert host.status(req).phase is Phase.INSTALLED
+    assert host.status(req).csr_pem is None
+    # A certificate for some other key is not used.
+    other = ca.sign_request(LegKey.generate(req.local_id).csr_pem(), req.local_id, now=T0,
+                            not_after=T0 + dt.timedelta(days=1))
+    host.want(LegRecord(req, None, ca.cert_pem, other, start=True))
+    host.steps(1)
+    assert host.status(req).phase is Phase.WAITING_CERT
+    host.drop(req)
+    host.steps(1)
+    assert not host.ike.keys and not host.ike.conns and host.net.empty()
+
+
+def test_rekeys_are_counted_and_counters_do_not_flood_ovsdb() -> None:
+    req, _ = specs()
+    host = Host()
+    host.want(LegRecord(req, new_psk(), start=True))
+    host.steps(3)
+    name = req.connection_name
+    writes = host.db.writes
+    for n in range(1, 6):  # bytes move every step; nothing else does
+        host.ike.sa_table[name] = SaInfo("ESTABLISHED", "INSTALLED", "1", "1", bytes_in=n)
+        host.clock.advance(0.1)
+        host.steps(1)
+    assert host.db.writes == writes
+    host.clock.advance(2)
+    host.steps(1)
+    assert host.db.writes == writes + 1 and host.status(req).sa.bytes_in == 5
+    host.ike.sa_table[name] = SaInfo("ESTABLISHED", "INSTALLED", "2", "1")  # new CHILD SA
+    host.steps(1)
+    assert host.status(req).rekeys == 1
+
+
+def test_ovs_ipsec_backend_writes_the_interface_and_cleans_up() -> None:
+    req, _ = specs(topo=OVS_TOPO)
+    host = Host(backend="ovs-ipsec")
+    psk = new_psk()
+    host.want(LegRecord(req, psk))
+    host.steps(2)
+    port = host.db.ports["nwv0"]
+    assert port["type"] == "vxlan" and port["ofport_request"] == 10000
+    assert port["options"]["psk"] == psk.reveal().hex()
+    assert port["options"]["remote_ip"] == str(req.remote_endpoint)
+    assert host.db.other["ipsec_skb_mark"] == "0/1"  # OVS drops unencrypted tunnel packets
+    assert host.status(req).phase is Phase.DELEGATED
+    assert host.net.addresses == {(str(req.local_endpoint), "ul0")} and not host.net.vxlans
+    host.ike.sa_table["nwv0-in-1"] = SaInfo("ESTABLISHED", "INSTALLED", "1", "1")
+    host.ike.sa_table["nwv0-out-1"] = SaInfo("ESTABLISHED", "INSTALLED", "2", "1")
+    host.steps(1)
+    assert host.status(req).phase is Phase.INSTALLED
+    host.drop(req)
+    host.steps(1)
+    assert not host.db.ports and not host.db.other and not host.db.ids and host.net.empty()
+
+
+def test_ovs_ipsec_x509_uses_a_host_certificate_kept_private(tmp_path: Path) -> None:
+    req, _ = specs(profile="silver", topo=OVS_TOPO)
+    ca = CertificateAuthority.load_or_create(tmp_path / "pki", now=T0)
+    host = Host(backend="ovs-ipsec", state_dir=tmp_path / "agent")
+    host.agent = host.new_agent()
+    host.want(LegRecord(req, None, ca.cert_pem))
+    host.steps(2)
+    csr = host.status(req).csr_pem
+    assert csr is not None and host.status(req).phase is Phase.WAITING_CERT
+    cert = ca.sign_request(csr, "h1.host.nwc", now=T0, not_after=T0 + dt.timedelta(days=1))
+    host.want(LegRecord(req, None, ca.cert_pem, cert))
+    host.steps(2)
+    files = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "agent/ovs-ipsec").iterdir()}
+    assert files == {"host.key": 0o600, "host.crt": 0o600, "ca.crt": 0o600}
+    assert host.db.other["private_key"].endswith("host.key")
+    assert host.db.ports["nwv0"]["options"]["remote_name"] == "h2.host.nwc"
+    host.drop(req)
+    host.steps(1)
+    assert not (tmp_path / "agent/ovs-ipsec").exists() and not host.db.other

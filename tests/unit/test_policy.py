@@ -1,0 +1,215 @@
+"""The policy schema: every rule check-policy enforces, on inline YAML, with file/line/field."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from nwc.cli import main
+from nwc.config import SHIPPED_POLICIES
+from nwc.policy import load_policy, parse_policy_text
+from nwc.yamlsource import ConfigError
+
+pytestmark = pytest.mark.unit
+
+BASE = """\
+version: 1
+tenants:
+  acme: {}
+  globex: {}
+security_profiles:
+  gold:
+    ike: [aes256gcm16-prfsha256-x25519]
+    esp: [aes256gcm16]
+    auth: psk
+    acl:
+      - {from: either, protocol: any}
+ivns:
+  web:
+    tenant: acme
+    vni: 10
+    cidrs: [192.0.2.0/26]
+    gateway: 192.0.2.1
+    weaving:
+      partners: [{ivn: db}]
+      max_weave_mbps: 10
+      max_total_mbps: 20
+      max_duration_s: 600
+      profiles: [gold]
+  db:
+    tenant: globex
+    vni: 20
+    cidrs: [192.0.2.64/26]
+    gateway: 192.0.2.65
+"""
+
+
+def problems(text: str) -> list[str]:
+    with pytest.raises(ConfigError) as exc:
+        parse_policy_text(textwrap.dedent(text), "p.yaml")
+    return [str(p) for p in exc.value.problems]
+
+
+def one_problem(text: str) -> str:
+    found = problems(text)
+    assert len(found) == 1, found
+    return found[0]
+
+
+def test_base_policy_is_valid_and_modelled() -> None:
+    policy = parse_policy_text(BASE)
+    web = policy.ivns["web"]
+    assert web.tenant == "acme" and web.vni == 10
+    assert str(web.gateway) == "192.0.2.1"
+    assert web.weaving.partners[0].ivn == "db"
+    assert web.weaving.profiles == ("gold",)
+    assert policy.ivns["db"].weaving.partners == ()  # no weaving section: nobody
+    assert policy.profiles["gold"].rekey_s == 3600
+    assert "standard" in policy.qos_classes
+
+
+def test_shipped_policies_are_valid(shipped_policy) -> None:
+    assert {"acme-web", "globex-db", "initech-app"} <= set(shipped_policy.ivns)
+
+
+def test_duplicate_key_is_rejected_with_both_lines() -> None:
+    text = BASE.replace("    vni: 10\n", "    vni: 10\n    vni: 11\n")
+    msg = one_problem(text)
+    assert msg.startswith("p.yaml:16: ivns.web.vni: duplicate key (first defined on line 15)")
+
+
+def test_duplicate_mapping_entry_is_rejected() -> None:
+    text = BASE + "  web:\n    tenant: acme\n"
+    msg = problems(text)[0]
+    assert "ivns.web: duplicate key" in msg
+
+
+def test_unknown_key_names_field_and_line() -> None:
+    text = BASE.replace("    vni: 10\n", "    vni: 10\n    colour: blue\n")
+    msg = one_problem(text)
+    assert msg.startswith("p.yaml:16: ivns.web.colour: unknown key 'colour'")
+
+
+def test_wrong_type() -> None:
+    msg = one_problem(BASE.replace("vni: 10", "vni: ten"))
+    assert "ivns.web.vni: expected an integer, got string 'ten'" in msg
+
+
+@pytest.mark.parametrize(("find", "replace", "expected"), [
+    ("max_weave_mbps: 10", "max_weave_mbps: 30",
+     "30 Mbit/s per weave exceeds the total cap of 20"),
+    ("max_weave_mbps: 10", "max_weave_mbps: 0", "must be greater than 0"),
+    ("max_duration_s: 600", "max_duration_s: -5", "must be at least 1"),
+    ("max_duration_s: 600", "max_duration_s: 99999999999", "must be at most"),
+    ("vni: 10", "vni: 16777215", "must be at most 8388607"),
+    ("cidrs: [192.0.2.0/26]", "cidrs: [192.0.2.1/26]", "has host bits set"),
+    ("cidrs: [192.0.2.0/26]", "cidrs: [192.0.2.0/26, 192.0.2.32/27]",
+     "192.0.2.32/27 overlaps 192.0.2.0/26 in the same list"),
+    ("gateway: 192.0.2.1", "gateway: 192.0.2.100", "not a usable address"),
+    ("gateway: 192.0.2.1", "gateway: 192.0.2.0", "not a usable address"),
+    ("partners: [{ivn: db}]", "partners: [{ivn: nosuch}]", "unknown partner IVN 'nosuch'"),
+    ("partners: [{ivn: db}]", "partners: [{tenant: nosuch}]", "unknown partner tenant"),
+    ("partners: [{ivn: db}]", "partners: [{ivn: web}]", "cannot list itself"),
+    ("partners: [{ivn: db}]", "partners: [{ivn: db, tenant: globex}]", "exactly one of"),
+    ("partners: [{ivn: db}]", "partners: [{ivn: db, prefixes: [203.0.113.0/24]}]",
+     "is not inside partner db's prefixes"),
+    ("profiles: [gold]", "profiles: [platinum]", "unknown security profile 'platinum'"),
+    ("profiles: [gold]", "profiles: [gold, gold]", "lists a profile twice"),
+    ("tenant: acme\n    vni: 10", "tenant: umbrella\n    vni: 10", "unknown tenant 'umbrella'"),
+    ("vni: 20", "vni: 10", "VNI 10 is already used by IVN 'web'"),
+    ("auth: psk", "auth: password", "must be 'psk' or 'x509'"),
+    ("ike: [aes256gcm16-prfsha256-x25519]", "ike: [3des-md5-modp1024]",
+     "unknown or disallowed algorithm '3des'"),
+    ("ike: [aes256gcm16-prfsha256-x25519]", "ike: [aes256gcm16-x25519]", "needs a PRF"),
+    ("ike: [aes256gcm16-prfsha256-x25519]", "ike: [aes256-prfsha256-x25519]",
+     "needs an integrity algorithm"),
+    ("ike: [aes256gcm16-prfsha256-x25519]", "ike: [aes256gcm16-prfsha256]",
+     "needs a Diffie-Hellman group"),
+    ("esp: [aes256gcm16]", "esp: [aes256gcm16-sha256]", "takes no integrity algorithm"),
+    ("esp: [aes256gcm16]", "esp: []", "needs at least one proposal"),
+    ("- {from: either, protocol: any}", "- {from: anyone, protocol: any}",
+     "must be requester, target or either"),
+    ("- {from: either, protocol: any}", "- {from: either, protocol: icmp, ports: [1]}",
+     "ports only apply to tcp and udp"),
+    ("- {from: either, protocol: any}", "- {from: either, protocol: tcp, ports: [70000]}",
+     "must lie within 1-65535"),
+    ("- {from: either, protocol: any}", "- {from: either, protocol: tcp, ports: ['90-80']}",
+     "low end first"),
+    ("    acl:\n      - {from: either, protocol: any}\n", "    acl: []\n",
+     "an empty ACL lets nothing cross"),
+    ("tenants:\n  acme: {}", "tenants:\n  Acme: {}", "is not a name"),
+    ("version: 1", "version: 2", "only version 1"),
+])
+def test_each_rule_gives_a_precise_problem(find: str, replace: str, expected: str) -> None:
+    text = BASE.replace(find, replace, 1)
+    assert text != BASE, "the test's search text must be in BASE"
+    found = problems(text)
+    assert any(expected in p for p in found), found
+    assert all(p.startswith("p.yaml:") for p in found)
+
+
+def test_yaml_syntax_error_has_a_line() -> None:
+    msg = problems("tenants:\n  acme: {\n")[0]
+    assert msg.startswith("p.yaml:") and "YAML syntax error" in msg
+
+
+def test_several_problems_are_all_reported() -> None:
+    text = BASE.replace("vni: 10", "vni: x").replace("gateway: 192.0.2.65", "gateway: nope")
+    found = problems(text)
+    assert len(found) == 2
+    assert any("ivns.web.vni" in p for p in found) and any("ivns.db.gateway" in p for p in found)
+
+
+def test_definitions_merge_across_files_and_clash_is_located(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").write_text(BASE)
+    (tmp_path / "b.yaml").write_text("tenants:\n  initech: {}\n")
+    policy = load_policy([tmp_path])
+    assert set(policy.tenants) == {"acme", "globex", "initech"}
+    (tmp_path / "c.yaml").write_text("tenants:\n  acme: {}\n")
+    with pytest.raises(ConfigError) as exc:
+        load_policy([tmp_path])
+    (msg,) = [str(p) for p in exc.value.problems]
+    assert msg.startswith(f"{tmp_path / 'c.yaml'}:2: tenants.acme:")
+    assert f"already defined at {tmp_path / 'a.yaml'}:3" in msg
+
+
+def test_check_policy_cli_exit_codes_and_output(tmp_path: Path, capsys) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text(BASE)
+    assert main(["check-policy", str(good)]) == 0
+    assert "policy OK: 2 tenants, 2 IVNs" in capsys.readouterr().out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(BASE.replace("    vni: 10\n", "    vni: 10\n    vni: 10\n")
+                   .replace("[{ivn: db}]", "[{ivn: gone}]"))
+    assert main(["check-policy", str(bad)]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == (f"{bad}:16: ivns.web.vni: duplicate key (first defined on line 15); "
+                      "YAML would silently keep only the last one")
+    assert any("ivns.web.weaving.partners[0]: unknown partner IVN 'gone'" in e for e in err)
+    assert err[-1] == "check-policy: 2 problem(s)"
+
+
+def test_check_policy_validates_topologies_against_the_policy(tmp_path: Path, capsys) -> None:
+    topo = tmp_path / "t.yaml"
+    topo.write_text(textwrap.dedent("""\
+        name: t
+        underlay: {hosts: 100.64.0.0/24, weave_endpoints: 100.64.128.0/24,
+                   weave_vteps: 100.100.0.0/24}
+        switches: {s1: {}}
+        links: []
+        hosts:
+          h1: {switch: s1, uplink_mbps: 100, underlay_ip: 100.64.0.1}
+        vms:
+          v1: {host: h1, ivn: acme-web, ip: 203.0.113.5}
+        """))
+    assert main(["check-policy", str(SHIPPED_POLICIES), "--topology", str(topo)]) == 1
+    err = capsys.readouterr().err
+    assert f"{topo}:9: vms.v1.ip: 203.0.113.5 is outside IVN acme-web's prefixes" in err
+
+
+def test_check_policy_defaults_to_everything_shipped(capsys) -> None:
+    assert main(["check-policy"]) == 0
+    out = capsys.readouterr().out
+    assert "topology OK: small" in out and "topology OK: leaf-spine" in out

@@ -1,0 +1,229 @@
+"""Tunnel specs: what each host builds for a leg, the VICI connection, the records in OVSDB,
+and the MTU arithmetic."""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import json
+
+import pytest
+from vici.protocol import Message
+
+from nwc.config import SHIPPED_POLICIES
+from nwc.lab.tunnel_lab import TWO_HOSTS
+from nwc.pki import Secret, new_psk
+from nwc.policy import load_policy
+from nwc.topology import Topology, parse_topology_text
+from nwc.tunnel import (
+    LegRecord,
+    LegStatus,
+    Phase,
+    SaInfo,
+    TunnelError,
+    TunnelSpec,
+    esp_overhead,
+    leg_specs,
+    mtu_plan,
+    weave_specs,
+)
+from nwc.weave import Leg, Weave
+
+pytestmark = pytest.mark.unit
+
+POLICY = load_policy([SHIPPED_POLICIES])
+TOPO = parse_topology_text(TWO_HOSTS, POLICY)
+T0 = dt.datetime(2026, 11, 24, 12, 0, tzinfo=dt.UTC)
+
+
+def weave(number: int, slot: int | None, target: str = "globex-db", profile: str = "gold",
+          hosts: tuple[str, str] = ("h1", "h2")) -> Weave:
+    return Weave(id=f"wv-{number:06d}", requester="acme-web", target=target,
+                 requester_tenant="acme", target_tenant="globex",
+                 legs=(Leg(hosts[0], hosts[1], (hosts[0], "s1", hosts[1]), slot),),
+                 kbps=10_000, profile=profile,
+                 requester_prefixes=(ipaddress.IPv4Network("192.0.2.0/26"),),
+                 target_prefixes=(ipaddress.IPv4Network("192.0.2.64/26"),),
+                 created_at=T0, expires_at=T0 + dt.timedelta(hours=1))
+
+
+def ends(number: int = 1, slot: int = 0, profile: str = "gold",
+         topo: Topology = TOPO) -> tuple[TunnelSpec, TunnelSpec]:
+    w = weave(number, slot, profile=profile)
+    return leg_specs(w, w.legs[0], POLICY.profiles[profile], topo)
+
+
+def test_the_two_ends_of_a_leg_mirror_each_other() -> None:
+    req, tgt = ends(slot=3)
+    addrs = TOPO.weave_addresses(3)
+    assert (req.host, req.peer_host, tgt.host, tgt.peer_host) == ("h1", "h2", "h2", "h1")
+    assert req.vni == tgt.vni == addrs.vni == 2**23 + 3
+    assert req.device == tgt.device == "nwv3" and req.ofport == tgt.ofport == 10003
+    assert (req.local_endpoint, req.remote_endpoint) == (addrs.requester_endpoint,
+                                                         addrs.target_endpoint)
+    assert (tgt.local_endpoint, tgt.remote_endpoint) == (addrs.target_endpoint,
+                                                         addrs.requester_endpoint)
+    assert (req.local_vtep, req.remote_vtep) == (tgt.remote_vtep, tgt.local_vtep)
+    assert (req.local_id, req.remote_id) == (tgt.remote_id, tgt.local_id)
+    assert req.local_id == "h1.s3.wv-000001.nwc"
+    assert req.initiator and not tgt.initiator  # one side starts IKE: no duplicate SAs
+
+
+def test_a_host_gets_addresses_and_a_blackhole_for_the_peer_vtep() -> None:
+    req, _ = ends()
+    assert {(str(a.address), a.device) for a in req.addresses()} == {
+        (str(req.local_endpoint), "@underlay"), (str(req.local_vtep), "lo")}
+    routes = {(str(r.destination), r.kind, r.device, str(r.source)) for r in req.routes()}
+    assert routes == {(str(req.remote_endpoint), "link", "@underlay", str(req.local_endpoint)),
+                      (str(req.remote_vtep), "blackhole", None, "None")}
+
+
+def test_the_vici_connection_carries_the_profile_and_no_secret() -> None:
+    req, tgt = ends(profile="gold")
+    gold = POLICY.profiles["gold"]
+    conn = req.vici_connection()
+    (name, body), = conn.items()
+    assert name == req.connection_name == "nwc-wv-000001-s0"
+    assert body["local_addrs"] == [str(req.local_endpoint)]
+    assert body["remote_addrs"] == [str(req.remote_endpoint)]
+    assert body["proposals"] == list(gold.ike_proposals)
+    assert body["rekey_time"] == f"{gold.rekey_s}s"
+    assert body["local-nwc"] == {"auth": "psk", "id": req.local_id}
+    assert body["remote-nwc"] == {"auth": "psk", "id": req.remote_id}
+    child = body["children"][name]
+    assert child["mode"] == "tunnel"
+    assert child["local_ts"] == [f"{req.local_vtep}/32[udp]"]
+    assert child["remote_ts"] == [f"{req.remote_vtep}/32[udp]"]
+    assert child["esp_proposals"] == list(gold.esp_proposals)
+    assert child["start_action"] == "trap"
+    assert tgt.vici_connection()[name]["children"][name]["start_action"] == "none"
+    # It is a valid VICI message, and no key material can be in it.
+    wire = Message.serialize(conn)
+    assert b"psk" in wire and b"data" not in wire
+
+
+def test_an_x509_connection_names_its_certificate_and_the_ca() -> None:
+    req, _ = ends(profile="silver")
+    with pytest.raises(TunnelError, match="certificate"):
+        req.vici_connection()
+    body = req.vici_connection(cert_pem=b"CERT", ca_pem=b"CA")[req.connection_name]
+    assert body["local-nwc"] == {"auth": "pubkey", "id": req.local_id, "certs": [b"CERT"]}
+    assert body["remote-nwc"] == {"auth": "pubkey", "id": req.remote_id, "cacerts": [b"CA"]}
+    assert body["proposals"] == list(POLICY.profiles["silver"].ike_proposals)
+
+
+def test_two_weaves_between_the_same_hosts_share_nothing() -> None:
+    a, _ = ends(number=1, slot=0, profile="gold")
+    b, _ = ends(number=2, slot=1, profile="silver")
+    for field in ("key", "device", "ofport", "vni", "local_endpoint", "remote_endpoint",
+                  "local_vtep", "remote_vtep", "local_id", "remote_id", "connection_name"):
+        assert getattr(a, field) != getattr(b, field), field
+    assert (a.auth, b.auth) == ("psk", "x509")
+    assert a.esp_proposals != b.esp_proposals
+
+
+def test_hosts_with_different_backends_cannot_share_a_leg() -> None:
+    mixed = parse_topology_text(TWO_HOSTS.replace(
+        "h2: {switch: s1,", "h2: {backend: ovs-ipsec, switch: s1,"), POLICY)
+    with pytest.raises(TunnelError, match="different tunnel backends"):
+        ends(topo=mixed)
+
+
+def test_a_leg_inside_one_host_has_no_tunnel() -> None:
+    local = weave(1, None, hosts=("h1", "h1"))
+    assert weave_specs(local, POLICY.profiles["gold"], TOPO) == []
+
+
+@pytest.mark.parametrize("proposal, overhead", [
+    ("aes256gcm16-x25519", 20 + 8 + 8 + 8 + 3 + 2 + 16),
+    ("aes128gcm12", 20 + 8 + 8 + 8 + 3 + 2 + 12),
+    ("chacha20poly1305-ecp256", 20 + 8 + 8 + 8 + 3 + 2 + 16),
+    ("aes256-sha512-modp4096", 20 + 8 + 8 + 16 + 15 + 2 + 32),
+    ("aes128ctr-sha256", 20 + 8 + 8 + 8 + 3 + 2 + 16),
+])
+def test_esp_overhead_per_proposal(proposal: str, overhead: int) -> None:
+    assert esp_overhead(proposal) == overhead
+
+
+def test_mtu_plan_keeps_vm_mtu_and_checks_the_underlay() -> None:
+    plan = mtu_plan(("aes128gcm16", "aes256-sha512"), underlay_mtu=9000)
+    assert plan.vm_mtu == 1500
+    assert plan.vxlan_packet == 1550  # 1500 + inner Ethernet 14 + VXLAN 8 + UDP 8 + IPv4 20
+    assert plan.esp_overhead == esp_overhead("aes256-sha512")  # the worst proposal counts
+    assert plan.kernel_esp_packet == 1550 + plan.esp_overhead
+    assert plan.fits_underlay and plan.problem() is None
+    # kernel-libipsec's TUN is 1400: full frames are split in two inside ESP.
+    assert plan.libipsec_fragments and plan.libipsec_esp_packet == 1400 + plan.esp_overhead
+    thin = mtu_plan(("aes256gcm16",), underlay_mtu=1500)
+    assert not thin.fits_underlay
+    assert "underlay MTU 1500" in (thin.problem() or "")
+    assert mtu_plan(("aes256gcm16",), underlay_mtu=1615).fits_underlay
+    assert not mtu_plan(("aes256gcm16",), underlay_mtu=1614).fits_underlay
+
+
+def test_a_record_round_trips_and_its_secret_stays_out_of_sight() -> None:
+    req, _ = ends()
+    psk = new_psk()
+    record = LegRecord(req, psk, start=True)
+    text = record.to_json()
+    assert psk.to_text() in text  # it is the key's only way to the host...
+    back = LegRecord.from_json(text)
+    assert back == record and back.same_material(record)
+    assert psk.to_text() not in repr(back)  # ...but printing the record never shows it
+    assert not back.same_material(LegRecord(req, new_psk()))
+
+
+@pytest.mark.parametrize("mangle, why", [
+    (lambda d: "not json", "not JSON"),
+    (lambda d: {**d, "v": 99}, "version"),
+    (lambda d: {**d, "spec": {**d["spec"], "local_vtep": "300.1.1.1"}}, "IPv4"),
+    (lambda d: {**d, "spec": {**d["spec"], "weave": "wv-1; rm -rf /"}}, "weave"),
+    (lambda d: {**d, "spec": {**d["spec"], "bridge": "a-very-long-bridge-name"}}, "bridge"),
+    (lambda d: {**d, "spec": {**d["spec"], "ike": ["aes256gcm16 x"]}}, "proposals"),
+    (lambda d: {k: v for k, v in d.items() if k != "psk"}, "pre-shared key"),
+    (lambda d: {**d, "psk": "***"}, "base64"),
+    (lambda d: {**d, "spec": {k: v for k, v in d["spec"].items() if k != "vni"}}, "vni"),
+])
+def test_a_garbled_record_is_refused_whole(mangle, why: str) -> None:
+    req, _ = ends()
+    d = json.loads(LegRecord(req, new_psk()).to_json())
+    mangled = mangle(d)
+    with pytest.raises(TunnelError, match=why):
+        LegRecord.from_json(mangled if isinstance(mangled, str) else json.dumps(mangled))
+
+
+def test_a_status_round_trips() -> None:
+    req, _ = ends()
+    status = LegStatus(Phase.INSTALLED, "", SaInfo("ESTABLISHED", "INSTALLED", "7", "3",
+                                                    "AES_GCM_16", bytes_in=10), 2,
+                       None, req, {"key_id": "ab"})
+    back = LegStatus.from_json(status.to_json())
+    assert back == status and back.sa is not None and back.sa.installed
+    with pytest.raises(TunnelError):
+        LegStatus.from_json('{"phase": "dancing"}')
+
+
+def test_ovs_ipsec_interface_options() -> None:
+    topo = parse_topology_text(TWO_HOSTS.replace("underlay_ip: 100.64.0.1}",
+                                                 "underlay_ip: 100.64.0.1, backend: ovs-ipsec}")
+                               .replace("underlay_ip: 100.64.0.2}",
+                                        "underlay_ip: 100.64.0.2, backend: ovs-ipsec}"), POLICY)
+    req, _ = ends(topo=topo)
+    assert req.local_id == "h1.host.nwc"  # ovs-monitor-ipsec: one certificate per host
+    psk = Secret(b"\x01" * 32)
+    row = req.ovs_interface(psk=psk)
+    assert (row["name"], row["type"], row["ofport_request"]) == ("nwv0", "vxlan", 10000)
+    opts = row["options"]
+    assert opts["remote_ip"] == str(req.remote_endpoint)
+    assert opts["local_ip"] == str(req.local_endpoint)
+    assert opts["key"] == str(req.vni) and opts["psk"] == "01" * 32
+    assert opts["ipsec_esp"] == "aes256gcm16-x25519!"
+    assert row["external_ids"]["nwc-weave"] == "wv-000001"
+    assert [a.device for a in req.addresses()] == ["@underlay"]  # no VTEPs: OVS tunnels
+    assert [r.kind for r in req.routes()] == ["link"]
+    with pytest.raises(TunnelError):
+        req.ovs_interface()
+    silver_req, _ = leg_specs(weave(2, 1, profile="silver"), weave(2, 1).legs[0],
+                              POLICY.profiles["silver"], topo)
+    opts = silver_req.ovs_interface()["options"]
+    assert opts["remote_name"] == "h2.host.nwc" and "psk" not in opts

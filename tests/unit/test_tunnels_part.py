@@ -1,0 +1,290 @@
+"""The controller's tunnel part driving two hosts, each with a real agent on fake OVSDB,
+charon and kernel: key material, the start handshake, certificate signing, readiness, failures,
+security events and teardown, without any daemon."""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from tunnel_fakes import FakeClock, FakeHostDb, FakeIke, FakeNet, Journal, run_now
+
+from nwc.agent import Agent
+from nwc.config import SHIPPED_POLICIES
+from nwc.lab.tunnel_lab import TWO_HOSTS
+from nwc.pki import CertificateAuthority, LegKey, certificate_identity, new_psk
+from nwc.policy import load_policy
+from nwc.topology import parse_topology_text
+from nwc.tunnel import (
+    RECORD_PREFIX,
+    STATUS_PREFIX,
+    LegRecord,
+    LegStatus,
+    Phase,
+    SaInfo,
+    TunnelError,
+)
+from nwc.tunnels import Tunnels
+from nwc.weave import Leg, Weave
+
+pytestmark = pytest.mark.unit
+
+POLICY = load_policy([SHIPPED_POLICIES])
+TOPO = parse_topology_text(TWO_HOSTS, POLICY)
+T0 = dt.datetime(2026, 11, 24, 12, 0, tzinfo=dt.UTC)
+
+
+def weave(number: int = 1, slot: int = 0, profile: str = "gold") -> Weave:
+    return Weave(id=f"wv-{number:06d}", requester="acme-web", target="globex-db",
+                 requester_tenant="acme", target_tenant="globex",
+                 legs=(Leg("h1", "h2", ("h1", "s1", "h2"), slot),), kbps=1000, profile=profile,
+                 requester_prefixes=(ipaddress.IPv4Network("192.0.2.0/26"),),
+                 target_prefixes=(ipaddress.IPv4Network("192.0.2.64/26"),),
+                 created_at=T0, expires_at=T0 + dt.timedelta(hours=1))
+
+
+@dataclass
+class Reports:
+    log: list[tuple[str, ...]] = field(default_factory=list)
+
+    def ready(self, weave_id: str) -> None:
+        self.log.append(("ready", weave_id))
+
+    def failed(self, weave_id: str, detail: str) -> None:
+        self.log.append(("failed", weave_id, detail))
+
+    def security(self, weave_id: str, kind: str, detail: str) -> None:
+        self.log.append(("security", weave_id, kind, detail))
+
+    def kinds(self) -> list[str]:
+        return [e[2] if e[0] == "security" else e[0] for e in self.log]
+
+
+@dataclass
+class World:
+    tmp: Path
+    clock: FakeClock = field(default_factory=FakeClock)
+    reports: Reports = field(default_factory=Reports)
+    dbs: dict[str, FakeHostDb] = field(default_factory=dict)
+    ikes: dict[str, FakeIke] = field(default_factory=dict)
+    nets: dict[str, FakeNet] = field(default_factory=dict)
+    agents: dict[str, Agent] = field(default_factory=dict)
+    part: Tunnels = field(init=False)
+    ca: CertificateAuthority = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.ca = CertificateAuthority.load_or_create(self.tmp / "pki", now=T0)
+        for host in ("h1", "h2"):
+            journal = Journal()
+            self.dbs[host] = FakeHostDb(journal)
+            self.ikes[host] = FakeIke(journal)
+            self.nets[host] = FakeNet(journal)
+        self.ikes["h1"].peer, self.ikes["h2"].peer = self.ikes["h2"], self.ikes["h1"]
+        for host in ("h1", "h2"):
+            self.agents[host] = Agent(db=self.dbs[host], ike=self.ikes[host],
+                                      net=self.nets[host], backend="strongswan",
+                                      underlay_device="ul0", submit=run_now, clock=self.clock)
+        self.part = self.new_part()
+
+    def new_part(self) -> Tunnels:
+        return Tunnels(topology=TOPO, policy=lambda: POLICY, ca=self.ca, reports=self.reports,
+                       ovsdb_targets={"h1": "unix:h1", "h2": "unix:h2"},
+                       db_factory=lambda target: self.dbs[target.split(":")[1]],
+                       now=lambda: T0)
+
+    def rounds(self, n: int = 6) -> None:
+        """Controller and agents taking turns, as their threads would."""
+        for _ in range(n):
+            self.part.sync()
+            for agent in self.agents.values():
+                agent.step()
+            self.clock.advance(0.1)
+
+    def record(self, host: str, w: Weave) -> LegRecord:
+        return LegRecord.from_json(self.dbs[host].ids[RECORD_PREFIX + f"{w.id}-s0"])
+
+    def status(self, host: str, w: Weave) -> LegStatus:
+        return LegStatus.from_json(self.dbs[host].ids[STATUS_PREFIX + f"{w.id}-s0"])
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> World:
+    return World(tmp_path)
+
+
+def test_a_psk_weave_comes_up_with_one_shared_fresh_key(world: World) -> None:
+    w = weave()
+    world.part.weave_up(w)
+    world.part.sync()
+    r1, r2 = world.record("h1", w), world.record("h2", w)
+    assert r1.psk is not None and r1.psk == r2.psk
+    assert not r1.start and not r2.start  # nobody starts before the responder listens
+    world.rounds()
+    assert world.record("h1", w).start and not world.record("h2", w).start
+    assert world.reports.log == [("ready", w.id)]
+    stats = world.part.stats(w)
+    assert stats["sa_state"] == "established" and stats["tunnel_legs"][0]["installed"]
+    assert set(stats["tunnel_legs"][0]["ends"]) == {"h1", "h2"}
+    assert r1.psk.to_text() not in json.dumps(stats)
+    world.rounds(3)
+    assert world.reports.log == [("ready", w.id)]  # reported once
+
+
+def test_two_weaves_between_the_same_hosts_get_separate_keys(world: World) -> None:
+    a, b = weave(1, 0), weave(2, 1)
+    world.part.weave_up(a)
+    world.part.weave_up(b)
+    world.rounds()
+    key_a = LegRecord.from_json(world.dbs["h1"].ids[RECORD_PREFIX + "wv-000001-s0"]).psk
+    key_b = LegRecord.from_json(world.dbs["h1"].ids[RECORD_PREFIX + "wv-000002-s1"]).psk
+    assert key_a != key_b
+    assert sorted(world.reports.log) == [("ready", a.id), ("ready", b.id)]
+    assert set(world.ikes["h2"].shared) == {"nwc-wv-000001-s0", "nwc-wv-000002-s1"}
+
+
+def test_wrong_key_means_no_tunnel_a_security_event_and_failure(world: World) -> None:
+    w = weave()
+    world.part.weave_up(w)
+    world.rounds(1)  # both listening, keys loaded, nobody started yet
+    world.ikes["h2"].shared["nwc-wv-000001-s0"] = (new_psk(), [])  # charon on h2 holds junk
+    world.rounds(3)
+    assert world.reports.kinds() == ["ike_failure", "failed"]
+    assert "auth_failed" in json.dumps(world.part.stats(w))
+    assert "authentication failed" in world.reports.log[1][2].lower()
+    assert not any(sa.installed for sa in world.ikes["h1"].sa_table.values())
+    world.rounds(3)
+    world.part.weave_down(w)  # what the weaver does on part_failed
+    world.rounds(3)
+    assert world.part.drained()
+    for host in ("h1", "h2"):
+        assert world.nets[host].empty() and not world.dbs[host].ids
+        assert not world.ikes[host].shared and not world.ikes[host].conns
+
+
+def test_weave_down_clears_both_hosts(world: World) -> None:
+    w = weave()
+    world.part.weave_up(w)
+    world.rounds()
+    world.part.weave_down(w)
+    assert not world.part.drained()
+    world.rounds(3)
+    assert world.part.drained()
+    for host in ("h1", "h2"):
+        assert not world.dbs[host].ids and not world.dbs[host].ports
+        assert world.nets[host].empty()
+        assert not (world.ikes[host].conns or world.ikes[host].shared
+                    or world.ikes[host].sa_table)
+    assert world.part.stats(w) == {}
+
+
+def test_x509_certificates_are_issued_for_exactly_the_assigned_identities(world: World) -> None:
+    w = weave(profile="silver")
+    world.part.weave_up(w)
+    world.rounds(8)
+    assert world.reports.log == [("ready", w.id)]
+    for host in ("h1", "h2"):
+        record = world.record(host, w)
+        assert record.psk is None and record.ca_pem == world.ca.cert_pem
+        assert certificate_identity(record.cert_pem) == record.spec.local_id
+        assert len(world.ikes[host].keys) == 1
+
+
+def test_a_request_for_someone_elses_identity_is_refused(world: World) -> None:
+    w = weave(profile="silver")
+    world.part.weave_up(w)
+    world.part.sync()
+    # A compromised h2 asks for h1's leg identity.
+    spec = world.record("h2", w).spec
+    forged = LegStatus(Phase.WAITING_CERT, csr_pem=LegKey.generate(
+        world.record("h1", w).spec.local_id).csr_pem(), applied=spec)
+    world.dbs["h2"].ids[STATUS_PREFIX + spec.key] = forged.to_json()
+    world.part.sync()
+    assert world.reports.kinds() == ["csr_rejected", "failed"]
+    assert "h1.s0.wv-000001.nwc" in world.reports.log[0][3]
+    for host in ("h1", "h2"):  # nothing was signed, and the failed weave is not built on
+        assert RECORD_PREFIX + spec.key not in world.dbs[host].ids
+
+
+def test_a_restarted_controller_keeps_working_keys(world: World) -> None:
+    w = weave()
+    world.part.weave_up(w)
+    world.rounds()
+    before = {h: world.dbs[h].ids[RECORD_PREFIX + "wv-000001-s0"] for h in ("h1", "h2")}
+    world.part = world.new_part()  # new process: no keys in memory
+    world.part.weave_up(w)
+    world.rounds()
+    after = {h: world.dbs[h].ids[RECORD_PREFIX + "wv-000001-s0"] for h in ("h1", "h2")}
+    assert after == before
+    assert world.ikes["h1"].initiations == 1  # the SA was never disturbed
+
+
+def test_records_of_weaves_the_controller_does_not_know_are_removed(world: World) -> None:
+    w = weave()
+    world.part.weave_up(w)
+    world.rounds()
+    world.part = world.new_part()  # restarted, and the weave ended meanwhile
+    world.rounds(3)
+    for host in ("h1", "h2"):
+        assert not world.dbs[host].ids and world.nets[host].empty()
+
+
+def test_an_installed_sa_going_away_is_a_security_event(world: World) -> None:
+    w = weave()
+    world.part.weave_up(w)
+    world.rounds()
+    world.ikes["h2"].up = False  # charon on h2 stops
+    world.rounds(2)
+    assert world.reports.kinds() == ["ready", "sa_down"]
+    assert "dropped" in world.reports.log[-1][3]
+    assert world.part.stats(w)["sa_state"] == "down"
+    world.ikes["h2"].restart()
+    world.ikes["h2"].up = True
+    world.clock.advance(2)
+    world.rounds(6)
+    assert world.reports.kinds()[-1] == "sa_restored"
+    assert world.part.stats(w)["sa_state"] == "established"
+
+
+def test_a_host_without_ovsdb_cannot_carry_a_tunnel(world: World) -> None:
+    part = Tunnels(topology=TOPO, policy=lambda: POLICY, ca=world.ca, reports=world.reports,
+                   ovsdb_targets={"h1": "unix:h1"})
+    with pytest.raises(TunnelError, match="h2"):
+        part.weave_up(weave())
+
+
+def test_sa_state_follows_the_contract_through_a_rekey(world: World) -> None:
+    w = weave()
+    world.part.weave_up(w)
+    world.part.sync()
+    assert world.part.stats(w)["sa_state"] == "connecting"
+    world.rounds()
+    name = "nwc-wv-000001-s0"
+    old = world.ikes["h1"].sa_table[name]
+    # An IKE rekey under way: the CHILD SA still carries traffic; nobody is alarmed.
+    world.ikes["h1"].sa_table[name] = SaInfo("REKEYING", "INSTALLED", old.child_id, old.ike_id,
+                                             rekeying=True)
+    world.clock.advance(3)
+    world.rounds(2)
+    assert world.part.stats(w)["sa_state"] == "rekeying"
+    world.ikes["h1"].sa_table[name] = SaInfo("ESTABLISHED", "INSTALLED", old.child_id, "99")
+    world.clock.advance(3)
+    world.rounds(2)
+    stats = world.part.stats(w)
+    assert stats["sa_state"] == "established" and stats["rekeys"] == 1
+    assert world.reports.kinds() == ["ready"]
+
+
+def test_a_weave_inside_one_host_reports_no_tunnel_measurements(world: World) -> None:
+    local = Weave(id="wv-000009", requester="acme-web", target="globex-db",
+                  requester_tenant="acme", target_tenant="globex",
+                  legs=(Leg("h1", "h1", ("h1",), None),), kbps=1000, profile="gold",
+                  requester_prefixes=(ipaddress.IPv4Network("192.0.2.0/26"),),
+                  target_prefixes=(ipaddress.IPv4Network("192.0.2.64/26"),),
+                  created_at=T0, expires_at=T0 + dt.timedelta(hours=1))
+    world.part.weave_up(local)
+    assert world.reports.log == [("ready", local.id)]
+    assert world.part.stats(local) == {}

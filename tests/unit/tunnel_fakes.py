@@ -1,0 +1,252 @@
+"""Fakes at the tunnel code's boundaries: a host's OVSDB, its IKE daemon and its kernel
+networking, each keeping the state a real one would, plus one ordered log of every change so
+tests can check what happened before what."""
+
+from __future__ import annotations
+
+import concurrent.futures
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from nwc.ike import IkeUnavailable, InitiateResult
+from nwc.pki import Secret
+from nwc.tunnel import SaInfo
+
+
+@dataclass
+class Journal:
+    entries: list[tuple[str, ...]] = field(default_factory=list)
+
+    def add(self, *entry: str) -> None:
+        self.entries.append(entry)
+
+    def index(self, *prefix: str) -> int:
+        for i, entry in enumerate(self.entries):
+            if entry[:len(prefix)] == prefix:
+                return i
+        raise AssertionError(f"{prefix} never happened: {self.entries}")
+
+    def count(self, *prefix: str) -> int:
+        return sum(1 for e in self.entries if e[:len(prefix)] == prefix)
+
+
+@dataclass
+class FakeHostDb:
+    journal: Journal = field(default_factory=Journal)
+    ids: dict[str, str] = field(default_factory=dict)
+    other: dict[str, str] = field(default_factory=dict)
+    ports: dict[str, dict[str, Any]] = field(default_factory=dict)
+    writes: int = 0
+    opened: bool = False
+
+    def open(self) -> FakeHostDb:
+        self.opened = True
+        return self
+
+    def close(self) -> None:
+        self.opened = False
+
+    def external_ids(self, prefix: str = "nwc-") -> dict[str, str]:
+        return {k: v for k, v in self.ids.items() if k.startswith(prefix)}
+
+    def update_external_ids(self, set_keys: Mapping[str, str] | None = None,
+                            delete_keys: Iterable[str] = ()) -> None:
+        self.writes += 1
+        for key in delete_keys:
+            self.ids.pop(key, None)
+        self.ids.update(set_keys or {})
+
+    def other_config(self) -> dict[str, str]:
+        return dict(self.other)
+
+    def update_other_config(self, set_keys: Mapping[str, str] | None = None,
+                            delete_keys: Iterable[str] = ()) -> None:
+        for key in delete_keys:
+            self.other.pop(key, None)
+        self.other.update(set_keys or {})
+
+    def add_port(self, bridge: str, columns: Mapping[str, Any]) -> None:
+        self.journal.add("add_port", columns["name"])
+        self.ports[columns["name"]] = {**columns, "bridge": bridge,
+                                       "ofport": columns.get("ofport_request")}
+
+    def delete_port(self, name: str) -> None:
+        self.journal.add("delete_port", name)
+        self.ports.pop(name, None)
+
+    def interface(self, name: str) -> dict[str, Any] | None:
+        port = self.ports.get(name)
+        if port is None:
+            return None
+        return {"name": name, "type": port.get("type", ""), "ofport": port["ofport"],
+                "ofport_request": port.get("ofport_request"),
+                "options": dict(port.get("options", {})),
+                "external_ids": dict(port.get("external_ids", {})), "error": None}
+
+
+@dataclass
+class FakeIke:
+    journal: Journal = field(default_factory=Journal)
+    conns: dict[str, dict[str, Any]] = field(default_factory=dict)
+    shared: dict[str, tuple[Secret, list[str]]] = field(default_factory=dict)
+    keys: dict[str, Secret] = field(default_factory=dict)
+    sa_table: dict[str, SaInfo] = field(default_factory=dict)
+    up: bool = True
+    # What the peer does with an initiation: "ok", "auth" (wrong key) or "timeout".
+    outcome: str = "ok"
+    initiations: int = 0
+    # With a peer, initiating negotiates with it instead: it must have the connection loaded
+    # and, for PSK, the same key; success installs the SA on both.
+    peer: FakeIke | None = None
+    _next_id: int = 0
+
+    def _check(self) -> None:
+        if not self.up:
+            raise IkeUnavailable("fake charon is down")
+
+    def restart(self) -> None:
+        """A charon that restarted: it remembers nothing."""
+        self.conns.clear()
+        self.shared.clear()
+        self.keys.clear()
+        self.sa_table.clear()
+
+    def load_connection(self, conn: dict[str, Any]) -> None:
+        self._check()
+        (name, body), = conn.items()
+        self.journal.add("load_conn", name)
+        self.conns[name] = body
+
+    def unload_connection(self, name: str) -> None:
+        self._check()
+        self.journal.add("unload_conn", name)
+        self.conns.pop(name, None)
+
+    def connections(self) -> set[str]:
+        self._check()
+        return set(self.conns)
+
+    def load_shared(self, secret_id: str, secret: Secret, owners: list[str]) -> None:
+        self._check()
+        self.journal.add("load_shared", secret_id)
+        self.shared[secret_id] = (secret, owners)
+
+    def unload_shared(self, secret_id: str) -> None:
+        self._check()
+        self.journal.add("unload_shared", secret_id)
+        self.shared.pop(secret_id, None)
+
+    def load_key(self, der: Secret, kind: str = "ECDSA") -> str:
+        self._check()
+        key_id = f"key{len(self.keys)}"
+        self.journal.add("load_key", key_id)
+        self.keys[key_id] = der
+        return key_id
+
+    def unload_key(self, key_id: str) -> None:
+        self._check()
+        self.journal.add("unload_key", key_id)
+        self.keys.pop(key_id, None)
+
+    def initiate(self, name: str, timeout_s: float = 10.0) -> InitiateResult:
+        self._check()
+        self.initiations += 1
+        self.journal.add("initiate", name)
+        outcome = self.outcome
+        if self.peer is not None:
+            if not self.peer.up or name not in self.peer.conns:
+                outcome = "timeout"
+            elif name in self.shared and self.shared[name][0] != self.peer.shared.get(
+                    name, (None,))[0]:
+                outcome = "auth"
+        if outcome == "auth":
+            return InitiateResult(False, True, "received AUTHENTICATION_FAILED notify error")
+        if outcome == "timeout":
+            return InitiateResult(False, False, "establishing IKE_SA failed, peer not responding")
+        for side in (self, self.peer) if self.peer is not None else (self,):
+            side._next_id += 1
+            side.sa_table[name] = SaInfo("ESTABLISHED", "INSTALLED", child_id=str(side._next_id),
+                                         ike_id=str(side._next_id), encryption="AES_GCM_16")
+        return InitiateResult(True)
+
+    def terminate(self, name: str, timeout_s: float = 3.0) -> None:
+        self._check()
+        self.journal.add("terminate", name)
+        self.sa_table.pop(name, None)
+        if self.peer is not None:
+            self.peer.sa_table.pop(name, None)
+
+    def sas(self) -> dict[str, SaInfo]:
+        self._check()
+        return dict(self.sa_table)
+
+
+@dataclass
+class FakeNet:
+    journal: Journal = field(default_factory=Journal)
+    addresses: set[tuple[str, str]] = field(default_factory=set)
+    blackholes: set[str] = field(default_factory=set)
+    link_routes: set[tuple[str, str, str]] = field(default_factory=set)
+    vxlans: dict[str, Any] = field(default_factory=dict)
+
+    def ensure_address(self, address: Any, device: str) -> None:
+        if (str(address), device) not in self.addresses:
+            self.journal.add("add_address", str(address), device)
+            self.addresses.add((str(address), device))
+
+    def remove_address(self, address: Any, device: str) -> None:
+        self.journal.add("remove_address", str(address), device)
+        self.addresses.discard((str(address), device))
+
+    def ensure_blackhole(self, destination: Any) -> None:
+        if str(destination) not in self.blackholes:
+            self.journal.add("add_blackhole", str(destination))
+            self.blackholes.add(str(destination))
+
+    def remove_blackhole(self, destination: Any) -> None:
+        self.journal.add("remove_blackhole", str(destination))
+        self.blackholes.discard(str(destination))
+
+    def ensure_link_route(self, destination: Any, device: str, source: Any) -> None:
+        route = (str(destination), device, str(source))
+        if route not in self.link_routes:
+            self.journal.add("add_route", str(destination))
+            self.link_routes.add(route)
+
+    def remove_link_route(self, destination: Any, device: str) -> None:
+        self.journal.add("remove_route", str(destination))
+        self.link_routes = {r for r in self.link_routes if r[:2] != (str(destination), device)}
+
+    def ensure_vxlan(self, want: Any) -> None:
+        if self.vxlans.get(want.name) != want:
+            self.journal.add("add_vxlan", want.name)
+            self.vxlans[want.name] = want
+
+    def remove_link(self, name: str) -> None:
+        self.journal.add("remove_vxlan", name)
+        self.vxlans.pop(name, None)
+
+    def link_exists(self, name: str) -> bool:
+        return name in self.vxlans
+
+    def empty(self) -> bool:
+        return not (self.addresses or self.blackholes or self.link_routes or self.vxlans)
+
+
+def run_now(fn: Callable[[], InitiateResult]) -> concurrent.futures.Future[InitiateResult]:
+    """An executor that runs the job at once: tests see its outcome on the next step."""
+    future: concurrent.futures.Future[InitiateResult] = concurrent.futures.Future()
+    future.set_result(fn())
+    return future
+
+
+@dataclass
+class FakeClock:
+    t: float = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
