@@ -127,10 +127,9 @@ class FlowsPart:
     # -- lifecycle ----------------------------------------------------------------------
 
     def attach(self) -> None:
-        """On the loop: join the weaver; live weaves are confirmed by each switch's resync."""
-        self.weaver.add_part(self)
-        for weave in self.weaver.live.values():
-            self._want(weave)
+        """On the loop: join the weaver (which hands over every live weave and makes the ones
+        still provisioning wait for "flows"); each switch's resync confirms them."""
+        self.weaver.attach_part(self)
 
     def stop(self) -> None:
         self._stopped = True
