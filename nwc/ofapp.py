@@ -60,7 +60,6 @@ from nwc.weave import Weave
 log = logging.getLogger(__name__)
 
 MAX_CONNECTIONS = 256  # more peers than any fabric NWC runs: the rest are refused
-RESYNC_RETRY_S = 2.0
 STATS_TIMEOUT_S = 2.0
 MAX_REPLY_PARTS = 4096  # multipart replies NWC accumulates before giving up on one request
 
@@ -89,7 +88,6 @@ class Batch:
     xids: set[int]
     weaves: dict[str, int]  # weave id -> generation this batch installs
     errors: list[str] = field(default_factory=list)
-    meters_after: set[int] | None = None
 
 
 @dataclass
@@ -129,10 +127,9 @@ class FlowsPart:
     # -- lifecycle ----------------------------------------------------------------------
 
     def attach(self) -> None:
-        """On the loop: join the weaver; live weaves are confirmed by each switch's resync."""
-        self.weaver.add_part(self)
-        for weave in self.weaver.live.values():
-            self._want(weave)
+        """On the loop: join the weaver (which hands over every live weave and makes the ones
+        still provisioning wait for "flows"); each switch's resync confirms them."""
+        self.weaver.attach_part(self)
 
     def stop(self) -> None:
         self._stopped = True
@@ -228,8 +225,10 @@ class FlowsPart:
                 msg.set_xid(conn.next_xid())
                 xids.add(msg.xid)
             barrier.set_xid(conn.next_xid())
-            conn.batches[barrier.xid] = Batch(kind, xids, dict(weaves),
-                                              meters_after=set(meters_after))
+            conn.batches[barrier.xid] = Batch(kind, xids, dict(weaves))
+            # The switch applies messages in order, so what it will hold after these is
+            # known now; the next change (maybe sent before this barrier returns) builds on it.
+            conn.meters = set(meters_after)
         for msg in [*msgs, barrier]:
             if not dp.send_msg(msg):
                 log.warning("switch %s went away while being programmed", conn.name)
@@ -319,11 +318,10 @@ class FlowsPart:
             for weave_id in batch.weaves:
                 self.controller.loop.post(self.weaver.part_failed, weave_id, self.name,
                                           f"switch {conn.name}: {detail}")
-            if batch.kind == "sync":
-                self._retry_resync(conn)
+            # What the switch holds is no longer known for sure (meter mods sit outside the
+            # bundle): drop the connection; the switch reconnects and gets a full resync.
+            self._forget(conn)
             return
-        if batch.meters_after is not None:
-            conn.meters = batch.meters_after
         if batch.weaves:
             self.controller.loop.post(self._confirmed, conn.dpid, batch.weaves)
 
@@ -336,15 +334,11 @@ class FlowsPart:
             if not waiting:
                 self.weaver.part_ready(weave_id, self.name)
 
-    def _retry_resync(self, conn: SwitchConn) -> None:
-        conn.synced = False
-
-        def again() -> None:
-            if not self._stopped:
-                self.controller.loop.post(self.resync, conn.dpid)
-        timer = threading.Timer(RESYNC_RETRY_S, again)
-        timer.daemon = True
-        timer.start()
+    def _forget(self, conn: SwitchConn) -> None:
+        with self.lock:
+            if self.switches.get(conn.dpid) is conn:
+                del self.switches[conn.dpid]
+        _close(conn.datapath)
 
     def on_error(self, datapath: Any, msg: Any) -> None:
         with self.lock:
@@ -561,11 +555,26 @@ def start_osken(listen_host: str, listen_port: int) -> FlowsApp:
                        "--ofp-tcp-listen-port", str(listen_port)], project="os_ken")
         osken_controller.datapath_connection_factory = _guarded_factory(
             osken_controller.datapath_connection_factory)
-        manager = app_manager.AppManager.get_instance()
-        manager.load_apps([__name__])
-        contexts = manager.create_contexts()
-        manager.instantiate_apps(**contexts)
-        app = next(a for a in manager.applications.values() if isinstance(a, FlowsApp))
+        # Threads inherit daemon-ness from their creator: starting os-ken from a daemon
+        # thread makes its listener and connection threads daemons, so `nwc run` can exit.
+        box: dict[str, Any] = {}
+
+        def start() -> None:
+            try:
+                manager = app_manager.AppManager.get_instance()
+                manager.load_apps([__name__])
+                contexts = manager.create_contexts()
+                manager.instantiate_apps(**contexts)
+                box["app"] = next(a for a in manager.applications.values()
+                                  if isinstance(a, FlowsApp))
+            except BaseException as exc:
+                box["error"] = exc
+        starter = threading.Thread(target=start, name="nwc-osken-start", daemon=True)
+        starter.start()
+        starter.join()
+        if "error" in box:
+            raise box["error"]
+        app = box["app"]
         _started["app"] = app
         return app
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import socket
 import struct
+import time
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,21 @@ class Rejected(Exception):
 
 # Dropped without parsing: a switch may send them, NWC never needs them.
 IGNORED = {PACKET_IN, FLOW_REMOVED, ROLE_REPLY, GET_ASYNC_REPLY, GET_CONFIG_REPLY}
+EXPECTED = {HELLO, ERROR, ECHO_REQUEST, ECHO_REPLY, EXPERIMENTER, FEATURES_REPLY, PORT_STATUS,
+            MULTIPART_REPLY, BARRIER_REPLY} | IGNORED
+# A switch talks at least every few seconds (OVS probes an idle connection after 5 s); a peer
+# silent for this long, or stuck half-way through a message, is let go.
+IDLE_LIMIT_S = 30.0
+
+
+def check_header(version: int, msg_type: int, length: int) -> None:
+    """Refuse a message from its first 8 bytes, before waiting for the rest of it."""
+    if length < HEADER.size:
+        raise Rejected(f"message length {length}")
+    if msg_type != HELLO and version != OFP13:
+        raise Rejected(f"OpenFlow version {version}; NWC speaks 1.3 (4) only")
+    if msg_type not in EXPECTED:
+        raise Rejected(f"unexpected message type {msg_type} from a switch")
 
 
 def check_message(buf: bytes) -> bool:
@@ -198,12 +214,20 @@ class GuardedSocket:
         self._ready = bytearray()
         self.rejected: str | None = None
         self.dropped = 0
+        self._last = time.monotonic()
 
     def recv(self, size: int, *flags: int) -> bytes:
         while not self._ready:
             if self.rejected:
                 return b""
-            data = self._sock.recv(65536)  # a timeout propagates; state is kept
+            try:
+                data = self._sock.recv(65536)
+            except TimeoutError:
+                # os-ken retries on a timeout; NWC gives up on a peer that went quiet.
+                if time.monotonic() - self._last > IDLE_LIMIT_S:
+                    self._reject(f"nothing complete for {IDLE_LIMIT_S:g} s")
+                    return b""
+                raise
             if not data:
                 return b""
             self._raw += data
@@ -214,14 +238,17 @@ class GuardedSocket:
 
     def _take_messages(self) -> None:
         while len(self._raw) >= HEADER.size:
-            _version, _type, length, _xid = HEADER.unpack_from(self._raw)
-            if length < HEADER.size:
-                self._reject(f"message length {length}")
+            version, msg_type, length, _xid = HEADER.unpack_from(self._raw)
+            try:
+                check_header(version, msg_type, length)
+            except Rejected as exc:
+                self._reject(str(exc))
                 return
             if len(self._raw) < length:
                 return
             msg = bytes(self._raw[:length])
             del self._raw[:length]
+            self._last = time.monotonic()
             try:
                 if check_message(msg):
                     self._ready += msg

@@ -108,9 +108,9 @@ OFCTL_FIELD = {"tun_ipv4_dst": "tun_dst", "icmpv4_type": "icmp_type", "ipv4_src"
 
 def _value(value: Any) -> str:
     if isinstance(value, tuple):
-        return f"{_value(value[0])}/{_value(value[1])}"
-    if isinstance(value, int):
-        return hex(value)
+        if isinstance(value[0], int):
+            return f"{value[0]:#x}/{value[1]:#x}"
+        return f"{value[0]}/{value[1]}"
     return str(value)
 
 
