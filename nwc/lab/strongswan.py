@@ -103,8 +103,10 @@ class PrivateCharon:
             self.stop()
             raise
         if proc.poll() is not None:
-            raise RuntimeError(f"charon of {self.name} exited ({proc.returncode}); see "
-                               f"{self.directory}/charon.stdout")
+            said = (self.directory / "charon.stdout").read_text(errors="replace")
+            tail = "\n".join(said.strip().splitlines()[-8:])
+            raise RuntimeError(f"charon of {self.name} exited ({proc.returncode}); it said:\n"
+                               f"{tail}")
         return self
 
     def stop(self) -> None:
