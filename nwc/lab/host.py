@@ -87,11 +87,6 @@ class ManagementNet:
         return address
 
 
-def _offload_off(ns: Netns, dev: str) -> None:
-    # TCP over veth into the userspace datapath stalls with checksum offload (LAB-NOTES).
-    ns.run("ethtool", "-K", dev, "tx", "off", "rx", "off", check=False)
-
-
 @dataclass
 class EmulatedHost:
     lab: Lab
@@ -141,8 +136,8 @@ class EmulatedHost:
         ns.ip("link", "set", "eth0", "address", vm.mac)
         ns.ip("addr", "add", f"{vm.ip}/{net.prefixlen}", "dev", "eth0")
         ns.ip("route", "add", "default", "via", str(ivn.gateway))
-        _offload_off(ns, "eth0")
-        _offload_off(self.ns, vm.port)
+        ns.no_offload("eth0")
+        self.ns.no_offload(vm.port)
         self.ovs.add_port(INTEGRATION_BRIDGE, vm.port)
         self.vms[vm.name] = ns
         return ns
@@ -157,7 +152,7 @@ class EmulatedHost:
         self.ns.ip("link", "add", dev, "type", "vxlan", "id", str(vni), "local", local_endpoint,
                    "remote", remote_endpoint, "dstport", "4789")
         self.ns.ip("link", "set", dev, "up")
-        _offload_off(self.ns, dev)
+        self.ns.no_offload(dev)
         self.ovs.add_port(INTEGRATION_BRIDGE, dev, ofport=leg_ofport(slot))
 
     def remove_clear_leg(self, slot: int, local_endpoint: str) -> None:

@@ -64,6 +64,16 @@ class Netns:
     def exists(self) -> bool:
         return Path("/run/netns", self.name).exists()
 
+    def no_ipv6(self) -> None:
+        """IPv6 off, so captures hold only what NWC and the tenants put on the wire."""
+        for scope in ("all", "default"):
+            self.run("sysctl", "-q", "-w", f"net.ipv6.conf.{scope}.disable_ipv6=1")
+
+    def no_offload(self, device: str) -> None:
+        """TCP over veth into the userspace datapath stalls unless checksum offload is off
+        (LAB-NOTES)."""
+        self.run("ethtool", "-K", device, "tx", "off", "rx", "off", check=False)
+
 
 def kill_pid(pid: int, timeout: float = 5.0) -> None:
     """TERM a process (and its session), wait, then KILL: by pid, never by name. A child of

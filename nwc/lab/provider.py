@@ -19,6 +19,7 @@ Mininet global cleanup is ever run.
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
 import socket
 import subprocess
@@ -137,8 +138,7 @@ class ProviderLab:
         for name in sorted(self.topo.hosts):
             emulated = EmulatedHost(self.lab, self.topo, self.policy, name, target, self.mgmt)
             emulated.build()
-            for scope in ("all", "default"):
-                emulated.ns.run("sysctl", "-q", "-w", f"net.ipv6.conf.{scope}.disable_ipv6=1")
+            emulated.ns.no_ipv6()
             mgmt_ip = _address_of(emulated.ns, "mgmt0")
             emulated.ovs.vsctl("set-manager", f"ptcp:{OVSDB_PORT}:{mgmt_ip}")
             charon = PrivateCharon(self.lab, emulated.ns, name).start()
@@ -148,8 +148,7 @@ class ProviderLab:
             "shaped to their capacity")
         self.fabric = EmulatedFabric(self.lab, self.topo, target, self.mgmt)
         self.fabric.build({n: h.emulated for n, h in self.hosts.items()})
-        for scope in ("all", "default"):  # so a capture on a fabric link shows only weaves
-            self.fabric.ns.run("sysctl", "-q", "-w", f"net.ipv6.conf.{scope}.disable_ipv6=1")
+        self.fabric.ns.no_ipv6()  # so a capture on a fabric link shows only weaves
         self._shape_links()
         for host in self.hosts.values():
             host.start_agent(self.lab, self.logs)
@@ -215,7 +214,7 @@ class ProviderLab:
             node.cmd("sysctl -q -w net.ipv6.conf.all.disable_ipv6=1")
             node.cmd(f"ethtool -K {node.defaultIntf()} tx off rx off")
             host = self.hosts[vm.host]
-            host.ns.run("ethtool", "-K", vm.port, "tx", "off", "rx", "off", check=False)
+            host.ns.no_offload(vm.port)
             host.emulated.ovs.add_port(INTEGRATION_BRIDGE, vm.port)
 
     def _start_controller(self, path: Path, ofp_port: int) -> None:
@@ -290,6 +289,17 @@ class ProviderLab:
     def vm(self, name: str) -> Any:
         return self.net.get(name)
 
+    def vm_popen(self, vm: str, args: list[str], **kw: Any) -> subprocess.Popen[Any]:
+        """A background process in a VM's network namespace. Mininet's own popen attaches
+        to the VM's mount namespace as well, which escapes a chroot (such as a CI sandbox)
+        to the real root; entering only the network namespace does not."""
+        kw.setdefault("stdout", subprocess.PIPE)
+        kw.setdefault("stderr", subprocess.STDOUT)
+        proc = subprocess.Popen(["nsenter", f"--net=/proc/{self.vm(vm).pid}/ns/net", *args],
+                                start_new_session=True, **kw)
+        self.lab.on_close(f"{args[0]} in {vm}", lambda: kill_pid(proc.pid, timeout=2))
+        return proc
+
     def ping(self, src: str, dst_ip: str, count: int = 1, wait_s: float = 1) -> bool:
         out = self.vm(src).cmd(f"ping -n -c {count} -W {wait_s} {dst_ip} >/dev/null; echo $?")
         return out.strip().splitlines()[-1] == "0"
@@ -300,6 +310,20 @@ class ProviderLab:
             if "packet loss" in line:
                 return float(line.split("%")[0].split()[-1]) / 100
         raise RuntimeError(f"no ping summary from {src}: {out!r}")
+
+    def iperf(self, client: str, server: str, *args: str, seconds: int = 6) -> dict[str, Any]:
+        """iperf3 from VM `client` to VM `server` (port 5201); its JSON summary."""
+        srv = self.vm_popen(server, ["iperf3", "-s", "-1", "-p", "5201"])
+        try:
+            time.sleep(0.5)
+            out = self.vm(client).cmd(f"iperf3 -c {self.ip_of(server)} -p 5201 -t {seconds} "
+                                      "-J " + " ".join(args))
+            srv.wait(seconds + 15)
+        finally:
+            if srv.poll() is None:
+                srv.kill()
+                srv.wait(5)
+        return json.loads(out)
 
     def ip_of(self, vm: str) -> str:
         return str(self.topo.vms[vm].ip)
@@ -429,10 +453,9 @@ class VmCapture:
 
     def start(self) -> VmCapture:
         node = self.lab.vm(self.vm)
-        self.proc = node.popen(["tcpdump", "-n", "-U", "-s", "0", "-i",
-                                str(node.defaultIntf()), "-w", str(self.path)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        self.lab.lab.process(self.proc, f"tcpdump on {self.vm}")
+        self.proc = self.lab.vm_popen(self.vm, ["tcpdump", "-n", "-U", "-s", "0", "-i",
+                                                str(node.defaultIntf()), "-w", str(self.path)],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(lambda: self.path.exists() and self.path.stat().st_size > 0, 10,
                  f"tcpdump on {self.vm}")
         return self

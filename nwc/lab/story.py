@@ -43,19 +43,6 @@ class Story:
         return ok
 
 
-def _iperf(lab: ProviderLab, client: str, server: str, args: str, seconds: int) -> dict:
-    srv = lab.vm(server).popen(["iperf3", "-s", "-1", "-p", "5201"])
-    try:
-        time.sleep(0.5)
-        out = lab.vm(client).cmd(f"iperf3 -c {lab.ip_of(server)} -p 5201 -t {seconds} -J {args}")
-        srv.wait(seconds + 15)
-    finally:
-        if srv.poll() is None:
-            srv.kill()
-            srv.wait(5)
-    return json.loads(out)
-
-
 def tell(lab: ProviderLab, story: Story) -> None:
     web1, db1 = "web1", "db1"
     acme = lab.client("acme")
@@ -101,7 +88,7 @@ def tell(lab: ProviderLab, story: Story) -> None:
     from nwc.lab.capture import Capture, cleartext, summarize
 
     capture = Capture(lab.lab, lab.fabric.ns, "s1-s2", "demo-fabric").start()
-    udp = _iperf(lab, web1, db1, f"-u -b {2 * RATE_MBPS}M", 5)["end"]["sum"]
+    udp = lab.iperf(web1, db1, "-u", "-b", f"{2 * RATE_MBPS}M", seconds=5)["end"]["sum"]
     frames = capture.stop()
     kinds = summarize(frames)
     story.say(f"captured on s1-s2: {dict(kinds)}")
@@ -112,7 +99,7 @@ def tell(lab: ProviderLab, story: Story) -> None:
     delivered = udp["bits_per_second"] * (1 - udp["lost_percent"] / 100) / 1e6
     story.check(abs(delivered - RATE_MBPS) <= 0.1 * RATE_MBPS,
                 f"UDP offered at {2 * RATE_MBPS} Mbit/s: {delivered:.2f} Mbit/s delivered")
-    tcp = _iperf(lab, web1, db1, "", 6)["end"]["sum_received"]["bits_per_second"] / 1e6
+    tcp = lab.iperf(web1, db1)["end"]["sum_received"]["bits_per_second"] / 1e6
     story.check(tcp >= 0.8 * RATE_MBPS, f"TCP: {tcp:.2f} Mbit/s")
     stats = acme.call("GET", f"/v1/weaves/{weave['id']}/stats")["measured"]
     story.say(f"NWC's counters: {stats.get('bytes_requester_to_target', 0):,} bytes delivered "

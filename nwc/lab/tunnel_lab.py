@@ -34,16 +34,6 @@ from nwc.tunnel import leg_ofport
 UNDERLAY_DEV = "ul0"
 
 
-def no_ipv6(ns: Netns) -> None:
-    for scope in ("all", "default"):
-        ns.run("sysctl", "-q", "-w", f"net.ipv6.conf.{scope}.disable_ipv6=1")
-
-
-def no_offload(ns: Netns, device: str) -> None:
-    """TCP over the userspace datapath with veth crawls unless checksum offload is off."""
-    ns.run("ethtool", "-K", device, "tx", "off", "rx", "off", check=False)
-
-
 @dataclass
 class EmulatedHost:
     lab: Lab
@@ -137,7 +127,7 @@ class TunnelLab:
         for name in sorted(topo.hosts):
             spec = topo.hosts[name]
             ns = self.lab.netns(name)
-            no_ipv6(ns)
+            ns.no_ipv6()
             self.hosts[name] = EmulatedHost(self.lab, name, ns, spec.underlay_ip, spec.backend)
         self._underlay()
         for host in self.hosts.values():
@@ -147,12 +137,12 @@ class TunnelLab:
         for vm in sorted(topo.vms.values(), key=lambda v: v.name):
             host = self.hosts[vm.host]
             ns = self.lab.netns(vm.name)
-            no_ipv6(ns)
+            ns.no_ipv6()
             self.lab.veth(ns, "eth0", host.ns, vm.port)
             ns.ip("link", "set", "eth0", "address", vm.mac)
             ns.ip("addr", "add", f"{vm.ip}/{self.vm_prefixlen}", "dev", "eth0")
-            no_offload(ns, "eth0")
-            no_offload(host.ns, vm.port)
+            ns.no_offload("eth0")
+            host.ns.no_offload(vm.port)
             host.ovs.add_port("br-int", vm.port)
             host.vms[vm.name] = ns
         return self
@@ -167,7 +157,7 @@ class TunnelLab:
             self.lab.veth(a.ns, UNDERLAY_DEV, b.ns, UNDERLAY_DEV, mtu=mtu)
         else:
             self.fabric = self.lab.netns("fabric")
-            no_ipv6(self.fabric)
+            self.fabric.no_ipv6()
             self.fabric.ip("link", "add", "fab", "type", "bridge")
             self.fabric.ip("link", "set", "fab", "mtu", str(mtu), "up")
             for n in names:

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
-from typing import Any
 
 from nwc.lab.provider import ProviderLab
 
@@ -27,19 +25,3 @@ def settle_leftovers(lab: ProviderLab, timeout: float = 10) -> dict[str, list[st
         if not left or time.monotonic() > deadline:
             return left
         time.sleep(0.25)
-
-
-def iperf(lab: ProviderLab, client: str, server: str, *args: str,
-          seconds: int = 6) -> dict[str, Any]:
-    """iperf3 from VM `client` to VM `server`; the JSON summary."""
-    srv = lab.vm(server).popen(["iperf3", "-s", "-1", "-p", "5201"])
-    try:
-        time.sleep(0.5)
-        out = lab.vm(client).cmd(f"iperf3 -c {lab.ip_of(server)} -p 5201 -t {seconds} -J "
-                                 + " ".join(args))
-        srv.wait(seconds + 15)
-    finally:
-        if srv.poll() is None:
-            srv.kill()
-            srv.wait(5)
-    return json.loads(out)

@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from labkit import iperf, start_lab
+from labkit import start_lab
 
 from nwc.lab.provider import ProviderLab
 
@@ -55,7 +55,7 @@ def test_weave_traffic_crosses_exactly_its_reserved_links(lab: ProviderLab) -> N
     leg = next(leg for leg in w["legs"] if leg["target_host"] == "h1")
     on_path = links_of(leg["path"])
     before = lab.fabric_port_bytes()
-    result = iperf(lab, "app1", "web1", "-u", "-b", "8M", seconds=3)
+    result = lab.iperf("app1", "web1", "-u", "-b", "8M", seconds=3)
     volume = result["end"]["sum"]["bytes"]
     moved = lab.link_bytes(before, lab.fabric_port_bytes())
     assert set(moved) == {tuple(sorted((x.a, x.b))) for x in lab.topo.links}
@@ -78,7 +78,7 @@ def test_silver_profile_lets_only_its_ports_across(lab: ProviderLab) -> None:
 
 
 def _tcp_opens(lab: ProviderLab, client: str, server: str, port: int) -> bool:
-    srv = lab.vm(server).popen(["iperf3", "-s", "-1", "-p", str(port)])
+    srv = lab.vm_popen(server, ["iperf3", "-s", "-1", "-p", str(port)])
     try:
         time.sleep(0.4)
         out = lab.vm(client).cmd(f"timeout 6 iperf3 -c {lab.ip_of(server)} -p {port} -t 1 "
@@ -94,7 +94,7 @@ def test_link_down_moves_the_weave_then_fails_it_without_a_path(lab: ProviderLab
     w = lab.weave("initech", "initech-app", "acme-web", bandwidth_mbps=10)
     leg = next(leg for leg in w["legs"] if leg["target_host"] == "h1")
     cut = (leg["path"][1], leg["path"][2])  # leaf4 and the spine it uses
-    pinger = lab.vm("app1").popen(["ping", "-n", "-D", "-i", "0.1", "-W", "1", "-c", "150",
+    pinger = lab.vm_popen("app1", ["ping", "-n", "-D", "-i", "0.1", "-W", "1", "-c", "150",
                                    lab.ip_of("web1")], text=True)
     try:
         time.sleep(3)

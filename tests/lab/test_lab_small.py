@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from datetime import datetime
 
 import pytest
-from labkit import iperf, start_lab
+from labkit import start_lab
 
 from nwc.lab.capture import cleartext, contains, summarize
 from nwc.lab.provider import ClientError, ProviderLab
@@ -104,7 +104,7 @@ def test_only_esp_crosses_the_fabric(lab: ProviderLab) -> None:
     marker = "nwc-cleartext-marker"
     lab.vm("web1").cmd(f"ping -n -c 5 -i 0.1 -p {marker.encode().hex()[:32]} "
                        f"{lab.ip_of('db1')}")
-    iperf(lab, "web1", "db1", "-b", "5M", "-u", seconds=2)
+    lab.iperf("web1", "db1", "-b", "5M", "-u", seconds=2)
     frames = capture.stop()
     kinds = summarize(frames)
     assert kinds["esp-in-udp"] > 100, kinds
@@ -113,11 +113,17 @@ def test_only_esp_crosses_the_fabric(lab: ProviderLab) -> None:
 
 
 def test_meter_holds_the_reserved_rate(lab: ProviderLab) -> None:
-    weave(lab)
-    udp = iperf(lab, "web1", "db1", "-u", "-b", f"{2 * RATE}M")["end"]["sum"]
+    w = weave(lab)
+    udp = lab.iperf("web1", "db1", "-u", "-b", f"{2 * RATE}M")["end"]["sum"]
     delivered = udp["bits_per_second"] * (1 - udp["lost_percent"] / 100) / 1e6
     assert abs(delivered - RATE) <= 0.1 * RATE, udp
-    tcp = iperf(lab, "web1", "db1", seconds=8)["end"]["sum_received"]
+    # NWC's own counters (flow and meter stats by cookie) saw the same thing.
+    stats = lab.client("acme").call("GET", f"/v1/weaves/{w['id']}/stats")["measured"]
+    sent = udp["bytes"]
+    assert stats["meter_dropped_bytes_requester_to_target"] > 0.3 * sent
+    assert stats["bytes_requester_to_target"] > 0.4 * sent
+    assert stats["sa_state"] == "established"
+    tcp = lab.iperf("web1", "db1", seconds=8)["end"]["sum_received"]
     assert tcp["bits_per_second"] / 1e6 >= 0.8 * RATE, tcp
 
 
@@ -134,7 +140,7 @@ def _epoch(text: str) -> float:
 
 def test_traffic_stops_within_2s_of_the_lease_end(lab: ProviderLab) -> None:
     w = weave(lab, duration_s=6)
-    pinger = lab.vm("web1").popen(["ping", "-n", "-D", "-i", "0.05", "-W", "1", "-c", "200",
+    pinger = lab.vm_popen("web1", ["ping", "-n", "-D", "-i", "0.05", "-W", "1", "-c", "200",
                                    lab.ip_of("db1")], text=True)
     out, _ = pinger.communicate(timeout=40)
     replies = _reply_times(out)
@@ -147,7 +153,7 @@ def test_traffic_stops_within_2s_of_the_lease_end(lab: ProviderLab) -> None:
 
 def test_explicit_termination_stops_traffic_within_2s(lab: ProviderLab) -> None:
     w = weave(lab)
-    pinger = lab.vm("web1").popen(["ping", "-n", "-D", "-i", "0.05", "-W", "1", "-c", "120",
+    pinger = lab.vm_popen("web1", ["ping", "-n", "-D", "-i", "0.05", "-W", "1", "-c", "120",
                                    lab.ip_of("db1")], text=True)
     time.sleep(2)
     asked = time.time()
