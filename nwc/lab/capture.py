@@ -44,7 +44,10 @@ class Capture:
     def start(self) -> Capture:
         log = self.path.with_suffix(".log")
         log.unlink(missing_ok=True)
-        self._proc = self.ns.popen(["tcpdump", "-n", "-U", "-s", "0", "-i", self.device,
+        # --immediate-mode: a capture stopped right after traffic still holds that traffic
+        # (buffered packets are lost at SIGINT, which made "nothing in clear" vacuous).
+        self._proc = self.ns.popen(["tcpdump", "-n", "-U", "--immediate-mode", "-s", "0",
+                                    "-i", self.device,
                                     "-w", str(self.path)], log=log)
         self.lab.process(self._proc, f"tcpdump {self.name}")
         wait_for(lambda: "listening on" in _read(log) or self._proc.poll() is not None, 10,

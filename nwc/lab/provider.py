@@ -453,7 +453,8 @@ class VmCapture:
 
     def start(self) -> VmCapture:
         node = self.lab.vm(self.vm)
-        self.proc = self.lab.vm_popen(self.vm, ["tcpdump", "-n", "-U", "-s", "0", "-i",
+        self.proc = self.lab.vm_popen(self.vm, ["tcpdump", "-n", "-U", "--immediate-mode",
+                                                "-s", "0", "-i",
                                                 str(node.defaultIntf()), "-w", str(self.path)],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(lambda: self.path.exists() and self.path.stat().st_size > 0, 10,

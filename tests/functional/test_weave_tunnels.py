@@ -268,6 +268,32 @@ def test_with_the_ike_daemon_killed_nothing_leaves_in_clear(world: World) -> Non
     world.assert_pristine()
 
 
+def test_an_sa_that_goes_away_leaves_nothing_in_clear(world: World) -> None:
+    """A failed rekey ends with the SAs deleted, as a peer's `terminate` does: from then on
+    the weave's VXLAN meets the blackhole route, never the underlay in clear."""
+    tl = world.tl
+    weave = world.create("acme-web", "globex-db", "gold")
+    tl.connect("web1", "db1", weave.legs[0].slot)
+    world.wait_state(weave.id, State.ACTIVE)
+    db1 = str(tl.topology.vms["db1"].ip)
+    assert ping(tl.vm("web1"), db1, count=1)
+
+    h1, h2 = tl.hosts["h1"], tl.hosts["h2"]
+    (name,) = [n for n, sa in h2.ike.sas().items() if sa.installed]
+    capture = Capture(world.lab, h1.ns, "ul0", "sa-gone").start()
+    h2.ike.terminate(name)  # both ends delete the IKE and CHILD SAs
+    wait_for(lambda: not any(sa.installed for sa in h1.ike.sas().values()), 10,
+             "the SAs to go on h1")
+    sent = ping(tl.vm("web1"), db1, count=3, timeout=1)
+    frames = capture.stop()
+    assert not cleartext(frames), f"cleartext without an SA: {summarize(frames)}"
+    assert contains(frames, bytes.fromhex(PING_PATTERN)) == 0
+    if sent:  # the agent re-initiated in time: then it went through ESP, checked above
+        assert summarize(frames)["esp-in-udp"] > 0, summarize(frames)
+    world.end(weave)
+    world.assert_pristine()
+
+
 def test_a_wrong_key_gives_no_tunnel_and_a_security_event(world: World) -> None:
     tl = world.tl
     h1, h2 = tl.hosts["h1"], tl.hosts["h2"]
