@@ -53,13 +53,21 @@ class Denial:
     side: Side | None = None  # which IVN's policy refused (policy_violation)
     rule: str | None = None  # partner, profile, duration, bandwidth, total_bandwidth, ...
     link: tuple[str, str] | None = None  # the bottleneck (insufficient_bandwidth)
+    # What the asking tenant may read, where `detail` would reveal the other tenant's policy
+    # (partners, profiles, caps, usage) or weaves the asker is not party to. Operators and
+    # the audit trail get `detail`.
+    tenant_detail: str | None = None
+
+    def detail_for(self, operator: bool) -> str:
+        return self.detail if operator or self.tenant_detail is None else self.tenant_detail
 
     @property
     def admitted(self) -> bool:
         return False
 
-    def as_dict(self) -> dict[str, object]:
-        out: dict[str, object] = {"error": self.reason.value, "detail": self.detail}
+    def as_dict(self, operator: bool = True) -> dict[str, object]:
+        out: dict[str, object] = {"error": self.reason.value,
+                                  "detail": self.detail_for(operator)}
         if self.side:
             out["side"] = self.side
         if self.rule:
@@ -150,10 +158,11 @@ def _partner_check(side: Side, me: Ivn, other: Ivn) -> tuple[Denial | None,
     rule = me.weaving.partner_rule(other)
     if rule is None:
         allowed = ", ".join(r.describe() for r in me.weaving.partners) or "nobody"
-        return _deny(Reason.POLICY_VIOLATION,
-                     f"{side} IVN {me.name} (tenant {me.tenant}) does not allow weaving with "
-                     f"IVN {other.name} of tenant {other.tenant}; it allows: {allowed}",
-                     side=side, rule="partner"), ()
+        refusal = (f"{side} IVN {me.name} (tenant {me.tenant}) does not allow weaving with "
+                   f"IVN {other.name} of tenant {other.tenant}")
+        return _deny(Reason.POLICY_VIOLATION, f"{refusal}; it allows: {allowed}",
+                     side=side, rule="partner",
+                     tenant_detail=refusal if side == "target" else None), ()
     return None, rule.prefixes or other.cidrs
 
 
@@ -163,17 +172,20 @@ def negotiate_profile(requested: str | None, requester: Ivn, target: Ivn,
     if requested is not None:
         for side, ivn in (("requester", requester), ("target", target)):
             if requested not in ivn.weaving.profiles:
+                refusal = f"security profile {requested!r} is not allowed by {side} IVN {ivn.name}"
                 return _deny(Reason.POLICY_VIOLATION,
-                             f"security profile {requested!r} is not allowed by {side} IVN "
-                             f"{ivn.name} (it allows: {', '.join(ivn.weaving.profiles) or 'none'})",
-                             side=side, rule="profile")
+                             f"{refusal} (it allows: {', '.join(ivn.weaving.profiles) or 'none'})",
+                             side=side, rule="profile",
+                             tenant_detail=refusal if side == "target" else None)
         return requested
     common = [p for p in mine if p in theirs and p in policy.profiles]
     if not common:
         return _deny(Reason.POLICY_VIOLATION,
                      f"no security profile is allowed by both sides ({requester.name}: "
                      f"{', '.join(mine) or 'none'}; {target.name}: {', '.join(theirs) or 'none'})",
-                     side="target", rule="profile")
+                     side="target", rule="profile",
+                     tenant_detail=f"target IVN {target.name} allows none of the security "
+                                   f"profiles {requester.name} allows")
     return common[0]
 
 
@@ -193,23 +205,30 @@ def policy_check(policy: Policy, requester: Ivn, target: Ivn, *, remaining_s: fl
             return _deny(Reason.POLICY_VIOLATION,
                          f"security profile {profile!r} is no longer allowed by {side} IVN "
                          f"{ivn.name}", side=side, rule="profile")
+        private = side == "target"
         if remaining_s > rules.max_duration_s:
             return _deny(Reason.POLICY_VIOLATION,
                          f"duration {remaining_s:g} s exceeds {side} IVN {ivn.name}'s maximum "
-                         f"of {rules.max_duration_s} s", side=side, rule="duration")
+                         f"of {rules.max_duration_s} s", side=side, rule="duration",
+                         tenant_detail=f"duration {remaining_s:g} s exceeds target IVN "
+                                       f"{ivn.name}'s maximum" if private else None)
         cap = mbps_to_kbps(rules.max_weave_mbps)
         if kbps > cap:
             return _deny(Reason.POLICY_VIOLATION,
                          f"{what} exceeds {side} IVN {ivn.name}'s per-weave "
                          f"maximum of {rules.max_weave_mbps:g} Mbit/s", side=side,
-                         rule="bandwidth")
+                         rule="bandwidth",
+                         tenant_detail=f"{what} exceeds target IVN {ivn.name}'s per-weave "
+                                       "maximum" if private else None)
         in_use = sum(w.kbps for w in live if ivn.name in w.ivns())
         total_cap = mbps_to_kbps(rules.max_total_mbps)
         if in_use + kbps > total_cap:
             return _deny(Reason.POLICY_VIOLATION,
                          f"{side} IVN {ivn.name} already has {in_use / 1000:g} Mbit/s in live "
                          f"weaves; {what} more exceeds its total of "
-                         f"{rules.max_total_mbps:g} Mbit/s", side=side, rule="total_bandwidth")
+                         f"{rules.max_total_mbps:g} Mbit/s", side=side, rule="total_bandwidth",
+                         tenant_detail=f"{what} more exceeds target IVN {ivn.name}'s total "
+                                       "bandwidth cap" if private else None)
     return None
 
 
@@ -237,9 +256,13 @@ def _overlap_check(requester: Ivn, target: Ivn,
             for net in remote:
                 for taken in weave.remote_prefixes(me.name):
                     if net.overlaps(taken):
+                        # The target's other weaves are not the requester's business.
                         return _deny(Reason.CIDR_OVERLAP,
                                      f"IVN {me.name} already reaches {taken} through weave "
-                                     f"{weave.id}, which overlaps {net}")
+                                     f"{weave.id}, which overlaps {net}",
+                                     tenant_detail=None if me is requester else
+                                     f"target IVN {me.name} already reaches a prefix "
+                                     f"overlapping {net} through another weave")
     return None
 
 
@@ -317,6 +340,30 @@ def evaluate(request: WeaveRequest, *, policy: Policy, topology: Topology, fabri
         expires_at=now + timedelta(seconds=request.duration_s))
 
 
+def prefixes_withdrawn(weave: LiveWeave, policy: Policy) -> Denial | None:
+    """A weave keeps only what both policies allow now: if either side narrowed what the
+    other may reach (or dropped the partner), the weave's stored prefixes no longer fit."""
+    requester, target = policy.ivns[weave.requester], policy.ivns[weave.target]
+    denial, target_allowed = _partner_check("requester", requester, target)
+    if denial:
+        return denial
+    denial, requester_allowed = _partner_check("target", target, requester)
+    if denial:
+        return denial
+    for side, held, allowed in (("requester", weave.target_prefixes, target_allowed),
+                                ("target", weave.requester_prefixes, requester_allowed)):
+        for net in held:
+            if not any(net.subnet_of(a) for a in allowed):
+                ivn = requester if side == "requester" else target
+                return _deny(Reason.POLICY_VIOLATION,
+                             f"{side} IVN {ivn.name} no longer lets the weave reach {net} "
+                             f"(it allows {', '.join(map(str, allowed))})",
+                             side=side, rule="partner",  # type: ignore[arg-type]
+                             tenant_detail=f"{side} IVN {ivn.name} no longer allows the "
+                                           "prefixes this weave reaches")
+    return None
+
+
 def evaluate_extension(weave: LiveWeave, *, profile: str, new_expires_at: datetime,
                        paths: Iterable[tuple[str, ...]], policy: Policy, fabric: Fabric,
                        live: Iterable[LiveWeave], now: datetime) -> Denial | None:
@@ -328,10 +375,9 @@ def evaluate_extension(weave: LiveWeave, *, profile: str, new_expires_at: dateti
         if name not in policy.ivns:
             return _deny(Reason.UNKNOWN_IVN, f"{role} IVN {name!r} no longer exists")
     requester, target = policy.ivns[weave.requester], policy.ivns[weave.target]
-    for side, me, other in (("requester", requester, target), ("target", target, requester)):
-        denial, _ = _partner_check(side, me, other)  # type: ignore[arg-type]
-        if denial:
-            return denial
+    denial = prefixes_withdrawn(weave, policy)
+    if denial:
+        return denial
     denial = policy_check(policy, requester, target,
                           remaining_s=(new_expires_at - now).total_seconds(), kbps=weave.kbps,
                           live=live, profile=profile, exclude=weave.id)

@@ -265,10 +265,12 @@ DENIAL_STATUS = {
 }
 
 
-def denial_error(denial: Denial) -> ApiError:
-    body = denial.as_dict()
+def denial_error(denial: Denial, principal: Principal) -> ApiError:
+    """A refusal as the caller may read it: tenants get the tenant-safe detail, which never
+    reveals the other tenant's policy or weaves; admins get everything."""
+    body = denial.as_dict(operator=principal.is_admin)
     extra = {k: v for k, v in body.items() if k not in ("error", "detail")}
-    return ApiError(DENIAL_STATUS[denial.reason], denial.reason.value, denial.detail,
+    return ApiError(DENIAL_STATUS[denial.reason], denial.reason.value, str(body["detail"]),
                     extra=extra)
 
 
@@ -649,9 +651,9 @@ class NorthboundApi:
 
     def _list_on_loop(self, principal: Principal, state: State | None,
                       limit: int) -> list[Weave]:
-        weaves = [w for w in self.controller.weaver.store.weaves()
-                  if visible(w, principal) and (state is None or w.state is state)]
-        return list(reversed(weaves))[:limit]
+        return self.controller.weaver.store.newest_weaves(
+            tenant=None if principal.is_admin else principal.tenant,
+            state=state.value if state is not None else None, limit=limit)
 
     # -- routes -----------------------------------------------------------------------------
 
@@ -711,7 +713,7 @@ class NorthboundApi:
                 raise outcome
             if isinstance(outcome, Denial):
                 self.metrics.denials.labels("create", outcome.reason.value).inc()
-                raise denial_error(outcome)
+                raise denial_error(outcome, principal)
             self.metrics.admissions.labels("create").inc()
             ctx.weave_id = outcome.id
             weave = self.settle(outcome, wait_timeout_s) if wait else outcome
@@ -771,7 +773,7 @@ class NorthboundApi:
                 raise outcome
             if isinstance(outcome, Denial):
                 self.metrics.denials.labels("extend", outcome.reason.value).inc()
-                raise denial_error(outcome)
+                raise denial_error(outcome, principal)
             self.metrics.admissions.labels("extend").inc()
             return weave_view(outcome)
 

@@ -134,16 +134,22 @@ class JsonlMirror:
                     self.last_seq = max(self.last_seq, record["seq"])
 
     def append(self, records: Iterable[dict[str, Any]]) -> None:
-        lines = []
+        """Write records after `last_seq`, in order; `last_seq` moves only past what was
+        written in full, so a failed write is retried rather than skipped."""
+        lines, last = [], self.last_seq
         for record in records:
-            if record["seq"] <= self.last_seq:
+            if record["seq"] <= last:
                 continue
             lines.append(json.dumps(record, sort_keys=True, ensure_ascii=False) + "\n")
-            self.last_seq = record["seq"]
+            last = record["seq"]
         if not lines:
             return
+        data = "".join(lines).encode()
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
-            os.write(fd, "".join(lines).encode())
+            written = os.write(fd, data)
+            while written < len(data):
+                written += os.write(fd, data[written:])
         finally:
             os.close(fd)
+        self.last_seq = last

@@ -108,12 +108,19 @@ class EventHub:
         """Send an event to every subscriber allowed to see it. Never blocks for long: safe
         on the weaver's thread and on API threads."""
         audience = frozenset(audience)
+        # A denial may carry a `tenant_detail`: tenants read that, not the operator's detail
+        # (which can name the other tenant's partners, caps or weaves).
+        operator_view = {k: v for k, v in event.items() if k != "tenant_detail"}
+        tenant_view = dict(operator_view)
+        if "tenant_detail" in event:
+            tenant_view["detail"] = event["tenant_detail"]
         with self._lock:
             if self.closed:
                 return
-            item = (next(self._ids), event)
+            event_id = next(self._ids)
             subs = [s for s in self._subs if not s.dead and s.sees(audience)]
         for sub in subs:
+            item = (event_id, operator_view if sub.tenant is None else tenant_view)
             try:
                 sub.loop.call_soon_threadsafe(sub.offer, item)
             except RuntimeError:  # its event loop is gone

@@ -9,6 +9,7 @@ the database 0600: it names tenants and their networks.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -21,6 +22,8 @@ from nwc.audit import GENESIS, JsonlMirror, seal
 from nwc.fabric import Reservation
 from nwc.weave import LIVE_STATES, Weave
 
+log = logging.getLogger(__name__)
+
 SCHEMA_VERSION = 1
 
 SCHEMA = """
@@ -32,7 +35,9 @@ CREATE TABLE IF NOT EXISTS weaves (
     requester TEXT NOT NULL,
     target TEXT NOT NULL,
     expires_at TEXT NOT NULL,
-    record TEXT NOT NULL
+    record TEXT NOT NULL,
+    requester_tenant TEXT NOT NULL DEFAULT '',
+    target_tenant TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS weaves_state ON weaves(state);
 CREATE TABLE IF NOT EXISTS reservations (
@@ -82,6 +87,24 @@ class Store:
         self.mirror = JsonlMirror(self.dir / "audit.jsonl")
         # Catch the file up with records committed before a crash.
         self.mirror.append(self.audit_records(after=self.mirror.last_seq))
+        self._add_tenant_columns()
+
+    def _add_tenant_columns(self) -> None:
+        """Databases made before the tenant columns get them, filled from the records."""
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(weaves)")}
+        if "requester_tenant" not in columns:
+            with self.transaction():
+                for column in ("requester_tenant", "target_tenant"):
+                    self.db.execute(f"ALTER TABLE weaves ADD COLUMN {column} TEXT NOT NULL "
+                                    "DEFAULT ''")
+                for weave_id, record in self.db.execute("SELECT id, record FROM weaves"
+                                                        ).fetchall():
+                    d = json.loads(record)
+                    self.db.execute("UPDATE weaves SET requester_tenant=?, target_tenant=? "
+                                    "WHERE id=?", (d["requester_tenant"], d["target_tenant"],
+                                                   weave_id))
+        self.db.execute("CREATE INDEX IF NOT EXISTS weaves_tenants "
+                        "ON weaves(requester_tenant, target_tenant)")
 
     def close(self) -> None:
         self.db.close()
@@ -109,7 +132,19 @@ class Store:
             if outer:
                 self.db.execute("COMMIT")
                 pending, self._pending_audit = self._pending_audit, []
-                self.mirror.append(pending)
+                self._mirror(pending)
+
+    def _mirror(self, pending: list[dict[str, Any]]) -> None:
+        """Copy committed audit records to the JSONL file. Committed is committed: a failing
+        file (disk full) is logged, never raised into the caller, and the records it missed
+        are copied from the database on the next commit."""
+        try:
+            if pending and pending[0]["seq"] != self.mirror.last_seq + 1:
+                pending = self.audit_records(after=self.mirror.last_seq)
+            self.mirror.append(pending)
+        except OSError:
+            log.exception("could not append to %s; it catches up on the next commit",
+                          self.mirror.path)
 
     # -- weaves ---------------------------------------------------------------------------
 
@@ -120,11 +155,13 @@ class Store:
     def save_weave(self, weave: Weave) -> None:
         number = int(weave.id.rsplit("-", 1)[-1])
         self.db.execute(
-            "INSERT INTO weaves (id, number, state, requester, target, expires_at, record) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET state=excluded.state, "
+            "INSERT INTO weaves (id, number, state, requester, target, expires_at, record, "
+            "requester_tenant, target_tenant) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT(id) DO UPDATE SET state=excluded.state, "
             "expires_at=excluded.expires_at, record=excluded.record",
             (weave.id, number, weave.state.value, weave.requester, weave.target,
-             weave.to_dict()["expires_at"], json.dumps(weave.to_dict())))
+             weave.to_dict()["expires_at"], json.dumps(weave.to_dict()),
+             weave.requester_tenant, weave.target_tenant))
 
     def weave(self, weave_id: str) -> Weave | None:
         row = self.db.execute("SELECT record FROM weaves WHERE id=?", (weave_id,)).fetchone()
@@ -138,6 +175,22 @@ class Store:
         else:
             rows = self.db.execute("SELECT record FROM weaves ORDER BY number")
         return [Weave.from_dict(json.loads(r[0])) for r in rows]
+
+    def newest_weaves(self, *, tenant: str | None = None, state: str | None = None,
+                      limit: int = 100) -> list[Weave]:
+        """The newest `limit` weaves a tenant is party to (tenant None: everyone's), done in
+        SQL so a long history costs the loop thread only what is returned."""
+        sql = "SELECT record FROM weaves WHERE 1=1"
+        args: list[Any] = []
+        if tenant is not None:
+            sql += " AND (requester_tenant = ? OR target_tenant = ?)"
+            args += [tenant, tenant]
+        if state is not None:
+            sql += " AND state = ?"
+            args.append(state)
+        sql += " ORDER BY number DESC LIMIT ?"
+        args.append(limit)
+        return [Weave.from_dict(json.loads(r[0])) for r in self.db.execute(sql, args)]
 
     def count_weaves_by_state(self) -> dict[str, int]:
         """How many weaves are in each state (ended ones included): for metrics."""

@@ -34,9 +34,11 @@ from nwc.admission import (
     evaluate,
     evaluate_extension,
     plan_legs,
+    prefixes_withdrawn,
 )
 from nwc.fabric import CapacityError, Fabric
 from nwc.lease import Clock, LeaseBook, iso
+from nwc.pipeline import METER_SPACE
 from nwc.policy import Policy
 from nwc.store import Store
 from nwc.topology import Topology
@@ -234,9 +236,20 @@ class Weaver:
     def _admit(self, admission: Admission, now: datetime, actor: Actor,
                request_id: str | None) -> Weave:
         policy = self.policy
+        slots: list[int] = []
+        try:
+            for plan in admission.legs:
+                if plan.requester_host != plan.target_host:
+                    slots.append(self._take_slot())
+        except CapacityError:
+            for slot in slots:  # all or nothing: give back what the earlier legs took
+                self._give_slot(slot)
+            raise
+        remote = iter(slots)
         legs = tuple(Leg(p.requester_host, p.target_host, p.path,
-                         None if p.requester_host == p.target_host else self._take_slot())
+                         None if p.requester_host == p.target_host else next(remote))
                      for p in admission.legs)
+        self._next_number = self._free_number(self._next_number)
         weave = Weave(
             id=f"wv-{self._next_number:06d}", requester=admission.requester,
             target=admission.target,
@@ -259,9 +272,8 @@ class Weaver:
                 self.fabric.release(weave.id)
                 raise
         except BaseException:
-            for leg in legs:
-                if leg.slot is not None:
-                    self._give_slot(leg.slot)
+            for slot in slots:
+                self._give_slot(slot)
             raise
         self._next_number += 1
         self.live[weave.id] = weave
@@ -272,6 +284,14 @@ class Weaver:
             self._provision_deadline[weave.id] = now + self.provision_timeout
             self._tell(weave, "weave_up")
         return weave
+
+    def _free_number(self, number: int) -> int:
+        """The first weave number from `number` on whose meter ids (derived from the number
+        modulo METER_SPACE) no live weave holds: a switch cannot have two meters of one id."""
+        taken = {w.number % METER_SPACE for w in self.live.values()}
+        while number % METER_SPACE in taken:
+            number += 1
+        return number
 
     @staticmethod
     def _describe(weave: Weave) -> str:
@@ -311,7 +331,7 @@ class Weaver:
                             request_id=request_id, reason=denial.reason.value,
                             detail=denial.detail)
             self.emit({"type": "weave.denied", "action": "extend", "weave_id": weave.id,
-                       **denial.as_dict()})
+                       **_denial_event(denial)})
             return denial
         extended = weave.with_(expires_at=new_expiry)
         with self.store.transaction():
@@ -369,16 +389,28 @@ class Weaver:
         ended = []
         for weave_id in self.leases.due(now):
             weave = self.live.get(weave_id)
-            if weave is not None:
+            if weave is None:
+                continue
+            try:
                 ended.append(self._end(weave, State.TERMINATED, EndReason.EXPIRED.value,
                                        SYSTEM))
+            except Exception:
+                # due() took the lease out of the book: put it back so the next tick tries
+                # again, and let the other expiries of this batch proceed.
+                log.exception("expiring %s failed; retrying on the next tick", weave_id)
+                if weave_id in self.live:
+                    self.leases.set(weave_id, weave.expires_at)
         for weave_id, deadline in list(self._provision_deadline.items()):
             weave = self.live.get(weave_id)
             if weave is not None and deadline <= now:
                 missing = ", ".join(sorted(self._waiting.get(weave_id, ())))
-                ended.append(self._end(weave, State.FAILED, EndReason.PROVISION_TIMEOUT.value,
-                                       SYSTEM, detail=f"not ready after "
-                                       f"{self.provision_timeout.total_seconds():g} s: {missing}"))
+                try:
+                    ended.append(self._end(
+                        weave, State.FAILED, EndReason.PROVISION_TIMEOUT.value, SYSTEM,
+                        detail=f"not ready after {self.provision_timeout.total_seconds():g} s: "
+                               f"{missing}"))
+                except Exception:  # the deadline stays: the next tick tries again
+                    log.exception("failing %s after its provision timeout failed", weave_id)
         return ended
 
     def seconds_to_next_deadline(self) -> float:
@@ -457,18 +489,26 @@ class Weaver:
             else:
                 # A profile's ACL or a QoS class may have changed: the parts recompile.
                 self._tell_moved(weave, weave)
+        for part in self.parts:
+            # IVN gateways, VNIs and prefixes feed every host's base flows, not just weaves'.
+            changed = getattr(part, "policy_changed", None)
+            if changed is not None:
+                try:
+                    changed()
+                except Exception:
+                    log.exception("part %s.policy_changed() raised", part.name)
         return ended
 
     def _still_allowed(self, weave: Weave) -> str | None:
         ivns = self.policy.ivns
         if weave.requester not in ivns or weave.target not in ivns:
             return "an IVN of the weave was removed from the policy"
-        requester, target = ivns[weave.requester], ivns[weave.target]
-        for me, other in ((requester, target), (target, requester)):
-            if me.weaving.partner_rule(other) is None:
-                return f"IVN {me.name} no longer allows weaving with {other.name}"
-            if weave.profile not in me.weaving.profiles:
-                return f"IVN {me.name} no longer allows profile {weave.profile}"
+        withdrawn = prefixes_withdrawn(weave.as_live(), self.policy)
+        if withdrawn is not None:
+            return withdrawn.detail
+        for ivn in (ivns[weave.requester], ivns[weave.target]):
+            if weave.profile not in ivn.weaving.profiles:
+                return f"IVN {ivn.name} no longer allows profile {weave.profile}"
         return None
 
     # -- internals ------------------------------------------------------------------------
@@ -526,7 +566,7 @@ class Weaver:
                         reason=denial.reason.value, detail=denial.detail,
                         requester=request.requester, target=request.target)
         self.emit({"type": "weave.denied", "action": action, "requester": request.requester,
-                   "target": request.target, **denial.as_dict()})
+                   "target": request.target, **_denial_event(denial)})
 
     def _audit(self, action: str, outcome: str, *, weave: Weave | None = None,
                actor: Actor = SYSTEM, request_id: str | None = None,
@@ -542,6 +582,15 @@ class Weaver:
             if value is not None:
                 body[key] = value
         self.store.audit(body)
+
+
+def _denial_event(denial: Denial) -> dict[str, Any]:
+    """A denial as an event: the operator's detail, plus what a tenant may read (the event
+    hub gives tenants that instead)."""
+    out = denial.as_dict()
+    if denial.tenant_detail is not None:
+        out["tenant_detail"] = denial.tenant_detail
+    return out
 
 
 class WeaverLoop:

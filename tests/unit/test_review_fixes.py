@@ -1,0 +1,191 @@
+"""Defects a review found in the core, each pinned by a test: narrowed prefixes reach live
+weaves, reloads that would orphan a host are refused, a failing audit file never undoes a
+committed change, slots do not leak, meter ids never collide, tenants do not read the other
+tenant's policy in a refusal, and listing weaves is done in SQL."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from nwc.admission import Denial, Reason, WeaveRequest
+from nwc.audit import read_jsonl, verify_chain
+from nwc.config import SHIPPED_POLICIES, SHIPPED_TOPOLOGIES
+from nwc.controller import Controller
+from nwc.fabric import CapacityError
+from nwc.pipeline import METER_SPACE
+from nwc.policy import parse_policy_text
+from nwc.store import Store
+from nwc.weave import State, Weave
+
+pytestmark = pytest.mark.unit
+
+REQ = WeaveRequest("acme-web", "globex-db", 600, 10)
+
+
+def shipped_text(**edits: str) -> str:
+    text = "\n".join(p.read_text().replace("version: 1\n", "")
+                     for p in sorted(SHIPPED_POLICIES.glob("*.yaml")))
+    for old, new in edits.items():
+        assert old in text, old
+        text = text.replace(old, new)
+    return text
+
+
+NARROWED = {"prefixes: [192.0.2.0/27]    # only this part": "prefixes: [192.0.2.0/28]    # only"}
+
+
+def test_a_narrowed_partner_prefix_ends_the_live_weave_on_reload(make_weaver, small) -> None:
+    weaver = make_weaver(small)
+    weave = weaver.create(REQ)
+    assert [str(p) for p in weave.requester_prefixes] == ["192.0.2.0/27"]
+    (ended,) = weaver.reload_policy(parse_policy_text(shipped_text(**NARROWED)))
+    assert (ended.id, ended.state, ended.reason) == (weave.id, State.FAILED, "policy_withdrawn")
+    assert weaver.fabric.reserved[("s1", "s2")] == 0
+
+
+def test_an_extension_sees_a_narrowed_prefix(make_weaver, small) -> None:
+    weaver = make_weaver(small)
+    weave = weaver.create(REQ)
+    weaver.policy = parse_policy_text(shipped_text(**NARROWED))  # not yet reloaded
+    denial = weaver.extend(weave.id, 60)
+    assert isinstance(denial, Denial)
+    assert (denial.reason, denial.side, denial.rule) == (Reason.POLICY_VIOLATION, "target",
+                                                         "partner")
+
+
+def test_a_reload_that_would_orphan_vms_of_the_topology_is_refused(tmp_path: Path) -> None:
+    policy_dir = tmp_path / "policies"
+    policy_dir.mkdir()
+    for src in SHIPPED_POLICIES.glob("*.yaml"):
+        (policy_dir / src.name).write_text(src.read_text())
+    controller = Controller.from_paths(tmp_path / "state", [policy_dir],
+                                       SHIPPED_TOPOLOGIES / "small.yaml")
+    controller.start()
+    try:
+        before = controller.weaver.policy
+        ivns = policy_dir / "20-ivns.yaml"
+        # globex-db still has db1 in the topology: dropping the IVN must not be accepted.
+        ivns.write_text(ivns.read_text().replace("  globex-db:", "  globex-old:")
+                        .replace("ivn: globex-db", "ivn: globex-old"))
+        problems = controller.reload_policy()
+        assert any("unknown IVN 'globex-db'" in p for p in problems), problems
+        assert controller.weaver.policy is before
+    finally:
+        controller.stop()
+
+
+def test_a_failing_audit_file_never_undoes_a_committed_weave(make_weaver, small,
+                                                             monkeypatch, tmp_path) -> None:
+    weaver = make_weaver(small)
+    calls = {"n": 0}
+    real_append = weaver.store.mirror.append
+
+    def disk_full(records) -> None:
+        calls["n"] += 1
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(weaver.store.mirror, "append", disk_full)
+    weave = weaver.create(REQ)
+    assert isinstance(weave, Weave) and calls["n"] == 1
+    assert weave.id in weaver.live and weaver.store.weave(weave.id) is not None
+    monkeypatch.setattr(weaver.store.mirror, "append", real_append)
+    second = weaver.terminate(weave.id)
+    assert second is not None
+    records = list(read_jsonl(tmp_path / "state" / "audit.jsonl"))
+    assert [r["seq"] for r in records] == [1, 2]  # the missed record caught up, in order
+    assert verify_chain(records) == []
+    assert weaver.create(REQ).id == "wv-000002"  # no number reused
+
+
+def test_an_expiry_that_fails_is_retried_on_the_next_tick(make_weaver, small, clock,
+                                                         monkeypatch) -> None:
+    weaver = make_weaver(small)
+    weave = weaver.create(REQ)
+    real_end = weaver._end
+    failures = {"left": 1}
+
+    def flaky_end(*args, **kwargs):
+        if failures["left"]:
+            failures["left"] -= 1
+            raise OSError("database is locked")
+        return real_end(*args, **kwargs)
+
+    monkeypatch.setattr(weaver, "_end", flaky_end)
+    clock.advance(600)
+    assert weaver.tick() == []
+    assert weave.id in weaver.live and weave.id in weaver.leases
+    (ended,) = weaver.tick()
+    assert ended.reason == "expired"
+
+
+def test_no_slot_leaks_when_the_pools_run_out_mid_weave(make_weaver, leaf_spine) -> None:
+    weaver = make_weaver(leaf_spine)
+    # Leave exactly one free slot: the two-leg weave cannot have both.
+    weaver._next_slot = leaf_spine.underlay.weave_slots - 1
+    with pytest.raises(CapacityError):
+        weaver.create(WeaveRequest("acme-web", "globex-db", 600, 5))
+    assert weaver._free_slots == [leaf_spine.underlay.weave_slots - 1]
+    assert not weaver.live and weaver.fabric.violations() == []
+
+
+def test_weave_numbers_never_share_meter_ids_with_a_live_weave(make_weaver, small) -> None:
+    weaver = make_weaver(small)
+    live = weaver.create(REQ)
+    clash = live.number + METER_SPACE  # the same meter ids as `live`
+    assert weaver._free_number(clash) == clash + 1
+    weaver._next_number = clash
+    weaver.terminate(live.id)
+    again = weaver.create(REQ)
+    assert again.number == clash  # free once the holder has ended
+
+
+def test_target_side_refusals_do_not_reveal_the_targets_policy(small, shipped_policy) -> None:
+    from nwc.admission import evaluate
+    from nwc.fabric import Fabric
+    from nwc.lease import ManualClock
+
+    policy = parse_policy_text(shipped_text(**{
+        "        - ivn: acme-web\n          prefixes: [192.0.2.0/27]":
+        "        - ivn: initech-app\n          prefixes: [203.0.113.0/27]"}))
+    denial = evaluate(REQ, policy=policy, topology=small, fabric=Fabric(small), live=[],
+                      now=ManualClock().now())
+    assert isinstance(denial, Denial) and denial.side == "target"
+    assert "initech-app" in denial.detail  # the operator sees the target's partner list
+    tenant = denial.detail_for(operator=False)
+    assert "initech" not in tenant and "203.0.113" not in tenant
+    assert tenant.startswith("target IVN globex-db (tenant globex) does not allow weaving")
+    assert denial.as_dict(operator=False)["detail"] == tenant
+
+
+def test_listing_is_newest_first_per_tenant_and_state(tmp_path: Path, make_weaver,
+                                                      small) -> None:
+    weaver = make_weaver(small)
+    a = weaver.create(REQ)
+    weaver.terminate(a.id)
+    b = weaver.create(REQ)
+    store = weaver.store
+    assert [w.id for w in store.newest_weaves(tenant="acme")] == [b.id, a.id]
+    assert [w.id for w in store.newest_weaves(tenant="globex", state="active")] == [b.id]
+    assert store.newest_weaves(tenant="initech") == []
+    assert [w.id for w in store.newest_weaves(limit=1)] == [b.id]
+
+
+def test_an_older_database_gets_the_tenant_columns(tmp_path: Path, make_weaver, small) -> None:
+    weaver = make_weaver(small)
+    weave = weaver.create(REQ)
+    weaver.store.close()
+    import sqlite3
+
+    db = sqlite3.connect(tmp_path / "state" / "nwc.db")
+    db.execute("DROP INDEX weaves_tenants")
+    db.execute("ALTER TABLE weaves DROP COLUMN requester_tenant")
+    db.execute("ALTER TABLE weaves DROP COLUMN target_tenant")
+    db.commit()
+    db.close()
+    store = Store(tmp_path / "state")
+    try:
+        assert [w.id for w in store.newest_weaves(tenant="globex")] == [weave.id]
+    finally:
+        store.close()
