@@ -536,9 +536,15 @@ class Weaver:
             for leg in weave.legs:
                 if leg.slot is not None:
                     self._give_slot(leg.slot)
-        self.emit({"type": "weave.state", "weave": ended.to_dict(), "detail": detail})
-        if tell_parts:
+        if tell_parts and self.parts:
+            if state is State.TERMINATED:
+                # The release is already durable (a crash from here leaves nothing to undo:
+                # switches and hosts are resynced to the live weaves); watchers see the data
+                # plane being torn down, then the end.
+                self.emit({"type": "weave.state",
+                           "weave": weave.with_(state=State.TERMINATING).to_dict()})
             self._tell(weave, "weave_down")
+        self.emit({"type": "weave.state", "weave": ended.to_dict(), "detail": detail})
         return ended
 
     def _tell(self, weave: Weave, method: str) -> None:

@@ -189,3 +189,32 @@ def test_an_older_database_gets_the_tenant_columns(tmp_path: Path, make_weaver, 
         assert [w.id for w in store.newest_weaves(tenant="globex")] == [weave.id]
     finally:
         store.close()
+
+
+class _Part:
+    name = "flows"
+
+    def __init__(self) -> None:
+        self.down: list[str] = []
+
+    def weave_up(self, weave: Weave) -> None:
+        pass
+
+    def weave_down(self, weave: Weave) -> None:
+        self.down.append(weave.id)
+
+    def weave_moved(self, weave: Weave, old: Weave) -> None:
+        pass
+
+
+def test_watchers_see_terminating_while_the_data_plane_is_told(make_weaver, small) -> None:
+    part = _Part()
+    weaver = make_weaver(small, parts=[part])
+    seen: list[tuple[str, list[str]]] = []
+    weaver.subscribe(lambda e: seen.append((e["weave"]["state"], list(part.down)))
+                     if e.get("type") == "weave.state" else None)
+    weave = weaver.create(REQ)
+    weaver.part_ready(weave.id, "flows")
+    weaver.terminate(weave.id)
+    assert seen[-2:] == [("terminating", []), ("terminated", [weave.id])]
+    assert weaver.store.weave(weave.id).state is State.TERMINATED
