@@ -241,10 +241,15 @@ class Agent:
             if key not in wanted:
                 continue
             before = leg.phase
-            if self.backend == "strongswan":
-                self._ensure_strongswan(leg, sas, conns)
-            else:
-                self._ensure_ovs_ipsec(leg, sas)
+            # One leg's surprise must not stop the others from being built or reported.
+            try:
+                if self.backend == "strongswan":
+                    self._ensure_strongswan(leg, sas, conns)
+                else:
+                    self._ensure_ovs_ipsec(leg, sas)
+            except Exception as exc:
+                log.exception("leg %s: unexpected failure", key)
+                self._fail(leg, f"unexpected failure: {exc!r}")
             if leg.phase != before:
                 log.info("leg %s: %s -> %s%s", key, before, leg.phase,
                          f" ({leg.detail})" if leg.detail else "")

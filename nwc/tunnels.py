@@ -294,10 +294,17 @@ class Tunnels:
             for held in weaves:
                 if held.weave.id not in self._weaves:
                     continue  # went down meanwhile
-                for leg in held.legs.values():
-                    self._materialize(leg, current)
-                    self._absorb(held, leg, current, reports)
-                self._judge(held, reports)
+                # One weave's surprise (a bug, a host answering nonsense) must not stop the
+                # pass: other weaves still get their records, ended ones still lose theirs.
+                try:
+                    for leg in held.legs.values():
+                        self._materialize(leg, current)
+                        self._absorb(held, leg, current, reports)
+                    self._judge(held, reports)
+                except Exception as exc:
+                    log.exception("weave %s: tunnel decision failed", held.weave.id)
+                    self._fail_weave(held, f"tunnel part could not handle it: {exc!r}",
+                                     reports)
             desired = self._desired()
             # Legs whose material is not decided yet keep whatever their hosts hold.
             protected = {RECORD_PREFIX + key for held in self._weaves.values()
@@ -381,7 +388,13 @@ class Tunnels:
                 continue
             try:
                 status = LegStatus.from_json(text)
-            except TunnelError:
+            except TunnelError as exc:
+                # Not "no news": the controller can no longer tell what this end's SA is
+                # doing, and the agent never writes this. An error of the leg, like any other.
+                log.warning("weave %s: unreadable status from %s for leg %s: %s", weave.id,
+                            end.host, leg.key, exc)
+                leg.statuses[end.host] = LegStatus(Phase.ERROR,
+                                                   f"unreadable status from the agent: {exc}")
                 continue
             if status.applied is not None and status.applied != end:
                 continue  # the agent still reports an older build of this leg
@@ -398,13 +411,21 @@ class Tunnels:
                 except CsrRejected as exc:
                     detail = f"host {end.host} asked for a certificate NWC will not sign: {exc}"
                     if not held.failed:
-                        held.failed = True
                         reports.append(lambda d=detail: self.reports.security(
                             weave.id, "csr_rejected", d))
-                        reports.append(lambda d=detail: self.reports.failed(weave.id, d))
+                        self._fail_weave(held, detail, reports)
         responder = leg.statuses.get(leg.target.host)
         if responder is not None and responder.phase in RESPONDER_READY:
             leg.start = True
+
+    def _fail_weave(self, held: _WeaveTunnels, detail: str,
+                    reports: list[Callable[[], None]]) -> None:
+        """Stop building the weave and tell the weaver (once), which then ends it."""
+        if held.failed:
+            return
+        held.failed = True
+        weave_id = held.weave.id
+        reports.append(lambda: self.reports.failed(weave_id, detail))
 
     def _judge(self, held: _WeaveTunnels, reports: list[Callable[[], None]]) -> None:
         weave = held.weave

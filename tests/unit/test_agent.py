@@ -334,3 +334,32 @@ def test_ovs_ipsec_x509_uses_a_host_certificate_kept_private(tmp_path: Path) -> 
     host.drop(req)
     host.steps(1)
     assert not (tmp_path / "agent/ovs-ipsec").exists() and not host.db.other
+
+
+def test_a_record_json_cannot_parse_spoils_only_its_own_leg() -> None:
+    req, _ = specs(slot=0)
+    other, _ = specs(slot=1)
+    host = Host()
+    host.db.ids[RECORD_PREFIX + req.key] = "[" * 50_000  # json's RecursionError
+    host.want(LegRecord(other, new_psk(), start=True))
+    host.steps()
+    assert host.status(other).phase is Phase.INSTALLED
+    status = host.status(req)
+    assert status.phase is Phase.ERROR and "nested" in status.detail
+    assert "nwv0" not in host.net.vxlans
+
+
+def test_a_restarted_agent_skips_a_garbled_status_and_adopts_the_rest() -> None:
+    req, _ = specs(slot=0)
+    other, _ = specs(slot=1)
+    host = Host()
+    host.want(LegRecord(req, new_psk(), start=True))
+    host.steps()
+    garbled = json.loads(host.db.ids[STATUS_PREFIX + req.key])
+    garbled["extra"] = {"ovs_keys": 5}  # once a TypeError in the middle of adoption
+    host.db.ids[STATUS_PREFIX + other.key] = json.dumps(garbled)
+    host.agent = host.new_agent()  # restarted, and meanwhile the weave ended
+    host.drop(req)
+    host.steps(2)
+    assert host.net.empty() and not host.db.ports and not host.db.ids
+    assert not (host.ike.conns or host.ike.shared)

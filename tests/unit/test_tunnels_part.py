@@ -288,3 +288,51 @@ def test_a_weave_inside_one_host_reports_no_tunnel_measurements(world: World) ->
     world.part.weave_up(local)
     assert world.reports.log == [("ready", local.id)]
     assert world.part.stats(local) == {}
+
+
+@pytest.mark.parametrize("garbage", [
+    '{"v": 1, "phase": "installed", "rekeys": "x"}',  # int("x") used to escape the pass
+    "[" * 50_000,  # json's RecursionError
+    '{"v": 1, "phase": "installed", "sa": {"ike_state": "ESTABLISHED", "bytes_in": "x"}}',
+])
+def test_one_garbled_status_does_not_stop_the_other_weaves(world: World, garbage: str) -> None:
+    bad, ended = weave(1, 0), weave(3, 2)
+    world.part.weave_up(bad)
+    world.part.weave_up(ended)
+    world.rounds()
+    assert sorted(world.reports.log) == [("ready", bad.id), ("ready", ended.id)]
+    world.dbs["h2"].ids[STATUS_PREFIX + f"{bad.id}-s0"] = garbage
+    fresh = weave(2, 1)
+    world.part.weave_up(fresh)
+    world.part.weave_down(ended)
+    world.part.sync()
+    for host in ("h1", "h2"):  # the pass went on: new records written, old ones deleted
+        assert RECORD_PREFIX + f"{fresh.id}-s1" in world.dbs[host].ids
+        assert RECORD_PREFIX + f"{ended.id}-s2" not in world.dbs[host].ids
+    failed = [e for e in world.reports.log if e[0] == "failed"]
+    assert [e[1] for e in failed] == [bad.id]
+    assert "unreadable status from the agent" in failed[0][2] and "h2" in failed[0][2]
+    world.part.weave_down(bad)  # what the weaver does with part_failed
+    world.rounds()
+    assert ("ready", fresh.id) in world.reports.log
+    assert world.part.drained()
+    assert {k for k in world.dbs["h1"].ids if k.startswith(RECORD_PREFIX)} == {
+        RECORD_PREFIX + f"{fresh.id}-s1"}
+
+
+
+def test_a_weave_whose_handling_breaks_fails_alone(world: World) -> None:
+    class BrokenCa:  # stands for any bug met while handling one weave
+        cert_pem = world.ca.cert_pem
+
+        def sign_request(self, *args: object, **kwargs: object) -> bytes:
+            raise RuntimeError("a bug")
+
+    world.part.ca = BrokenCa()  # type: ignore[assignment]
+    x509, psk = weave(1, 0, profile="silver"), weave(2, 1)
+    world.part.weave_up(x509)
+    world.part.weave_up(psk)
+    world.rounds()
+    assert ("ready", psk.id) in world.reports.log
+    failed = [e for e in world.reports.log if e[0] == "failed"]
+    assert [e[1] for e in failed] == [x509.id] and "a bug" in failed[0][2]
