@@ -515,26 +515,35 @@ class Agent:
     def _teardown(self, leg: _Leg) -> bool:
         """Remove everything the leg had on this host; True when all of it is gone. The VXLAN
         device goes first and the blackhole last, so no VXLAN packet can leave in clear
-        while the SA is being removed."""
+        while the SA is being removed. If the port or the device may still be there, the
+        blackhole stays (the SA is gone by then, so it is all that keeps their VXLAN off the
+        underlay) and the next pass tries again."""
         spec = leg.spec
         problems: list[str] = []
 
-        def attempt(what: str, action: Callable[[], object], ike: bool = False) -> None:
+        def attempt(what: str, action: Callable[[], object], ike: bool = False) -> bool:
             try:
                 action()
+                return True
             except IkeUnavailable:
                 if not ike:
                     problems.append(f"{what}: IKE daemon unavailable")
                 # A daemon that does not run holds no SA, connection or key.
             except Exception as exc:
                 problems.append(f"{what}: {exc}")
+            return False
+
+        def device_gone() -> None:
+            if self.net.link_exists(spec.device):
+                raise RuntimeError(f"{spec.device} still exists")
 
         if leg.pending is not None:
             leg.pending.cancel()
             leg.pending = None
-        attempt("OVS port", lambda: self.db.delete_port(spec.device))
+        sender_gone = attempt("OVS port", lambda: self.db.delete_port(spec.device))
         if self.backend == "strongswan":
-            attempt("VXLAN device", lambda: self.net.remove_link(spec.device))
+            removed = attempt("VXLAN device", lambda: self.net.remove_link(spec.device))
+            sender_gone &= removed and attempt("VXLAN device", device_gone)
             attempt("IKE SA", lambda: self.ike.terminate(spec.connection_name), ike=True)
             attempt("IKE connection", lambda: self.ike.unload_connection(spec.connection_name),
                     ike=True)
@@ -556,7 +565,7 @@ class Agent:
             if not others:
                 attempt("OVS IPsec settings", self._remove_ovs_settings)
         for route in spec.routes():
-            if route.kind == "blackhole":
+            if route.kind == "blackhole" and sender_gone:
                 attempt("blackhole", lambda r=route: self.net.remove_blackhole(r.destination))
         leg.key = None
         if problems:

@@ -363,3 +363,27 @@ def test_a_restarted_agent_skips_a_garbled_status_and_adopts_the_rest() -> None:
     host.steps(2)
     assert host.net.empty() and not host.db.ports and not host.db.ids
     assert not (host.ike.conns or host.ike.shared)
+
+
+@pytest.mark.parametrize("broken", ["delete_port", "remove_link", "remove_link_noop"])
+def test_the_blackhole_stays_while_the_device_may_still_send(broken: str) -> None:
+    req, _ = specs()
+    host = Host()
+    host.want(LegRecord(req, new_psk(), start=True))
+    host.steps()
+    failing = host.db if broken == "delete_port" else host.net
+    failing.failing.add(broken)
+    host.drop(req)
+    host.steps(2)
+    # The SA is gone: for whatever is left of the port or device, the blackhole is all that
+    # keeps its VXLAN from following the main table's route in clear.
+    assert not host.ike.sa_table and not host.ike.shared
+    assert str(req.remote_vtep) in host.net.blackholes
+    status = host.status(req)
+    assert status.phase is Phase.ERROR and "teardown incomplete" in status.detail
+    failing.failing.clear()
+    host.steps(1)  # the next pass finishes the job, blackhole last
+    assert host.net.empty() and not host.db.ports and not host.db.ids
+    j = host.journal
+    assert j.entries[-1] == ("remove_blackhole", str(req.remote_vtep))
+    assert j.count("remove_blackhole") == 1  # never while the device might still send
