@@ -68,6 +68,7 @@ class HostDbPort(Protocol):
     def add_port(self, bridge: str, columns: Mapping[str, Any]) -> None: ...
     def delete_port(self, name: str) -> None: ...
     def interface(self, name: str) -> dict[str, Any] | None: ...
+    def bridge_datapath_type(self, bridge: str) -> str | None: ...
 
 
 class IkePort(Protocol):
@@ -449,6 +450,14 @@ class Agent:
         spec, record = leg.spec, leg.record
         assert record is not None
         try:
+            if self.db.bridge_datapath_type(spec.bridge) == "netdev":
+                # The userspace datapath sends tunnel packets itself, past kernel XFRM: the
+                # skb-mark drop policy never sees them, so nothing would stop them leaving in
+                # clear. Refused before anything is built.
+                self._fail(leg, f"bridge {spec.bridge} uses the userspace datapath (netdev), "
+                                "which bypasses kernel IPsec: the ovs-ipsec backend needs the "
+                                "kernel datapath (use the strongswan backend here)")
+                return
             self._build_network(spec, with_vxlan=False)
             config = self.db.other_config()
             if "ipsec_skb_mark" not in config:

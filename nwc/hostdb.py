@@ -221,6 +221,14 @@ class HostDb:
                     "options": dict(row.options), "external_ids": dict(row.external_ids),
                     "error": row.error[0] if row.error else None}
 
+    def bridge_datapath_type(self, bridge: str) -> str | None:
+        """The bridge's datapath_type ("" means the default, the kernel datapath); None if
+        there is no such bridge."""
+        api = self.api
+        with api.ovsdb_connection.lock:
+            br = idlutils.row_by_value(api.idl, "Bridge", "name", bridge, None)
+            return None if br is None else br.datapath_type
+
     def port_names(self, bridge: str) -> list[str]:
         api = self.api
         with api.ovsdb_connection.lock:

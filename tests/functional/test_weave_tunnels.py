@@ -441,3 +441,20 @@ def _check_ovs_ipsec(controller: Controller, part: Tunnels, dbs: dict[str, Any],
     wait_for(part.drained, 20, "x509 ovs-ipsec teardown")
     assert not key_file.exists()
     assert h1.vsctl("get", "open_vswitch", ".", "other_config") == "{}"
+
+    # A userspace-datapath bridge bypasses kernel XFRM, so the drop policy could not hold:
+    # the agent refuses to build there, and the weave fails instead of running unprotected.
+    h1.vsctl("--no-wait", "set", "bridge", "br-int", "datapath_type=netdev")
+    refused = controller.call(controller.weaver.create,
+                              WeaveRequest("acme-web", "globex-db", 600, 5, "gold"))
+    assert isinstance(refused, Weave)
+
+    def ended() -> bool:
+        return controller.call(lambda: refused.id not in controller.weaver.live)
+
+    wait_for(ended, 20, "the weave on a netdev bridge to fail")
+    assert controller.store.weave(refused.id).state is State.FAILED
+    assert any(r.get("weave_id") == refused.id and "netdev" in r.get("detail", "")
+               for r in controller.store.audit_records())
+    wait_for(part.drained, 20, "teardown of the refused weave")
+    assert "nwv0" not in h1.vsctl("list-ports", "br-int").split()

@@ -387,3 +387,17 @@ def test_the_blackhole_stays_while_the_device_may_still_send(broken: str) -> Non
     j = host.journal
     assert j.entries[-1] == ("remove_blackhole", str(req.remote_vtep))
     assert j.count("remove_blackhole") == 1  # never while the device might still send
+
+
+def test_ovs_ipsec_is_refused_on_a_userspace_datapath_bridge() -> None:
+    req, _ = specs(topo=OVS_TOPO)
+    host = Host(backend="ovs-ipsec")
+    host.db.datapath_types["br-int"] = "netdev"
+    host.want(LegRecord(req, new_psk()))
+    host.steps(2)
+    status = host.status(req)
+    assert status.phase is Phase.ERROR and "netdev" in status.detail
+    assert not host.db.ports and not host.db.other and host.net.empty()  # nothing built
+    host.drop(req)
+    host.steps(1)
+    assert not host.db.ids

@@ -40,6 +40,7 @@ class FakeHostDb:
     writes: int = 0
     opened: bool = False
     failing: set[str] = field(default_factory=set)  # names of methods that raise
+    datapath_types: dict[str, str] = field(default_factory=lambda: {"br-int": ""})
 
     def open(self) -> FakeHostDb:
         self.opened = True
@@ -77,6 +78,9 @@ class FakeHostDb:
             raise RuntimeError("OVSDB transaction timed out")
         self.journal.add("delete_port", name)
         self.ports.pop(name, None)
+
+    def bridge_datapath_type(self, bridge: str) -> str | None:
+        return self.datapath_types.get(bridge)
 
     def interface(self, name: str) -> dict[str, Any] | None:
         port = self.ports.get(name)
