@@ -23,6 +23,7 @@ import logging
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -610,11 +611,26 @@ def _write_private(path: Path, data: bytes) -> None:
 # -- the command ------------------------------------------------------------------------------
 
 def cmd_agent(args: argparse.Namespace) -> int:
-    from nwc.cli import EXIT_OK
-    from nwc.hostdb import AGENT_TABLES, HostDb
+    from nwc.cli import EXIT_ERROR, EXIT_OK
+    from nwc.hostdb import (
+        AGENT_TABLES,
+        HostDb,
+        OvsdbConfigError,
+        check_target,
+        configure_ssl,
+        ssl_files,
+    )
     from nwc.hostnet import HostNetwork
     from nwc.ike import IkeDaemon
 
+    try:
+        files = ssl_files(args.ovsdb_ssl_key, args.ovsdb_ssl_cert, args.ovsdb_ssl_ca)
+        if files is not None:
+            configure_ssl(files)
+        check_target(args.ovsdb)  # refused now, not retried for ever below
+    except OvsdbConfigError as exc:
+        print(f"nwc agent: {exc}", file=sys.stderr)
+        return EXIT_ERROR
     os.umask(0o077)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -658,6 +674,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--ovsdb", default=DEFAULT_OVSDB,
                    help=f"this host's OVSDB (default {DEFAULT_OVSDB})")
+    p.add_argument("--ovsdb-ssl-key", default=None,
+                   help="private key (PEM) for an ssl: --ovsdb")
+    p.add_argument("--ovsdb-ssl-cert", default=None,
+                   help="certificate (PEM) for --ovsdb-ssl-key")
+    p.add_argument("--ovsdb-ssl-ca", default=None,
+                   help="CA certificate (PEM) the OVSDB server's certificate must chain to")
     p.add_argument("--vici", default=DEFAULT_VICI,
                    help=f"the local charon's VICI socket (default {DEFAULT_VICI})")
     p.add_argument("--underlay-dev", required=True,

@@ -13,6 +13,11 @@ callers that need an ofport poll for it.
 Every command NWC runs prints only key names in its repr: ovsdbapp logs commands at debug
 level, and some values here are pre-shared keys.
 
+Targets are `unix:`, `tcp:` or `ssl:` (comma-separated for several remotes). `ssl:` needs this
+process's key, certificate and CA certificate (`configure_ssl`; python-ovs keeps them
+process-wide): without them a target is refused with a clear error. `tcp:` works but carries
+every record, pre-shared keys included, in clear: it is logged once per target.
+
 Nothing here waits without limit on the other end: opening (connect, TLS handshake, schema,
 first contents) has a deadline, transactions time out, and reading the cache gives up when
 the connection's thread is stuck in a transaction. ovsdbapp's own schema fetch has no limit
@@ -30,6 +35,8 @@ import queue
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import ovs.poller
@@ -142,6 +149,74 @@ class _DeletePort(ovs_command.BaseCommand):
     __repr__ = __str__
 
 
+class OvsdbConfigError(ValueError):
+    """An OVSDB target this process cannot use as configured (e.g. ssl: without keys)."""
+
+
+@dataclass(frozen=True)
+class SslFiles:
+    """PEM files for `ssl:` OVSDB targets: this side's private key and certificate, and the
+    CA certificate the server's certificate must chain to. python-ovs checks the chain but
+    not the server's name: use a CA that signs only OVSDB servers (and NWC's own client)."""
+
+    private_key: Path
+    certificate: Path
+    ca_cert: Path
+
+
+_ssl: SslFiles | None = None
+_tcp_warned: set[str] = set()
+_tcp_lock = threading.Lock()
+
+
+def ssl_files(private_key: str | Path | None, certificate: str | Path | None,
+              ca_cert: str | Path | None) -> SslFiles | None:
+    """The three options given together (or none), each a readable file."""
+    given = {"--ovsdb-ssl-key": private_key, "--ovsdb-ssl-cert": certificate,
+             "--ovsdb-ssl-ca": ca_cert}
+    if not any(given.values()):
+        return None
+    missing = [name for name, value in given.items() if not value]
+    if missing:
+        raise OvsdbConfigError(f"{', '.join(missing)} missing: --ovsdb-ssl-key, "
+                               "--ovsdb-ssl-cert and --ovsdb-ssl-ca go together")
+    for name, value in given.items():
+        try:
+            Path(str(value)).open("rb").close()
+        except OSError as exc:
+            raise OvsdbConfigError(f"{name} {value}: {exc.strerror}") from None
+    return SslFiles(Path(str(private_key)), Path(str(certificate)), Path(str(ca_cert)))
+
+
+def configure_ssl(files: SslFiles | None) -> None:
+    """Use these files for every `ssl:` target this process opens from now on (None: no
+    ssl: targets)."""
+    global _ssl
+    stream.Stream.ssl_set_private_key_file(str(files.private_key) if files else None)
+    stream.Stream.ssl_set_certificate_file(str(files.certificate) if files else None)
+    stream.Stream.ssl_set_ca_cert_file(str(files.ca_cert) if files else None)
+    _ssl = files
+
+
+def check_target(target: str) -> None:
+    """Refuse an `ssl:` target this process has no keys for (python-ovs would fail deep in
+    its TLS setup, with "cafile, capath and cadata cannot be all omitted"), and say once per
+    `tcp:` target that what crosses it is readable by anyone on the way."""
+    remotes = idlutils.parse_connection(target)
+    if _ssl is None and any(r.startswith("ssl:") for r in remotes):
+        raise OvsdbConfigError(f"OVSDB target {target} is ssl: but no key, certificate and CA "
+                               "certificate are configured (--ovsdb-ssl-key, --ovsdb-ssl-cert, "
+                               "--ovsdb-ssl-ca)")
+    for remote in remotes:
+        if remote.startswith("tcp:"):
+            with _tcp_lock:
+                if remote in _tcp_warned:
+                    continue
+                _tcp_warned.add(remote)
+            log.warning("OVSDB target %s is not encrypted: tunnel records, pre-shared keys "
+                        "included, cross the network in clear (use ssl:)", remote)
+
+
 def fetch_schema(remote: str, schema: str, timeout_s: float) -> Any:
     """The schema from one OVSDB remote, or an error within `timeout_s` seconds."""
     deadline = time.monotonic() + timeout_s
@@ -197,6 +272,7 @@ class HostDb:
         return self
 
     def _open(self) -> _PlainTransactions:
+        check_target(self.target)
         deadline = time.monotonic() + self.timeout
         schema, problems = None, []
         for remote in idlutils.parse_connection(self.target):

@@ -36,7 +36,7 @@ from typing import Any, Protocol
 
 # Imported here, never first from the part's thread: ovsdbapp pulls in python-ovs, which
 # imports eventlet, and a thread that imported eventlet first never finishes exiting.
-from nwc.hostdb import HostDb
+from nwc.hostdb import HostDb, OvsdbConfigError, check_target, configure_ssl, ssl_files
 from nwc.pki import CertificateAuthority, CsrRejected, Secret, new_psk
 from nwc.policy import MAX_LEASE_S, Policy
 from nwc.topology import Topology
@@ -632,8 +632,23 @@ def tunnels_for(controller: Any, ovsdb_targets: Mapping[str, str] | None = None,
 
 def serve(controller: Any, args: argparse.Namespace) -> None:
     """Attach the tunnel part to a running controller (`nwc run` calls this). Without any
-    host OVSDB in the topology (an admission-only run) there is nothing to drive."""
-    part = tunnels_for(controller)
+    host OVSDB in the topology (an admission-only run) there is nothing to drive. An ssl:
+    target without --ovsdb-ssl-* stops `nwc run` at once: retrying could never succeed, and
+    falling back to tcp: would put the keys on the wire."""
+    from nwc.run import StartRefused
+
+    targets = {h.name: h.ovsdb for h in controller.config.topology.hosts.values() if h.ovsdb}
+    try:
+        files = ssl_files(getattr(args, "ovsdb_ssl_key", None),
+                          getattr(args, "ovsdb_ssl_cert", None),
+                          getattr(args, "ovsdb_ssl_ca", None))
+        if files is not None:
+            configure_ssl(files)
+        for target in targets.values():
+            check_target(target)
+    except OvsdbConfigError as exc:
+        raise StartRefused(str(exc)) from None
+    part = tunnels_for(controller, targets)
     if not part.targets:
         controller.stats_sources.remove(part.stats)
         log.info("no host has an OVSDB target (hosts.NAME.ovsdb): tunnels are not driven")

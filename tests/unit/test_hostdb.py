@@ -1,15 +1,26 @@
 """The OVSDB client's limits, against plain sockets on loopback (no ovsdb-server): opening a
-host's OVSDB ends with an error when the other end never answers or is not there."""
+host's OVSDB ends with an error when the other end never answers or is not there; ssl:
+targets need keys (refused clearly without), tcp: ones are said to be in clear."""
 
 from __future__ import annotations
 
+import argparse
+import logging
 import socket
 import threading
 from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from nwc.hostdb import HostDb
+from nwc.cli import EXIT_ERROR, main
+from nwc.hostdb import HostDb, OvsdbConfigError, SslFiles, configure_ssl, ssl_files
+from nwc.lab.tunnel_lab import TWO_HOSTS
+from nwc.policy import Policy
+from nwc.run import StartRefused, add_run_options, apply_config_file
+from nwc.topology import parse_topology_text
+from nwc.tunnels import serve
 
 pytestmark = pytest.mark.unit
 
@@ -57,3 +68,68 @@ def test_a_port_nobody_listens_on_is_an_error() -> None:
         port = s.getsockname()[1]  # closed again: nobody listens there
     error = open_in_thread(HostDb(f"tcp:127.0.0.1:{port}", timeout=5))
     assert isinstance(error, ConnectionError) and "refused" in str(error).lower()
+
+
+@pytest.fixture
+def no_ssl() -> Iterator[None]:
+    """python-ovs keeps its TLS files process-wide: each test starts and ends without any."""
+    configure_ssl(None)
+    yield
+    configure_ssl(None)
+
+
+def test_an_ssl_target_without_keys_is_refused_clearly(no_ssl: None) -> None:
+    with pytest.raises(OvsdbConfigError, match="--ovsdb-ssl-key"):
+        HostDb("ssl:192.0.2.1:6640").open()  # refused before any connection is tried
+
+
+def test_a_tcp_target_is_said_to_be_in_clear_once(caplog: pytest.LogCaptureFixture) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        target = f"tcp:127.0.0.1:{s.getsockname()[1]}"
+    for _ in range(3):
+        with pytest.raises(ConnectionError):
+            HostDb(target, timeout=5).open()
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING
+                and "pre-shared keys" in r.getMessage() and target in r.getMessage()]
+    assert len(warnings) == 1
+
+
+def test_the_ssl_options_go_together_and_must_be_readable(tmp_path: Path) -> None:
+    pem = tmp_path / "x.pem"
+    pem.write_text("x")
+    assert ssl_files(None, None, None) is None
+    with pytest.raises(OvsdbConfigError, match="--ovsdb-ssl-ca missing"):
+        ssl_files(pem, pem, None)
+    with pytest.raises(OvsdbConfigError, match="--ovsdb-ssl-cert"):
+        ssl_files(pem, tmp_path / "nothing.pem", pem)
+    assert ssl_files(pem, pem, pem) == SslFiles(pem, pem, pem)
+
+
+def test_nwc_agent_refuses_an_ssl_ovsdb_without_keys(
+        no_ssl: None, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["agent", "--ovsdb", "ssl:192.0.2.1:6640", "--underlay-dev", "eth1"])
+    assert code == EXIT_ERROR
+    assert "--ovsdb-ssl-key" in capsys.readouterr().err
+
+
+def test_nwc_run_takes_the_ssl_options_from_its_config_file(tmp_path: Path) -> None:
+    ini = tmp_path / "nwc.ini"
+    ini.write_text("[nwc]\novsdb-ssl-key = /etc/nwc/key.pem\novsdb-ssl-cert = /etc/nwc/c.pem\n"
+                   "ovsdb-ssl-ca = /etc/nwc/ca.pem\n")
+    parser = argparse.ArgumentParser()
+    add_run_options(parser)
+    args = parser.parse_args(["--config-file", str(ini), "--ovsdb-ssl-ca", "/srv/ca.pem"])
+    apply_config_file(args, parser)
+    assert (args.ovsdb_ssl_key, args.ovsdb_ssl_cert, args.ovsdb_ssl_ca) == (
+        "/etc/nwc/key.pem", "/etc/nwc/c.pem", "/srv/ca.pem")  # the command line wins
+
+
+def test_nwc_run_refuses_ssl_hosts_without_keys(no_ssl: None, shipped_policy: Policy) -> None:
+    topo = parse_topology_text(TWO_HOSTS.replace(
+        "underlay_ip: 100.64.0.1}", "underlay_ip: 100.64.0.1, ovsdb: 'ssl:192.0.2.1:6640'}"),
+        shipped_policy)
+    controller = SimpleNamespace(config=SimpleNamespace(topology=topo))
+    options = argparse.Namespace(ovsdb_ssl_key=None, ovsdb_ssl_cert=None, ovsdb_ssl_ca=None)
+    with pytest.raises(StartRefused, match=r"ssl:192\.0\.2\.1:6640.*--ovsdb-ssl-key"):
+        serve(controller, options)
