@@ -217,16 +217,40 @@ def check_target(target: str) -> None:
                         "included, cross the network in clear (use ssl:)", remote)
 
 
+def _open_stream(remote: str, deadline: float, timeout_s: float) -> stream.Stream:
+    """A connected stream (TLS handshake done for ssl:), or an error by `deadline`.
+    python-ovs's Stream.open_block waits for the socket to be writable while a TLS handshake
+    waits for the server, which is at once and every time: it would spin a core until the
+    deadline against a server that never answers."""
+    error, strm = stream.Stream.open(remote)
+    if error or strm is None:
+        raise ConnectionError(f"{remote}: {os.strerror(error)}")
+    try:
+        while (error := strm.connect()) == errno.EAGAIN:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"{remote}: no connection within {timeout_s:g} s")
+            try:
+                strm.socket.getpeername()
+                event = ovs.poller.POLLIN  # connected: the TLS handshake waits for the server
+            except OSError:
+                event = ovs.poller.POLLOUT  # still connecting
+            poller = ovs.poller.Poller()
+            poller.fd_wait(strm.socket, event)
+            poller.timer_wait(min(int(left * 1000) + 1, 100))  # and look again now and then
+            poller.block()
+        if error:
+            raise ConnectionError(f"{remote}: {os.strerror(error)}")
+    except BaseException:
+        strm.close()
+        raise
+    return strm
+
+
 def fetch_schema(remote: str, schema: str, timeout_s: float) -> Any:
     """The schema from one OVSDB remote, or an error within `timeout_s` seconds."""
     deadline = time.monotonic() + timeout_s
-    error, strm = stream.Stream.open_block(stream.Stream.open(remote),
-                                           max(1, int(timeout_s * 1000)))
-    if error:
-        if error == errno.ETIMEDOUT:
-            raise TimeoutError(f"{remote}: no connection within {timeout_s:g} s")
-        raise ConnectionError(f"{remote}: {os.strerror(error)}")
-    rpc = jsonrpc.Connection(strm)
+    rpc = jsonrpc.Connection(_open_stream(remote, deadline, timeout_s))
     try:
         request = jsonrpc.Message.create_request("get_schema", [schema])
         error = rpc.send(request)

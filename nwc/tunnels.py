@@ -144,8 +144,8 @@ class _HostLink:
         self.db: HostDbLike | None = None
         self.retry_at = 0.0
         self.job: concurrent.futures.Future[Any] | None = None
-        # A job outlived a pass's wait: later passes do not wait for this host (they use what
-        # it finished meanwhile) until it answers a read again.
+        # A job outlived a pass's wait: later passes still give this host jobs but do not
+        # wait for them (they take what is done by then), until a read succeeds again.
         self.suspect = False
         self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], concurrent.futures.Future[Any]]
                                       | None] = queue.SimpleQueue()

@@ -5,6 +5,7 @@ targets need keys (refused clearly without), tcp: ones are said to be in clear."
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import logging
 import socket
 import threading
@@ -17,6 +18,7 @@ import pytest
 from nwc.cli import EXIT_ERROR, main
 from nwc.hostdb import HostDb, OvsdbConfigError, SslFiles, configure_ssl, ssl_files
 from nwc.lab.tunnel_lab import TWO_HOSTS
+from nwc.pki import CertificateAuthority, LegKey
 from nwc.policy import Policy
 from nwc.run import StartRefused, add_run_options, apply_config_file
 from nwc.topology import parse_topology_text
@@ -60,6 +62,24 @@ def open_in_thread(db: HostDb) -> BaseException | None:
 def test_a_server_that_accepts_and_never_answers_is_given_up(silent_server: str) -> None:
     error = open_in_thread(HostDb(silent_server, timeout=0.3))
     assert isinstance(error, ConnectionError) and "no answer" in str(error)
+
+
+def test_a_tls_handshake_that_never_comes_is_given_up(silent_server: str,
+                                                     tmp_path: Path) -> None:
+    ca = CertificateAuthority.load_or_create(tmp_path / "ca")
+    key = LegKey.generate("controller.nwc.test")
+    now = dt.datetime.now(dt.UTC)
+    files = {"key.pem": key.private_pem().reveal(), "ca.pem": ca.cert_pem,
+             "cert.pem": ca.sign_request(key.csr_pem(), key.identity, now=now,
+                                         not_after=now + dt.timedelta(days=1))}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    configure_ssl(ssl_files(tmp_path / "key.pem", tmp_path / "cert.pem", tmp_path / "ca.pem"))
+    try:
+        error = open_in_thread(HostDb(silent_server.replace("tcp:", "ssl:"), timeout=0.3))
+    finally:
+        configure_ssl(None)
+    assert isinstance(error, ConnectionError) and "no connection within" in str(error)
 
 
 def test_a_port_nobody_listens_on_is_an_error() -> None:
