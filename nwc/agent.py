@@ -23,6 +23,7 @@ import logging
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -68,6 +69,7 @@ class HostDbPort(Protocol):
     def add_port(self, bridge: str, columns: Mapping[str, Any]) -> None: ...
     def delete_port(self, name: str) -> None: ...
     def interface(self, name: str) -> dict[str, Any] | None: ...
+    def bridge_datapath_type(self, bridge: str) -> str | None: ...
 
 
 class IkePort(Protocol):
@@ -241,10 +243,15 @@ class Agent:
             if key not in wanted:
                 continue
             before = leg.phase
-            if self.backend == "strongswan":
-                self._ensure_strongswan(leg, sas, conns)
-            else:
-                self._ensure_ovs_ipsec(leg, sas)
+            # One leg's surprise must not stop the others from being built or reported.
+            try:
+                if self.backend == "strongswan":
+                    self._ensure_strongswan(leg, sas, conns)
+                else:
+                    self._ensure_ovs_ipsec(leg, sas)
+            except Exception as exc:
+                log.exception("leg %s: unexpected failure", key)
+                self._fail(leg, f"unexpected failure: {exc!r}")
             if leg.phase != before:
                 log.info("leg %s: %s -> %s%s", key, before, leg.phase,
                          f" ({leg.detail})" if leg.detail else "")
@@ -444,6 +451,14 @@ class Agent:
         spec, record = leg.spec, leg.record
         assert record is not None
         try:
+            if self.db.bridge_datapath_type(spec.bridge) == "netdev":
+                # The userspace datapath sends tunnel packets itself, past kernel XFRM: the
+                # skb-mark drop policy never sees them, so nothing would stop them leaving in
+                # clear. Refused before anything is built.
+                self._fail(leg, f"bridge {spec.bridge} uses the userspace datapath (netdev), "
+                                "which bypasses kernel IPsec: the ovs-ipsec backend needs the "
+                                "kernel datapath (use the strongswan backend here)")
+                return
             self._build_network(spec, with_vxlan=False)
             config = self.db.other_config()
             if "ipsec_skb_mark" not in config:
@@ -510,26 +525,35 @@ class Agent:
     def _teardown(self, leg: _Leg) -> bool:
         """Remove everything the leg had on this host; True when all of it is gone. The VXLAN
         device goes first and the blackhole last, so no VXLAN packet can leave in clear
-        while the SA is being removed."""
+        while the SA is being removed. If the port or the device may still be there, the
+        blackhole stays (the SA is gone by then, so it is all that keeps their VXLAN off the
+        underlay) and the next pass tries again."""
         spec = leg.spec
         problems: list[str] = []
 
-        def attempt(what: str, action: Callable[[], object], ike: bool = False) -> None:
+        def attempt(what: str, action: Callable[[], object], ike: bool = False) -> bool:
             try:
                 action()
+                return True
             except IkeUnavailable:
                 if not ike:
                     problems.append(f"{what}: IKE daemon unavailable")
                 # A daemon that does not run holds no SA, connection or key.
             except Exception as exc:
                 problems.append(f"{what}: {exc}")
+            return False
+
+        def device_gone() -> None:
+            if self.net.link_exists(spec.device):
+                raise RuntimeError(f"{spec.device} still exists")
 
         if leg.pending is not None:
             leg.pending.cancel()
             leg.pending = None
-        attempt("OVS port", lambda: self.db.delete_port(spec.device))
+        sender_gone = attempt("OVS port", lambda: self.db.delete_port(spec.device))
         if self.backend == "strongswan":
-            attempt("VXLAN device", lambda: self.net.remove_link(spec.device))
+            removed = attempt("VXLAN device", lambda: self.net.remove_link(spec.device))
+            sender_gone &= removed and attempt("VXLAN device", device_gone)
             attempt("IKE SA", lambda: self.ike.terminate(spec.connection_name), ike=True)
             attempt("IKE connection", lambda: self.ike.unload_connection(spec.connection_name),
                     ike=True)
@@ -551,7 +575,7 @@ class Agent:
             if not others:
                 attempt("OVS IPsec settings", self._remove_ovs_settings)
         for route in spec.routes():
-            if route.kind == "blackhole":
+            if route.kind == "blackhole" and sender_gone:
                 attempt("blackhole", lambda r=route: self.net.remove_blackhole(r.destination))
         leg.key = None
         if problems:
@@ -587,11 +611,26 @@ def _write_private(path: Path, data: bytes) -> None:
 # -- the command ------------------------------------------------------------------------------
 
 def cmd_agent(args: argparse.Namespace) -> int:
-    from nwc.cli import EXIT_OK
-    from nwc.hostdb import AGENT_TABLES, HostDb
+    from nwc.cli import EXIT_ERROR, EXIT_OK
+    from nwc.hostdb import (
+        AGENT_TABLES,
+        HostDb,
+        OvsdbConfigError,
+        check_target,
+        configure_ssl,
+        ssl_files,
+    )
     from nwc.hostnet import HostNetwork
     from nwc.ike import IkeDaemon
 
+    try:
+        files = ssl_files(args.ovsdb_ssl_key, args.ovsdb_ssl_cert, args.ovsdb_ssl_ca)
+        if files is not None:
+            configure_ssl(files)
+        check_target(args.ovsdb)  # refused now, not retried for ever below
+    except OvsdbConfigError as exc:
+        print(f"nwc agent: {exc}", file=sys.stderr)
+        return EXIT_ERROR
     os.umask(0o077)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -635,6 +674,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--ovsdb", default=DEFAULT_OVSDB,
                    help=f"this host's OVSDB (default {DEFAULT_OVSDB})")
+    p.add_argument("--ovsdb-ssl-key", default=None,
+                   help="private key (PEM) for an ssl: --ovsdb")
+    p.add_argument("--ovsdb-ssl-cert", default=None,
+                   help="certificate (PEM) for --ovsdb-ssl-key")
+    p.add_argument("--ovsdb-ssl-ca", default=None,
+                   help="CA certificate (PEM) the OVSDB server's certificate must chain to")
     p.add_argument("--vici", default=DEFAULT_VICI,
                    help=f"the local charon's VICI socket (default {DEFAULT_VICI})")
     p.add_argument("--underlay-dev", required=True,

@@ -12,15 +12,35 @@ callers that need an ofport poll for it.
 
 Every command NWC runs prints only key names in its repr: ovsdbapp logs commands at debug
 level, and some values here are pre-shared keys.
+
+Targets are `unix:`, `tcp:` or `ssl:` (comma-separated for several remotes). `ssl:` needs this
+process's key, certificate and CA certificate (`configure_ssl`; python-ovs keeps them
+process-wide): without them a target is refused with a clear error. `tcp:` works but carries
+every record, pre-shared keys included, in clear: it is logged once per target.
+
+Nothing here waits without limit on the other end: opening (connect, TLS handshake, schema,
+first contents) has a deadline, transactions time out, and reading the cache gives up when
+the connection's thread is stuck in a transaction. ovsdbapp's own schema fetch has no limit
+at all (a powered-off host costs the kernel's SYN retries, about two minutes; a server that
+accepts and never answers, for ever).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
+import os
+import queue
 import threading
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import ovs.poller
+from ovs import jsonrpc, stream
 from ovsdbapp.backend.ovs_idl import command as ovs_command
 from ovsdbapp.backend.ovs_idl import connection, idlutils, transaction
 from ovsdbapp.schema.open_vswitch import impl_idl
@@ -129,8 +149,137 @@ class _DeletePort(ovs_command.BaseCommand):
     __repr__ = __str__
 
 
+class OvsdbConfigError(ValueError):
+    """An OVSDB target this process cannot use as configured (e.g. ssl: without keys)."""
+
+
+@dataclass(frozen=True)
+class SslFiles:
+    """PEM files for `ssl:` OVSDB targets: this side's private key and certificate, and the
+    CA certificate the server's certificate must chain to. python-ovs checks the chain but
+    not the server's name: use a CA that signs only OVSDB servers (and NWC's own client)."""
+
+    private_key: Path
+    certificate: Path
+    ca_cert: Path
+
+
+_ssl: SslFiles | None = None
+_tcp_warned: set[str] = set()
+_tcp_lock = threading.Lock()
+
+
+def ssl_files(private_key: str | Path | None, certificate: str | Path | None,
+              ca_cert: str | Path | None) -> SslFiles | None:
+    """The three options given together (or none), each a readable file."""
+    given = {"--ovsdb-ssl-key": private_key, "--ovsdb-ssl-cert": certificate,
+             "--ovsdb-ssl-ca": ca_cert}
+    if not any(given.values()):
+        return None
+    missing = [name for name, value in given.items() if not value]
+    if missing:
+        raise OvsdbConfigError(f"{', '.join(missing)} missing: --ovsdb-ssl-key, "
+                               "--ovsdb-ssl-cert and --ovsdb-ssl-ca go together")
+    for name, value in given.items():
+        try:
+            Path(str(value)).open("rb").close()
+        except OSError as exc:
+            raise OvsdbConfigError(f"{name} {value}: {exc.strerror}") from None
+    return SslFiles(Path(str(private_key)), Path(str(certificate)), Path(str(ca_cert)))
+
+
+def configure_ssl(files: SslFiles | None) -> None:
+    """Use these files for every `ssl:` target this process opens from now on (None: no
+    ssl: targets)."""
+    global _ssl
+    stream.Stream.ssl_set_private_key_file(str(files.private_key) if files else None)
+    stream.Stream.ssl_set_certificate_file(str(files.certificate) if files else None)
+    stream.Stream.ssl_set_ca_cert_file(str(files.ca_cert) if files else None)
+    _ssl = files
+
+
+def check_target(target: str) -> None:
+    """Refuse an `ssl:` target this process has no keys for (python-ovs would fail deep in
+    its TLS setup, with "cafile, capath and cadata cannot be all omitted"), and say once per
+    `tcp:` target that what crosses it is readable by anyone on the way."""
+    remotes = idlutils.parse_connection(target)
+    if _ssl is None and any(r.startswith("ssl:") for r in remotes):
+        raise OvsdbConfigError(f"OVSDB target {target} is ssl: but no key, certificate and CA "
+                               "certificate are configured (--ovsdb-ssl-key, --ovsdb-ssl-cert, "
+                               "--ovsdb-ssl-ca)")
+    for remote in remotes:
+        if remote.startswith("tcp:"):
+            with _tcp_lock:
+                if remote in _tcp_warned:
+                    continue
+                _tcp_warned.add(remote)
+            log.warning("OVSDB target %s is not encrypted: tunnel records, pre-shared keys "
+                        "included, cross the network in clear (use ssl:)", remote)
+
+
+def _open_stream(remote: str, deadline: float, timeout_s: float) -> stream.Stream:
+    """A connected stream (TLS handshake done for ssl:), or an error by `deadline`.
+    python-ovs's Stream.open_block waits for the socket to be writable while a TLS handshake
+    waits for the server, which is at once and every time: it would spin a core until the
+    deadline against a server that never answers."""
+    error, strm = stream.Stream.open(remote)
+    if error or strm is None:
+        raise ConnectionError(f"{remote}: {os.strerror(error)}")
+    try:
+        while (error := strm.connect()) == errno.EAGAIN:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"{remote}: no connection within {timeout_s:g} s")
+            try:
+                strm.socket.getpeername()
+                event = ovs.poller.POLLIN  # connected: the TLS handshake waits for the server
+            except OSError:
+                event = ovs.poller.POLLOUT  # still connecting
+            poller = ovs.poller.Poller()
+            poller.fd_wait(strm.socket, event)
+            poller.timer_wait(min(int(left * 1000) + 1, 100))  # and look again now and then
+            poller.block()
+        if error:
+            raise ConnectionError(f"{remote}: {os.strerror(error)}")
+    except BaseException:
+        strm.close()
+        raise
+    return strm
+
+
+def fetch_schema(remote: str, schema: str, timeout_s: float) -> Any:
+    """The schema from one OVSDB remote, or an error within `timeout_s` seconds."""
+    deadline = time.monotonic() + timeout_s
+    rpc = jsonrpc.Connection(_open_stream(remote, deadline, timeout_s))
+    try:
+        request = jsonrpc.Message.create_request("get_schema", [schema])
+        error = rpc.send(request)
+        while not error:
+            error, reply = rpc.recv()
+            if error == errno.EAGAIN:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"{remote}: no answer within {timeout_s:g} s")
+                rpc.run()
+                poller = ovs.poller.Poller()
+                rpc.wait(poller)
+                rpc.recv_wait(poller)
+                poller.timer_wait(int(left * 1000) + 1)
+                poller.block()
+                error = 0
+            elif not error and reply.id == request.id:
+                if reply.type != jsonrpc.Message.T_REPLY or reply.error:
+                    raise ConnectionError(f"{remote}: get_schema refused: {reply.error}")
+                return reply.result
+        raise ConnectionError(f"{remote}: " + ("connection closed" if error == jsonrpc.EOF
+                                               else os.strerror(error)))
+    finally:
+        rpc.close()
+
+
 class HostDb:
-    """One connection to one host's OVSDB (an ovsdbapp IDL with its own thread)."""
+    """One connection to one host's OVSDB (an ovsdbapp IDL with its own thread). `timeout`
+    bounds opening, each transaction and each wait for the cache."""
 
     def __init__(self, target: str, tables: Iterable[str] = CONTROLLER_TABLES,
                  timeout: float = 10.0) -> None:
@@ -143,13 +292,38 @@ class HostDb:
     def open(self) -> HostDb:
         with self._lock:
             if self._api is None:
-                helper = idlutils.get_schema_helper(self.target, "Open_vSwitch")
-                for table in self.tables:
-                    helper.register_table(table)
-                idl = connection.OvsdbIdl(self.target, helper)
-                conn = connection.Connection(idl=idl, timeout=self.timeout)
-                self._api = _PlainTransactions(conn)
+                self._api = self._open()
         return self
+
+    def _open(self) -> _PlainTransactions:
+        check_target(self.target)
+        deadline = time.monotonic() + self.timeout
+        schema, problems = None, []
+        for remote in idlutils.parse_connection(self.target):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                problems.append(f"{remote}: not tried, no time left")
+                continue
+            try:
+                schema = fetch_schema(remote, "Open_vSwitch", left)
+                break
+            except (OSError, ValueError) as exc:
+                problems.append(str(exc))
+        if schema is None:
+            raise ConnectionError(f"OVSDB {self.target} unreachable: " + "; ".join(problems))
+        helper = idlutils.create_schema_helper(schema)
+        for table in self.tables:
+            helper.register_table(table)
+        idl = connection.OvsdbIdl(self.target, helper)
+        # Connecting again and the first contents get what is left of the deadline.
+        conn = connection.Connection(idl=idl, timeout=max(0.5, deadline - time.monotonic()))
+        try:
+            api = _PlainTransactions(conn)
+        except Exception:
+            idl.close()
+            raise
+        conn.timeout = self.timeout
+        return api
 
     @property
     def api(self) -> _PlainTransactions:
@@ -158,21 +332,46 @@ class HostDb:
         return self._api
 
     def close(self) -> None:
+        """Never blocks for long: ovsdbapp's Connection.stop() waits without limit for room
+        in its transaction queue, which a transaction that never came back keeps full."""
         with self._lock:
-            if self._api is not None:
-                try:
-                    self._api.ovsdb_connection.stop(timeout=2)
-                except Exception:  # a dead connection still has to go
-                    log.debug("closing %s", self.target, exc_info=True)
-                self._api = None
+            api, self._api = self._api, None
+        if api is None:
+            return
+        conn = api.ovsdb_connection
+        conn.is_running = False
+        with contextlib.suppress(queue.Full):
+            conn.txns.put_nowait(None)  # wakes its thread, which then closes the IDL
+        thread = conn.thread
+        if thread is not None:
+            thread.join(2)
+            if thread.is_alive():
+                log.warning("OVSDB %s: connection thread stuck in a transaction; left behind",
+                            self.target)
+
+    @contextlib.contextmanager
+    def _cache(self) -> Iterator[_PlainTransactions]:
+        """The IDL's in-memory copy, under its lock. The connection's thread holds that lock
+        for a whole transaction, so waiting for it is bounded too."""
+        api = self.api
+        lock = api.ovsdb_connection.lock
+        if not lock.acquire(timeout=self.timeout):
+            raise TimeoutError(f"OVSDB {self.target}: a transaction has not come back")
+        try:
+            yield api
+        finally:
+            lock.release()
 
     # -- NWC's keys in the Open_vSwitch row -----------------------------------------------
 
     def external_ids(self, prefix: str = "nwc-") -> dict[str, str]:
         """NWC's keys. An OVSDB without its Open_vSwitch row is not a host with no legs (that
-        answer would tear every tunnel down): it is an error."""
-        api = self.api
-        with api.ovsdb_connection.lock:
+        answer would tear every tunnel down): it is an error. So is a lost connection: the
+        cache then holds the past, and the IDL is busy reconnecting."""
+        with self._cache() as api:
+            session = getattr(api.idl, "_session", None)
+            if session is not None and not session.is_connected():
+                raise ConnectionError(f"OVSDB {self.target} is not connected")
             rows = list(api.tables["Open_vSwitch"].rows.values())
             if not rows:
                 raise RuntimeError(f"OVSDB {self.target} has no Open_vSwitch row (yet)")
@@ -188,8 +387,7 @@ class HostDb:
                    delete_keys).execute(check_error=True)
 
     def other_config(self) -> dict[str, str]:
-        api = self.api
-        with api.ovsdb_connection.lock:
+        with self._cache() as api:
             rows = list(api.tables["Open_vSwitch"].rows.values())
             return dict(rows[0].other_config) if rows else {}
 
@@ -210,8 +408,7 @@ class HostDb:
 
     def interface(self, name: str) -> dict[str, Any] | None:
         """An Interface's columns NWC looks at (None if there is no such interface)."""
-        api = self.api
-        with api.ovsdb_connection.lock:
+        with self._cache() as api:
             row = idlutils.row_by_value(api.idl, "Interface", "name", name, None)
             if row is None:
                 return None
@@ -221,8 +418,14 @@ class HostDb:
                     "options": dict(row.options), "external_ids": dict(row.external_ids),
                     "error": row.error[0] if row.error else None}
 
+    def bridge_datapath_type(self, bridge: str) -> str | None:
+        """The bridge's datapath_type ("" means the default, the kernel datapath); None if
+        there is no such bridge."""
+        with self._cache() as api:
+            br = idlutils.row_by_value(api.idl, "Bridge", "name", bridge, None)
+            return None if br is None else br.datapath_type
+
     def port_names(self, bridge: str) -> list[str]:
-        api = self.api
-        with api.ovsdb_connection.lock:
+        with self._cache() as api:
             br = idlutils.row_by_value(api.idl, "Bridge", "name", bridge, None)
             return sorted(p.name for p in br.ports) if br is not None else []

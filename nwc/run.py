@@ -50,7 +50,18 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-port", type=int, default=8181)
     p.add_argument("--provision-timeout", type=float, default=30.0,
                    help="seconds a weave may stay provisioning before it fails")
+    p.add_argument("--ovsdb-ssl-key", default=None,
+                   help="private key (PEM) NWC presents to hosts' OVSDB at ssl: targets")
+    p.add_argument("--ovsdb-ssl-cert", default=None,
+                   help="certificate (PEM) for --ovsdb-ssl-key")
+    p.add_argument("--ovsdb-ssl-ca", default=None,
+                   help="CA certificate (PEM) the hosts' OVSDB server certificates must chain "
+                        "to; ssl: targets are refused without these three")
     add_state_dir(p)
+
+
+class StartRefused(Exception):
+    """A shell cannot start as configured; the message says why (no traceback needed)."""
 
 
 def apply_config_file(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -114,6 +125,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                 continue
             module.serve(controller, args)
         stop.wait()
+    except StartRefused as exc:
+        log.error("NWC controller cannot start: %s", exc)
+        code = EXIT_ERROR
     except Exception:
         log.exception("NWC controller failed")
         code = EXIT_ERROR

@@ -42,6 +42,9 @@ DEVICE_PREFIX = "nwv"
 # the agent answers with STATUS_PREFIX + key.
 RECORD_PREFIX = "nwc-tunnel-"
 STATUS_PREFIX = "nwc-status-"
+# Records and statuses come from another machine's OVSDB. A real one is a few kB (a CSR or two
+# certificates at most); anything far larger is refused before parsing.
+MAX_JSON_CHARS = 65536
 # Stands for the agent's own underlay device (the controller does not know its name).
 UNDERLAY = "@underlay"
 DEFAULT_BRIDGE = "br-int"
@@ -389,10 +392,31 @@ class TunnelSpec:
         return spec
 
 
+def _load_json(text: Any, what: str) -> Any:
+    """json.loads that fails only with TunnelError: the text comes from a host's OVSDB, and
+    json raises RecursionError for deep nesting, which no caller expects."""
+    if not isinstance(text, str):
+        raise TunnelError(f"{what} is not text")
+    if len(text) > MAX_JSON_CHARS:
+        raise TunnelError(f"{what} is too large ({len(text)} characters)")
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise TunnelError(f"{what} is not JSON: {getattr(exc, 'msg', exc)}") from None
+    except RecursionError:
+        raise TunnelError(f"{what} is nested too deeply") from None
+
+
+def _short(value: Any) -> str:
+    """A value quoted in an error message, cut short (it came from another machine)."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _text(d: dict[str, Any], key: str, pattern: str) -> str:
     value = d[key]
     if not isinstance(value, str) or not re.fullmatch(pattern, value):
-        raise TunnelError(f"tunnel spec field {key!r} is not valid: {value!r}")
+        raise TunnelError(f"tunnel spec field {key!r} is not valid: {_short(value)}")
     return value
 
 
@@ -452,10 +476,7 @@ class LegRecord:
 
     @classmethod
     def from_json(cls, text: str) -> LegRecord:
-        try:
-            d = json.loads(text)
-        except ValueError as exc:
-            raise TunnelError(f"tunnel record is not JSON: {exc.msg}") from None
+        d = _load_json(text, "tunnel record")
         if not isinstance(d, dict) or d.get("v") != RECORD_VERSION:
             raise TunnelError(f"tunnel record is not version {RECORD_VERSION}")
         spec = TunnelSpec.from_dict(d.get("spec"))
@@ -493,6 +514,10 @@ class Phase(StrEnum):
     ERROR = "error"  # could not build (detail says why)
 
 
+_SA_COUNTS = frozenset({"key_bits", "bytes_in", "bytes_out", "packets_in", "packets_out",
+                        "installed_s"})
+
+
 @dataclass(frozen=True)
 class SaInfo:
     """What the IKE daemon reports about a leg's SAs (no key material)."""
@@ -522,9 +547,29 @@ class SaInfo:
         return {k: v for k, v in self.__dict__.items() if v is not None}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> SaInfo:
-        known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in d.items() if k in known})
+    def from_dict(cls, d: Any) -> SaInfo:
+        """Parse and check what an agent reported: these values reach the API and metrics,
+        so a wrong type is an error here, not later. Unknown keys are ignored (a newer agent
+        may report more)."""
+        if not isinstance(d, dict):
+            raise TunnelError("a tunnel status's sa is a JSON object")
+        if not isinstance(d.get("ike_state"), str):
+            raise TunnelError("a tunnel status's sa lacks its ike_state")
+        values: dict[str, Any] = {}
+        for name in cls.__dataclass_fields__:
+            if name not in d or d[name] is None:
+                continue
+            value = d[name]
+            if name == "rekeying":
+                ok = isinstance(value, bool)
+            elif name in _SA_COUNTS:
+                ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+            else:
+                ok = isinstance(value, str)
+            if not ok:
+                raise TunnelError(f"a tunnel status's sa field {name!r} has the wrong type")
+            values[name] = value
+        return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -555,22 +600,43 @@ class LegStatus:
 
     @classmethod
     def from_json(cls, text: str) -> LegStatus:
+        """Parse an agent's report. Total: anything malformed is a TunnelError (never a
+        ValueError, TypeError or RecursionError), so the caller can treat it as that one
+        leg's problem."""
+        d = _load_json(text, "tunnel status")
+        if not isinstance(d, dict):
+            raise TunnelError("a tunnel status is a JSON object")
         try:
-            d = json.loads(text)
-            phase = Phase(d["phase"])
-        except (ValueError, KeyError, TypeError):
-            raise TunnelError("unreadable tunnel status") from None
+            phase = Phase(d.get("phase"))
+        except (ValueError, TypeError):
+            raise TunnelError(f"tunnel status has no known phase: {_short(d.get('phase'))}"
+                              ) from None
+        detail, csr, rekeys = d.get("detail", ""), d.get("csr"), d.get("rekeys", 0)
+        if not isinstance(detail, str):
+            raise TunnelError("a tunnel status's detail is not text")
+        if isinstance(rekeys, bool) or not isinstance(rekeys, int) or rekeys < 0:
+            raise TunnelError("a tunnel status's rekeys is not a count")
+        if csr is not None and not isinstance(csr, str):
+            raise TunnelError("a tunnel status's csr is not text")
+        sa = SaInfo.from_dict(d["sa"]) if d.get("sa") is not None else None
+        extra = d.get("extra", {})
+        if not isinstance(extra, dict):
+            raise TunnelError("a tunnel status's extra is not a JSON object")
+        if "key_id" in extra and not isinstance(extra["key_id"], str):
+            raise TunnelError("a tunnel status's key_id is not text")
+        if "ovs_keys" in extra and not (isinstance(extra["ovs_keys"], list) and all(
+                isinstance(k, str) for k in extra["ovs_keys"])):
+            raise TunnelError("a tunnel status's ovs_keys is not a list of names")
         applied = None
         if isinstance(d.get("applied"), dict):
+            # A spec this version cannot read (an older agent's) only loses the check that
+            # the status is about the current build; the status itself still counts.
             try:
                 applied = TunnelSpec.from_dict(d["applied"])
             except TunnelError:
                 applied = None
-        csr = d.get("csr")
-        return cls(phase, str(d.get("detail", "")),
-                   SaInfo.from_dict(d["sa"]) if isinstance(d.get("sa"), dict) else None,
-                   int(d.get("rekeys", 0)), csr.encode() if isinstance(csr, str) else None,
-                   applied, d.get("extra") if isinstance(d.get("extra"), dict) else {})
+        return cls(phase, detail, sa, rekeys, csr.encode() if csr is not None else None,
+                   applied, extra)
 
 
 # -- from a weave to its leg ends -------------------------------------------------------------

@@ -11,16 +11,22 @@ authentication fails or a leg cannot be built, security events when an installed
 (its traffic is dropped, never sent in clear) or comes back. `weave_down` deletes the records;
 the agents remove everything on the hosts and then their status keys.
 
-All OVSDB I/O happens on this part's own thread: the weaver's loop only updates the desired
-state in memory and wakes it. Keys are held in memory only; a restarted controller adopts the
-key of a leg whose two hosts still agree on it, and otherwise draws a new one.
+No OVSDB I/O happens on the weaver's loop: it only updates the desired state in memory and
+wakes this part's thread. That thread decides; each host's OVSDB is read and written only
+from that host's own worker thread, and a pass waits for a host at most `io_wait_s`. So a host
+that is powered off, or whose ovsdb-server accepts and never answers, holds up only the legs
+it is part of: every other host is still provisioned and cleaned up. Keys are held in memory
+only; a restarted controller adopts the key of a leg whose two hosts still agree on it, and
+otherwise draws a new one.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import datetime as dt
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -30,7 +36,7 @@ from typing import Any, Protocol
 
 # Imported here, never first from the part's thread: ovsdbapp pulls in python-ovs, which
 # imports eventlet, and a thread that imported eventlet first never finishes exiting.
-from nwc.hostdb import HostDb
+from nwc.hostdb import HostDb, OvsdbConfigError, check_target, configure_ssl, ssl_files
 from nwc.pki import CertificateAuthority, CsrRejected, Secret, new_psk
 from nwc.policy import MAX_LEASE_S, Policy
 from nwc.topology import Topology
@@ -50,6 +56,10 @@ log = logging.getLogger(__name__)
 
 PART_NAME = "tunnels"
 RECONNECT_S = 2.0
+# How long one pass waits for a host's OVSDB job before going on without that host. A healthy
+# host answers in milliseconds (reads come from the IDL's cache); a host that keeps a pass
+# waiting is not waited for again until it answers.
+IO_WAIT_S = 0.5
 # A responder in one of these phases answers IKE: the initiator may start.
 RESPONDER_READY = frozenset({Phase.LISTENING, Phase.CONNECTING, Phase.INSTALLED})
 
@@ -123,6 +133,107 @@ class _WeaveTunnels:
     failed: bool = False
 
 
+class _HostLink:
+    """One host's OVSDB, used only from this link's own thread, one job at a time: whatever
+    that host does (not answer, answer slowly, hang mid-transaction) stalls this thread, never
+    the part's pass or another host's."""
+
+    def __init__(self, host: str, target: str, factory: Callable[[str], HostDbLike]) -> None:
+        self.host, self.target = host, target
+        self._factory = factory
+        self.db: HostDbLike | None = None
+        self.retry_at = 0.0
+        self.job: concurrent.futures.Future[Any] | None = None
+        # A job outlived a pass's wait: later passes still give this host jobs but do not
+        # wait for them (they take what is done by then), until a read succeeds again.
+        self.suspect = False
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], concurrent.futures.Future[Any]]
+                                      | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._work, name=f"nwc-ovsdb-{host}",
+                                        daemon=True)
+        self._thread.start()
+
+    def busy(self) -> bool:
+        return self.job is not None and not self.job.done()
+
+    def submit(self, fn: Callable[[], Any]) -> concurrent.futures.Future[Any] | None:
+        """Queue a job unless the last one is still running (then None: its host is slow,
+        and piling jobs up behind it would only replay stale decisions later)."""
+        if self.busy():
+            return None
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self.job = future
+        self._jobs.put((fn, future))
+        return future
+
+    def close(self) -> concurrent.futures.Future[Any]:
+        """Close the connection after any job under way, and end the thread."""
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self._jobs.put((self._drop, future))
+        self._jobs.put(None)
+        return future
+
+    def _work(self) -> None:
+        while True:
+            item = self._jobs.get()
+            if item is None:
+                return
+            fn, future = item
+            try:
+                future.set_result(fn())
+            except BaseException as exc:  # the pass logs it; the thread must live on
+                future.set_exception(exc)
+
+    # -- jobs (on the link's thread) ------------------------------------------------------
+
+    def read(self) -> dict[str, str] | None:
+        """NWC's keys on this host, or None if it cannot be read now."""
+        db = self._connected()
+        if db is None:
+            return None
+        try:
+            ids = db.external_ids("nwc-")
+        except Exception as exc:
+            log.warning("OVSDB of %s unreadable (%s); reconnecting", self.host, exc)
+            self._drop()
+            return None
+        self.suspect = False
+        return ids
+
+    def write(self, set_keys: Mapping[str, str], delete_keys: list[str]) -> None:
+        if self.db is None:
+            return
+        try:
+            self.db.update_external_ids(set_keys, delete_keys)
+        except Exception as exc:
+            log.warning("writing to OVSDB of %s failed (%s); will retry", self.host, exc)
+            self._drop()
+
+    def _connected(self) -> HostDbLike | None:
+        if self.db is not None:
+            return self.db
+        if time.monotonic() < self.retry_at:
+            return None
+        try:
+            db = self._factory(self.target)
+            db.open()
+        except Exception as exc:
+            log.warning("cannot reach the OVSDB of %s at %s (%s); retrying in %g s", self.host,
+                        self.target, exc, RECONNECT_S)
+            self.retry_at = time.monotonic() + RECONNECT_S
+            return None
+        self.db = db
+        return db
+
+    def _drop(self) -> None:
+        db, self.db = self.db, None
+        if db is not None:
+            try:
+                db.close()
+            except Exception:  # a dead connection still has to go
+                log.debug("closing the OVSDB of %s", self.host, exc_info=True)
+
+
 class Tunnels:
     """The weaver part named "tunnels". Start its thread with `start()` after the weaver has
     handed it the live weaves (records of weaves it does not know are removed from hosts)."""
@@ -133,7 +244,8 @@ class Tunnels:
                  ca: CertificateAuthority, reports: Reports, ovsdb_targets: Mapping[str, str],
                  db_factory: Callable[[str], HostDbLike] | None = None,
                  poll_interval: float = 0.1, bridge: str = "br-int",
-                 now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)) -> None:
+                 now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+                 io_wait_s: float = IO_WAIT_S) -> None:
         self.topology = topology
         self.policy = policy
         self.ca = ca
@@ -142,9 +254,9 @@ class Tunnels:
         self.poll_interval = poll_interval
         self.bridge = bridge
         self.now = now
+        self.io_wait_s = io_wait_s
         self._db_factory = db_factory or _open_hostdb
-        self._dbs: dict[str, HostDbLike] = {}
-        self._retry_at: dict[str, float] = {}
+        self._links: dict[str, _HostLink] = {}  # used by the part's thread only
         self._lock = threading.Lock()
         self._weaves: dict[str, _WeaveTunnels] = {}
         self._removing: dict[str, set[str]] = {}  # host -> leg keys awaiting the agent
@@ -258,9 +370,10 @@ class Tunnels:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(10)
-        for db in self._dbs.values():
-            db.close()
-        self._dbs.clear()
+        closing = [link.close() for link in self._links.values()]
+        self._links.clear()
+        # A host stuck mid-job keeps its own thread (a daemon); nobody waits for it long.
+        concurrent.futures.wait(closing, timeout=2)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -279,25 +392,32 @@ class Tunnels:
         # Every host, not only those with live legs: records of weaves that ended while the
         # controller was away are found and removed too.
         hosts = set(self.targets) | set(removing)
-        current: dict[str, dict[str, str]] = {}
+        reads = {}
         for host in sorted(hosts):
-            db = self._connect(host, time.monotonic())
-            if db is None:
-                continue
-            try:
-                current[host] = db.external_ids("nwc-")
-            except Exception as exc:
-                log.warning("OVSDB of %s unreadable (%s); reconnecting", host, exc)
-                self._disconnect(host)
+            link = self._link(host)
+            job = link.submit(link.read) if link is not None else None
+            if job is not None:
+                reads[host] = job
+        # Hosts that cannot be read this pass are left out: their legs keep what they last
+        # said and wait; every other host goes on.
+        current: dict[str, dict[str, str]] = {
+            host: ids for host, ids in self._collect(reads).items() if ids is not None}
         reports: list[Callable[[], None]] = []
         with self._lock:
             for held in weaves:
                 if held.weave.id not in self._weaves:
                     continue  # went down meanwhile
-                for leg in held.legs.values():
-                    self._materialize(leg, current)
-                    self._absorb(held, leg, current, reports)
-                self._judge(held, reports)
+                # One weave's surprise (a bug, a host answering nonsense) must not stop the
+                # pass: other weaves still get their records, ended ones still lose theirs.
+                try:
+                    for leg in held.legs.values():
+                        self._materialize(leg, current)
+                        self._absorb(held, leg, current, reports)
+                    self._judge(held, reports)
+                except Exception as exc:
+                    log.exception("weave %s: tunnel decision failed", held.weave.id)
+                    self._fail_weave(held, f"tunnel part could not handle it: {exc!r}",
+                                     reports)
             desired = self._desired()
             # Legs whose material is not decided yet keep whatever their hosts hold.
             protected = {RECORD_PREFIX + key for held in self._weaves.values()
@@ -306,41 +426,45 @@ class Tunnels:
                 if host in current:
                     keys -= {k for k in keys if STATUS_PREFIX + k not in current[host]
                              and RECORD_PREFIX + k not in current[host]}
+        writes = {}
         for host, ids in current.items():
             want = desired.get(host, {})
-            writes = {k: v for k, v in want.items() if ids.get(k) != v}
+            changed = {k: v for k, v in want.items() if ids.get(k) != v}
             deletes = [k for k in ids if k.startswith(RECORD_PREFIX) and k not in want
                        and k not in protected]
-            if writes or deletes:
-                try:
-                    self._dbs[host].update_external_ids(writes, deletes)
-                except Exception as exc:
-                    log.warning("writing to OVSDB of %s failed (%s); will retry", host, exc)
-                    self._disconnect(host)
+            if changed or deletes:
+                link = self._links[host]
+                job = link.submit(lambda ln=link, c=changed, d=deletes: ln.write(c, d))
+                if job is not None:
+                    writes[host] = job
+        self._collect(writes)  # a write that did not land is redone from the next read
         for report in reports:
             report()
 
-    def _connect(self, host: str, now: float) -> HostDbLike | None:
-        db = self._dbs.get(host)
-        if db is not None:
-            return db
-        if now < self._retry_at.get(host, 0.0) or host not in self.targets:
-            return None
-        try:
-            db = self._db_factory(self.targets[host])
-            db.open()
-        except Exception as exc:
-            log.warning("cannot reach the OVSDB of %s at %s (%s); retrying in %g s", host,
-                        self.targets[host], exc, RECONNECT_S)
-            self._retry_at[host] = now + RECONNECT_S
-            return None
-        self._dbs[host] = db
-        return db
+    def _link(self, host: str) -> _HostLink | None:
+        link = self._links.get(host)
+        if link is None and host in self.targets:
+            link = self._links[host] = _HostLink(host, self.targets[host], self._db_factory)
+        return link
 
-    def _disconnect(self, host: str) -> None:
-        db = self._dbs.pop(host, None)
-        if db is not None:
-            db.close()
+    def _collect(self, jobs: Mapping[str, concurrent.futures.Future[Any]]) -> dict[str, Any]:
+        """The results of this pass's jobs that are done, after waiting (at most io_wait_s,
+        all hosts together) for those of hosts not already known to be slow. A job still
+        running is left to finish on its host's thread, and marks that host slow."""
+        concurrent.futures.wait([job for host, job in jobs.items()
+                                 if not self._links[host].suspect], timeout=self.io_wait_s)
+        results = {}
+        for host, job in jobs.items():
+            if not job.done():
+                if not self._links[host].suspect:
+                    log.warning("OVSDB of %s has not answered in %g s; going on without it",
+                                host, self.io_wait_s)
+                self._links[host].suspect = True
+            elif job.exception() is not None:
+                log.error("OVSDB job for %s failed", host, exc_info=job.exception())
+            else:
+                results[host] = job.result()
+        return results
 
     # -- decisions (under the lock) -------------------------------------------------------
 
@@ -381,7 +505,13 @@ class Tunnels:
                 continue
             try:
                 status = LegStatus.from_json(text)
-            except TunnelError:
+            except TunnelError as exc:
+                # Not "no news": the controller can no longer tell what this end's SA is
+                # doing, and the agent never writes this. An error of the leg, like any other.
+                log.warning("weave %s: unreadable status from %s for leg %s: %s", weave.id,
+                            end.host, leg.key, exc)
+                leg.statuses[end.host] = LegStatus(Phase.ERROR,
+                                                   f"unreadable status from the agent: {exc}")
                 continue
             if status.applied is not None and status.applied != end:
                 continue  # the agent still reports an older build of this leg
@@ -398,13 +528,21 @@ class Tunnels:
                 except CsrRejected as exc:
                     detail = f"host {end.host} asked for a certificate NWC will not sign: {exc}"
                     if not held.failed:
-                        held.failed = True
                         reports.append(lambda d=detail: self.reports.security(
                             weave.id, "csr_rejected", d))
-                        reports.append(lambda d=detail: self.reports.failed(weave.id, d))
+                        self._fail_weave(held, detail, reports)
         responder = leg.statuses.get(leg.target.host)
         if responder is not None and responder.phase in RESPONDER_READY:
             leg.start = True
+
+    def _fail_weave(self, held: _WeaveTunnels, detail: str,
+                    reports: list[Callable[[], None]]) -> None:
+        """Stop building the weave and tell the weaver (once), which then ends it."""
+        if held.failed:
+            return
+        held.failed = True
+        weave_id = held.weave.id
+        reports.append(lambda: self.reports.failed(weave_id, detail))
 
     def _judge(self, held: _WeaveTunnels, reports: list[Callable[[], None]]) -> None:
         weave = held.weave
@@ -494,8 +632,23 @@ def tunnels_for(controller: Any, ovsdb_targets: Mapping[str, str] | None = None,
 
 def serve(controller: Any, args: argparse.Namespace) -> None:
     """Attach the tunnel part to a running controller (`nwc run` calls this). Without any
-    host OVSDB in the topology (an admission-only run) there is nothing to drive."""
-    part = tunnels_for(controller)
+    host OVSDB in the topology (an admission-only run) there is nothing to drive. An ssl:
+    target without --ovsdb-ssl-* stops `nwc run` at once: retrying could never succeed, and
+    falling back to tcp: would put the keys on the wire."""
+    from nwc.run import StartRefused
+
+    targets = {h.name: h.ovsdb for h in controller.config.topology.hosts.values() if h.ovsdb}
+    try:
+        files = ssl_files(getattr(args, "ovsdb_ssl_key", None),
+                          getattr(args, "ovsdb_ssl_cert", None),
+                          getattr(args, "ovsdb_ssl_ca", None))
+        if files is not None:
+            configure_ssl(files)
+        for target in targets.values():
+            check_target(target)
+    except OvsdbConfigError as exc:
+        raise StartRefused(str(exc)) from None
+    part = tunnels_for(controller, targets)
     if not part.targets:
         controller.stats_sources.remove(part.stats)
         log.info("no host has an OVSDB target (hosts.NAME.ovsdb): tunnels are not driven")

@@ -6,10 +6,14 @@ with a security event, and a torn-down weave leaves each host exactly as it was.
 
 from __future__ import annotations
 
+import datetime as dt
+import ipaddress
 import json
 import logging
 import os
 import signal
+import socket
+import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,17 +25,18 @@ import pytest
 from nwc.admission import WeaveRequest
 from nwc.config import SHIPPED_POLICIES, Config
 from nwc.controller import Controller
+from nwc.hostdb import HostDb, configure_ssl, ssl_files
 from nwc.ike import IkeDaemon
 from nwc.lab.capture import Capture, cleartext, contains, summarize
 from nwc.lab.netns import Lab, Netns, unique_prefix, wait_for
 from nwc.lab.ovs import PrivateOvs
 from nwc.lab.tunnel_lab import TWO_HOSTS, TunnelLab
-from nwc.pki import Secret
+from nwc.pki import CertificateAuthority, LegKey, Secret
 from nwc.policy import load_policy
 from nwc.topology import parse_topology_text
 from nwc.tunnel import RECORD_PREFIX, STATUS_PREFIX, LegRecord, LegStatus, Phase
 from nwc.tunnels import Tunnels, tunnels_for
-from nwc.weave import State, Weave
+from nwc.weave import Leg, State, Weave
 
 pytestmark = pytest.mark.functional
 
@@ -441,3 +446,136 @@ def _check_ovs_ipsec(controller: Controller, part: Tunnels, dbs: dict[str, Any],
     wait_for(part.drained, 20, "x509 ovs-ipsec teardown")
     assert not key_file.exists()
     assert h1.vsctl("get", "open_vswitch", ".", "other_config") == "{}"
+
+    # A userspace-datapath bridge bypasses kernel XFRM, so the drop policy could not hold:
+    # the agent refuses to build there, and the weave fails instead of running unprotected.
+    h1.vsctl("--no-wait", "set", "bridge", "br-int", "datapath_type=netdev")
+    refused = controller.call(controller.weaver.create,
+                              WeaveRequest("acme-web", "globex-db", 600, 5, "gold"))
+    assert isinstance(refused, Weave)
+
+    def ended() -> bool:
+        return controller.call(lambda: refused.id not in controller.weaver.live)
+
+    wait_for(ended, 20, "the weave on a netdev bridge to fail")
+    assert controller.store.weave(refused.id).state is State.FAILED
+    assert any(r.get("weave_id") == refused.id and "netdev" in r.get("detail", "")
+               for r in controller.store.audit_records())
+    wait_for(part.drained, 20, "teardown of the refused weave")
+    assert "nwv0" not in h1.vsctl("list-ports", "br-int").split()
+
+
+def _pem_pair(ca: CertificateAuthority, identity: str, directory: Path) -> tuple[Path, Path]:
+    """A key and a certificate for `identity` signed by `ca`, as 0600 PEM files."""
+    key = LegKey.generate(identity)
+    now = dt.datetime.now(dt.UTC)
+    cert = ca.sign_request(key.csr_pem(), identity, now=now, not_after=now + dt.timedelta(1))
+    paths = directory / f"{identity}.key", directory / f"{identity}.crt"
+    for path, data in zip(paths, (key.private_pem().reveal(), cert), strict=True):
+        path.touch(mode=0o600)
+        path.write_bytes(data)
+    return paths
+
+
+def _ssl_ovsdb(lab: Lab, name: str, key: Path, cert: Path, ca: Path) -> tuple[str, str]:
+    """A private ovsdb-server listening only with TLS on loopback (plus a unix socket for
+    ovs-vsctl): its ssl: target for NWC, and its unix one for the test's own checks."""
+    rundir = lab.directory(f"ssl-{name}")
+    env = {**os.environ, "OVS_RUNDIR": str(rundir), "OVS_DBDIR": str(rundir),
+           "OVS_LOGDIR": str(rundir)}
+    db, sock = rundir / "conf.db", rundir / "db.sock"
+    subprocess.run(["ovsdb-tool", "create", str(db), "/usr/share/openvswitch/vswitch.ovsschema"],
+                   check=True, env=env, capture_output=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        ["ovsdb-server", str(db), f"--remote=punix:{sock}", f"--remote=pssl:{port}:127.0.0.1",
+         f"--private-key={key}", f"--certificate={cert}", f"--ca-cert={ca}",
+         f"--unixctl={rundir}/ovsdb-server.ctl", f"--pidfile={rundir}/ovsdb-server.pid",
+         f"--log-file={rundir}/ovsdb-server.log"], env=env, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    lab.process(proc, f"ovsdb-server {name}")
+    wait_for(sock.exists, 10, f"ovsdb-server {name}")
+    unix = f"unix:{sock}"
+    subprocess.run(["ovs-vsctl", f"--db={unix}", "--no-wait", "init"], check=True, env=env,
+                   capture_output=True, timeout=20)
+    return f"ssl:127.0.0.1:{port}", unix
+
+
+def test_the_tunnel_part_writes_records_over_ssl(tmp_path: Path) -> None:
+    """Both hosts' OVSDBs answer only TLS with client certificates: with the key, certificate
+    and CA configured the part writes each leg end's record (key included) over it; a client
+    certificate from another CA is turned away."""
+    tls_ca = CertificateAuthority.load_or_create(tmp_path / "ovsdb-ca", name="OVSDB CA")
+    ca_file = tmp_path / "ovsdb-ca" / "ca.crt"
+    ca_file.write_bytes(tls_ca.cert_pem)
+    server_key, server_cert = _pem_pair(tls_ca, "ovsdb.host.test", tmp_path)
+    client_key, client_cert = _pem_pair(tls_ca, "controller.nwc.test", tmp_path)
+    topo = parse_topology_text(TWO_HOSTS, POLICY)
+    with Lab(unique_prefix("t")) as lab:
+        servers = {name: _ssl_ovsdb(lab, name, server_key, server_cert, ca_file)
+                   for name in ("h1", "h2")}
+        events: list[tuple[str, ...]] = []
+
+        class Reports:
+            def ready(self, weave_id: str) -> None:
+                events.append(("ready", weave_id))
+
+            def failed(self, weave_id: str, detail: str) -> None:
+                events.append(("failed", weave_id, detail))
+
+            def security(self, weave_id: str, kind: str, detail: str) -> None:
+                events.append(("security", weave_id, kind))
+
+        configure_ssl(ssl_files(client_key, client_cert, ca_file))
+        part = Tunnels(topology=topo, policy=lambda: POLICY,
+                       ca=CertificateAuthority.load_or_create(tmp_path / "pki"),
+                       reports=Reports(), ovsdb_targets={n: s[0] for n, s in servers.items()},
+                       poll_interval=0.05)
+        try:
+            now = dt.datetime.now(dt.UTC)
+            weave = Weave(id="wv-000001", requester="acme-web", target="globex-db",
+                          requester_tenant="acme", target_tenant="globex",
+                          legs=(Leg("h1", "h2", ("h1", "s1", "h2"), 0),), kbps=1000,
+                          profile="gold",
+                          requester_prefixes=(ipaddress.IPv4Network("192.0.2.0/26"),),
+                          target_prefixes=(ipaddress.IPv4Network("192.0.2.64/26"),),
+                          created_at=now, expires_at=now + dt.timedelta(hours=1))
+            part.weave_up(weave)
+            part.start()
+
+            def record(host: str) -> LegRecord | None:
+                text = ovs_map(_Vsctl(servers[host][1]), "open_vswitch", ".",
+                               "external_ids").get(f"{RECORD_PREFIX}wv-000001-s0")
+                return LegRecord.from_json(text) if text else None
+
+            wait_for(lambda: record("h1") is not None and record("h2") is not None, 20,
+                     "the records, written over TLS")
+            r1, r2 = record("h1"), record("h2")
+            assert r1 is not None and r2 is not None and r1.psk is not None
+            assert r1.psk == r2.psk and r1.spec.host == "h1" and r2.spec.host == "h2"
+            assert not [e for e in events if e[0] != "ready"]
+        finally:
+            part.stop()
+        # Someone with a certificate from another CA gets nothing.
+        rogue_ca = CertificateAuthority.load_or_create(tmp_path / "rogue-ca", name="Rogue")
+        rogue_key, rogue_cert = _pem_pair(rogue_ca, "rogue.test", tmp_path)
+        try:
+            configure_ssl(ssl_files(rogue_key, rogue_cert, ca_file))
+            with pytest.raises(ConnectionError):
+                HostDb(servers["h1"][0], timeout=5).open()
+        finally:
+            configure_ssl(None)
+
+
+@dataclass
+class _Vsctl:
+    """ovs-vsctl against one OVSDB, shaped as ovs_map() expects."""
+
+    db: str
+
+    def vsctl(self, *args: str) -> str:
+        return subprocess.run(["ovs-vsctl", f"--db={self.db}", "--timeout=10", *args],
+                              check=True, capture_output=True, text=True,
+                              timeout=20).stdout.strip()

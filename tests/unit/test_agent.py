@@ -334,3 +334,70 @@ def test_ovs_ipsec_x509_uses_a_host_certificate_kept_private(tmp_path: Path) -> 
     host.drop(req)
     host.steps(1)
     assert not (tmp_path / "agent/ovs-ipsec").exists() and not host.db.other
+
+
+def test_a_record_json_cannot_parse_spoils_only_its_own_leg() -> None:
+    req, _ = specs(slot=0)
+    other, _ = specs(slot=1)
+    host = Host()
+    host.db.ids[RECORD_PREFIX + req.key] = "[" * 50_000  # json's RecursionError
+    host.want(LegRecord(other, new_psk(), start=True))
+    host.steps()
+    assert host.status(other).phase is Phase.INSTALLED
+    status = host.status(req)
+    assert status.phase is Phase.ERROR and "nested" in status.detail
+    assert "nwv0" not in host.net.vxlans
+
+
+def test_a_restarted_agent_skips_a_garbled_status_and_adopts_the_rest() -> None:
+    req, _ = specs(slot=0)
+    other, _ = specs(slot=1)
+    host = Host()
+    host.want(LegRecord(req, new_psk(), start=True))
+    host.steps()
+    garbled = json.loads(host.db.ids[STATUS_PREFIX + req.key])
+    garbled["extra"] = {"ovs_keys": 5}  # once a TypeError in the middle of adoption
+    host.db.ids[STATUS_PREFIX + other.key] = json.dumps(garbled)
+    host.agent = host.new_agent()  # restarted, and meanwhile the weave ended
+    host.drop(req)
+    host.steps(2)
+    assert host.net.empty() and not host.db.ports and not host.db.ids
+    assert not (host.ike.conns or host.ike.shared)
+
+
+@pytest.mark.parametrize("broken", ["delete_port", "remove_link", "remove_link_noop"])
+def test_the_blackhole_stays_while_the_device_may_still_send(broken: str) -> None:
+    req, _ = specs()
+    host = Host()
+    host.want(LegRecord(req, new_psk(), start=True))
+    host.steps()
+    failing = host.db if broken == "delete_port" else host.net
+    failing.failing.add(broken)
+    host.drop(req)
+    host.steps(2)
+    # The SA is gone: for whatever is left of the port or device, the blackhole is all that
+    # keeps its VXLAN from following the main table's route in clear.
+    assert not host.ike.sa_table and not host.ike.shared
+    assert str(req.remote_vtep) in host.net.blackholes
+    status = host.status(req)
+    assert status.phase is Phase.ERROR and "teardown incomplete" in status.detail
+    failing.failing.clear()
+    host.steps(1)  # the next pass finishes the job, blackhole last
+    assert host.net.empty() and not host.db.ports and not host.db.ids
+    j = host.journal
+    assert j.entries[-1] == ("remove_blackhole", str(req.remote_vtep))
+    assert j.count("remove_blackhole") == 1  # never while the device might still send
+
+
+def test_ovs_ipsec_is_refused_on_a_userspace_datapath_bridge() -> None:
+    req, _ = specs(topo=OVS_TOPO)
+    host = Host(backend="ovs-ipsec")
+    host.db.datapath_types["br-int"] = "netdev"
+    host.want(LegRecord(req, new_psk()))
+    host.steps(2)
+    status = host.status(req)
+    assert status.phase is Phase.ERROR and "netdev" in status.detail
+    assert not host.db.ports and not host.db.other and host.net.empty()  # nothing built
+    host.drop(req)
+    host.steps(1)
+    assert not host.db.ids

@@ -8,6 +8,8 @@ import ipaddress
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from vici.protocol import Message
 
 from nwc.config import SHIPPED_POLICIES
@@ -201,6 +203,71 @@ def test_a_status_round_trips() -> None:
     assert back == status and back.sa is not None and back.sa.installed
     with pytest.raises(TunnelError):
         LegStatus.from_json('{"phase": "dancing"}')
+
+
+GOOD_STATUS = json.loads(LegStatus(
+    Phase.INSTALLED, "", SaInfo("ESTABLISHED", "INSTALLED", "7", "3", "AES_GCM_16",
+                                key_bits=256, bytes_in=10), 2, b"CSR", ends()[0],
+    {"key_id": "ab", "ovs_keys": ["ipsec_skb_mark"]}).to_json())
+
+
+@pytest.mark.parametrize("text", [
+    "x", "", "null", '"installed"', "[]", "1e999999",
+    "[" * 50_000,  # json raises RecursionError for this
+    '{"phase": ' * 5_000 + '"installed"' + "}" * 5_000,
+    " " * 70_000 + "{}",  # too large
+    json.dumps({**GOOD_STATUS, "rekeys": "x"}),
+    json.dumps({**GOOD_STATUS, "rekeys": [1]}),
+    json.dumps({**GOOD_STATUS, "rekeys": -1}),
+    json.dumps({**GOOD_STATUS, "rekeys": True}),
+    json.dumps({**GOOD_STATUS, "phase": {"a": 1}}),
+    json.dumps({**GOOD_STATUS, "phase": None}),
+    json.dumps({**GOOD_STATUS, "detail": {"a": 1}}),
+    json.dumps({**GOOD_STATUS, "csr": 7}),
+    json.dumps({**GOOD_STATUS, "sa": "established"}),
+    json.dumps({**GOOD_STATUS, "sa": {**GOOD_STATUS["sa"], "bytes_in": "x"}}),
+    json.dumps({**GOOD_STATUS, "sa": {**GOOD_STATUS["sa"], "key_bits": "256"}}),
+    json.dumps({**GOOD_STATUS, "sa": {**GOOD_STATUS["sa"], "rekeying": "no"}}),
+    json.dumps({**GOOD_STATUS, "sa": {**GOOD_STATUS["sa"], "ike_state": 1}}),
+    json.dumps({**GOOD_STATUS, "extra": []}),
+    json.dumps({**GOOD_STATUS, "extra": {"ovs_keys": 5}}),
+    json.dumps({**GOOD_STATUS, "extra": {"key_id": {}}}),
+])
+def test_a_malformed_status_is_a_tunnel_error_and_nothing_else(text: str) -> None:
+    with pytest.raises(TunnelError):
+        LegStatus.from_json(text)
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
+                    | st.text(max_size=8),
+                    lambda inner: st.lists(inner, max_size=3)
+                    | st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=8)
+
+
+@settings(max_examples=300, deadline=None)
+@given(field=st.sampled_from(sorted({*GOOD_STATUS, *GOOD_STATUS["sa"], "extra.key_id",
+                                     "extra.ovs_keys"})), value=JSON)
+def test_any_value_in_any_status_field_parses_or_is_refused(field: str, value: object) -> None:
+    d = json.loads(json.dumps(GOOD_STATUS))
+    if field in d["sa"]:
+        d["sa"][field] = value
+    elif field.startswith("extra."):
+        d["extra"][field.split(".")[1]] = value
+    else:
+        d[field] = value
+    try:
+        status = LegStatus.from_json(json.dumps(d))
+    except TunnelError:
+        return
+    assert isinstance(status.rekeys, int) and isinstance(status.detail, str)
+    if status.sa is not None:
+        assert all(isinstance(getattr(status.sa, k), int | None) for k in
+                   ("key_bits", "bytes_in", "bytes_out", "packets_in", "packets_out"))
+
+
+def test_a_deeply_nested_record_is_a_tunnel_error() -> None:
+    with pytest.raises(TunnelError, match="nested"):
+        LegRecord.from_json("[" * 50_000)
 
 
 def test_ovs_ipsec_interface_options() -> None:

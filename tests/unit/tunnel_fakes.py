@@ -39,6 +39,8 @@ class FakeHostDb:
     ports: dict[str, dict[str, Any]] = field(default_factory=dict)
     writes: int = 0
     opened: bool = False
+    failing: set[str] = field(default_factory=set)  # names of methods that raise
+    datapath_types: dict[str, str] = field(default_factory=lambda: {"br-int": ""})
 
     def open(self) -> FakeHostDb:
         self.opened = True
@@ -72,8 +74,13 @@ class FakeHostDb:
                                        "ofport": columns.get("ofport_request")}
 
     def delete_port(self, name: str) -> None:
+        if "delete_port" in self.failing:
+            raise RuntimeError("OVSDB transaction timed out")
         self.journal.add("delete_port", name)
         self.ports.pop(name, None)
+
+    def bridge_datapath_type(self, bridge: str) -> str | None:
+        return self.datapath_types.get(bridge)
 
     def interface(self, name: str) -> dict[str, Any] | None:
         port = self.ports.get(name)
@@ -189,6 +196,9 @@ class FakeNet:
     blackholes: set[str] = field(default_factory=set)
     link_routes: set[tuple[str, str, str]] = field(default_factory=set)
     vxlans: dict[str, Any] = field(default_factory=dict)
+    # "remove_link" raises; "remove_link_noop" returns but the device stays (as a device
+    # held by another reference would).
+    failing: set[str] = field(default_factory=set)
 
     def ensure_address(self, address: Any, device: str) -> None:
         if (str(address), device) not in self.addresses:
@@ -224,6 +234,10 @@ class FakeNet:
             self.vxlans[want.name] = want
 
     def remove_link(self, name: str) -> None:
+        if "remove_link" in self.failing:
+            raise RuntimeError("Device or resource busy")
+        if "remove_link_noop" in self.failing:
+            return
         self.journal.add("remove_vxlan", name)
         self.vxlans.pop(name, None)
 
