@@ -12,7 +12,9 @@ Two pieces:
   then a barrier) and reports `part_ready` once every switch a weave uses confirmed it.
 
 Every accepted connection is wrapped by `nwc.ofguard.GuardedSocket`, so malformed or
-unexpected OpenFlow never reaches os-ken's parser (which can loop forever on some).
+unexpected OpenFlow never reaches os-ken's parser (which can loop forever on some). Nothing
+NWC sends waits on a switch's socket: messages go into the connection's `Outbox`, which a
+thread of its own writes out (see there).
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ import logging
 import socket
 import threading
 import traceback
-from collections.abc import Callable
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -62,6 +66,9 @@ log = logging.getLogger(__name__)
 MAX_CONNECTIONS = 256  # more peers than any fabric NWC runs: the rest are refused
 STATS_TIMEOUT_S = 2.0
 MAX_REPLY_PARTS = 4096  # multipart replies NWC accumulates before giving up on one request
+# Bytes that may wait for one switch. A full resync of a large host is a few MB; a switch this
+# far behind is not reading, and is dropped (it gets a full resync when it reconnects).
+MAX_OUTBOX_BYTES = 64 * 2**20
 
 
 def _loud(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -80,6 +87,119 @@ def _loud(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+class Outbox:
+    """Messages on their way to one switch, written out by a thread of their own.
+
+    os-ken's `Datapath.send` blocks once 16 messages wait, and its writer sits in `sendall`
+    while the peer does not read: whoever sends to a slow switch would wait with it. So
+    senders (the weaver's loop, statistics requests, os-ken's event thread) only serialise
+    and queue here; this thread alone waits on the switch. The queue is bounded in bytes: on
+    overflow the connection is dropped rather than grown.
+    """
+
+    def __init__(self, datapath: Any) -> None:
+        self._dp = datapath
+        self._items: deque[bytes] = deque()
+        self._bytes = 0
+        self._busy = False
+        self._closed = False
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def put(self, msgs: Iterable[Any]) -> bool:
+        """Queue messages (their xids set) in order. False: the connection is closed, or was
+        just dropped because it would exceed MAX_OUTBOX_BYTES."""
+        bufs = []
+        for msg in msgs:
+            msg.serialize()
+            bufs.append(bytes(msg.buf))
+        size = sum(len(b) for b in bufs)
+        with self._cond:
+            if self._closed:
+                return False
+            # A batch is taken whenever nothing waits, however large: a big but healthy
+            # switch is never dropped for the size of its own program.
+            if not self._items or self._bytes + size <= MAX_OUTBOX_BYTES:
+                self._items.extend(bufs)
+                self._bytes += size
+                if self._thread is None:
+                    self._thread = threading.Thread(
+                        target=self._drain, name=f"nwc-of-out-{_peer(self._dp)}", daemon=True)
+                    self._thread.start()
+                self._cond.notify_all()
+                return True
+            queued = self._bytes
+        log.warning("switch %s at %s is not reading: %d bytes wait for it and %d more would "
+                    "exceed %d; dropping the connection (it is resynced when it reconnects)",
+                    _dpid_text(self._dp), _peer(self._dp), queued, size, MAX_OUTBOX_BYTES)
+        _close(self._dp)
+        return False
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._items.clear()
+            self._bytes = 0
+            self._cond.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """True once everything queued was handed to the socket (or the outbox closed)."""
+        with self._cond:
+            return self._cond.wait_for(
+                lambda: self._closed or (not self._items and not self._busy), timeout)
+
+    def _drain(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._items or self._closed)
+                if self._closed:
+                    return
+                buf = self._items.popleft()
+                self._busy = True
+            try:
+                sent = bool(self._dp.send(buf))
+            except Exception:
+                log.debug("writing to %s", _peer(self._dp), exc_info=True)
+                sent = False
+            with self._cond:
+                self._busy = False
+                if not self._closed:
+                    self._bytes -= len(buf)
+                self._cond.notify_all()
+            if not sent:
+                # os-ken's writer gave up (socket error or timeout): the connection is half
+                # dead; end it so the switch reconnects into a resync.
+                _close(self._dp)
+                return
+
+
+_outboxes: weakref.WeakKeyDictionary[Any, Outbox] = weakref.WeakKeyDictionary()
+_outboxes_lock = threading.Lock()
+
+
+def outbox_of(datapath: Any) -> Outbox:
+    """The one outbox of a connection (created on first use)."""
+    with _outboxes_lock:
+        box = _outboxes.get(datapath)
+        if box is None:
+            box = _outboxes[datapath] = Outbox(datapath)
+        return box
+
+
+def _peer(datapath: Any) -> str:
+    address = getattr(datapath, "address", None)
+    return f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
+
+
+def _dpid_text(datapath: Any) -> str:
+    dpid = getattr(datapath, "id", None)
+    return f"{dpid:#x}" if isinstance(dpid, int) else "?"
+
+
 @dataclass
 class Batch:
     """Messages sent to one switch, confirmed by the barrier that follows them."""
@@ -96,6 +216,7 @@ class SwitchConn:
     dpid: int
     kind: str  # "host" or "fabric"
     name: str
+    outbox: Outbox
     ports: dict[str, int] = field(default_factory=dict)
     port_state: dict[int, bool] = field(default_factory=dict)  # port_no -> link up
     meters: set[int] = field(default_factory=set)  # meter ids present on the switch
@@ -138,6 +259,13 @@ class FlowsPart:
             self.switches.clear()
         for conn in conns:
             _close(conn.datapath)
+
+    def flush(self, timeout: float, only: Iterable[int] | None = None) -> bool:
+        """Wait until what was queued for the connected switches (or those of `only`) was
+        handed to their sockets. For tests and orderly shutdowns; the loop never waits."""
+        with self.lock:
+            boxes = [c.outbox for c in self.switches.values() if only is None or c.dpid in only]
+        return all(box.wait_idle(timeout) for box in boxes)
 
     # -- desired state ----------------------------------------------------------------------
 
@@ -216,7 +344,9 @@ class FlowsPart:
             return self.switches.get(dpid)
 
     def _send(self, conn: SwitchConn, kind: str, msgs: list[Any], weaves: dict[str, int],
-              meters_after: set[int]) -> None:
+              meters_after: set[int]) -> bool:
+        """Queue a batch and its barrier for one switch; never waits for the switch. False:
+        the connection is gone (or was just dropped for not reading)."""
         dp = conn.datapath
         xids = set()
         barrier = parser.OFPBarrierRequest(dp)
@@ -229,10 +359,11 @@ class FlowsPart:
             # The switch applies messages in order, so what it will hold after these is
             # known now; the next change (maybe sent before this barrier returns) builds on it.
             conn.meters = set(meters_after)
-        for msg in [*msgs, barrier]:
-            if not dp.send_msg(msg):
-                log.warning("switch %s went away while being programmed", conn.name)
-                return
+        if conn.outbox.put([*msgs, barrier]):
+            return True
+        log.warning("switch %s (%#x) went away while being programmed", conn.name, conn.dpid)
+        self._forget(conn)
+        return False
 
     # -- switch events (posted to the loop by FlowsApp) ---------------------------------------
 
@@ -244,8 +375,8 @@ class FlowsPart:
                         "drops everything)", datapath.id, self.weaver.topology.name)
             return
         kind, name = what
-        conn = SwitchConn(datapath, datapath.id, kind, name, dict(ports), dict(port_state),
-                          set(meters))
+        conn = SwitchConn(datapath, datapath.id, kind, name, outbox_of(datapath), dict(ports),
+                          dict(port_state), set(meters))
         with self.lock:
             old = self.switches.get(datapath.id)
             self.switches[datapath.id] = conn
@@ -372,7 +503,7 @@ class FlowsPart:
             event = threading.Event()
             conn.waiters[msg.xid] = event
             conn.replies[msg.xid] = []
-        conn.datapath.send_msg(msg)
+        conn.outbox.put([msg])
         return msg.xid, event
 
     def _collect(self, conn: SwitchConn, xid: int, event: threading.Event) -> list[Any]:
@@ -423,11 +554,17 @@ class FlowsPart:
 
 
 def _close(datapath: Any) -> None:
+    """End a connection without waiting on it: stop its outbox and shut its socket down.
+    os-ken's own thread for the connection then sees the end of the stream and reports it
+    dead (DEAD_DISPATCHER), so the loop never runs os-ken's event machinery itself."""
+    with _outboxes_lock:
+        box = _outboxes.get(datapath)
+    if box is not None:
+        box.close()
     try:
-        datapath.close()
         datapath.socket.shutdown(socket.SHUT_RDWR)
     except Exception:  # already gone: nothing to release
-        log.debug("closing %s", datapath.address, exc_info=True)
+        log.debug("closing %s", _peer(datapath), exc_info=True)
 
 
 class FlowsApp(app_manager.OSKenApp):
@@ -457,8 +594,13 @@ class FlowsApp(app_manager.OSKenApp):
             req = parser.OFPMeterConfigStatsRequest(dp, 0, ofp.OFPM_ALL)
             dp.set_xid(req)
             self._meter_requests[id(dp)] = (dp, req.xid, [])
-            dp.send_msg(req)
-        elif ev.state == DEAD_DISPATCHER and dp.id is not None:
+            outbox_of(dp).put([req])  # this thread serves every switch: it never waits on one
+        elif ev.state == DEAD_DISPATCHER:
+            with _outboxes_lock:
+                box = _outboxes.pop(dp, None)
+            if box is not None:
+                box.close()
+        if ev.state == DEAD_DISPATCHER and dp.id is not None:
             self._meter_requests.pop(id(dp), None)
             if self.part is not None:
                 self._post(self.part.switch_gone, dp)

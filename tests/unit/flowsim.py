@@ -239,9 +239,7 @@ class FlowsSim:
     def settle(self) -> None:
         """Let every queued write reach its switch and every reply reach the weaver."""
         for _ in range(3):
-            flush = getattr(self.part, "flush", None)
-            if flush is not None:
-                flush(timeout=10)
+            self.part.flush(timeout=10)
             self.loop.call(lambda: None)
         self.net.legs = {leg.slot: (leg.requester_host, leg.target_host)
                          for w in self.weaver.live.values() for leg in w.legs

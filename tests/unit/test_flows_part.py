@@ -3,13 +3,16 @@ lying switch do to the tables the part keeps."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from flowsim import FlowsSim
 
-from nwc.weave import State
+from nwc import ofapp
+from nwc.admission import WeaveRequest
+from nwc.weave import State, Weave
 
 pytestmark = pytest.mark.unit
 
@@ -34,3 +37,46 @@ def test_a_weave_is_confirmed_by_every_switch_and_carries_traffic(fsim: FlowsSim
     fsim.settle()
     assert not fsim.ping("web1", "db2")
     assert fsim.reaches("web1", "web2")
+
+
+def test_a_switch_that_stops_reading_does_not_stall_the_weaver(fsim: FlowsSim) -> None:
+    for name in ("h2", "h3", "s1", "s2", "s3"):
+        fsim.connect(name, settle=False)
+    never = threading.Event()  # h1 takes its handshake, then never reads again
+    stuck = fsim.connect("h1", block=never, settle=False)
+    # The weaver keeps serving: a weave is admitted and programmed on the switches that read.
+    weave = fsim.loop.call(fsim.weaver.create, WeaveRequest("acme-web", "globex-db", 600, 5,
+                                                            None), timeout=10)
+    assert isinstance(weave, Weave)
+    for name in ("h2", "h3", "s1", "s2", "s3"):
+        assert fsim.dps[name].sent, name
+    fsim.part.flush(timeout=10, only=[fsim.dpid(n) for n in ("h2", "h3", "s1", "s2", "s3")])
+    fsim.loop.call(lambda: None, timeout=10)
+    assert fsim.reaches("web2", "db1")  # joined on h2, which h1's socket does not hold up
+    assert fsim.loop.call(lambda: fsim.weaver.live[weave.id].state, timeout=10) is \
+        State.PROVISIONING  # h1 has not confirmed it
+    assert not stuck.closed.is_set()  # a slow reader is not dropped before its queue fills
+
+
+def test_a_switch_whose_queue_overflows_is_dropped_and_resynced_on_reconnect(
+        fsim: FlowsSim, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ofapp, "MAX_OUTBOX_BYTES", 2048)  # less than one host resync
+    fsim.connect_all()
+    weave = fsim.weave("acme-web", "globex-db")
+    fsim.dps["h1"].hang_up()
+    fsim.settle()
+    never = threading.Event()
+    stuck = fsim.connect("h1", block=never, settle=False)  # its resync waits in the queue
+    assert not stuck.closed.is_set()
+    # More for h1 (another weave) would pass the bound: the connection is dropped instead.
+    other = fsim.loop.call(fsim.weaver.create, WeaveRequest("acme-web", "initech-app", 600, 5,
+                                                            "silver"), timeout=10)
+    assert isinstance(other, Weave)
+    assert stuck.closed.wait(10)
+    fsim.loop.call(lambda: None, timeout=10)
+    assert fsim.dpid("h1") not in fsim.part.switches
+    fsim.connect("h1")  # the switch comes back and reads: a full resync
+    assert fsim.reaches("web1", "db2")
+    assert fsim.reaches("web1", "app1")
+    assert fsim.weaver.live[weave.id].state is State.ACTIVE
+    assert fsim.weaver.live[other.id].state is State.ACTIVE
