@@ -28,6 +28,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any, ClassVar
 
 from os_ken.base import app_manager
@@ -42,10 +43,11 @@ from os_ken.ofproto import ofproto_v1_3 as ofp
 from os_ken.ofproto import ofproto_v1_3_parser as parser
 
 from nwc import ofguard
-from nwc.ofmessages import install_messages, remove_messages, sync_messages
+from nwc.ofmessages import install_messages, refresh_messages, remove_messages, sync_messages
 from nwc.pipeline import (
     DELIVERED_ROLES,
     DIRECTIONS,
+    MAX_HARD_TIMEOUT_S,
     OWNER_MASK,
     DesiredState,
     PipelineError,
@@ -69,6 +71,11 @@ MAX_REPLY_PARTS = 4096  # multipart replies NWC accumulates before giving up on 
 # Bytes that may wait for one switch. A full resync of a large host is a few MB; a switch this
 # far behind is not reading, and is dropped (it gets a full resync when it reconnects).
 MAX_OUTBOX_BYTES = 64 * 2**20
+# Weave flows carry the lease as hard_timeout, which OpenFlow caps at 65,535 s (~18.2 h). A
+# longer lease has its flows installed again this long before the capped timeout runs out,
+# checked every REFRESH_POLL_S.
+REFRESH_MARGIN_S = 600
+REFRESH_POLL_S = 60.0
 
 
 def _loud(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -204,7 +211,7 @@ def _dpid_text(datapath: Any) -> str:
 class Batch:
     """Messages sent to one switch, confirmed by the barrier that follows them."""
 
-    kind: str  # "sync", "weave", "remove"
+    kind: str  # "sync", "weave", "refresh", "remove"
     xids: set[int]
     weaves: dict[str, int]  # weave id -> generation this batch installs
     errors: list[str] = field(default_factory=list)
@@ -243,7 +250,11 @@ class FlowsPart:
         self.switches: dict[int, SwitchConn] = {}
         self.pending: dict[str, set[int]] = {}  # weave id -> dpids not yet confirmed
         self.generation: dict[str, int] = {}
+        # weave id -> dpid -> when the flows installed there run out while the lease goes
+        # on (only weaves whose lease outlasts MAX_HARD_TIMEOUT_S). Loop thread only.
+        self.capped: dict[str, dict[int, datetime]] = {}
         self._stopped = False
+        self._stop = threading.Event()
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -251,9 +262,13 @@ class FlowsPart:
         """On the loop: join the weaver (which hands over every live weave and makes the ones
         still provisioning wait for "flows"); each switch's resync confirms them."""
         self.weaver.attach_part(self)
+        timer = threading.Thread(target=self._refresh_timer, name="nwc-flows-refresh",
+                                 daemon=True)
+        timer.start()
 
     def stop(self) -> None:
         self._stopped = True
+        self._stop.set()
         with self.lock:
             conns = list(self.switches.values())
             self.switches.clear()
@@ -295,6 +310,7 @@ class FlowsPart:
     def weave_down(self, weave: Weave) -> None:
         self.pending.pop(weave.id, None)
         self.generation.pop(weave.id, None)
+        self.capped.pop(weave.id, None)
         for dpid in weave_switches(self.weaver.topology, weave):
             self._remove_from(dpid, weave)
 
@@ -308,17 +324,65 @@ class FlowsPart:
             cookie = weave_cookie(weave.number)
             msgs = install_messages(conn.datapath, program, cookie, conn.meters,
                                     next(conn.bundles))
-            self._send(conn, "weave", msgs, {weave.id: self.generation[weave.id]},
-                       conn.meters | {m.meter_id for m in program.meters})
+            if self._send(conn, "weave", msgs, {weave.id: self.generation[weave.id]},
+                          conn.meters | {m.meter_id for m in program.meters}):
+                self._installed(weave, dpid, state.now)
 
     def _remove_from(self, dpid: int, weave: Weave) -> None:
         conn = self._conn(dpid)
         if conn is None or not conn.synced:
             return  # its resync will not bring the weave back
+        self.capped.get(weave.id, {}).pop(dpid, None)
         ids = {meter_id(weave.number, d) for d in DIRECTIONS} & conn.meters
         msgs = remove_messages(conn.datapath, weave_cookie(weave.number), ids,
                                next(conn.bundles))
         self._send(conn, "remove", msgs, {}, conn.meters - ids)
+
+    # -- leases longer than a hard timeout (loop thread) ---------------------------------------
+
+    def _installed(self, weave: Weave, dpid: int, now: datetime) -> None:
+        """Remember when a weave's flows on `dpid` run out if their timeout was capped."""
+        if (weave.expires_at - now).total_seconds() > MAX_HARD_TIMEOUT_S:
+            self.capped.setdefault(weave.id, {})[dpid] = now + timedelta(
+                seconds=MAX_HARD_TIMEOUT_S)
+        elif weave.id in self.capped:
+            self.capped[weave.id].pop(dpid, None)  # these flows end with the lease
+
+    def refresh_due(self) -> None:
+        """Install again the flows of every weave whose capped hard timeout runs out within
+        REFRESH_MARGIN_S somewhere, so flows last as long as the lease. Posted by the part's
+        timer; the weaver's lease timer stays the authority on when a weave ends."""
+        now = self.weaver.clock.now()
+        soon = now + timedelta(seconds=REFRESH_MARGIN_S)
+        for weave_id, ends in sorted(self.capped.items()):
+            for dpid in [d for d in ends if self._conn(d) is None]:
+                del ends[dpid]  # gone: its resync installs afresh when it is back
+            if not ends or min(ends.values()) > soon:
+                continue
+            weave = self.weaver.live.get(weave_id)
+            if weave is None:
+                del self.capped[weave_id]
+                continue
+            log.info("weave %s: its flows' hard timeout (capped at %d s) runs out before its "
+                     "lease; installing them again", weave_id, MAX_HARD_TIMEOUT_S)
+            self._refresh(weave)
+
+    def _refresh(self, weave: Weave) -> None:
+        """Re-add a weave's flows where they are installed (counters kept, timeouts
+        restarted). A switch that refuses gets dropped and resynced, like any refused batch."""
+        state = self.state()
+        for dpid in sorted(self.capped.get(weave.id, {})):
+            conn = self._conn(dpid)
+            if conn is None or not conn.synced:
+                continue
+            program = compile_weave(state, weave, dpid, conn.ports)
+            msgs = refresh_messages(conn.datapath, program, next(conn.bundles))
+            if self._send(conn, "refresh", msgs, {}, conn.meters):
+                self._installed(weave, dpid, state.now)
+
+    def _refresh_timer(self) -> None:
+        while not self._stop.wait(REFRESH_POLL_S):
+            self.controller.loop.post(self.refresh_due)
 
     def resync(self, dpid: int) -> None:
         """Make a (re)connected switch equal to the desired state: one atomic bundle."""
@@ -335,7 +399,10 @@ class FlowsPart:
         confirms = {w.id: self.generation.get(w.id, 0) for w in state.weaves
                     if dpid in weave_switches(state.topology, w)}
         conn.synced = True
-        self._send(conn, "sync", msgs, confirms, {m.meter_id for m in program.meters})
+        if self._send(conn, "sync", msgs, confirms, {m.meter_id for m in program.meters}):
+            for weave in state.weaves:
+                if weave.id in confirms:
+                    self._installed(weave, dpid, state.now)
         log.info("switch %s (%#x): resync with %d flows, %d meters", conn.name, dpid,
                  len(program.flows), len(program.meters))
 

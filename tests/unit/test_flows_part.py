@@ -3,6 +3,7 @@ lying switch do to the tables the part keeps."""
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +13,9 @@ from flowsim import FlowsSim
 
 from nwc import ofapp
 from nwc.admission import WeaveRequest
+from nwc.config import SHIPPED_POLICIES
+from nwc.pipeline import OWNER_MASK, weave_cookie
+from nwc.policy import Policy, load_policy
 from nwc.weave import State, Weave
 
 pytestmark = pytest.mark.unit
@@ -80,3 +84,41 @@ def test_a_switch_whose_queue_overflows_is_dropped_and_resynced_on_reconnect(
     assert fsim.reaches("web1", "app1")
     assert fsim.weaver.live[weave.id].state is State.ACTIVE
     assert fsim.weaver.live[other.id].state is State.ACTIVE
+
+
+def _policy_with_long_leases(tmp_path: Path) -> Policy:
+    """The shipped policy, with leases of up to 200,000 s on every IVN."""
+    directory = tmp_path / "policies"
+    directory.mkdir()
+    for source in SHIPPED_POLICIES.glob("*.yaml"):
+        text = re.sub(r"max_duration_s: \d+", "max_duration_s: 200000", source.read_text())
+        (directory / source.name).write_text(text)
+    return load_policy([directory])
+
+
+def test_flows_of_a_lease_longer_than_the_hard_timeout_cap_do_not_expire(tmp_path: Path) -> None:
+    """OpenFlow hard timeouts stop at 65,535 s; a 100,000 s lease keeps its flows anyway."""
+    sim = FlowsSim.build(tmp_path / "state", policy=_policy_with_long_leases(tmp_path))
+    try:
+        sim.connect_all()
+        weave = sim.weave("acme-web", "globex-db", duration_s=100_000)
+        h3 = sim.net.switches["h3"]  # db2's host: counts what the weave delivered
+
+        def delivered() -> int:
+            return sum(f.packets for f in h3.flow_stats(weave_cookie(weave.number, 3),
+                                                        2**64 - 1))
+        for sent in range(1, 71):  # 70,000 s in steps, the part's timer running as it does
+            assert sim.reaches("web1", "db2"), sim.clock.now()
+            assert delivered() == sent  # counters survive a refresh
+            sim.advance(1000)
+            sim.loop.call(sim.part.refresh_due)
+            sim.settle()
+        assert sim.reaches("web1", "db2")
+        assert sim.weaver.live[weave.id].state is State.ACTIVE
+        # Flows refreshed for the rest of the lease end with it, not after.
+        left = (weave.expires_at - sim.clock.now()).total_seconds()
+        h1 = sim.net.switches["h1"].flow_stats(weave_cookie(weave.number), OWNER_MASK)
+        assert h1 and all(f.installed_at + f.hard_timeout <= sim.fake_clock.now + left
+                          for f in h1)
+    finally:
+        sim.close()
