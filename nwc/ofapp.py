@@ -48,14 +48,15 @@ from nwc.pipeline import (
     DELIVERED_ROLES,
     DIRECTIONS,
     MAX_HARD_TIMEOUT_S,
+    METER_SPACE,
     OWNER_MASK,
     DesiredState,
-    PipelineError,
     Program,
-    compile_switch,
+    compile_base,
     compile_weave,
     cookie_owner,
     fabric_link_of_port,
+    meter_collisions,
     meter_id,
     switch_name,
     weave_cookie,
@@ -316,6 +317,10 @@ class FlowsPart:
 
     def _program(self, weave: Weave) -> None:
         state = self.state()
+        keeper = meter_collisions(state.weaves).get(weave.id)
+        if keeper is not None:
+            self._refuse(weave, self._collision(weave, keeper))
+            return
         for dpid in sorted(self._want(weave)):
             conn = self._conn(dpid)
             if conn is None or not conn.synced:
@@ -333,7 +338,11 @@ class FlowsPart:
         if conn is None or not conn.synced:
             return  # its resync will not bring the weave back
         self.capped.get(weave.id, {}).pop(dpid, None)
-        ids = {meter_id(weave.number, d) for d in DIRECTIONS} & conn.meters
+        # Meter ids are shared by weave numbers METER_SPACE apart: never delete the meters of
+        # a live weave (OVS would delete its flows with them) for one that was refused.
+        shared = {meter_id(w.number, d) for w in self.weaver.live.values() if w.id != weave.id
+                  for d in DIRECTIONS}
+        ids = {meter_id(weave.number, d) for d in DIRECTIONS} & conn.meters - shared
         msgs = remove_messages(conn.datapath, weave_cookie(weave.number), ids,
                                next(conn.bundles))
         self._send(conn, "remove", msgs, {}, conn.meters - ids)
@@ -385,26 +394,75 @@ class FlowsPart:
             self.controller.loop.post(self.refresh_due)
 
     def resync(self, dpid: int) -> None:
-        """Make a (re)connected switch equal to the desired state: one atomic bundle."""
+        """Make a (re)connected switch equal to the desired state: one atomic bundle.
+
+        A weave that cannot be compiled (its meter ids taken by an older live weave, or any
+        error) is left out and failed; the switch still gets everything else. If even its base
+        cannot be compiled, its table is left as it is and its weaves are installed alone."""
         conn = self._conn(dpid)
         if conn is None or self._stopped:
             return
         state = self.state()
+        here = [w for w in state.weaves if dpid in weave_switches(state.topology, w)]
+        collisions = meter_collisions(state.weaves)
+        refused = {w.id: self._collision(w, collisions[w.id]) for w in here
+                   if w.id in collisions}
+        weaves: dict[str, Program] = {}
+        for weave in here:
+            if weave.id in refused:
+                continue
+            try:
+                weaves[weave.id] = compile_weave(state, weave, dpid, conn.ports)
+            except Exception as exc:
+                log.error("switch %s (%#x): cannot compile weave %s; leaving it out:\n%s",
+                          conn.name, dpid, weave.id, traceback.format_exc())
+                refused[weave.id] = f"cannot compile its flows for switch {conn.name}: " \
+                                    f"{type(exc).__name__}: {exc}"
         try:
-            program = compile_switch(state, dpid, conn.ports)
-        except PipelineError as exc:
-            log.error("cannot compile switch %s (%s): %s", conn.name, f"{dpid:#x}", exc)
-            return
-        msgs = sync_messages(conn.datapath, program, conn.meters, next(conn.bundles))
-        confirms = {w.id: self.generation.get(w.id, 0) for w in state.weaves
-                    if dpid in weave_switches(state.topology, w)}
+            base: Program | None = compile_base(state, dpid, conn.ports)
+        except Exception:
+            log.error("switch %s (%#x): cannot compile its base flows; its table stays as it "
+                      "is and only its weaves are installed:\n%s", conn.name, dpid,
+                      traceback.format_exc())
+            base = None
         conn.synced = True
-        if self._send(conn, "sync", msgs, confirms, {m.meter_id for m in program.meters}):
-            for weave in state.weaves:
-                if weave.id in confirms:
+        for weave in here:
+            if weave.id in refused:
+                self._refuse(weave, refused[weave.id])
+        kept = [w for w in here if w.id in weaves]
+        if base is None:
+            for weave in kept:
+                msgs = install_messages(conn.datapath, weaves[weave.id],
+                                        weave_cookie(weave.number), conn.meters,
+                                        next(conn.bundles))
+                if self._send(conn, "weave", msgs, {weave.id: self.generation.get(weave.id, 0)},
+                              conn.meters | {m.meter_id for m in weaves[weave.id].meters}):
                     self._installed(weave, dpid, state.now)
+            return
+        program = base
+        for weave in kept:
+            program.extend(weaves[weave.id])
+        msgs = sync_messages(conn.datapath, program, conn.meters, next(conn.bundles))
+        confirms = {w.id: self.generation.get(w.id, 0) for w in kept}
+        if self._send(conn, "sync", msgs, confirms, {m.meter_id for m in program.meters}):
+            for weave in kept:
+                self._installed(weave, dpid, state.now)
         log.info("switch %s (%#x): resync with %d flows, %d meters", conn.name, dpid,
                  len(program.flows), len(program.meters))
+
+    @staticmethod
+    def _collision(weave: Weave, keeper: Weave) -> str:
+        ids = ", ".join(str(meter_id(weave.number, d)) for d in DIRECTIONS)
+        return (f"its meter ids ({ids}) are those of live weave {keeper.id} (weave numbers "
+                f"{METER_SPACE} apart share meters); refusing it rather than metering both "
+                f"with one meter")
+
+    def _refuse(self, weave: Weave, why: str) -> None:
+        """Fail a weave the flows part cannot program (through the loop: the weaver may be
+        in the middle of telling parts about it)."""
+        log.error("weave %s: %s", weave.id, why)
+        self.pending.pop(weave.id, None)
+        self.controller.loop.post(self.weaver.part_failed, weave.id, self.name, why)
 
     def _conn(self, dpid: int) -> SwitchConn | None:
         with self.lock:

@@ -7,6 +7,7 @@ import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from flowsim import FlowsSim
@@ -14,7 +15,8 @@ from flowsim import FlowsSim
 from nwc import ofapp
 from nwc.admission import WeaveRequest
 from nwc.config import SHIPPED_POLICIES
-from nwc.pipeline import OWNER_MASK, weave_cookie
+from nwc.ofmessages import delete_owner_mod
+from nwc.pipeline import METER_SPACE, OWNER_MASK, weave_cookie
 from nwc.policy import Policy, load_policy
 from nwc.weave import State, Weave
 
@@ -122,3 +124,107 @@ def test_flows_of_a_lease_longer_than_the_hard_timeout_cap_do_not_expire(tmp_pat
                           for f in h1)
     finally:
         sim.close()
+
+
+def _colliding(fsim: FlowsSim, first: Weave) -> None:
+    """The next weave gets a number METER_SPACE above `first`: the same meter ids."""
+    fsim.loop.call(setattr, fsim.weaver, "_next_number", first.number + METER_SPACE)
+
+
+def _ended(fsim: FlowsSim, weave_id: str) -> Weave:
+    ended = fsim.loop.call(fsim.weaver.store.weave, weave_id)
+    assert ended is not None and weave_id not in fsim.weaver.live
+    return ended
+
+
+def test_a_weave_whose_meter_ids_collide_with_a_live_one_is_refused_harmlessly(
+        fsim: FlowsSim) -> None:
+    fsim.connect_all()
+    first = fsim.weave("acme-web", "globex-db")
+    meters = set(fsim.net.switches["h1"].meters)
+    _colliding(fsim, first)
+    second = fsim.loop.call(fsim.weaver.create,
+                            WeaveRequest("acme-web", "initech-app", 600, 5, "silver"))
+    assert isinstance(second, Weave)
+    fsim.settle()
+    ended = _ended(fsim, second.id)
+    assert ended.state is State.FAILED
+    assert "meter" in (fsim.loop.call(_last_detail, fsim, second.id) or "")
+    assert not fsim.ping("web1", "app1")
+    # The live weave kept its meters (removing the refused one deleted none of them) and flows.
+    assert set(fsim.net.switches["h1"].meters) == meters
+    assert fsim.reaches("web1", "db2")
+    assert fsim.weaver.live[first.id].state is State.ACTIVE
+
+
+def _last_detail(fsim: FlowsSim, weave_id: str) -> str | None:
+    records = [r for r in fsim.weaver.store.audit_records()
+               if r.get("weave_id") == weave_id or r.get("weave", {}).get("id") == weave_id]
+    return next((str(r.get("detail")) for r in reversed(records) if r.get("detail")), None)
+
+
+def test_a_reconnect_programs_everything_but_a_colliding_weave(fsim: FlowsSim) -> None:
+    fsim.connect_all()
+    first = fsim.weave("acme-web", "globex-db")
+    # A colliding pair in the live set (as a store written before numbers were checked could
+    # hold): admitted while the part was away, so nothing refused it yet.
+    _colliding(fsim, first)
+    fsim.loop.call(fsim.weaver.parts.remove, fsim.part)
+    second = fsim.loop.call(fsim.weaver.create,
+                            WeaveRequest("acme-web", "initech-app", 600, 5, "silver"))
+    assert isinstance(second, Weave)
+    fsim.loop.call(fsim.weaver.parts.append, fsim.part)
+    fsim.dps["h1"].hang_up()
+    fsim.settle()
+    fsim.net.switches["h1"].tables.clear()  # the switch restarted empty
+    fsim.connect("h1")
+    assert fsim.reaches("web1", "web3")  # the IVN base is back
+    assert fsim.reaches("web1", "db2")  # and the weave that owns the meter ids
+    assert not fsim.ping("web1", "app1")
+    assert _ended(fsim, second.id).state is State.FAILED
+    assert "meter" in (fsim.loop.call(_last_detail, fsim, second.id) or "")
+
+
+def test_a_weave_that_fails_to_compile_does_not_leave_its_switch_empty(
+        fsim: FlowsSim, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    fsim.connect_all()
+    good = fsim.weave("acme-web", "globex-db")
+    bad = fsim.weave("acme-web", "initech-app", profile="silver")
+    real = ofapp.compile_weave
+
+    def broken(state: Any, weave: Weave, dpid: int, ports: Any) -> Any:
+        if weave.id == bad.id:
+            raise KeyError("a bug in the compiler")
+        return real(state, weave, dpid, ports)
+    monkeypatch.setattr(ofapp, "compile_weave", broken)
+    fsim.dps["h1"].hang_up()
+    fsim.settle()
+    fsim.net.switches["h1"].tables.clear()
+    fsim.connect("h1")
+    assert fsim.reaches("web1", "web3")
+    assert fsim.reaches("web1", "db2")
+    assert fsim.weaver.live[good.id].state is State.ACTIVE
+    assert _ended(fsim, bad.id).state is State.FAILED
+    assert any(bad.id in r.getMessage() and "a bug in the compiler" in r.getMessage()
+               for r in caplog.records if r.levelname == "ERROR")
+
+
+def test_a_base_that_fails_to_compile_still_lets_the_weaves_in(
+        fsim: FlowsSim, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    fsim.connect_all()
+    weave = fsim.weave("acme-web", "globex-db")
+
+    def broken(*args: Any) -> Any:
+        raise ValueError("a bug in the base compiler")
+    monkeypatch.setattr(ofapp, "compile_base", broken)
+    fsim.dps["h1"].hang_up()
+    fsim.settle()
+    # The switch kept its tables across the reconnect, all but the weave's flows.
+    fsim.net.switches["h1"].apply(delete_owner_mod(None, weave_cookie(weave.number)))
+    assert not fsim.ping("web1", "db2")
+    fsim.connect("h1")
+    assert fsim.reaches("web1", "web3")  # the old base stays (no delete-all without a new one)
+    assert fsim.reaches("web1", "db2")
+    assert fsim.weaver.live[weave.id].state is State.ACTIVE
+    assert any("a bug in the base compiler" in r.getMessage() for r in caplog.records
+               if r.levelname == "ERROR")
