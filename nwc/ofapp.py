@@ -67,6 +67,11 @@ from nwc.weave import Weave
 log = logging.getLogger(__name__)
 
 MAX_CONNECTIONS = 256  # more peers than any fabric NWC runs: the rest are refused
+# os-ken asks every switch for an echo this often and hangs up after this many unanswered,
+# so a connection that said nothing for LIVE_PEER_S is not a live switch any more.
+ECHO_INTERVAL_S = 5
+ECHO_UNANSWERED = 3
+LIVE_PEER_S = 15.0
 STATS_TIMEOUT_S = 2.0
 MAX_REPLY_PARTS = 4096  # multipart replies NWC accumulates before giving up on one request
 # Bytes that may wait for one switch. A full resync of a large host is a few MB; a switch this
@@ -500,12 +505,33 @@ class FlowsPart:
                         "drops everything)", datapath.id, self.weaver.topology.name)
             return
         kind, name = what
+        if kind == "host":
+            pinned = self.weaver.topology.hosts[name].management_ip
+            if pinned is not None and ofguard.peer_ip(datapath.address) != pinned:
+                log.warning("refusing switch %s (%#x) from %s: the topology pins it to its "
+                            "management address %s", name, datapath.id, _peer(datapath), pinned)
+                _close(datapath)
+                return
         conn = SwitchConn(datapath, datapath.id, kind, name, outbox_of(datapath), dict(ports),
                           dict(port_state), set(meters))
         with self.lock:
             old = self.switches.get(datapath.id)
-            self.switches[datapath.id] = conn
+            live = old is not None and old.datapath is not datapath and _live(old.datapath)
+            if not live:
+                self.switches[datapath.id] = conn
+        if live:
+            # Switches are not authenticated (TLS aside): a newcomer claiming a connected
+            # switch's DPID would otherwise take over its program and its port events. A dead
+            # old connection is dropped by the echo/idle checks; the switch's retry then wins.
+            assert old is not None
+            log.warning("refusing a second connection for switch %s (%#x) from %s: the one "
+                        "from %s is alive", name, datapath.id, _peer(datapath),
+                        _peer(old.datapath))
+            _close(datapath)
+            return
         if old is not None and old.datapath is not datapath:
+            log.warning("switch %s (%#x): replacing its silent connection from %s with the "
+                        "one from %s", name, datapath.id, _peer(old.datapath), _peer(datapath))
             _close(old.datapath)
         log.info("switch %s (%#x) connected from %s: %d ports, %d meters", name, datapath.id,
                  datapath.address, len(ports), len(meters))
@@ -600,7 +626,7 @@ class FlowsPart:
         with self.lock:
             conn = self.switches.get(datapath.id)
             batch = None
-            if conn is not None:
+            if conn is not None and conn.datapath is datapath:  # not one claiming its DPID
                 batch = next((b for b in conn.batches.values() if msg.xid in b.xids), None)
         text = f"OpenFlow error type {msg.type} code {msg.code}"
         if batch is None:
@@ -612,7 +638,7 @@ class FlowsPart:
     def on_stats_reply(self, datapath: Any, msg: Any) -> None:
         with self.lock:
             conn = self.switches.get(datapath.id)
-            if conn is None or msg.xid not in conn.waiters:
+            if conn is None or conn.datapath is not datapath or msg.xid not in conn.waiters:
                 return
             parts = conn.replies.setdefault(msg.xid, [])
             if len(parts) < MAX_REPLY_PARTS:
@@ -676,6 +702,15 @@ class FlowsPart:
                     out[f"meter_dropped_bytes_{d}"] += sum(b.byte_band_count
                                                             for b in entry.band_stats)
         return out
+
+
+def _live(datapath: Any) -> bool:
+    """Is this connection a switch that is still talking to NWC?"""
+    if not getattr(datapath, "is_active", True) or \
+            getattr(datapath, "state", None) == DEAD_DISPATCHER:
+        return False
+    idle = getattr(datapath.socket, "idle_s", None)
+    return idle is None or idle() < LIVE_PEER_S
 
 
 def _close(datapath: Any) -> None:
@@ -791,10 +826,23 @@ class FlowsApp(app_manager.OSKenApp):
 _started: dict[str, Any] = {}
 _start_lock = threading.Lock()
 _connections = threading.BoundedSemaphore(MAX_CONNECTIONS)
+# `--ofp-allowed-peers`: None lets every address in (the listener is process-wide).
+_allowed_peers: list[ofguard.IpNetwork] | None = None
+
+
+def set_allowed_peers(networks: list[ofguard.IpNetwork] | None) -> None:
+    global _allowed_peers
+    _allowed_peers = list(networks) if networks is not None else None
 
 
 def _guarded_factory(original: Callable[[Any, Any], None]) -> Callable[[Any, Any], None]:
     def factory(sock: Any, address: Any) -> None:
+        if not ofguard.peer_allowed(address, _allowed_peers):
+            # Before os-ken reads (or even greets) it: nothing of OpenFlow is parsed.
+            log.warning("refusing OpenFlow connection from %s: not in --ofp-allowed-peers",
+                        address)
+            sock.close()
+            return
         if not _connections.acquire(blocking=False):
             log.warning("refusing OpenFlow connection from %s: %d connections already",
                         address, MAX_CONNECTIONS)
@@ -820,6 +868,9 @@ def start_osken(listen_host: str, listen_port: int) -> FlowsApp:
 
         cfg.CONF(args=["--ofp-listen-host", listen_host,
                        "--ofp-tcp-listen-port", str(listen_port)], project="os_ken")
+        # Not command-line options in os-ken; off by default there.
+        cfg.CONF.set_override("echo_request_interval", ECHO_INTERVAL_S)
+        cfg.CONF.set_override("maximum_unreplied_echo_requests", ECHO_UNANSWERED)
         osken_controller.datapath_connection_factory = _guarded_factory(
             osken_controller.datapath_connection_factory)
         # Threads inherit daemon-ness from their creator: starting os-ken from a daemon
@@ -848,6 +899,8 @@ def start_osken(listen_host: str, listen_port: int) -> FlowsApp:
 
 def serve(controller: Any, args: Any) -> FlowsPart:
     """`nwc run` hook: listen for switches and attach the "flows" part to the weaver."""
+    peers = getattr(args, "ofp_allowed_peers", None)
+    set_allowed_peers(ofguard.parse_networks(peers) if peers else None)
     app = start_osken(args.ofp_listen_host, args.ofp_tcp_listen_port)
     part = FlowsPart(controller)
     controller.loop.call(part.attach)

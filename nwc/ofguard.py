@@ -14,10 +14,12 @@ wrapper; the os-ken shell installs the wrapper on every accepted connection.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket
 import struct
 import time
+from collections.abc import Sequence
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,46 @@ NX_VENDOR = 0x00002320
 
 class Rejected(Exception):
     """The peer sent something NWC will not parse."""
+
+
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def parse_networks(text: str) -> list[IpNetwork]:
+    """`--ofp-allowed-peers`: comma-separated CIDRs (a bare address is a /32 or /128).
+    Raises ValueError naming the entry it cannot read."""
+    out = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        try:
+            out.append(ipaddress.ip_network(item, strict=False))
+        except ValueError as exc:
+            raise ValueError(f"not an address or CIDR: {item!r}") from exc
+    if not out:
+        raise ValueError("no address or CIDR given")
+    return out
+
+
+def peer_ip(address: Any) -> IpAddress | None:
+    """The IP address of a peer as the listener reports it ((host, port, ...)); an IPv4
+    peer on an IPv6 socket (::ffff:a.b.c.d) counts as IPv4."""
+    try:
+        ip = ipaddress.ip_address(str(address[0]).split("%", 1)[0])
+    except (ValueError, TypeError, IndexError):
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def peer_allowed(address: Any, allowed: Sequence[IpNetwork] | None) -> bool:
+    """No list: everyone. Otherwise only peers inside one of the networks."""
+    if allowed is None:
+        return True
+    ip = peer_ip(address)
+    return ip is not None and any(ip.version == net.version and ip in net for net in allowed)
 
 
 # Dropped without parsing: a switch may send them, NWC never needs them.
@@ -215,6 +257,11 @@ class GuardedSocket:
         self.rejected: str | None = None
         self.dropped = 0
         self._last = time.monotonic()
+
+    def idle_s(self) -> float:
+        """Seconds since the peer's last complete message (a live switch answers os-ken's
+        echo requests, so this stays small while it is there)."""
+        return time.monotonic() - self._last
 
     def recv(self, size: int, *flags: int) -> bytes:
         while not self._ready:

@@ -7,10 +7,12 @@ import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from flowsim import FlowsSim
+from netsim import TRIANGLE
 
 from nwc import ofapp
 from nwc.admission import WeaveRequest
@@ -228,3 +230,65 @@ def test_a_base_that_fails_to_compile_still_lets_the_weaves_in(
     assert fsim.weaver.live[weave.id].state is State.ACTIVE
     assert any("a bug in the base compiler" in r.getMessage() for r in caplog.records
                if r.levelname == "ERROR")
+
+
+def test_a_second_connection_for_a_live_switch_is_refused_and_believed_in_nothing(
+        fsim: FlowsSim) -> None:
+    fsim.connect_all()
+    s1 = fsim.dpid("s1")
+    live = fsim.dps["s1"]
+    weave = fsim.weave("acme-web", "globex-db")
+    path = next(leg.path for leg in weave.legs if leg.slot is not None)
+    impostor = fsim.connect("s1", address=("198.51.100.7", 6653))
+    assert impostor.closed.is_set()
+    assert fsim.part.switches[s1].datapath is live
+    assert not impostor.sent  # it got none of s1's program
+    # Whatever it says about s1's ports or batches is not believed.
+    link_port = fsim.topology.ports("s1")["s2"]
+    fsim.loop.call(fsim.part.port_changed, impostor, "s1-s2", link_port, up=False, present=True)
+    live.block = threading.Event()  # hold s1's next batch while the impostor answers for it
+    fsim.loop.call(fsim.weaver.extend, weave.id, 1200)
+    pending = [x for b in fsim.part.switches[s1].batches.values() for x in b.xids]
+    assert pending
+    for xid in pending:
+        fsim.part.on_error(impostor, SimpleNamespace(xid=xid, type=1, code=1))
+    live.block.set()
+    fsim.settle()
+    after = fsim.weaver.live[weave.id]
+    assert after.state is State.ACTIVE
+    assert next(leg.path for leg in after.legs if leg.slot is not None) == path
+    assert fsim.part.switches[s1].datapath is live
+    assert fsim.reaches("web1", "db2")
+
+
+def test_a_silent_connection_gives_way_to_a_new_one(fsim: FlowsSim) -> None:
+    fsim.connect_all()
+    old = fsim.dps["h1"]
+    old.socket.idle = 3600.0  # the switch rebooted without closing its old connection
+    fsim.net.switches["h1"].tables.clear()
+    new = fsim.connect("h1")
+    assert old.closed.is_set()
+    assert fsim.part.switches[fsim.dpid("h1")].datapath is new
+    assert fsim.reaches("web1", "web2")
+
+
+PINNED = TRIANGLE.replace("h1: {switch: s1, uplink_mbps: 1000, underlay_ip: 100.64.0.1}",
+                          "h1: {switch: s1, uplink_mbps: 1000, underlay_ip: 100.64.0.1, "
+                          "management_ip: 198.51.100.11}")
+
+
+def test_a_host_with_a_management_address_is_accepted_only_from_it(tmp_path: Path) -> None:
+    assert PINNED != TRIANGLE
+    sim = FlowsSim.build(tmp_path, PINNED)
+    try:
+        elsewhere = sim.connect("h1", address=("198.51.100.99", 6653))
+        assert elsewhere.closed.is_set()
+        assert sim.dpid("h1") not in sim.part.switches
+        assert not elsewhere.sent
+        pinned = sim.connect("h1", address=("198.51.100.11", 6653))
+        assert sim.part.switches[sim.dpid("h1")].datapath is pinned
+        sim.connect("h2")  # hosts without a management address: from anywhere
+        assert sim.dpid("h2") in sim.part.switches
+        assert sim.reaches("web1", "web3")
+    finally:
+        sim.close()

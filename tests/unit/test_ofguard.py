@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import struct
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -13,7 +14,7 @@ from os_ken.ofproto import ofproto_parser, ofproto_protocol
 from os_ken.ofproto import ofproto_v1_3 as ofp
 from os_ken.ofproto import ofproto_v1_3_parser as parser
 
-from nwc.ofguard import Rejected, check_message
+from nwc.ofguard import GuardedSocket, Rejected, check_message, parse_networks, peer_allowed
 
 pytestmark = pytest.mark.unit
 
@@ -95,3 +96,42 @@ def test_arbitrary_bytes_are_decided_quickly_and_never_crash(raw: bytes) -> None
         dp = ofproto_protocol.ProtocolDesc(version=ofp.OFP_VERSION)
         with contextlib.suppress(Exception):
             ofproto_parser.msg(dp, 4, raw[1], len(raw), 1, raw)
+
+
+def test_allowed_peers_are_networks_and_everything_else_is_refused() -> None:
+    allowed = parse_networks("198.51.100.0/24, 2001:db8::/32,192.0.2.7")
+    assert peer_allowed(("198.51.100.9", 40000), allowed)
+    assert peer_allowed(("::ffff:198.51.100.9", 40000, 0, 0), allowed)  # IPv4 on a v6 socket
+    assert peer_allowed(("2001:db8::1", 40000, 0, 0), allowed)
+    assert peer_allowed(("192.0.2.7", 1), allowed)
+    assert not peer_allowed(("192.0.2.8", 1), allowed)
+    assert not peer_allowed(("127.0.0.1", 1), allowed)
+    assert not peer_allowed(("not an address", 1), allowed)
+    assert peer_allowed(("127.0.0.1", 1), None)  # no list: everyone
+    for bad in ("", "10.0.0.0/33", "example.org"):
+        with pytest.raises(ValueError):
+            parse_networks(bad)
+
+
+class _Sock:
+    closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_a_peer_outside_the_allowed_networks_is_closed_before_os_ken_sees_it() -> None:
+    from nwc import ofapp
+    reached: list[Any] = []
+    factory = ofapp._guarded_factory(lambda sock, address: reached.append(sock))
+    ofapp.set_allowed_peers(parse_networks("198.51.100.0/24"))
+    try:
+        outsider = _Sock()
+        factory(outsider, ("203.0.113.5", 6653))
+        assert outsider.closed and not reached
+        insider = _Sock()
+        factory(insider, ("198.51.100.5", 6653))
+        assert not insider.closed
+        assert len(reached) == 1 and isinstance(reached[0], GuardedSocket)
+    finally:
+        ofapp.set_allowed_peers(None)
