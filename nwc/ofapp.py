@@ -74,6 +74,7 @@ ECHO_UNANSWERED = 3
 LIVE_PEER_S = 15.0
 STATS_TIMEOUT_S = 2.0
 MAX_REPLY_PARTS = 4096  # multipart replies NWC accumulates before giving up on one request
+MAX_METERS = 2**18  # userspace OVS holds at most 262,144 meters: a switch reporting more lies
 # Bytes that may wait for one switch. A full resync of a large host is a few MB; a switch this
 # far behind is not reading, and is dropped (it gets a full resync when it reconnects).
 MAX_OUTBOX_BYTES = 64 * 2**20
@@ -560,12 +561,16 @@ class FlowsPart:
         if conn.kind == "host":
             known = {vm.port for vm in self.weaver.topology.vms.values()
                      if vm.host == conn.name}
-            before = conn.ports.get(port_name)
+            before = dict(conn.ports)
+            # One number, one port: a status for it replaces whatever name had it (port
+            # status is coalesced per number, so the deletion of the old name may be gone).
+            for name in [n for n, p in conn.ports.items() if p == port_no]:
+                del conn.ports[name]
             if present:
                 conn.ports[port_name] = port_no
             else:
                 conn.ports.pop(port_name, None)
-            if port_name in known and before != conn.ports.get(port_name):
+            if any(before.get(n) != conn.ports.get(n) for n in known):
                 self.resync(conn.dpid)  # a VM plugged or unplugged: its flows follow
             return
         conn.port_state[port_no] = up and present
@@ -735,7 +740,12 @@ class FlowsApp(app_manager.OSKenApp):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.part: FlowsPart | None = None
-        self._meter_requests: dict[int, tuple[Any, int, list[int]]] = {}
+        self._meter_requests: dict[int, tuple[Any, int, set[int]]] = {}
+        # Port status waiting for the loop, latest first-come: (connection, port) -> (the
+        # connection, name, up, present). At most one loop call per port is ever queued, so
+        # a flapping or lying switch cannot grow the weaver's queue.
+        self._ports: dict[tuple[int, int], tuple[Any, str, bool, bool]] = {}
+        self._ports_lock = threading.Lock()
 
     def attach(self, part: FlowsPart | None) -> None:
         self.part = part
@@ -753,7 +763,7 @@ class FlowsApp(app_manager.OSKenApp):
             # Ports are known (os-ken asked on connect); NWC still needs the meters present.
             req = parser.OFPMeterConfigStatsRequest(dp, 0, ofp.OFPM_ALL)
             dp.set_xid(req)
-            self._meter_requests[id(dp)] = (dp, req.xid, [])
+            self._meter_requests[id(dp)] = (dp, req.xid, set())
             outbox_of(dp).put([req])  # this thread serves every switch: it never waits on one
         elif ev.state == DEAD_DISPATCHER:
             with _outboxes_lock:
@@ -774,7 +784,13 @@ class FlowsApp(app_manager.OSKenApp):
             if self.part is not None:
                 self.part.on_stats_reply(dp, ev.msg)
             return
-        pending[2].extend(c.meter_id for c in ev.msg.body)
+        pending[2].update(c.meter_id for c in ev.msg.body)
+        if len(pending[2]) > MAX_METERS:
+            log.warning("switch %#x at %s reports more than %d meters; dropping it", dp.id,
+                        _peer(dp), MAX_METERS)
+            del self._meter_requests[id(dp)]
+            _close(dp)
+            return
         if ev.msg.flags & ofp.OFPMPF_REPLY_MORE:
             return
         del self._meter_requests[id(dp)]
@@ -784,7 +800,7 @@ class FlowsApp(app_manager.OSKenApp):
                  not p.config & ofp.OFPPC_PORT_DOWN for p in (dp.ports or {}).values()
                  if p.port_no <= ofp.OFPP_MAX}
         if self.part is not None:
-            self._post(self.part.switch_ready, dp, ports, state, set(pending[2]))
+            self._post(self.part.switch_ready, dp, ports, state, pending[2])
 
     @set_ev_cls(ofp_event.EventOFPPortStatus, MAIN_DISPATCHER)
     @_loud
@@ -793,10 +809,20 @@ class FlowsApp(app_manager.OSKenApp):
         desc = msg.desc
         present = msg.reason != ofp.OFPPR_DELETE
         up = not desc.state & ofp.OFPPS_LINK_DOWN and not desc.config & ofp.OFPPC_PORT_DOWN
-        if self.part is not None:
-            self._post(self.part.port_changed, msg.datapath,
-                       desc.name.decode(errors="replace"), desc.port_no, up=up,
-                       present=present)
+        key = (id(msg.datapath), desc.port_no)
+        with self._ports_lock:
+            queued = key in self._ports
+            self._ports[key] = (msg.datapath, desc.name.decode(errors="replace"), up, present)
+        if not queued:
+            self._post(self._port_changed, key, desc.port_no)
+
+    def _port_changed(self, key: tuple[int, int], port_no: int) -> None:
+        """On the loop: the latest status of one port."""
+        with self._ports_lock:
+            latest = self._ports.pop(key, None)
+        if latest is not None and self.part is not None:
+            datapath, name, up, present = latest
+            self.part.port_changed(datapath, name, port_no, up=up, present=present)
 
     @set_ev_cls(ofp_event.EventOFPBarrierReply, MAIN_DISPATCHER)
     @_loud

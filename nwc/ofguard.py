@@ -19,7 +19,7 @@ import logging
 import socket
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -97,6 +97,16 @@ EXPECTED = {HELLO, ERROR, ECHO_REQUEST, ECHO_REPLY, EXPERIMENTER, FEATURES_REPLY
 # A switch talks at least every few seconds (OVS probes an idle connection after 5 s); a peer
 # silent for this long, or stuck half-way through a message, is let go.
 IDLE_LIMIT_S = 30.0
+# Volume limits per connection: what a peer can make NWC and os-ken hold. A multipart reply
+# (flow stats of a busy switch: about 64 KB per part) may run this many parts, this many
+# replies may be open at once, and a switch may have this many ports (os-ken keeps each in
+# `Datapath.ports`; a port deleted no longer counts). Past any of them: the connection ends.
+MAX_MULTIPART_CHAIN = 1024
+MAX_OPEN_CHAINS = 16
+MAX_PORTS = 16384
+OFPMPF_REPLY_MORE = 1
+OFPPR_DELETE = 1
+PORT_SIZE = 64
 
 
 def check_header(version: int, msg_type: int, length: int) -> None:
@@ -257,6 +267,8 @@ class GuardedSocket:
         self.rejected: str | None = None
         self.dropped = 0
         self._last = time.monotonic()
+        self._chains: dict[int, int] = {}  # xid -> parts of a multipart reply still running
+        self._ports: set[int] = set()  # port numbers the peer says it has
 
     def idle_s(self) -> float:
         """Seconds since the peer's last complete message (a live switch answers os-ken's
@@ -298,12 +310,45 @@ class GuardedSocket:
             self._last = time.monotonic()
             try:
                 if check_message(msg):
+                    self._account(msg)
                     self._ready += msg
                 else:
                     self.dropped += 1
             except Rejected as exc:
                 self._reject(str(exc))
                 return
+
+    def _account(self, msg: bytes) -> None:
+        """Per-connection volume: checked messages that would make NWC or os-ken hold more
+        than the limits above are refused like malformed ones."""
+        _version, msg_type, _length, xid = HEADER.unpack_from(msg)
+        if msg_type == PORT_STATUS:
+            reason = msg[8]
+            (port_no,) = struct.unpack_from("!I", msg, 16)
+            if reason == OFPPR_DELETE:
+                self._ports.discard(port_no)
+            else:
+                self._add_ports([port_no])
+        elif msg_type == MULTIPART_REPLY:
+            mp_type, flags = struct.unpack_from("!HH", msg, 8)
+            if mp_type == MP_PORT_DESC:
+                self._add_ports(struct.unpack_from("!I", msg, at)[0]
+                                for at in range(16, len(msg), PORT_SIZE))
+            if flags & OFPMPF_REPLY_MORE:
+                parts = self._chains.get(xid, 0) + 1
+                if parts > MAX_MULTIPART_CHAIN:
+                    raise Rejected(f"multipart reply {xid:#x} runs past {MAX_MULTIPART_CHAIN} "
+                                   "parts")
+                if xid not in self._chains and len(self._chains) >= MAX_OPEN_CHAINS:
+                    raise Rejected(f"more than {MAX_OPEN_CHAINS} multipart replies open")
+                self._chains[xid] = parts
+            else:
+                self._chains.pop(xid, None)
+
+    def _add_ports(self, numbers: Iterable[int]) -> None:
+        self._ports.update(numbers)
+        if len(self._ports) > MAX_PORTS:
+            raise Rejected(f"more than {MAX_PORTS} ports")
 
     def _reject(self, why: str) -> None:
         self.rejected = why

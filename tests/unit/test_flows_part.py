@@ -11,8 +11,10 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from flowsim import FlowsSim
+from flowsim import FakeDatapath, FlowsSim
 from netsim import TRIANGLE
+from os_ken.controller.handler import MAIN_DISPATCHER
+from os_ken.ofproto import ofproto_v1_3 as ofp
 
 from nwc import ofapp
 from nwc.admission import WeaveRequest
@@ -292,3 +294,59 @@ def test_a_host_with_a_management_address_is_accepted_only_from_it(tmp_path: Pat
         assert sim.reaches("web1", "web3")
     finally:
         sim.close()
+
+
+def _port_event(dp: Any, port_no: int, name: str, *, up: bool) -> Any:
+    desc = SimpleNamespace(name=name.encode(), port_no=port_no, state=0 if up else 1, config=0)
+    return SimpleNamespace(msg=SimpleNamespace(datapath=dp, reason=2, desc=desc))
+
+
+def test_a_flood_of_port_status_leaves_one_pending_call_per_port(
+        fsim: FlowsSim, monkeypatch: pytest.MonkeyPatch) -> None:
+    fsim.connect_all()
+    weave = fsim.weave("acme-web", "globex-db")
+    app = ofapp.FlowsApp()
+    app.attach(fsim.part)
+    posted: list[Any] = []
+    post = fsim.loop.post
+
+    def counting(fn: Any, *args: Any, **kwargs: Any) -> None:
+        posted.append(fn)
+        post(fn, *args, **kwargs)
+    monkeypatch.setattr(fsim.loop, "post", counting)
+    busy = threading.Event()
+    post(busy.wait)  # the loop is busy while the flood arrives
+    try:
+        s1 = fsim.dps["s1"]
+        to_s2, to_s3 = fsim.topology.ports("s1")["s2"], fsim.topology.ports("s1")["s3"]
+        for i in range(5000):  # flapping; the last word: s1-s2 down
+            app.port_status(_port_event(s1, to_s2, "s1-s2", up=i % 2 == 0))
+            app.port_status(_port_event(s1, to_s3, "s1-s3", up=True))
+        assert len(posted) <= 2  # one pending call per port, not one per message
+    finally:
+        busy.set()
+    fsim.settle()
+    assert ("s1", "s2") in fsim.weaver.fabric.down
+    moved = fsim.weaver.live[weave.id]
+    assert next(leg.path for leg in moved.legs if leg.slot is not None) != \
+        next(leg.path for leg in weave.legs if leg.slot is not None)
+    assert fsim.reaches("web1", "db1")
+
+
+def test_a_switch_listing_more_meters_than_a_switch_can_hold_is_dropped(
+        fsim: FlowsSim, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ofapp, "MAX_METERS", 100)
+    app = ofapp.FlowsApp()
+    app.attach(fsim.part)
+    dp = FakeDatapath(fsim.dpid("h1"), fsim.net, "h1")
+    app.state_change(SimpleNamespace(datapath=dp, state=MAIN_DISPATCHER))
+    fsim.part.flush(timeout=10)
+    xid = app._meter_requests[id(dp)][1]
+    for start in range(0, 1000, 50):  # a reply that keeps going
+        body = [SimpleNamespace(meter_id=m) for m in range(start, start + 50)]
+        app.meter_config(SimpleNamespace(msg=SimpleNamespace(
+            datapath=dp, xid=xid, flags=ofp.OFPMPF_REPLY_MORE, body=body)))
+        if dp.closed.is_set():
+            break
+    assert dp.closed.is_set()
+    assert id(dp) not in app._meter_requests
