@@ -23,6 +23,7 @@ import itertools
 import logging
 import socket
 import threading
+import time
 import traceback
 import weakref
 from collections import deque
@@ -47,9 +48,10 @@ from nwc.ofmessages import install_messages, refresh_messages, remove_messages, 
 from nwc.pipeline import (
     DELIVERED_ROLES,
     DIRECTIONS,
+    KIND_SHIFT,
+    KIND_WEAVE,
     MAX_HARD_TIMEOUT_S,
     METER_SPACE,
-    OWNER_MASK,
     DesiredState,
     Program,
     compile_base,
@@ -72,8 +74,13 @@ MAX_CONNECTIONS = 256  # more peers than any fabric NWC runs: the rest are refus
 ECHO_INTERVAL_S = 5
 ECHO_UNANSWERED = 3
 LIVE_PEER_S = 15.0
+# Statistics: one flow-stats and one meter-stats request per switch answers for every weave
+# on it and is reused for STATS_CACHE_S (so a scrape of N weaves asks each switch once); a
+# caller waits at most STATS_TIMEOUT_S for all its switches together, and a switch that did
+# not answer in time is not asked again (nor waited for) until STATS_CACHE_S later.
 STATS_TIMEOUT_S = 2.0
-MAX_REPLY_PARTS = 4096  # multipart replies NWC accumulates before giving up on one request
+STATS_CACHE_S = 5.0
+MAX_STATS_KEYS = 2**17  # (weave, direction) and meter counters kept from one switch's reply
 MAX_METERS = 2**18  # userspace OVS holds at most 262,144 meters: a switch reporting more lies
 # Bytes that may wait for one switch. A full resync of a large host is a few MB; a switch this
 # far behind is not reading, and is dropped (it gets a full resync when it reconnects).
@@ -225,6 +232,38 @@ class Batch:
 
 
 @dataclass
+class SwitchStats:
+    """One switch's counters for every weave on it, from one flow-stats and one meter-stats
+    request. Filled by os-ken's thread; `done` once both replies ended or NWC gave up."""
+
+    xids: dict[int, str]  # request xid -> "flows" or "meters", while its reply runs
+    delivered: dict[tuple[int, str], list[int]] = field(default_factory=dict)
+    dropped: dict[int, int] = field(default_factory=dict)  # meter id -> bytes its bands dropped
+    done: threading.Event = field(default_factory=threading.Event)
+    complete: bool = False
+    fresh_until: float | None = None  # clock.monotonic(); None while the requests run
+
+    def add(self, kind: str, entries: Iterable[Any]) -> None:
+        for entry in entries:
+            if kind == "meters":
+                if entry.meter_id in self.dropped or len(self.dropped) < MAX_STATS_KEYS:
+                    self.dropped[entry.meter_id] = sum(b.byte_band_count
+                                                       for b in entry.band_stats)
+                continue
+            kind_of, number = cookie_owner(entry.cookie)
+            role = entry.cookie & 0xFF
+            direction = next((d for d, roles in DELIVERED_ROLES.items() if role in roles), None)
+            if kind_of != KIND_WEAVE or direction is None:
+                continue
+            key = (number, direction)
+            if key not in self.delivered and len(self.delivered) >= MAX_STATS_KEYS:
+                continue
+            counts = self.delivered.setdefault(key, [0, 0])
+            counts[0] += entry.byte_count
+            counts[1] += entry.packet_count
+
+
+@dataclass
 class SwitchConn:
     datapath: Any
     dpid: int
@@ -238,8 +277,7 @@ class SwitchConn:
     batches: dict[int, Batch] = field(default_factory=dict)  # barrier xid -> batch
     xids: itertools.count = field(default_factory=lambda: itertools.count(0x4E570000))
     bundles: itertools.count = field(default_factory=lambda: itertools.count(1))
-    replies: dict[int, list[Any]] = field(default_factory=dict)  # stats xid -> parts
-    waiters: dict[int, threading.Event] = field(default_factory=dict)
+    stats: SwitchStats | None = None  # the latest statistics request and its answer
 
     def next_xid(self) -> int:
         return next(self.xids) & 0xFFFFFFFF
@@ -253,7 +291,7 @@ class FlowsPart:
     def __init__(self, controller: Any) -> None:
         self.controller = controller
         self.weaver = controller.weaver
-        self.lock = threading.Lock()  # guards `switches` and their batches/replies
+        self.lock = threading.Lock()  # guards `switches`, their batches and statistics
         self.switches: dict[int, SwitchConn] = {}
         self.pending: dict[str, set[int]] = {}  # weave id -> dpids not yet confirmed
         self.generation: dict[str, int] = {}
@@ -548,8 +586,8 @@ class FlowsPart:
             if conn is None or conn.datapath is not datapath:
                 return
             del self.switches[datapath.id]
-            for waiter in conn.waiters.values():
-                waiter.set()
+            if conn.stats is not None:
+                conn.stats.done.set()  # whoever waits for its statistics need not
         log.warning("switch %s (%#x) disconnected; its weaves are not confirmed until it is "
                     "back", conn.name, conn.dpid)
 
@@ -643,69 +681,92 @@ class FlowsPart:
     def on_stats_reply(self, datapath: Any, msg: Any) -> None:
         with self.lock:
             conn = self.switches.get(datapath.id)
-            if conn is None or conn.datapath is not datapath or msg.xid not in conn.waiters:
+            if conn is None or conn.datapath is not datapath or conn.stats is None:
                 return
-            parts = conn.replies.setdefault(msg.xid, [])
-            if len(parts) < MAX_REPLY_PARTS:
-                parts.extend(msg.body)
-            if not msg.flags & ofp.OFPMPF_REPLY_MORE:
-                conn.waiters[msg.xid].set()
+            stats = conn.stats
+            kind = stats.xids.get(msg.xid)
+            if kind is None:
+                return  # not asked for, or given up on
+            stats.add(kind, msg.body)
+            if msg.flags & ofp.OFPMPF_REPLY_MORE:
+                return
+            del stats.xids[msg.xid]
+            if not stats.xids:
+                stats.complete = True
+                stats.fresh_until = self.weaver.clock.monotonic() + STATS_CACHE_S
+                stats.done.set()
 
     # -- statistics (any thread) -----------------------------------------------------------------
 
-    def _request(self, conn: SwitchConn, msg: Any) -> tuple[int, threading.Event]:
+    def _switch_stats(self, dpids: Iterable[int]) -> dict[int, SwitchStats | None]:
+        """Every weave's counters on these switches (None: not connected, or no answer in
+        time), each switch asked at most once per STATS_CACHE_S, all waited for together."""
+        deadline = time.monotonic() + STATS_TIMEOUT_S
+        now = self.weaver.clock.monotonic()
+        asked: list[tuple[SwitchConn, SwitchStats, list[Any]]] = []
+        found: dict[int, tuple[SwitchConn, SwitchStats] | None] = {}
         with self.lock:
-            msg.set_xid(conn.next_xid())
-            event = threading.Event()
-            conn.waiters[msg.xid] = event
-            conn.replies[msg.xid] = []
-        conn.outbox.put([msg])
-        return msg.xid, event
-
-    def _collect(self, conn: SwitchConn, xid: int, event: threading.Event) -> list[Any]:
-        event.wait(STATS_TIMEOUT_S)
-        with self.lock:
-            conn.waiters.pop(xid, None)
-            return conn.replies.pop(xid, [])
+            for dpid in sorted(set(dpids)):
+                conn = self.switches.get(dpid)
+                if conn is None:
+                    found[dpid] = None
+                    continue
+                stats = conn.stats
+                if stats is None or (stats.fresh_until is not None and stats.fresh_until <= now):
+                    dp = conn.datapath
+                    flows = parser.OFPFlowStatsRequest(
+                        dp, 0, ofp.OFPTT_ALL, ofp.OFPP_ANY, ofp.OFPG_ANY,
+                        KIND_WEAVE << KIND_SHIFT, 0xFF << KIND_SHIFT, parser.OFPMatch())
+                    meters = parser.OFPMeterStatsRequest(dp, 0, ofp.OFPM_ALL)
+                    flows.set_xid(conn.next_xid())
+                    meters.set_xid(conn.next_xid())
+                    stats = conn.stats = SwitchStats({flows.xid: "flows", meters.xid: "meters"})
+                    asked.append((conn, stats, [flows, meters]))
+                found[dpid] = (conn, stats)
+        for conn, stats, msgs in asked:
+            if not conn.outbox.put(msgs):
+                stats.done.set()  # the connection is gone: no answer will come
+        out: dict[int, SwitchStats | None] = {}
+        for dpid, pair in found.items():
+            if pair is None:
+                out[dpid] = None
+                continue
+            conn, stats = pair
+            stats.done.wait(max(0.0, deadline - time.monotonic()))
+            with self.lock:
+                if not stats.done.is_set():
+                    # Given up: late parts are dropped, and nobody waits for this switch
+                    # again until it is asked afresh.
+                    log.warning("switch %s (%#x) did not answer a statistics request within "
+                                "%g s", conn.name, conn.dpid, STATS_TIMEOUT_S)
+                    stats.xids.clear()
+                    stats.fresh_until = self.weaver.clock.monotonic() + STATS_CACHE_S
+                    stats.done.set()
+                elif stats.fresh_until is None:  # ended without an answer (gone, dropped)
+                    stats.fresh_until = self.weaver.clock.monotonic() + STATS_CACHE_S
+                out[dpid] = stats if stats.complete else None
+        return out
 
     def weave_stats(self, weave: Weave) -> dict[str, Any]:
         """Bytes and packets each weave direction delivered (flow counters by cookie) and
-        the bytes its meters dropped, summed over the hosts of its legs."""
+        the bytes its meters dropped, summed over the hosts of its legs. Empty when a host
+        cannot be measured: a partial sum would be a wrong number, not a smaller one."""
         topo = self.weaver.topology
         hosts = {topo.hosts[h].dpid for leg in weave.legs
                  for h in (leg.requester_host, leg.target_host)}
+        per_switch = self._switch_stats(hosts)
+        if not per_switch or any(stats is None for stats in per_switch.values()):
+            return {}
         out: dict[str, Any] = {}
         for d in DIRECTIONS:
-            out[f"bytes_{d}"] = out[f"packets_{d}"] = out[f"meter_dropped_bytes_{d}"] = 0
-        requests = []
-        cookie = weave_cookie(weave.number)
-        ids = {meter_id(weave.number, d): d for d in DIRECTIONS}
-        for dpid in sorted(hosts):
-            conn = self._conn(dpid)
-            if conn is None:
-                continue
-            dp = conn.datapath
-            flows = parser.OFPFlowStatsRequest(dp, 0, ofp.OFPTT_ALL, ofp.OFPP_ANY, ofp.OFPG_ANY,
-                                               cookie, OWNER_MASK, parser.OFPMatch())
-            requests.append(("flows", conn, *self._request(conn, flows)))
-            for mid in ids:
-                meters = parser.OFPMeterStatsRequest(dp, 0, mid)
-                requests.append(("meters", conn, *self._request(conn, meters)))
-        for kind, conn, xid, event in requests:
-            for entry in self._collect(conn, xid, event):
-                if kind == "flows":
-                    _, number = cookie_owner(entry.cookie)
-                    role = entry.cookie & 0xFF
-                    if number != weave.number:
-                        continue
-                    for d, roles in DELIVERED_ROLES.items():
-                        if role in roles:
-                            out[f"bytes_{d}"] += entry.byte_count
-                            out[f"packets_{d}"] += entry.packet_count
-                elif entry.meter_id in ids:
-                    d = ids[entry.meter_id]
-                    out[f"meter_dropped_bytes_{d}"] += sum(b.byte_band_count
-                                                            for b in entry.band_stats)
+            mid = meter_id(weave.number, d)
+            delivered = [st.delivered.get((weave.number, d), [0, 0])
+                         for st in per_switch.values() if st is not None]
+            out[f"bytes_{d}"] = sum(c[0] for c in delivered)
+            out[f"packets_{d}"] = sum(c[1] for c in delivered)
+            out[f"meter_dropped_bytes_{d}"] = sum(st.dropped.get(mid, 0)
+                                                 for st in per_switch.values()
+                                                 if st is not None)
         return out
 
 

@@ -350,3 +350,42 @@ def test_a_switch_listing_more_meters_than_a_switch_can_hold_is_dropped(
             break
     assert dp.closed.is_set()
     assert id(dp) not in app._meter_requests
+
+
+FLOW_STATS = (ofp.OFPT_MULTIPART_REQUEST, ofp.OFPMP_FLOW)
+METER_STATS = (ofp.OFPT_MULTIPART_REQUEST, ofp.OFPMP_METER)
+
+
+def _scrape(fsim: FlowsSim) -> dict[str, dict[str, Any]]:
+    """What a metrics scrape does: the statistics of every live weave, one after another."""
+    for dp in fsim.dps.values():
+        dp.sent.clear()
+    return {w.id: fsim.part.weave_stats(w) for w in list(fsim.weaver.live.values())}
+
+
+def test_a_scrape_asks_each_switch_once_and_a_hung_switch_costs_one_wait(
+        fsim: FlowsSim, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ofapp, "STATS_TIMEOUT_S", 0.5)
+    fsim.connect_all()
+    first = fsim.weave("acme-web", "globex-db")
+    second = fsim.weave("acme-web", "initech-app", profile="silver")
+    for _ in range(3):
+        assert fsim.reaches("web1", "db2")
+    assert fsim.reaches("web1", "app1")
+    stats = _scrape(fsim)
+    assert stats[first.id]["packets_requester_to_target"] == 3
+    assert stats[first.id]["bytes_requester_to_target"] == 300
+    assert stats[first.id]["packets_target_to_requester"] == 0
+    assert stats[second.id]["packets_requester_to_target"] == 1
+    assert stats[second.id]["meter_dropped_bytes_target_to_requester"] == 0
+    for dp in fsim.dps.values():  # both weaves touch h1: it was still asked once
+        assert dp.sent.count(FLOW_STATS) <= 1 and dp.sent.count(METER_STATS) <= 1, dp.name
+    assert fsim.dps["h1"].sent.count(FLOW_STATS) == 1
+    # h1 stops answering statistics (it still forwards): the next scrape waits for it once,
+    # and leaves out what it cannot measure rather than reporting zeros.
+    fsim.dps["h1"].answer_stats = False
+    fsim.advance(60)
+    stats = _scrape(fsim)
+    assert fsim.dps["h1"].sent.count(FLOW_STATS) == 1
+    assert fsim.dps["h1"].sent.count(METER_STATS) == 1
+    assert stats == {first.id: {}, second.id: {}}
