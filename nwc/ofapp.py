@@ -25,7 +25,6 @@ import socket
 import threading
 import time
 import traceback
-import weakref
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -127,10 +126,6 @@ class Outbox:
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
 
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
     def put(self, msgs: Iterable[Any]) -> bool:
         """Queue messages (their xids set) in order. False: the connection is closed, or was
         just dropped because it would exceed MAX_OUTBOX_BYTES."""
@@ -198,7 +193,8 @@ class Outbox:
                 return
 
 
-_outboxes: weakref.WeakKeyDictionary[Any, Outbox] = weakref.WeakKeyDictionary()
+# One outbox per connection; FlowsApp removes it when os-ken reports the connection dead.
+_outboxes: dict[Any, Outbox] = {}
 _outboxes_lock = threading.Lock()
 
 
@@ -418,7 +414,11 @@ class FlowsPart:
                 continue
             log.info("weave %s: its flows' hard timeout (capped at %d s) runs out before its "
                      "lease; installing them again", weave_id, MAX_HARD_TIMEOUT_S)
-            self._refresh(weave)
+            try:
+                self._refresh(weave)
+            except Exception:  # the other weaves are still refreshed; the next poll retries
+                log.error("weave %s: refreshing its flows failed:\n%s", weave_id,
+                          traceback.format_exc())
 
     def _refresh(self, weave: Weave) -> None:
         """Re-add a weave's flows where they are installed (counters kept, timeouts
@@ -555,23 +555,22 @@ class FlowsPart:
                           dict(port_state), set(meters))
         with self.lock:
             old = self.switches.get(datapath.id)
-            live = old is not None and old.datapath is not datapath and _live(old.datapath)
-            if not live:
+            other = old.datapath if old is not None and old.datapath is not datapath else None
+            refuse = other is not None and _live(other)
+            if not refuse:
                 self.switches[datapath.id] = conn
-        if live:
+        if refuse:
             # Switches are not authenticated (TLS aside): a newcomer claiming a connected
             # switch's DPID would otherwise take over its program and its port events. A dead
             # old connection is dropped by the echo/idle checks; the switch's retry then wins.
-            assert old is not None
             log.warning("refusing a second connection for switch %s (%#x) from %s: the one "
-                        "from %s is alive", name, datapath.id, _peer(datapath),
-                        _peer(old.datapath))
+                        "from %s is alive", name, datapath.id, _peer(datapath), _peer(other))
             _close(datapath)
             return
-        if old is not None and old.datapath is not datapath:
+        if other is not None:
             log.warning("switch %s (%#x): replacing its silent connection from %s with the "
-                        "one from %s", name, datapath.id, _peer(old.datapath), _peer(datapath))
-            _close(old.datapath)
+                        "one from %s", name, datapath.id, _peer(other), _peer(datapath))
+            _close(other)
         log.info("switch %s (%#x) connected from %s: %d ports, %d meters", name, datapath.id,
                  datapath.address, len(ports), len(meters))
         self.resync(datapath.id)
