@@ -12,7 +12,9 @@ Two pieces:
   then a barrier) and reports `part_ready` once every switch a weave uses confirmed it.
 
 Every accepted connection is wrapped by `nwc.ofguard.GuardedSocket`, so malformed or
-unexpected OpenFlow never reaches os-ken's parser (which can loop forever on some).
+unexpected OpenFlow never reaches os-ken's parser (which can loop forever on some). Nothing
+NWC sends waits on a switch's socket: messages go into the connection's `Outbox`, which a
+thread of its own writes out (see there).
 """
 
 from __future__ import annotations
@@ -21,9 +23,12 @@ import itertools
 import logging
 import socket
 import threading
+import time
 import traceback
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any, ClassVar
 
 from os_ken.base import app_manager
@@ -38,18 +43,21 @@ from os_ken.ofproto import ofproto_v1_3 as ofp
 from os_ken.ofproto import ofproto_v1_3_parser as parser
 
 from nwc import ofguard
-from nwc.ofmessages import install_messages, remove_messages, sync_messages
+from nwc.ofmessages import install_messages, refresh_messages, remove_messages, sync_messages
 from nwc.pipeline import (
     DELIVERED_ROLES,
     DIRECTIONS,
-    OWNER_MASK,
+    KIND_SHIFT,
+    KIND_WEAVE,
+    MAX_HARD_TIMEOUT_S,
+    METER_SPACE,
     DesiredState,
-    PipelineError,
     Program,
-    compile_switch,
+    compile_base,
     compile_weave,
     cookie_owner,
     fabric_link_of_port,
+    meter_collisions,
     meter_id,
     switch_name,
     weave_cookie,
@@ -60,8 +68,27 @@ from nwc.weave import Weave
 log = logging.getLogger(__name__)
 
 MAX_CONNECTIONS = 256  # more peers than any fabric NWC runs: the rest are refused
+# os-ken asks every switch for an echo this often and hangs up after this many unanswered,
+# so a connection that said nothing for LIVE_PEER_S is not a live switch any more.
+ECHO_INTERVAL_S = 5
+ECHO_UNANSWERED = 3
+LIVE_PEER_S = 15.0
+# Statistics: one flow-stats and one meter-stats request per switch answers for every weave
+# on it and is reused for STATS_CACHE_S (so a scrape of N weaves asks each switch once); a
+# caller waits at most STATS_TIMEOUT_S for all its switches together, and a switch that did
+# not answer in time is not asked again (nor waited for) until STATS_CACHE_S later.
 STATS_TIMEOUT_S = 2.0
-MAX_REPLY_PARTS = 4096  # multipart replies NWC accumulates before giving up on one request
+STATS_CACHE_S = 5.0
+MAX_STATS_KEYS = 2**17  # (weave, direction) and meter counters kept from one switch's reply
+MAX_METERS = 2**18  # userspace OVS holds at most 262,144 meters: a switch reporting more lies
+# Bytes that may wait for one switch. A full resync of a large host is a few MB; a switch this
+# far behind is not reading, and is dropped (it gets a full resync when it reconnects).
+MAX_OUTBOX_BYTES = 64 * 2**20
+# Weave flows carry the lease as hard_timeout, which OpenFlow caps at 65,535 s (~18.2 h). A
+# longer lease has its flows installed again this long before the capped timeout runs out,
+# checked every REFRESH_POLL_S.
+REFRESH_MARGIN_S = 600
+REFRESH_POLL_S = 60.0
 
 
 def _loud(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -80,14 +107,156 @@ def _loud(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+class Outbox:
+    """Messages on their way to one switch, written out by a thread of their own.
+
+    os-ken's `Datapath.send` blocks once 16 messages wait, and its writer sits in `sendall`
+    while the peer does not read: whoever sends to a slow switch would wait with it. So
+    senders (the weaver's loop, statistics requests, os-ken's event thread) only serialise
+    and queue here; this thread alone waits on the switch. The queue is bounded in bytes: on
+    overflow the connection is dropped rather than grown.
+    """
+
+    def __init__(self, datapath: Any) -> None:
+        self._dp = datapath
+        self._items: deque[bytes] = deque()
+        self._bytes = 0
+        self._busy = False
+        self._closed = False
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def put(self, msgs: Iterable[Any]) -> bool:
+        """Queue messages (their xids set) in order. False: the connection is closed, or was
+        just dropped because it would exceed MAX_OUTBOX_BYTES."""
+        bufs = []
+        for msg in msgs:
+            msg.serialize()
+            bufs.append(bytes(msg.buf))
+        size = sum(len(b) for b in bufs)
+        with self._cond:
+            if self._closed:
+                return False
+            # A batch is taken whenever nothing waits, however large: a big but healthy
+            # switch is never dropped for the size of its own program.
+            if not self._items or self._bytes + size <= MAX_OUTBOX_BYTES:
+                self._items.extend(bufs)
+                self._bytes += size
+                if self._thread is None:
+                    self._thread = threading.Thread(
+                        target=self._drain, name=f"nwc-of-out-{_peer(self._dp)}", daemon=True)
+                    self._thread.start()
+                self._cond.notify_all()
+                return True
+            queued = self._bytes
+        log.warning("switch %s at %s is not reading: %d bytes wait for it and %d more would "
+                    "exceed %d; dropping the connection (it is resynced when it reconnects)",
+                    _dpid_text(self._dp), _peer(self._dp), queued, size, MAX_OUTBOX_BYTES)
+        _close(self._dp)
+        return False
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._items.clear()
+            self._bytes = 0
+            self._cond.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """True once everything queued was handed to the socket (or the outbox closed)."""
+        with self._cond:
+            return self._cond.wait_for(
+                lambda: self._closed or (not self._items and not self._busy), timeout)
+
+    def _drain(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._items or self._closed)
+                if self._closed:
+                    return
+                buf = self._items.popleft()
+                self._busy = True
+            try:
+                sent = bool(self._dp.send(buf))
+            except Exception:
+                log.debug("writing to %s", _peer(self._dp), exc_info=True)
+                sent = False
+            with self._cond:
+                self._busy = False
+                if not self._closed:
+                    self._bytes -= len(buf)
+                self._cond.notify_all()
+            if not sent:
+                # os-ken's writer gave up (socket error or timeout): the connection is half
+                # dead; end it so the switch reconnects into a resync.
+                _close(self._dp)
+                return
+
+
+# One outbox per connection; FlowsApp removes it when os-ken reports the connection dead.
+_outboxes: dict[Any, Outbox] = {}
+_outboxes_lock = threading.Lock()
+
+
+def outbox_of(datapath: Any) -> Outbox:
+    """The one outbox of a connection (created on first use)."""
+    with _outboxes_lock:
+        box = _outboxes.get(datapath)
+        if box is None:
+            box = _outboxes[datapath] = Outbox(datapath)
+        return box
+
+
+def _peer(datapath: Any) -> str:
+    address = getattr(datapath, "address", None)
+    return f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
+
+
+def _dpid_text(datapath: Any) -> str:
+    dpid = getattr(datapath, "id", None)
+    return f"{dpid:#x}" if isinstance(dpid, int) else "?"
+
+
 @dataclass
 class Batch:
     """Messages sent to one switch, confirmed by the barrier that follows them."""
 
-    kind: str  # "sync", "weave", "remove"
+    kind: str  # "sync", "weave", "refresh", "remove"
     xids: set[int]
     weaves: dict[str, int]  # weave id -> generation this batch installs
     errors: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SwitchStats:
+    """One switch's counters for every weave on it, from one flow-stats and one meter-stats
+    request. Filled by os-ken's thread; `done` once both replies ended or NWC gave up."""
+
+    xids: dict[int, str]  # request xid -> "flows" or "meters", while its reply runs
+    delivered: dict[tuple[int, str], list[int]] = field(default_factory=dict)
+    dropped: dict[int, int] = field(default_factory=dict)  # meter id -> bytes its bands dropped
+    done: threading.Event = field(default_factory=threading.Event)
+    complete: bool = False
+    fresh_until: float | None = None  # clock.monotonic(); None while the requests run
+
+    def add(self, kind: str, entries: Iterable[Any]) -> None:
+        for entry in entries:
+            if kind == "meters":
+                if entry.meter_id in self.dropped or len(self.dropped) < MAX_STATS_KEYS:
+                    self.dropped[entry.meter_id] = sum(b.byte_band_count
+                                                       for b in entry.band_stats)
+                continue
+            kind_of, number = cookie_owner(entry.cookie)
+            role = entry.cookie & 0xFF
+            direction = next((d for d, roles in DELIVERED_ROLES.items() if role in roles), None)
+            if kind_of != KIND_WEAVE or direction is None:
+                continue
+            key = (number, direction)
+            if key not in self.delivered and len(self.delivered) >= MAX_STATS_KEYS:
+                continue
+            counts = self.delivered.setdefault(key, [0, 0])
+            counts[0] += entry.byte_count
+            counts[1] += entry.packet_count
 
 
 @dataclass
@@ -96,6 +265,7 @@ class SwitchConn:
     dpid: int
     kind: str  # "host" or "fabric"
     name: str
+    outbox: Outbox
     ports: dict[str, int] = field(default_factory=dict)
     port_state: dict[int, bool] = field(default_factory=dict)  # port_no -> link up
     meters: set[int] = field(default_factory=set)  # meter ids present on the switch
@@ -103,8 +273,7 @@ class SwitchConn:
     batches: dict[int, Batch] = field(default_factory=dict)  # barrier xid -> batch
     xids: itertools.count = field(default_factory=lambda: itertools.count(0x4E570000))
     bundles: itertools.count = field(default_factory=lambda: itertools.count(1))
-    replies: dict[int, list[Any]] = field(default_factory=dict)  # stats xid -> parts
-    waiters: dict[int, threading.Event] = field(default_factory=dict)
+    stats: SwitchStats | None = None  # the latest statistics request and its answer
 
     def next_xid(self) -> int:
         return next(self.xids) & 0xFFFFFFFF
@@ -118,11 +287,15 @@ class FlowsPart:
     def __init__(self, controller: Any) -> None:
         self.controller = controller
         self.weaver = controller.weaver
-        self.lock = threading.Lock()  # guards `switches` and their batches/replies
+        self.lock = threading.Lock()  # guards `switches`, their batches and statistics
         self.switches: dict[int, SwitchConn] = {}
         self.pending: dict[str, set[int]] = {}  # weave id -> dpids not yet confirmed
         self.generation: dict[str, int] = {}
+        # weave id -> dpid -> when the flows installed there run out while the lease goes
+        # on (only weaves whose lease outlasts MAX_HARD_TIMEOUT_S). Loop thread only.
+        self.capped: dict[str, dict[int, datetime]] = {}
         self._stopped = False
+        self._stop = threading.Event()
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -130,14 +303,25 @@ class FlowsPart:
         """On the loop: join the weaver (which hands over every live weave and makes the ones
         still provisioning wait for "flows"); each switch's resync confirms them."""
         self.weaver.attach_part(self)
+        timer = threading.Thread(target=self._refresh_timer, name="nwc-flows-refresh",
+                                 daemon=True)
+        timer.start()
 
     def stop(self) -> None:
         self._stopped = True
+        self._stop.set()
         with self.lock:
             conns = list(self.switches.values())
             self.switches.clear()
         for conn in conns:
             _close(conn.datapath)
+
+    def flush(self, timeout: float, only: Iterable[int] | None = None) -> bool:
+        """Wait until what was queued for the connected switches (or those of `only`) was
+        handed to their sockets. For tests and orderly shutdowns; the loop never waits."""
+        with self.lock:
+            boxes = [c.outbox for c in self.switches.values() if only is None or c.dpid in only]
+        return all(box.wait_idle(timeout) for box in boxes)
 
     # -- desired state ----------------------------------------------------------------------
 
@@ -167,11 +351,16 @@ class FlowsPart:
     def weave_down(self, weave: Weave) -> None:
         self.pending.pop(weave.id, None)
         self.generation.pop(weave.id, None)
+        self.capped.pop(weave.id, None)
         for dpid in weave_switches(self.weaver.topology, weave):
             self._remove_from(dpid, weave)
 
     def _program(self, weave: Weave) -> None:
         state = self.state()
+        keeper = meter_collisions(state.weaves).get(weave.id)
+        if keeper is not None:
+            self._refuse(weave, self._collision(weave, keeper))
+            return
         for dpid in sorted(self._want(weave)):
             conn = self._conn(dpid)
             if conn is None or not conn.synced:
@@ -180,43 +369,153 @@ class FlowsPart:
             cookie = weave_cookie(weave.number)
             msgs = install_messages(conn.datapath, program, cookie, conn.meters,
                                     next(conn.bundles))
-            self._send(conn, "weave", msgs, {weave.id: self.generation[weave.id]},
-                       conn.meters | {m.meter_id for m in program.meters})
+            if self._send(conn, "weave", msgs, {weave.id: self.generation[weave.id]},
+                          conn.meters | {m.meter_id for m in program.meters}):
+                self._installed(weave, dpid, state.now)
 
     def _remove_from(self, dpid: int, weave: Weave) -> None:
         conn = self._conn(dpid)
         if conn is None or not conn.synced:
             return  # its resync will not bring the weave back
-        ids = {meter_id(weave.number, d) for d in DIRECTIONS} & conn.meters
+        self.capped.get(weave.id, {}).pop(dpid, None)
+        # Meter ids are shared by weave numbers METER_SPACE apart: never delete the meters of
+        # a live weave (OVS would delete its flows with them) for one that was refused.
+        shared = {meter_id(w.number, d) for w in self.weaver.live.values() if w.id != weave.id
+                  for d in DIRECTIONS}
+        ids = {meter_id(weave.number, d) for d in DIRECTIONS} & conn.meters - shared
         msgs = remove_messages(conn.datapath, weave_cookie(weave.number), ids,
                                next(conn.bundles))
         self._send(conn, "remove", msgs, {}, conn.meters - ids)
 
+    # -- leases longer than a hard timeout (loop thread) ---------------------------------------
+
+    def _installed(self, weave: Weave, dpid: int, now: datetime) -> None:
+        """Remember when a weave's flows on `dpid` run out if their timeout was capped."""
+        if (weave.expires_at - now).total_seconds() > MAX_HARD_TIMEOUT_S:
+            self.capped.setdefault(weave.id, {})[dpid] = now + timedelta(
+                seconds=MAX_HARD_TIMEOUT_S)
+        elif weave.id in self.capped:
+            self.capped[weave.id].pop(dpid, None)  # these flows end with the lease
+
+    def refresh_due(self) -> None:
+        """Install again the flows of every weave whose capped hard timeout runs out within
+        REFRESH_MARGIN_S somewhere, so flows last as long as the lease. Posted by the part's
+        timer; the weaver's lease timer stays the authority on when a weave ends."""
+        now = self.weaver.clock.now()
+        soon = now + timedelta(seconds=REFRESH_MARGIN_S)
+        for weave_id, ends in sorted(self.capped.items()):
+            for dpid in [d for d in ends if self._conn(d) is None]:
+                del ends[dpid]  # gone: its resync installs afresh when it is back
+            if not ends or min(ends.values()) > soon:
+                continue
+            weave = self.weaver.live.get(weave_id)
+            if weave is None:
+                del self.capped[weave_id]
+                continue
+            log.info("weave %s: its flows' hard timeout (capped at %d s) runs out before its "
+                     "lease; installing them again", weave_id, MAX_HARD_TIMEOUT_S)
+            try:
+                self._refresh(weave)
+            except Exception:  # the other weaves are still refreshed; the next poll retries
+                log.error("weave %s: refreshing its flows failed:\n%s", weave_id,
+                          traceback.format_exc())
+
+    def _refresh(self, weave: Weave) -> None:
+        """Re-add a weave's flows where they are installed (counters kept, timeouts
+        restarted). A switch that refuses gets dropped and resynced, like any refused batch."""
+        state = self.state()
+        for dpid in sorted(self.capped.get(weave.id, {})):
+            conn = self._conn(dpid)
+            if conn is None or not conn.synced:
+                continue
+            program = compile_weave(state, weave, dpid, conn.ports)
+            msgs = refresh_messages(conn.datapath, program, next(conn.bundles))
+            if self._send(conn, "refresh", msgs, {}, conn.meters):
+                self._installed(weave, dpid, state.now)
+
+    def _refresh_timer(self) -> None:
+        while not self._stop.wait(REFRESH_POLL_S):
+            self.controller.loop.post(self.refresh_due)
+
     def resync(self, dpid: int) -> None:
-        """Make a (re)connected switch equal to the desired state: one atomic bundle."""
+        """Make a (re)connected switch equal to the desired state: one atomic bundle.
+
+        A weave that cannot be compiled (its meter ids taken by an older live weave, or any
+        error) is left out and failed; the switch still gets everything else. If even its base
+        cannot be compiled, its table is left as it is and its weaves are installed alone."""
         conn = self._conn(dpid)
         if conn is None or self._stopped:
             return
         state = self.state()
+        here = [w for w in state.weaves if dpid in weave_switches(state.topology, w)]
+        collisions = meter_collisions(state.weaves)
+        refused = {w.id: self._collision(w, collisions[w.id]) for w in here
+                   if w.id in collisions}
+        weaves: dict[str, Program] = {}
+        for weave in here:
+            if weave.id in refused:
+                continue
+            try:
+                weaves[weave.id] = compile_weave(state, weave, dpid, conn.ports)
+            except Exception as exc:
+                log.error("switch %s (%#x): cannot compile weave %s; leaving it out:\n%s",
+                          conn.name, dpid, weave.id, traceback.format_exc())
+                refused[weave.id] = f"cannot compile its flows for switch {conn.name}: " \
+                                    f"{type(exc).__name__}: {exc}"
         try:
-            program = compile_switch(state, dpid, conn.ports)
-        except PipelineError as exc:
-            log.error("cannot compile switch %s (%s): %s", conn.name, f"{dpid:#x}", exc)
-            return
-        msgs = sync_messages(conn.datapath, program, conn.meters, next(conn.bundles))
-        confirms = {w.id: self.generation.get(w.id, 0) for w in state.weaves
-                    if dpid in weave_switches(state.topology, w)}
+            base: Program | None = compile_base(state, dpid, conn.ports)
+        except Exception:
+            log.error("switch %s (%#x): cannot compile its base flows; its table stays as it "
+                      "is and only its weaves are installed:\n%s", conn.name, dpid,
+                      traceback.format_exc())
+            base = None
         conn.synced = True
-        self._send(conn, "sync", msgs, confirms, {m.meter_id for m in program.meters})
+        for weave in here:
+            if weave.id in refused:
+                self._refuse(weave, refused[weave.id])
+        kept = [w for w in here if w.id in weaves]
+        if base is None:
+            for weave in kept:
+                msgs = install_messages(conn.datapath, weaves[weave.id],
+                                        weave_cookie(weave.number), conn.meters,
+                                        next(conn.bundles))
+                if self._send(conn, "weave", msgs, {weave.id: self.generation.get(weave.id, 0)},
+                              conn.meters | {m.meter_id for m in weaves[weave.id].meters}):
+                    self._installed(weave, dpid, state.now)
+            return
+        program = base
+        for weave in kept:
+            program.extend(weaves[weave.id])
+        msgs = sync_messages(conn.datapath, program, conn.meters, next(conn.bundles))
+        confirms = {w.id: self.generation.get(w.id, 0) for w in kept}
+        if self._send(conn, "sync", msgs, confirms, {m.meter_id for m in program.meters}):
+            for weave in kept:
+                self._installed(weave, dpid, state.now)
         log.info("switch %s (%#x): resync with %d flows, %d meters", conn.name, dpid,
                  len(program.flows), len(program.meters))
+
+    @staticmethod
+    def _collision(weave: Weave, keeper: Weave) -> str:
+        ids = ", ".join(str(meter_id(weave.number, d)) for d in DIRECTIONS)
+        return (f"its meter ids ({ids}) are those of live weave {keeper.id} (weave numbers "
+                f"{METER_SPACE} apart share meters); refusing it rather than metering both "
+                f"with one meter")
+
+    def _refuse(self, weave: Weave, why: str) -> None:
+        """Fail a weave the flows part cannot program (through the loop: the weaver may be
+        in the middle of telling parts about it)."""
+        log.error("weave %s: %s", weave.id, why)
+        self.pending.pop(weave.id, None)
+        self.controller.loop.post(self.weaver.part_failed, weave.id, self.name, why)
 
     def _conn(self, dpid: int) -> SwitchConn | None:
         with self.lock:
             return self.switches.get(dpid)
 
     def _send(self, conn: SwitchConn, kind: str, msgs: list[Any], weaves: dict[str, int],
-              meters_after: set[int]) -> None:
+              meters_after: set[int]) -> bool:
+        """Queue a batch and its barrier for one switch; never waits for the switch. False:
+        the connection is gone (or was just dropped for not reading)."""
         dp = conn.datapath
         xids = set()
         barrier = parser.OFPBarrierRequest(dp)
@@ -229,10 +528,11 @@ class FlowsPart:
             # The switch applies messages in order, so what it will hold after these is
             # known now; the next change (maybe sent before this barrier returns) builds on it.
             conn.meters = set(meters_after)
-        for msg in [*msgs, barrier]:
-            if not dp.send_msg(msg):
-                log.warning("switch %s went away while being programmed", conn.name)
-                return
+        if conn.outbox.put([*msgs, barrier]):
+            return True
+        log.warning("switch %s (%#x) went away while being programmed", conn.name, conn.dpid)
+        self._forget(conn)
+        return False
 
     # -- switch events (posted to the loop by FlowsApp) ---------------------------------------
 
@@ -244,13 +544,33 @@ class FlowsPart:
                         "drops everything)", datapath.id, self.weaver.topology.name)
             return
         kind, name = what
-        conn = SwitchConn(datapath, datapath.id, kind, name, dict(ports), dict(port_state),
-                          set(meters))
+        if kind == "host":
+            pinned = self.weaver.topology.hosts[name].management_ip
+            if pinned is not None and ofguard.peer_ip(datapath.address) != pinned:
+                log.warning("refusing switch %s (%#x) from %s: the topology pins it to its "
+                            "management address %s", name, datapath.id, _peer(datapath), pinned)
+                _close(datapath)
+                return
+        conn = SwitchConn(datapath, datapath.id, kind, name, outbox_of(datapath), dict(ports),
+                          dict(port_state), set(meters))
         with self.lock:
             old = self.switches.get(datapath.id)
-            self.switches[datapath.id] = conn
-        if old is not None and old.datapath is not datapath:
-            _close(old.datapath)
+            other = old.datapath if old is not None and old.datapath is not datapath else None
+            refuse = other is not None and _live(other)
+            if not refuse:
+                self.switches[datapath.id] = conn
+        if refuse:
+            # Switches are not authenticated (TLS aside): a newcomer claiming a connected
+            # switch's DPID would otherwise take over its program and its port events. A dead
+            # old connection is dropped by the echo/idle checks; the switch's retry then wins.
+            log.warning("refusing a second connection for switch %s (%#x) from %s: the one "
+                        "from %s is alive", name, datapath.id, _peer(datapath), _peer(other))
+            _close(datapath)
+            return
+        if other is not None:
+            log.warning("switch %s (%#x): replacing its silent connection from %s with the "
+                        "one from %s", name, datapath.id, _peer(other), _peer(datapath))
+            _close(other)
         log.info("switch %s (%#x) connected from %s: %d ports, %d meters", name, datapath.id,
                  datapath.address, len(ports), len(meters))
         self.resync(datapath.id)
@@ -265,8 +585,8 @@ class FlowsPart:
             if conn is None or conn.datapath is not datapath:
                 return
             del self.switches[datapath.id]
-            for waiter in conn.waiters.values():
-                waiter.set()
+            if conn.stats is not None:
+                conn.stats.done.set()  # whoever waits for its statistics need not
         log.warning("switch %s (%#x) disconnected; its weaves are not confirmed until it is "
                     "back", conn.name, conn.dpid)
 
@@ -278,12 +598,16 @@ class FlowsPart:
         if conn.kind == "host":
             known = {vm.port for vm in self.weaver.topology.vms.values()
                      if vm.host == conn.name}
-            before = conn.ports.get(port_name)
+            before = dict(conn.ports)
+            # One number, one port: a status for it replaces whatever name had it (port
+            # status is coalesced per number, so the deletion of the old name may be gone).
+            for name in [n for n, p in conn.ports.items() if p == port_no]:
+                del conn.ports[name]
             if present:
                 conn.ports[port_name] = port_no
             else:
                 conn.ports.pop(port_name, None)
-            if port_name in known and before != conn.ports.get(port_name):
+            if any(before.get(n) != conn.ports.get(n) for n in known):
                 self.resync(conn.dpid)  # a VM plugged or unplugged: its flows follow
             return
         conn.port_state[port_no] = up and present
@@ -344,7 +668,7 @@ class FlowsPart:
         with self.lock:
             conn = self.switches.get(datapath.id)
             batch = None
-            if conn is not None:
+            if conn is not None and conn.datapath is datapath:  # not one claiming its DPID
                 batch = next((b for b in conn.batches.values() if msg.xid in b.xids), None)
         text = f"OpenFlow error type {msg.type} code {msg.code}"
         if batch is None:
@@ -356,78 +680,116 @@ class FlowsPart:
     def on_stats_reply(self, datapath: Any, msg: Any) -> None:
         with self.lock:
             conn = self.switches.get(datapath.id)
-            if conn is None or msg.xid not in conn.waiters:
+            if conn is None or conn.datapath is not datapath or conn.stats is None:
                 return
-            parts = conn.replies.setdefault(msg.xid, [])
-            if len(parts) < MAX_REPLY_PARTS:
-                parts.extend(msg.body)
-            if not msg.flags & ofp.OFPMPF_REPLY_MORE:
-                conn.waiters[msg.xid].set()
+            stats = conn.stats
+            kind = stats.xids.get(msg.xid)
+            if kind is None:
+                return  # not asked for, or given up on
+            stats.add(kind, msg.body)
+            if msg.flags & ofp.OFPMPF_REPLY_MORE:
+                return
+            del stats.xids[msg.xid]
+            if not stats.xids:
+                stats.complete = True
+                stats.fresh_until = self.weaver.clock.monotonic() + STATS_CACHE_S
+                stats.done.set()
 
     # -- statistics (any thread) -----------------------------------------------------------------
 
-    def _request(self, conn: SwitchConn, msg: Any) -> tuple[int, threading.Event]:
+    def _switch_stats(self, dpids: Iterable[int]) -> dict[int, SwitchStats | None]:
+        """Every weave's counters on these switches (None: not connected, or no answer in
+        time), each switch asked at most once per STATS_CACHE_S, all waited for together."""
+        deadline = time.monotonic() + STATS_TIMEOUT_S
+        now = self.weaver.clock.monotonic()
+        asked: list[tuple[SwitchConn, SwitchStats, list[Any]]] = []
+        found: dict[int, tuple[SwitchConn, SwitchStats] | None] = {}
         with self.lock:
-            msg.set_xid(conn.next_xid())
-            event = threading.Event()
-            conn.waiters[msg.xid] = event
-            conn.replies[msg.xid] = []
-        conn.datapath.send_msg(msg)
-        return msg.xid, event
-
-    def _collect(self, conn: SwitchConn, xid: int, event: threading.Event) -> list[Any]:
-        event.wait(STATS_TIMEOUT_S)
-        with self.lock:
-            conn.waiters.pop(xid, None)
-            return conn.replies.pop(xid, [])
+            for dpid in sorted(set(dpids)):
+                conn = self.switches.get(dpid)
+                if conn is None:
+                    found[dpid] = None
+                    continue
+                stats = conn.stats
+                if stats is None or (stats.fresh_until is not None and stats.fresh_until <= now):
+                    dp = conn.datapath
+                    flows = parser.OFPFlowStatsRequest(
+                        dp, 0, ofp.OFPTT_ALL, ofp.OFPP_ANY, ofp.OFPG_ANY,
+                        KIND_WEAVE << KIND_SHIFT, 0xFF << KIND_SHIFT, parser.OFPMatch())
+                    meters = parser.OFPMeterStatsRequest(dp, 0, ofp.OFPM_ALL)
+                    flows.set_xid(conn.next_xid())
+                    meters.set_xid(conn.next_xid())
+                    stats = conn.stats = SwitchStats({flows.xid: "flows", meters.xid: "meters"})
+                    asked.append((conn, stats, [flows, meters]))
+                found[dpid] = (conn, stats)
+        for conn, stats, msgs in asked:
+            if not conn.outbox.put(msgs):
+                stats.done.set()  # the connection is gone: no answer will come
+        out: dict[int, SwitchStats | None] = {}
+        for dpid, pair in found.items():
+            if pair is None:
+                out[dpid] = None
+                continue
+            conn, stats = pair
+            stats.done.wait(max(0.0, deadline - time.monotonic()))
+            with self.lock:
+                if not stats.done.is_set():
+                    # Given up: late parts are dropped, and nobody waits for this switch
+                    # again until it is asked afresh.
+                    log.warning("switch %s (%#x) did not answer a statistics request within "
+                                "%g s", conn.name, conn.dpid, STATS_TIMEOUT_S)
+                    stats.xids.clear()
+                    stats.fresh_until = self.weaver.clock.monotonic() + STATS_CACHE_S
+                    stats.done.set()
+                elif stats.fresh_until is None:  # ended without an answer (gone, dropped)
+                    stats.fresh_until = self.weaver.clock.monotonic() + STATS_CACHE_S
+                out[dpid] = stats if stats.complete else None
+        return out
 
     def weave_stats(self, weave: Weave) -> dict[str, Any]:
         """Bytes and packets each weave direction delivered (flow counters by cookie) and
-        the bytes its meters dropped, summed over the hosts of its legs."""
+        the bytes its meters dropped, summed over the hosts of its legs. Empty when a host
+        cannot be measured: a partial sum would be a wrong number, not a smaller one."""
         topo = self.weaver.topology
         hosts = {topo.hosts[h].dpid for leg in weave.legs
                  for h in (leg.requester_host, leg.target_host)}
+        per_switch = self._switch_stats(hosts)
+        if not per_switch or any(stats is None for stats in per_switch.values()):
+            return {}
         out: dict[str, Any] = {}
         for d in DIRECTIONS:
-            out[f"bytes_{d}"] = out[f"packets_{d}"] = out[f"meter_dropped_bytes_{d}"] = 0
-        requests = []
-        cookie = weave_cookie(weave.number)
-        ids = {meter_id(weave.number, d): d for d in DIRECTIONS}
-        for dpid in sorted(hosts):
-            conn = self._conn(dpid)
-            if conn is None:
-                continue
-            dp = conn.datapath
-            flows = parser.OFPFlowStatsRequest(dp, 0, ofp.OFPTT_ALL, ofp.OFPP_ANY, ofp.OFPG_ANY,
-                                               cookie, OWNER_MASK, parser.OFPMatch())
-            requests.append(("flows", conn, *self._request(conn, flows)))
-            for mid in ids:
-                meters = parser.OFPMeterStatsRequest(dp, 0, mid)
-                requests.append(("meters", conn, *self._request(conn, meters)))
-        for kind, conn, xid, event in requests:
-            for entry in self._collect(conn, xid, event):
-                if kind == "flows":
-                    _, number = cookie_owner(entry.cookie)
-                    role = entry.cookie & 0xFF
-                    if number != weave.number:
-                        continue
-                    for d, roles in DELIVERED_ROLES.items():
-                        if role in roles:
-                            out[f"bytes_{d}"] += entry.byte_count
-                            out[f"packets_{d}"] += entry.packet_count
-                elif entry.meter_id in ids:
-                    d = ids[entry.meter_id]
-                    out[f"meter_dropped_bytes_{d}"] += sum(b.byte_band_count
-                                                            for b in entry.band_stats)
+            mid = meter_id(weave.number, d)
+            delivered = [st.delivered.get((weave.number, d), [0, 0])
+                         for st in per_switch.values() if st is not None]
+            out[f"bytes_{d}"] = sum(c[0] for c in delivered)
+            out[f"packets_{d}"] = sum(c[1] for c in delivered)
+            out[f"meter_dropped_bytes_{d}"] = sum(st.dropped.get(mid, 0)
+                                                 for st in per_switch.values()
+                                                 if st is not None)
         return out
 
 
+def _live(datapath: Any) -> bool:
+    """Is this connection a switch that is still talking to NWC?"""
+    if not getattr(datapath, "is_active", True) or \
+            getattr(datapath, "state", None) == DEAD_DISPATCHER:
+        return False
+    idle = getattr(datapath.socket, "idle_s", None)
+    return idle is None or idle() < LIVE_PEER_S
+
+
 def _close(datapath: Any) -> None:
+    """End a connection without waiting on it: stop its outbox and shut its socket down.
+    os-ken's own thread for the connection then sees the end of the stream and reports it
+    dead (DEAD_DISPATCHER), so the loop never runs os-ken's event machinery itself."""
+    with _outboxes_lock:
+        box = _outboxes.get(datapath)
+    if box is not None:
+        box.close()
     try:
-        datapath.close()
         datapath.socket.shutdown(socket.SHUT_RDWR)
     except Exception:  # already gone: nothing to release
-        log.debug("closing %s", datapath.address, exc_info=True)
+        log.debug("closing %s", _peer(datapath), exc_info=True)
 
 
 class FlowsApp(app_manager.OSKenApp):
@@ -438,7 +800,12 @@ class FlowsApp(app_manager.OSKenApp):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.part: FlowsPart | None = None
-        self._meter_requests: dict[int, tuple[Any, int, list[int]]] = {}
+        self._meter_requests: dict[int, tuple[Any, int, set[int]]] = {}
+        # Port status waiting for the loop, latest first-come: (connection, port) -> (the
+        # connection, name, up, present). At most one loop call per port is ever queued, so
+        # a flapping or lying switch cannot grow the weaver's queue.
+        self._ports: dict[tuple[int, int], tuple[Any, str, bool, bool]] = {}
+        self._ports_lock = threading.Lock()
 
     def attach(self, part: FlowsPart | None) -> None:
         self.part = part
@@ -456,9 +823,14 @@ class FlowsApp(app_manager.OSKenApp):
             # Ports are known (os-ken asked on connect); NWC still needs the meters present.
             req = parser.OFPMeterConfigStatsRequest(dp, 0, ofp.OFPM_ALL)
             dp.set_xid(req)
-            self._meter_requests[id(dp)] = (dp, req.xid, [])
-            dp.send_msg(req)
-        elif ev.state == DEAD_DISPATCHER and dp.id is not None:
+            self._meter_requests[id(dp)] = (dp, req.xid, set())
+            outbox_of(dp).put([req])  # this thread serves every switch: it never waits on one
+        elif ev.state == DEAD_DISPATCHER:
+            with _outboxes_lock:
+                box = _outboxes.pop(dp, None)
+            if box is not None:
+                box.close()
+        if ev.state == DEAD_DISPATCHER and dp.id is not None:
             self._meter_requests.pop(id(dp), None)
             if self.part is not None:
                 self._post(self.part.switch_gone, dp)
@@ -472,7 +844,13 @@ class FlowsApp(app_manager.OSKenApp):
             if self.part is not None:
                 self.part.on_stats_reply(dp, ev.msg)
             return
-        pending[2].extend(c.meter_id for c in ev.msg.body)
+        pending[2].update(c.meter_id for c in ev.msg.body)
+        if len(pending[2]) > MAX_METERS:
+            log.warning("switch %#x at %s reports more than %d meters; dropping it", dp.id,
+                        _peer(dp), MAX_METERS)
+            del self._meter_requests[id(dp)]
+            _close(dp)
+            return
         if ev.msg.flags & ofp.OFPMPF_REPLY_MORE:
             return
         del self._meter_requests[id(dp)]
@@ -482,7 +860,7 @@ class FlowsApp(app_manager.OSKenApp):
                  not p.config & ofp.OFPPC_PORT_DOWN for p in (dp.ports or {}).values()
                  if p.port_no <= ofp.OFPP_MAX}
         if self.part is not None:
-            self._post(self.part.switch_ready, dp, ports, state, set(pending[2]))
+            self._post(self.part.switch_ready, dp, ports, state, pending[2])
 
     @set_ev_cls(ofp_event.EventOFPPortStatus, MAIN_DISPATCHER)
     @_loud
@@ -491,10 +869,20 @@ class FlowsApp(app_manager.OSKenApp):
         desc = msg.desc
         present = msg.reason != ofp.OFPPR_DELETE
         up = not desc.state & ofp.OFPPS_LINK_DOWN and not desc.config & ofp.OFPPC_PORT_DOWN
-        if self.part is not None:
-            self._post(self.part.port_changed, msg.datapath,
-                       desc.name.decode(errors="replace"), desc.port_no, up=up,
-                       present=present)
+        key = (id(msg.datapath), desc.port_no)
+        with self._ports_lock:
+            queued = key in self._ports
+            self._ports[key] = (msg.datapath, desc.name.decode(errors="replace"), up, present)
+        if not queued:
+            self._post(self._port_changed, key, desc.port_no)
+
+    def _port_changed(self, key: tuple[int, int], port_no: int) -> None:
+        """On the loop: the latest status of one port."""
+        with self._ports_lock:
+            latest = self._ports.pop(key, None)
+        if latest is not None and self.part is not None:
+            datapath, name, up, present = latest
+            self.part.port_changed(datapath, name, port_no, up=up, present=present)
 
     @set_ev_cls(ofp_event.EventOFPBarrierReply, MAIN_DISPATCHER)
     @_loud
@@ -524,10 +912,23 @@ class FlowsApp(app_manager.OSKenApp):
 _started: dict[str, Any] = {}
 _start_lock = threading.Lock()
 _connections = threading.BoundedSemaphore(MAX_CONNECTIONS)
+# `--ofp-allowed-peers`: None lets every address in (the listener is process-wide).
+_allowed_peers: list[ofguard.IpNetwork] | None = None
+
+
+def set_allowed_peers(networks: list[ofguard.IpNetwork] | None) -> None:
+    global _allowed_peers
+    _allowed_peers = list(networks) if networks is not None else None
 
 
 def _guarded_factory(original: Callable[[Any, Any], None]) -> Callable[[Any, Any], None]:
     def factory(sock: Any, address: Any) -> None:
+        if not ofguard.peer_allowed(address, _allowed_peers):
+            # Before os-ken reads (or even greets) it: nothing of OpenFlow is parsed.
+            log.warning("refusing OpenFlow connection from %s: not in --ofp-allowed-peers",
+                        address)
+            sock.close()
+            return
         if not _connections.acquire(blocking=False):
             log.warning("refusing OpenFlow connection from %s: %d connections already",
                         address, MAX_CONNECTIONS)
@@ -553,6 +954,9 @@ def start_osken(listen_host: str, listen_port: int) -> FlowsApp:
 
         cfg.CONF(args=["--ofp-listen-host", listen_host,
                        "--ofp-tcp-listen-port", str(listen_port)], project="os_ken")
+        # Not command-line options in os-ken; off by default there.
+        cfg.CONF.set_override("echo_request_interval", ECHO_INTERVAL_S)
+        cfg.CONF.set_override("maximum_unreplied_echo_requests", ECHO_UNANSWERED)
         osken_controller.datapath_connection_factory = _guarded_factory(
             osken_controller.datapath_connection_factory)
         # Threads inherit daemon-ness from their creator: starting os-ken from a daemon
@@ -581,6 +985,8 @@ def start_osken(listen_host: str, listen_port: int) -> FlowsApp:
 
 def serve(controller: Any, args: Any) -> FlowsPart:
     """`nwc run` hook: listen for switches and attach the "flows" part to the weaver."""
+    peers = getattr(args, "ofp_allowed_peers", None)
+    set_allowed_peers(ofguard.parse_networks(peers) if peers else None)
     app = start_osken(args.ofp_listen_host, args.ofp_tcp_listen_port)
     part = FlowsPart(controller)
     controller.loop.call(part.attach)

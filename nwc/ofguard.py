@@ -14,10 +14,12 @@ wrapper; the os-ken shell installs the wrapper on every accepted connection.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket
 import struct
 import time
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,46 @@ class Rejected(Exception):
     """The peer sent something NWC will not parse."""
 
 
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def parse_networks(text: str) -> list[IpNetwork]:
+    """`--ofp-allowed-peers`: comma-separated CIDRs (a bare address is a /32 or /128).
+    Raises ValueError naming the entry it cannot read."""
+    out = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        try:
+            out.append(ipaddress.ip_network(item, strict=False))
+        except ValueError as exc:
+            raise ValueError(f"not an address or CIDR: {item!r}") from exc
+    if not out:
+        raise ValueError("no address or CIDR given")
+    return out
+
+
+def peer_ip(address: Any) -> IpAddress | None:
+    """The IP address of a peer as the listener reports it ((host, port, ...)); an IPv4
+    peer on an IPv6 socket (::ffff:a.b.c.d) counts as IPv4."""
+    try:
+        ip = ipaddress.ip_address(str(address[0]).split("%", 1)[0])
+    except (ValueError, TypeError, IndexError):
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def peer_allowed(address: Any, allowed: Sequence[IpNetwork] | None) -> bool:
+    """No list: everyone. Otherwise only peers inside one of the networks."""
+    if allowed is None:
+        return True
+    ip = peer_ip(address)
+    return ip is not None and any(ip.version == net.version and ip in net for net in allowed)
+
+
 # Dropped without parsing: a switch may send them, NWC never needs them.
 IGNORED = {PACKET_IN, FLOW_REMOVED, ROLE_REPLY, GET_ASYNC_REPLY, GET_CONFIG_REPLY}
 EXPECTED = {HELLO, ERROR, ECHO_REQUEST, ECHO_REPLY, EXPERIMENTER, FEATURES_REPLY, PORT_STATUS,
@@ -55,6 +97,16 @@ EXPECTED = {HELLO, ERROR, ECHO_REQUEST, ECHO_REPLY, EXPERIMENTER, FEATURES_REPLY
 # A switch talks at least every few seconds (OVS probes an idle connection after 5 s); a peer
 # silent for this long, or stuck half-way through a message, is let go.
 IDLE_LIMIT_S = 30.0
+# Volume limits per connection: what a peer can make NWC and os-ken hold. A multipart reply
+# (flow stats of a busy switch: about 64 KB per part) may run this many parts, this many
+# replies may be open at once, and a switch may have this many ports (os-ken keeps each in
+# `Datapath.ports`; a port deleted no longer counts). Past any of them: the connection ends.
+MAX_MULTIPART_CHAIN = 1024
+MAX_OPEN_CHAINS = 16
+MAX_PORTS = 16384
+OFPMPF_REPLY_MORE = 1
+OFPPR_DELETE = 1
+PORT_SIZE = 64
 
 
 def check_header(version: int, msg_type: int, length: int) -> None:
@@ -215,6 +267,13 @@ class GuardedSocket:
         self.rejected: str | None = None
         self.dropped = 0
         self._last = time.monotonic()
+        self._chains: dict[int, int] = {}  # xid -> parts of a multipart reply still running
+        self._ports: set[int] = set()  # port numbers the peer says it has
+
+    def idle_s(self) -> float:
+        """Seconds since the peer's last complete message (a live switch answers os-ken's
+        echo requests, so this stays small while it is there)."""
+        return time.monotonic() - self._last
 
     def recv(self, size: int, *flags: int) -> bytes:
         while not self._ready:
@@ -251,12 +310,45 @@ class GuardedSocket:
             self._last = time.monotonic()
             try:
                 if check_message(msg):
+                    self._account(msg)
                     self._ready += msg
                 else:
                     self.dropped += 1
             except Rejected as exc:
                 self._reject(str(exc))
                 return
+
+    def _account(self, msg: bytes) -> None:
+        """Per-connection volume: checked messages that would make NWC or os-ken hold more
+        than the limits above are refused like malformed ones."""
+        _version, msg_type, _length, xid = HEADER.unpack_from(msg)
+        if msg_type == PORT_STATUS:
+            reason = msg[8]
+            (port_no,) = struct.unpack_from("!I", msg, 16)
+            if reason == OFPPR_DELETE:
+                self._ports.discard(port_no)
+            else:
+                self._add_ports([port_no])
+        elif msg_type == MULTIPART_REPLY:
+            mp_type, flags = struct.unpack_from("!HH", msg, 8)
+            if mp_type == MP_PORT_DESC:
+                self._add_ports(struct.unpack_from("!I", msg, at)[0]
+                                for at in range(16, len(msg), PORT_SIZE))
+            if flags & OFPMPF_REPLY_MORE:
+                parts = self._chains.get(xid, 0) + 1
+                if parts > MAX_MULTIPART_CHAIN:
+                    raise Rejected(f"multipart reply {xid:#x} runs past {MAX_MULTIPART_CHAIN} "
+                                   "parts")
+                if xid not in self._chains and len(self._chains) >= MAX_OPEN_CHAINS:
+                    raise Rejected(f"more than {MAX_OPEN_CHAINS} multipart replies open")
+                self._chains[xid] = parts
+            else:
+                self._chains.pop(xid, None)
+
+    def _add_ports(self, numbers: Iterable[int]) -> None:
+        self._ports.update(numbers)
+        if len(self._ports) > MAX_PORTS:
+            raise Rejected(f"more than {MAX_PORTS} ports")
 
     def _reject(self, why: str) -> None:
         self.rejected = why

@@ -285,13 +285,24 @@ def compile_weave(state: DesiredState, weave: Weave, dpid: int,
     return fabric_weave(state.topology, weave, name, remaining)
 
 
+def meter_collisions(weaves: Iterable[Weave]) -> dict[str, Weave]:
+    """Weaves that cannot have their meters because another weave's number maps to the
+    same meter ids (numbers METER_SPACE apart): refused weave id -> the weave that keeps them
+    (the lowest number, i.e. the oldest)."""
+    ordered = sorted(weaves, key=lambda w: (w.number, w.id))
+    owner: dict[int, Weave] = {}
+    for weave in ordered:
+        owner.setdefault(meter_id(weave.number, DIRECTIONS[0]), weave)
+    return {w.id: owner[meter_id(w.number, DIRECTIONS[0])] for w in ordered
+            if owner[meter_id(w.number, DIRECTIONS[0])].id != w.id}
+
+
 def check_meter_ids(weaves: Iterable[Weave]) -> None:
-    seen: dict[int, str] = {}
-    for weave in weaves:
-        first = seen.setdefault(meter_id(weave.number, DIRECTIONS[0]), weave.id)
-        if first != weave.id:
-            raise PipelineError(f"weaves {first} and {weave.id} map to the same meter ids; "
-                                f"their numbers are {METER_SPACE} apart")
+    collisions = meter_collisions(weaves)
+    if collisions:
+        refused, keeper = min(collisions.items())
+        raise PipelineError(f"weaves {keeper.id} and {refused} map to the same meter ids; "
+                            f"their numbers are {METER_SPACE} apart")
 
 
 # -- IVN base on a host's br-int ---------------------------------------------------------------

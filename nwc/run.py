@@ -23,6 +23,7 @@ from pathlib import Path
 from nwc.cli import EXIT_ERROR, EXIT_OK, add_state_dir, state_dir
 from nwc.config import DEFAULT_TOPOLOGY, SHIPPED_POLICIES
 from nwc.controller import Controller
+from nwc.ofguard import parse_networks
 from nwc.yamlsource import ConfigError
 
 log = logging.getLogger("nwc.run")
@@ -45,6 +46,10 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ofp-listen-host", default="0.0.0.0",
                    help="address for OpenFlow connections from switches")
     p.add_argument("--ofp-tcp-listen-port", type=int, default=6653)
+    p.add_argument("--ofp-allowed-peers", default=None, metavar="CIDR[,CIDR...]",
+                   help="accept OpenFlow connections only from these networks (closed before "
+                        "anything is read); default: from anywhere. Hosts with a "
+                        "management_ip in the topology are also accepted only from it")
     p.add_argument("--api-host", default="127.0.0.1",
                    help="address for the REST API (loopback unless you mean otherwise)")
     p.add_argument("--api-port", type=int, default=8181)
@@ -93,9 +98,20 @@ def apply_config_file(args: argparse.Namespace, parser: argparse.ArgumentParser)
         setattr(args, dest, value)
 
 
+def check_run_options(args: argparse.Namespace,
+                      parser: argparse.ArgumentParser) -> None:
+    """Refuse option values the shells would only trip over after the state is open."""
+    if args.ofp_allowed_peers is not None:
+        try:
+            parse_networks(args.ofp_allowed_peers)
+        except ValueError as exc:
+            parser.error(f"--ofp-allowed-peers: {exc}")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     parser: argparse.ArgumentParser = args._parser
     apply_config_file(args, parser)
+    check_run_options(args, parser)
     os.umask(0o077)  # keys, the database and the audit log are for root's eyes only
     try:
         controller = Controller.from_paths(state_dir(args), args.policy, args.topology,

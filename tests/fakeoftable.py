@@ -7,7 +7,8 @@ tables and goto, priorities (two overlapping flows at one priority are an error,
 order is undefined on a real switch), masked matches with OVS's prerequisites, apply-actions
 (output, set-field, Nicira reg_move, dec_ttl), write-metadata, meters (a token bucket per
 meter against a fake clock: packets over the rate are dropped and counted), cookies (delete
-by cookie and mask, per-flow counters), hard timeouts against the fake clock, and ONF bundles
+by cookie and mask, per-flow counters, kept when an identical ADD replaces a flow), hard
+timeouts against the fake clock (restarted by such an ADD), and ONF bundles
 (all or nothing; a meter mod inside a bundle fails it, as OVS 3.1 does).
 
 The network carries the base overlay (VXLAN by tunnel id to a host's underlay address) and
@@ -239,9 +240,15 @@ class FakeSwitch:
                         inst.table_id <= msg.table_id:
                     raise FakeOFError("OFPBIC_BAD_TABLE_ID: goto must go forward")
             table = self.tables.setdefault(msg.table_id, [])
-            table[:] = [f for f in table if not (f.priority == msg.priority and f.match == fields)]
-            table.append(FakeFlow(msg.table_id, msg.priority, fields, list(msg.instructions),
-                                  msg.cookie, msg.hard_timeout, self.clock()))
+            same = [f for f in table if f.priority == msg.priority and f.match == fields]
+            table[:] = [f for f in table if f not in same]
+            new = FakeFlow(msg.table_id, msg.priority, fields, list(msg.instructions),
+                           msg.cookie, msg.hard_timeout, self.clock())
+            # An identical ADD replaces the flow and restarts its timeouts; its counters
+            # carry over unless OFPFF_RESET_COUNTS (as OVS 3.1 does).
+            if same and not msg.flags & ofp.OFPFF_RESET_COUNTS:
+                new.packets, new.bytes = same[0].packets, same[0].bytes
+            table.append(new)
         elif msg.command in (ofp.OFPFC_DELETE, ofp.OFPFC_DELETE_STRICT):
             strict = msg.command == ofp.OFPFC_DELETE_STRICT
             for table_id, table in self.tables.items():

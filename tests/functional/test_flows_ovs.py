@@ -135,3 +135,39 @@ def test_malformed_openflow_is_refused_while_real_switches_stay_served(nwc: Nwc)
     assert nwc.net.ping("web1", "192.0.2.70", count=2)
     assert nwc.live(weave.id).state is State.ACTIVE
     slow.close()
+
+
+def test_a_refresh_restarts_hard_timeouts_without_losing_counters(nwc: Nwc) -> None:
+    """What the part does for leases past the 65,535 s cap, on real OVS: one bundle re-adding
+    the weave's flows; OVS takes it, keeps the counters and restarts the timeouts."""
+    weave = nwc.weave("acme-web", "globex-db")
+    assert nwc.net.ping("web1", "192.0.2.70", count=3)
+    h2 = nwc.controller.config.topology.hosts["h2"]
+    live = nwc.part.switches[h2.dpid].datapath
+    cookie = f"cookie={weave.number << 8 | 3 | 2 << 56:#x}/-1"  # delivered to db1
+    ovs = nwc.net.hosts["h2"].ovs
+
+    def flow() -> tuple[int, float]:
+        out = ovs.ofctl("dump-flows", "br-int", "-O", "OpenFlow13", cookie)
+        m = re.search(r"duration=([\d.]+)s.*n_packets=(\d+)", out)
+        assert m, out
+        return int(m.group(2)), float(m.group(1))
+    packets, age = flow()
+    since = time.monotonic()
+    assert packets > 0
+    time.sleep(1.5)  # so a flow installed afresh is at least this much younger than the old
+
+    def force() -> None:  # as if the lease outlasted the cap and the refresh came due
+        now = nwc.controller.weaver.clock.now()
+        nwc.part.capped[weave.id] = {h2.dpid: now}
+        nwc.part.refresh_due()
+    nwc.controller.call(force)
+    nwc.wait_connected()
+    assert nwc.part.switches[h2.dpid].datapath is live  # accepted, not dropped and resynced
+    after, younger = flow()
+    elapsed = time.monotonic() - since
+    assert after >= packets  # not reset to 0
+    # The same flow would be age + elapsed old; replaced after the sleep, it is younger than
+    # elapsed - 1.5 however slow the machine is.
+    assert younger < age + elapsed - 1.0
+    assert nwc.net.ping("web1", "192.0.2.70")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import struct
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -13,7 +14,8 @@ from os_ken.ofproto import ofproto_parser, ofproto_protocol
 from os_ken.ofproto import ofproto_v1_3 as ofp
 from os_ken.ofproto import ofproto_v1_3_parser as parser
 
-from nwc.ofguard import Rejected, check_message
+from nwc import ofguard
+from nwc.ofguard import GuardedSocket, Rejected, check_message, parse_networks, peer_allowed
 
 pytestmark = pytest.mark.unit
 
@@ -95,3 +97,104 @@ def test_arbitrary_bytes_are_decided_quickly_and_never_crash(raw: bytes) -> None
         dp = ofproto_protocol.ProtocolDesc(version=ofp.OFP_VERSION)
         with contextlib.suppress(Exception):
             ofproto_parser.msg(dp, 4, raw[1], len(raw), 1, raw)
+
+
+def test_allowed_peers_are_networks_and_everything_else_is_refused() -> None:
+    allowed = parse_networks("198.51.100.0/24, 2001:db8::/32,192.0.2.7")
+    assert peer_allowed(("198.51.100.9", 40000), allowed)
+    assert peer_allowed(("::ffff:198.51.100.9", 40000, 0, 0), allowed)  # IPv4 on a v6 socket
+    assert peer_allowed(("2001:db8::1", 40000, 0, 0), allowed)
+    assert peer_allowed(("192.0.2.7", 1), allowed)
+    assert not peer_allowed(("192.0.2.8", 1), allowed)
+    assert not peer_allowed(("127.0.0.1", 1), allowed)
+    assert not peer_allowed(("not an address", 1), allowed)
+    assert peer_allowed(("127.0.0.1", 1), None)  # no list: everyone
+    for bad in ("", "10.0.0.0/33", "example.org"):
+        with pytest.raises(ValueError):
+            parse_networks(bad)
+
+
+class _Sock:
+    closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_a_peer_outside_the_allowed_networks_is_closed_before_os_ken_sees_it() -> None:
+    from nwc import ofapp
+    reached: list[Any] = []
+    factory = ofapp._guarded_factory(lambda sock, address: reached.append(sock))
+    ofapp.set_allowed_peers(parse_networks("198.51.100.0/24"))
+    try:
+        outsider = _Sock()
+        factory(outsider, ("203.0.113.5", 6653))
+        assert outsider.closed and not reached
+        insider = _Sock()
+        factory(insider, ("198.51.100.5", 6653))
+        assert not insider.closed
+        assert len(reached) == 1 and isinstance(reached[0], GuardedSocket)
+    finally:
+        ofapp.set_allowed_peers(None)
+
+
+class _Feed:
+    """A socket whose peer sends these messages, one per recv."""
+
+    def __init__(self, messages: list[bytes]) -> None:
+        self.messages = list(messages)
+
+    def recv(self, size: int) -> bytes:
+        return self.messages.pop(0) if self.messages else b""
+
+
+def _drain(guard: GuardedSocket) -> int:
+    """Messages the guard handed on before the stream ended."""
+    passed = 0
+    while True:
+        data = guard.recv(65536)
+        if not data:
+            return passed
+        passed += 1
+
+
+def _multipart(xid: int, more: bool, body: bytes = b"") -> bytes:
+    return struct.pack("!BBHIHH4x", 4, 19, 16 + len(body), xid, 13, 1 if more else 0) + body
+
+
+def _port(port_no: int) -> bytes:
+    return struct.pack("!I4x6s2x16sIIIIIIII", port_no, b"\x02\0\0\0\0\x01", b"p", 0, 0, 0,
+                       0, 0, 0, 0, 0)
+
+
+def _port_status(port_no: int, reason: int) -> bytes:
+    return struct.pack("!BBHIB7x", 4, 12, 80, 0, reason) + _port(port_no)
+
+
+def test_a_multipart_reply_that_never_ends_is_cut_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ofguard, "MAX_MULTIPART_CHAIN", 8)
+    finished = [_multipart(1, True)] * 7 + [_multipart(1, False)]
+    guard = GuardedSocket(_Feed(finished * 3), "peer")  # chains within the cap: all pass
+    assert _drain(guard) == 24 and guard.rejected is None
+    endless = GuardedSocket(_Feed([_multipart(2, True)] * 100), "peer")
+    assert _drain(endless) == 8
+    assert endless.rejected and "multipart" in endless.rejected
+    # Many chains left open at once are cut off too.
+    monkeypatch.setattr(ofguard, "MAX_OPEN_CHAINS", 4)
+    spread = GuardedSocket(_Feed([_multipart(x, True) for x in range(100)]), "peer")
+    assert _drain(spread) == 4 and spread.rejected
+
+
+def test_a_peer_cannot_announce_ports_without_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ofguard, "MAX_PORTS", 16)
+    # Ports that come and go (add, delete) never add up.
+    churn = [_port_status(n % 10 + 1, reason) for n in range(200) for reason in (0, 1)]
+    guard = GuardedSocket(_Feed(churn), "peer")
+    assert _drain(guard) == 400 and guard.rejected is None
+    growing = GuardedSocket(_Feed([_port_status(n, 0) for n in range(1, 100)]), "peer")
+    assert _drain(growing) == 16
+    assert growing.rejected and "ports" in growing.rejected
+    # A port description counts its ports as well.
+    desc = _multipart(3, False, b"".join(_port(n) for n in range(1, 18)))
+    described = GuardedSocket(_Feed([desc]), "peer")
+    assert _drain(described) == 0 and described.rejected

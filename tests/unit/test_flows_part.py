@@ -1,0 +1,391 @@
+"""The flows part end to end on fake switches: what a weave, a reconnect, a lease, a slow or
+lying switch do to the tables the part keeps."""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from flowsim import FakeDatapath, FlowsSim
+from netsim import TRIANGLE
+from os_ken.controller.handler import MAIN_DISPATCHER
+from os_ken.ofproto import ofproto_v1_3 as ofp
+
+from nwc import ofapp
+from nwc.admission import WeaveRequest
+from nwc.config import SHIPPED_POLICIES
+from nwc.ofmessages import delete_owner_mod
+from nwc.pipeline import METER_SPACE, OWNER_MASK, weave_cookie
+from nwc.policy import Policy, load_policy
+from nwc.weave import State, Weave
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture
+def fsim(tmp_path: Path) -> Iterator[FlowsSim]:
+    sim = FlowsSim.build(tmp_path)
+    try:
+        yield sim
+    finally:
+        sim.close()
+
+
+def test_a_weave_is_confirmed_by_every_switch_and_carries_traffic(fsim: FlowsSim) -> None:
+    fsim.connect_all()
+    assert fsim.reaches("web1", "web2")  # the IVN base came with the resync
+    assert not fsim.ping("web1", "db2")
+    weave = fsim.weave("acme-web", "globex-db")
+    assert fsim.weaver.live[weave.id].state is State.ACTIVE
+    assert fsim.reaches("web1", "db2")
+    fsim.loop.call(fsim.weaver.terminate, weave.id)
+    fsim.settle()
+    assert not fsim.ping("web1", "db2")
+    assert fsim.reaches("web1", "web2")
+
+
+def test_a_switch_that_stops_reading_does_not_stall_the_weaver(fsim: FlowsSim) -> None:
+    for name in ("h2", "h3", "s1", "s2", "s3"):
+        fsim.connect(name, settle=False)
+    never = threading.Event()  # h1 takes its handshake, then never reads again
+    stuck = fsim.connect("h1", block=never, settle=False)
+    # The weaver keeps serving: a weave is admitted and programmed on the switches that read.
+    weave = fsim.loop.call(fsim.weaver.create, WeaveRequest("acme-web", "globex-db", 600, 5,
+                                                            None), timeout=10)
+    assert isinstance(weave, Weave)
+    for name in ("h2", "h3", "s1", "s2", "s3"):
+        assert fsim.dps[name].sent, name
+    fsim.part.flush(timeout=10, only=[fsim.dpid(n) for n in ("h2", "h3", "s1", "s2", "s3")])
+    fsim.loop.call(lambda: None, timeout=10)
+    assert fsim.reaches("web2", "db1")  # joined on h2, which h1's socket does not hold up
+    assert fsim.loop.call(lambda: fsim.weaver.live[weave.id].state, timeout=10) is \
+        State.PROVISIONING  # h1 has not confirmed it
+    assert not stuck.closed.is_set()  # a slow reader is not dropped before its queue fills
+
+
+def test_a_switch_whose_queue_overflows_is_dropped_and_resynced_on_reconnect(
+        fsim: FlowsSim, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ofapp, "MAX_OUTBOX_BYTES", 2048)  # less than one host resync
+    fsim.connect_all()
+    weave = fsim.weave("acme-web", "globex-db")
+    fsim.dps["h1"].hang_up()
+    fsim.settle()
+    never = threading.Event()
+    stuck = fsim.connect("h1", block=never, settle=False)  # its resync waits in the queue
+    assert not stuck.closed.is_set()
+    # More for h1 (another weave) would pass the bound: the connection is dropped instead.
+    other = fsim.loop.call(fsim.weaver.create, WeaveRequest("acme-web", "initech-app", 600, 5,
+                                                            "silver"), timeout=10)
+    assert isinstance(other, Weave)
+    assert stuck.closed.wait(10)
+    fsim.loop.call(lambda: None, timeout=10)
+    assert fsim.dpid("h1") not in fsim.part.switches
+    fsim.connect("h1")  # the switch comes back and reads: a full resync
+    assert fsim.reaches("web1", "db2")
+    assert fsim.reaches("web1", "app1")
+    assert fsim.weaver.live[weave.id].state is State.ACTIVE
+    assert fsim.weaver.live[other.id].state is State.ACTIVE
+
+
+def _policy_with_long_leases(tmp_path: Path) -> Policy:
+    """The shipped policy, with leases of up to 200,000 s on every IVN."""
+    directory = tmp_path / "policies"
+    directory.mkdir()
+    for source in SHIPPED_POLICIES.glob("*.yaml"):
+        text = re.sub(r"max_duration_s: \d+", "max_duration_s: 200000", source.read_text())
+        (directory / source.name).write_text(text)
+    return load_policy([directory])
+
+
+def test_flows_of_a_lease_longer_than_the_hard_timeout_cap_do_not_expire(tmp_path: Path) -> None:
+    """OpenFlow hard timeouts stop at 65,535 s; a 100,000 s lease keeps its flows anyway."""
+    sim = FlowsSim.build(tmp_path / "state", policy=_policy_with_long_leases(tmp_path))
+    try:
+        sim.connect_all()
+        weave = sim.weave("acme-web", "globex-db", duration_s=100_000)
+        h3 = sim.net.switches["h3"]  # db2's host: counts what the weave delivered
+
+        def delivered() -> int:
+            return sum(f.packets for f in h3.flow_stats(weave_cookie(weave.number, 3),
+                                                        2**64 - 1))
+        for sent in range(1, 71):  # 70,000 s in steps, the part's timer running as it does
+            assert sim.reaches("web1", "db2"), sim.clock.now()
+            assert delivered() == sent  # counters survive a refresh
+            sim.advance(1000)
+            sim.loop.call(sim.part.refresh_due)
+            sim.settle()
+        assert sim.reaches("web1", "db2")
+        assert sim.weaver.live[weave.id].state is State.ACTIVE
+        # Flows refreshed for the rest of the lease end with it, not after.
+        left = (weave.expires_at - sim.clock.now()).total_seconds()
+        h1 = sim.net.switches["h1"].flow_stats(weave_cookie(weave.number), OWNER_MASK)
+        assert h1 and all(f.installed_at + f.hard_timeout <= sim.fake_clock.now + left
+                          for f in h1)
+    finally:
+        sim.close()
+
+
+def _colliding(fsim: FlowsSim, first: Weave) -> None:
+    """The next weave gets a number METER_SPACE above `first`: the same meter ids."""
+    fsim.loop.call(setattr, fsim.weaver, "_next_number", first.number + METER_SPACE)
+
+
+def _ended(fsim: FlowsSim, weave_id: str) -> Weave:
+    ended = fsim.loop.call(fsim.weaver.store.weave, weave_id)
+    assert ended is not None and weave_id not in fsim.weaver.live
+    return ended
+
+
+def test_a_weave_whose_meter_ids_collide_with_a_live_one_is_refused_harmlessly(
+        fsim: FlowsSim) -> None:
+    fsim.connect_all()
+    first = fsim.weave("acme-web", "globex-db")
+    meters = set(fsim.net.switches["h1"].meters)
+    _colliding(fsim, first)
+    second = fsim.loop.call(fsim.weaver.create,
+                            WeaveRequest("acme-web", "initech-app", 600, 5, "silver"))
+    assert isinstance(second, Weave)
+    fsim.settle()
+    ended = _ended(fsim, second.id)
+    assert ended.state is State.FAILED
+    assert "meter" in (fsim.loop.call(_last_detail, fsim, second.id) or "")
+    assert not fsim.ping("web1", "app1")
+    # The live weave kept its meters (removing the refused one deleted none of them) and flows.
+    assert set(fsim.net.switches["h1"].meters) == meters
+    assert fsim.reaches("web1", "db2")
+    assert fsim.weaver.live[first.id].state is State.ACTIVE
+
+
+def _last_detail(fsim: FlowsSim, weave_id: str) -> str | None:
+    records = [r for r in fsim.weaver.store.audit_records()
+               if r.get("weave_id") == weave_id or r.get("weave", {}).get("id") == weave_id]
+    return next((str(r.get("detail")) for r in reversed(records) if r.get("detail")), None)
+
+
+def test_a_reconnect_programs_everything_but_a_colliding_weave(fsim: FlowsSim) -> None:
+    fsim.connect_all()
+    first = fsim.weave("acme-web", "globex-db")
+    # A colliding pair in the live set (as a store written before numbers were checked could
+    # hold): admitted while the part was away, so nothing refused it yet.
+    _colliding(fsim, first)
+    fsim.loop.call(fsim.weaver.parts.remove, fsim.part)
+    second = fsim.loop.call(fsim.weaver.create,
+                            WeaveRequest("acme-web", "initech-app", 600, 5, "silver"))
+    assert isinstance(second, Weave)
+    fsim.loop.call(fsim.weaver.parts.append, fsim.part)
+    fsim.dps["h1"].hang_up()
+    fsim.settle()
+    fsim.net.switches["h1"].tables.clear()  # the switch restarted empty
+    fsim.connect("h1")
+    assert fsim.reaches("web1", "web3")  # the IVN base is back
+    assert fsim.reaches("web1", "db2")  # and the weave that owns the meter ids
+    assert not fsim.ping("web1", "app1")
+    assert _ended(fsim, second.id).state is State.FAILED
+    assert "meter" in (fsim.loop.call(_last_detail, fsim, second.id) or "")
+
+
+def test_a_weave_that_fails_to_compile_does_not_leave_its_switch_empty(
+        fsim: FlowsSim, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    fsim.connect_all()
+    good = fsim.weave("acme-web", "globex-db")
+    bad = fsim.weave("acme-web", "initech-app", profile="silver")
+    real = ofapp.compile_weave
+
+    def broken(state: Any, weave: Weave, dpid: int, ports: Any) -> Any:
+        if weave.id == bad.id:
+            raise KeyError("a bug in the compiler")
+        return real(state, weave, dpid, ports)
+    monkeypatch.setattr(ofapp, "compile_weave", broken)
+    fsim.dps["h1"].hang_up()
+    fsim.settle()
+    fsim.net.switches["h1"].tables.clear()
+    fsim.connect("h1")
+    assert fsim.reaches("web1", "web3")
+    assert fsim.reaches("web1", "db2")
+    assert fsim.weaver.live[good.id].state is State.ACTIVE
+    assert _ended(fsim, bad.id).state is State.FAILED
+    assert any(bad.id in r.getMessage() and "a bug in the compiler" in r.getMessage()
+               for r in caplog.records if r.levelname == "ERROR")
+
+
+def test_a_base_that_fails_to_compile_still_lets_the_weaves_in(
+        fsim: FlowsSim, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    fsim.connect_all()
+    weave = fsim.weave("acme-web", "globex-db")
+
+    def broken(*args: Any) -> Any:
+        raise ValueError("a bug in the base compiler")
+    monkeypatch.setattr(ofapp, "compile_base", broken)
+    fsim.dps["h1"].hang_up()
+    fsim.settle()
+    # The switch kept its tables across the reconnect, all but the weave's flows.
+    fsim.net.switches["h1"].apply(delete_owner_mod(None, weave_cookie(weave.number)))
+    assert not fsim.ping("web1", "db2")
+    fsim.connect("h1")
+    assert fsim.reaches("web1", "web3")  # the old base stays (no delete-all without a new one)
+    assert fsim.reaches("web1", "db2")
+    assert fsim.weaver.live[weave.id].state is State.ACTIVE
+    assert any("a bug in the base compiler" in r.getMessage() for r in caplog.records
+               if r.levelname == "ERROR")
+
+
+def test_a_second_connection_for_a_live_switch_is_refused_and_believed_in_nothing(
+        fsim: FlowsSim) -> None:
+    fsim.connect_all()
+    s1 = fsim.dpid("s1")
+    live = fsim.dps["s1"]
+    weave = fsim.weave("acme-web", "globex-db")
+    path = next(leg.path for leg in weave.legs if leg.slot is not None)
+    impostor = fsim.connect("s1", address=("198.51.100.7", 6653))
+    assert impostor.closed.is_set()
+    assert fsim.part.switches[s1].datapath is live
+    assert not impostor.sent  # it got none of s1's program
+    # Whatever it says about s1's ports or batches is not believed.
+    link_port = fsim.topology.ports("s1")["s2"]
+    fsim.loop.call(fsim.part.port_changed, impostor, "s1-s2", link_port, up=False, present=True)
+    live.block = threading.Event()  # hold s1's next batch while the impostor answers for it
+    fsim.loop.call(fsim.weaver.extend, weave.id, 1200)
+    pending = [x for b in fsim.part.switches[s1].batches.values() for x in b.xids]
+    assert pending
+    for xid in pending:
+        fsim.part.on_error(impostor, SimpleNamespace(xid=xid, type=1, code=1))
+    live.block.set()
+    fsim.settle()
+    after = fsim.weaver.live[weave.id]
+    assert after.state is State.ACTIVE
+    assert next(leg.path for leg in after.legs if leg.slot is not None) == path
+    assert fsim.part.switches[s1].datapath is live
+    assert fsim.reaches("web1", "db2")
+
+
+def test_a_silent_connection_gives_way_to_a_new_one(fsim: FlowsSim) -> None:
+    fsim.connect_all()
+    old = fsim.dps["h1"]
+    old.socket.idle = 3600.0  # the switch rebooted without closing its old connection
+    fsim.net.switches["h1"].tables.clear()
+    new = fsim.connect("h1")
+    assert old.closed.is_set()
+    assert fsim.part.switches[fsim.dpid("h1")].datapath is new
+    assert fsim.reaches("web1", "web2")
+
+
+PINNED = TRIANGLE.replace("h1: {switch: s1, uplink_mbps: 1000, underlay_ip: 100.64.0.1}",
+                          "h1: {switch: s1, uplink_mbps: 1000, underlay_ip: 100.64.0.1, "
+                          "management_ip: 198.51.100.11}")
+
+
+def test_a_host_with_a_management_address_is_accepted_only_from_it(tmp_path: Path) -> None:
+    assert PINNED != TRIANGLE
+    sim = FlowsSim.build(tmp_path, PINNED)
+    try:
+        elsewhere = sim.connect("h1", address=("198.51.100.99", 6653))
+        assert elsewhere.closed.is_set()
+        assert sim.dpid("h1") not in sim.part.switches
+        assert not elsewhere.sent
+        pinned = sim.connect("h1", address=("198.51.100.11", 6653))
+        assert sim.part.switches[sim.dpid("h1")].datapath is pinned
+        sim.connect("h2")  # hosts without a management address: from anywhere
+        assert sim.dpid("h2") in sim.part.switches
+        assert sim.reaches("web1", "web3")
+    finally:
+        sim.close()
+
+
+def _port_event(dp: Any, port_no: int, name: str, *, up: bool) -> Any:
+    desc = SimpleNamespace(name=name.encode(), port_no=port_no, state=0 if up else 1, config=0)
+    return SimpleNamespace(msg=SimpleNamespace(datapath=dp, reason=2, desc=desc))
+
+
+def test_a_flood_of_port_status_leaves_one_pending_call_per_port(
+        fsim: FlowsSim, monkeypatch: pytest.MonkeyPatch) -> None:
+    fsim.connect_all()
+    weave = fsim.weave("acme-web", "globex-db")
+    app = ofapp.FlowsApp()
+    app.attach(fsim.part)
+    posted: list[Any] = []
+    post = fsim.loop.post
+
+    def counting(fn: Any, *args: Any, **kwargs: Any) -> None:
+        posted.append(fn)
+        post(fn, *args, **kwargs)
+    monkeypatch.setattr(fsim.loop, "post", counting)
+    busy = threading.Event()
+    post(busy.wait)  # the loop is busy while the flood arrives
+    try:
+        s1 = fsim.dps["s1"]
+        to_s2, to_s3 = fsim.topology.ports("s1")["s2"], fsim.topology.ports("s1")["s3"]
+        for i in range(5000):  # flapping; the last word: s1-s2 down
+            app.port_status(_port_event(s1, to_s2, "s1-s2", up=i % 2 == 0))
+            app.port_status(_port_event(s1, to_s3, "s1-s3", up=True))
+        assert len(posted) <= 2  # one pending call per port, not one per message
+    finally:
+        busy.set()
+    fsim.settle()
+    assert ("s1", "s2") in fsim.weaver.fabric.down
+    moved = fsim.weaver.live[weave.id]
+    assert next(leg.path for leg in moved.legs if leg.slot is not None) != \
+        next(leg.path for leg in weave.legs if leg.slot is not None)
+    assert fsim.reaches("web1", "db1")
+
+
+def test_a_switch_listing_more_meters_than_a_switch_can_hold_is_dropped(
+        fsim: FlowsSim, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ofapp, "MAX_METERS", 100)
+    app = ofapp.FlowsApp()
+    app.attach(fsim.part)
+    dp = FakeDatapath(fsim.dpid("h1"), fsim.net, "h1")
+    app.state_change(SimpleNamespace(datapath=dp, state=MAIN_DISPATCHER))
+    fsim.part.flush(timeout=10)
+    xid = app._meter_requests[id(dp)][1]
+    for start in range(0, 1000, 50):  # a reply that keeps going
+        body = [SimpleNamespace(meter_id=m) for m in range(start, start + 50)]
+        app.meter_config(SimpleNamespace(msg=SimpleNamespace(
+            datapath=dp, xid=xid, flags=ofp.OFPMPF_REPLY_MORE, body=body)))
+        if dp.closed.is_set():
+            break
+    assert dp.closed.is_set()
+    assert id(dp) not in app._meter_requests
+
+
+FLOW_STATS = (ofp.OFPT_MULTIPART_REQUEST, ofp.OFPMP_FLOW)
+METER_STATS = (ofp.OFPT_MULTIPART_REQUEST, ofp.OFPMP_METER)
+
+
+def _scrape(fsim: FlowsSim) -> dict[str, dict[str, Any]]:
+    """What a metrics scrape does: the statistics of every live weave, one after another."""
+    for dp in fsim.dps.values():
+        dp.sent.clear()
+    return {w.id: fsim.part.weave_stats(w) for w in list(fsim.weaver.live.values())}
+
+
+def test_a_scrape_asks_each_switch_once_and_a_hung_switch_costs_one_wait(
+        fsim: FlowsSim, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ofapp, "STATS_TIMEOUT_S", 0.5)
+    fsim.connect_all()
+    first = fsim.weave("acme-web", "globex-db")
+    second = fsim.weave("acme-web", "initech-app", profile="silver")
+    for _ in range(3):
+        assert fsim.reaches("web1", "db2")
+    assert fsim.reaches("web1", "app1")
+    stats = _scrape(fsim)
+    assert stats[first.id]["packets_requester_to_target"] == 3
+    assert stats[first.id]["bytes_requester_to_target"] == 300
+    assert stats[first.id]["packets_target_to_requester"] == 0
+    assert stats[second.id]["packets_requester_to_target"] == 1
+    assert stats[second.id]["meter_dropped_bytes_target_to_requester"] == 0
+    for dp in fsim.dps.values():  # both weaves touch h1: it was still asked once
+        assert dp.sent.count(FLOW_STATS) <= 1 and dp.sent.count(METER_STATS) <= 1, dp.name
+    assert fsim.dps["h1"].sent.count(FLOW_STATS) == 1
+    # h1 stops answering statistics (it still forwards): the next scrape waits for it once,
+    # and leaves out what it cannot measure rather than reporting zeros.
+    fsim.dps["h1"].answer_stats = False
+    fsim.advance(60)
+    stats = _scrape(fsim)
+    assert fsim.dps["h1"].sent.count(FLOW_STATS) == 1
+    assert fsim.dps["h1"].sent.count(METER_STATS) == 1
+    assert stats == {first.id: {}, second.id: {}}
