@@ -494,6 +494,15 @@ class FlowsPart:
         log.info("switch %s (%#x): resync with %d flows, %d meters", conn.name, dpid,
                  len(program.flows), len(program.meters))
 
+    def policy_changed(self) -> None:
+        """Weaver hook after a policy reload: IVN gateways, VNIs and prefixes feed every
+        host's base flows, so each connected switch is made equal to the new desired state
+        (one atomic bundle each, as on a reconnect)."""
+        with self.lock:
+            dpids = sorted(self.switches)
+        for dpid in dpids:
+            self.resync(dpid)
+
     @staticmethod
     def _collision(weave: Weave, keeper: Weave) -> str:
         ids = ", ".join(str(meter_id(weave.number, d)) for d in DIRECTIONS)
