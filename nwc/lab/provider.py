@@ -221,6 +221,8 @@ class ProviderLab:
         doc = yaml.safe_load(path.read_text())
         for name, host in self.hosts.items():
             doc["hosts"][name]["ovsdb"] = f"tcp:{host.management_ip}:{OVSDB_PORT}"
+            # NWC accepts this host's switch only from its management address.
+            doc["hosts"][name]["management_ip"] = host.management_ip
         lab_topology = self.lab.directory("config") / f"{self.topo.name}.yaml"
         lab_topology.write_text(yaml.safe_dump(doc, sort_keys=False))
         api_port = free_port()
@@ -229,6 +231,7 @@ class ProviderLab:
                 "--topology", str(lab_topology),
                 "--ofp-listen-host", str(self.mgmt.controller_ip),
                 "--ofp-tcp-listen-port", str(ofp_port),
+                "--ofp-allowed-peers", str(self.mgmt.subnet),
                 "--api-host", "127.0.0.1", "--api-port", str(api_port),
                 "--provision-timeout", str(self.provision_timeout_s)]
         for p in self.policy_paths:
