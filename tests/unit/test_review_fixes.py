@@ -5,6 +5,7 @@ tenant's policy in a refusal, and listing weaves is done in SQL."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -139,6 +140,20 @@ def test_weave_numbers_never_share_meter_ids_with_a_live_weave(make_weaver, smal
     weaver.terminate(live.id)
     again = weaver.create(REQ)
     assert again.number == clash  # free once the holder has ended
+
+
+def test_a_shared_residue_stays_held_until_its_last_holder_ends(make_weaver, small) -> None:
+    """An older store may hold two live weaves on one meter residue: ending one of them must
+    not free the number while the other still holds those meter ids."""
+    weaver = make_weaver(small)
+    first = weaver.create(REQ)
+    twin = replace(first, id=f"wv-{first.number + METER_SPACE:06d}")
+    weaver.live[twin.id] = twin  # as recovered from such a store
+    weaver.terminate(first.id)
+    assert weaver.live.holds_residue(first.number)
+    assert weaver._free_number(first.number) == first.number + 1
+    del weaver.live[twin.id]
+    assert not weaver.live.holds_residue(first.number)
 
 
 def test_target_side_refusals_do_not_reveal_the_targets_policy(small, shipped_policy) -> None:
