@@ -34,10 +34,11 @@ import ipaddress
 import logging
 import re
 import secrets
+import ssl
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Annotated, Any, Literal
 
 import uvicorn
@@ -1142,25 +1143,46 @@ class ApiServer:
         self.thread.join(timeout=10)
 
 
+def settings_from(args: argparse.Namespace) -> ApiSettings:
+    """The API's limits as `nwc run` was told them (defaults where it was not)."""
+    base = ApiSettings()
+    return replace(
+        base,
+        max_live_weaves_per_tenant=int(getattr(args, "api_max_live_weaves",
+                                               base.max_live_weaves_per_tenant)),
+        rate_per_s=float(getattr(args, "api_rate", base.rate_per_s)),
+        rate_burst=int(getattr(args, "api_rate_burst", base.rate_burst)),
+        max_body_bytes=int(getattr(args, "api_max_body", base.max_body_bytes)))
+
+
 def serve(controller: Controller, args: argparse.Namespace) -> ApiServer:
     """Start the REST API for `nwc run` (its stopper is registered with the controller)."""
     host = getattr(args, "api_host", "127.0.0.1")
     port = int(getattr(args, "api_port", 8181))
+    key, cert = getattr(args, "api_ssl_key", None), getattr(args, "api_ssl_cert", None)
     try:
         loopback = ipaddress.ip_address(host).is_loopback
     except ValueError:
         loopback = host == "localhost"
-    if not loopback:
+    if not loopback and not key:
         log.warning("the REST API listens on %s, beyond this host, without TLS: bearer tokens "
-                    "cross the network in clear unless a TLS proxy fronts it", host)
-    api = NorthboundApi(controller, TokenStore(controller.state_dir))
+                    "cross the network in clear unless a TLS proxy fronts it "
+                    "(see --api-ssl-key/--api-ssl-cert)", host)
+    api = NorthboundApi(controller, TokenStore(controller.state_dir), settings_from(args))
     config = uvicorn.Config(api.app, host=host, port=port, log_level="warning",
                             access_log=False, lifespan="off", server_header=False,
                             proxy_headers=False, limit_concurrency=128,
-                            timeout_graceful_shutdown=3)
+                            timeout_graceful_shutdown=3,
+                            ssl_keyfile=key, ssl_certfile=cert)
+    if key:
+        try:
+            config.load()  # reads the key and certificate now, so a bad pair stops the start
+        except (OSError, ssl.SSLError) as exc:
+            from nwc.run import StartRefused
+            raise StartRefused(f"--api-ssl-key/--api-ssl-cert: {exc}") from None
     server = ApiServer(api, uvicorn.Server(config))
     server.start()
     controller.on_stop(server.stop)
-    log.info("REST API on http://%s:%d%s (OpenAPI at /openapi.json)", host, server.port,
-             API_PREFIX)
+    log.info("REST API on %s://%s:%d%s (OpenAPI at /openapi.json)",
+             "https" if key else "http", host, server.port, API_PREFIX)
     return server

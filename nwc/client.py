@@ -17,6 +17,7 @@ import argparse
 import ipaddress
 import json
 import os
+import ssl
 import sys
 import threading
 import time
@@ -64,7 +65,8 @@ class Unreachable(Exception):
 
 
 class ApiClient:
-    def __init__(self, base_url: str, token: str | None, timeout_s: float = 30.0) -> None:
+    def __init__(self, base_url: str, token: str | None, timeout_s: float = 30.0,
+                 ca_file: Path | None = None) -> None:
         parsed = urllib.parse.urlsplit(base_url)
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
             raise ValueError(f"--api-url must be an http(s) URL, got {base_url!r}")
@@ -73,6 +75,11 @@ class ApiClient:
         self.timeout_s = timeout_s
         self.host = parsed.hostname
         self.plaintext_remote = parsed.scheme == "http" and not _is_loopback(parsed.hostname)
+        # https verifies the controller's certificate: against --ca-file when given (an
+        # operator's own CA), else against the system's trust store.
+        self.tls: ssl.SSLContext | None = None
+        if parsed.scheme == "https":
+            self.tls = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
 
     def _open(self, method: str, path: str, body: Any = None,
               query: dict[str, Any] | None = None, timeout_s: float | None = None,
@@ -89,7 +96,8 @@ class ApiClient:
         if self.token:
             request.add_header("Authorization", f"Bearer {self.token}")
         try:
-            return urllib.request.urlopen(request, timeout=timeout_s or self.timeout_s)
+            return urllib.request.urlopen(request, timeout=timeout_s or self.timeout_s,
+                                          context=self.tls)
         except urllib.error.HTTPError as exc:
             raw = exc.read()
             try:
@@ -268,7 +276,7 @@ def _token(args: argparse.Namespace) -> str | None:
 
 
 def _client(args: argparse.Namespace) -> ApiClient:
-    client = ApiClient(args.api_url, _token(args), args.timeout)
+    client = ApiClient(args.api_url, _token(args), args.timeout, args.ca_file)
     if client.token is None:
         raise ClientError(401, {"error": "unauthenticated", "detail": "no token: set NWC_TOKEN "
                                 "(from `nwc token issue`) or use --token-file"})
@@ -445,6 +453,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     common.add_argument("--api-url", default=os.environ.get("NWC_API_URL", DEFAULT_API_URL),
                         help=f"the controller's REST API (default: $NWC_API_URL or "
                              f"{DEFAULT_API_URL})")
+    common.add_argument("--ca-file", type=Path, default=os.environ.get("NWC_API_CA") or None,
+                        help="CA certificate (PEM) an https controller's certificate must "
+                             "chain to (default: $NWC_API_CA, else the system's CAs)")
     common.add_argument("--token-file", type=Path, default=None,
                         help="read the bearer token from this file (default: $NWC_TOKEN)")
     common.add_argument("--token", default=None,

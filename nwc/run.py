@@ -53,6 +53,18 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-host", default="127.0.0.1",
                    help="address for the REST API (loopback unless you mean otherwise)")
     p.add_argument("--api-port", type=int, default=8181)
+    p.add_argument("--api-ssl-key", default=None,
+                   help="private key (PEM) for serving the REST API over https")
+    p.add_argument("--api-ssl-cert", default=None,
+                   help="certificate (PEM, chain allowed) for --api-ssl-key")
+    p.add_argument("--api-max-live-weaves", type=int, default=20, metavar="N",
+                   help="live weaves one tenant may have requested at once (429 beyond)")
+    p.add_argument("--api-rate", type=float, default=5.0, metavar="PER_S",
+                   help="requests per second per tenant, sustained (429 beyond)")
+    p.add_argument("--api-rate-burst", type=int, default=60, metavar="N",
+                   help="requests per tenant in a burst")
+    p.add_argument("--api-max-body", type=int, default=16 * 1024, metavar="BYTES",
+                   help="largest request body (413 beyond)")
     p.add_argument("--provision-timeout", type=float, default=30.0,
                    help="seconds a weave may stay provisioning before it fails")
     p.add_argument("--ovsdb-ssl-key", default=None,
@@ -101,6 +113,11 @@ def apply_config_file(args: argparse.Namespace, parser: argparse.ArgumentParser)
 def check_run_options(args: argparse.Namespace,
                       parser: argparse.ArgumentParser) -> None:
     """Refuse option values the shells would only trip over after the state is open."""
+    if bool(args.api_ssl_key) != bool(args.api_ssl_cert):
+        parser.error("--api-ssl-key and --api-ssl-cert go together")
+    for option in ("api_max_live_weaves", "api_rate", "api_rate_burst", "api_max_body"):
+        if not getattr(args, option) > 0:
+            parser.error(f"--{option.replace('_', '-')} must be positive")
     if args.ofp_allowed_peers is not None:
         try:
             parse_networks(args.ofp_allowed_peers)

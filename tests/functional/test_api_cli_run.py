@@ -5,15 +5,19 @@ the CLI through NWC_TOKEN, never through a command line."""
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -33,8 +37,9 @@ def nwc(*args: str, env: dict[str, str] | None = None,
                           env=env, timeout=timeout, check=False)
 
 
-@pytest.fixture
-def controller(tmp_path: Path) -> Iterator[tuple[Path, str, subprocess.Popen[bytes]]]:
+@contextmanager
+def running(tmp_path: Path, *extra: str, context: ssl.SSLContext | None = None
+            ) -> Iterator[tuple[Path, str, subprocess.Popen[bytes]]]:
     state = tmp_path / "state"
     port = free_port()
     log = (tmp_path / "nwc-run.log").open("wb")
@@ -42,14 +47,15 @@ def controller(tmp_path: Path) -> Iterator[tuple[Path, str, subprocess.Popen[byt
         [sys.executable, "-m", "nwc", "run", "--state-dir", str(state),
          "--api-host", "127.0.0.1", "--api-port", str(port),
          # Should an OpenFlow shell be part of this build, keep it on loopback too.
-         "--ofp-listen-host", "127.0.0.1", "--ofp-tcp-listen-port", str(free_port())],
+         "--ofp-listen-host", "127.0.0.1", "--ofp-tcp-listen-port", str(free_port()), *extra],
         stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    url = f"{'https' if context else 'http'}://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60  # bounds a broken start; nothing asserts on time
         while True:
             try:
-                with urllib.request.urlopen(f"{url}/v1/health", timeout=2) as r:
+                with urllib.request.urlopen(f"{url}/v1/health", timeout=2,
+                                            context=context) as r:
                     if r.status == 200:
                         break
             except OSError:
@@ -63,6 +69,12 @@ def controller(tmp_path: Path) -> Iterator[tuple[Path, str, subprocess.Popen[byt
             proc.kill()  # only if the test failed before its own SIGTERM
             proc.wait(10)
         log.close()
+
+
+@pytest.fixture
+def controller(tmp_path: Path) -> Iterator[tuple[Path, str, subprocess.Popen[bytes]]]:
+    with running(tmp_path) as started:
+        yield started
 
 
 def test_nwc_run_serves_the_cli(controller: tuple[Path, str, subprocess.Popen[bytes]],
@@ -107,3 +119,72 @@ def test_nwc_run_serves_the_cli(controller: tuple[Path, str, subprocess.Popen[by
     assert "REST API on http://127.0.0.1:" in log and token not in log
     unreachable = nwc("weave", "list", env=env)
     assert unreachable.returncode == 5
+
+
+def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    """A key and a self-signed certificate for 127.0.0.1, as an operator's own CA would issue."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "nwc-api-test")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    key_path, cert_path = tmp_path / "api.key", tmp_path / "api.crt"
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    key_path.chmod(0o600)
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return key_path, cert_path
+
+
+def test_nwc_run_serves_https_with_the_limits_it_was_given(tmp_path: Path) -> None:
+    key, cert = _self_signed(tmp_path)
+    context = ssl.create_default_context(cafile=str(cert))
+    config = tmp_path / "nwc.ini"
+    config.write_text("[nwc]\napi-max-live-weaves = 1\n")  # limits from a config file too
+    with running(tmp_path, "--api-ssl-key", str(key), "--api-ssl-cert", str(cert),
+                 "--config-file", str(config), context=context) as (state, url, proc):
+        token = nwc("token", "issue", "acme", "--state-dir", str(state)).stdout.strip()
+        env = {**os.environ, "NWC_TOKEN": token, "NWC_API_URL": url}
+        args = ("weave", "create", "acme-web", "globex-db", "--duration", "600",
+                "--bandwidth", "10", "--no-wait", "--json")
+        created = nwc(*args, "--ca-file", str(cert), env=env)
+        assert created.returncode == 0, created.stderr
+        first = json.loads(created.stdout)["id"]
+
+        # The quota of one live weave from the config file: the next one is refused (429).
+        over = nwc("weave", "create", "acme-web", "globex-lab", "--duration", "60",
+                   "--bandwidth", "1", "--ca-file", str(cert), env=env)
+        assert over.returncode == 3 and "quota_exceeded" in over.stderr, over.stderr
+
+        # Without the operator's CA the certificate is not trusted: unreachable, not a
+        # silent fallback to no verification.
+        untrusted = nwc("weave", "list", env={**env, "NWC_API_CA": ""})
+        assert untrusted.returncode == 5 and "certificate" in untrusted.stderr.lower()
+        trusted = nwc("weave", "list", env={**env, "NWC_API_CA": str(cert)})
+        assert trusted.returncode == 0 and first in trusted.stdout
+
+        # Plain http to the TLS port gets no API answer.
+        plain = nwc("weave", "list", env={**env, "NWC_API_URL": url.replace("https", "http")})
+        assert plain.returncode != 0
+
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    assert "REST API on https://127.0.0.1:" in (tmp_path / "nwc-run.log").read_text()
+
+
+def test_nwc_run_refuses_half_a_tls_configuration(tmp_path: Path) -> None:
+    key, _ = _self_signed(tmp_path)
+    refused = nwc("run", "--state-dir", str(tmp_path / "state"), "--api-ssl-key", str(key))
+    assert refused.returncode == 2 and "go together" in refused.stderr
