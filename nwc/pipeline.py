@@ -42,6 +42,7 @@ MAX_HARD_TIMEOUT_S = 65535
 ETH_IP = 0x0800
 ETH_ARP = 0x0806
 IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP = 1, 6, 17
+ICMP_ECHO_REPLY, ICMP_ECHO = 0, 8
 TCP_ACK = 0x010
 ICMP_REPLY_TYPES = (0, 3, 11)  # echo reply, unreachable, time exceeded: answers, not requests
 
@@ -322,6 +323,15 @@ def arp_responder(answer_mac: str, answer_ip: str | None) -> tuple[Action, ...]:
     return (*head, *swap, SetField("arp_sha", answer_mac), Output(OFPP_IN_PORT))
 
 
+def echo_responder(gateway_mac_: str, gateway_ip: str) -> tuple[Action, ...]:
+    """Turn an ICMP echo request to the gateway into its reply and send it back, as a router
+    would: `ping <gateway>` is the first thing an operator tries from a VM. OVS adjusts the
+    IPv4 and ICMP checksums for the rewritten fields."""
+    return (Move("eth_src", "eth_dst", 48), SetField("eth_src", gateway_mac_),
+            Move("ipv4_src", "ipv4_dst", 32), SetField("ipv4_src", gateway_ip),
+            SetField("icmpv4_type", ICMP_ECHO_REPLY), Output(OFPP_IN_PORT))
+
+
 def host_base(policy: Policy, topology: Topology, host: str,
               ports: Mapping[str, int]) -> Program:
     flows: list[Flow] = [Flow(t, 0, ()) for t in HOST_TABLES]  # table miss: drop
@@ -339,6 +349,10 @@ def host_base(policy: Policy, topology: Topology, host: str,
         flows.append(Flow(T_L3_IN, 300, match(metadata=ivn.vni, eth_type=ETH_ARP, arp_op=1,
                                               arp_tpa=str(ivn.gateway)),
                           arp_responder(gw_mac, str(ivn.gateway)), cookie=cookie))
+        flows.append(Flow(T_L3_IN, 300, match(metadata=ivn.vni, eth_type=ETH_IP,
+                                              ip_proto=IPPROTO_ICMP, icmpv4_type=ICMP_ECHO,
+                                              ipv4_dst=str(ivn.gateway)),
+                          echo_responder(gw_mac, str(ivn.gateway)), cookie=cookie))
         for vm in members:
             ip = str(vm.ip)
             flows.append(Flow(T_L3_IN, 300, match(metadata=ivn.vni, eth_type=ETH_ARP, arp_op=1,

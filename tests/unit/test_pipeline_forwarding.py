@@ -67,6 +67,21 @@ def test_gateway_answers_arp_and_nothing_floods(sim: Sim) -> None:
     assert sim.net.send("web1", sim.net.vm_arp_request("web1", "192.0.2.33")) == []
 
 
+def test_gateway_answers_ping_for_its_own_address_only(sim: Sim) -> None:
+    web1 = sim.topology.vms["web1"]
+    gw_mac = mac(gateway_mac(sim.policy.ivns["acme-web"]))
+    (reply,) = sim.net.send("web1", sim.net.vm_ip_packet("web1", "192.0.2.1"))
+    assert reply.vm == "web1" and reply.packet["icmpv4_type"] == 0
+    assert reply.packet["ipv4_src"] == ip("192.0.2.1")
+    assert reply.packet["ipv4_dst"] == int(web1.ip)
+    assert reply.packet["eth_src"] == gw_mac and reply.packet["eth_dst"] == mac(web1.mac)
+    # Only echo requests: other traffic to the gateway goes nowhere.
+    assert sim.net.send("web1", sim.net.vm_ip_packet("web1", "192.0.2.1", proto=17)) == []
+    # Another IVN's gateway is not this VM's: no answer.
+    other = str(sim.policy.ivns["globex-db"].gateway)
+    assert sim.net.send("web1", sim.net.vm_ip_packet("web1", other)) == []
+
+
 def test_spoofed_source_mac_or_ip_is_dropped(sim: Sim) -> None:
     net = sim.net
     assert not net.send("web1", net.vm_ip_packet("web1", "192.0.2.11",
