@@ -331,9 +331,14 @@ class RateLimiter:
             return None if bucket.take(now) else bucket.seconds_to_next()
 
 
+# States a weave passes through on its way to another: `?wait=true` waits them out.
+TRANSIENT_STATES = frozenset({State.PROVISIONING, State.TERMINATING})
+
+
 class StateWaiters:
-    """Lets `?wait=true` requests sleep until their weave leaves `provisioning`. Fed by a weaver
-    listener (on the weaver's thread): it only sets threading.Events."""
+    """Lets `?wait=true` requests sleep until their weave leaves `provisioning` or
+    `terminating`. Fed by a weaver listener (on the weaver's thread): it only sets
+    threading.Events."""
 
     def __init__(self) -> None:
         self._events: dict[str, list[threading.Event]] = {}
@@ -342,7 +347,7 @@ class StateWaiters:
     def on_event(self, event: dict[str, Any]) -> None:
         weave = event.get("weave")
         if event.get("type") != "weave.state" or not isinstance(weave, dict) \
-                or weave.get("state") == State.PROVISIONING.value:
+                or weave.get("state") in {s.value for s in TRANSIENT_STATES}:
             return
         with self._lock:
             for waiter in self._events.get(weave.get("id", ""), ()):
@@ -566,9 +571,9 @@ class NorthboundApi:
     # -- waiting ----------------------------------------------------------------------------
 
     def settle(self, weave: Weave, timeout_s: float | None = None) -> Weave:
-        """`?wait=true`: block until the weave is active or has ended, for at most the
-        server's bound (or the client's `wait_timeout_s`, if shorter)."""
-        if weave.state is not State.PROVISIONING:
+        """`?wait=true`: block until the weave is active or has ended (torn down), for at most
+        the server's bound (or the client's `wait_timeout_s`, if shorter)."""
+        if weave.state not in TRANSIENT_STATES:
             return weave
         if not self._wait_slots.acquire(blocking=False):
             return weave  # too many waiting already: answer now, the client can poll
@@ -577,7 +582,7 @@ class NorthboundApi:
             try:
                 # Re-read after registering: a change in between has already set nothing.
                 current = self.on_loop(self.controller.store.weave, weave.id)
-                if current is not None and current.state is State.PROVISIONING:
+                if current is not None and current.state in TRANSIENT_STATES:
                     waiter.wait(min(timeout_s or self.wait_timeout_s, self.wait_timeout_s))
             finally:
                 self.waiters.unregister(weave.id, waiter)
@@ -744,14 +749,18 @@ class NorthboundApi:
         @app.delete(f"{API_PREFIX}/weaves/{{weave_id}}", name="weave.terminate",
                     response_model=WeaveOut, tags=["weaves"],
                     responses=_errors(*AUTH_ERRORS, 404, 422))
-        def terminate_weave(weave_id: WeaveId, request: Request,
-                            principal: Caller) -> dict[str, Any]:
+        def terminate_weave(weave_id: WeaveId, request: Request, principal: Caller,
+                            wait: Annotated[bool, Query(description=
+                                                        "block (bounded) until torn down")]
+                            = False, wait_timeout_s: WaitBound = None) -> dict[str, Any]:
             """End a weave now and release everything it holds. Either party may; a weave
-            that has already ended is answered as it is."""
+            that has already ended is answered as it is. The reservation is released at
+            once; the weave is `terminating` until its flows and tunnels are confirmed gone,
+            then `terminated`."""
             ctx: RequestContext = request.state.nwc
             ctx.weave_id = weave_id[:40]
-            return weave_view(checked(self.on_loop(self._terminate_on_loop, weave_id,
-                                                      principal, ctx)))
+            weave = checked(self.on_loop(self._terminate_on_loop, weave_id, principal, ctx))
+            return weave_view(self.settle(weave, wait_timeout_s) if wait else weave)
 
         @app.post(f"{API_PREFIX}/weaves/{{weave_id}}/extend", name="weave.extend",
                   response_model=WeaveOut, tags=["weaves"],

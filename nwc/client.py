@@ -133,7 +133,7 @@ class ApiClient:
 
     def weave(self, weave_id: str, wait_s: float | None = None) -> dict[str, Any]:
         """One weave; with wait_s, the controller holds the answer up to that long while the
-        weave is still provisioning."""
+        weave is still provisioning or terminating."""
         if wait_s is None:
             return self.call("GET", f"/v1/weaves/{_quote(weave_id)}")
         wait_s = min(max(wait_s, 0.1), 3600.0)
@@ -290,6 +290,10 @@ def _print(args: argparse.Namespace, data: Any, human: str) -> None:
     print(json.dumps(data, indent=2, sort_keys=True) if args.json else human)
 
 
+# States a weave passes through; the CLI waits them out unless told not to.
+TRANSIENT = ("provisioning", "terminating")
+
+
 def _wait_for(client: ApiClient, weave: dict[str, Any], timeout_s: float,
               quiet: bool) -> dict[str, Any]:
     """Ask the controller to hold the answer until the weave settles (bounded on its side
@@ -298,7 +302,7 @@ def _wait_for(client: ApiClient, weave: dict[str, Any], timeout_s: float,
     start = last_line = time.monotonic()
     current = weave
     tty = sys.stderr.isatty()
-    while current["state"] == "provisioning" and time.monotonic() < deadline:
+    while current["state"] in TRANSIENT and time.monotonic() < deadline:
         result: dict[str, Any] = {}
 
         def ask(into: dict[str, Any] = result, weave_id: str = current["id"]) -> None:
@@ -314,11 +318,11 @@ def _wait_for(client: ApiClient, weave: dict[str, Any], timeout_s: float,
             elapsed = time.monotonic() - start
             if not quiet and worker.is_alive():
                 if tty:
-                    print(f"\r{current['id']}: provisioning, waiting for the data plane "
-                          f"({elapsed:.0f} s)", end="", file=sys.stderr, flush=True)
+                    print(f"\r{current['id']}: {current['state']}, waiting for the data "
+                          f"plane ({elapsed:.0f} s)", end="", file=sys.stderr, flush=True)
                 elif time.monotonic() - last_line >= 5.0:  # a log, not a terminal
                     last_line = time.monotonic()
-                    print(f"{current['id']}: still provisioning ({elapsed:.0f} s)",
+                    print(f"{current['id']}: still {current['state']} ({elapsed:.0f} s)",
                           file=sys.stderr)
         if "error" in result:
             raise result["error"]
@@ -373,7 +377,10 @@ def cmd_weave_extend(args: argparse.Namespace) -> int:
 
 
 def cmd_weave_delete(args: argparse.Namespace) -> int:
-    weave = _client(args).delete_weave(args.weave_id)
+    client = _client(args)
+    weave = client.delete_weave(args.weave_id)
+    if not args.no_wait:  # until its flows and tunnels are confirmed gone
+        weave = _wait_for(client, weave, args.wait_timeout, quiet=args.json)
     _print(args, weave, f"{weave['id']}: {weave['state']}"
                         + (f" ({weave['reason']})" if weave.get("reason") else ""))
     return EXIT_OK
@@ -509,6 +516,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = actions.add_parser("delete", parents=[common], epilog=epilog,
                            help="end a weave now and release everything it holds")
     p.add_argument("weave_id", metavar="ID")
+    p.add_argument("--no-wait", action="store_true",
+                   help="answer at once (terminating), without waiting for the teardown")
+    p.add_argument("--wait-timeout", type=_positive_float, default=60.0, metavar="SECONDS",
+                   help="longest wait for terminated (default 60)")
     p.set_defaults(func=_run(cmd_weave_delete))
 
     p = sub.add_parser("fabric", parents=[common], epilog=epilog,

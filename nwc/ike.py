@@ -156,10 +156,15 @@ class IkeDaemon:
             return InitiateResult(False, False, lines[-1] if lines else str(exc))
         return InitiateResult(True)
 
-    def terminate(self, name: str, timeout_s: float = 3.0) -> None:
+    def terminate(self, name: str, timeout_s: float = 0.5) -> None:
+        """Delete the IKE SA (and its CHILD SAs): send the peer a DELETE and wait up to
+        `timeout_s` for its answer, then delete it regardless (`force`). Both ends of a weave
+        tear down at once, so the peer has often deleted its side already and would never
+        answer: waiting out charon's retransmits would hold the teardown for seconds."""
         try:
-            with self._session(timeout=timeout_s + 2) as s:
-                for _ in s.terminate({"ike": name, "timeout": str(int(timeout_s * 1000))}):
+            with self._session(timeout=timeout_s + 5) as s:
+                for _ in s.terminate({"ike": name, "force": "yes",
+                                      "timeout": str(int(timeout_s * 1000))}):
                     pass
         except IkeError as exc:
             if "no matching" not in str(exc).lower():

@@ -225,6 +225,7 @@ class Batch:
     xids: set[int]
     weaves: dict[str, int]  # weave id -> generation this batch installs
     errors: list[str] = field(default_factory=list)
+    removes: tuple[str, ...] = ()  # terminated weaves whose flows this batch removes
 
 
 @dataclass
@@ -283,6 +284,7 @@ class FlowsPart:
     """The weaver part "flows". Methods without `on_` run on the weaver's loop thread."""
 
     name = "flows"
+    confirms_teardown = True  # a terminated weave is terminating until its flows are gone
 
     def __init__(self, controller: Any) -> None:
         self.controller = controller
@@ -294,6 +296,9 @@ class FlowsPart:
         # weave id -> dpid -> when the flows installed there run out while the lease goes
         # on (only weaves whose lease outlasts MAX_HARD_TIMEOUT_S). Loop thread only.
         self.capped: dict[str, dict[int, datetime]] = {}
+        # weave id -> dpids whose removal batch has not come back (its barrier). A switch
+        # that drops counts as done: its resync on reconnect leaves the weave out. Loop only.
+        self.removing: dict[str, set[int]] = {}
         self._stopped = False
         self._stop = threading.Event()
 
@@ -352,8 +357,26 @@ class FlowsPart:
         self.pending.pop(weave.id, None)
         self.generation.pop(weave.id, None)
         self.capped.pop(weave.id, None)
-        for dpid in weave_switches(self.weaver.topology, weave):
-            self._remove_from(dpid, weave)
+        waiting = {dpid for dpid in weave_switches(self.weaver.topology, weave)
+                   if self._remove_from(dpid, weave, teardown=True)}
+        if waiting:
+            self.removing[weave.id] = waiting
+        else:  # on no connected switch: nothing to wait for (posted: _end is still running)
+            self.controller.loop.post(self.weaver.part_down, weave.id, self.name)
+
+    def _removed(self, dpid: int, weave_ids: Iterable[str]) -> None:
+        """On the loop: `dpid` confirmed (or can no longer hold) these weaves' removal."""
+        for weave_id in weave_ids:
+            waiting = self.removing.get(weave_id)
+            if waiting is None:
+                continue
+            waiting.discard(dpid)
+            if not waiting:
+                del self.removing[weave_id]
+                self.weaver.part_down(weave_id, self.name)
+
+    def _switch_dropped(self, dpid: int) -> None:
+        self._removed(dpid, [w for w, dpids in self.removing.items() if dpid in dpids])
 
     def _program(self, weave: Weave) -> None:
         state = self.state()
@@ -373,10 +396,12 @@ class FlowsPart:
                           conn.meters | {m.meter_id for m in program.meters}):
                 self._installed(weave, dpid, state.now)
 
-    def _remove_from(self, dpid: int, weave: Weave) -> None:
+    def _remove_from(self, dpid: int, weave: Weave, teardown: bool = False) -> bool:
+        """Queue the removal of a weave's flows (and meters) on one switch; whether a batch
+        went out (its barrier will confirm it)."""
         conn = self._conn(dpid)
         if conn is None or not conn.synced:
-            return  # its resync will not bring the weave back
+            return False  # its resync will not bring the weave back
         self.capped.get(weave.id, {}).pop(dpid, None)
         # Meter ids are shared by weave numbers METER_SPACE apart: never delete the meters of
         # a live weave (OVS would delete its flows with them) for one that was refused.
@@ -385,7 +410,8 @@ class FlowsPart:
         ids = {meter_id(weave.number, d) for d in DIRECTIONS} & conn.meters - shared
         msgs = remove_messages(conn.datapath, weave_cookie(weave.number), ids,
                                next(conn.bundles))
-        self._send(conn, "remove", msgs, {}, conn.meters - ids)
+        return self._send(conn, "remove", msgs, {}, conn.meters - ids,
+                          removes=(weave.id,) if teardown else ())
 
     # -- leases longer than a hard timeout (loop thread) ---------------------------------------
 
@@ -522,7 +548,7 @@ class FlowsPart:
             return self.switches.get(dpid)
 
     def _send(self, conn: SwitchConn, kind: str, msgs: list[Any], weaves: dict[str, int],
-              meters_after: set[int]) -> bool:
+              meters_after: set[int], removes: tuple[str, ...] = ()) -> bool:
         """Queue a batch and its barrier for one switch; never waits for the switch. False:
         the connection is gone (or was just dropped for not reading)."""
         dp = conn.datapath
@@ -533,7 +559,7 @@ class FlowsPart:
                 msg.set_xid(conn.next_xid())
                 xids.add(msg.xid)
             barrier.set_xid(conn.next_xid())
-            conn.batches[barrier.xid] = Batch(kind, xids, dict(weaves))
+            conn.batches[barrier.xid] = Batch(kind, xids, dict(weaves), removes=removes)
             # The switch applies messages in order, so what it will hold after these is
             # known now; the next change (maybe sent before this barrier returns) builds on it.
             conn.meters = set(meters_after)
@@ -598,6 +624,7 @@ class FlowsPart:
                 conn.stats.done.set()  # whoever waits for its statistics need not
         log.warning("switch %s (%#x) disconnected; its weaves are not confirmed until it is "
                     "back", conn.name, conn.dpid)
+        self._switch_dropped(conn.dpid)
 
     def port_changed(self, datapath: Any, port_name: str, port_no: int, *, up: bool,
                      present: bool) -> None:
@@ -657,6 +684,8 @@ class FlowsPart:
             return
         if batch.weaves:
             self.controller.loop.post(self._confirmed, conn.dpid, batch.weaves)
+        if batch.removes:
+            self.controller.loop.post(self._removed, conn.dpid, batch.removes)
 
     def _confirmed(self, dpid: int, weaves: dict[str, int]) -> None:
         for weave_id, generation in weaves.items():
@@ -672,6 +701,7 @@ class FlowsPart:
             if self.switches.get(conn.dpid) is conn:
                 del self.switches[conn.dpid]
         _close(conn.datapath)
+        self.controller.loop.post(self._switch_dropped, conn.dpid)
 
     def on_error(self, datapath: Any, msg: Any) -> None:
         with self.lock:

@@ -20,7 +20,7 @@ from typing import Any
 
 from nwc.audit import GENESIS, JsonlMirror, seal
 from nwc.fabric import Reservation
-from nwc.weave import LIVE_STATES, Weave
+from nwc.weave import LIVE_STATES, State, Weave
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +174,11 @@ class Store:
                                    "ORDER BY number", [s.value for s in LIVE_STATES])
         else:
             rows = self.db.execute("SELECT record FROM weaves ORDER BY number")
+        return [Weave.from_dict(json.loads(r[0])) for r in rows]
+
+    def weaves_in_state(self, state: State) -> list[Weave]:
+        rows = self.db.execute("SELECT record FROM weaves WHERE state = ? ORDER BY number",
+                               (state.value,))
         return [Weave.from_dict(json.loads(r[0])) for r in rows]
 
     def newest_weaves(self, *, tenant: str | None = None, state: str | None = None,

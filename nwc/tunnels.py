@@ -70,6 +70,7 @@ class Reports(Protocol):
     def ready(self, weave_id: str) -> None: ...
     def failed(self, weave_id: str, detail: str) -> None: ...
     def security(self, weave_id: str, kind: str, detail: str) -> None: ...
+    def down(self, weave_id: str) -> None: ...
 
 
 class HostDbLike(Protocol):
@@ -97,6 +98,10 @@ class WeaverReports:
     def security(self, weave_id: str, kind: str, detail: str) -> None:
         c = self.controller
         c.loop.post(c.weaver.security_event, weave_id, kind, detail)
+
+    def down(self, weave_id: str) -> None:
+        c = self.controller
+        c.loop.post(c.weaver.part_down, weave_id, PART_NAME)
 
 
 @dataclass
@@ -239,6 +244,9 @@ class Tunnels:
     handed it the live weaves (records of weaves it does not know are removed from hosts)."""
 
     name = PART_NAME
+    # A terminated weave is terminating until both hosts' agents confirm its legs gone (SAs,
+    # keys, VXLAN device, OVS port, addresses).
+    confirms_teardown = True
 
     def __init__(self, *, topology: Topology, policy: Callable[[], Policy],
                  ca: CertificateAuthority, reports: Reports, ovsdb_targets: Mapping[str, str],
@@ -260,6 +268,7 @@ class Tunnels:
         self._lock = threading.Lock()
         self._weaves: dict[str, _WeaveTunnels] = {}
         self._removing: dict[str, set[str]] = {}  # host -> leg keys awaiting the agent
+        self._tearing: dict[str, set[tuple[str, str]]] = {}  # weave id -> (host, leg key)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -277,10 +286,16 @@ class Tunnels:
     def weave_down(self, weave: Weave) -> None:
         with self._lock:
             held = self._weaves.pop(weave.id, None)
+            ends = set()
             if held is not None:
                 for leg in held.legs.values():
                     for end in leg.ends():
                         self._removing.setdefault(end.host, set()).add(leg.key)
+                        ends.add((end.host, leg.key))
+            if ends:
+                self._tearing[weave.id] = ends
+        if not ends:  # nothing on any host (every leg local, or never planned)
+            self.reports.down(weave.id)
         self._wake.set()
 
     def weave_moved(self, weave: Weave, old: Weave) -> None:
@@ -426,6 +441,11 @@ class Tunnels:
                 if host in current:
                     keys -= {k for k in keys if STATUS_PREFIX + k not in current[host]
                              and RECORD_PREFIX + k not in current[host]}
+            for weave_id, ends in list(self._tearing.items()):
+                ends -= {(h, k) for h, k in ends if k not in self._removing.get(h, ())}
+                if not ends:
+                    del self._tearing[weave_id]
+                    reports.append(lambda w=weave_id: self.reports.down(w))
         writes = {}
         for host, ids in current.items():
             want = desired.get(host, {})

@@ -49,6 +49,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DEFAULT_PROVISION_TIMEOUT_S = 30.0
+# How long a terminated weave may stay `terminating` while parts confirm the data plane is
+# gone; past it the weave is recorded `terminated` anyway (the release itself is durable and a
+# switch or host that lags is resynced to the live set), with an event saying who did not say.
+DEFAULT_TEARDOWN_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -68,7 +72,10 @@ SYSTEM = Actor("nwc")
 
 class Part(Protocol):
     """A piece of the data plane. Calls come from the weaver's loop and must not block for
-    long; a part reports a built weave with `Weaver.part_ready` (posted to the loop)."""
+    long; a part reports a built weave with `Weaver.part_ready` (posted to the loop). A part
+    whose `confirms_teardown` is true also reports, with `Weaver.part_down` (posted to the
+    loop), when a terminated weave is gone from everything it programs; until every such part
+    has, the weave is `terminating`."""
 
     name: str
 
@@ -135,7 +142,8 @@ class LiveWeaves(dict[str, Weave]):
 class Weaver:
     def __init__(self, *, policy: Policy, topology: Topology, store: Store, clock: Clock,
                  parts: Iterable[Part] = (),
-                 provision_timeout_s: float = DEFAULT_PROVISION_TIMEOUT_S) -> None:
+                 provision_timeout_s: float = DEFAULT_PROVISION_TIMEOUT_S,
+                 teardown_timeout_s: float = DEFAULT_TEARDOWN_TIMEOUT_S) -> None:
         self.policy = policy
         self.topology = topology
         self.store = store
@@ -147,6 +155,11 @@ class Weaver:
         self.live = LiveWeaves()
         self._waiting: dict[str, set[str]] = {}  # weave id -> parts not yet ready
         self._provision_deadline: dict[str, datetime] = {}
+        self.teardown_timeout = timedelta(seconds=teardown_timeout_s)
+        # Terminated weaves whose data plane is being torn down: weave id -> the record (state
+        # terminating), the parts yet to confirm, and the deadline.
+        self._tearing: dict[str, tuple[Weave, set[str], datetime]] = {}
+        self._ending: str | None = None  # the weave _end is telling parts about
         self._free_slots: list[int] = []
         self._next_slot = 0
         self._next_number = store.next_weave_number()
@@ -208,6 +221,14 @@ class Weaver:
         """Load live weaves from the store; release those that expired or no longer fit."""
         reservations = self.store.reservations()
         now = self.clock.now()
+        for weave in self.store.weaves_in_state(State.TERMINATING):
+            # Released before the stop; the data plane is resynced to the live weaves.
+            done = weave.with_(state=State.TERMINATED)
+            with self.store.transaction():
+                self.store.save_weave(done)
+                self._audit("weave.state", "terminated", weave=done, actor=SYSTEM,
+                            detail="teardown finished at restart (switches and hosts are "
+                                   "resynced to the live weaves)")
         for weave in self.store.weaves(live_only=True):
             self.live[weave.id] = weave
             held = reservations.get(weave.id)
@@ -426,14 +447,21 @@ class Weaver:
                                f"{missing}"))
                 except Exception:  # the deadline stays: the next tick tries again
                     log.exception("failing %s after its provision timeout failed", weave_id)
+        for weave_id, (_, _, deadline) in list(self._tearing.items()):
+            if deadline <= now:
+                try:
+                    ended.append(self._finish_teardown(weave_id))
+                except Exception:
+                    log.exception("finishing the teardown of %s failed", weave_id)
         return ended
 
     def seconds_to_next_deadline(self) -> float:
         now = self.clock.now()
         wait = self.leases.wait_seconds(now)
-        if self._provision_deadline:
-            first = min(self._provision_deadline.values())
-            wait = min(wait, max(0.0, (first - now).total_seconds()))
+        deadlines = [*self._provision_deadline.values(),
+                     *(deadline for _, _, deadline in self._tearing.values())]
+        if deadlines:
+            wait = min(wait, max(0.0, (min(deadlines) - now).total_seconds()))
         return wait
 
     # -- fabric events --------------------------------------------------------------------
@@ -531,9 +559,14 @@ class Weaver:
     def _end(self, weave: Weave, state: State, reason: str, actor: Actor, *,
              detail: str | None = None, request_id: str | None = None,
              tell_parts: bool = True) -> Weave:
-        """Release everything a weave holds: durable record first, then the data plane."""
+        """Release everything a weave holds: durable record first, then the data plane. A
+        terminated weave stays `terminating` until the parts that confirm teardown have."""
         now = self.clock.now()
-        ended = weave.with_(state=state, reason=reason, ended_at=now)
+        confirming = {p.name for p in self.parts if getattr(p, "confirms_teardown", False)} \
+            if tell_parts else set()
+        tearing = state is State.TERMINATED and bool(confirming)
+        ended = weave.with_(state=State.TERMINATING if tearing else state, reason=reason,
+                            ended_at=now)
         with self.store.transaction():
             self.store.save_weave(ended)
             self.store.delete_reservation(weave.id)
@@ -547,20 +580,63 @@ class Weaver:
         self.leases.remove(weave.id)
         self._waiting.pop(weave.id, None)
         self._provision_deadline.pop(weave.id, None)
-        if self.live.pop(weave.id, None) is not None:
-            for leg in weave.legs:
-                if leg.slot is not None:
-                    self._give_slot(leg.slot)
-        if tell_parts and self.parts:
-            if state is State.TERMINATED:
-                # The release is already durable (a crash from here leaves nothing to undo:
-                # switches and hosts are resynced to the live weaves); watchers see the data
-                # plane being torn down, then the end.
-                self.emit({"type": "weave.state",
-                           "weave": weave.with_(state=State.TERMINATING).to_dict()})
+        if self.live.pop(weave.id, None) is not None and not tearing:
+            self._give_slots(weave)  # a tearing weave's slots wait for its tunnels to go
+        if not (tell_parts and self.parts):
+            self.emit({"type": "weave.state", "weave": ended.to_dict(), "detail": detail})
+            return ended
+        if tearing:
+            self._tearing[weave.id] = (ended, confirming, now + self.teardown_timeout)
+        # The release is already durable (a crash from here leaves nothing to undo: switches
+        # and hosts are resynced to the live weaves, and a weave left terminating is finished
+        # by recover()); watchers see the data plane being torn down, then the end.
+        if state is State.TERMINATED:
+            self.emit({"type": "weave.state", "weave": weave.with_(
+                state=State.TERMINATING, reason=reason, ended_at=now).to_dict(),
+                "detail": detail})
+        self._ending = weave.id
+        try:
             self._tell(weave, "weave_down")
-        self.emit({"type": "weave.state", "weave": ended.to_dict(), "detail": detail})
+        finally:
+            self._ending = None
+        if not tearing:
+            self.emit({"type": "weave.state", "weave": ended.to_dict(), "detail": detail})
+            return ended
+        if not self._tearing[weave.id][1]:  # every part confirmed while being told
+            return self._finish_teardown(weave.id)
         return ended
+
+    def _give_slots(self, weave: Weave) -> None:
+        for leg in weave.legs:
+            if leg.slot is not None:
+                self._give_slot(leg.slot)
+
+    def part_down(self, weave_id: str, part: str) -> None:
+        """A part reports a terminated weave gone from everything it programs."""
+        entry = self._tearing.get(weave_id)
+        if entry is None:
+            return
+        entry[1].discard(part)
+        if not entry[1] and self._ending != weave_id:
+            self._finish_teardown(weave_id)
+
+    def _finish_teardown(self, weave_id: str) -> Weave:
+        record, waiting, _ = self._tearing.pop(weave_id)
+        done = record.with_(state=State.TERMINATED)
+        detail = None
+        if waiting:
+            detail = (f"teardown not confirmed within {self.teardown_timeout.total_seconds():g} "
+                      f"s by: {', '.join(sorted(waiting))} (resynced when they answer)")
+            log.warning("weave %s: %s", weave_id, detail)
+        with self.store.transaction():
+            self.store.save_weave(done)
+            self._audit("weave.state", "terminated", weave=done, actor=SYSTEM, detail=detail)
+        self._give_slots(done)
+        self.emit({"type": "weave.state", "weave": done.to_dict(), "detail": detail})
+        if waiting:
+            self.emit({"type": "weave.teardown_unconfirmed", "weave_id": weave_id,
+                       "parts": sorted(waiting)})
+        return done
 
     def _tell(self, weave: Weave, method: str) -> None:
         for part in self.parts:

@@ -101,6 +101,9 @@ class World:
             if leg.slot is not None:
                 self.tl.disconnect(leg.slot)
         wait_for(self.part.drained, 30, "the agents to remove every leg")
+        # ...which the part reports, and the weave goes from terminating to terminated.
+        wait_for(lambda: self.weave(weave.id).state is State.TERMINATED, 10,
+                 "the weave to be terminated")
 
     def security(self, kind: str) -> list[dict[str, Any]]:
         return [e for e in list(self.events) if e.get("type") == "security"
@@ -527,6 +530,9 @@ def test_the_tunnel_part_writes_records_over_ssl(tmp_path: Path) -> None:
 
             def security(self, weave_id: str, kind: str, detail: str) -> None:
                 events.append(("security", weave_id, kind))
+
+            def down(self, weave_id: str) -> None:
+                events.append(("down", weave_id))
 
         configure_ssl(ssl_files(client_key, client_cert, ca_file))
         part = Tunnels(topology=topo, policy=lambda: POLICY,

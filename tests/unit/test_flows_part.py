@@ -414,3 +414,53 @@ def test_a_policy_reload_rebuilds_every_hosts_base_flows(fsim: FlowsSim) -> None
     fsim.loop.call(fsim.weaver.reload_policy, parse_policy_text(moved))
     fsim.settle()
     assert arp_answered("192.0.2.2") and not arp_answered("192.0.2.1")
+
+
+def _state(fsim: FlowsSim, weave_id: str) -> State:
+    weave = fsim.loop.call(fsim.weaver.store.weave, weave_id)
+    assert weave is not None
+    return weave.state
+
+
+def test_a_terminated_weave_is_terminating_until_every_switch_removed_it(
+        fsim: FlowsSim) -> None:
+    fsim.connect_all()
+    weave = fsim.weave("acme-web", "globex-db")
+    # h1 takes the removal but does not read it yet: its barrier has not come back.
+    hold = threading.Event()
+    fsim.dps["h1"].block = hold
+    ended = fsim.loop.call(fsim.weaver.terminate, weave.id)
+    assert ended.state is State.TERMINATING and ended.reason == "requested"
+    assert _state(fsim, weave.id) is State.TERMINATING
+    # Released at once all the same: the fabric and the weave's slot are free already...
+    assert fsim.loop.call(lambda: fsim.weaver.fabric.by_weave.get(weave.id)) is None
+    hold.set()
+    fsim.settle()
+    # ...and once h1 confirmed, the record says so.
+    assert _state(fsim, weave.id) is State.TERMINATED
+    assert not fsim.ping("web1", "db2")
+    audit = [r["outcome"] for r in fsim.weaver.store.audit_records()
+             if r.get("weave_id") == weave.id]
+    assert audit[-2:] == ["released", "terminated"]
+
+
+def test_a_switch_that_drops_during_teardown_does_not_hold_the_weave(fsim: FlowsSim) -> None:
+    fsim.connect_all()
+    weave = fsim.weave("acme-web", "globex-db")
+    hold = threading.Event()
+    fsim.dps["h1"].block = hold
+    fsim.loop.call(fsim.weaver.terminate, weave.id)
+    assert _state(fsim, weave.id) is State.TERMINATING
+    fsim.dps["h1"].hang_up()  # its resync on reconnect will leave the weave out
+    hold.set()
+    fsim.settle()
+    assert _state(fsim, weave.id) is State.TERMINATED
+
+
+def test_with_no_switch_connected_a_terminated_weave_ends_at_once(fsim: FlowsSim) -> None:
+    weave = fsim.loop.call(fsim.weaver.create,
+                           WeaveRequest("acme-web", "globex-db", 600, 5, None))
+    assert isinstance(weave, Weave)
+    fsim.loop.call(fsim.weaver.terminate, weave.id)
+    fsim.loop.call(lambda: None)  # the part's report was posted behind the terminate
+    assert _state(fsim, weave.id) is State.TERMINATED

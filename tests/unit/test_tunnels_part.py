@@ -66,6 +66,9 @@ class Reports:
     def security(self, weave_id: str, kind: str, detail: str) -> None:
         self.log.append(("security", weave_id, kind, detail))
 
+    def down(self, weave_id: str) -> None:
+        self.log.append(("down", weave_id))
+
     def kinds(self) -> list[str]:
         return [e[2] if e[0] == "security" else e[0] for e in self.log]
 
@@ -182,8 +185,10 @@ def test_weave_down_clears_both_hosts(world: World) -> None:
     world.rounds()
     world.part.weave_down(w)
     assert not world.part.drained()
+    assert ("down", w.id) not in world.reports.log  # not before the agents say so
     world.rounds(3)
     assert world.part.drained()
+    assert world.reports.log[-1] == ("down", w.id)
     for host in ("h1", "h2"):
         assert not world.dbs[host].ids and not world.dbs[host].ports
         assert world.nets[host].empty()
@@ -421,7 +426,9 @@ def test_a_host_whose_ovsdb_never_answers_holds_up_only_its_own_legs(tmp_path: P
             if ("ready", good.id) in world.reports.log and world.part.drained():
                 break
         assert WatchedHostDb.opening.is_set() and not WatchedHostDb.returned.is_set()
-        assert world.reports.log == [("ready", ended.id), ("ready", good.id)]
+        # The ended weave's teardown is confirmed although h2 never answers.
+        assert sorted(world.reports.log) == [("down", ended.id), ("ready", ended.id),
+                                             ("ready", good.id)]
         for host in ("h1", "h3"):
             keys = {k for k in world.dbs[host].ids if k.startswith(RECORD_PREFIX)}
             assert RECORD_PREFIX + f"{ended.id}-s1" not in keys  # teardown went on

@@ -177,7 +177,7 @@ class FakeIke:
                                          ike_id=str(side._next_id), encryption="AES_GCM_16")
         return InitiateResult(True)
 
-    def terminate(self, name: str, timeout_s: float = 3.0) -> None:
+    def terminate(self, name: str, timeout_s: float = 0.5) -> None:
         self._check()
         self.journal.add("terminate", name)
         self.sa_table.pop(name, None)
