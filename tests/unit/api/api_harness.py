@@ -50,6 +50,19 @@ class ManualPart:
                                   detail)
         self.controller.call(_settled)
 
+    def report_down(self, weave_id: str) -> None:
+        assert self.controller is not None
+        self.controller.loop.post(self.controller.weaver.part_down, weave_id, self.name)
+        self.controller.call(_settled)
+
+
+class TeardownPart(ManualPart):
+    """A ManualPart that, like the real flows and tunnel parts, confirms teardown: a
+    terminated weave stays `terminating` until the test reports it down."""
+
+    name = "teardown"
+    confirms_teardown = True
+
 
 class EagerPart(ManualPart):
     """Reports each weave built (or failed) as soon as it is handed over, through the loop,

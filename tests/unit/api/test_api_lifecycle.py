@@ -3,11 +3,12 @@ deleted), checked in /metrics and in the audit log at every step."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
 import pytest
-from api_harness import Harness, ManualPart
+from api_harness import Harness, ManualPart, TeardownPart
 
 from nwc.audit import verify_chain
 
@@ -159,3 +160,33 @@ def test_a_flood_of_refusals_is_counted_not_written(make_harness: Callable[..., 
     last = h.audit()[-1]
     assert last["outcome"] == "unauthenticated" and last["suppressed_before"] == 7
     assert verify_chain(h.audit()) == []
+
+
+def test_delete_answers_terminating_until_the_data_plane_confirms(
+        make_harness: Callable[..., Harness]) -> None:
+    part = TeardownPart()
+    h = make_harness(parts=(part,))
+    wid = h.create().json()["id"]
+    part.report_ready(wid)
+    deleted = h.request("DELETE", f"/v1/weaves/{wid}", "globex")
+    assert deleted.status_code == 200 and deleted.json()["state"] == "terminating"
+    assert deleted.json()["reason"] == "requested"
+    assert h.request("GET", f"/v1/weaves/{wid}").json()["state"] == "terminating"
+    # Released at once: the fabric shows nothing reserved while the data plane tears down.
+    assert h.metric("nwc_link_reserved_mbps", link="s1-s2") == 0
+    assert h.metric("nwc_weaves", state="terminating") == 1
+    listed = h.request("GET", "/v1/weaves", params={"state": "terminating"}).json()
+    assert [w["id"] for w in listed["weaves"]] == [wid]
+    # A second DELETE with ?wait=true blocks until the part confirms, then says terminated.
+    later = threading.Timer(0.3, part.report_down, args=(wid,))
+    later.start()
+    try:
+        waited = h.request("DELETE", f"/v1/weaves/{wid}", params={"wait": "true",
+                                                                  "wait_timeout_s": "20"})
+    finally:
+        later.join()
+    assert waited.status_code == 200 and waited.json()["state"] == "terminated"
+    assert h.metric("nwc_weaves", state="terminated") == 1
+    outcomes = [(r["action"], r["outcome"]) for r in h.audit() if r.get("weave_id") == wid]
+    released = outcomes.index(("weave.terminate", "released"))
+    assert ("weave.state", "terminated") in outcomes[released + 1:]
