@@ -22,6 +22,7 @@ from __future__ import annotations
 import itertools
 import logging
 import socket
+import ssl
 import threading
 import time
 import traceback
@@ -29,6 +30,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any, ClassVar
 
 from os_ken.base import app_manager
@@ -42,7 +44,7 @@ from os_ken.controller.handler import (
 from os_ken.ofproto import ofproto_v1_3 as ofp
 from os_ken.ofproto import ofproto_v1_3_parser as parser
 
-from nwc import ofguard
+from nwc import ofguard, oftls
 from nwc.ofmessages import install_messages, refresh_messages, remove_messages, sync_messages
 from nwc.pipeline import (
     DELIVERED_ROLES,
@@ -960,6 +962,16 @@ def set_allowed_peers(networks: list[ofguard.IpNetwork] | None) -> None:
     _allowed_peers = list(networks) if networks is not None else None
 
 
+# `--ctl-privkey/--ctl-cert/--ca-certs`: every OpenFlow connection must then be TLS with a
+# client certificate from that CA (process-wide, like the listener).
+_tls_context: ssl.SSLContext | None = None
+
+
+def set_tls(files: oftls.TlsFiles | None) -> None:
+    global _tls_context
+    _tls_context = files.server_context() if files is not None else None
+
+
 def _guarded_factory(original: Callable[[Any, Any], None]) -> Callable[[Any, Any], None]:
     def factory(sock: Any, address: Any) -> None:
         if not ofguard.peer_allowed(address, _allowed_peers):
@@ -974,6 +986,16 @@ def _guarded_factory(original: Callable[[Any, Any], None]) -> Callable[[Any, Any
             sock.close()
             return
         try:
+            if _tls_context is not None:
+                tls = oftls.TlsSocket(sock, _tls_context)
+                try:
+                    tls.handshake()
+                except (OSError, ssl.SSLError) as exc:
+                    log.warning("refusing OpenFlow connection from %s: TLS handshake failed "
+                                "(%s)", address, exc)
+                    sock.close()
+                    return
+                sock = tls
             original(ofguard.GuardedSocket(sock, address), address)
         except Exception:
             log.warning("OpenFlow connection from %s ended with an error", address,
@@ -1026,6 +1048,13 @@ def serve(controller: Any, args: Any) -> FlowsPart:
     """`nwc run` hook: listen for switches and attach the "flows" part to the weaver."""
     peers = getattr(args, "ofp_allowed_peers", None)
     set_allowed_peers(ofguard.parse_networks(peers) if peers else None)
+    key = getattr(args, "ctl_privkey", None)
+    files = oftls.TlsFiles(Path(key), Path(args.ctl_cert), Path(args.ca_certs)) if key else None
+    try:
+        set_tls(files)
+    except oftls.TlsConfigError as exc:
+        from nwc.run import StartRefused
+        raise StartRefused(str(exc)) from None
     app = start_osken(args.ofp_listen_host, args.ofp_tcp_listen_port)
     part = FlowsPart(controller)
     controller.loop.call(part.attach)
@@ -1037,7 +1066,9 @@ def serve(controller: Any, args: Any) -> FlowsPart:
             app.attach(None)
         part.stop()
     controller.on_stop(stop)
-    log.info("OpenFlow 1.3 listening on %s:%d", args.ofp_listen_host, args.ofp_tcp_listen_port)
+    log.info("OpenFlow 1.3 listening on %s:%d (%s)", args.ofp_listen_host,
+             args.ofp_tcp_listen_port, "TLS, switch certificates required" if files else
+             "plain TCP: see --ctl-privkey/--ctl-cert/--ca-certs")
     return part
 
 

@@ -50,6 +50,13 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                    help="accept OpenFlow connections only from these networks (closed before "
                         "anything is read); default: from anywhere. Hosts with a "
                         "management_ip in the topology are also accepted only from it")
+    p.add_argument("--ctl-privkey", default=None,
+                   help="private key (PEM) NWC presents to switches: with --ctl-cert and "
+                        "--ca-certs, OpenFlow connections must be TLS")
+    p.add_argument("--ctl-cert", default=None, help="certificate (PEM) for --ctl-privkey")
+    p.add_argument("--ca-certs", default=None,
+                   help="CA certificate(s) (PEM) that switch certificates must chain to (use a "
+                        "CA that signs only switches)")
     p.add_argument("--api-host", default="127.0.0.1",
                    help="address for the REST API (loopback unless you mean otherwise)")
     p.add_argument("--api-port", type=int, default=8181)
@@ -113,6 +120,8 @@ def apply_config_file(args: argparse.Namespace, parser: argparse.ArgumentParser)
 def check_run_options(args: argparse.Namespace,
                       parser: argparse.ArgumentParser) -> None:
     """Refuse option values the shells would only trip over after the state is open."""
+    if len({bool(args.ctl_privkey), bool(args.ctl_cert), bool(args.ca_certs)}) > 1:
+        parser.error("--ctl-privkey, --ctl-cert and --ca-certs go together")
     if bool(args.api_ssl_key) != bool(args.api_ssl_cert):
         parser.error("--api-ssl-key and --api-ssl-cert go together")
     for option in ("api_max_live_weaves", "api_rate", "api_rate_burst", "api_max_body"):

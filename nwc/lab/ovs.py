@@ -49,9 +49,11 @@ class PrivateOvs:
         """What ovs-ofctl takes to talk to a bridge of this instance."""
         return f"unix:{self.rundir / bridge}.mgmt"
 
-    def start(self, *, switchd: bool = True) -> PrivateOvs:
+    def start(self, *, switchd: bool = True,
+              tls: tuple[Path, Path, Path] | None = None) -> PrivateOvs:
         """ovsdb-server, then ovs-vswitchd (unless `switchd` is False: a bare database, for
-        tests of what is written into it)."""
+        tests of what is written into it). `tls` = (private key, certificate, CA
+        certificate) for `ssl:` controller targets."""
         db = self.rundir / "conf.db"
         self.ns.run("ovsdb-tool", "create", str(db), str(SCHEMA), env=self.env)
         db.chmod(0o600)  # the tunnel backends keep pre-shared keys in here
@@ -69,10 +71,12 @@ class PrivateOvs:
         self.vsctl("--no-wait", "init")
         if not switchd:
             return self
+        ssl_options = [f"--private-key={tls[0]}", f"--certificate={tls[1]}",
+                       f"--ca-cert={tls[2]}"] if tls else []
         vswitchd = self.ns.popen(
             ["ovs-vswitchd", self.db_target, f"--unixctl={self.rundir}/ovs-vswitchd.ctl",
              f"--pidfile={self.rundir}/ovs-vswitchd.pid",
-             f"--log-file={self.rundir}/ovs-vswitchd.log"], env=self.env)
+             f"--log-file={self.rundir}/ovs-vswitchd.log", *ssl_options], env=self.env)
         self._track(vswitchd, "ovs-vswitchd")
         wait_for(lambda: (self.rundir / "ovs-vswitchd.ctl").exists(), 10,
                  f"ovs-vswitchd of {self.name}")
