@@ -5,8 +5,6 @@ the CLI through NWC_TOKEN, never through a command line."""
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import json
 import os
 import signal
@@ -21,6 +19,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+
+from nwc.lab.labpki import LabCa
 
 pytestmark = pytest.mark.functional
 
@@ -121,36 +121,14 @@ def test_nwc_run_serves_the_cli(controller: tuple[Path, str, subprocess.Popen[by
     assert unreachable.returncode == 5
 
 
-def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
-    """A key and a self-signed certificate for 127.0.0.1, as an operator's own CA would issue."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "nwc-api-test")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(hours=1))
-            .add_extension(x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    key_path, cert_path = tmp_path / "api.key", tmp_path / "api.crt"
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    key_path.chmod(0o600)
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return key_path, cert_path
+def _api_certificate(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """An operator's CA and the API's key and certificate for 127.0.0.1 from it."""
+    return LabCa(tmp_path / "pki", "api-ca").issue("nwc-api", ("127.0.0.1",)).as_tuple()
 
 
 def test_nwc_run_serves_https_with_the_limits_it_was_given(tmp_path: Path) -> None:
-    key, cert = _self_signed(tmp_path)
-    context = ssl.create_default_context(cafile=str(cert))
+    key, cert, ca = _api_certificate(tmp_path)
+    context = ssl.create_default_context(cafile=str(ca))
     config = tmp_path / "nwc.ini"
     config.write_text("[nwc]\napi-max-live-weaves = 1\n")  # limits from a config file too
     with running(tmp_path, "--api-ssl-key", str(key), "--api-ssl-cert", str(cert),
@@ -159,20 +137,20 @@ def test_nwc_run_serves_https_with_the_limits_it_was_given(tmp_path: Path) -> No
         env = {**os.environ, "NWC_TOKEN": token, "NWC_API_URL": url}
         args = ("weave", "create", "acme-web", "globex-db", "--duration", "600",
                 "--bandwidth", "10", "--no-wait", "--json")
-        created = nwc(*args, "--ca-file", str(cert), env=env)
+        created = nwc(*args, "--ca-file", str(ca), env=env)
         assert created.returncode == 0, created.stderr
         first = json.loads(created.stdout)["id"]
 
         # The quota of one live weave from the config file: the next one is refused (429).
         over = nwc("weave", "create", "acme-web", "globex-lab", "--duration", "60",
-                   "--bandwidth", "1", "--ca-file", str(cert), env=env)
+                   "--bandwidth", "1", "--ca-file", str(ca), env=env)
         assert over.returncode == 3 and "quota_exceeded" in over.stderr, over.stderr
 
         # Without the operator's CA the certificate is not trusted: unreachable, not a
         # silent fallback to no verification.
         untrusted = nwc("weave", "list", env={**env, "NWC_API_CA": ""})
         assert untrusted.returncode == 5 and "certificate" in untrusted.stderr.lower()
-        trusted = nwc("weave", "list", env={**env, "NWC_API_CA": str(cert)})
+        trusted = nwc("weave", "list", env={**env, "NWC_API_CA": str(ca)})
         assert trusted.returncode == 0 and first in trusted.stdout
 
         # Plain http to the TLS port gets no API answer.
@@ -185,6 +163,6 @@ def test_nwc_run_serves_https_with_the_limits_it_was_given(tmp_path: Path) -> No
 
 
 def test_nwc_run_refuses_half_a_tls_configuration(tmp_path: Path) -> None:
-    key, _ = _self_signed(tmp_path)
+    key, _, _ = _api_certificate(tmp_path)
     refused = nwc("run", "--state-dir", str(tmp_path / "state"), "--api-ssl-key", str(key))
     assert refused.returncode == 2 and "go together" in refused.stderr

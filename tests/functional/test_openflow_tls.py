@@ -4,7 +4,6 @@ that speak plain TCP or hold a certificate from another CA."""
 
 from __future__ import annotations
 
-import datetime
 import socket
 import ssl
 import subprocess
@@ -13,57 +12,16 @@ import time
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from nwc.config import load_config
 from nwc.lab.host import ManagementNet
+from nwc.lab.labpki import LabCa
 from nwc.lab.netns import Lab, unique_prefix, wait_for
 from nwc.lab.ovs import PrivateOvs
 
 pytestmark = pytest.mark.functional
 
 OF13_HELLO = bytes([4, 0, 0, 8, 0, 0, 0, 1])
-
-
-class Issuer:
-    """A throwaway CA issuing PEM files into `directory`."""
-
-    def __init__(self, directory: Path, name: str) -> None:
-        self.directory = directory
-        self.key = ec.generate_private_key(ec.SECP256R1())
-        self.name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        self.cert = self._sign(self.name, self.key.public_key(), ca=True)
-        self.cert_path = self._write(f"{name}.crt", self.cert.public_bytes(
-            serialization.Encoding.PEM))
-
-    def _sign(self, subject: x509.Name, public_key: object, *, ca: bool) -> x509.Certificate:
-        now = datetime.datetime.now(datetime.UTC)
-        return (x509.CertificateBuilder().subject_name(subject).issuer_name(self.name)
-                .public_key(public_key).serial_number(x509.random_serial_number())
-                .not_valid_before(now - datetime.timedelta(minutes=5))
-                .not_valid_after(now + datetime.timedelta(hours=1))
-                .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-                .sign(self.key, hashes.SHA256()))
-
-    def _write(self, name: str, data: bytes) -> Path:
-        path = self.directory / name
-        path.write_bytes(data)
-        path.chmod(0o600)
-        return path
-
-    def issue(self, common_name: str) -> tuple[Path, Path]:
-        key = ec.generate_private_key(ec.SECP256R1())
-        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-        cert = self._sign(subject, key.public_key(), ca=False)
-        key_path = self._write(f"{common_name}.key", key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption()))
-        cert_path = self._write(f"{common_name}.crt", cert.public_bytes(
-            serialization.Encoding.PEM))
-        return key_path, cert_path
 
 
 def _free_port(host: str) -> int:
@@ -81,10 +39,12 @@ def _first_bytes(sock: socket.socket) -> bytes:
 
 
 def test_openflow_over_tls_with_a_real_switch_and_only_trusted_peers(tmp_path: Path) -> None:
-    switch_ca = Issuer(tmp_path, "switch-ca")
-    ctl_key, ctl_cert = switch_ca.issue("nwc-controller")
-    sw_key, sw_cert = switch_ca.issue("h1-switch")
-    rogue_key, rogue_cert = Issuer(tmp_path, "rogue-ca").issue("rogue")
+    switch_ca = LabCa(tmp_path / "pki", "switch-ca")
+    ctl_key, ctl_cert, ca_cert = switch_ca.issue("nwc-controller").as_tuple()
+    sw = switch_ca.issue("h1-switch")
+    sw_key, sw_cert = sw.private_key, sw.certificate
+    rogue = LabCa(tmp_path / "rogue", "rogue-ca").issue("rogue")
+    rogue_key, rogue_cert = rogue.private_key, rogue.certificate
     h1 = load_config().topology.hosts["h1"]
 
     with Lab(unique_prefix("tls")) as lab:
@@ -98,7 +58,7 @@ def test_openflow_over_tls_with_a_real_switch_and_only_trusted_peers(tmp_path: P
                  "--api-host", "127.0.0.1", "--api-port", str(_free_port("127.0.0.1")),
                  "--ofp-listen-host", host, "--ofp-tcp-listen-port", str(port),
                  "--ctl-privkey", str(ctl_key), "--ctl-cert", str(ctl_cert),
-                 "--ca-certs", str(switch_ca.cert_path)],
+                 "--ca-certs", str(ca_cert)],
                 stdout=log, stderr=subprocess.STDOUT)
         lab.process(proc, "nwc run")
         wait_for(lambda: "OpenFlow 1.3 listening" in log_path.read_text(), 60,
@@ -107,7 +67,7 @@ def test_openflow_over_tls_with_a_real_switch_and_only_trusted_peers(tmp_path: P
         # A real switch: its own certificate, NWC's CA to check the controller's.
         ns = lab.netns("sw")
         mgmt.attach(ns)
-        ovs = PrivateOvs(lab, ns, "sw").start(tls=(sw_key, sw_cert, switch_ca.cert_path))
+        ovs = PrivateOvs(lab, ns, "sw").start(tls=(sw_key, sw_cert, ca_cert))
         ovs.vsctl("add-br", "br-int", "--", "set", "bridge", "br-int", "datapath_type=netdev",
                   "fail_mode=secure", "protocols=OpenFlow13",
                   f"other_config:datapath-id={h1.dpid:016x}")
@@ -126,7 +86,7 @@ def test_openflow_over_tls_with_a_real_switch_and_only_trusted_peers(tmp_path: P
         # A certificate from another CA: the handshake fails and nothing is greeted.
         client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         client.check_hostname = False
-        client.load_verify_locations(str(switch_ca.cert_path))
+        client.load_verify_locations(str(ca_cert))
         client.load_cert_chain(str(rogue_cert), str(rogue_key))
         with socket.create_connection((host, port), timeout=5) as raw:
             try:
@@ -140,7 +100,7 @@ def test_openflow_over_tls_with_a_real_switch_and_only_trusted_peers(tmp_path: P
         # A trusted switch certificate is greeted with OpenFlow 1.3's hello, through TLS.
         client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         client.check_hostname = False
-        client.load_verify_locations(str(switch_ca.cert_path))
+        client.load_verify_locations(str(ca_cert))
         client.load_cert_chain(str(sw_cert), str(sw_key))
         with socket.create_connection((host, port), timeout=5) as raw, \
                 client.wrap_socket(raw) as trusted:

@@ -3,18 +3,14 @@ same time (as os-ken does), over a socketpair, against Python's own TLS client."
 
 from __future__ import annotations
 
-import datetime
 import socket
 import ssl
 import threading
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
+from nwc.lab.labpki import LabCa
 from nwc.oftls import TlsConfigError, TlsFiles, TlsSocket
 
 pytestmark = pytest.mark.unit
@@ -22,32 +18,10 @@ pytestmark = pytest.mark.unit
 
 def _pki(directory: Path) -> dict[str, Path]:
     """A CA and two leaf certificates (controller, switch), as PEM files."""
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ca")])
-
-    def sign(name: x509.Name, public_key: object, ca: bool) -> x509.Certificate:
-        return (x509.CertificateBuilder().subject_name(name).issuer_name(ca_name)
-                .public_key(public_key).serial_number(x509.random_serial_number())
-                .not_valid_before(now - datetime.timedelta(minutes=5))
-                .not_valid_after(now + datetime.timedelta(hours=1))
-                .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-                .sign(ca_key, hashes.SHA256()))
-
-    files = {"ca": directory / "ca.crt"}
-    files["ca"].write_bytes(sign(ca_name, ca_key.public_key(), True).public_bytes(
-        serialization.Encoding.PEM))
-    for who in ("ctl", "sw"):
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = sign(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, who)]),
-                    key.public_key(), False)
-        files[f"{who}.key"] = directory / f"{who}.key"
-        files[f"{who}.key"].write_bytes(key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption()))
-        files[f"{who}.crt"] = directory / f"{who}.crt"
-        files[f"{who}.crt"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return files
+    ca = LabCa(directory, "ca")
+    ctl, sw = ca.issue("ctl"), ca.issue("sw")
+    return {"ca": ca.certificate, "ctl.key": ctl.private_key, "ctl.crt": ctl.certificate,
+            "sw.key": sw.private_key, "sw.crt": sw.certificate}
 
 
 def test_concurrent_reads_and_writes_carry_every_byte_in_order(tmp_path: Path) -> None:
