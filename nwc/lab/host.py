@@ -22,6 +22,7 @@ import ipaddress
 import os
 import subprocess
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from nwc.lab.netns import Lab, Netns, run
 from nwc.lab.ovs import PrivateOvs
@@ -93,8 +94,10 @@ class EmulatedHost:
     topology: Topology
     policy: Policy
     name: str
-    controller: str  # e.g. tcp:100.126.3.1:6653
+    controller: str  # e.g. tcp:100.126.3.1:6653, or ssl:... with switch_tls
     mgmt: ManagementNet
+    switch_tls: tuple[Path, Path, Path] | None = None  # ovs-vswitchd key, cert, CA
+    ovsdb_tls: tuple[Path, Path, Path] | None = None  # the same for ovsdb-server (pssl:)
     ns: Netns = field(init=False)
     ovs: PrivateOvs = field(init=False)
     vms: dict[str, Netns] = field(default_factory=dict, init=False)
@@ -103,7 +106,8 @@ class EmulatedHost:
         host = self.topology.hosts[self.name]
         self.ns = self.lab.netns(self.name)
         self.mgmt.attach(self.ns)
-        self.ovs = PrivateOvs(self.lab, self.ns, self.name).start()
+        self.ovs = PrivateOvs(self.lab, self.ns, self.name).start(tls=self.switch_tls,
+                                                                   ovsdb_tls=self.ovsdb_tls)
         self.ovs.add_bridge(INTEGRATION_BRIDGE, dpid=host.dpid, controller=self.controller)
         self.ovs.vsctl("set", "controller", INTEGRATION_BRIDGE, "max_backoff=1000")
         self.ovs.add_port(INTEGRATION_BRIDGE, IVN_TUNNEL_PORT, ofport=IVN_TUNNEL_OFPORT,
@@ -168,13 +172,14 @@ class EmulatedFabric:
     topology: Topology
     controller: str
     mgmt: ManagementNet
+    switch_tls: tuple[Path, Path, Path] | None = None
     ns: Netns = field(init=False)
     ovs: PrivateOvs = field(init=False)
 
     def build(self, hosts: dict[str, EmulatedHost]) -> EmulatedFabric:
         self.ns = self.lab.netns("fabric")
         self.mgmt.attach(self.ns)
-        self.ovs = PrivateOvs(self.lab, self.ns, "fabric").start()
+        self.ovs = PrivateOvs(self.lab, self.ns, "fabric").start(tls=self.switch_tls)
         mtu = self.topology.underlay.mtu
         for name, switch in sorted(self.topology.switches.items()):
             self.ovs.add_bridge(name, dpid=switch.dpid, controller=self.controller)

@@ -49,11 +49,12 @@ class PrivateOvs:
         """What ovs-ofctl takes to talk to a bridge of this instance."""
         return f"unix:{self.rundir / bridge}.mgmt"
 
-    def start(self, *, switchd: bool = True,
-              tls: tuple[Path, Path, Path] | None = None) -> PrivateOvs:
+    def start(self, *, switchd: bool = True, tls: tuple[Path, Path, Path] | None = None,
+              ovsdb_tls: tuple[Path, Path, Path] | None = None) -> PrivateOvs:
         """ovsdb-server, then ovs-vswitchd (unless `switchd` is False: a bare database, for
         tests of what is written into it). `tls` = (private key, certificate, CA
-        certificate) for `ssl:` controller targets."""
+        certificate) of ovs-vswitchd, for `ssl:` controller targets; `ovsdb_tls` the same
+        for ovsdb-server, for `pssl:` managers."""
         db = self.rundir / "conf.db"
         self.ns.run("ovsdb-tool", "create", str(db), str(SCHEMA), env=self.env)
         db.chmod(0o600)  # the tunnel backends keep pre-shared keys in here
@@ -62,6 +63,9 @@ class PrivateOvs:
         if self.ovsdb_tcp:
             remotes.append(f"--remote=ptcp:{self.ovsdb_tcp.rsplit(':', 1)[1]}:"
                            f"{self.ovsdb_tcp.rsplit(':', 1)[0]}")
+        if ovsdb_tls:
+            remotes += [f"--private-key={ovsdb_tls[0]}", f"--certificate={ovsdb_tls[1]}",
+                        f"--ca-cert={ovsdb_tls[2]}"]
         server = self.ns.popen(
             ["ovsdb-server", str(db), *remotes, f"--unixctl={self.rundir}/ovsdb-server.ctl",
              f"--pidfile={self.rundir}/ovsdb-server.pid",

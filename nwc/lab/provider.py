@@ -34,6 +34,7 @@ import yaml
 from nwc.client import ApiClient, ClientError
 from nwc.config import SHIPPED_POLICIES, topology_path
 from nwc.lab.host import EmulatedFabric, EmulatedHost, ManagementNet
+from nwc.lab.labpki import LabCa, TlsFilePaths
 from nwc.lab.netns import Lab, Netns, kill_pid, run, wait_for
 from nwc.lab.strongswan import PrivateCharon
 from nwc.pipeline import INTEGRATION_BRIDGE, KIND_WEAVE, cookie_owner
@@ -97,6 +98,11 @@ class LabHost:
         lab.process(self.agent, f"agent of {self.emulated.name}")
 
 
+def _tls_options(names: tuple[str, str, str], files: TlsFilePaths) -> list[str]:
+    return [arg for name, path in zip(names, files.as_tuple(), strict=True)
+            for arg in (name, str(path))]
+
+
 @dataclass
 class ProviderLab:
     topology: str | Path = "small"
@@ -112,6 +118,8 @@ class ProviderLab:
     state_dir: Path = field(init=False)
     api_url: str = field(init=False)
     controller: subprocess.Popen[bytes] | None = field(default=None, init=False)
+    openflow_ca: LabCa = field(init=False)
+    ovsdb_ca: LabCa = field(init=False)
     _tokens: dict[str, str] = field(default_factory=dict, init=False)
 
     # -- life ------------------------------------------------------------------------------
@@ -133,20 +141,31 @@ class ProviderLab:
         self.state_dir = self.lab.directory("nwc-state")
         self.mgmt = ManagementNet(self.lab)
         ofp_port = free_port()
-        target = f"tcp:{self.mgmt.controller_ip}:{ofp_port}"
-        say(f"compute hosts: {', '.join(sorted(self.topo.hosts))} (private OVS, charon, agent)")
+        # The management plane is TLS, as production's should be: switches present
+        # certificates from one lab CA, host OVSDB servers from another (NWC's weave CA is a
+        # third, for IKE), and NWC presents its own to each.
+        pki = self.lab.directory("pki")
+        self.openflow_ca = LabCa(pki / "openflow", "nwc-lab-openflow-ca")
+        self.ovsdb_ca = LabCa(pki / "ovsdb", "nwc-lab-ovsdb-ca")
+        target = f"ssl:{self.mgmt.controller_ip}:{ofp_port}"
+        say(f"compute hosts: {', '.join(sorted(self.topo.hosts))} (private OVS, charon, agent; "
+            "OpenFlow and OVSDB over TLS)")
         for name in sorted(self.topo.hosts):
-            emulated = EmulatedHost(self.lab, self.topo, self.policy, name, target, self.mgmt)
+            emulated = EmulatedHost(
+                self.lab, self.topo, self.policy, name, target, self.mgmt,
+                switch_tls=self.openflow_ca.issue(f"{name}-switch").as_tuple(),
+                ovsdb_tls=self.ovsdb_ca.issue(f"{name}-ovsdb").as_tuple())
             emulated.build()
             emulated.ns.no_ipv6()
             mgmt_ip = _address_of(emulated.ns, "mgmt0")
-            emulated.ovs.vsctl("set-manager", f"ptcp:{OVSDB_PORT}:{mgmt_ip}")
+            emulated.ovs.vsctl("set-manager", f"pssl:{OVSDB_PORT}:{mgmt_ip}")
             charon = PrivateCharon(self.lab, emulated.ns, name).start()
             self.hosts[name] = LabHost(emulated, charon, mgmt_ip)
         say(f"fabric: {len(self.topo.switches)} switches, "
             f"{sum(1 for link in self.topo.links if link.a in self.topo.switches)} links "
             "shaped to their capacity")
-        self.fabric = EmulatedFabric(self.lab, self.topo, target, self.mgmt)
+        self.fabric = EmulatedFabric(self.lab, self.topo, target, self.mgmt,
+                                     switch_tls=self.openflow_ca.issue("fabric").as_tuple())
         self.fabric.build({n: h.emulated for n, h in self.hosts.items()})
         self.fabric.ns.no_ipv6()  # so a capture on a fabric link shows only weaves
         self._shape_links()
@@ -220,7 +239,7 @@ class ProviderLab:
     def _start_controller(self, path: Path, ofp_port: int) -> None:
         doc = yaml.safe_load(path.read_text())
         for name, host in self.hosts.items():
-            doc["hosts"][name]["ovsdb"] = f"tcp:{host.management_ip}:{OVSDB_PORT}"
+            doc["hosts"][name]["ovsdb"] = f"ssl:{host.management_ip}:{OVSDB_PORT}"
             # NWC accepts this host's switch only from its management address.
             doc["hosts"][name]["management_ip"] = host.management_ip
         lab_topology = self.lab.directory("config") / f"{self.topo.name}.yaml"
@@ -232,6 +251,10 @@ class ProviderLab:
                 "--ofp-listen-host", str(self.mgmt.controller_ip),
                 "--ofp-tcp-listen-port", str(ofp_port),
                 "--ofp-allowed-peers", str(self.mgmt.subnet),
+                *_tls_options(("--ctl-privkey", "--ctl-cert", "--ca-certs"),
+                              self.openflow_ca.issue("nwc-openflow")),
+                *_tls_options(("--ovsdb-ssl-key", "--ovsdb-ssl-cert", "--ovsdb-ssl-ca"),
+                              self.ovsdb_ca.issue("nwc-ovsdb-client")),
                 "--api-host", "127.0.0.1", "--api-port", str(api_port),
                 "--provision-timeout", str(self.provision_timeout_s)]
         for p in self.policy_paths:

@@ -71,6 +71,23 @@ def vm_config(lab: ProviderLab) -> dict[str, str]:
             for vm in lab.topo.vms}
 
 
+def test_the_management_plane_is_tls(lab: ProviderLab) -> None:
+    """Every switch reaches NWC over OpenFlow on TLS and is connected; every host's OVSDB
+    listens only with TLS; NWC says it requires switch certificates."""
+    instances = [h.emulated.ovs for h in lab.hosts.values()] + [lab.fabric.ovs]
+    for ovs in instances:
+        targets = ovs.vsctl("--columns=target", "--bare", "list", "controller").split()
+        connected = ovs.vsctl("--columns=is_connected", "--bare", "list", "controller").split()
+        assert targets and all(t.startswith('"ssl:') or t.startswith("ssl:") for t in targets)
+        assert connected and set(connected) == {"true"}
+    for host in lab.hosts.values():
+        managers = host.emulated.ovs.vsctl("get-manager").split()
+        assert managers and all(m.startswith("pssl:") for m in managers)
+    log = (lab.logs / "nwc-run.log").read_text()
+    assert "TLS, switch certificates required" in log
+    assert "is not encrypted" not in log  # what NWC warns for a tcp: OVSDB target
+
+
 def test_isolation_before_and_after_a_weave(lab: ProviderLab) -> None:
     assert cross_ivn_packets(lab) == dict.fromkeys(lab.topo.vms, 0)
     w = weave(lab)
