@@ -813,7 +813,8 @@ class FlowsPart:
 def _live(datapath: Any) -> bool:
     """Is this connection a switch that is still talking to NWC?"""
     if not getattr(datapath, "is_active", True) or \
-            getattr(datapath, "state", None) == DEAD_DISPATCHER:
+            getattr(datapath, "state", None) == DEAD_DISPATCHER or \
+            getattr(datapath.socket, "ended", False):
         return False
     idle = getattr(datapath.socket, "idle_s", None)
     return idle is None or idle() < LIVE_PEER_S

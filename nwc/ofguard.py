@@ -265,6 +265,10 @@ class GuardedSocket:
         self._raw = bytearray()
         self._ready = bytearray()
         self.rejected: str | None = None
+        # The peer's end of the stream was seen (or the connection refused): os-ken takes a
+        # while to report such a connection dead (it joins its echo and send threads first),
+        # and a switch reconnecting meanwhile must not be turned away for it.
+        self.ended = False
         self.dropped = 0
         self._last = time.monotonic()
         self._chains: dict[int, int] = {}  # xid -> parts of a multipart reply still running
@@ -278,6 +282,7 @@ class GuardedSocket:
     def recv(self, size: int, *flags: int) -> bytes:
         while not self._ready:
             if self.rejected:
+                self.ended = True
                 return b""
             try:
                 data = self._sock.recv(65536)
@@ -285,9 +290,14 @@ class GuardedSocket:
                 # os-ken retries on a timeout; NWC gives up on a peer that went quiet.
                 if time.monotonic() - self._last > IDLE_LIMIT_S:
                     self._reject(f"nothing complete for {IDLE_LIMIT_S:g} s")
+                    self.ended = True
                     return b""
                 raise
+            except OSError:
+                self.ended = True
+                raise
             if not data:
+                self.ended = True
                 return b""
             self._raw += data
             self._take_messages()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import socket
 import struct
@@ -83,6 +84,29 @@ def test_reconnect_and_controller_restart_resync_without_losing_weave_traffic(
     seen = {int(n) for n in re.findall(r"icmp_seq=(\d+)", out)}
     assert received == sent, f"lost {sorted(set(range(1, sent + 1)) - seen)}"
     assert nwc.net.ping("web1", "192.0.2.70")
+
+
+def test_a_switch_whose_controller_is_reset_is_taken_back_at_once(
+        nwc: Nwc, caplog: pytest.LogCaptureFixture) -> None:
+    """`ovs-vsctl del-controller` then `set-controller`: OVS flushes its tables when its
+    controller set empties and reconnects. os-ken reports the old connection dead only
+    seconds later (it joins its echo and send threads first); the reconnecting switch must
+    not be refused as a second connection meanwhile, and gets its tables back."""
+    caplog.set_level(logging.INFO)
+    nwc.weave("acme-web", "globex-db")
+    h1 = nwc.net.hosts["h1"].ovs
+    dpid = nwc.controller.config.topology.hosts["h1"].dpid
+    target = h1.vsctl("get-controller", "br-int")
+    old = nwc.part.switches[dpid].datapath
+    h1.vsctl("del-controller", "br-int")
+    h1.vsctl("set-controller", "br-int", target)
+    wait_for(lambda: dpid in nwc.part.switches and nwc.part.switches[dpid].datapath is not old
+             and nwc.part.switches[dpid].synced, 10, "h1 to be resynced on its new connection")
+    assert not [r for r in caplog.records if "refusing a second connection" in r.getMessage()]
+    wait_for(lambda: nwc.net.ping("web1", "192.0.2.70"), 10, "the weave to carry traffic again")
+    # The IVN base too (the flush also emptied the tunnel's neighbour cache: its first
+    # packets resolve the remote VTEP again).
+    wait_for(lambda: nwc.net.ping("web1", "192.0.2.11"), 10, "the IVN base to carry traffic")
 
 
 def test_fabric_link_down_moves_the_weave_and_its_steering(nwc: Nwc) -> None:
