@@ -109,10 +109,17 @@ def tell(lab: ProviderLab, story: Story) -> None:
     story.step("7. The lease runs out")
     wait = (expires - datetime.now(UTC)).total_seconds()
     story.say(f"waiting {max(0.0, wait):.0f} s for {weave['expires_at']}")
-    ended = lab.wait_state("acme", weave["id"], {"terminated", "failed"}, timeout=wait + 30)
+    ended = lab.wait_state("acme", weave["id"], {"terminating", "terminated", "failed"},
+                           timeout=wait + 30)
+    released = (datetime.now(UTC) - expires).total_seconds()
+    if ended["state"] == "terminating":  # released; flows and tunnels being removed
+        story.say(f"{weave['id']} terminating (expired), {released:.2f} s after expiry: "
+                  "reservation released, data plane being torn down")
+        ended = lab.wait_state("acme", weave["id"], {"terminated", "failed"}, timeout=30)
     late = (datetime.now(UTC) - expires).total_seconds()
     story.check(ended["state"] == "terminated" and ended["reason"] == "expired",
-                f"{weave['id']} {ended['state']} ({ended['reason']}), {late:.2f} s after expiry")
+                f"{weave['id']} {ended['state']} ({ended['reason']}), {late:.2f} s after "
+                "expiry: every switch and both hosts confirmed it gone")
     story.check(not lab.ping(web1, lab.ip_of(db1), count=2, wait_s=0.5),
                 "web1 -> db1 stops")
     left = _settle(lab.leftovers)
