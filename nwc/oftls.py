@@ -13,12 +13,15 @@ presents `--ctl-cert`. OVS configures its side with `ovs-vsctl set-ssl` and an `
 
 from __future__ import annotations
 
+import logging
 import socket
 import ssl
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT_S = 10.0
 READ_CHUNK = 65536
@@ -58,6 +61,10 @@ class TlsSocket:
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
         self._tls = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
+        try:
+            self._peer = sock.getpeername()
+        except OSError:
+            self._peer = None
         self._state = threading.Lock()  # the SSLObject and its buffers
         self._writing = threading.Lock()  # keeps TLS records in order on the wire
 
@@ -92,6 +99,11 @@ class TlsSocket:
                 except ssl.SSLWantReadError:
                     data = None
                 except ssl.SSLZeroReturnError:  # the peer's close_notify
+                    return b""
+                except ssl.SSLError as exc:
+                    # A record that does not decrypt or verify: the stream is unusable. End
+                    # it (os-ken would take an SSLError for a read timeout and spin on it).
+                    log.warning("TLS stream from %s broken (%s): closing it", self._peer, exc)
                     return b""
                 pending = self._outgoing.pending
             if pending:  # reading can produce records to send (TLS 1.3 key updates)

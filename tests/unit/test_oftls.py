@@ -3,6 +3,7 @@ same time (as os-ken does), over a socketpair, against Python's own TLS client."
 
 from __future__ import annotations
 
+import os
 import socket
 import ssl
 import threading
@@ -86,3 +87,28 @@ def test_a_bad_file_is_a_clear_configuration_error(tmp_path: Path) -> None:
     pki = _pki(tmp_path)
     with pytest.raises(TlsConfigError, match="OpenFlow TLS files"):
         TlsFiles(pki["ctl.key"], pki["sw.crt"], pki["ca"]).server_context()  # key mismatch
+
+
+def test_a_corrupted_record_ends_the_stream_instead_of_raising(tmp_path: Path) -> None:
+    """os-ken treats an SSLError from recv as a timeout and reads again: a broken stream
+    must end (b"") rather than raise on every read."""
+    pki = _pki(tmp_path)
+    server_context = TlsFiles(pki["ctl.key"], pki["ctl.crt"], pki["ca"]).server_context()
+    client_context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client_context.check_hostname = False
+    client_context.load_verify_locations(str(pki["ca"]))
+    client_context.load_cert_chain(str(pki["sw.crt"]), str(pki["sw.key"]))
+    server_raw, client_raw = socket.socketpair()
+    server_raw.settimeout(20)
+    server = TlsSocket(server_raw, server_context)
+    box: dict[str, ssl.SSLSocket] = {}
+    connecting = threading.Thread(target=lambda: box.update(
+        tls=client_context.wrap_socket(client_raw)))
+    connecting.start()
+    server.handshake(timeout_s=20)
+    connecting.join(20)
+    # An application-data record header followed by garbage: it cannot decrypt.
+    os.write(box["tls"].fileno(), bytes([23, 3, 3, 0, 40]) + bytes(40))  # past TLS
+    assert server.recv(100) == b""
+    box["tls"].close()
+    server.close()
