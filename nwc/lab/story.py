@@ -11,10 +11,13 @@ nothing running (`--keep` opens the Mininet CLI on the lab instead, and tears do
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -31,16 +34,48 @@ class Story:
         self.failures: list[str] = []
 
     def say(self, text: str) -> None:
-        print(f"[{time.monotonic() - self.start:6.1f}s] {text}", file=self.out, flush=True)
+        self.print_line(f"[{time.monotonic() - self.start:6.1f}s] {text}")
 
     def step(self, title: str) -> None:
-        print(f"\n== {title}", file=self.out, flush=True)
+        self.print_line(f"\n== {title}")
+
+    def print_line(self, line: str) -> None:
+        """A reader that went away (`scripts/demo | head`) must not stop the story before
+        the teardown: the rest goes nowhere, the lab is still removed."""
+        try:
+            print(line, file=self.out, flush=True)
+        except (BrokenPipeError, ValueError):
+            _silence_stdout()
+            self.out = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the story
 
     def check(self, ok: bool, claim: str) -> bool:
         self.say(f"{'ok  ' if ok else 'FAIL'} {claim}")
         if not ok:
             self.failures.append(claim)
         return ok
+
+
+def _silence_stdout() -> None:
+    """After the reader of stdout left: later writes (and the flush at exit) go nowhere."""
+    with contextlib.suppress(OSError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
+@contextlib.contextmanager
+def ended_cleanly_on_signals() -> Iterator[None]:
+    """SIGTERM and SIGHUP (a CI timeout, a closed terminal) end the lab through its normal
+    teardown instead of killing the process with everything still running."""
+    def leave(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = {sig: signal.signal(sig, leave) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def tell(lab: ProviderLab, story: Story) -> None:
@@ -169,29 +204,33 @@ def cmd_demo(args: argparse.Namespace) -> int:
     story = Story()
     story.step("Building the lab: topology small (2 tenants, 2 compute hosts, 2 switches)")
     lab = ProviderLab(args.topology)
-    try:
-        lab.start(progress=story.say)
-        tell(lab, story)
-        if args.keep:
-            cli(lab)
-    finally:
-        story.step("Tearing down")
-        lab.stop()
-        story.say("nothing left running")
+    with ended_cleanly_on_signals():
+        try:
+            lab.start(progress=story.say)
+            tell(lab, story)
+            if args.keep:
+                cli(lab)
+        finally:
+            story.step("Tearing down")
+            lab.stop()
+            story.say("nothing left running")
     if story.failures:
-        print(f"\n{len(story.failures)} claim(s) did not hold: " + "; ".join(story.failures))
+        story.print_line(f"\n{len(story.failures)} claim(s) did not hold: "
+                     + "; ".join(story.failures))
         return 1
-    print("\nEvery claim held.")
+    story.print_line("\nEvery claim held.")
     return 0
 
 
 def cmd_lab(args: argparse.Namespace) -> int:
     lab = ProviderLab(args.topology)
-    try:
-        lab.start(progress=lambda text: print(f"lab: {text}", flush=True))
-        cli(lab)
-    finally:
-        lab.stop()
+    story = Story()
+    with ended_cleanly_on_signals():
+        try:
+            lab.start(progress=lambda text: story.print_line(f"lab: {text}"))
+            cli(lab)
+        finally:
+            lab.stop()
     return 0
 
 
