@@ -424,8 +424,3 @@ class HostDb:
         with self._cache() as api:
             br = idlutils.row_by_value(api.idl, "Bridge", "name", bridge, None)
             return None if br is None else br.datapath_type
-
-    def port_names(self, bridge: str) -> list[str]:
-        with self._cache() as api:
-            br = idlutils.row_by_value(api.idl, "Bridge", "name", bridge, None)
-            return sorted(p.name for p in br.ports) if br is not None else []

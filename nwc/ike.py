@@ -80,16 +80,6 @@ class IkeDaemon:
         finally:
             sock.close()
 
-    def alive(self) -> bool:
-        try:
-            with self._session(timeout=2.0) as s:
-                s.version()
-            return True
-        except (IkeUnavailable, IkeError):
-            return False
-
-    # -- configuration --------------------------------------------------------------------
-
     def load_connection(self, conn: dict[str, Any]) -> None:
         with self._session() as s:
             s.load_conn(conn)
@@ -181,9 +171,6 @@ class IkeDaemon:
                     if name not in best or _rank(info) > _rank(best[name]):
                         best[name] = info
         return best
-
-    def sa(self, name: str) -> SaInfo | None:
-        return self.sas().get(name)
 
 
 def _rank(info: SaInfo) -> tuple[bool, int]:

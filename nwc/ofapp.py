@@ -270,7 +270,6 @@ class SwitchConn:
     name: str
     outbox: Outbox
     ports: dict[str, int] = field(default_factory=dict)
-    port_state: dict[int, bool] = field(default_factory=dict)  # port_no -> link up
     meters: set[int] = field(default_factory=set)  # meter ids present on the switch
     synced: bool = False
     batches: dict[int, Batch] = field(default_factory=dict)  # barrier xid -> batch
@@ -301,7 +300,6 @@ class FlowsPart:
         # weave id -> dpids whose removal batch has not come back (its barrier). A switch
         # that drops counts as done: its resync on reconnect leaves the weave out. Loop only.
         self.removing: dict[str, set[int]] = {}
-        self._stopped = False
         self._stop = threading.Event()
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -315,7 +313,6 @@ class FlowsPart:
         timer.start()
 
     def stop(self) -> None:
-        self._stopped = True
         self._stop.set()
         with self.lock:
             conns = list(self.switches.values())
@@ -472,7 +469,7 @@ class FlowsPart:
         error) is left out and failed; the switch still gets everything else. If even its base
         cannot be compiled, its table is left as it is and its weaves are installed alone."""
         conn = self._conn(dpid)
-        if conn is None or self._stopped:
+        if conn is None or self._stop.is_set():
             return
         state = self.state()
         here = [w for w in state.weaves if dpid in weave_switches(state.topology, w)]
@@ -589,7 +586,7 @@ class FlowsPart:
                 _close(datapath)
                 return
         conn = SwitchConn(datapath, datapath.id, kind, name, outbox_of(datapath), dict(ports),
-                          dict(port_state), set(meters))
+                          set(meters))
         with self.lock:
             old = self.switches.get(datapath.id)
             other = old.datapath if old is not None and old.datapath is not datapath else None
@@ -648,7 +645,6 @@ class FlowsPart:
             if any(before.get(n) != conn.ports.get(n) for n in known):
                 self.resync(conn.dpid)  # a VM plugged or unplugged: its flows follow
             return
-        conn.port_state[port_no] = up and present
         link = fabric_link_of_port(self.weaver.topology, conn.name, port_no)
         if link is None:
             return

@@ -146,10 +146,6 @@ class Flow:
     cookie: int = INFRA_COOKIE
     hard_timeout: int = 0
 
-    @property
-    def match_dict(self) -> dict[str, MatchValue]:
-        return dict(self.match)
-
 
 @dataclass(frozen=True)
 class Meter:

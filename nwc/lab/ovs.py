@@ -90,9 +90,6 @@ class PrivateOvs:
         self._procs.append(proc)
         self.lab.process(proc, f"{what} of {self.name}")
 
-    def alive(self) -> bool:
-        return all(p.poll() is None for p in self._procs)
-
     def stop(self) -> None:
         for proc in reversed(self._procs):
             kill_pid(proc.pid)

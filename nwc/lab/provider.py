@@ -330,13 +330,6 @@ class ProviderLab:
         out = self.vm(src).cmd(f"ping -n -c {count} -W {wait_s} {dst_ip} >/dev/null; echo $?")
         return out.strip().splitlines()[-1] == "0"
 
-    def ping_loss(self, src: str, dst_ip: str, count: int, interval: float = 0.2) -> float:
-        out = self.vm(src).cmd(f"ping -n -q -c {count} -i {interval} -W 1 {dst_ip}")
-        for line in out.splitlines():
-            if "packet loss" in line:
-                return float(line.split("%")[0].split()[-1]) / 100
-        raise RuntimeError(f"no ping summary from {src}: {out!r}")
-
     def iperf(self, client: str, server: str, *args: str, seconds: int = 6) -> dict[str, Any]:
         """iperf3 from VM `client` to VM `server` (port 5201); its JSON summary."""
         srv = self.vm_popen(server, ["iperf3", "-s", "-1", "-p", "5201"])
@@ -394,28 +387,6 @@ class ProviderLab:
             if weave["state"] in states or time.monotonic() > deadline:
                 return weave
             time.sleep(0.25)  # 4 requests/s: inside the API's per-tenant rate limit (5/s)
-
-    def host_snapshot(self, host: str) -> dict[str, Any]:
-        """What a weave may leave on a compute host (links, addresses, routes, OVS ports)."""
-        ns = self.hosts[host].ns
-        ovs = self.hosts[host].emulated.ovs
-        return {
-            "links": sorted(line.split(":")[1].strip().split("@")[0]
-                            for line in ns.ip("-o", "link").stdout.splitlines()),
-            "addresses": sorted(" ".join(line.split()[1:4])
-                                for line in ns.ip("-o", "-4", "addr").stdout.splitlines()),
-            "routes": sorted(ns.ip("-4", "route", "show", "table", "all").stdout.splitlines()),
-            "ports": sorted(ovs.vsctl("list-ports", INTEGRATION_BRIDGE).split()),
-        }
-
-    def flows(self, host: str, cookie: str | None = None) -> list[str]:
-        ovs = self.hosts[host].emulated.ovs
-        args = [f"cookie={cookie}/-1"] if cookie else []
-        text = ovs.ofctl("dump-flows", INTEGRATION_BRIDGE, *args)
-        return [line for line in text.splitlines() if "cookie=" in line]
-
-
-    # -- what is left ------------------------------------------------------------------------
 
     def leftovers(self) -> dict[str, list[str]]:
         """Everything a weave could hold, on every switch and host and in the controller:

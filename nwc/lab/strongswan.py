@@ -79,10 +79,6 @@ class PrivateCharon:
     def log_path(self) -> Path:
         return self.directory / "charon.log"
 
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
-
     def start(self, timeout: float = 10.0) -> PrivateCharon:
         if self._proc is not None and self._proc.poll() is None:
             return self
@@ -123,6 +119,3 @@ class PrivateCharon:
             self._proc.kill()
             self._proc.wait(10)
             self._proc = None
-
-    def alive(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None

@@ -69,11 +69,6 @@ class EmulatedHost:
         self.lab.on_close(f"agent of {self.name}", lambda p=proc: kill_pid(p.pid))
         self._agent = proc
 
-    def stop_agent(self) -> None:
-        if self._agent is not None:
-            kill_pid(self._agent.pid)
-            self._agent = None
-
     @property
     def agent_pid(self) -> int | None:
         return self._agent.pid if self._agent is not None else None
