@@ -85,6 +85,14 @@ class World:
         assert isinstance(weave, Weave), weave
         return weave
 
+    def up(self, src_vm: str = "web1", dst_vm: str = "db1", target: str = "globex-db",
+           profile: str = "gold") -> Weave:
+        """An active weave from acme-web to `target`, with `src_vm` and `dst_vm` plugged into
+        its leg."""
+        weave = self.create("acme-web", target, profile)
+        self.tl.connect(src_vm, dst_vm, weave.legs[0].slot)
+        return self.wait_state(weave.id, State.ACTIVE)
+
     def weave(self, weave_id: str) -> Weave:
         c = self.controller
         return c.call(lambda: c.weaver.live.get(weave_id) or c.store.weave(weave_id))
@@ -201,9 +209,7 @@ def test_a_weave_carries_traffic_encrypted_and_leaves_nothing_behind(
     caplog.set_level(logging.DEBUG)
     tl = world.tl
     capture = Capture(world.lab, tl.hosts["h1"].ns, "ul0", "weave-up").start()
-    weave = world.create("acme-web", "globex-db", "gold")
-    tl.connect("web1", "db1", weave.legs[0].slot)
-    world.wait_state(weave.id, State.ACTIVE)
+    weave = world.up()
     secrets = host_secrets(world, weave)
     assert secrets, "a gold weave has a pre-shared key on its hosts"
 
@@ -250,9 +256,7 @@ def test_a_weave_carries_traffic_encrypted_and_leaves_nothing_behind(
 
 def test_with_the_ike_daemon_killed_nothing_leaves_in_clear(world: World) -> None:
     tl = world.tl
-    weave = world.create("acme-web", "globex-db", "gold")
-    tl.connect("web1", "db1", weave.legs[0].slot)
-    world.wait_state(weave.id, State.ACTIVE)
+    weave = world.up()
     db1 = str(tl.topology.vms["db1"].ip)
     assert ping(tl.vm("web1"), db1, count=1)
 
@@ -280,9 +284,7 @@ def test_an_sa_that_goes_away_leaves_nothing_in_clear(world: World) -> None:
     """A failed rekey ends with the SAs deleted, as a peer's `terminate` does: from then on
     the weave's VXLAN meets the blackhole route, never the underlay in clear."""
     tl = world.tl
-    weave = world.create("acme-web", "globex-db", "gold")
-    tl.connect("web1", "db1", weave.legs[0].slot)
-    world.wait_state(weave.id, State.ACTIVE)
+    weave = world.up()
     db1 = str(tl.topology.vms["db1"].ip)
     assert ping(tl.vm("web1"), db1, count=1)
 
