@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal
 
+# The leg's port on br-int (name, ofport) is a contract with the flows: one definition.
+from nwc.pipeline import INTEGRATION_BRIDGE, LEG_OFPORT_BASE, leg_ofport, leg_port_name
 from nwc.pki import Secret
 from nwc.policy import SecurityProfile
 from nwc.topology import Topology
@@ -36,8 +38,6 @@ from nwc.weave import Leg, Weave
 
 RECORD_VERSION = 1
 VXLAN_UDP_PORT = 4789
-LEG_OFPORT_BASE = 10000
-DEVICE_PREFIX = "nwv"
 # Keys in the host's Open_vSwitch row external_ids: the controller writes RECORD_PREFIX + key,
 # the agent answers with STATUS_PREFIX + key.
 RECORD_PREFIX = "nwc-tunnel-"
@@ -47,7 +47,6 @@ STATUS_PREFIX = "nwc-status-"
 MAX_JSON_CHARS = 65536
 # Stands for the agent's own underlay device (the controller does not know its name).
 UNDERLAY = "@underlay"
-DEFAULT_BRIDGE = "br-int"
 
 # -- MTU --------------------------------------------------------------------------------------
 # A VM keeps MTU 1500. Its frame crosses the weave inside VXLAN (outer IPv4 20 + UDP 8 + VXLAN
@@ -158,14 +157,6 @@ def mtu_plan(esp_proposals: tuple[str, ...], underlay_mtu: int, vm_mtu: int = VM
 
 # -- names ------------------------------------------------------------------------------------
 
-def device_name(slot: int) -> str:
-    return f"{DEVICE_PREFIX}{slot}"
-
-
-def leg_ofport(slot: int) -> int:
-    return LEG_OFPORT_BASE + slot
-
-
 def leg_key(weave_id: str, slot: int) -> str:
     """Names everything of one leg: OVSDB keys, the IKE connection, the secret."""
     return f"{weave_id}-s{slot}"
@@ -226,7 +217,7 @@ class TunnelSpec:
     esp_proposals: tuple[str, ...]
     rekey_s: int
     underlay_mtu: int
-    bridge: str = DEFAULT_BRIDGE
+    bridge: str = INTEGRATION_BRIDGE
 
     @property
     def key(self) -> str:
@@ -234,7 +225,7 @@ class TunnelSpec:
 
     @property
     def device(self) -> str:
-        return device_name(self.slot)
+        return leg_port_name(self.slot)
 
     @property
     def ofport(self) -> int:
@@ -642,7 +633,7 @@ class LegStatus:
 # -- from a weave to its leg ends -------------------------------------------------------------
 
 def leg_specs(weave: Weave, leg: Leg, profile: SecurityProfile, topology: Topology,
-              bridge: str = DEFAULT_BRIDGE) -> tuple[TunnelSpec, TunnelSpec]:
+              bridge: str = INTEGRATION_BRIDGE) -> tuple[TunnelSpec, TunnelSpec]:
     """The requester's and the target's end of one remote leg."""
     if leg.slot is None or leg.local:
         raise TunnelError("a leg inside one host has no tunnel")
@@ -674,7 +665,7 @@ def leg_specs(weave: Weave, leg: Leg, profile: SecurityProfile, topology: Topolo
 
 
 def weave_specs(weave: Weave, profile: SecurityProfile, topology: Topology,
-                bridge: str = DEFAULT_BRIDGE) -> list[tuple[TunnelSpec, TunnelSpec]]:
+                bridge: str = INTEGRATION_BRIDGE) -> list[tuple[TunnelSpec, TunnelSpec]]:
     """Both ends of every remote leg of a weave (legs inside one host have no tunnel)."""
     return [leg_specs(weave, leg, profile, topology, bridge)
             for leg in weave.legs if not leg.local and leg.slot is not None]

@@ -37,6 +37,7 @@ from typing import Any, Protocol
 # Imported here, never first from the part's thread: ovsdbapp pulls in python-ovs, which
 # imports eventlet, and a thread that imported eventlet first never finishes exiting.
 from nwc.hostdb import HostDb, OvsdbConfigError, check_target, configure_ssl, ssl_files
+from nwc.pipeline import INTEGRATION_BRIDGE
 from nwc.pki import CertificateAuthority, CsrRejected, Secret, new_psk
 from nwc.policy import MAX_LEASE_S, Policy
 from nwc.topology import Topology
@@ -251,7 +252,7 @@ class Tunnels:
     def __init__(self, *, topology: Topology, policy: Callable[[], Policy],
                  ca: CertificateAuthority, reports: Reports, ovsdb_targets: Mapping[str, str],
                  db_factory: Callable[[str], HostDbLike] | None = None,
-                 poll_interval: float = 0.1, bridge: str = "br-int",
+                 poll_interval: float = 0.1, bridge: str = INTEGRATION_BRIDGE,
                  now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
                  io_wait_s: float = IO_WAIT_S) -> None:
         self.topology = topology

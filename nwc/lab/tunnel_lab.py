@@ -28,8 +28,8 @@ from nwc.ike import IkeDaemon, IkeUnavailable
 from nwc.lab.netns import Lab, Netns, kill_pid
 from nwc.lab.ovs import PrivateOvs
 from nwc.lab.strongswan import PrivateCharon
+from nwc.pipeline import INTEGRATION_BRIDGE, leg_ofport
 from nwc.topology import Topology
-from nwc.tunnel import leg_ofport
 
 UNDERLAY_DEV = "ul0"
 
@@ -87,7 +87,7 @@ class EmulatedHost:
             "links": links, "addresses": addrs,
             "routes": lines("ip", "-4", "route", "show", "table", "all"),
             "rules": lines("ip", "-4", "rule"),
-            "ovs_ports": sorted(self.ovs.vsctl("list-ports", "br-int").split()),
+            "ovs_ports": sorted(self.ovs.vsctl("list-ports", INTEGRATION_BRIDGE).split()),
             "ovs_interfaces": sorted(self.ovs.vsctl("--columns=name", "--bare", "list",
                                                     "interface").split()),
             "ovs_other_config": self.ovs.vsctl("get", "open_vswitch", ".", "other_config"),
@@ -127,7 +127,7 @@ class TunnelLab:
         self._underlay()
         for host in self.hosts.values():
             host.ovs.start()
-            host.ovs.add_bridge("br-int", dpid=topo.hosts[host.name].dpid)
+            host.ovs.add_bridge(INTEGRATION_BRIDGE, dpid=topo.hosts[host.name].dpid)
             host.charon.start()
         for vm in sorted(topo.vms.values(), key=lambda v: v.name):
             host = self.hosts[vm.host]
@@ -138,7 +138,7 @@ class TunnelLab:
             ns.ip("addr", "add", f"{vm.ip}/{self.vm_prefixlen}", "dev", "eth0")
             ns.no_offload("eth0")
             host.ns.no_offload(vm.port)
-            host.ovs.add_port("br-int", vm.port)
+            host.ovs.add_port(INTEGRATION_BRIDGE, vm.port)
             host.vms[vm.name] = ns
         return self
 
@@ -180,15 +180,15 @@ class TunnelLab:
                                 "dev", "eth0")
             ovs = self.hosts[vm.host].ovs
             vm_port = ovs.ofport(vm.port)
-            ovs.ofctl("add-flow", "br-int",
+            ovs.ofctl("add-flow", INTEGRATION_BRIDGE,
                       f"cookie=0x7e{slot:04x},priority=100,in_port={vm_port},actions=output:{port}")
-            ovs.ofctl("add-flow", "br-int",
+            ovs.ofctl("add-flow", INTEGRATION_BRIDGE,
                       f"cookie=0x7e{slot:04x},priority=100,in_port={port},actions=output:{vm_port}")
 
     def disconnect(self, slot: int) -> None:
         for host in self.hosts.values():
             with contextlib.suppress(RuntimeError):
-                host.ovs.ofctl("del-flows", "br-int", f"cookie=0x7e{slot:04x}/-1")
+                host.ovs.ofctl("del-flows", INTEGRATION_BRIDGE, f"cookie=0x7e{slot:04x}/-1")
 
     def vm(self, name: str) -> Netns:
         return self.hosts[self.topology.vms[name].host].vms[name]
