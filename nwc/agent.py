@@ -33,7 +33,7 @@ from typing import Any, Protocol
 
 from nwc.hostnet import VxlanDevice
 from nwc.ike import IkeUnavailable, InitiateResult
-from nwc.pki import LegKey, Secret
+from nwc.pki import LegKey, Secret, write_private
 from nwc.tunnel import (
     RECORD_PREFIX,
     STATUS_PREFIX,
@@ -513,7 +513,7 @@ class Agent:
         contents = {"private_key": self._host_key.private_pem().reveal(),
                     "certificate": record.cert_pem, "ca_cert": record.ca_pem}
         for name, data in contents.items():
-            _write_private(paths[name], data)
+            write_private(paths[name], data)
         wanted = {k: str(p) for k, p in paths.items()}
         if any(config.get(k) != v for k, v in wanted.items()):
             self.db.update_other_config(wanted)
@@ -597,17 +597,6 @@ class Agent:
         self._host_key = None
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.write(fd, data)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
 # -- the command ------------------------------------------------------------------------------
 
 def cmd_agent(args: argparse.Namespace) -> int:
@@ -616,18 +605,14 @@ def cmd_agent(args: argparse.Namespace) -> int:
         AGENT_TABLES,
         HostDb,
         OvsdbConfigError,
-        check_target,
-        configure_ssl,
-        ssl_files,
+        configure_targets,
     )
     from nwc.hostnet import HostNetwork
     from nwc.ike import IkeDaemon
 
     try:
-        files = ssl_files(args.ovsdb_ssl_key, args.ovsdb_ssl_cert, args.ovsdb_ssl_ca)
-        if files is not None:
-            configure_ssl(files)
-        check_target(args.ovsdb)  # refused now, not retried for ever below
+        configure_targets(args.ovsdb_ssl_key, args.ovsdb_ssl_cert, args.ovsdb_ssl_ca,
+                          [args.ovsdb])  # refused now, not retried for ever below
     except OvsdbConfigError as exc:
         print(f"nwc agent: {exc}", file=sys.stderr)
         return EXIT_ERROR

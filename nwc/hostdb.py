@@ -198,6 +198,18 @@ def configure_ssl(files: SslFiles | None) -> None:
     _ssl = files
 
 
+def configure_targets(private_key: str | Path | None, certificate: str | Path | None,
+                      ca_cert: str | Path | None, targets: Iterable[str]) -> None:
+    """A command's `--ovsdb-ssl-*` options and the OVSDB targets it will open, checked
+    together before it starts: bad files or an ssl: target without them raise
+    OvsdbConfigError now, rather than a retry loop later."""
+    files = ssl_files(private_key, certificate, ca_cert)
+    if files is not None:
+        configure_ssl(files)
+    for target in targets:
+        check_target(target)
+
+
 def check_target(target: str) -> None:
     """Refuse an `ssl:` target this process has no keys for (python-ovs would fail deep in
     its TLS setup, with "cafile, capath and cadata cannot be all omitted"), and say once per

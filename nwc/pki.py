@@ -129,8 +129,8 @@ class CertificateAuthority:
                                     serialization.NoEncryption())
         # Certificate first, key last: a crash in between leaves a CA that _load refuses
         # loudly instead of a key without its certificate being replaced by a new CA.
-        _write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM))
-        _write_private(key_path, key_pem)
+        write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+        write_private(key_path, key_pem)
         log.info("created the NWC certificate authority in %s", pki_dir)
         return cls(key, cert)
 
@@ -212,8 +212,9 @@ def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
                          decipher_only=False)
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    """Create `path` with mode 0600 from the first byte on (never briefly world-readable)."""
+def write_private(path: Path, data: bytes) -> None:
+    """Create `path` with mode 0600 from the first byte on (never briefly world-readable),
+    durably, replacing any file of that name in one step."""
     tmp = path.with_name(f".{path.name}.tmp")
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()

@@ -36,7 +36,7 @@ from typing import Any, Protocol
 
 # Imported here, never first from the part's thread: ovsdbapp pulls in python-ovs, which
 # imports eventlet, and a thread that imported eventlet first never finishes exiting.
-from nwc.hostdb import HostDb, OvsdbConfigError, check_target, configure_ssl, ssl_files
+from nwc.hostdb import HostDb, OvsdbConfigError, configure_targets
 from nwc.pipeline import INTEGRATION_BRIDGE
 from nwc.pki import CertificateAuthority, CsrRejected, Secret, new_psk
 from nwc.policy import MAX_LEASE_S, Policy
@@ -659,21 +659,16 @@ def serve(controller: Any, args: argparse.Namespace) -> None:
     from nwc.run import StartRefused
 
     targets = {h.name: h.ovsdb for h in controller.config.topology.hosts.values() if h.ovsdb}
+    if not targets:  # before tunnels_for, which creates the CA: nothing would use it
+        log.info("no host has an OVSDB target (hosts.NAME.ovsdb): tunnels are not driven")
+        return
     try:
-        files = ssl_files(getattr(args, "ovsdb_ssl_key", None),
+        configure_targets(getattr(args, "ovsdb_ssl_key", None),
                           getattr(args, "ovsdb_ssl_cert", None),
-                          getattr(args, "ovsdb_ssl_ca", None))
-        if files is not None:
-            configure_ssl(files)
-        for target in targets.values():
-            check_target(target)
+                          getattr(args, "ovsdb_ssl_ca", None), targets.values())
     except OvsdbConfigError as exc:
         raise StartRefused(str(exc)) from None
     part = tunnels_for(controller, targets)
-    if not part.targets:
-        controller.stats_sources.remove(part.stats)
-        log.info("no host has an OVSDB target (hosts.NAME.ovsdb): tunnels are not driven")
-        return
     controller.call(controller.weaver.attach_part, part)
     part.start()
     controller.on_stop(part.stop)

@@ -22,8 +22,8 @@ import ipaddress
 import os
 import subprocess
 from dataclasses import dataclass, field
-from pathlib import Path
 
+from nwc.lab.labpki import TlsFilePaths
 from nwc.lab.netns import Lab, Netns, run
 from nwc.lab.ovs import PrivateOvs
 from nwc.pipeline import (
@@ -96,16 +96,17 @@ class EmulatedHost:
     name: str
     controller: str  # e.g. tcp:100.126.3.1:6653, or ssl:... with switch_tls
     mgmt: ManagementNet
-    switch_tls: tuple[Path, Path, Path] | None = None  # ovs-vswitchd key, cert, CA
-    ovsdb_tls: tuple[Path, Path, Path] | None = None  # the same for ovsdb-server (pssl:)
+    switch_tls: TlsFilePaths | None = None  # ovs-vswitchd's key, certificate, CA
+    ovsdb_tls: TlsFilePaths | None = None  # the same for ovsdb-server (pssl:)
     ns: Netns = field(init=False)
     ovs: PrivateOvs = field(init=False)
+    management_ip: ipaddress.IPv4Address = field(init=False)
     vms: dict[str, Netns] = field(default_factory=dict, init=False)
 
     def build(self) -> EmulatedHost:
         host = self.topology.hosts[self.name]
         self.ns = self.lab.netns(self.name)
-        self.mgmt.attach(self.ns)
+        self.management_ip = self.mgmt.attach(self.ns)
         self.ovs = PrivateOvs(self.lab, self.ns, self.name).start(tls=self.switch_tls,
                                                                    ovsdb_tls=self.ovsdb_tls)
         self.ovs.add_bridge(INTEGRATION_BRIDGE, dpid=host.dpid, controller=self.controller)
@@ -172,7 +173,7 @@ class EmulatedFabric:
     topology: Topology
     controller: str
     mgmt: ManagementNet
-    switch_tls: tuple[Path, Path, Path] | None = None
+    switch_tls: TlsFilePaths | None = None
     ns: Netns = field(init=False)
     ovs: PrivateOvs = field(init=False)
 

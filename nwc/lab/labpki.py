@@ -18,7 +18,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from nwc.pki import write_private
+
 VALIDITY = datetime.timedelta(days=2)
+OVS_OPTIONS = ("--private-key", "--certificate", "--ca-cert")
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,10 @@ class TlsFilePaths:
 
     def as_tuple(self) -> tuple[Path, Path, Path]:
         return self.private_key, self.certificate, self.ca_certificate
+
+    def options(self, names: tuple[str, str, str] = OVS_OPTIONS) -> list[str]:
+        """Command-line options naming the three files (OVS daemons' names by default)."""
+        return [f"{name}={path}" for name, path in zip(names, self.as_tuple(), strict=True)]
 
 
 class LabCa:
@@ -75,9 +82,7 @@ class LabCa:
 
     def _write(self, name: str, data: bytes) -> Path:
         path = self.directory / name
-        path.touch(mode=0o600)
-        path.chmod(0o600)
-        path.write_bytes(data)
+        write_private(path, data)
         return path
 
 

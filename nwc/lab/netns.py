@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Sequence
@@ -20,6 +21,13 @@ def unique_prefix(tag: str = "") -> str:
     """A short prefix for names of things this process creates: 'nw' + pid digits + tag.
     Short because Linux interface names stop at 15 characters."""
     return f"nw{os.getpid() % 100000:05d}{tag}"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on at `host` right now (for a listener started next)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
 
 
 def run(cmd: Sequence[str], *, check: bool = True, timeout: float = 30,

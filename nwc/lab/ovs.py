@@ -13,6 +13,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nwc.lab.labpki import TlsFilePaths
 from nwc.lab.netns import Lab, Netns, kill_pid, wait_for
 
 SCHEMA = Path("/usr/share/openvswitch/vswitch.ovsschema")
@@ -49,12 +50,12 @@ class PrivateOvs:
         """What ovs-ofctl takes to talk to a bridge of this instance."""
         return f"unix:{self.rundir / bridge}.mgmt"
 
-    def start(self, *, switchd: bool = True, tls: tuple[Path, Path, Path] | None = None,
-              ovsdb_tls: tuple[Path, Path, Path] | None = None) -> PrivateOvs:
+    def start(self, *, switchd: bool = True, tls: TlsFilePaths | None = None,
+              ovsdb_tls: TlsFilePaths | None = None) -> PrivateOvs:
         """ovsdb-server, then ovs-vswitchd (unless `switchd` is False: a bare database, for
-        tests of what is written into it). `tls` = (private key, certificate, CA
-        certificate) of ovs-vswitchd, for `ssl:` controller targets; `ovsdb_tls` the same
-        for ovsdb-server, for `pssl:` managers."""
+        tests of what is written into it). `tls`: ovs-vswitchd's key, certificate and CA, for
+        `ssl:` controller targets; `ovsdb_tls` the same for ovsdb-server, for `pssl:`
+        managers."""
         db = self.rundir / "conf.db"
         self.ns.run("ovsdb-tool", "create", str(db), str(SCHEMA), env=self.env)
         db.chmod(0o600)  # the tunnel backends keep pre-shared keys in here
@@ -64,8 +65,7 @@ class PrivateOvs:
             remotes.append(f"--remote=ptcp:{self.ovsdb_tcp.rsplit(':', 1)[1]}:"
                            f"{self.ovsdb_tcp.rsplit(':', 1)[0]}")
         if ovsdb_tls:
-            remotes += [f"--private-key={ovsdb_tls[0]}", f"--certificate={ovsdb_tls[1]}",
-                        f"--ca-cert={ovsdb_tls[2]}"]
+            remotes += ovsdb_tls.options()
         server = self.ns.popen(
             ["ovsdb-server", str(db), *remotes, f"--unixctl={self.rundir}/ovsdb-server.ctl",
              f"--pidfile={self.rundir}/ovsdb-server.pid",
@@ -75,8 +75,7 @@ class PrivateOvs:
         self.vsctl("--no-wait", "init")
         if not switchd:
             return self
-        ssl_options = [f"--private-key={tls[0]}", f"--certificate={tls[1]}",
-                       f"--ca-cert={tls[2]}"] if tls else []
+        ssl_options = tls.options() if tls else []
         vswitchd = self.ns.popen(
             ["ovs-vswitchd", self.db_target, f"--unixctl={self.rundir}/ovs-vswitchd.ctl",
              f"--pidfile={self.rundir}/ovs-vswitchd.pid",

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,21 +32,15 @@ import yaml
 
 from nwc.client import ApiClient, ClientError
 from nwc.config import SHIPPED_POLICIES, topology_path
-from nwc.lab.host import EmulatedFabric, EmulatedHost, ManagementNet
-from nwc.lab.labpki import LabCa, TlsFilePaths
-from nwc.lab.netns import Lab, Netns, kill_pid, run, wait_for
-from nwc.lab.strongswan import PrivateCharon
+from nwc.lab.host import UNDERLAY_BRIDGE, EmulatedFabric, EmulatedHost, ManagementNet
+from nwc.lab.labpki import LabCa
+from nwc.lab.netns import Lab, Netns, free_port, kill_pid, run, wait_for
+from nwc.lab.strongswan import PrivateCharon, start_agent
 from nwc.pipeline import INTEGRATION_BRIDGE, KIND_WEAVE, cookie_owner
 from nwc.policy import Policy, load_policy
 from nwc.topology import Topology, load_topology
 
 OVSDB_PORT = 6640
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def _mininet_node_class() -> type:
@@ -86,21 +79,11 @@ class LabHost:
     def ns(self) -> Netns:
         return self.emulated.ns
 
-    def start_agent(self, lab: Lab, log_dir: Path) -> None:
-        ovs = self.emulated.ovs
-        self.agent = self.ns.popen(
-            [sys.executable, "-m", "nwc", "agent", "--ovsdb", ovs.db_target,
-             "--vici", str(self.charon.vici_socket), "--underlay-dev", "br-ul",
-             "--backend", self.emulated.topology.hosts[self.emulated.name].backend,
-             "--state-dir", str(lab.directory(f"agent-{self.emulated.name}")),
-             "--ovsdb-server-ctl", str(ovs.rundir / "ovsdb-server.ctl")],
-            log=log_dir / f"agent-{self.emulated.name}.log")
-        lab.process(self.agent, f"agent of {self.emulated.name}")
-
-
-def _tls_options(names: tuple[str, str, str], files: TlsFilePaths) -> list[str]:
-    return [arg for name, path in zip(names, files.as_tuple(), strict=True)
-            for arg in (name, str(path))]
+    def start_agent(self, lab: Lab) -> None:
+        name = self.emulated.name
+        self.agent = start_agent(lab, self.ns, self.emulated.ovs, self.charon, name,
+                                 backend=self.emulated.topology.hosts[name].backend,
+                                 underlay_dev=UNDERLAY_BRIDGE)
 
 
 @dataclass
@@ -153,11 +136,11 @@ class ProviderLab:
         for name in sorted(self.topo.hosts):
             emulated = EmulatedHost(
                 self.lab, self.topo, self.policy, name, target, self.mgmt,
-                switch_tls=self.openflow_ca.issue(f"{name}-switch").as_tuple(),
-                ovsdb_tls=self.ovsdb_ca.issue(f"{name}-ovsdb").as_tuple())
+                switch_tls=self.openflow_ca.issue(f"{name}-switch"),
+                ovsdb_tls=self.ovsdb_ca.issue(f"{name}-ovsdb"))
             emulated.build()
             emulated.ns.no_ipv6()
-            mgmt_ip = _address_of(emulated.ns, "mgmt0")
+            mgmt_ip = str(emulated.management_ip)
             emulated.ovs.vsctl("set-manager", f"pssl:{OVSDB_PORT}:{mgmt_ip}")
             charon = PrivateCharon(self.lab, emulated.ns, name).start()
             self.hosts[name] = LabHost(emulated, charon, mgmt_ip)
@@ -165,12 +148,12 @@ class ProviderLab:
             f"{sum(1 for link in self.topo.links if link.a in self.topo.switches)} links "
             "shaped to their capacity")
         self.fabric = EmulatedFabric(self.lab, self.topo, target, self.mgmt,
-                                     switch_tls=self.openflow_ca.issue("fabric").as_tuple())
+                                     switch_tls=self.openflow_ca.issue("fabric"))
         self.fabric.build({n: h.emulated for n, h in self.hosts.items()})
         self.fabric.ns.no_ipv6()  # so a capture on a fabric link shows only weaves
         self._shape_links()
         for host in self.hosts.values():
-            host.start_agent(self.lab, self.logs)
+            host.start_agent(self.lab)
         say(f"VMs: {', '.join(sorted(self.topo.vms))} (Mininet hosts)")
         self._build_vms()
         say("NWC controller: nwc run")
@@ -251,10 +234,10 @@ class ProviderLab:
                 "--ofp-listen-host", str(self.mgmt.controller_ip),
                 "--ofp-tcp-listen-port", str(ofp_port),
                 "--ofp-allowed-peers", str(self.mgmt.subnet),
-                *_tls_options(("--ctl-privkey", "--ctl-cert", "--ca-certs"),
-                              self.openflow_ca.issue("nwc-openflow")),
-                *_tls_options(("--ovsdb-ssl-key", "--ovsdb-ssl-cert", "--ovsdb-ssl-ca"),
-                              self.ovsdb_ca.issue("nwc-ovsdb-client")),
+                *self.openflow_ca.issue("nwc-openflow").options(
+                    ("--ctl-privkey", "--ctl-cert", "--ca-certs")),
+                *self.ovsdb_ca.issue("nwc-ovsdb-client").options(
+                    ("--ovsdb-ssl-key", "--ovsdb-ssl-cert", "--ovsdb-ssl-ca")),
                 "--api-host", "127.0.0.1", "--api-port", str(api_port),
                 "--provision-timeout", str(self.provision_timeout_s)]
         for p in self.policy_paths:
@@ -279,13 +262,17 @@ class ProviderLab:
         return True
 
     def _wait_connected(self, timeout: float = 30) -> None:
+        # One query per OVS instance (the fabric's holds every fabric switch).
+        expected = [(h.emulated.ovs, 1) for h in self.hosts.values()]
+        expected.append((self.fabric.ovs, len(self.topo.switches)))
+
         def all_connected() -> bool:
-            for host in self.hosts.values():
-                if host.emulated.ovs.vsctl("get", "controller", INTEGRATION_BRIDGE,
-                                           "is_connected") != "true":
+            for ovs, bridges in expected:
+                states = ovs.vsctl("--bare", "--columns=is_connected", "list",
+                                   "controller").split()
+                if len(states) != bridges or set(states) != {"true"}:
                     return False
-            return all(self.fabric.ovs.vsctl("get", "controller", s, "is_connected") == "true"
-                       for s in self.topo.switches)
+            return True
         wait_for(all_connected, timeout, "every switch to connect to NWC", interval=0.2)
 
     # -- using it --------------------------------------------------------------------------
@@ -469,11 +456,6 @@ class VmCapture:
                 kill_pid(self.proc.pid)
             self.proc = None
         return read_pcap(self.path)
-
-
-def _address_of(ns: Netns, dev: str) -> str:
-    out = ns.ip("-o", "-4", "addr", "show", "dev", dev).stdout.split()
-    return out[out.index("inet") + 1].split("/")[0]
 
 
 __all__ = ["ClientError", "LabHost", "ProviderLab", "free_port"]

@@ -11,10 +11,12 @@ needs the kdf plugin for IKEv2. Started and stopped by pid only.
 from __future__ import annotations
 
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from nwc.lab.netns import Lab, Netns, kill_pid, wait_for
+from nwc.lab.ovs import PrivateOvs
 
 CHARON = Path("/usr/lib/ipsec/charon")
 
@@ -119,3 +121,18 @@ class PrivateCharon:
             self._proc.kill()
             self._proc.wait(10)
             self._proc = None
+
+
+def start_agent(lab: Lab, ns: Netns, ovs: PrivateOvs, charon: PrivateCharon, name: str, *,
+                backend: str, underlay_dev: str, interval: float | None = None
+                ) -> subprocess.Popen[bytes]:
+    """`nwc agent` for one emulated host: its OVSDB over the local socket, its charon over
+    VICI, its log under the lab's logs; stopped (by pid) when the lab closes."""
+    args = [sys.executable, "-m", "nwc", "agent", "--ovsdb", ovs.db_target,
+            "--vici", str(charon.vici_socket), "--underlay-dev", underlay_dev,
+            "--backend", backend, "--state-dir", str(lab.directory(f"agent-{name}")),
+            "--ovsdb-server-ctl", str(ovs.rundir / "ovsdb-server.ctl")]
+    if interval is not None:
+        args += ["--interval", str(interval)]
+    proc = ns.popen(args, log=lab.directory("logs") / f"agent-{name}.log")
+    return lab.process(proc, f"agent of {name}")

@@ -19,15 +19,14 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from nwc.ike import IkeDaemon, IkeUnavailable
-from nwc.lab.netns import Lab, Netns, kill_pid
+from nwc.lab.netns import Lab, Netns
 from nwc.lab.ovs import PrivateOvs
-from nwc.lab.strongswan import PrivateCharon
+from nwc.lab.strongswan import PrivateCharon, start_agent
 from nwc.pipeline import INTEGRATION_BRIDGE, leg_ofport
 from nwc.topology import Topology
 
@@ -59,15 +58,9 @@ class EmulatedHost:
     def start_agent(self, interval: float = 0.05) -> None:
         if self._agent is not None and self._agent.poll() is None:
             return
-        proc = self.ns.popen(
-            [sys.executable, "-m", "nwc", "agent", "--ovsdb", self.ovs.db_target,
-             "--vici", str(self.charon.vici_socket), "--underlay-dev", UNDERLAY_DEV,
-             "--backend", self.backend, "--state-dir", str(self.state_dir),
-             "--ovsdb-server-ctl", str(self.ovs.rundir / "ovsdb-server.ctl"),
-             "--interval", str(interval)],
-            log=self.lab.directory("logs") / f"agent-{self.name}.log")
-        self.lab.on_close(f"agent of {self.name}", lambda p=proc: kill_pid(p.pid))
-        self._agent = proc
+        self._agent = start_agent(self.lab, self.ns, self.ovs, self.charon, self.name,
+                                  backend=self.backend, underlay_dev=UNDERLAY_DEV,
+                                  interval=interval)
 
     @property
     def agent_pid(self) -> int | None:

@@ -5,7 +5,6 @@ process-wide), and per test a fresh NWC controller attached to it, plus an emula
 from __future__ import annotations
 
 import argparse
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,7 @@ import pytest
 from nwc.admission import WeaveRequest
 from nwc.controller import Controller
 from nwc.lab.host import EmulatedNetwork
-from nwc.lab.netns import Lab, wait_for
+from nwc.lab.netns import Lab, free_port, wait_for
 from nwc.ofapp import FlowsPart, serve, start_osken
 from nwc.weave import State, Weave
 
@@ -40,15 +39,9 @@ vms:
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("0.0.0.0", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def ofp_port() -> int:
-    port = _free_port()
+    port = free_port("0.0.0.0")
     start_osken("0.0.0.0", port)
     return port
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -21,14 +20,9 @@ from pathlib import Path
 import pytest
 
 from nwc.lab.labpki import LabCa
+from nwc.lab.netns import free_port
 
 pytestmark = pytest.mark.functional
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def nwc(*args: str, env: dict[str, str] | None = None,

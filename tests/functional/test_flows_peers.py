@@ -20,7 +20,7 @@ from rawswitch import PORT_STATUS, RawSwitch
 
 from nwc import ofapp
 from nwc.controller import Controller
-from nwc.lab.netns import wait_for
+from nwc.lab.netns import free_port, wait_for
 from nwc.ofapp import FlowsPart
 from nwc.topology import Topology
 
@@ -73,12 +73,6 @@ def test_a_slow_reader_neither_stalls_the_weaver_nor_queues_without_bound(
 
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _greeting(port: int) -> bytes:
     """What the listener says to a new peer before the peer says anything ('' if it hung
     up without a word)."""
@@ -101,11 +95,11 @@ def _greeting(port: int) -> bytes:
                                                   ("198.51.100.0/24,127.0.0.0/8", True)])
 def test_nwc_run_refuses_peers_outside_ofp_allowed_peers(tmp_path: Path, allowed: str,
                                                          greeted: bool) -> None:
-    port = _free_port()
+    port = free_port()
     log = (tmp_path / "run.log").open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "nwc", "run", "--state-dir", str(tmp_path / "state"),
-         "--api-host", "127.0.0.1", "--api-port", str(_free_port()),
+         "--api-host", "127.0.0.1", "--api-port", str(free_port()),
          "--ofp-listen-host", "127.0.0.1", "--ofp-tcp-listen-port", str(port),
          "--ofp-allowed-peers", allowed], stdout=log, stderr=subprocess.STDOUT)
     try:

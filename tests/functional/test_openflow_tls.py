@@ -16,18 +16,12 @@ import pytest
 from nwc.config import load_config
 from nwc.lab.host import ManagementNet
 from nwc.lab.labpki import LabCa
-from nwc.lab.netns import Lab, unique_prefix, wait_for
+from nwc.lab.netns import Lab, free_port, unique_prefix, wait_for
 from nwc.lab.ovs import PrivateOvs
 
 pytestmark = pytest.mark.functional
 
 OF13_HELLO = bytes([4, 0, 0, 8, 0, 0, 0, 1])
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def _first_bytes(sock: socket.socket) -> bytes:
@@ -50,12 +44,12 @@ def test_openflow_over_tls_with_a_real_switch_and_only_trusted_peers(tmp_path: P
     with Lab(unique_prefix("tls")) as lab:
         mgmt = ManagementNet(lab)
         host = str(mgmt.controller_ip)
-        port = _free_port(host)
+        port = free_port(host)
         log_path = tmp_path / "run.log"
         with log_path.open("wb") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "nwc", "run", "--state-dir", str(tmp_path / "state"),
-                 "--api-host", "127.0.0.1", "--api-port", str(_free_port("127.0.0.1")),
+                 "--api-host", "127.0.0.1", "--api-port", str(free_port("127.0.0.1")),
                  "--ofp-listen-host", host, "--ofp-tcp-listen-port", str(port),
                  "--ctl-privkey", str(ctl_key), "--ctl-cert", str(ctl_cert),
                  "--ca-certs", str(ca_cert)],
@@ -67,7 +61,7 @@ def test_openflow_over_tls_with_a_real_switch_and_only_trusted_peers(tmp_path: P
         # A real switch: its own certificate, NWC's CA to check the controller's.
         ns = lab.netns("sw")
         mgmt.attach(ns)
-        ovs = PrivateOvs(lab, ns, "sw").start(tls=(sw_key, sw_cert, ca_cert))
+        ovs = PrivateOvs(lab, ns, "sw").start(tls=sw)
         ovs.vsctl("add-br", "br-int", "--", "set", "bridge", "br-int", "datapath_type=netdev",
                   "fail_mode=secure", "protocols=OpenFlow13",
                   f"other_config:datapath-id={h1.dpid:016x}")
