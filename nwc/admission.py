@@ -296,6 +296,21 @@ def plan_legs(fabric: Fabric, pairs: Iterable[tuple[str, str]], kbps: int,
     return tuple(legs)
 
 
+Prefixes = tuple[ipaddress.IPv4Network, ...]
+
+
+def _mutual_partners(requester: Ivn, target: Ivn) -> Denial | tuple[Prefixes, Prefixes]:
+    """Both sides must allow each other; each side's rule may narrow the prefixes of the
+    other it may reach. (requester prefixes, target prefixes), or the first refusal."""
+    denial, target_prefixes = _partner_check("requester", requester, target)
+    if denial:
+        return denial
+    denial, requester_prefixes = _partner_check("target", target, requester)
+    if denial:
+        return denial
+    return requester_prefixes, target_prefixes
+
+
 def evaluate(request: WeaveRequest, *, policy: Policy, topology: Topology, fabric: Fabric,
              live: Iterable[LiveWeave], now: datetime) -> Decision:
     """Decide a weave request. Pure: nothing is reserved until the caller applies the result.
@@ -305,13 +320,10 @@ def evaluate(request: WeaveRequest, *, policy: Policy, topology: Topology, fabri
     if denial:
         return denial
     requester, target = policy.ivns[request.requester], policy.ivns[request.target]
-    # Both sides must allow each other; each side's rule may narrow the other's prefixes.
-    denial, target_prefixes = _partner_check("requester", requester, target)
-    if denial:
-        return denial
-    denial, requester_prefixes = _partner_check("target", target, requester)
-    if denial:
-        return denial
+    allowed = _mutual_partners(requester, target)
+    if isinstance(allowed, Denial):
+        return allowed
+    requester_prefixes, target_prefixes = allowed
     profile = negotiate_profile(request.security_profile, requester, target, policy)
     if isinstance(profile, Denial):
         return profile
@@ -344,12 +356,10 @@ def prefixes_withdrawn(weave: LiveWeave, policy: Policy) -> Denial | None:
     """A weave keeps only what both policies allow now: if either side narrowed what the
     other may reach (or dropped the partner), the weave's stored prefixes no longer fit."""
     requester, target = policy.ivns[weave.requester], policy.ivns[weave.target]
-    denial, target_allowed = _partner_check("requester", requester, target)
-    if denial:
-        return denial
-    denial, requester_allowed = _partner_check("target", target, requester)
-    if denial:
-        return denial
+    allowed = _mutual_partners(requester, target)
+    if isinstance(allowed, Denial):
+        return allowed
+    requester_allowed, target_allowed = allowed
     for side, held, allowed in (("requester", weave.target_prefixes, target_allowed),
                                 ("target", weave.requester_prefixes, requester_allowed)):
         for net in held:

@@ -347,7 +347,7 @@ class StateWaiters:
     def on_event(self, event: dict[str, Any]) -> None:
         weave = event.get("weave")
         if event.get("type") != "weave.state" or not isinstance(weave, dict) \
-                or weave.get("state") in {s.value for s in TRANSIENT_STATES}:
+                or weave.get("state") in TRANSIENT_STATES:  # StrEnum: equal to its value
             return
         with self._lock:
             for waiter in self._events.get(weave.get("id", ""), ()):
@@ -1152,16 +1152,15 @@ class ApiServer:
         self.thread.join(timeout=10)
 
 
+# `nwc run` options for the API's limits, by the ApiSettings field they set.
+LIMIT_OPTIONS = {"max_live_weaves_per_tenant": "api_max_live_weaves", "rate_per_s": "api_rate",
+                 "rate_burst": "api_rate_burst", "max_body_bytes": "api_max_body"}
+
+
 def settings_from(args: argparse.Namespace) -> ApiSettings:
-    """The API's limits as `nwc run` was told them (defaults where it was not)."""
-    base = ApiSettings()
-    return replace(
-        base,
-        max_live_weaves_per_tenant=int(getattr(args, "api_max_live_weaves",
-                                               base.max_live_weaves_per_tenant)),
-        rate_per_s=float(getattr(args, "api_rate", base.rate_per_s)),
-        rate_burst=int(getattr(args, "api_rate_burst", base.rate_burst)),
-        max_body_bytes=int(getattr(args, "api_max_body", base.max_body_bytes)))
+    """The API's limits as `nwc run` was told them (ApiSettings' defaults where it was not)."""
+    given = {field: getattr(args, option, None) for field, option in LIMIT_OPTIONS.items()}
+    return replace(ApiSettings(), **{f: v for f, v in given.items() if v is not None})
 
 
 def serve(controller: Controller, args: argparse.Namespace) -> ApiServer:

@@ -64,13 +64,14 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                    help="private key (PEM) for serving the REST API over https")
     p.add_argument("--api-ssl-cert", default=None,
                    help="certificate (PEM, chain allowed) for --api-ssl-key")
-    p.add_argument("--api-max-live-weaves", type=int, default=20, metavar="N",
+    # The API's limits: unset options keep nwc.api.ApiSettings' defaults (docs/api.md).
+    p.add_argument("--api-max-live-weaves", type=int, default=None, metavar="N",
                    help="live weaves one tenant may have requested at once (429 beyond)")
-    p.add_argument("--api-rate", type=float, default=5.0, metavar="PER_S",
+    p.add_argument("--api-rate", type=float, default=None, metavar="PER_S",
                    help="requests per second per tenant, sustained (429 beyond)")
-    p.add_argument("--api-rate-burst", type=int, default=60, metavar="N",
+    p.add_argument("--api-rate-burst", type=int, default=None, metavar="N",
                    help="requests per tenant in a burst")
-    p.add_argument("--api-max-body", type=int, default=16 * 1024, metavar="BYTES",
+    p.add_argument("--api-max-body", type=int, default=None, metavar="BYTES",
                    help="largest request body (413 beyond)")
     p.add_argument("--provision-timeout", type=float, default=30.0,
                    help="seconds a weave may stay provisioning before it fails")
@@ -103,17 +104,14 @@ def apply_config_file(args: argparse.Namespace, parser: argparse.ArgumentParser)
             parser.error(f"{args.config_file}: unknown option {key!r}")
         if getattr(args, dest) != parser.get_default(dest):
             continue  # the command line said otherwise
-        default = parser.get_default(dest)
         if dest == "policy":
             value: object = [Path(p.strip()) for p in raw.split(",") if p.strip()]
-        elif dest == "state_dir":
-            value = Path(raw)
-        elif isinstance(default, int):
-            value = int(raw)
-        elif isinstance(default, float):
-            value = float(raw)
-        else:
-            value = raw
+        else:  # converted as the command line would have
+            convert = next(a.type for a in parser._actions if a.dest == dest)
+            try:
+                value = convert(raw) if convert else raw
+            except ValueError:
+                parser.error(f"{args.config_file}: {key} = {raw!r} is not valid")
         setattr(args, dest, value)
 
 
@@ -125,7 +123,7 @@ def check_run_options(args: argparse.Namespace,
     if bool(args.api_ssl_key) != bool(args.api_ssl_cert):
         parser.error("--api-ssl-key and --api-ssl-cert go together")
     for option in ("api_max_live_weaves", "api_rate", "api_rate_burst", "api_max_body"):
-        if not getattr(args, option) > 0:
+        if getattr(args, option) is not None and not getattr(args, option) > 0:
             parser.error(f"--{option.replace('_', '-')} must be positive")
     if args.ofp_allowed_peers is not None:
         try:

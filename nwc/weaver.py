@@ -43,7 +43,7 @@ from nwc.pipeline import METER_SPACE
 from nwc.policy import Policy
 from nwc.store import Store
 from nwc.topology import Topology
-from nwc.weave import EndReason, Leg, State, Weave
+from nwc.weave import LIVE_STATES, EndReason, Leg, State, Weave
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -157,9 +157,9 @@ class Weaver:
         self._provision_deadline: dict[str, datetime] = {}
         self.teardown_timeout = timedelta(seconds=teardown_timeout_s)
         # Terminated weaves whose data plane is being torn down: weave id -> the record (state
-        # terminating), the parts yet to confirm, and the deadline.
-        self._tearing: dict[str, tuple[Weave, set[str], datetime]] = {}
-        self._ending: str | None = None  # the weave _end is telling parts about
+        # terminating; its ended_at + teardown_timeout is the deadline) and the parts yet to
+        # confirm.
+        self._tearing: dict[str, tuple[Weave, set[str]]] = {}
         self._free_slots: list[int] = []
         self._next_slot = 0
         self._next_number = store.next_weave_number()
@@ -189,12 +189,7 @@ class Weaver:
         for weave in list(self.live.values()):
             if weave.id in self._waiting:
                 self._waiting[weave.id].add(part.name)
-            try:
-                part.weave_up(weave)
-            except Exception as exc:
-                log.error("part %s.weave_up(%s) raised:\n%s", part.name, weave.id,
-                          traceback.format_exc())
-                self.part_failed(weave.id, part.name, f"{type(exc).__name__}: {exc}")
+            self._tell(weave, "weave_up", [part])
 
     # -- slots ----------------------------------------------------------------------------
 
@@ -221,7 +216,7 @@ class Weaver:
         """Load live weaves from the store; release those that expired or no longer fit."""
         reservations = self.store.reservations()
         now = self.clock.now()
-        for weave in self.store.weaves_in_state(State.TERMINATING):
+        for weave in self.store.weaves(states=[State.TERMINATING]):
             # Released before the stop; the data plane is resynced to the live weaves.
             done = weave.with_(state=State.TERMINATED)
             with self.store.transaction():
@@ -229,7 +224,7 @@ class Weaver:
                 self._audit("weave.state", "terminated", weave=done, actor=SYSTEM,
                             detail="teardown finished at restart (switches and hosts are "
                                    "resynced to the live weaves)")
-        for weave in self.store.weaves(live_only=True):
+        for weave in self.store.weaves(states=LIVE_STATES):
             self.live[weave.id] = weave
             held = reservations.get(weave.id)
             try:
@@ -274,30 +269,25 @@ class Weaver:
                request_id: str | None) -> Weave:
         policy = self.policy
         slots: list[int] = []
-        try:
-            for plan in admission.legs:
-                if plan.requester_host != plan.target_host:
-                    slots.append(self._take_slot())
-        except CapacityError:
-            for slot in slots:  # all or nothing: give back what the earlier legs took
-                self._give_slot(slot)
-            raise
-        remote = iter(slots)
-        legs = tuple(Leg(p.requester_host, p.target_host, p.path,
-                         None if p.requester_host == p.target_host else next(remote))
-                     for p in admission.legs)
-        self._next_number = self._free_number(self._next_number)
-        weave = Weave(
-            id=f"wv-{self._next_number:06d}", requester=admission.requester,
-            target=admission.target,
-            requester_tenant=policy.ivns[admission.requester].tenant,
-            target_tenant=policy.ivns[admission.target].tenant,
-            legs=legs, kbps=admission.kbps, profile=admission.profile,
-            requester_prefixes=admission.requester_prefixes,
-            target_prefixes=admission.target_prefixes, created_at=now,
-            expires_at=admission.expires_at,
-            state=State.PROVISIONING if self.parts else State.ACTIVE)
-        try:
+        try:  # all or nothing: any failure gives back the slots taken so far
+            legs = []
+            for p in admission.legs:
+                slot = None
+                if p.requester_host != p.target_host:
+                    slot = self._take_slot()
+                    slots.append(slot)
+                legs.append(Leg(p.requester_host, p.target_host, p.path, slot))
+            self._next_number = self._free_number(self._next_number)
+            weave = Weave(
+                id=f"wv-{self._next_number:06d}", requester=admission.requester,
+                target=admission.target,
+                requester_tenant=policy.ivns[admission.requester].tenant,
+                target_tenant=policy.ivns[admission.target].tenant,
+                legs=tuple(legs), kbps=admission.kbps, profile=admission.profile,
+                requester_prefixes=admission.requester_prefixes,
+                target_prefixes=admission.target_prefixes, created_at=now,
+                expires_at=admission.expires_at,
+                state=State.PROVISIONING if self.parts else State.ACTIVE)
             reservation = self.fabric.reserve(weave.id, weave.paths, weave.kbps)
             try:
                 with self.store.transaction():
@@ -447,8 +437,8 @@ class Weaver:
                                f"{missing}"))
                 except Exception:  # the deadline stays: the next tick tries again
                     log.exception("failing %s after its provision timeout failed", weave_id)
-        for weave_id, (_, _, deadline) in list(self._tearing.items()):
-            if deadline <= now:
+        for weave_id, (record, _) in list(self._tearing.items()):
+            if self._teardown_deadline(record) <= now:
                 try:
                     ended.append(self._finish_teardown(weave_id))
                 except Exception:
@@ -459,7 +449,7 @@ class Weaver:
         now = self.clock.now()
         wait = self.leases.wait_seconds(now)
         deadlines = [*self._provision_deadline.values(),
-                     *(deadline for _, _, deadline in self._tearing.values())]
+                     *(self._teardown_deadline(r) for r, _ in self._tearing.values())]
         if deadlines:
             wait = min(wait, max(0.0, (min(deadlines) - now).total_seconds()))
         return wait
@@ -586,25 +576,22 @@ class Weaver:
             self.emit({"type": "weave.state", "weave": ended.to_dict(), "detail": detail})
             return ended
         if tearing:
-            self._tearing[weave.id] = (ended, confirming, now + self.teardown_timeout)
+            self._tearing[weave.id] = (ended, confirming)
         # The release is already durable (a crash from here leaves nothing to undo: switches
         # and hosts are resynced to the live weaves, and a weave left terminating is finished
         # by recover()); watchers see the data plane being torn down, then the end.
         if state is State.TERMINATED:
-            self.emit({"type": "weave.state", "weave": weave.with_(
-                state=State.TERMINATING, reason=reason, ended_at=now).to_dict(),
-                "detail": detail})
-        self._ending = weave.id
-        try:
-            self._tell(weave, "weave_down")
-        finally:
-            self._ending = None
+            self.emit({"type": "weave.state",
+                       "weave": ended.with_(state=State.TERMINATING).to_dict(),
+                       "detail": detail})
+        self._tell(weave, "weave_down")  # confirmations come later, posted to the loop
         if not tearing:
             self.emit({"type": "weave.state", "weave": ended.to_dict(), "detail": detail})
-            return ended
-        if not self._tearing[weave.id][1]:  # every part confirmed while being told
-            return self._finish_teardown(weave.id)
         return ended
+
+    def _teardown_deadline(self, record: Weave) -> datetime:
+        assert record.ended_at is not None
+        return record.ended_at + self.teardown_timeout
 
     def _give_slots(self, weave: Weave) -> None:
         for leg in weave.legs:
@@ -617,11 +604,11 @@ class Weaver:
         if entry is None:
             return
         entry[1].discard(part)
-        if not entry[1] and self._ending != weave_id:
+        if not entry[1]:
             self._finish_teardown(weave_id)
 
     def _finish_teardown(self, weave_id: str) -> Weave:
-        record, waiting, _ = self._tearing.pop(weave_id)
+        record, waiting = self._tearing.pop(weave_id)
         done = record.with_(state=State.TERMINATED)
         detail = None
         if waiting:
@@ -638,8 +625,8 @@ class Weaver:
                        "parts": sorted(waiting)})
         return done
 
-    def _tell(self, weave: Weave, method: str) -> None:
-        for part in self.parts:
+    def _tell(self, weave: Weave, method: str, parts: Iterable[Part] | None = None) -> None:
+        for part in self.parts if parts is None else parts:
             try:
                 getattr(part, method)(weave)
             except Exception as exc:

@@ -194,7 +194,8 @@ def test_an_older_database_gets_the_tenant_columns(tmp_path: Path, make_weaver, 
     import sqlite3
 
     db = sqlite3.connect(tmp_path / "state" / "nwc.db")
-    db.execute("DROP INDEX weaves_tenants")
+    db.execute("DROP INDEX weaves_requester_tenant")
+    db.execute("DROP INDEX weaves_target_tenant")
     db.execute("ALTER TABLE weaves DROP COLUMN requester_tenant")
     db.execute("ALTER TABLE weaves DROP COLUMN target_tenant")
     db.commit()

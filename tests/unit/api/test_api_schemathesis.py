@@ -21,6 +21,7 @@ from nwc.api import ApiSettings, create_app
 from nwc.audit import verify_chain
 from nwc.auth import TokenStore
 from nwc.controller import Controller
+from nwc.weave import LIVE_STATES
 
 pytestmark = pytest.mark.unit
 
@@ -72,7 +73,7 @@ def fuzzed(make_harness: Callable[..., Harness]) -> Iterator[Harness]:
     weaver = h.controller.weaver
     assert h.controller.call(weaver.fabric.violations) == []
     held = h.controller.call(lambda: set(weaver.fabric.by_weave))
-    assert held == {w.id for w in h.controller.call(weaver.store.weaves, live_only=True)}
+    assert held == {w.id for w in h.controller.call(weaver.store.weaves, states=LIVE_STATES)}
     assert verify_chain(h.audit()) == []
 
 
