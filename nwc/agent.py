@@ -110,7 +110,6 @@ class _Leg:
     loaded: LegRecord | None = None  # the material now in the IKE daemon
     key: LegKey | None = None
     csr: bytes | None = None  # made once per key (signing again would change it every step)
-    key_id: str | None = None
     phase: Phase = Phase.BUILDING
     detail: str = ""
     sa: SaInfo | None = None
@@ -160,6 +159,7 @@ class Agent:
         self.legs: dict[str, _Leg] = {}
         self._adopted = False
         self._host_key: LegKey | None = None  # ovs-ipsec x509: one key per host
+        self._host_files: tuple[bytes, bytes, bytes] | None = None  # what is on disk for it
         self._ovs_keys_set: set[str] = set()  # other_config keys this agent added
 
     def _thread_submit(self, fn: Callable[[], InitiateResult]
@@ -234,11 +234,15 @@ class Agent:
                 log.info("leg %s: building (%s to %s, %s)", key, record.spec.host,
                          record.spec.peer_host, record.spec.auth)
             leg.record = record
-        try:
-            sas: dict[str, SaInfo] | None = self.ike.sas()
-            conns: set[str] = self.ike.connections()
-        except IkeUnavailable:
-            sas, conns = None, set()
+        sas: dict[str, SaInfo] | None = None
+        conns: set[str] = set()
+        if wanted:  # two VICI round trips per pass, only when there is a leg to look at
+            try:
+                sas = self.ike.sas()
+                if self.backend == "strongswan":  # ovs-ipsec's connections are not ours
+                    conns = self.ike.connections()
+            except IkeUnavailable:
+                sas, conns = None, set()
         for key, leg in self.legs.items():
             if key not in wanted:
                 continue
@@ -276,8 +280,7 @@ class Agent:
             if status.applied is None or status.applied.backend != self.backend:
                 continue
             leg = _Leg(status.applied, phase=status.phase, rekeys=status.rekeys,
-                       key_id=status.extra.get("key_id"), port_since=self.clock(),
-                       extra=dict(status.extra))
+                       port_since=self.clock(), extra=dict(status.extra))
             self.legs[raw_key[len(STATUS_PREFIX):]] = leg
             self._ovs_keys_set.update(status.extra.get("ovs_keys", []))
 
@@ -375,8 +378,8 @@ class Agent:
             conn = spec.vici_connection()
         else:
             assert leg.key is not None
-            leg.key_id = self.ike.load_key(leg.key.private_der())
-            leg.extra["key_id"] = leg.key_id  # a public key hash: lets a restart unload it
+            # A public key hash, reported in the status: lets a restarted agent unload it.
+            leg.extra["key_id"] = self.ike.load_key(leg.key.private_der())
             conn = spec.vici_connection(cert_pem=record.cert_pem, ca_pem=record.ca_pem)
         self.ike.load_connection(conn)
         leg.loaded = record
@@ -509,11 +512,12 @@ class Agent:
         if not (record.cert_pem and record.ca_pem and self._host_key.matches(record.cert_pem)):
             leg.phase, leg.detail = Phase.WAITING_CERT, "host certificate requested"
             return False
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        contents = {"private_key": self._host_key.private_pem().reveal(),
-                    "certificate": record.cert_pem, "ca_cert": record.ca_pem}
-        for name, data in contents.items():
-            write_private(paths[name], data)
+        files = (self._host_key.private_pem().reveal(), record.cert_pem, record.ca_pem)
+        if files != self._host_files:  # written once per key and certificate, not per pass
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            for name, data in zip(paths, files, strict=True):
+                write_private(paths[name], data)
+            self._host_files = files
         wanted = {k: str(p) for k, p in paths.items()}
         if any(config.get(k) != v for k, v in wanted.items()):
             self.db.update_other_config(wanted)
@@ -560,7 +564,7 @@ class Agent:
             if spec.auth == "psk":
                 attempt("pre-shared key", lambda: self.ike.unload_shared(spec.connection_name),
                         ike=True)
-            key_id = leg.key_id or leg.extra.get("key_id")
+            key_id = leg.extra.get("key_id")
             if key_id:
                 attempt("private key", lambda: self.ike.unload_key(key_id), ike=True)
         for route in spec.routes():
@@ -595,6 +599,7 @@ class Agent:
             if directory.exists() and not any(directory.iterdir()):
                 directory.rmdir()
         self._host_key = None
+        self._host_files = None
 
 
 # -- the command ------------------------------------------------------------------------------

@@ -404,10 +404,10 @@ class Tunnels:
         """One pass: read every involved host, decide, write what changed, report."""
         with self._lock:
             weaves = list(self._weaves.values())
-            removing = {h: set(keys) for h, keys in self._removing.items() if keys}
         # Every host, not only those with live legs: records of weaves that ended while the
-        # controller was away are found and removed too.
-        hosts = set(self.targets) | set(removing)
+        # controller was away are found and removed too. (Legs are only ever planned on hosts
+        # with a target, so hosts with legs being removed are among them.)
+        hosts = set(self.targets)
         reads = {}
         for host in sorted(hosts):
             link = self._link(host)
