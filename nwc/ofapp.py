@@ -349,15 +349,17 @@ class FlowsPart:
         topo = self.weaver.topology
         gone = weave_switches(topo, old) - weave_switches(topo, weave)
         self._program(weave)
+        meters = self._own_meters(old)
         for dpid in gone:
-            self._remove_from(dpid, old)
+            self._remove_from(dpid, old, meters)
 
     def weave_down(self, weave: Weave) -> None:
         self.pending.pop(weave.id, None)
         self.generation.pop(weave.id, None)
         self.capped.pop(weave.id, None)
+        meters = self._own_meters(weave)
         waiting = {dpid for dpid in weave_switches(self.weaver.topology, weave)
-                   if self._remove_from(dpid, weave, teardown=True)}
+                   if self._remove_from(dpid, weave, meters, teardown=True)}
         if waiting:
             self.removing[weave.id] = waiting
         else:  # on no connected switch: nothing to wait for (posted: _end is still running)
@@ -387,26 +389,34 @@ class FlowsPart:
             conn = self._conn(dpid)
             if conn is None or not conn.synced:
                 continue  # confirmed by that switch's resync when it (re)connects
-            program = compile_weave(state, weave, dpid, conn.ports)
-            cookie = weave_cookie(weave.number)
-            msgs = install_messages(conn.datapath, program, cookie, conn.meters,
-                                    next(conn.bundles))
-            if self._send(conn, "weave", msgs, {weave.id: self.generation[weave.id]},
-                          conn.meters | {m.meter_id for m in program.meters}):
-                self._installed(weave, dpid, state.now)
+            self._install(conn, weave, compile_weave(state, weave, dpid, conn.ports), state.now)
 
-    def _remove_from(self, dpid: int, weave: Weave, teardown: bool = False) -> bool:
-        """Queue the removal of a weave's flows (and meters) on one switch; whether a batch
-        went out (its barrier will confirm it)."""
+    def _install(self, conn: SwitchConn, weave: Weave, program: Program, now: datetime) -> None:
+        """One weave's flows and meters onto one switch, confirmed by the batch's barrier."""
+        msgs = install_messages(conn.datapath, program, weave_cookie(weave.number), conn.meters,
+                                next(conn.bundles))
+        if self._send(conn, "weave", msgs, {weave.id: self.generation.get(weave.id, 0)},
+                      conn.meters | {m.meter_id for m in program.meters}):
+            self._installed(weave, conn.dpid, now)
+
+    def _own_meters(self, weave: Weave) -> set[int]:
+        """The weave's meter ids that no other live weave holds. Ids are shared by weave
+        numbers METER_SPACE apart: never delete the meters of a live weave (OVS would delete
+        its flows with them) for one that was refused."""
+        if any(w.id != weave.id for w in self.weaver.live.values()
+               if w.number % METER_SPACE == weave.number % METER_SPACE):
+            return set()
+        return {meter_id(weave.number, d) for d in DIRECTIONS}
+
+    def _remove_from(self, dpid: int, weave: Weave, meters: set[int],
+                     teardown: bool = False) -> bool:
+        """Queue the removal of a weave's flows and of `meters` (its own) on one switch;
+        whether a batch went out (its barrier will confirm it)."""
         conn = self._conn(dpid)
         if conn is None or not conn.synced:
             return False  # its resync will not bring the weave back
         self.capped.get(weave.id, {}).pop(dpid, None)
-        # Meter ids are shared by weave numbers METER_SPACE apart: never delete the meters of
-        # a live weave (OVS would delete its flows with them) for one that was refused.
-        shared = {meter_id(w.number, d) for w in self.weaver.live.values() if w.id != weave.id
-                  for d in DIRECTIONS}
-        ids = {meter_id(weave.number, d) for d in DIRECTIONS} & conn.meters - shared
+        ids = meters & conn.meters
         msgs = remove_messages(conn.datapath, weave_cookie(weave.number), ids,
                                next(conn.bundles))
         return self._send(conn, "remove", msgs, {}, conn.meters - ids,
@@ -501,12 +511,7 @@ class FlowsPart:
         kept = [w for w in here if w.id in weaves]
         if base is None:
             for weave in kept:
-                msgs = install_messages(conn.datapath, weaves[weave.id],
-                                        weave_cookie(weave.number), conn.meters,
-                                        next(conn.bundles))
-                if self._send(conn, "weave", msgs, {weave.id: self.generation.get(weave.id, 0)},
-                              conn.meters | {m.meter_id for m in weaves[weave.id].meters}):
-                    self._installed(weave, dpid, state.now)
+                self._install(conn, weave, weaves[weave.id], state.now)
             return
         program = base
         for weave in kept:
@@ -521,10 +526,10 @@ class FlowsPart:
 
     def policy_changed(self) -> None:
         """Weaver hook after a policy reload: IVN gateways, VNIs and prefixes feed every
-        host's base flows, so each connected switch is made equal to the new desired state
-        (one atomic bundle each, as on a reconnect)."""
-        with self.lock:
-            dpids = sorted(self.switches)
+        host's base flows, so each connected host switch is made equal to the new desired
+        state (one atomic bundle each, as on a reconnect)."""
+        with self.lock:  # fabric switches' flows depend on the topology only
+            dpids = sorted(d for d, c in self.switches.items() if c.kind == "host")
         for dpid in dpids:
             self.resync(dpid)
 
@@ -806,6 +811,11 @@ class FlowsPart:
         return out
 
 
+def _port_up(desc: Any) -> bool:
+    """An OpenFlow port description: link up and not administratively down."""
+    return not desc.state & ofp.OFPPS_LINK_DOWN and not desc.config & ofp.OFPPC_PORT_DOWN
+
+
 def _live(datapath: Any) -> bool:
     """Is this connection a switch that is still talking to NWC?"""
     if not getattr(datapath, "is_active", True) or \
@@ -892,11 +902,11 @@ class FlowsApp(app_manager.OSKenApp):
         if ev.msg.flags & ofp.OFPMPF_REPLY_MORE:
             return
         del self._meter_requests[id(dp)]
-        ports = {p.name.decode(errors="replace"): p.port_no for p in (dp.ports or {}).values()
-                 if p.port_no <= ofp.OFPP_MAX}
-        state = {p.port_no: not p.state & ofp.OFPPS_LINK_DOWN and
-                 not p.config & ofp.OFPPC_PORT_DOWN for p in (dp.ports or {}).values()
-                 if p.port_no <= ofp.OFPP_MAX}
+        ports, state = {}, {}
+        for desc in (dp.ports or {}).values():
+            if desc.port_no <= ofp.OFPP_MAX:
+                ports[desc.name.decode(errors="replace")] = desc.port_no
+                state[desc.port_no] = _port_up(desc)
         if self.part is not None:
             self._post(self.part.switch_ready, dp, ports, state, pending[2])
 
@@ -906,7 +916,7 @@ class FlowsApp(app_manager.OSKenApp):
         msg = ev.msg
         desc = msg.desc
         present = msg.reason != ofp.OFPPR_DELETE
-        up = not desc.state & ofp.OFPPS_LINK_DOWN and not desc.config & ofp.OFPPC_PORT_DOWN
+        up = _port_up(desc)
         key = (id(msg.datapath), desc.port_no)
         with self._ports_lock:
             queued = key in self._ports
