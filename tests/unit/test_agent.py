@@ -4,19 +4,27 @@ builds, in which order, what it tells the controller, and that teardown leaves n
 from __future__ import annotations
 
 import datetime as dt
-import ipaddress
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from tunnel_fakes import FakeClock, FakeHostDb, FakeIke, FakeNet, Journal, run_now
+from tunnel_fakes import (
+    POLICY,
+    T0,
+    TOPO,
+    FakeClock,
+    FakeHostDb,
+    FakeIke,
+    FakeNet,
+    Journal,
+    one_leg_weave,
+    run_now,
+)
 
 from nwc.agent import Agent
-from nwc.config import SHIPPED_POLICIES
 from nwc.lab.tunnel_lab import TWO_HOSTS
 from nwc.pki import CertificateAuthority, LegKey, new_psk
-from nwc.policy import load_policy
 from nwc.topology import parse_topology_text
 from nwc.tunnel import (
     RECORD_PREFIX,
@@ -28,25 +36,16 @@ from nwc.tunnel import (
     TunnelSpec,
     leg_specs,
 )
-from nwc.weave import Leg, Weave
 
 pytestmark = pytest.mark.unit
 
-POLICY = load_policy([SHIPPED_POLICIES])
-TOPO = parse_topology_text(TWO_HOSTS, POLICY)
 OVS_TOPO = parse_topology_text(
     TWO_HOSTS.replace("underlay_ip: 100.64.0.1}", "underlay_ip: 100.64.0.1, backend: ovs-ipsec}")
     .replace("underlay_ip: 100.64.0.2}", "underlay_ip: 100.64.0.2, backend: ovs-ipsec}"), POLICY)
-T0 = dt.datetime(2026, 11, 24, 12, 0, tzinfo=dt.UTC)
 
 
 def specs(profile: str = "gold", slot: int = 0, topo=TOPO) -> tuple[TunnelSpec, TunnelSpec]:
-    w = Weave(id="wv-000007", requester="acme-web", target="globex-db",
-              requester_tenant="acme", target_tenant="globex",
-              legs=(Leg("h1", "h2", ("h1", "s1", "h2"), slot),), kbps=1000, profile=profile,
-              requester_prefixes=(ipaddress.IPv4Network("192.0.2.0/26"),),
-              target_prefixes=(ipaddress.IPv4Network("192.0.2.64/26"),),
-              created_at=T0, expires_at=T0 + dt.timedelta(hours=1))
+    w = one_leg_weave(7, slot, profile=profile)
     return leg_specs(w, w.legs[0], POLICY.profiles[profile], topo)
 
 

@@ -25,7 +25,9 @@ def _pki(directory: Path) -> dict[str, Path]:
             "sw.key": sw.private_key, "sw.crt": sw.certificate}
 
 
-def test_concurrent_reads_and_writes_carry_every_byte_in_order(tmp_path: Path) -> None:
+def _connected(tmp_path: Path) -> tuple[TlsSocket, ssl.SSLSocket]:
+    """A TlsSocket (NWC's side) and Python's TLS client (the switch, with its certificate),
+    handshaken over a socketpair."""
     pki = _pki(tmp_path)
     server_context = TlsFiles(pki["ctl.key"], pki["ctl.crt"], pki["ca"]).server_context()
     client_context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -36,13 +38,17 @@ def test_concurrent_reads_and_writes_carry_every_byte_in_order(tmp_path: Path) -
     server_raw.settimeout(20)
     client_raw.settimeout(20)
     server = TlsSocket(server_raw, server_context)
-    client_box: dict[str, ssl.SSLSocket] = {}
-    connecting = threading.Thread(target=lambda: client_box.update(
+    box: dict[str, ssl.SSLSocket] = {}
+    connecting = threading.Thread(target=lambda: box.update(
         tls=client_context.wrap_socket(client_raw)))
     connecting.start()
     server.handshake(timeout_s=20)
     connecting.join(20)
-    client = client_box["tls"]
+    return server, box["tls"]
+
+
+def test_concurrent_reads_and_writes_carry_every_byte_in_order(tmp_path: Path) -> None:
+    server, client = _connected(tmp_path)
     assert server.peer_certificate()["subject"] == ((("commonName", "sw"),),)
 
     messages = [bytes([i % 251]) * (1 + (i * 37) % 3000) for i in range(400)]
@@ -92,23 +98,9 @@ def test_a_bad_file_is_a_clear_configuration_error(tmp_path: Path) -> None:
 def test_a_corrupted_record_ends_the_stream_instead_of_raising(tmp_path: Path) -> None:
     """os-ken treats an SSLError from recv as a timeout and reads again: a broken stream
     must end (b"") rather than raise on every read."""
-    pki = _pki(tmp_path)
-    server_context = TlsFiles(pki["ctl.key"], pki["ctl.crt"], pki["ca"]).server_context()
-    client_context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    client_context.check_hostname = False
-    client_context.load_verify_locations(str(pki["ca"]))
-    client_context.load_cert_chain(str(pki["sw.crt"]), str(pki["sw.key"]))
-    server_raw, client_raw = socket.socketpair()
-    server_raw.settimeout(20)
-    server = TlsSocket(server_raw, server_context)
-    box: dict[str, ssl.SSLSocket] = {}
-    connecting = threading.Thread(target=lambda: box.update(
-        tls=client_context.wrap_socket(client_raw)))
-    connecting.start()
-    server.handshake(timeout_s=20)
-    connecting.join(20)
+    server, client = _connected(tmp_path)
     # An application-data record header followed by garbage: it cannot decrypt.
-    os.write(box["tls"].fileno(), bytes([23, 3, 3, 0, 40]) + bytes(40))  # past TLS
+    os.write(client.fileno(), bytes([23, 3, 3, 0, 40]) + bytes(40))  # past TLS
     assert server.recv(100) == b""
-    box["tls"].close()
+    client.close()
     server.close()

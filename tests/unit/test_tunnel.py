@@ -3,19 +3,17 @@ and the MTU arithmetic."""
 
 from __future__ import annotations
 
-import datetime as dt
-import ipaddress
 import json
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tunnel_fakes import POLICY, TOPO, one_leg_weave
 from vici.protocol import Message
 
-from nwc.config import SHIPPED_POLICIES
 from nwc.lab.tunnel_lab import TWO_HOSTS
 from nwc.pki import Secret, new_psk
-from nwc.policy import load_policy
 from nwc.topology import Topology, parse_topology_text
 from nwc.tunnel import (
     LegRecord,
@@ -29,24 +27,12 @@ from nwc.tunnel import (
     mtu_plan,
     weave_specs,
 )
-from nwc.weave import Leg, Weave
+from nwc.weave import Weave
 
 pytestmark = pytest.mark.unit
 
-POLICY = load_policy([SHIPPED_POLICIES])
-TOPO = parse_topology_text(TWO_HOSTS, POLICY)
-T0 = dt.datetime(2026, 11, 24, 12, 0, tzinfo=dt.UTC)
-
-
-def weave(number: int, slot: int | None, target: str = "globex-db", profile: str = "gold",
-          hosts: tuple[str, str] = ("h1", "h2")) -> Weave:
-    return Weave(id=f"wv-{number:06d}", requester="acme-web", target=target,
-                 requester_tenant="acme", target_tenant="globex",
-                 legs=(Leg(hosts[0], hosts[1], (hosts[0], "s1", hosts[1]), slot),),
-                 kbps=10_000, profile=profile,
-                 requester_prefixes=(ipaddress.IPv4Network("192.0.2.0/26"),),
-                 target_prefixes=(ipaddress.IPv4Network("192.0.2.64/26"),),
-                 created_at=T0, expires_at=T0 + dt.timedelta(hours=1))
+def weave(number: int, slot: int | None, **kw: Any) -> Weave:
+    return one_leg_weave(number, slot, kbps=10_000, **kw)
 
 
 def ends(number: int = 1, slot: int = 0, profile: str = "gold",

@@ -16,14 +16,23 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tunnel_fakes import FakeClock, FakeHostDb, FakeIke, FakeNet, Journal, run_now
+from tunnel_fakes import (
+    POLICY,
+    T0,
+    TOPO,
+    FakeClock,
+    FakeHostDb,
+    FakeIke,
+    FakeNet,
+    Journal,
+    one_leg_weave,
+    run_now,
+)
 
 from nwc.agent import Agent
-from nwc.config import SHIPPED_POLICIES
 from nwc.hostdb import HostDb
 from nwc.lab.tunnel_lab import TWO_HOSTS
 from nwc.pki import CertificateAuthority, LegKey, certificate_identity, new_psk
-from nwc.policy import load_policy
 from nwc.topology import parse_topology_text
 from nwc.tunnel import (
     RECORD_PREFIX,
@@ -39,18 +48,7 @@ from nwc.weave import Leg, Weave
 
 pytestmark = pytest.mark.unit
 
-POLICY = load_policy([SHIPPED_POLICIES])
-TOPO = parse_topology_text(TWO_HOSTS, POLICY)
-T0 = dt.datetime(2026, 11, 24, 12, 0, tzinfo=dt.UTC)
-
-
-def weave(number: int = 1, slot: int = 0, profile: str = "gold") -> Weave:
-    return Weave(id=f"wv-{number:06d}", requester="acme-web", target="globex-db",
-                 requester_tenant="acme", target_tenant="globex",
-                 legs=(Leg("h1", "h2", ("h1", "s1", "h2"), slot),), kbps=1000, profile=profile,
-                 requester_prefixes=(ipaddress.IPv4Network("192.0.2.0/26"),),
-                 target_prefixes=(ipaddress.IPv4Network("192.0.2.64/26"),),
-                 created_at=T0, expires_at=T0 + dt.timedelta(hours=1))
+weave = one_leg_weave
 
 
 @dataclass

@@ -3,23 +3,19 @@ every live weave, and weaves still provisioning wait for it too."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 
 from nwc.admission import WeaveRequest
-from nwc.config import SHIPPED_POLICIES
 from nwc.lab.tunnel_lab import TWO_HOSTS
 from nwc.lease import ManualClock
-from nwc.policy import load_policy
-from nwc.store import Store
-from nwc.topology import parse_topology_text
+from nwc.policy import Policy
+from nwc.topology import Topology, parse_topology_text
 from nwc.weave import State, Weave
 from nwc.weaver import Weaver
 
 pytestmark = pytest.mark.unit
-
-POLICY = load_policy([SHIPPED_POLICIES])
 
 
 class RecordingPart:
@@ -37,11 +33,15 @@ class RecordingPart:
         pass
 
 
-def test_a_late_part_gets_live_weaves_and_provisioning_ones_wait_for_it(tmp_path: Path) -> None:
-    topo = parse_topology_text(TWO_HOSTS, POLICY)
+@pytest.fixture
+def two_hosts(shipped_policy: Policy) -> Topology:
+    return parse_topology_text(TWO_HOSTS, shipped_policy)
+
+
+def test_a_late_part_gets_live_weaves_and_provisioning_ones_wait_for_it(
+        make_weaver: Callable[..., Weaver], two_hosts: Topology) -> None:
     first = RecordingPart("flows")
-    weaver = Weaver(policy=POLICY, topology=topo, store=Store(tmp_path), clock=ManualClock(),
-                    parts=[first])
+    weaver = make_weaver(two_hosts, parts=[first])
     weave = weaver.create(WeaveRequest("acme-web", "globex-db", 600, 5))
     assert isinstance(weave, Weave) and weave.state is State.PROVISIONING
     late = RecordingPart("tunnels")
@@ -59,17 +59,17 @@ class TeardownPart(RecordingPart):
     confirms_teardown = True
 
 
-def _teardown_weaver(tmp_path: Path, clock: ManualClock) -> tuple[Weaver, list[dict]]:
-    topo = parse_topology_text(TWO_HOSTS, POLICY)
-    weaver = Weaver(policy=POLICY, topology=topo, store=Store(tmp_path), clock=clock,
-                    parts=[TeardownPart("flows"), RecordingPart("tunnels")])
+def _teardown_weaver(make_weaver: Callable[..., Weaver],
+                     topology: Topology) -> tuple[Weaver, list[dict]]:
+    weaver = make_weaver(topology, parts=[TeardownPart("flows"), RecordingPart("tunnels")])
     events: list[dict] = []
     weaver.subscribe(events.append)
     return weaver, events
 
 
-def test_terminating_lasts_until_the_confirming_parts_report(tmp_path: Path) -> None:
-    weaver, events = _teardown_weaver(tmp_path, ManualClock())
+def test_terminating_lasts_until_the_confirming_parts_report(
+        make_weaver: Callable[..., Weaver], two_hosts: Topology) -> None:
+    weaver, events = _teardown_weaver(make_weaver, two_hosts)
     weave = weaver.create(WeaveRequest("acme-web", "globex-db", 600, 5))
     assert isinstance(weave, Weave)
     slots = {leg.slot for leg in weave.legs}
@@ -88,9 +88,9 @@ def test_terminating_lasts_until_the_confirming_parts_report(tmp_path: Path) -> 
     assert states[-2:] == ["terminating", "terminated"]
 
 
-def test_an_unconfirmed_teardown_ends_at_its_deadline_with_an_event(tmp_path: Path) -> None:
-    clock = ManualClock()
-    weaver, events = _teardown_weaver(tmp_path, clock)
+def test_an_unconfirmed_teardown_ends_at_its_deadline_with_an_event(
+        make_weaver: Callable[..., Weaver], two_hosts: Topology, clock: ManualClock) -> None:
+    weaver, events = _teardown_weaver(make_weaver, two_hosts)
     weave = weaver.create(WeaveRequest("acme-web", "globex-db", 600, 5))
     assert isinstance(weave, Weave)
     weaver.terminate(weave.id)
@@ -107,15 +107,13 @@ def test_an_unconfirmed_teardown_ends_at_its_deadline_with_an_event(tmp_path: Pa
     assert weaver.store.weave(weave.id).state is State.TERMINATED
 
 
-def test_a_restart_finishes_a_weave_left_terminating(tmp_path: Path) -> None:
-    clock = ManualClock()
-    weaver, _ = _teardown_weaver(tmp_path, clock)
+def test_a_restart_finishes_a_weave_left_terminating(make_weaver: Callable[..., Weaver],
+                                                    two_hosts: Topology) -> None:
+    weaver, _ = _teardown_weaver(make_weaver, two_hosts)
     weave = weaver.create(WeaveRequest("acme-web", "globex-db", 600, 5))
     assert isinstance(weave, Weave)
     weaver.terminate(weave.id)
     weaver.store.close()  # the controller stops before any part confirmed
-    again, _ = _teardown_weaver(tmp_path, clock)
-    again.recover()
+    again, _ = _teardown_weaver(make_weaver, two_hosts)  # recovers, as a restart does
     assert again.store.weave(weave.id).state is State.TERMINATED
     assert not again.live and again.fabric.violations() == []
-    again.store.close()

@@ -5,13 +5,38 @@ tests can check what happened before what."""
 from __future__ import annotations
 
 import concurrent.futures
+import datetime as dt
+import ipaddress
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from nwc.config import SHIPPED_POLICIES
 from nwc.ike import IkeUnavailable, InitiateResult
+from nwc.lab.tunnel_lab import TWO_HOSTS
 from nwc.pki import Secret
+from nwc.policy import load_policy
+from nwc.topology import parse_topology_text
 from nwc.tunnel import SaInfo
+from nwc.weave import Leg, Weave
+
+# The world of the tunnel tests: shipped policy, two hosts joined by one switch.
+POLICY = load_policy([SHIPPED_POLICIES])
+TOPO = parse_topology_text(TWO_HOSTS, POLICY)
+T0 = dt.datetime(2026, 11, 24, 12, 0, tzinfo=dt.UTC)
+
+
+def one_leg_weave(number: int = 1, slot: int | None = 0, target: str = "globex-db",
+                  profile: str = "gold", hosts: tuple[str, str] = ("h1", "h2"),
+                  kbps: int = 1000) -> Weave:
+    """acme-web woven with `target` over one leg between `hosts` (an hour from T0)."""
+    return Weave(id=f"wv-{number:06d}", requester="acme-web", target=target,
+                 requester_tenant="acme", target_tenant="globex",
+                 legs=(Leg(hosts[0], hosts[1], (hosts[0], "s1", hosts[1]), slot),),
+                 kbps=kbps, profile=profile,
+                 requester_prefixes=(ipaddress.IPv4Network("192.0.2.0/26"),),
+                 target_prefixes=(ipaddress.IPv4Network("192.0.2.64/26"),),
+                 created_at=T0, expires_at=T0 + dt.timedelta(hours=1))
 
 
 @dataclass
