@@ -9,10 +9,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from policy_edits import copy_shipped_policies, shipped_text
 
 from nwc.admission import Denial, Reason, WeaveRequest
 from nwc.audit import read_jsonl, verify_chain
-from nwc.config import SHIPPED_POLICIES, SHIPPED_TOPOLOGIES
+from nwc.config import SHIPPED_TOPOLOGIES
 from nwc.controller import Controller
 from nwc.fabric import CapacityError
 from nwc.pipeline import METER_SPACE
@@ -25,15 +26,6 @@ pytestmark = pytest.mark.unit
 REQ = WeaveRequest("acme-web", "globex-db", 600, 10)
 
 
-def shipped_text(**edits: str) -> str:
-    text = "\n".join(p.read_text().replace("version: 1\n", "")
-                     for p in sorted(SHIPPED_POLICIES.glob("*.yaml")))
-    for old, new in edits.items():
-        assert old in text, old
-        text = text.replace(old, new)
-    return text
-
-
 NARROWED = {"prefixes: [192.0.2.0/27]    # only this part": "prefixes: [192.0.2.0/28]    # only"}
 
 
@@ -41,7 +33,7 @@ def test_a_narrowed_partner_prefix_ends_the_live_weave_on_reload(make_weaver, sm
     weaver = make_weaver(small)
     weave = weaver.create(REQ)
     assert [str(p) for p in weave.requester_prefixes] == ["192.0.2.0/27"]
-    (ended,) = weaver.reload_policy(parse_policy_text(shipped_text(**NARROWED)))
+    (ended,) = weaver.reload_policy(parse_policy_text(shipped_text(NARROWED)))
     assert (ended.id, ended.state, ended.reason) == (weave.id, State.FAILED, "policy_withdrawn")
     assert weaver.fabric.reserved[("s1", "s2")] == 0
 
@@ -49,7 +41,7 @@ def test_a_narrowed_partner_prefix_ends_the_live_weave_on_reload(make_weaver, sm
 def test_an_extension_sees_a_narrowed_prefix(make_weaver, small) -> None:
     weaver = make_weaver(small)
     weave = weaver.create(REQ)
-    weaver.policy = parse_policy_text(shipped_text(**NARROWED))  # not yet reloaded
+    weaver.policy = parse_policy_text(shipped_text(NARROWED))  # not yet reloaded
     denial = weaver.extend(weave.id, 60)
     assert isinstance(denial, Denial)
     assert (denial.reason, denial.side, denial.rule) == (Reason.POLICY_VIOLATION, "target",
@@ -57,10 +49,7 @@ def test_an_extension_sees_a_narrowed_prefix(make_weaver, small) -> None:
 
 
 def test_a_reload_that_would_orphan_vms_of_the_topology_is_refused(tmp_path: Path) -> None:
-    policy_dir = tmp_path / "policies"
-    policy_dir.mkdir()
-    for src in SHIPPED_POLICIES.glob("*.yaml"):
-        (policy_dir / src.name).write_text(src.read_text())
+    policy_dir = copy_shipped_policies(tmp_path / "policies")
     controller = Controller.from_paths(tmp_path / "state", [policy_dir],
                                        SHIPPED_TOPOLOGIES / "small.yaml")
     controller.start()
@@ -161,7 +150,7 @@ def test_target_side_refusals_do_not_reveal_the_targets_policy(small, shipped_po
     from nwc.fabric import Fabric
     from nwc.lease import ManualClock
 
-    policy = parse_policy_text(shipped_text(**{
+    policy = parse_policy_text(shipped_text({
         "        - ivn: acme-web\n          prefixes: [192.0.2.0/27]":
         "        - ivn: initech-app\n          prefixes: [203.0.113.0/27]"}))
     denial = evaluate(REQ, policy=policy, topology=small, fabric=Fabric(small), live=[],

@@ -9,10 +9,11 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from policy_edits import copy_shipped_policies, shipped_text
 
 from nwc.admission import Denial, Reason, WeaveRequest
 from nwc.audit import read_jsonl, verify_chain
-from nwc.config import SHIPPED_POLICIES, SHIPPED_TOPOLOGIES
+from nwc.config import SHIPPED_TOPOLOGIES
 from nwc.controller import Controller
 from nwc.lease import SystemClock
 from nwc.policy import parse_policy_text
@@ -90,11 +91,9 @@ def test_extension_is_validated_again(make_weaver, small, clock) -> None:
     clock.advance(1000)
     assert not isinstance(weaver.extend(weave.id, 900), Denial)
     # A policy change since admission is seen by the extension.
-    capped = parse_policy_text(
-        "\n".join(p.read_text().replace("version: 1\n", "")
-                  for p in sorted(SHIPPED_POLICIES.glob("*.yaml")))
-        .replace("max_weave_mbps: 40\n      max_total_mbps: 40", "max_weave_mbps: 10\n"
-                 "      max_total_mbps: 40"))
+    capped = parse_policy_text(shipped_text(
+        {"max_weave_mbps: 40\n      max_total_mbps: 40": "max_weave_mbps: 10\n"
+                                                        "      max_total_mbps: 40"}))
     weaver.policy = capped
     denial = weaver.extend(weave.id, 60)
     assert isinstance(denial, Denial)
@@ -216,22 +215,16 @@ def test_policy_reload_ends_weaves_no_longer_allowed(make_weaver, small) -> None
     weave = weaver.create(REQ)
     weaver.reload_policy(weaver.policy)
     assert part.moved == [(weave.id, weave.paths)]  # still allowed: recompiled, not ended
-    texts = "\n".join(p.read_text().replace("version: 1\n", "")
-                      for p in sorted(SHIPPED_POLICIES.glob("*.yaml")))
-    revoked_text = texts.replace("        - ivn: acme-web\n          prefixes: [192.0.2.0/27]",
-                                 "        - ivn: initech-app\n          prefixes: [203.0.113.0/27]")
-    assert revoked_text != texts
-    revoked = parse_policy_text(revoked_text)
+    revoked = parse_policy_text(shipped_text(
+        {"        - ivn: acme-web\n          prefixes: [192.0.2.0/27]":
+         "        - ivn: initech-app\n          prefixes: [203.0.113.0/27]"}))
     (ended,) = weaver.reload_policy(revoked)
     assert (ended.state, ended.reason) == (State.FAILED, "policy_withdrawn")
     assert weave.id not in weaver.live
 
 
 def test_controller_keeps_last_good_policy_when_reload_fails(tmp_path: Path) -> None:
-    policy_dir = tmp_path / "policies"
-    policy_dir.mkdir()
-    for src in SHIPPED_POLICIES.glob("*.yaml"):
-        (policy_dir / src.name).write_text(src.read_text())
+    policy_dir = copy_shipped_policies(tmp_path / "policies")
     controller = Controller.from_paths(tmp_path / "state", [policy_dir],
                                        SHIPPED_TOPOLOGIES / "small.yaml")
     controller.start()
