@@ -58,7 +58,9 @@ def utc(value: datetime) -> datetime:
 
 def iso(value: datetime) -> str:
     """The one text form of an instant NWC writes: 2026-01-01T00:00:00.000000Z."""
-    return utc(value).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    if value.tzinfo is not UTC:  # astimezone costs as much as the formatting: skip it for UTC
+        value = utc(value)
+    return value.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 def parse_iso(text: str) -> datetime:
