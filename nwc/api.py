@@ -710,7 +710,8 @@ class NorthboundApi:
                                          body.bandwidth_mbps, body.security_profile)
             started = time.perf_counter()
             try:
-                outcome = self.on_loop(self._create_on_loop, weave_request, principal, ctx)
+                outcome = self.controller.admit(self._create_on_loop, weave_request, principal,
+                                                ctx, timeout=self.settings.call_timeout_s)
             finally:
                 self.metrics.admission_latency.labels("create").observe(
                     time.perf_counter() - started)

@@ -85,6 +85,10 @@ class Controller:
         """Run `fn` on the weaver's loop and wait for its result."""
         return self.loop.call(fn, *args, **kwargs)
 
+    def admit(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """`call` for an admission: those waiting together share one durable commit."""
+        return self.loop.admit(fn, *args, **kwargs)
+
     def reload_policy(self, actor: Actor = SYSTEM) -> list[str]:
         """Re-read the policy files. On any problem the running policy stays; returns the
         problems (empty on success)."""

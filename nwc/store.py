@@ -117,27 +117,40 @@ class Store:
     @contextmanager
     def transaction(self) -> Iterator[None]:
         """All writes inside commit together or not at all; audit records reach the JSONL
-        file only after their transaction commits."""
+        file only after their transaction commits. A transaction inside another is a
+        savepoint: if it fails, its own writes (and audit records) are undone and the outer
+        one goes on without them."""
         with self._lock:
-            outer = self._tx_depth == 0
-            if outer:
-                self.db.execute("BEGIN IMMEDIATE")
-                saved = (self._audit_seq, self._audit_hash)
+            depth = self._tx_depth
+            self.db.execute("BEGIN IMMEDIATE" if depth == 0 else f"SAVEPOINT nwc{depth}")
+            saved = (self._audit_seq, self._audit_hash, len(self._pending_audit))
             self._tx_depth += 1
             try:
                 yield
             except BaseException:
                 self._tx_depth -= 1
-                if outer:
+                self._audit_seq, self._audit_hash = saved[0], saved[1]
+                del self._pending_audit[saved[2]:]
+                if depth == 0:
                     self.db.execute("ROLLBACK")
-                    self._audit_seq, self._audit_hash = saved
-                    self._pending_audit.clear()
+                else:
+                    self.db.execute(f"ROLLBACK TO nwc{depth}")
+                    self.db.execute(f"RELEASE nwc{depth}")
                 raise
             self._tx_depth -= 1
-            if outer:
-                self.db.execute("COMMIT")
+            if depth == 0:
+                try:
+                    self.db.execute("COMMIT")
+                except BaseException:
+                    self._audit_seq, self._audit_hash = saved[0], saved[1]
+                    self._pending_audit.clear()
+                    if self.db.in_transaction:
+                        self.db.execute("ROLLBACK")
+                    raise
                 pending, self._pending_audit = self._pending_audit, []
                 self._mirror(pending)
+            else:
+                self.db.execute(f"RELEASE nwc{depth}")
 
     def _mirror(self, pending: list[dict[str, Any]]) -> None:
         """Copy committed audit records to the JSONL file. Committed is committed: a failing
@@ -157,15 +170,16 @@ class Store:
         row = self.db.execute("SELECT COALESCE(MAX(number), 0) + 1 FROM weaves").fetchone()
         return int(row[0])
 
-    def save_weave(self, weave: Weave) -> None:
-        number = int(weave.id.rsplit("-", 1)[-1])
+    def save_weave(self, weave: Weave, record: dict[str, Any] | None = None) -> None:
+        """Insert or update a weave; `record` is its `to_dict()` when the caller has it."""
+        record = weave.to_dict() if record is None else record
         self.db.execute(
             "INSERT INTO weaves (id, number, state, requester, target, expires_at, record, "
             "requester_tenant, target_tenant) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT(id) DO UPDATE SET state=excluded.state, "
             "expires_at=excluded.expires_at, record=excluded.record",
-            (weave.id, number, weave.state.value, weave.requester, weave.target,
-             weave.to_dict()["expires_at"], json.dumps(weave.to_dict()),
+            (weave.id, weave.number, weave.state.value, weave.requester, weave.target,
+             record["expires_at"], json.dumps(record),
              weave.requester_tenant, weave.target_tenant))
 
     def weave(self, weave_id: str) -> Weave | None:

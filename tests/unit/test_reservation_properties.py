@@ -4,8 +4,10 @@ reservations, the store agrees with memory, and when everything has ended nothin
 
 from __future__ import annotations
 
+import sqlite3
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -57,6 +59,21 @@ PAIRS = [(f"a{i}", f"b{j}") for i in range(3) for j in range(3, 6)] + \
 LINKS = [(link.a, link.b) for link in TOPOLOGY.links]
 
 
+class CommitFails:
+    """The database connection, except that COMMIT fails as a full or broken disk would."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        if sql == "COMMIT":
+            raise sqlite3.OperationalError("disk I/O error")
+        return self._db.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._db, name)
+
+
 class WeaveLifecycle(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
@@ -82,6 +99,33 @@ class WeaveLifecycle(RuleBasedStateMachine):
         if not isinstance(result, Denial):
             self.ever.add(result.id)
             assert result.id in self.weaver.live
+
+    @rule(requests=st.lists(st.tuples(st.sampled_from(PAIRS), st.integers(1, 120),
+                                      st.integers(1, 600)), min_size=1, max_size=6),
+          commit_fails=st.booleans())
+    def admit_together(self, requests: list[tuple[tuple[str, str], int, int]],
+                       commit_fails: bool) -> None:
+        """A group commit; when its commit fails, memory must be as if it never happened."""
+        before = (dict(self.weaver.fabric.reserved), set(self.weaver.live))
+        real_db = self.store.db
+        if commit_fails:
+            self.store.db = CommitFails(real_db)  # type: ignore[assignment]
+        admitted = []
+        try:
+            with self.weaver.admission_batch():
+                for (requester, target), mbps, duration in requests:
+                    result = self.weaver.create(WeaveRequest(requester, target, duration, mbps))
+                    if not isinstance(result, Denial):
+                        admitted.append(result.id)
+        except sqlite3.OperationalError:
+            assert commit_fails
+            assert (dict(self.weaver.fabric.reserved), set(self.weaver.live)) == before
+        else:
+            assert not commit_fails
+            self.ever.update(admitted)
+            assert set(admitted) <= set(self.weaver.live)
+        finally:
+            self.store.db = real_db
 
     @precondition(lambda self: self.weaver.live)
     @rule(data=st.data())
