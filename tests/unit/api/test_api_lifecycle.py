@@ -4,6 +4,7 @@ deleted), checked in /metrics and in the audit log at every step."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -190,3 +191,40 @@ def test_delete_answers_terminating_until_the_data_plane_confirms(
     outcomes = [(r["action"], r["outcome"]) for r in h.audit() if r.get("weave_id") == wid]
     released = outcomes.index(("weave.terminate", "released"))
     assert ("weave.state", "terminated") in outcomes[released + 1:]
+
+
+def test_concurrent_creates_share_one_commit_and_decide_in_order(
+        make_harness: Callable[..., Harness]) -> None:
+    """Requests that reach the weaver together are admitted as one group commit, decided one
+    after the other as if alone: the first of a pair is admitted, the rest are told the pair
+    is already woven, and every decision is in the audit chain."""
+    h = make_harness()
+    loop = h.controller.loop
+    statements: list[str] = []
+    h.controller.store.db.set_trace_callback(statements.append)
+    holding, gate = threading.Event(), threading.Event()
+
+    def hold() -> None:  # the loop is busy while the requests arrive
+        holding.set()
+        gate.wait(10)
+
+    loop.post(hold)
+    assert holding.wait(5)
+    answers: list[Any] = []
+    threads = [threading.Thread(target=lambda: answers.append(h.create())) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 10
+    while loop._queue.qsize() < 6 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    statements.clear()
+    gate.set()
+    for thread in threads:
+        thread.join(10)
+    assert sorted(a.status_code for a in answers) == [201] + [409] * 5
+    assert {a.json()["error"] for a in answers if a.status_code == 409} == {"cidr_overlap"}
+    assert statements.count("COMMIT") == 1
+    records = h.audit()
+    assert verify_chain(records) == []
+    assert [r["outcome"] for r in records if r["action"] == "weave.create"] == \
+        ["admitted"] + ["denied"] * 5
