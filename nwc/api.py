@@ -614,7 +614,7 @@ class NorthboundApi:
             return ApiError(403, "forbidden", f"IVN {request.requester} is not yours: a tenant "
                             "asks for weaves from its own IVNs only")
         if requester is not None:
-            live = sum(1 for w in weaver.live.values() if w.requester_tenant == requester.tenant)
+            live = weaver.live.requested_by(requester.tenant)
             quota = self.settings.max_live_weaves_per_tenant
             if live >= quota:
                 return ApiError(429, "quota_exceeded", f"tenant {requester.tenant} already has "

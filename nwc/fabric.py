@@ -95,14 +95,14 @@ class Fabric:
         self.by_weave: dict[str, Reservation] = {}
         # What the path search reads, kept beside the ledger so that its inner loop does no
         # tuple hashing (that made it 2.7x slower than a bare networkx search): per node its
-        # neighbours in name order as (name, link number, is a host), and per link number the
+        # switch neighbours in name order as (name, link number), and per link number the
         # room left, or -1 while the link is down. Reservations take both directions of a link
         # alike, so one number per link is the room of either direction.
         self._room: list[int] = [0] * len(self._link_index)
         for (a, b), i in self._link_index.items():
             self._room[i] = self.reservable[(a, b)]
-        self._neighbours: dict[str, tuple[tuple[str, int, bool], ...]] = {
-            n: tuple((v, self._link_index[link_key(n, v)], v in self.hosts) for v in vs)
+        self._switch_neighbours: dict[str, tuple[tuple[str, int], ...]] = {
+            n: tuple((v, self._link_index[link_key(n, v)]) for v in vs if v not in self.hosts)
             for n, vs in self.adjacency.items()}
 
     def _refresh_room(self, a: str, b: str) -> None:
@@ -127,9 +127,9 @@ class Fabric:
         `pending` (arcs a caller is about to reserve) as taken."""
         if src == dst:
             return (src,)
-        neighbours, room = self._neighbours, self._room
+        neighbours, room, index = self._switch_neighbours, self._room, self._link_index
         # Pending arcs come in pairs (both directions, the same amount): one number per link.
-        pend = {self._link_index[link_key(*arc)]: amount
+        pend = {index[link_key(*arc)]: amount
                 for arc, amount in pending.items()} if pending else None
         pred: dict[str, str | None] = {src: None}
         succ: dict[str, str | None] = {dst: None}
@@ -138,10 +138,16 @@ class Fabric:
             grow_forward = len(forward) <= len(backward)
             frontier, seen, other = (forward, pred, succ) if grow_forward \
                 else (backward, succ, pred)
+            # Hosts are never transit: the only host a search may step onto is where the
+            # other search started. (A node next to that host over a usable link is only
+            # in this frontier while the other search has not moved yet, so checking it
+            # after the node's switch neighbours finds the same path as name order would.)
+            end = dst if grow_forward else src
+            end_is_host = end in self.hosts
             nxt: list[str] = []
             for u in frontier:
-                for v, i, is_host in neighbours[u]:
-                    if v in seen or (is_host and v not in other):
+                for v, i in neighbours[u]:
+                    if v in seen:
                         continue
                     if room[i] < kbps or (pend and room[i] - pend.get(i, 0) < kbps):
                         continue
@@ -149,6 +155,12 @@ class Fabric:
                     if v in other:
                         return self._join(v, pred, succ)
                     nxt.append(v)
+                if end_is_host:
+                    last = index.get((u, end) if u <= end else (end, u))
+                    if last is not None and room[last] >= kbps and \
+                            not (pend and room[last] - pend.get(last, 0) < kbps):
+                        seen[end] = u
+                        return self._join(end, pred, succ)
             if grow_forward:
                 forward = nxt
             else:

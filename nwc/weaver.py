@@ -103,6 +103,7 @@ class LiveWeaves(dict[str, Weave]):
         # A count, not a set: a store written before numbers were chosen this way may hold
         # two live weaves on one residue.
         self._residues: Counter[int] = Counter()
+        self._requested_by: Counter[str] = Counter()  # live weaves per requesting tenant
 
     def __setitem__(self, weave_id: str, weave: Weave) -> None:
         if weave_id in self:
@@ -112,6 +113,7 @@ class LiveWeaves(dict[str, Weave]):
             self._by_ivn.setdefault(ivn, set()).add(weave_id)
         self._view[weave_id] = weave.as_live()
         self._residues[weave.number % METER_SPACE] += 1
+        self._requested_by[weave.requester_tenant] += 1
 
     def __delitem__(self, weave_id: str) -> None:
         self.pop(weave_id)
@@ -131,6 +133,13 @@ class LiveWeaves(dict[str, Weave]):
         self._residues[residue] -= 1
         if self._residues[residue] <= 0:
             del self._residues[residue]
+        self._requested_by[weave.requester_tenant] -= 1
+        if self._requested_by[weave.requester_tenant] <= 0:
+            del self._requested_by[weave.requester_tenant]
+
+    def requested_by(self, tenant: str) -> int:
+        """How many live weaves `tenant` asked for (its quota counts these)."""
+        return self._requested_by[tenant]
 
     def holds_residue(self, number: int) -> bool:
         """Whether a live weave's number shares `number`'s meter ids."""
