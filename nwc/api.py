@@ -623,7 +623,8 @@ class NorthboundApi:
             outcome = weaver.create(request, principal.actor(), ctx.request_id)
         except CapacityError as exc:  # no free weave slot in the underlay pools
             return ApiError(409, "insufficient_capacity", str(exc))
-        ctx.decided_by_weaver = True
+        # ctx.decided_by_weaver is set by the caller once this returns: the weaver's record
+        # is only kept when the group commit this admission is part of succeeds.
         return outcome
 
     def _terminate_on_loop(self, weave_id: str, principal: Principal,
@@ -718,6 +719,7 @@ class NorthboundApi:
             if isinstance(outcome, ApiError):
                 self.metrics.denials.labels("create", outcome.error).inc()
                 raise outcome
+            ctx.decided_by_weaver = True  # committed: the weaver's record says it
             if isinstance(outcome, Denial):
                 self.metrics.denials.labels("create", outcome.reason.value).inc()
                 raise denial_error(outcome, principal)

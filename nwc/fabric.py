@@ -127,10 +127,11 @@ class Fabric:
         `pending` (arcs a caller is about to reserve) as taken."""
         if src == dst:
             return (src,)
+        kbps = max(kbps, 0)  # a down link's room is -1: nothing may fit it
         neighbours, room, index = self._switch_neighbours, self._room, self._link_index
         # Pending arcs come in pairs (both directions, the same amount): one number per link.
-        pend = {index[link_key(*arc)]: amount
-                for arc, amount in pending.items()} if pending else None
+        pend = {index[key]: amount for arc, amount in pending.items()
+                if (key := link_key(*arc)) in index} if pending else None
         pred: dict[str, str | None] = {src: None}
         succ: dict[str, str | None] = {dst: None}
         forward, backward = [src], [dst]

@@ -53,6 +53,10 @@ CREATE TABLE IF NOT EXISTS audit (
 """
 
 
+class TransactionLost(sqlite3.OperationalError):
+    """SQLite ended the transaction on its own, part-way: none of it is on disk."""
+
+
 def private_dir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(path, 0o700)
@@ -119,38 +123,53 @@ class Store:
         """All writes inside commit together or not at all; audit records reach the JSONL
         file only after their transaction commits. A transaction inside another is a
         savepoint: if it fails, its own writes (and audit records) are undone and the outer
-        one goes on without them."""
+        one goes on without them. Some errors (an interrupt, a full disk) make SQLite roll
+        back the whole transaction at once: then every savepoint after it is refused and the
+        outer transaction fails too (`TransactionLost`), so nothing is written half."""
         with self._lock:
             depth = self._tx_depth
-            self.db.execute("BEGIN IMMEDIATE" if depth == 0 else f"SAVEPOINT nwc{depth}")
+            if depth == 0:
+                self.db.execute("BEGIN IMMEDIATE")
+            elif not self.db.in_transaction:
+                # A savepoint now would begin a new transaction and RELEASE would commit it.
+                raise TransactionLost("SQLite rolled back the enclosing transaction")
+            else:
+                self.db.execute(f"SAVEPOINT nwc{depth}")
             saved = (self._audit_seq, self._audit_hash, len(self._pending_audit))
             self._tx_depth += 1
             try:
                 yield
+                if depth > 0:
+                    if not self.db.in_transaction:
+                        raise TransactionLost("SQLite rolled back the enclosing transaction")
+                    self.db.execute(f"RELEASE nwc{depth}")
             except BaseException:
                 self._tx_depth -= 1
                 self._audit_seq, self._audit_hash = saved[0], saved[1]
                 del self._pending_audit[saved[2]:]
-                if depth == 0:
-                    self.db.execute("ROLLBACK")
-                else:
-                    self.db.execute(f"ROLLBACK TO nwc{depth}")
-                    self.db.execute(f"RELEASE nwc{depth}")
+                if self.db.in_transaction:
+                    if depth == 0:
+                        self.db.execute("ROLLBACK")
+                    else:
+                        self.db.execute(f"ROLLBACK TO nwc{depth}")
+                        self.db.execute(f"RELEASE nwc{depth}")
                 raise
             self._tx_depth -= 1
-            if depth == 0:
-                try:
-                    self.db.execute("COMMIT")
-                except BaseException:
-                    self._audit_seq, self._audit_hash = saved[0], saved[1]
-                    self._pending_audit.clear()
-                    if self.db.in_transaction:
-                        self.db.execute("ROLLBACK")
-                    raise
-                pending, self._pending_audit = self._pending_audit, []
-                self._mirror(pending)
-            else:
-                self.db.execute(f"RELEASE nwc{depth}")
+            if depth > 0:
+                return
+            try:
+                if not self.db.in_transaction:
+                    raise TransactionLost("SQLite rolled the transaction back part-way "
+                                          "(see the error logged before this one)")
+                self.db.execute("COMMIT")
+            except BaseException:
+                self._audit_seq, self._audit_hash = saved[0], saved[1]
+                self._pending_audit.clear()
+                if self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
+                raise
+            pending, self._pending_audit = self._pending_audit, []
+            self._mirror(pending)
 
     def _mirror(self, pending: list[dict[str, Any]]) -> None:
         """Copy committed audit records to the JSONL file. Committed is committed: a failing

@@ -320,7 +320,13 @@ class Weaver:
             raise
         self._batch = None
         for effect in batch.effects:
-            effect()
+            # Committed is committed: one effect failing (a part, a listener) must not keep
+            # the others from being told, nor make the batch look failed to its callers.
+            try:
+                effect()
+            except Exception:
+                log.exception("telling the data plane or listeners about a committed "
+                              "admission failed")
 
     def _forget(self, weave: Weave) -> None:
         """Undo an admission whose commit failed (its slots are restored by the caller)."""
@@ -763,6 +769,16 @@ MAX_ADMISSION_BATCH = 64
 _Item = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any], "Future[Any] | None", bool]
 
 
+class AdmissionNotCommitted(RuntimeError):
+    """The group commit an admission was part of failed: nothing of it was kept."""
+
+
+def _not_committed(cause: BaseException) -> AdmissionNotCommitted:
+    error = AdmissionNotCommitted(f"the admission was not committed: {cause}")
+    error.__cause__ = cause
+    return error
+
+
 class WeaverLoop:
     """Runs a Weaver on one thread: every change to weave state happens here, in order.
     Other threads `call` (and wait for the result), `admit` (the same, for admissions) or
@@ -849,10 +865,11 @@ class WeaverLoop:
             with self.weaver.admission_batch():
                 for fn, args, kwargs, _, _ in running:
                     outcomes.append(self._apply(fn, args, kwargs))
-        except BaseException as exc:
+        except Exception as exc:
             log.exception("a batch of %d admissions could not be committed; all are undone",
                           len(running))
-            outcomes = [(False, exc)] * len(running)
+            # One exception per caller: each is raised in its own thread.
+            outcomes = [(False, _not_committed(exc)) for _ in running]
         for item, (ok, result) in zip(running, outcomes, strict=True):
             self._settle(item[3], ok, result)
 

@@ -11,11 +11,13 @@ from typing import Any
 
 import pytest
 import test_reservation_properties as mesh
+from db_faults import CommitFails, InterruptsWeaveInserts
 
 from nwc.admission import Denial, WeaveRequest
 from nwc.audit import verify_chain
+from nwc.store import Store, TransactionLost
 from nwc.weave import Weave
-from nwc.weaver import Weaver, WeaverLoop
+from nwc.weaver import AdmissionNotCommitted, Weaver, WeaverLoop
 
 pytestmark = pytest.mark.unit
 
@@ -69,7 +71,6 @@ def test_a_batch_commits_once_and_decides_as_one_by_one_would(make_weaver, tmp_p
     alone = mesh_weaver(make_weaver)
     one_by_one = [summary(alone.create(r)) for r in [*REQUESTS[:4], DENIED, *REQUESTS[4:]]]
 
-    from nwc.store import Store
     store = Store(tmp_path / "batched")
     batched = Weaver(policy=mesh.POLICY, topology=mesh.TOPOLOGY, store=store, clock=alone.clock)
     batched.recover()
@@ -117,7 +118,7 @@ def test_a_failed_commit_undoes_every_admission_of_the_batch(make_weaver) -> Non
     told_before, before = list(part.told), memory(weaver)
     audit_before = weaver.store.audit_records()
     real_db = weaver.store.db
-    weaver.store.db = mesh.CommitFails(real_db)  # type: ignore[assignment]
+    weaver.store.db = CommitFails(real_db)  # type: ignore[assignment]
     with pytest.raises(sqlite3.OperationalError, match="disk I/O"), weaver.admission_batch():
         for request in [*REQUESTS[2:6], DENIED]:
             weaver.create(request)
@@ -231,3 +232,119 @@ def test_the_loop_commits_queued_admissions_together_and_keeps_order(make_weaver
     assert order == [*ids[:6], "marker", *ids[6:]]
     # Six admissions, then the marker on its own, then the last two together.
     assert statements.count("COMMIT") == 2
+
+
+def test_sqlite_rolling_back_the_whole_batch_keeps_nothing_of_it(make_weaver) -> None:
+    """Found in review: after SQLite had rolled back the whole transaction, the next
+    admission's savepoint began a new transaction and its release committed it, while the
+    batch's failed commit undid memory: ghost weaves on disk, a broken audit chain."""
+    weaver = mesh_weaver(make_weaver)
+    kept = weaver.create(REQUESTS[0])
+    before, audit_before = memory(weaver), weaver.store.audit_records()
+    real_db = weaver.store.db
+    outcomes: list[Any] = []
+    with pytest.raises(TransactionLost), weaver.admission_batch():
+        for k, request in enumerate(REQUESTS[1:5]):
+            if k == 1:
+                weaver.store.db = InterruptsWeaveInserts(real_db)  # type: ignore[assignment]
+            try:
+                outcomes.append(weaver.create(request))
+            except sqlite3.OperationalError as exc:
+                outcomes.append(exc)
+    weaver.store.db = real_db
+    assert isinstance(outcomes[0], Weave)
+    assert [type(o) for o in outcomes[1:]] == \
+        [sqlite3.OperationalError, TransactionLost, TransactionLost]
+    assert memory(weaver) == before
+    assert [w.id for w in weaver.store.weaves()] == [kept.id]
+    assert weaver.store.audit_records() == audit_before
+    # Everything goes on as if the batch had never been.
+    later = [weaver.create(r) for r in REQUESTS[1:4]]
+    assert [w.id for w in later] == [f"wv-{n:06d}" for n in range(2, 5)]
+    assert verify_chain(weaver.store.audit_records()) == []
+    assert {w.id for w in weaver.store.weaves()} == set(weaver.live)
+
+
+def test_sqlite_rolling_back_a_lone_admission_leaves_no_trace(make_weaver) -> None:
+    weaver = mesh_weaver(make_weaver)
+    before = memory(weaver)
+    real_db = weaver.store.db
+    weaver.store.db = InterruptsWeaveInserts(real_db)  # type: ignore[assignment]
+    with pytest.raises(sqlite3.OperationalError, match="interrupted"):
+        weaver.create(REQUESTS[0])
+    weaver.store.db = real_db
+    # A lone admission gives its slots back to the free list (the batch restores the counter).
+    slots = ("next_slot", "free_slots")
+    assert {k: v for k, v in memory(weaver).items() if k not in slots} == \
+        {k: v for k, v in before.items() if k not in slots}
+    assert weaver.store.weaves() == []
+    again = weaver.create(REQUESTS[0])
+    assert again.id == "wv-000001" and [leg.slot for leg in again.legs] == [0, 1]
+
+
+def test_a_failing_effect_after_the_commit_does_not_stop_the_others(make_weaver,
+                                                                     monkeypatch) -> None:
+    """A part that cannot build a committed weave fails that weave; if even that fails, the
+    other weaves of the batch are still handed to the parts and the batch stands."""
+    part = RecordingPart()
+    weaver = mesh_weaver(make_weaver, parts=[part])
+    first: list[str] = []
+
+    def weave_up(weave: Weave) -> None:
+        if not first:
+            first.append(weave.id)
+            raise OSError("the switch went away")
+        part.told.append(("up", weave.id))
+
+    monkeypatch.setattr(part, "weave_up", weave_up)
+
+    def part_failed(*_: Any) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(weaver, "part_failed", part_failed)
+    with weaver.admission_batch():
+        admitted = [weaver.create(r) for r in REQUESTS[:3]]
+    assert part.told == [("up", w.id) for w in admitted[1:]]
+    assert {w.id for w in weaver.store.weaves()} == {w.id for w in admitted}
+
+
+def test_each_caller_of_a_failed_group_commit_gets_its_own_error(make_weaver) -> None:
+    weaver = mesh_weaver(make_weaver)
+    loop = WeaverLoop(weaver)
+    loop.start()
+    holding, gate = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+    real_db = weaver.store.db
+
+    def hold() -> None:
+        holding.set()
+        gate.wait(10)
+
+    def ask(i: int) -> None:
+        try:
+            loop.admit(weaver.create, REQUESTS[i])
+        except BaseException as exc:
+            errors.append(exc)
+
+    try:
+        loop.post(hold)
+        assert holding.wait(5)
+        weaver.store.db = CommitFails(real_db, times=1)  # type: ignore[assignment]
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 5
+        while loop._queue.qsize() < 3 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        gate.set()
+        for thread in threads:
+            thread.join(10)
+        assert loop.call(lambda: len(weaver.live)) == 0
+        again = loop.admit(weaver.create, REQUESTS[0])
+    finally:
+        loop.stop()
+        weaver.store.db = real_db
+    assert len(errors) == 3 and len({id(e) for e in errors}) == 3
+    assert all(isinstance(e, AdmissionNotCommitted) for e in errors)
+    assert all(isinstance(e.__cause__, sqlite3.OperationalError) for e in errors)
+    assert again.id == "wv-000001"

@@ -7,9 +7,9 @@ from __future__ import annotations
 import sqlite3
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import pytest
+from db_faults import CommitFails
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -57,21 +57,6 @@ vms:
 PAIRS = [(f"a{i}", f"b{j}") for i in range(3) for j in range(3, 6)] + \
     [(f"b{j}", f"a{i}") for i in range(3) for j in range(3, 6)]
 LINKS = [(link.a, link.b) for link in TOPOLOGY.links]
-
-
-class CommitFails:
-    """The database connection, except that COMMIT fails as a full or broken disk would."""
-
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self._db = db
-
-    def execute(self, sql: str, *args: Any) -> Any:
-        if sql == "COMMIT":
-            raise sqlite3.OperationalError("disk I/O error")
-        return self._db.execute(sql, *args)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._db, name)
 
 
 class WeaveLifecycle(RuleBasedStateMachine):

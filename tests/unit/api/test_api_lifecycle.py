@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from api_harness import Harness, ManualPart, TeardownPart
+from db_faults import CommitFails
 
 from nwc.audit import verify_chain
 
@@ -228,3 +229,24 @@ def test_concurrent_creates_share_one_commit_and_decide_in_order(
     assert verify_chain(records) == []
     assert [r["outcome"] for r in records if r["action"] == "weave.create"] == \
         ["admitted"] + ["denied"] * 5
+
+
+def test_a_create_whose_commit_fails_is_a_500_the_api_records(
+        make_harness: Callable[..., Harness]) -> None:
+    """Found in review: the weaver's decision record is rolled back with the commit, so the
+    API must write the request's record itself, as it does for every other failure."""
+    h = make_harness(raise_server_exceptions=False)
+    store = h.controller.store
+    real_db = store.db
+    store.db = CommitFails(real_db, times=1)  # type: ignore[assignment]
+    try:
+        r = h.create()
+    finally:
+        store.db = real_db
+    assert r.status_code == 500
+    assert h.controller.call(lambda: list(h.controller.weaver.live)) == []
+    records = h.audit()
+    assert [(x.get("via"), x.get("status"), x.get("path")) for x in records] == \
+        [("api", 500, "/v1/weaves")]
+    assert h.create().status_code == 201  # and the next one is admitted
+    assert verify_chain(h.audit()) == []
