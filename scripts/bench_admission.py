@@ -83,15 +83,21 @@ def clos(n_switches: int, n_hosts: int, seed: int) -> tuple[dict, list[Link], di
         pod = int(leaf[1:].split("l")[0].split("x")[0])
         for s in pod_spines[pod]:
             links.append(Link(leaf, s, 1_000, 0.8))
+    return switches, links, attach_hosts(leaves, n_hosts, seed, links)
+
+
+def attach_hosts(access: list[str], n_hosts: int, seed: int,
+                 links: list[Link]) -> dict[str, ComputeHost]:
+    """Hosts spread evenly (with a little jitter) over the access switches, one link each."""
     rnd = random.Random(seed)
     hosts: dict[str, ComputeHost] = {}
     underlay = ipaddress.IPv4Network("100.64.0.0/16")
     for h in range(n_hosts):
-        leaf = leaves[(h * 7919 + rnd.randrange(3)) % len(leaves)]
+        switch = access[(h * 7919 + rnd.randrange(3)) % len(access)]
         name = f"h{h}"
-        hosts[name] = ComputeHost(name, leaf, underlay[h + 1], 10**9 + h, "strongswan")
-        links.append(Link(name, leaf, 25_000, 0.8))
-    return switches, links, hosts
+        hosts[name] = ComputeHost(name, switch, underlay[h + 1], 10**9 + h, "strongswan")
+        links.append(Link(name, switch, 25_000, 0.8))
+    return hosts
 
 
 def fat_tree(n_switches: int, n_hosts: int, seed: int) -> tuple[dict, list[Link], dict]:
@@ -120,15 +126,7 @@ def fat_tree(n_switches: int, n_hosts: int, seed: int) -> tuple[dict, list[Link]
             edges.append(edge)
             for agg in aggs:
                 links.append(Link(edge, agg, 10_000, 0.8))
-    rnd = random.Random(seed)
-    hosts: dict[str, ComputeHost] = {}
-    underlay = ipaddress.IPv4Network("100.64.0.0/16")
-    for h in range(n_hosts):
-        edge = edges[(h * 7919 + rnd.randrange(3)) % len(edges)]
-        name = f"h{h}"
-        hosts[name] = ComputeHost(name, edge, underlay[h + 1], 10**9 + h, "strongswan")
-        links.append(Link(name, edge, 25_000, 0.8))
-    return switches, links, hosts
+    return switches, links, attach_hosts(edges, n_hosts, seed, links)
 
 
 FABRICS = {"clos": clos, "fat-tree": fat_tree}

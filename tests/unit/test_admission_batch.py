@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-import time
 from typing import Any
 
 import pytest
 import test_reservation_properties as mesh
 from db_faults import CommitFails, InterruptsWeaveInserts
+from loop_control import held
 
 from nwc.admission import Denial, WeaveRequest
 from nwc.audit import verify_chain
@@ -191,38 +191,20 @@ def test_the_loop_commits_queued_admissions_together_and_keeps_order(make_weaver
     statements = commits(weaver)
     loop = WeaverLoop(weaver)
     loop.start()
-    gate = threading.Event()
     results: dict[int, Any] = {}
+    threads: list[threading.Thread] = []
+
+    def ask(i: int) -> None:
+        results[i] = loop.admit(weaver.create, REQUESTS[i])
+
     try:
-        holding = threading.Event()
-
-        def hold() -> None:  # holds the loop while the requests queue up
-            holding.set()
-            gate.wait(10)
-
-        loop.post(hold)
-        assert holding.wait(5)
-
-        def ask(i: int) -> None:
-            results[i] = loop.admit(weaver.create, REQUESTS[i])
-
-        threads = []
-
-        def queue_in_order(fn: Any, *args: Any) -> None:
-            queued = loop._queue.qsize()
-            thread = threading.Thread(target=fn, args=args)
-            thread.start()
-            threads.append(thread)
-            deadline = time.monotonic() + 5
-            while loop._queue.qsize() == queued and time.monotonic() < deadline:
-                time.sleep(0.001)
-
-        for i in range(6):
-            queue_in_order(ask, i)
-        queue_in_order(loop.call, order.append, "marker")
-        queue_in_order(ask, 6)
-        queue_in_order(ask, 7)
-        gate.set()
+        with held(loop) as queue:
+            for n, (fn, args) in enumerate([*[(ask, (i,)) for i in range(6)],
+                                            (loop.call, (order.append, "marker")),
+                                            (ask, (6,)), (ask, (7,))], start=1):
+                threads.append(threading.Thread(target=fn, args=args))
+                threads[-1].start()
+                queue.wait_queued(n)  # one at a time, so the queue's order is known
         for thread in threads:
             thread.join(10)
     finally:
@@ -312,13 +294,8 @@ def test_each_caller_of_a_failed_group_commit_gets_its_own_error(make_weaver) ->
     weaver = mesh_weaver(make_weaver)
     loop = WeaverLoop(weaver)
     loop.start()
-    holding, gate = threading.Event(), threading.Event()
     errors: list[BaseException] = []
     real_db = weaver.store.db
-
-    def hold() -> None:
-        holding.set()
-        gate.wait(10)
 
     def ask(i: int) -> None:
         try:
@@ -327,16 +304,12 @@ def test_each_caller_of_a_failed_group_commit_gets_its_own_error(make_weaver) ->
             errors.append(exc)
 
     try:
-        loop.post(hold)
-        assert holding.wait(5)
-        weaver.store.db = CommitFails(real_db, times=1)  # type: ignore[assignment]
-        threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)]
-        for thread in threads:
-            thread.start()
-        deadline = time.monotonic() + 5
-        while loop._queue.qsize() < 3 and time.monotonic() < deadline:
-            time.sleep(0.001)
-        gate.set()
+        with held(loop) as queue:
+            weaver.store.db = CommitFails(real_db, times=1)  # type: ignore[assignment]
+            threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)]
+            for thread in threads:
+                thread.start()
+            queue.wait_queued(3)
         for thread in threads:
             thread.join(10)
         assert loop.call(lambda: len(weaver.live)) == 0

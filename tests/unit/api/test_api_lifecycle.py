@@ -4,13 +4,13 @@ deleted), checked in /metrics and in the audit log at every step."""
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 from api_harness import Harness, ManualPart, TeardownPart
 from db_faults import CommitFails
+from loop_control import held
 
 from nwc.audit import verify_chain
 
@@ -200,26 +200,15 @@ def test_concurrent_creates_share_one_commit_and_decide_in_order(
     after the other as if alone: the first of a pair is admitted, the rest are told the pair
     is already woven, and every decision is in the audit chain."""
     h = make_harness()
-    loop = h.controller.loop
     statements: list[str] = []
     h.controller.store.db.set_trace_callback(statements.append)
-    holding, gate = threading.Event(), threading.Event()
-
-    def hold() -> None:  # the loop is busy while the requests arrive
-        holding.set()
-        gate.wait(10)
-
-    loop.post(hold)
-    assert holding.wait(5)
     answers: list[Any] = []
     threads = [threading.Thread(target=lambda: answers.append(h.create())) for _ in range(6)]
-    for thread in threads:
-        thread.start()
-    deadline = time.monotonic() + 10
-    while loop._queue.qsize() < 6 and time.monotonic() < deadline:
-        time.sleep(0.005)
-    statements.clear()
-    gate.set()
+    with held(h.controller.loop) as queue:  # the loop is busy while the requests arrive
+        for thread in threads:
+            thread.start()
+        queue.wait_queued(6)
+        statements.clear()
     for thread in threads:
         thread.join(10)
     assert sorted(a.status_code for a in answers) == [201] + [409] * 5
