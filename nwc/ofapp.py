@@ -54,6 +54,8 @@ from nwc.pipeline import (
     MAX_HARD_TIMEOUT_S,
     METER_SPACE,
     DesiredState,
+    Flow,
+    Meter,
     Program,
     compile_base,
     compile_weave,
@@ -276,6 +278,9 @@ class SwitchConn:
     xids: itertools.count = field(default_factory=lambda: itertools.count(0x4E570000))
     bundles: itertools.count = field(default_factory=lambda: itertools.count(1))
     stats: SwitchStats | None = None  # the latest statistics request and its answer
+    # The base program (everything but weaves) of the last resync, so that a fabric link
+    # change resyncs only the switches whose base it changes.
+    base: tuple[tuple[Flow, ...], tuple[Meter, ...]] | None = None
 
     def next_xid(self) -> int:
         return next(self.xids) & 0xFFFFFFFF
@@ -505,6 +510,7 @@ class FlowsPart:
                       traceback.format_exc())
             base = None
         conn.synced = True
+        conn.base = None if base is None else (tuple(base.flows), tuple(base.meters))
         for weave in here:
             if weave.id in refused:
                 self._refuse(weave, refused[weave.id])
@@ -656,9 +662,23 @@ class FlowsPart:
         down_before = frozenset(self.weaver.fabric.down)
         self.weaver.link_changed(link[0], link[1], up and present)
         if frozenset(self.weaver.fabric.down) != down_before:
-            # Host routes follow the link; weaves were moved by the weaver (weave_moved).
+            # Host routes follow the link; weaves were moved by the weaver (weave_moved). A
+            # switch whose routes the change leaves as they were keeps its table: in a large
+            # fabric a link touches the routes of a few switches, not of all of them.
+            state = self.state()
             for dpid in sorted(self._fabric_dpids()):
-                self.resync(dpid)
+                if self._base_changed(dpid, state):
+                    self.resync(dpid)
+
+    def _base_changed(self, dpid: int, state: DesiredState) -> bool:
+        conn = self._conn(dpid)
+        if conn is None or conn.base is None:
+            return True
+        try:
+            base = compile_base(state, dpid, conn.ports)
+        except Exception:
+            return True  # the resync says what is wrong
+        return (tuple(base.flows), tuple(base.meters)) != conn.base
 
     def _fabric_dpids(self) -> list[int]:
         with self.lock:

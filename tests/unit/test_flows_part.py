@@ -462,3 +462,42 @@ def test_with_no_switch_connected_a_terminated_weave_ends_at_once(fsim: FlowsSim
     fsim.loop.call(fsim.weaver.terminate, weave.id)
     fsim.loop.call(lambda: None)  # the part's report was posted behind the terminate
     assert _state(fsim, weave.id) is State.TERMINATED
+
+
+def _table(switch: Any) -> tuple[list[tuple[Any, ...]], list[tuple[int, int, int]]]:
+    """A fake switch's flows and meters, comparable across installs."""
+    flows = sorted((f.table, f.priority, sorted(f.match.items()), repr(f.instructions),
+                    f.cookie, f.hard_timeout) for f in switch.flows())
+    meters = sorted((m.meter_id, m.kbps, m.burst_kbits) for m in switch.meters.values())
+    return flows, meters
+
+
+def test_a_fabric_link_change_resyncs_only_the_switches_whose_routes_it_changes(
+        fsim: FlowsSim, monkeypatch: pytest.MonkeyPatch) -> None:
+    fsim.connect_all()
+    weave = fsim.weave("acme-web", "globex-db")  # web1 on h1, db1 on h2: over s1-s2
+    resynced: list[int] = []
+    resync = fsim.part.resync
+
+    def counting(dpid: int) -> None:
+        resynced.append(dpid)
+        resync(dpid)
+
+    monkeypatch.setattr(fsim.part, "resync", counting)
+    s1 = fsim.dps["s1"]
+    fsim.loop.call(fsim.part.port_changed, s1, "s1-s2", fsim.topology.ports("s1")["s2"],
+                   up=False, present=True)
+    fsim.settle()
+    # s3 still reaches h1 through s1 and h2 through s2: its routes did not change, so it is
+    # not resynced (the weave that moved onto it was installed there on its own).
+    assert sorted(resynced) == sorted([fsim.dpid("s1"), fsim.dpid("s2")])
+    moved = fsim.weaver.live[weave.id]
+    assert "s3" in next(leg.path for leg in moved.legs if leg.slot is not None)
+    assert fsim.reaches("web1", "db1")
+    # Every table is what a full resync of every switch makes of it.
+    names = sorted(fsim.net.switches)
+    after_change = {n: _table(fsim.net.switches[n]) for n in names}
+    for name in names:
+        fsim.loop.call(resync, fsim.dpid(name))
+    fsim.settle()
+    assert {n: _table(fsim.net.switches[n]) for n in names} == after_change
