@@ -469,8 +469,10 @@ class Weaver:
         if weave is None:
             return
         log.warning("weave %s: %s failed: %s", weave_id, part, detail)
-        self.emit({"type": "security" if "auth" in detail.lower() else "weave.part_failed",
-                   "weave_id": weave_id, "part": part, "detail": detail})
+        # A security failure (IKE authentication) is also reported by its part as a
+        # `security` event with its kind; this one says which part failed the weave.
+        self.emit({"type": "weave.part_failed", "weave_id": weave_id, "part": part,
+                   "detail": detail})
         self._end(weave, State.FAILED, EndReason.PROVISION_FAILED.value, SYSTEM,
                   detail=f"{part}: {detail}")
 
