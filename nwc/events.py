@@ -97,7 +97,13 @@ class EventHub:
         if isinstance(weave_id, str):
             # Safe: this runs on the weaver's thread, the only one that touches these.
             known = weaver.live.get(weave_id) or weaver.store.weave(weave_id)
-            return known.tenants if known is not None else frozenset()
+            if known is None:
+                return frozenset()
+            if event.get("type") == "weave.denied":
+                # A refused extension concerns the tenant that asked (only the requester's
+                # may): the refusal can quote its own policy, which the other party may not read.
+                return frozenset({known.requester_tenant})
+            return known.tenants
         requester = event.get("requester")
         if isinstance(requester, str) and requester in weaver.policy.ivns:
             # A refused create: the tenant who asked (the requester IVN is its own).

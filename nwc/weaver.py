@@ -593,8 +593,10 @@ class Weaver:
         for weave in list(self.live.values()):
             why = self._still_allowed(weave)
             if why:
+                detail, both_may_read = why
                 ended.append(self._end(weave, State.FAILED, EndReason.POLICY_WITHDRAWN.value,
-                                       actor, detail=why))
+                                       actor, detail=detail,
+                                       tenant_detail=both_may_read))
             else:
                 # A profile's ACL or a QoS class may have changed: the parts recompile.
                 self._tell_moved(weave, weave)
@@ -608,29 +610,38 @@ class Weaver:
                     log.exception("part %s.policy_changed() raised", part.name)
         return ended
 
-    def _still_allowed(self, weave: Weave) -> str | None:
+    def _still_allowed(self, weave: Weave) -> tuple[str, str] | None:
+        """Why the policy no longer allows a live weave: (the operator's detail, a detail both
+        parties may read: not the other side's partners or prefixes), or None."""
         ivns = self.policy.ivns
         if weave.requester not in ivns or weave.target not in ivns:
-            return "an IVN of the weave was removed from the policy"
+            gone = "an IVN of the weave was removed from the policy"
+            return gone, gone
         withdrawn = prefixes_withdrawn(weave.as_live(), self.policy)
         if withdrawn is not None:
-            return withdrawn.detail
+            name = weave.requester if withdrawn.side == "requester" else weave.target
+            return withdrawn.detail, (f"{withdrawn.side} IVN {name} no longer allows this "
+                                      f"weave ({withdrawn.rule})")
         for ivn in (ivns[weave.requester], ivns[weave.target]):
             if weave.profile not in ivn.weaving.profiles:
-                return f"IVN {ivn.name} no longer allows profile {weave.profile}"
+                why = f"IVN {ivn.name} no longer allows profile {weave.profile}"
+                return why, why
         return None
 
     # -- internals ------------------------------------------------------------------------
 
     def _end(self, weave: Weave, state: State, reason: str, actor: Actor, *,
              detail: str | None = None, request_id: str | None = None,
-             tell_parts: bool = True) -> Weave:
+             tell_parts: bool = True, tenant_detail: str | None = None) -> Weave:
         """Release everything a weave holds: durable record first, then the data plane. A
         terminated weave stays `terminating` until the parts that confirm teardown have."""
         if self._batch is not None:
             raise RuntimeError("a weave cannot end inside an admission batch (it could not "
                                "be undone if the batch's commit failed)")
         now = self.clock.now()
+        # Events go to both parties: they read `tenant_detail` where `detail` says more than
+        # one of them may know (the hub swaps it in).
+        shown = {} if tenant_detail is None else {"tenant_detail": tenant_detail}
         confirming = {p.name for p in self.parts if getattr(p, "confirms_teardown", False)} \
             if tell_parts else set()
         tearing = state is State.TERMINATED and bool(confirming)
@@ -652,7 +663,8 @@ class Weaver:
         if self.live.pop(weave.id, None) is not None and not tearing:
             self._give_slots(weave)  # a tearing weave's slots wait for its tunnels to go
         if not (tell_parts and self.parts):
-            self.emit({"type": "weave.state", "weave": ended.to_dict(), "detail": detail})
+            self.emit({"type": "weave.state", "weave": ended.to_dict(), "detail": detail,
+                       **shown})
             return ended
         if tearing:
             self._tearing[weave.id] = (ended, confirming)
@@ -662,10 +674,11 @@ class Weaver:
         if state is State.TERMINATED:
             self.emit({"type": "weave.state",
                        "weave": ended.with_(state=State.TERMINATING).to_dict(),
-                       "detail": detail})
+                       "detail": detail, **shown})
         self._tell(weave, "weave_down")  # confirmations come later, posted to the loop
         if not tearing:
-            self.emit({"type": "weave.state", "weave": ended.to_dict(), "detail": detail})
+            self.emit({"type": "weave.state", "weave": ended.to_dict(), "detail": detail,
+                       **shown})
         return ended
 
     def _teardown_deadline(self, record: Weave) -> datetime:

@@ -9,10 +9,12 @@ from typing import Any
 
 import pytest
 from api_harness import Harness
+from policy_edits import shipped_text
 
 from nwc import __version__
 from nwc.api import ApiSettings
 from nwc.events import EventHub, Subscription, stream
+from nwc.policy import parse_policy_text
 
 pytestmark = pytest.mark.unit
 
@@ -127,3 +129,48 @@ def test_open_streams_are_capped_per_principal(make_harness: Any) -> None:
         with h.client.stream("GET", "/v1/events", headers=h.auth("globex"),
                              params={"max_events": 1}) as other:
             assert other.status_code == 200
+
+
+def test_a_tenant_reads_nothing_of_the_other_sides_policy_in_events(harness: Harness) -> None:
+    """Found in review: a refused extension went to both parties with the requester policy's
+    text, and a weave ended by a policy reload told both parties the withdrawing side's
+    partner list."""
+    weave_id = harness.create().json()["id"]  # acme-web -> globex-db
+    hub, weaver = harness.api.hub, harness.controller.weaver
+    withdrawn = parse_policy_text(shipped_text({
+        "        - ivn: acme-web\n          prefixes: [192.0.2.0/27]    # only this part of "
+        "acme-web may reach us\n": "        - tenant: initech\n"}))
+
+    async def scenario() -> dict[str, list[dict[str, Any]]]:
+        subs = {who: hub.subscribe(who) for who in ("acme", "globex")}
+        subs["admin"] = hub.subscribe(None)
+        seen: dict[str, list[dict[str, Any]]] = {who: [] for who in subs}
+
+        async def drain() -> None:
+            seen["admin"].append((await _next(subs["admin"]))[1])
+            for who in ("acme", "globex"):
+                while not subs[who].queue.empty():
+                    seen[who].append(subs[who].queue.get_nowait()[1])
+
+        # Over acme-web's own maximum duration: acme's policy refuses.
+        refused = await asyncio.to_thread(harness.request, "POST",
+                                          f"/v1/weaves/{weave_id}/extend", "acme",
+                                          json={"duration_s": 86400})
+        assert refused.status_code == 403
+        await drain()
+        await asyncio.to_thread(harness.controller.call, weaver.reload_policy, withdrawn)
+        await drain()
+        for sub in subs.values():
+            hub.unsubscribe(sub)
+        return seen
+
+    seen = asyncio.run(scenario())
+    assert [e["type"] for e in seen["acme"]] == ["weave.denied", "weave.state"]
+    assert "86400" in seen["acme"][0]["detail"]  # its own policy: it may read it
+    # globex hears of the end, not of acme's caps, and nobody reads globex's partner list.
+    assert [e["type"] for e in seen["globex"]] == ["weave.state"]
+    ended = [seen[who][-1] for who in ("acme", "globex")]
+    assert all(e["weave"]["state"] == "failed" for e in ended)
+    assert all("initech" not in e["detail"] and "allows:" not in e["detail"] for e in ended)
+    assert all("no longer allows this weave" in e["detail"] for e in ended)
+    assert "initech" in seen["admin"][-1]["detail"]  # the operator reads everything
