@@ -163,7 +163,18 @@ def _partner_check(side: Side, me: Ivn, other: Ivn) -> tuple[Denial | None,
         return _deny(Reason.POLICY_VIOLATION, f"{refusal}; it allows: {allowed}",
                      side=side, rule="partner",
                      tenant_detail=refusal if side == "target" else None), ()
-    return None, rule.prefixes or other.cidrs
+    if not rule.prefixes:
+        return None, other.cidrs
+    # A tenant-wide rule's prefixes may lie in any of that tenant's IVNs: this weave may reach
+    # only those inside the partner IVN (the rest belong to its other IVNs).
+    inside = tuple(p for p in rule.prefixes if any(p.subnet_of(c) for c in other.cidrs))
+    if not inside:
+        refusal = (f"{side} IVN {me.name} (tenant {me.tenant}) allows none of IVN "
+                   f"{other.name}'s prefixes")
+        return _deny(Reason.POLICY_VIOLATION,
+                     f"{refusal}; it allows: {rule.describe()}", side=side, rule="partner",
+                     tenant_detail=refusal if side == "target" else None), ()
+    return None, inside
 
 
 def negotiate_profile(requested: str | None, requester: Ivn, target: Ivn,

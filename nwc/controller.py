@@ -13,7 +13,7 @@ from nwc.config import Config, load_config
 from nwc.lease import Clock, SystemClock
 from nwc.policy import load_policy
 from nwc.store import Store, private_dir
-from nwc.topology import load_topology
+from nwc.topology import vm_problems
 from nwc.weave import Weave
 from nwc.weaver import DEFAULT_PROVISION_TIMEOUT_S, SYSTEM, Actor, Part, Weaver, WeaverLoop
 from nwc.yamlsource import ConfigError
@@ -94,12 +94,17 @@ class Controller:
         problems (empty on success)."""
         try:
             policy = load_policy(self.config.policy_paths)
-            # The running topology must still fit: a VM of an IVN the new policy drops, or an
-            # address outside its new prefixes, would leave a host impossible to program.
-            load_topology(self.config.topology_path, policy)
         except ConfigError as exc:
             log.error("policy reload refused, keeping the last good policy:\n%s", exc)
             return [str(p) for p in exc.problems]
+        # The running topology (not its file, which may have been edited for the next start)
+        # must still fit: a VM of an IVN the new policy drops, or an address outside its new
+        # prefixes, would leave a host impossible to program.
+        misfits = vm_problems(self.config.topology, policy)
+        if misfits:
+            log.error("policy reload refused, keeping the last good policy: the running "
+                      "topology does not fit it:\n%s", "\n".join(misfits))
+            return misfits
         self.call(self.weaver.reload_policy, policy, actor)
         self.config = Config(policy, self.config.topology, self.config.policy_paths,
                              self.config.topology_path)

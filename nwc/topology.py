@@ -170,6 +170,23 @@ HOST_KEYS = {"switch", "uplink_mbps", "uplink_share", "underlay_ip", "dpid", "ba
 VM_KEYS = {"host", "ivn", "ip", "mac", "port"}
 
 
+def vm_problems(topology: Topology, policy: Policy) -> list[str]:
+    """What keeps a (running) topology's VMs from fitting `policy`: the checks the loader makes,
+    for a topology already in use (a policy reload must fit the running one, whatever its file
+    says now)."""
+    problems = []
+    for vm in sorted(topology.vms.values(), key=lambda v: v.name):
+        ivn = policy.ivns.get(vm.ivn)
+        if ivn is None:
+            problems.append(f"VM {vm.name}: its IVN {vm.ivn} is not in the new policy")
+        elif not ivn.contains(vm.ip):
+            problems.append(f"VM {vm.name}: {vm.ip} is outside IVN {vm.ivn}'s new prefixes "
+                            f"({', '.join(map(str, ivn.cidrs))})")
+        elif vm.ip == ivn.gateway:
+            problems.append(f"VM {vm.name}: {vm.ip} is IVN {vm.ivn}'s new gateway address")
+    return problems
+
+
 def load_topology(path: Path, policy: Policy | None = None) -> Topology:
     doc, problems = read_yaml(path)
     if problems:

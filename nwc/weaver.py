@@ -268,6 +268,14 @@ class Weaver:
             if weave.state is State.PROVISIONING:
                 self._waiting[weave.id] = {p.name for p in self.parts}
                 self._provision_deadline[weave.id] = now + self.provision_timeout
+        # The policy may have changed while the controller was down: a weave it no longer
+        # allows ends now, as a reload would have ended it (its flows and tunnels go when the
+        # parts resync to the live weaves).
+        for weave in list(self.live.values()):
+            why = self._still_allowed(weave)
+            if why:
+                self._end(weave, State.FAILED, EndReason.POLICY_WITHDRAWN.value, SYSTEM,
+                          detail=why[0], tenant_detail=why[1], tell_parts=False)
         self._rebuild_slots()
         self.tick()
         log.info("recovered %d live weaves", len(self.live))
@@ -617,6 +625,11 @@ class Weaver:
         if weave.requester not in ivns or weave.target not in ivns:
             gone = "an IVN of the weave was removed from the policy"
             return gone, gone
+        for name, tenant in ((weave.requester, weave.requester_tenant),
+                             (weave.target, weave.target_tenant)):
+            if ivns[name].tenant != tenant:  # the weave's owners would no longer be its parties
+                moved = f"IVN {name} now belongs to tenant {ivns[name].tenant}, not {tenant}"
+                return moved, moved
         withdrawn = prefixes_withdrawn(weave.as_live(), self.policy)
         if withdrawn is not None:
             name = weave.requester if withdrawn.side == "requester" else weave.target
