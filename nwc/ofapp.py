@@ -616,13 +616,18 @@ class FlowsPart:
             log.warning("switch %s (%#x): replacing its silent connection from %s with the "
                         "one from %s", name, datapath.id, _peer(other), _peer(datapath))
             _close(other)
+            # The old connection's end is not reported (its switch_gone finds it replaced):
+            # removals waiting on its barriers count as done, as for a switch that dropped;
+            # the resync below leaves those weaves out.
+            self._switch_dropped(datapath.id)
         log.info("switch %s (%#x) connected from %s: %d ports, %d meters", name, datapath.id,
                  datapath.address, len(ports), len(meters))
         self.resync(datapath.id)
         if kind == "fabric":
+            # Every port, up ones too: a link that came back while the switch was away from
+            # the controller is reported by nothing else.
             for port_no, up in sorted(port_state.items()):
-                if not up:
-                    self.port_changed(datapath, "", port_no, up=False, present=True)
+                self.port_changed(datapath, "", port_no, up=up, present=True)
 
     def switch_gone(self, datapath: Any) -> None:
         with self.lock:
@@ -923,7 +928,8 @@ class FlowsApp(app_manager.OSKenApp):
             return
         del self._meter_requests[id(dp)]
         ports, state = {}, {}
-        for desc in (dp.ports or {}).values():
+        # A copy in one call: os-ken's receive thread adds and removes ports meanwhile.
+        for desc in list((dp.ports or {}).values()):
             if desc.port_no <= ofp.OFPP_MAX:
                 ports[desc.name.decode(errors="replace")] = desc.port_no
                 state[desc.port_no] = _port_up(desc)

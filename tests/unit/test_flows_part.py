@@ -501,3 +501,41 @@ def test_a_fabric_link_change_resyncs_only_the_switches_whose_routes_it_changes(
         fsim.loop.call(resync, fsim.dpid(name))
     fsim.settle()
     assert {n: _table(fsim.net.switches[n]) for n in names} == after_change
+
+
+def test_a_link_that_came_back_while_its_switch_was_away_is_up_again(fsim: FlowsSim) -> None:
+    """Found in review: a switch reported only its down ports on connect, so a link that came
+    back up while it was disconnected stayed down for the controller."""
+    fsim.connect_all()
+    s1 = fsim.dps["s1"]
+    fsim.loop.call(fsim.part.port_changed, s1, "s1-h1", fsim.topology.ports("s1")["h1"],
+                   up=False, present=True)  # the cable is out
+    fsim.settle()
+    assert ("h1", "s1") in fsim.weaver.fabric.down and not fsim.reaches("web2", "web1")
+    s1.hang_up()  # s1 loses the controller; the cable is fixed meanwhile
+    fsim.settle()
+    fsim.connect("s1")  # every port up in its description
+    assert fsim.weaver.fabric.down == set()
+    assert fsim.reaches("web2", "web1") and fsim.reaches("web1", "web2")
+    assert isinstance(fsim.weave("acme-web", "globex-db"), Weave)
+
+
+def test_a_teardown_waiting_on_a_replaced_silent_connection_is_confirmed(
+        fsim: FlowsSim) -> None:
+    """Found in review: removals waiting on the barrier of a connection that went silent and
+    was replaced were never confirmed (its end is not reported), so the weave stayed
+    terminating until the teardown timeout."""
+    fsim.connect_all()
+    weave = fsim.weave("acme-web", "globex-db")
+    old = fsim.dps["h1"]
+    old.part = None  # h1's connection stops answering (a half-open TCP connection)
+    old.socket.idle = 3600.0
+    fsim.loop.call(fsim.weaver.terminate, weave.id)
+    fsim.settle()
+    assert weave.id in fsim.weaver._tearing
+    fsim.connect("h1")  # h1 is back on a new connection, which replaces the silent one
+    left = [f for f in fsim.net.switches["h1"].flows()
+            if f.cookie & ~0xFF == weave_cookie(weave.number)]
+    assert left == []
+    assert weave.id not in fsim.weaver._tearing
+    assert fsim.weaver.store.weave(weave.id).state is State.TERMINATED
