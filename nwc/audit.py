@@ -8,6 +8,7 @@ they describe, then mirrored to `audit.jsonl` (append-only, mode 0600) for tools
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -147,9 +148,17 @@ class JsonlMirror:
         data = "".join(lines).encode()
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
-            written = os.write(fd, data)
-            while written < len(data):
-                written += os.write(fd, data[written:])
+            start = os.lseek(fd, 0, os.SEEK_END)
+            try:
+                written = os.write(fd, data)
+                while written < len(data):
+                    written += os.write(fd, data[written:])
+            except OSError:
+                # A half-written record (disk full) would join the retry's first one on one
+                # line, and the file would look tampered with: cut it back (found in review).
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, start)
+                raise
         finally:
             os.close(fd)
         self.last_seq = last

@@ -242,6 +242,18 @@ class Fabric:
                     self._refresh_room(a, b)
         return reservation
 
+    def restore(self, reservation: Reservation) -> None:
+        """Put back exactly what `release` returned, whatever the links' state now (undoing
+        a release whose change could not be recorded)."""
+        if reservation.weave_id in self.by_weave:
+            raise CapacityError(f"weave {reservation.weave_id} already holds a reservation")
+        for path in reservation.paths:
+            for a, b in itertools.pairwise(path):
+                self.reserved[(a, b)] += reservation.kbps
+                self.reserved[(b, a)] += reservation.kbps
+                self._refresh_room(a, b)
+        self.by_weave[reservation.weave_id] = reservation
+
     def set_link(self, a: str, b: str, up: bool) -> bool:
         """Mark a link up or down; True if that changed anything."""
         key = link_key(a, b)

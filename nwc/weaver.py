@@ -423,6 +423,9 @@ class Weaver:
         if weave is None:
             return None
         now = self.clock.now()
+        if weave.expires_at <= now:  # its lease is over: it ends, it is not revived
+            self.tick()
+            return None
         if isinstance(duration_s, bool) or not isinstance(duration_s, int) or duration_s < 1:
             denial: Denial | None = Denial(Reason.INVALID_REQUEST,
                                            "duration_s must be a whole number of seconds >= 1")
@@ -462,13 +465,21 @@ class Weaver:
         waiting.discard(part)
         if waiting:
             return
-        del self._waiting[weave_id]
-        self._provision_deadline.pop(weave_id, None)
+        active = None
         if weave.state is State.PROVISIONING:
             active = weave.with_(state=State.ACTIVE)
-            with self.store.transaction():
-                self.store.save_weave(active)
-                self._audit("weave.state", "active", weave=active, actor=SYSTEM)
+            try:
+                with self.store.transaction():
+                    self.store.save_weave(active)
+                    self._audit("weave.state", "active", weave=active, actor=SYSTEM)
+            except BaseException:
+                # Still waiting for this part: its next report, or the provision deadline,
+                # decides again (found in review: the weave stayed provisioning for ever).
+                waiting.add(part)
+                raise
+        del self._waiting[weave_id]
+        self._provision_deadline.pop(weave_id, None)
+        if active is not None:
             self.live[weave_id] = active
             self.emit({"type": "weave.state", "weave": active.to_dict()})
 
@@ -558,7 +569,19 @@ class Weaver:
 
     def _reroute(self, weave: Weave) -> Weave:
         """Re-plan a weave whose path lost a link: legs that still work keep their path."""
-        self.fabric.release(weave.id)
+        held = self.fabric.release(weave.id)
+        try:
+            return self._replan(weave)
+        except BaseException:
+            # Nothing was recorded (the weave is as it was, still live): it holds what it
+            # held, or the ledger would let the next admission over-book its links.
+            if self.live.get(weave.id) is weave:
+                self.fabric.release(weave.id)
+                if held is not None:
+                    self.fabric.restore(held)
+            raise
+
+    def _replan(self, weave: Weave) -> Weave:
         keep = {(leg.requester_host, leg.target_host): leg.path for leg in weave.legs
                 if not any(((a, b) if a <= b else (b, a)) in self.fabric.down
                            for a, b in zip(leg.path, leg.path[1:], strict=False))}
@@ -713,8 +736,8 @@ class Weaver:
             self._finish_teardown(weave_id)
 
     def _finish_teardown(self, weave_id: str) -> Weave:
-        record, waiting = self._tearing.pop(weave_id)
-        done = record.with_(state=State.TERMINATED)
+        record, waiting = self._tearing[weave_id]  # left in place until the commit holds,
+        done = record.with_(state=State.TERMINATED)  # so that tick() retries a failed one
         detail = None
         if waiting:
             detail = (f"teardown not confirmed within {self.teardown_timeout.total_seconds():g} "
@@ -723,6 +746,7 @@ class Weaver:
         with self.store.transaction():
             self.store.save_weave(done)
             self._audit("weave.state", "terminated", weave=done, actor=SYSTEM, detail=detail)
+        del self._tearing[weave_id]
         self._give_slots(done)
         self.emit({"type": "weave.state", "weave": done.to_dict(), "detail": detail})
         if waiting:
@@ -862,6 +886,12 @@ class WeaverLoop:
             item = self._next()
             if item is None:
                 break
+            # Leases that ended before this call are released before it runs: a request
+            # never sees (nor extends) a weave whose time is up (found in review).
+            try:
+                self.weaver.tick()
+            except Exception:
+                log.exception("weaver tick failed")
             if item and item[4]:
                 self._run_admissions(item)
             elif item:
@@ -869,10 +899,6 @@ class WeaverLoop:
                 if future is None or future.set_running_or_notify_cancel():
                     ok, result = self._apply(fn, args, kwargs)
                     self._settle(future, ok, result)
-            try:
-                self.weaver.tick()
-            except Exception:
-                log.exception("weaver tick failed")
         self._stopped.set()
 
     def _run_admissions(self, first: _Item) -> None:

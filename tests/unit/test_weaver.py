@@ -301,3 +301,26 @@ def test_failed_commit_leaves_memory_and_disk_unchanged(make_weaver, small, monk
     monkeypatch.undo()
     assert isinstance(weaver.create(REQ), Weave)
     assert verify_chain(weaver.store.audit_records()) == []
+
+
+def test_a_request_after_a_lease_ended_finds_the_weave_ended(make_weaver, small,
+                                                             clock) -> None:
+    """Found in review: the loop released expired leases only after each call, so a call
+    arriving between the end of a lease and the next tick saw the weave live, and an
+    extension revived it."""
+    weaver = make_weaver(small)
+    loop = WeaverLoop(weaver)
+    loop.start()
+    try:
+        weave = loop.admit(weaver.create, REQ)
+        clock.advance(601)  # no tick yet: the loop sleeps until its next deadline or call
+        assert isinstance(loop.admit(weaver.create, REQ), Weave)  # the pair is free again
+        assert loop.call(weaver.extend, weave.id, 600) is None
+    finally:
+        loop.stop()
+    assert weaver.store.weave(weave.id).reason == "expired"
+    # Called directly (no loop), an extension of a lease that is over ends it too.
+    again = weaver.live[next(iter(weaver.live))]
+    clock.advance(601)
+    assert weaver.extend(again.id, 600) is None
+    assert weaver.store.weave(again.id).reason == "expired"
