@@ -49,6 +49,10 @@ class ManualClock:
         self._now += timedelta(seconds=seconds)
         self._mono += seconds
 
+    def step_wall(self, seconds: float) -> None:
+        """The wall clock jumps (an NTP step); no time passes."""
+        self._now += timedelta(seconds=seconds)
+
 
 def utc(value: datetime) -> datetime:
     if value.tzinfo is None:

@@ -177,12 +177,14 @@ class Weaver:
         self.leases = LeaseBook()
         self.live = LiveWeaves()
         self._waiting: dict[str, set[str]] = {}  # weave id -> parts not yet ready
-        self._provision_deadline: dict[str, datetime] = {}
+        # Deadlines are durations: kept on the monotonic clock, so that a wall-clock step (NTP)
+        # neither fails a weave at once nor keeps a stuck one for an hour (found in review).
+        self._provision_deadline: dict[str, float] = {}
         self.teardown_timeout = timedelta(seconds=teardown_timeout_s)
         # Terminated weaves whose data plane is being torn down: weave id -> the record (state
-        # terminating; its ended_at + teardown_timeout is the deadline) and the parts yet to
-        # confirm.
-        self._tearing: dict[str, tuple[Weave, set[str]]] = {}
+        # terminating), the parts yet to confirm, and the deadline (monotonic) after which it
+        # is recorded terminated anyway.
+        self._tearing: dict[str, tuple[Weave, set[str], float]] = {}
         self._free_slots: list[int] = []
         self._next_slot = 0
         self._next_number = store.next_weave_number()
@@ -245,7 +247,6 @@ class Weaver:
     def recover(self) -> list[Weave]:
         """Load live weaves from the store; release those that expired or no longer fit."""
         reservations = self.store.reservations()
-        now = self.clock.now()
         for weave in self.store.weaves(states=[State.TERMINATING]):
             # Released before the stop; the data plane is resynced to the live weaves.
             done = weave.with_(state=State.TERMINATED)
@@ -267,7 +268,7 @@ class Weaver:
             self.leases.set(weave.id, weave.expires_at)
             if weave.state is State.PROVISIONING:
                 self._waiting[weave.id] = {p.name for p in self.parts}
-                self._provision_deadline[weave.id] = now + self.provision_timeout
+                self._provision_deadline[weave.id] = self._after(self.provision_timeout)
         # The policy may have changed while the controller was down: a weave it no longer
         # allows ends now, as a reload would have ended it (its flows and tunnels go when the
         # parts resync to the live weaves).
@@ -390,7 +391,7 @@ class Weaver:
         self.emit({"type": "weave.state", "weave": record})
         if self.parts:
             self._waiting[weave.id] = {p.name for p in self.parts}
-            self._provision_deadline[weave.id] = now + self.provision_timeout
+            self._provision_deadline[weave.id] = self._after(self.provision_timeout)
             self._tell(weave, "weave_up")
         return weave
 
@@ -521,9 +522,10 @@ class Weaver:
                 log.exception("expiring %s failed; retrying on the next tick", weave_id)
                 if weave_id in self.live:
                     self.leases.set(weave_id, weave.expires_at)
+        mono = self.clock.monotonic()
         for weave_id, deadline in list(self._provision_deadline.items()):
             weave = self.live.get(weave_id)
-            if weave is not None and deadline <= now:
+            if weave is not None and deadline <= mono:
                 missing = ", ".join(sorted(self._waiting.get(weave_id, ())))
                 try:
                     ended.append(self._end(
@@ -532,8 +534,8 @@ class Weaver:
                                f"{missing}"))
                 except Exception:  # the deadline stays: the next tick tries again
                     log.exception("failing %s after its provision timeout failed", weave_id)
-        for weave_id, (record, _) in list(self._tearing.items()):
-            if self._teardown_deadline(record) <= now:
+        for weave_id, (_, _, deadline) in list(self._tearing.items()):
+            if deadline <= mono:
                 try:
                     ended.append(self._finish_teardown(weave_id))
                 except Exception:
@@ -544,9 +546,9 @@ class Weaver:
         now = self.clock.now()
         wait = self.leases.wait_seconds(now)
         deadlines = [*self._provision_deadline.values(),
-                     *(self._teardown_deadline(r) for r, _ in self._tearing.values())]
+                     *(deadline for _, _, deadline in self._tearing.values())]
         if deadlines:
-            wait = min(wait, max(0.0, (min(deadlines) - now).total_seconds()))
+            wait = min(wait, max(0.0, min(deadlines) - self.clock.monotonic()))
         return wait
 
     # -- fabric events --------------------------------------------------------------------
@@ -703,7 +705,7 @@ class Weaver:
                        **shown})
             return ended
         if tearing:
-            self._tearing[weave.id] = (ended, confirming)
+            self._tearing[weave.id] = (ended, confirming, self._after(self.teardown_timeout))
         # The release is already durable (a crash from here leaves nothing to undo: switches
         # and hosts are resynced to the live weaves, and a weave left terminating is finished
         # by recover()); watchers see the data plane being torn down, then the end.
@@ -717,9 +719,9 @@ class Weaver:
                        **shown})
         return ended
 
-    def _teardown_deadline(self, record: Weave) -> datetime:
-        assert record.ended_at is not None
-        return record.ended_at + self.teardown_timeout
+    def _after(self, delay: timedelta) -> float:
+        """A deadline `delay` from now, on the monotonic clock."""
+        return self.clock.monotonic() + delay.total_seconds()
 
     def _give_slots(self, weave: Weave) -> None:
         for leg in weave.legs:
@@ -736,7 +738,7 @@ class Weaver:
             self._finish_teardown(weave_id)
 
     def _finish_teardown(self, weave_id: str) -> Weave:
-        record, waiting = self._tearing[weave_id]  # left in place until the commit holds,
+        record, waiting, _ = self._tearing[weave_id]  # left in place until the commit holds,
         done = record.with_(state=State.TERMINATED)  # so that tick() retries a failed one
         detail = None
         if waiting:

@@ -324,3 +324,28 @@ def test_a_request_after_a_lease_ended_finds_the_weave_ended(make_weaver, small,
     clock.advance(601)
     assert weaver.extend(again.id, 600) is None
     assert weaver.store.weave(again.id).reason == "expired"
+
+
+class SilentPart:
+    name = "tunnels"
+
+    def weave_up(self, weave: Weave) -> None: ...
+
+    def weave_down(self, weave: Weave) -> None: ...
+
+    def weave_moved(self, weave: Weave, old: Weave) -> None: ...
+
+
+def test_a_wall_clock_step_does_not_move_the_provision_deadline(make_weaver, small,
+                                                                clock) -> None:
+    """Found in review: deadlines were wall-clock instants, so an NTP step forward failed
+    every weave still provisioning at once, and a step back kept a stuck one for an hour."""
+    weaver = make_weaver(small, parts=[SilentPart()])
+    weave = weaver.create(REQ)
+    clock.step_wall(45)  # past the 30 s provision timeout, but no time passed
+    assert weaver.tick() == [] and weaver.live[weave.id].state is State.PROVISIONING
+    assert 0 < weaver.seconds_to_next_deadline() <= 30
+    clock.step_wall(-3600)
+    clock.advance(30)
+    (failed,) = weaver.tick()
+    assert (failed.id, failed.reason) == (weave.id, "provision_timeout")
