@@ -259,6 +259,12 @@ class Weaver:
             self.live[weave.id] = weave
             held = reservations.get(weave.id)
             try:
+                pool = self.topology.underlay.weave_slots
+                outside = sorted(leg.slot for leg in weave.legs
+                                 if leg.slot is not None and leg.slot >= pool)
+                if outside:  # the underlay pools shrank while the controller was down
+                    raise CapacityError(f"its slot {outside[0]} is outside the underlay's "
+                                        f"weave address pools ({pool} slots)")
                 self.fabric.reserve(weave.id, held.paths if held else weave.paths, weave.kbps)
             except (CapacityError, KeyError) as exc:
                 log.warning("weave %s no longer fits the fabric: %s", weave.id, exc)

@@ -21,6 +21,7 @@ from nwc.fabric import CapacityError
 from nwc.pipeline import METER_SPACE
 from nwc.policy import parse_policy_text
 from nwc.store import Store
+from nwc.topology import parse_topology_text
 from nwc.weave import State, Weave
 
 pytestmark = pytest.mark.unit
@@ -333,3 +334,20 @@ def test_a_half_written_audit_line_is_cut_back(make_weaver, small, monkeypatch) 
     records = list(read_jsonl(weaver.store.mirror.path))
     assert verify_chain(records) == []
     assert [r["seq"] for r in records] == [r["seq"] for r in weaver.store.audit_records()]
+
+
+def test_a_weave_whose_slot_left_the_shrunk_pools_fails_at_restart(make_weaver,
+                                                                   small) -> None:
+    """Found in review: a restart with smaller underlay pools kept a weave on a slot outside
+    them and handed such slots to new weaves (whose addresses then could not be derived)."""
+    weaver = make_weaver(small)
+    weaver._next_slot = 20  # as if 20 slots had been in use
+    weave = weaver.create(REQ)
+    assert weave.legs[0].slot == 20
+    shrunk = parse_topology_text((SHIPPED_TOPOLOGIES / "small.yaml").read_text().replace(
+        "100.64.128.0/24", "100.64.128.0/28"), weaver.policy)  # 7 slots
+    again = make_weaver(shrunk)
+    assert again.store.weave(weave.id).reason == "topology_changed"
+    assert all(s < shrunk.underlay.weave_slots for s in again._free_slots)
+    fresh = again.create(REQ)
+    assert [leg.slot for leg in fresh.legs] == [0]
