@@ -218,7 +218,8 @@ def build_policy(docs: list[Document]) -> Policy:
         top = root.mapping(TOP_KEYS)
         if top is None:
             continue
-        if "version" in top and top["version"].value != 1:
+        # integer() first: `true` and `1.0` equal 1 in Python but are not version 1.
+        if "version" in top and top["version"].integer() not in (None, 1):
             top["version"].problem("only version 1 of the policy schema exists")
         for section, cursor in top.items():
             if section == "version":

@@ -214,7 +214,8 @@ def build_topology(doc: Document, policy: Policy | None = None) -> Topology:
     top = root.mapping(TOP_KEYS, {"name", "underlay", "switches", "links", "hosts"})
     if top is None or not {"name", "underlay", "switches", "links", "hosts"} <= set(top):
         raise ConfigError(problems or [Problem(doc.file, 1, "", "not a topology")])
-    if "version" in top and top["version"].value != 1:
+    # integer() first: `true` and `1.0` equal 1 in Python but are not version 1.
+    if "version" in top and top["version"].integer() not in (None, 1):
         top["version"].problem("only version 1 of the topology schema exists")
     name = top["name"].string(pattern=NAME, what=NAME_WHAT) or "?"
     share_default = top["reservable_share"].number(minimum=0, maximum=1) \

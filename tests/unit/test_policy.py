@@ -10,6 +10,7 @@ import pytest
 from nwc.cli import main
 from nwc.config import SHIPPED_POLICIES
 from nwc.policy import load_policy, parse_policy_text
+from nwc.topology import parse_topology_text
 from nwc.yamlsource import ConfigError
 
 pytestmark = pytest.mark.unit
@@ -141,6 +142,9 @@ def test_wrong_type() -> None:
      "an empty ACL lets nothing cross"),
     ("tenants:\n  acme: {}", "tenants:\n  Acme: {}", "is not a name"),
     ("version: 1", "version: 2", "only version 1"),
+    # True == 1 and 1.0 == 1 in Python; neither is the integer 1 a schema version is.
+    ("version: 1", "version: true", "version: expected an integer, got boolean True"),
+    ("version: 1", "version: 1.0", "version: expected an integer, got float 1.0"),
 ])
 def test_each_rule_gives_a_precise_problem(find: str, replace: str, expected: str) -> None:
     text = BASE.replace(find, replace, 1)
@@ -213,3 +217,38 @@ def test_check_policy_defaults_to_everything_shipped(capsys) -> None:
     assert main(["check-policy"]) == 0
     out = capsys.readouterr().out
     assert "topology OK: small" in out and "topology OK: leaf-spine" in out
+
+
+TOPOLOGY = """\
+version: 1
+name: t
+underlay: {hosts: 100.64.0.0/24, weave_endpoints: 100.64.128.0/24, weave_vteps: 100.100.0.0/24}
+switches: {s1: {}, s2: {}}
+links:
+  - {between: [s1, s2], capacity_mbps: 100}
+hosts:
+  h1: {switch: s1, uplink_mbps: 100, underlay_ip: 100.64.0.1}
+"""
+
+
+def topology_problems(text: str) -> list[str]:
+    with pytest.raises(ConfigError) as exc:
+        parse_topology_text(text, file="t.yaml")
+    return [str(p) for p in exc.value.problems]
+
+
+def test_base_topology_is_valid() -> None:
+    assert parse_topology_text(TOPOLOGY).name == "t"
+
+
+@pytest.mark.parametrize(("find", "replace", "expected"), [
+    ("version: 1", "version: 2", "t.yaml:1: version: only version 1"),
+    ("version: 1", "version: true", "t.yaml:1: version: expected an integer, got boolean True"),
+    ("version: 1", "version: 1.0", "t.yaml:1: version: expected an integer, got float 1.0"),
+])
+def test_each_topology_rule_gives_a_precise_problem(find: str, replace: str,
+                                                    expected: str) -> None:
+    text = TOPOLOGY.replace(find, replace, 1)
+    assert text != TOPOLOGY, "the test's search text must be in TOPOLOGY"
+    found = topology_problems(text)
+    assert any(p.startswith(expected) for p in found), found
