@@ -11,6 +11,7 @@ They collect every `Problem` instead of stopping at the first one, so one run of
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,7 +82,12 @@ def _plain(loader: yaml.SafeLoader, node: yaml.Node, path: PathKey, doc: Documen
                 problems.append(Problem(doc.file, key_node.start_mark.line + 1, format_path(path),
                                         "mapping keys must be plain scalars"))
                 continue
-            key = loader.construct_object(key_node)
+            key = _plain(loader, key_node, path, doc, problems)
+            if isinstance(key, int) and abs(key) >= _LONGEST_SHOWN_INTEGER:
+                # No key is a number this large, and its path could not even be printed.
+                problems.append(Problem(doc.file, key_node.start_mark.line + 1,
+                                        format_path(path), f"{_num(key)} is not a key"))
+                continue
             if not isinstance(key, str | int) or isinstance(key, bool):
                 key = str(key)
             child = (*path, key)
@@ -98,7 +104,15 @@ def _plain(loader: yaml.SafeLoader, node: yaml.Node, path: PathKey, doc: Documen
     if isinstance(node, yaml.SequenceNode):
         return [_plain(loader, item, (*path, i), doc, problems)
                 for i, item in enumerate(node.value)]
-    return loader.construct_object(node)
+    try:
+        return loader.construct_object(node)
+    except ValueError as exc:
+        # PyYAML lets Python's own conversions raise: `2024-13-45` looks like a date but is
+        # none, and int() refuses a decimal of more than 4300 digits.
+        message = (f"an integer of {len(node.value)} characters is too large"
+                   if node.tag == "tag:yaml.org,2002:int" else f"cannot read this value: {exc}")
+        problems.append(Problem(doc.file, node.start_mark.line + 1, format_path(path), message))
+        return None
 
 
 def parse_yaml(text: str, file: str) -> tuple[Document, list[Problem]]:
@@ -222,15 +236,23 @@ class Cursor:
             self.problem(f"expected a number{' (' + unit + ')' if unit else ''}, "
                          f"got {_kind(self.value)}")
             return None
-        value = float(self.value)
-        if value != value or value in (float("inf"), float("-inf")):
+        value = self.value
+        if isinstance(value, float) and not math.isfinite(value):
             self.problem("expected a finite number")
             return None
+        # Bounds first, on the value as written: Python compares an int with a float exactly,
+        # so a 400-digit integer is "more than the maximum" instead of overflowing float().
         if exclusive_minimum and minimum is not None and value <= minimum:
             self.problem(f"must be greater than {minimum:g}{' ' + unit if unit else ''}, "
-                         f"got {value:g}")
+                         f"got {_num(value)}")
             return None
-        return self._bounded(value, None if exclusive_minimum else minimum, maximum, unit)
+        if self._bounded(value, None if exclusive_minimum else minimum, maximum, unit) is None:
+            return None
+        try:
+            return float(value)
+        except OverflowError:  # an integer beyond every float, where no maximum caught it
+            self.problem(f"{_num(value)} is too large a number")
+            return None
 
     def boolean(self) -> bool | None:
         if not isinstance(self.value, bool):
@@ -249,8 +271,30 @@ class Cursor:
         return value
 
 
+# Integers this large are shown by size only: a message must stay one readable line, and
+# Python refuses to print an integer of more than 4300 digits at all (ValueError).
+_LONGEST_SHOWN_INTEGER = 10**20
+
+
 def _num(value: float) -> str:
-    return str(value) if isinstance(value, int) else f"{value:g}"
+    if isinstance(value, int):
+        if abs(value) >= _LONGEST_SHOWN_INTEGER:
+            # log10(2) digits per bit: the count is right to within one digit.
+            return f"an integer of about {value.bit_length() * 30103 // 100000 + 1} digits"
+        return str(value)
+    return f"{value:g}"
+
+
+def shown(value: Any) -> str:
+    """repr() for a message: abbreviated when long, and never raising (Python refuses to
+    print an integer of more than 4300 digits, also inside a list)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return _num(value)
+    try:
+        text = repr(value)
+    except ValueError:
+        return "a value too large to show"
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _kind(value: Any) -> str:
@@ -263,5 +307,7 @@ def _kind(value: Any) -> str:
     if isinstance(value, list):
         return "a list"
     if isinstance(value, str):
-        return f"string {value!r}"
-    return f"{type(value).__name__} {value!r}"
+        return f"string {shown(value)}"
+    if isinstance(value, int) and abs(value) >= _LONGEST_SHOWN_INTEGER:
+        return _num(value)
+    return f"{type(value).__name__} {shown(value)}"

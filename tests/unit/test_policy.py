@@ -154,6 +154,40 @@ def test_each_rule_gives_a_precise_problem(find: str, replace: str, expected: st
     assert all(p.startswith("p.yaml:") for p in found)
 
 
+HUNDREDS_OF_DIGITS = "1" + "0" * 400  # beyond every float: float() raises OverflowError
+TOO_MANY_DIGITS = "1" * 5000  # int() of it raises ValueError, and so does str() of the int
+HUGE_HEX = "0x" + "f" * 5000  # YAML reads it, but Python cannot print it
+
+
+@pytest.mark.parametrize(("find", "replace", "expected"), [
+    pytest.param("max_weave_mbps: 10", "max_weave_mbps: 1.0e+306",
+                 "max_weave_mbps: must be at most 1000000000 Mbit/s, got 1e+306", id="finite-cap"),
+    pytest.param("max_total_mbps: 20", f"max_total_mbps: {HUNDREDS_OF_DIGITS}",
+                 "max_total_mbps: must be at most 1000000000 Mbit/s, "
+                 "got an integer of about 401 digits", id="cap-beyond-float"),
+    pytest.param("vni: 10", f"vni: {HUGE_HEX}",
+                 "ivns.web.vni: must be at most 8388607, got an integer of about 6021 digits",
+                 id="integer-too-long-to-print"),
+    pytest.param("vni: 10", f"vni: {TOO_MANY_DIGITS}",
+                 "ivns.web.vni: an integer of 5000 characters is too large", id="int-limit"),
+    pytest.param("protocol: any}", f"protocol: tcp, ports: [{HUGE_HEX}]}}",
+                 "port range an integer of about 6021 digits must lie within 1-65535",
+                 id="port-too-long-to-print"),
+    pytest.param("gateway: 192.0.2.1", "gateway: [[0, 1, 2024-13-45]]",
+                 "ivns.web.gateway[0][2]: cannot read this value: month must be in 1..12",
+                 id="impossible-date"),
+    pytest.param("tenants:\n", f"tenants:\n  {HUNDREDS_OF_DIGITS}: {{}}\n",
+                 "tenants: an integer of about 401 digits is not a key", id="huge-key"),
+])
+def test_huge_or_unreadable_numbers_are_problems_not_tracebacks(find: str, replace: str,
+                                                                expected: str) -> None:
+    text = BASE.replace(find, replace, 1)
+    assert text != BASE, "the test's search text must be in BASE"
+    found = problems(text)
+    assert any(expected in p for p in found), found
+    assert all(p.startswith("p.yaml:") and len(p) < 300 for p in found), found
+
+
 def test_yaml_syntax_error_has_a_line() -> None:
     msg = problems("tenants:\n  acme: {\n")[0]
     assert msg.startswith("p.yaml:") and "YAML syntax error" in msg
@@ -245,6 +279,15 @@ def test_base_topology_is_valid() -> None:
     ("version: 1", "version: 2", "t.yaml:1: version: only version 1"),
     ("version: 1", "version: true", "t.yaml:1: version: expected an integer, got boolean True"),
     ("version: 1", "version: 1.0", "t.yaml:1: version: expected an integer, got float 1.0"),
+    # Fabric() turns capacities into kbit/s integers: 1e306 overflowed it at start.
+    ("capacity_mbps: 100", "capacity_mbps: 1.0e+306",
+     "t.yaml:6: links[0].capacity_mbps: must be at most 1000000000 Mbit/s, got 1e+306"),
+    pytest.param("uplink_mbps: 100", f"uplink_mbps: {HUNDREDS_OF_DIGITS}",
+                 "t.yaml:8: hosts.h1.uplink_mbps: must be at most 1000000000 Mbit/s, "
+                 "got an integer of about 401 digits", id="uplink-beyond-float"),
+    pytest.param("s1: {}", f"s1: {{dpid: {HUGE_HEX}}}",
+                 "t.yaml:4: switches.s1.dpid: must be at most 18446744073709551615, "
+                 "got an integer of about 6021 digits", id="dpid-too-long-to-print"),
 ])
 def test_each_topology_rule_gives_a_precise_problem(find: str, replace: str,
                                                     expected: str) -> None:
