@@ -72,6 +72,44 @@ class Document:
         return self.lines.get((), 1)
 
 
+# Deeper than any policy or topology (they nest five or six levels); the composer and the
+# walk below recurse once per level, so without a limit 3000 brackets end in RecursionError.
+MAX_NESTING = 64
+
+
+class _Refused(yaml.MarkedYAMLError):
+    """YAML this reader will not take, though it is well-formed."""
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader without anchors and aliases, and with a nesting limit.
+
+    An alias is expanded wherever it is used, so a few hundred bytes of nested aliases
+    ("billion laughs") grow into billions of values, and an alias inside its own anchor is a
+    cycle. Hand-written configuration has no need for them: refused at their line."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.nesting = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            raise _Refused(problem=f"YAML aliases (*{event.anchor}) are not accepted; "
+                                   "write the value out", problem_mark=event.start_mark)
+        if getattr(event, "anchor", None) is not None:
+            raise _Refused(problem=f"YAML anchors (&{event.anchor}) are not accepted; "
+                                   "write each value out", problem_mark=event.start_mark)
+        if self.nesting >= MAX_NESTING:
+            raise _Refused(problem=f"nested more than {MAX_NESTING} levels deep",
+                           problem_mark=event.start_mark)
+        self.nesting += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.nesting -= 1
+
+
 def _plain(loader: yaml.SafeLoader, node: yaml.Node, path: PathKey, doc: Document,
            problems: list[Problem]) -> Any:
     doc.lines.setdefault(path, node.start_mark.line + 1)
@@ -119,11 +157,16 @@ def parse_yaml(text: str, file: str) -> tuple[Document, list[Problem]]:
     """Parse one YAML document strictly; syntax errors and duplicate keys become Problems."""
     doc = Document(file=file, root=None, lines={(): 1})
     problems: list[Problem] = []
-    loader = yaml.SafeLoader(text)
+    loader = _StrictLoader(text)
     try:
         node = loader.get_single_node()
         if node is not None:
             doc.root = _plain(loader, node, (), doc, problems)
+    except _Refused as exc:
+        problems.append(Problem(file, exc.problem_mark.line + 1, "", str(exc.problem)))
+    except RecursionError:
+        # MAX_NESTING should stop this first; a traceback must never be the answer.
+        problems.append(Problem(file, 0, "", f"nested too deeply (the limit is {MAX_NESTING})"))
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else 0

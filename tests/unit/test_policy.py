@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from nwc import yamlsource
 from nwc.cli import main
 from nwc.config import SHIPPED_POLICIES
 from nwc.policy import load_policy, parse_policy_text
@@ -186,6 +187,44 @@ def test_huge_or_unreadable_numbers_are_problems_not_tracebacks(find: str, repla
     found = problems(text)
     assert any(expected in p for p in found), found
     assert all(p.startswith("p.yaml:") and len(p) < 300 for p in found), found
+
+
+def billion_laughs(levels: int) -> str:
+    """Each level an alias list of ten of the one before: 10**levels values from ~60 bytes a
+    level (seven levels took 17 s to expand)."""
+    text = "x0: &a0 [l, l, l, l, l, l, l, l, l, l]\n"
+    for level in range(1, levels):
+        text += f"x{level}: &a{level} [" + ", ".join([f"*a{level - 1}"] * 10) + "]\n"
+    return text
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    pytest.param("tenants: &t {a: *t}\n", "p.yaml:1: (document): YAML anchors (&t) are not "
+                 "accepted; write each value out", id="alias-cycle"),
+    pytest.param(billion_laughs(5), "p.yaml:1: (document): YAML anchors (&a0)",
+                 id="billion-laughs"),
+    pytest.param("tenants:\n  acme: *nosuch\n", "p.yaml:2: (document): YAML aliases (*nosuch) "
+                 "are not accepted", id="alias"),
+    pytest.param("tenants: " + "[" * 3000 + "]" * 3000 + "\n",
+                 "p.yaml:1: (document): nested more than 64 levels deep", id="3000-deep"),
+])
+def test_aliases_and_deep_nesting_are_refused_cleanly(text: str, expected: str) -> None:
+    (msg,) = problems(text)
+    assert msg.startswith(expected), msg
+
+
+def test_nesting_up_to_the_limit_is_read() -> None:
+    # The root mapping is one level, so 63 lists inside it make 64.
+    found = problems("x: " + "[" * 63 + "]" * 63 + "\n")
+    assert found == ["p.yaml:1: x: unknown key 'x' (allowed: ivns, qos_classes, "
+                     "security_profiles, tenants, version)"]
+
+
+def test_recursion_error_is_a_problem_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Should anything still recurse too deep, the answer is a problem, never a traceback.
+    monkeypatch.setattr(yamlsource, "MAX_NESTING", 1_000_000)
+    (msg,) = problems("tenants: " + "[" * 3000 + "]" * 3000 + "\n")
+    assert msg == "p.yaml: (document): nested too deeply (the limit is 1000000)"
 
 
 def test_yaml_syntax_error_has_a_line() -> None:
