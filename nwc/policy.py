@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from nwc.yamlsource import ConfigError, Cursor, Document, Problem, read_yaml
+from nwc.yamlsource import ConfigError, Cursor, Document, Problem, read_yaml, shown
 
 NAME = re.compile(r"[a-z][a-z0-9-]{0,31}")
 NAME_WHAT = "a name: lowercase letters, digits and '-', starting with a letter, at most 32 long"
@@ -23,6 +23,10 @@ NAME_WHAT = "a name: lowercase letters, digits and '-', starting with a letter, 
 # IVN VNIs live below this value; weaves take theirs from above it (see topology.weave_vni).
 MAX_IVN_VNI = 2**23 - 1
 MAX_LEASE_S = 366 * 24 * 3600
+# Bandwidth caps and link capacities stop at 1 Pbit/s: far beyond any real link, and small
+# enough that their kbit/s integers (and sums of them) stay exact in a float. A cap of 1e306
+# passed validation and then made every admission overflow converting it to kbit/s.
+MAX_BANDWIDTH_MBPS = 1_000_000_000
 
 Initiator = Literal["requester", "target", "either"]
 Protocol = Literal["tcp", "udp", "icmp", "any"]
@@ -218,7 +222,8 @@ def build_policy(docs: list[Document]) -> Policy:
         top = root.mapping(TOP_KEYS)
         if top is None:
             continue
-        if "version" in top and top["version"].value != 1:
+        # integer() first: `true` and `1.0` equal 1 in Python but are not version 1.
+        if "version" in top and top["version"].integer() not in (None, 1):
             top["version"].problem("only version 1 of the policy schema exists")
         for section, cursor in top.items():
             if section == "version":
@@ -396,22 +401,22 @@ def _port_range(c: Cursor) -> tuple[int, int] | None:
     elif isinstance(value, str) and re.fullmatch(r"\d{1,5}-\d{1,5}", value):
         lo, hi = (int(x) for x in value.split("-"))
     else:
-        c.problem(f"expected a port (443) or a range ('8000-8080'), got {value!r}")
+        c.problem(f"expected a port (443) or a range ('8000-8080'), got {shown(value)}")
         return None
     if not (1 <= lo <= hi <= 65535):
-        c.problem(f"port range {value!r} must lie within 1-65535, low end first")
+        c.problem(f"port range {shown(value)} must lie within 1-65535, low end first")
         return None
     return lo, hi
 
 
 def _network(c: Cursor) -> ipaddress.IPv4Network | None:
     if not isinstance(c.value, str):
-        c.problem(f"expected an IPv4 prefix like 192.0.2.0/26, got {c.value!r}")
+        c.problem(f"expected an IPv4 prefix like 192.0.2.0/26, got {shown(c.value)}")
         return None
     try:
         net = ipaddress.IPv4Network(c.value, strict=True)
     except ValueError as exc:
-        c.problem(f"{c.value!r} is not an IPv4 prefix: {exc}")
+        c.problem(f"{shown(c.value)} is not an IPv4 prefix: {exc}")
         return None
     if net.prefixlen == 0:
         c.problem("0.0.0.0/0 is not a tenant prefix")
@@ -447,7 +452,7 @@ def _ivn(name: str, c: Cursor, tenants: Mapping[str, Tenant]) -> Ivn | None:
     except ValueError:
         gateway = None
     if gateway is None:
-        gc.problem(f"expected an IPv4 address, got {gc.value!r}")
+        gc.problem(f"expected an IPv4 address, got {shown(gc.value)}")
     elif cidrs and not any(gateway in n and gateway not in (n.network_address,
                                                            n.broadcast_address) for n in cidrs):
         gc.problem(f"gateway {gateway} is not a usable address of the IVN's prefixes")
@@ -477,8 +482,10 @@ def _weaving(c: Cursor) -> WeavingPolicy | None:
         prefixes = _networks(pf["prefixes"]) if "prefixes" in pf else ()
         if target:
             partners.append(PartnerRule(**{key: target}, prefixes=prefixes))
-    per_weave = fields["max_weave_mbps"].number(minimum=0, exclusive_minimum=True, unit="Mbit/s")
-    total = fields["max_total_mbps"].number(minimum=0, exclusive_minimum=True, unit="Mbit/s")
+    per_weave = fields["max_weave_mbps"].number(minimum=0, exclusive_minimum=True,
+                                                maximum=MAX_BANDWIDTH_MBPS, unit="Mbit/s")
+    total = fields["max_total_mbps"].number(minimum=0, exclusive_minimum=True,
+                                            maximum=MAX_BANDWIDTH_MBPS, unit="Mbit/s")
     if per_weave is not None and total is not None and per_weave > total:
         fields["max_weave_mbps"].problem(
             f"{per_weave:g} Mbit/s per weave exceeds the total cap of {total:g} Mbit/s")

@@ -18,8 +18,8 @@ from typing import Literal
 
 import networkx as nx
 
-from nwc.policy import MAX_IVN_VNI, NAME, NAME_WHAT, Policy
-from nwc.yamlsource import ConfigError, Cursor, Document, Problem, parse_yaml, read_yaml
+from nwc.policy import MAX_BANDWIDTH_MBPS, MAX_IVN_VNI, NAME, NAME_WHAT, Policy
+from nwc.yamlsource import ConfigError, Cursor, Document, Problem, parse_yaml, read_yaml, shown
 
 Backend = Literal["strongswan", "ovs-ipsec"]
 MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
@@ -207,7 +207,7 @@ def _address(c: Cursor) -> ipaddress.IPv4Address | None:
         return ipaddress.IPv4Address(c.value) if isinstance(c.value, str) else None
     except ValueError:
         pass
-    c.problem(f"expected an IPv4 address, got {c.value!r}")
+    c.problem(f"expected an IPv4 address, got {shown(c.value)}")
     return None
 
 
@@ -216,7 +216,7 @@ def _prefix(c: Cursor) -> ipaddress.IPv4Network | None:
         return ipaddress.IPv4Network(c.value, strict=True) if isinstance(c.value, str) else None
     except ValueError:
         pass
-    c.problem(f"expected an IPv4 prefix, got {c.value!r}")
+    c.problem(f"expected an IPv4 prefix, got {shown(c.value)}")
     return None
 
 
@@ -231,7 +231,8 @@ def build_topology(doc: Document, policy: Policy | None = None) -> Topology:
     top = root.mapping(TOP_KEYS, {"name", "underlay", "switches", "links", "hosts"})
     if top is None or not {"name", "underlay", "switches", "links", "hosts"} <= set(top):
         raise ConfigError(problems or [Problem(doc.file, 1, "", "not a topology")])
-    if "version" in top and top["version"].value != 1:
+    # integer() first: `true` and `1.0` equal 1 in Python but are not version 1.
+    if "version" in top and top["version"].integer() not in (None, 1):
         top["version"].problem("only version 1 of the topology schema exists")
     name = top["name"].string(pattern=NAME, what=NAME_WHAT) or "?"
     share_default = top["reservable_share"].number(minimum=0, maximum=1) \
@@ -281,7 +282,8 @@ def build_topology(doc: Document, policy: Policy | None = None) -> Topology:
         if switch is not None and switch not in switches:
             hf["switch"].problem(f"unknown switch {switch!r}")
             switch = None
-        mbps = hf["uplink_mbps"].number(minimum=0, exclusive_minimum=True, unit="Mbit/s")
+        mbps = hf["uplink_mbps"].number(minimum=0, exclusive_minimum=True,
+                                        maximum=MAX_BANDWIDTH_MBPS, unit="Mbit/s")
         share = hf["uplink_share"].number(minimum=0, maximum=1) if "uplink_share" in hf \
             else share_default
         ip = _address(hf["underlay_ip"])
@@ -290,7 +292,7 @@ def build_topology(doc: Document, policy: Policy | None = None) -> Topology:
         dpid = _dpid(hf["dpid"]) if "dpid" in hf else derived_dpid("host", hname)
         backend = hf["backend"].value if "backend" in hf else "strongswan"
         if backend not in ("strongswan", "ovs-ipsec"):
-            hf["backend"].problem(f"backend must be strongswan or ovs-ipsec, got {backend!r}")
+            hf["backend"].problem(f"backend must be strongswan or ovs-ipsec, got {shown(backend)}")
             backend = None
         mgmt = _address(hf["management_ip"]) if "management_ip" in hf else None
         ovsdb = hf["ovsdb"].string(pattern=re.compile(r"(tcp|ssl|unix):.+"),
@@ -326,7 +328,8 @@ def build_topology(doc: Document, policy: Policy | None = None) -> Topology:
                                   "(parallel links are not modelled; add their capacities)")
             continue
         seen_links[key] = lc
-        mbps = lf["capacity_mbps"].number(minimum=0, exclusive_minimum=True, unit="Mbit/s")
+        mbps = lf["capacity_mbps"].number(minimum=0, exclusive_minimum=True,
+                                          maximum=MAX_BANDWIDTH_MBPS, unit="Mbit/s")
         share = lf["reservable_share"].number(minimum=0, maximum=1) \
             if "reservable_share" in lf else share_default
         if mbps is not None and share is not None:

@@ -11,6 +11,7 @@ They collect every `Problem` instead of stopping at the first one, so one run of
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +72,44 @@ class Document:
         return self.lines.get((), 1)
 
 
+# Deeper than any policy or topology (they nest five or six levels); the composer and the
+# walk below recurse once per level, so without a limit 3000 brackets end in RecursionError.
+MAX_NESTING = 64
+
+
+class _Refused(yaml.MarkedYAMLError):
+    """YAML this reader will not take, though it is well-formed."""
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader without anchors and aliases, and with a nesting limit.
+
+    An alias is expanded wherever it is used, so a few hundred bytes of nested aliases
+    ("billion laughs") grow into billions of values, and an alias inside its own anchor is a
+    cycle. Hand-written configuration has no need for them: refused at their line."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.nesting = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            raise _Refused(problem=f"YAML aliases (*{event.anchor}) are not accepted; "
+                                   "write the value out", problem_mark=event.start_mark)
+        if getattr(event, "anchor", None) is not None:
+            raise _Refused(problem=f"YAML anchors (&{event.anchor}) are not accepted; "
+                                   "write each value out", problem_mark=event.start_mark)
+        if self.nesting >= MAX_NESTING:
+            raise _Refused(problem=f"nested more than {MAX_NESTING} levels deep",
+                           problem_mark=event.start_mark)
+        self.nesting += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.nesting -= 1
+
+
 def _plain(loader: yaml.SafeLoader, node: yaml.Node, path: PathKey, doc: Document,
            problems: list[Problem]) -> Any:
     doc.lines.setdefault(path, node.start_mark.line + 1)
@@ -81,7 +120,12 @@ def _plain(loader: yaml.SafeLoader, node: yaml.Node, path: PathKey, doc: Documen
                 problems.append(Problem(doc.file, key_node.start_mark.line + 1, format_path(path),
                                         "mapping keys must be plain scalars"))
                 continue
-            key = loader.construct_object(key_node)
+            key = _plain(loader, key_node, path, doc, problems)
+            if isinstance(key, int) and abs(key) >= _LONGEST_SHOWN_INTEGER:
+                # No key is a number this large, and its path could not even be printed.
+                problems.append(Problem(doc.file, key_node.start_mark.line + 1,
+                                        format_path(path), f"{_num(key)} is not a key"))
+                continue
             if not isinstance(key, str | int) or isinstance(key, bool):
                 key = str(key)
             child = (*path, key)
@@ -98,18 +142,31 @@ def _plain(loader: yaml.SafeLoader, node: yaml.Node, path: PathKey, doc: Documen
     if isinstance(node, yaml.SequenceNode):
         return [_plain(loader, item, (*path, i), doc, problems)
                 for i, item in enumerate(node.value)]
-    return loader.construct_object(node)
+    try:
+        return loader.construct_object(node)
+    except ValueError as exc:
+        # PyYAML lets Python's own conversions raise: `2024-13-45` looks like a date but is
+        # none, and int() refuses a decimal of more than 4300 digits.
+        message = (f"an integer of {len(node.value)} characters is too large"
+                   if node.tag == "tag:yaml.org,2002:int" else f"cannot read this value: {exc}")
+        problems.append(Problem(doc.file, node.start_mark.line + 1, format_path(path), message))
+        return None
 
 
 def parse_yaml(text: str, file: str) -> tuple[Document, list[Problem]]:
     """Parse one YAML document strictly; syntax errors and duplicate keys become Problems."""
     doc = Document(file=file, root=None, lines={(): 1})
     problems: list[Problem] = []
-    loader = yaml.SafeLoader(text)
+    loader = _StrictLoader(text)
     try:
         node = loader.get_single_node()
         if node is not None:
             doc.root = _plain(loader, node, (), doc, problems)
+    except _Refused as exc:
+        problems.append(Problem(file, exc.problem_mark.line + 1, "", str(exc.problem)))
+    except RecursionError:
+        # MAX_NESTING should stop this first; a traceback must never be the answer.
+        problems.append(Problem(file, 0, "", f"nested too deeply (the limit is {MAX_NESTING})"))
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else 0
@@ -222,15 +279,23 @@ class Cursor:
             self.problem(f"expected a number{' (' + unit + ')' if unit else ''}, "
                          f"got {_kind(self.value)}")
             return None
-        value = float(self.value)
-        if value != value or value in (float("inf"), float("-inf")):
+        value = self.value
+        if isinstance(value, float) and not math.isfinite(value):
             self.problem("expected a finite number")
             return None
+        # Bounds first, on the value as written: Python compares an int with a float exactly,
+        # so a 400-digit integer is "more than the maximum" instead of overflowing float().
         if exclusive_minimum and minimum is not None and value <= minimum:
             self.problem(f"must be greater than {minimum:g}{' ' + unit if unit else ''}, "
-                         f"got {value:g}")
+                         f"got {_num(value)}")
             return None
-        return self._bounded(value, None if exclusive_minimum else minimum, maximum, unit)
+        if self._bounded(value, None if exclusive_minimum else minimum, maximum, unit) is None:
+            return None
+        try:
+            return float(value)
+        except OverflowError:  # an integer beyond every float, where no maximum caught it
+            self.problem(f"{_num(value)} is too large a number")
+            return None
 
     def boolean(self) -> bool | None:
         if not isinstance(self.value, bool):
@@ -249,8 +314,30 @@ class Cursor:
         return value
 
 
+# Integers this large are shown by size only: a message must stay one readable line, and
+# Python refuses to print an integer of more than 4300 digits at all (ValueError).
+_LONGEST_SHOWN_INTEGER = 10**20
+
+
 def _num(value: float) -> str:
-    return str(value) if isinstance(value, int) else f"{value:g}"
+    if isinstance(value, int):
+        if abs(value) >= _LONGEST_SHOWN_INTEGER:
+            # log10(2) digits per bit: the count is right to within one digit.
+            return f"an integer of about {value.bit_length() * 30103 // 100000 + 1} digits"
+        return str(value)
+    return f"{value:g}"
+
+
+def shown(value: Any) -> str:
+    """repr() for a message: abbreviated when long, and never raising (Python refuses to
+    print an integer of more than 4300 digits, also inside a list)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return _num(value)
+    try:
+        text = repr(value)
+    except ValueError:
+        return "a value too large to show"
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _kind(value: Any) -> str:
@@ -263,5 +350,7 @@ def _kind(value: Any) -> str:
     if isinstance(value, list):
         return "a list"
     if isinstance(value, str):
-        return f"string {value!r}"
-    return f"{type(value).__name__} {value!r}"
+        return f"string {shown(value)}"
+    if isinstance(value, int) and abs(value) >= _LONGEST_SHOWN_INTEGER:
+        return _num(value)
+    return f"{type(value).__name__} {shown(value)}"

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from nwc import yamlsource
 from nwc.cli import main
 from nwc.config import SHIPPED_POLICIES
 from nwc.policy import load_policy, parse_policy_text
+from nwc.topology import parse_topology_text
 from nwc.yamlsource import ConfigError
 
 pytestmark = pytest.mark.unit
@@ -141,6 +143,9 @@ def test_wrong_type() -> None:
      "an empty ACL lets nothing cross"),
     ("tenants:\n  acme: {}", "tenants:\n  Acme: {}", "is not a name"),
     ("version: 1", "version: 2", "only version 1"),
+    # True == 1 and 1.0 == 1 in Python; neither is the integer 1 a schema version is.
+    ("version: 1", "version: true", "version: expected an integer, got boolean True"),
+    ("version: 1", "version: 1.0", "version: expected an integer, got float 1.0"),
 ])
 def test_each_rule_gives_a_precise_problem(find: str, replace: str, expected: str) -> None:
     text = BASE.replace(find, replace, 1)
@@ -148,6 +153,78 @@ def test_each_rule_gives_a_precise_problem(find: str, replace: str, expected: st
     found = problems(text)
     assert any(expected in p for p in found), found
     assert all(p.startswith("p.yaml:") for p in found)
+
+
+HUNDREDS_OF_DIGITS = "1" + "0" * 400  # beyond every float: float() raises OverflowError
+TOO_MANY_DIGITS = "1" * 5000  # int() of it raises ValueError, and so does str() of the int
+HUGE_HEX = "0x" + "f" * 5000  # YAML reads it, but Python cannot print it
+
+
+@pytest.mark.parametrize(("find", "replace", "expected"), [
+    pytest.param("max_weave_mbps: 10", "max_weave_mbps: 1.0e+306",
+                 "max_weave_mbps: must be at most 1000000000 Mbit/s, got 1e+306", id="finite-cap"),
+    pytest.param("max_total_mbps: 20", f"max_total_mbps: {HUNDREDS_OF_DIGITS}",
+                 "max_total_mbps: must be at most 1000000000 Mbit/s, "
+                 "got an integer of about 401 digits", id="cap-beyond-float"),
+    pytest.param("vni: 10", f"vni: {HUGE_HEX}",
+                 "ivns.web.vni: must be at most 8388607, got an integer of about 6021 digits",
+                 id="integer-too-long-to-print"),
+    pytest.param("vni: 10", f"vni: {TOO_MANY_DIGITS}",
+                 "ivns.web.vni: an integer of 5000 characters is too large", id="int-limit"),
+    pytest.param("protocol: any}", f"protocol: tcp, ports: [{HUGE_HEX}]}}",
+                 "port range an integer of about 6021 digits must lie within 1-65535",
+                 id="port-too-long-to-print"),
+    pytest.param("gateway: 192.0.2.1", "gateway: [[0, 1, 2024-13-45]]",
+                 "ivns.web.gateway[0][2]: cannot read this value: month must be in 1..12",
+                 id="impossible-date"),
+    pytest.param("tenants:\n", f"tenants:\n  {HUNDREDS_OF_DIGITS}: {{}}\n",
+                 "tenants: an integer of about 401 digits is not a key", id="huge-key"),
+])
+def test_huge_or_unreadable_numbers_are_problems_not_tracebacks(find: str, replace: str,
+                                                                expected: str) -> None:
+    text = BASE.replace(find, replace, 1)
+    assert text != BASE, "the test's search text must be in BASE"
+    found = problems(text)
+    assert any(expected in p for p in found), found
+    assert all(p.startswith("p.yaml:") and len(p) < 300 for p in found), found
+
+
+def billion_laughs(levels: int) -> str:
+    """Each level an alias list of ten of the one before: 10**levels values from ~60 bytes a
+    level (seven levels took 17 s to expand)."""
+    text = "x0: &a0 [l, l, l, l, l, l, l, l, l, l]\n"
+    for level in range(1, levels):
+        text += f"x{level}: &a{level} [" + ", ".join([f"*a{level - 1}"] * 10) + "]\n"
+    return text
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    pytest.param("tenants: &t {a: *t}\n", "p.yaml:1: (document): YAML anchors (&t) are not "
+                 "accepted; write each value out", id="alias-cycle"),
+    pytest.param(billion_laughs(5), "p.yaml:1: (document): YAML anchors (&a0)",
+                 id="billion-laughs"),
+    pytest.param("tenants:\n  acme: *nosuch\n", "p.yaml:2: (document): YAML aliases (*nosuch) "
+                 "are not accepted", id="alias"),
+    pytest.param("tenants: " + "[" * 3000 + "]" * 3000 + "\n",
+                 "p.yaml:1: (document): nested more than 64 levels deep", id="3000-deep"),
+])
+def test_aliases_and_deep_nesting_are_refused_cleanly(text: str, expected: str) -> None:
+    (msg,) = problems(text)
+    assert msg.startswith(expected), msg
+
+
+def test_nesting_up_to_the_limit_is_read() -> None:
+    # The root mapping is one level, so 63 lists inside it make 64.
+    found = problems("x: " + "[" * 63 + "]" * 63 + "\n")
+    assert found == ["p.yaml:1: x: unknown key 'x' (allowed: ivns, qos_classes, "
+                     "security_profiles, tenants, version)"]
+
+
+def test_recursion_error_is_a_problem_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Should anything still recurse too deep, the answer is a problem, never a traceback.
+    monkeypatch.setattr(yamlsource, "MAX_NESTING", 1_000_000)
+    (msg,) = problems("tenants: " + "[" * 3000 + "]" * 3000 + "\n")
+    assert msg == "p.yaml: (document): nested too deeply (the limit is 1000000)"
 
 
 def test_yaml_syntax_error_has_a_line() -> None:
@@ -213,3 +290,47 @@ def test_check_policy_defaults_to_everything_shipped(capsys) -> None:
     assert main(["check-policy"]) == 0
     out = capsys.readouterr().out
     assert "topology OK: small" in out and "topology OK: leaf-spine" in out
+
+
+TOPOLOGY = """\
+version: 1
+name: t
+underlay: {hosts: 100.64.0.0/24, weave_endpoints: 100.64.128.0/24, weave_vteps: 100.100.0.0/24}
+switches: {s1: {}, s2: {}}
+links:
+  - {between: [s1, s2], capacity_mbps: 100}
+hosts:
+  h1: {switch: s1, uplink_mbps: 100, underlay_ip: 100.64.0.1}
+"""
+
+
+def topology_problems(text: str) -> list[str]:
+    with pytest.raises(ConfigError) as exc:
+        parse_topology_text(text, file="t.yaml")
+    return [str(p) for p in exc.value.problems]
+
+
+def test_base_topology_is_valid() -> None:
+    assert parse_topology_text(TOPOLOGY).name == "t"
+
+
+@pytest.mark.parametrize(("find", "replace", "expected"), [
+    ("version: 1", "version: 2", "t.yaml:1: version: only version 1"),
+    ("version: 1", "version: true", "t.yaml:1: version: expected an integer, got boolean True"),
+    ("version: 1", "version: 1.0", "t.yaml:1: version: expected an integer, got float 1.0"),
+    # Fabric() turns capacities into kbit/s integers: 1e306 overflowed it at start.
+    ("capacity_mbps: 100", "capacity_mbps: 1.0e+306",
+     "t.yaml:6: links[0].capacity_mbps: must be at most 1000000000 Mbit/s, got 1e+306"),
+    pytest.param("uplink_mbps: 100", f"uplink_mbps: {HUNDREDS_OF_DIGITS}",
+                 "t.yaml:8: hosts.h1.uplink_mbps: must be at most 1000000000 Mbit/s, "
+                 "got an integer of about 401 digits", id="uplink-beyond-float"),
+    pytest.param("s1: {}", f"s1: {{dpid: {HUGE_HEX}}}",
+                 "t.yaml:4: switches.s1.dpid: must be at most 18446744073709551615, "
+                 "got an integer of about 6021 digits", id="dpid-too-long-to-print"),
+])
+def test_each_topology_rule_gives_a_precise_problem(find: str, replace: str,
+                                                    expected: str) -> None:
+    text = TOPOLOGY.replace(find, replace, 1)
+    assert text != TOPOLOGY, "the test's search text must be in TOPOLOGY"
+    found = topology_problems(text)
+    assert any(p.startswith(expected) for p in found), found
