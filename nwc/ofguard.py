@@ -37,10 +37,17 @@ MP_FLOW, MP_PORT_DESC, MP_METER, MP_METER_CONFIG = 1, 13, 9, 10
 ONF_EXPERIMENTER_ID = 0x4F4E4600
 ONF_ET_BUNDLE_CONTROL = 2300
 
-# Instruction and action types NWC installs (and so may see in flow stats).
-INSTRUCTIONS = {1: "goto", 2: "write_metadata", 4: "apply_actions", 6: "meter"}
-ACTIONS = {0: "output", 24: "dec_nw_ttl", 25: "set_field", 0xFFFF: "experimenter"}
+# Instruction and action types NWC installs (and so may see in flow stats). os-ken steps
+# over a fixed-size item by its class size, not by the length the peer wrote: an item that
+# claims more would hide bytes the guard never checks but os-ken parses as the next item (a
+# zero-length one spins it forever). So each of these must declare exactly that size.
+IT_GOTO_TABLE, IT_WRITE_METADATA, IT_APPLY_ACTIONS, IT_METER = 1, 2, 4, 6
+FIXED_INSTRUCTION_SIZES = {IT_GOTO_TABLE: 8, IT_WRITE_METADATA: 24, IT_METER: 8}
+AT_OUTPUT, AT_DEC_NW_TTL, AT_SET_FIELD, AT_EXPERIMENTER = 0, 24, 25, 0xFFFF
+FIXED_ACTION_SIZES = {AT_OUTPUT: 16, AT_DEC_NW_TTL: 8}
 NX_VENDOR = 0x00002320
+NXAST_REG_MOVE = 6
+OXM_CLASS_EXPERIMENTER = 0xFFFF
 
 
 class Rejected(Exception):
@@ -232,24 +239,69 @@ def _check_flow_stats(buf: bytes, start: int, end: int) -> None:
     for inst_at, inst_len in _walk_tlvs(buf, match_at + padded, end, unit=8,
                                         what="instruction", min_len=8):
         (inst_type,) = struct.unpack_from("!H", buf, inst_at)
-        if inst_type not in INSTRUCTIONS:
+        if inst_type in FIXED_INSTRUCTION_SIZES:
+            _require_length("instruction", inst_type, inst_at, inst_len,
+                            FIXED_INSTRUCTION_SIZES[inst_type])
+        elif inst_type == IT_APPLY_ACTIONS:  # os-ken steps by its declared length
+            _check_actions(buf, inst_at + 8, inst_at + inst_len)
+        else:
             raise Rejected(f"instruction type {inst_type}")
-        if inst_type in (3, 4, 5):  # write/apply/clear actions: a list after 8 bytes
-            for act_at, act_len in _walk_tlvs(buf, inst_at + 8, inst_at + inst_len, unit=8,
-                                              what="action", min_len=8):
-                (act_type,) = struct.unpack_from("!H", buf, act_at)
-                if act_type not in ACTIONS:
-                    raise Rejected(f"action type {act_type}")
-                if act_type == 0xFFFF:
-                    _check_nx_action(buf, act_at, act_len)
 
 
-def _check_nx_action(buf: bytes, at: int, length: int) -> None:
-    if length < 16:
+def _check_actions(buf: bytes, start: int, end: int) -> None:
+    for act_at, act_len in _walk_tlvs(buf, start, end, unit=8, what="action", min_len=8):
+        (act_type,) = struct.unpack_from("!H", buf, act_at)
+        if act_type in FIXED_ACTION_SIZES:
+            expected = FIXED_ACTION_SIZES[act_type]
+        elif act_type == AT_SET_FIELD:
+            expected = _set_field_length(buf, act_at, act_at + act_len)
+        elif act_type == AT_EXPERIMENTER:
+            expected = _nx_action_length(buf, act_at, act_at + act_len)
+        else:
+            raise Rejected(f"action type {act_type}")
+        _require_length("action", act_type, act_at, act_len, expected)
+
+
+def _require_length(what: str, item_type: int, at: int, declared: int, expected: int) -> None:
+    if declared != expected:
+        raise Rejected(f"{what} type {item_type} at offset {at} claims {declared} bytes; "
+                       f"it is {expected}")
+
+
+def _round_up_8(length: int) -> int:
+    return (length + 7) // 8 * 8
+
+
+def _oxm_header_length(buf: bytes, at: int, end: int) -> int:
+    """An OXM header's size: 8 for an experimenter class (its id follows), 4 otherwise."""
+    if at + 4 > end:
+        raise Rejected(f"truncated OXM header at offset {at}")
+    (oxm_class,) = struct.unpack_from("!H", buf, at)
+    return 8 if oxm_class == OXM_CLASS_EXPERIMENTER else 4
+
+
+def _set_field_length(buf: bytes, at: int, end: int) -> int:
+    """What a set_field action must be: its 4-byte header and one OXM, padded to 8 (os-ken
+    steps by the declared length but reads the OXM by its own, so the two must agree)."""
+    if at + 8 > end:
+        raise Rejected(f"set_field at offset {at} without an OXM header")
+    payload = buf[at + 7]
+    if payload == 0:  # os-ken asserts a value is there
+        raise Rejected(f"set_field at offset {at} with an empty OXM")
+    return _round_up_8(4 + 4 + payload)
+
+
+def _nx_action_length(buf: bytes, at: int, end: int) -> int:
+    """What an experimenter action must be. Only NXAST_REG_MOVE (the one NWC installs):
+    8-byte experimenter header, subtype, n_bits/src_ofs/dst_ofs, two OXM headers, padded."""
+    if end - at < 16:
         raise Rejected("experimenter action shorter than 16 bytes")
     vendor, subtype = struct.unpack_from("!IH", buf, at + 4)
-    if vendor != NX_VENDOR or subtype != 6:  # NXAST_REG_MOVE: the only one NWC installs
+    if vendor != NX_VENDOR or subtype != NXAST_REG_MOVE:
         raise Rejected(f"experimenter action {vendor:#x}/{subtype}")
+    src_at = at + 16
+    dst_at = src_at + _oxm_header_length(buf, src_at, end)
+    return _round_up_8(dst_at + _oxm_header_length(buf, dst_at, end) - at)
 
 
 class GuardedSocket:

@@ -17,6 +17,7 @@ import logging
 import socket
 import ssl
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,22 +71,36 @@ class TlsSocket:
 
     def handshake(self, timeout_s: float = HANDSHAKE_TIMEOUT_S) -> None:
         """Complete the TLS handshake (before os-ken sees the connection). Raises OSError or
-        ssl.SSLError when the peer is not a switch with a certificate NWC trusts."""
+        ssl.SSLError when the peer is not a switch with a certificate NWC trusts, TimeoutError
+        when the whole handshake takes longer than `timeout_s`.
+
+        One deadline for the whole handshake, not a timeout per read: a peer sending a byte
+        now and then would otherwise hold the handshake, and a connection slot, forever."""
         previous = self._sock.gettimeout()
-        self._sock.settimeout(timeout_s)
+        deadline = time.monotonic() + timeout_s
         try:
             while True:
                 try:
                     with self._state:
                         self._tls.do_handshake()
+                    self._limit_to(deadline, timeout_s)
                     self._flush()
                     return
                 except ssl.SSLWantReadError:
+                    self._limit_to(deadline, timeout_s)
                     self._flush()
+                    self._limit_to(deadline, timeout_s)
                     if not self._pull():
                         raise ConnectionError("peer closed during the TLS handshake") from None
         finally:
             self._sock.settimeout(previous)
+
+    def _limit_to(self, deadline: float, timeout_s: float) -> None:
+        """Let the next socket operation wait only for the time left before `deadline`."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"TLS handshake not done within {timeout_s:g} s")
+        self._sock.settimeout(left)
 
     def peer_certificate(self) -> dict[str, Any] | None:
         with self._state:

@@ -7,6 +7,7 @@ import os
 import socket
 import ssl
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -103,4 +104,38 @@ def test_a_corrupted_record_ends_the_stream_instead_of_raising(tmp_path: Path) -
     os.write(client.fileno(), bytes([23, 3, 3, 0, 40]) + bytes(40))  # past TLS
     assert server.recv(100) == b""
     client.close()
+    server.close()
+
+
+def test_the_handshake_timeout_covers_the_whole_handshake(tmp_path: Path) -> None:
+    """A peer dripping a ClientHello one byte at a time, each well within the timeout, is cut
+    off once the handshake as a whole has taken the timeout (it used to reset per read)."""
+    pki = _pki(tmp_path)
+    context = TlsFiles(pki["ctl.key"], pki["ctl.crt"], pki["ca"]).server_context()
+    server_raw, client_raw = socket.socketpair()
+    server = TlsSocket(server_raw, context)
+    outcome: dict[str, object] = {}
+
+    def handshake() -> None:
+        started = time.monotonic()
+        try:
+            server.handshake(timeout_s=0.5)
+        except Exception as exc:  # the test inspects whatever it raised
+            outcome["error"] = exc
+        outcome["took_s"] = time.monotonic() - started
+
+    handshaking = threading.Thread(target=handshake, daemon=True)
+    handshaking.start()
+    client_hello_start = b"\x16\x03\x01\x02\x00" + b"\x01" * 200  # 512 bytes announced
+    dripping_until = time.monotonic() + 3.0
+    for byte in client_hello_start:
+        if not handshaking.is_alive() or time.monotonic() > dripping_until:
+            break
+        client_raw.send(bytes([byte]))
+        time.sleep(0.1)
+    handshaking.join(5)
+    assert isinstance(outcome.get("error"), TimeoutError)
+    assert outcome["took_s"] < 1.5
+    assert server_raw.gettimeout() is None  # the socket's own timeout is put back
+    client_raw.close()
     server.close()
