@@ -307,10 +307,15 @@ class Agent:
     def _device(self, name: str) -> str:
         return self.underlay if name == UNDERLAY else name
 
-    def _build_network(self, spec: TunnelSpec, with_vxlan: bool) -> None:
+    def _ensure_blackholes(self, spec: TunnelSpec) -> None:
         for route in spec.routes():
-            if route.kind == "blackhole":  # first: nothing may leave before it is in place
+            if route.kind == "blackhole":
                 self.net.ensure_blackhole(route.destination)
+
+    def _build_network(self, spec: TunnelSpec, with_vxlan: bool) -> None:
+        """Make (or put back) the leg's addresses, routes and device; each step is
+        idempotent, so this runs every pass and repairs what something else removed."""
+        self._ensure_blackholes(spec)  # first: nothing may leave before it is in place
         for address in spec.addresses():
             self.net.ensure_address(address.address, self._device(address.device))
         for route in spec.routes():
@@ -328,11 +333,22 @@ class Agent:
         assert record is not None
         now = self.clock()
         try:
+            # Every pass, not only when building: anything may remove the blackhole
+            # (systemd-networkd, `ip route flush`), and without it, whenever no CHILD SA
+            # routes the peer's VTEP into IPsec, VXLAN follows the main table in clear.
+            self._ensure_blackholes(spec)
+        except Exception as exc:
+            self._withdraw_device(leg, f"the blackhole route for {spec.remote_vtep} could not "
+                                       f"be put in place ({exc})")
+            return
+        try:
             if leg.built and not self.net.link_exists(spec.device):
                 log.warning("leg %s: %s disappeared; rebuilding", spec.key, spec.device)
                 leg.built = False
+            # The addresses and the link route too (idempotent); the device only when
+            # building, since a device that exists is checked above and its OVS port with it.
+            self._build_network(spec, with_vxlan=not leg.built)
             if not leg.built:
-                self._build_network(spec, with_vxlan=True)
                 self.db.add_port(spec.bridge, {"name": spec.device,
                                                "ofport_request": spec.ofport,
                                                "external_ids": spec.owner_tags()})
@@ -368,6 +384,18 @@ class Agent:
             self._fail(leg, f"loading into the IKE daemon failed: {exc}")
             return
         self._observe(leg, sas.get(spec.connection_name), now)
+
+    def _withdraw_device(self, leg: _Leg, why: str) -> None:
+        """Without its blackhole the leg's VXLAN device may send in clear (whenever no CHILD
+        SA takes its packets): remove the device until the blackhole is back."""
+        spec = leg.spec
+        try:
+            self.net.remove_link(spec.device)
+            outcome = f"{spec.device} removed until it is back"
+        except Exception as exc:
+            outcome = f"removing {spec.device} failed too: {exc}"
+        leg.built = False  # the next pass builds it again, blackhole first
+        self._fail(leg, f"{why}; {outcome}")
 
     def _load(self, leg: _Leg, record: LegRecord) -> None:
         spec = leg.spec

@@ -400,3 +400,40 @@ def test_ovs_ipsec_is_refused_on_a_userspace_datapath_bridge() -> None:
     host.drop(req)
     host.steps(1)
     assert not host.db.ids
+
+
+def test_routes_and_addresses_removed_by_someone_else_are_put_back() -> None:
+    req, _ = specs()
+    host = Host()
+    host.want(LegRecord(req, new_psk(), start=True))
+    host.steps()
+    built = (set(host.net.blackholes), set(host.net.addresses), set(host.net.link_routes))
+    # systemd-networkd restarting, or an operator's `ip route flush` / `ip addr flush`
+    host.net.blackholes.clear()
+    host.net.addresses.clear()
+    host.net.link_routes.clear()
+    host.ike.up = False  # and charon stops: nothing but the blackhole keeps VXLAN off the wire
+    host.steps(1)
+    assert (host.net.blackholes, host.net.addresses, host.net.link_routes) == built
+    assert host.journal.count("add_vxlan") == 1  # the device was there: left alone
+
+
+def test_a_blackhole_that_cannot_be_put_back_takes_the_device_away() -> None:
+    req, _ = specs()
+    host = Host()
+    host.want(LegRecord(req, new_psk(), start=True))
+    host.steps()
+    host.net.blackholes.clear()
+    host.net.failing.add("ensure_blackhole")
+    host.steps(1)
+    # No blackhole and no SA later would mean VXLAN in clear: no device, no VXLAN at all.
+    assert "nwv0" not in host.net.vxlans
+    status = host.status(req)
+    assert status.phase is Phase.ERROR and "blackhole" in status.detail
+    host.net.failing.clear()
+    host.steps(2)
+    j = host.journal
+    rebuilt_at = max(i for i, e in enumerate(j.entries) if e == ("add_vxlan", "nwv0"))
+    restored_at = max(i for i, e in enumerate(j.entries) if e[0] == "add_blackhole")
+    assert restored_at < rebuilt_at and str(req.remote_vtep) in host.net.blackholes
+    assert host.status(req).phase is Phase.INSTALLED

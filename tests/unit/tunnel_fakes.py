@@ -222,7 +222,7 @@ class FakeNet:
     link_routes: set[tuple[str, str, str]] = field(default_factory=set)
     vxlans: dict[str, Any] = field(default_factory=dict)
     # "remove_link" raises; "remove_link_noop" returns but the device stays (as a device
-    # held by another reference would).
+    # held by another reference would); "ensure_blackhole" raises.
     failing: set[str] = field(default_factory=set)
 
     def ensure_address(self, address: Any, device: str) -> None:
@@ -235,6 +235,8 @@ class FakeNet:
         self.addresses.discard((str(address), device))
 
     def ensure_blackhole(self, destination: Any) -> None:
+        if "ensure_blackhole" in self.failing:
+            raise RuntimeError("Operation not permitted")
         if str(destination) not in self.blackholes:
             self.journal.add("add_blackhole", str(destination))
             self.blackholes.add(str(destination))
