@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from nwc.hostnet import VxlanDevice
-from nwc.ike import IkeUnavailable, InitiateResult
+from nwc.ike import IkeNoAnswer, IkeUnavailable, InitiateResult
 from nwc.pki import LegKey, Secret, write_private
 from nwc.tunnel import (
     RECORD_PREFIX,
@@ -241,7 +241,7 @@ class Agent:
                 sas = self.ike.sas()
                 if self.backend == "strongswan":  # ovs-ipsec's connections are not ours
                     conns = self.ike.connections()
-            except IkeUnavailable:
+            except (IkeUnavailable, IkeNoAnswer):  # either way, nothing to go by this pass
                 sas, conns = None, set()
         for key, leg in self.legs.items():
             if key not in wanted:
@@ -377,7 +377,7 @@ class Agent:
             if (leg.loaded is None or not record.same_material(leg.loaded)
                     or spec.connection_name not in conns):
                 self._load(leg, record)
-        except IkeUnavailable:
+        except (IkeUnavailable, IkeNoAnswer):
             leg.phase, leg.loaded = Phase.IKE_DOWN, None
             return
         except Exception as exc:
@@ -571,6 +571,9 @@ class Agent:
                 if not ike:
                     problems.append(f"{what}: IKE daemon unavailable")
                 # A daemon that does not run holds no SA, connection or key.
+            except IkeNoAnswer as exc:
+                # A busy daemon still holds them: not removed, so the next pass tries again.
+                problems.append(f"{what}: IKE daemon did not answer ({exc})")
             except Exception as exc:
                 problems.append(f"{what}: {exc}")
             return False

@@ -2,12 +2,13 @@
 
 A thin shell: one short-lived VICI session per call (charon may restart under us; a fresh
 socket per call finds the new one), decoded results, and no key material anywhere but in the
-request bytes. Failures are `IkeUnavailable` (the daemon does not answer) or `IkeError` (it
-refused).
+request bytes. Failures are `IkeUnavailable` (the daemon is not running: it holds nothing),
+`IkeNoAnswer` (it may be running, busy, and still hold everything) or `IkeError` (it refused).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import re
 import socket
@@ -38,8 +39,18 @@ AUTH_FAILURE = re.compile(
 REKEY_STATES = frozenset({"REKEYING", "REKEYED"})
 
 
+# What connecting to the VICI socket fails with when no daemon listens on it: the socket file
+# is missing (never started, or removed on a clean stop) or stale (the daemon died).
+NOT_RUNNING = frozenset({errno.ENOENT, errno.ECONNREFUSED})
+
+
 class IkeUnavailable(Exception):
-    """The IKE daemon's VICI socket does not answer."""
+    """The IKE daemon is not running, so it holds no SA, connection or key."""
+
+
+class IkeNoAnswer(Exception):
+    """The IKE daemon may be running but did not answer: a timeout, a session it closed half
+    way, a socket this process may not use. Whatever it held, it may still hold."""
 
 
 class IkeError(Exception):
@@ -70,11 +81,16 @@ class IkeDaemon:
             sock.connect(self.socket_path)
         except OSError as exc:
             sock.close()
-            raise IkeUnavailable(f"{self.socket_path}: {exc.strerror or exc}") from None
+            problem = f"{self.socket_path}: {exc.strerror or exc}"
+            if exc.errno in NOT_RUNNING:
+                raise IkeUnavailable(problem) from None
+            raise IkeNoAnswer(problem) from None  # e.g. a full backlog: a busy daemon
         try:
             yield vici.Session(sock)
         except (OSError, SessionException) as exc:
-            raise IkeUnavailable(f"{self.socket_path}: {exc}") from None
+            # Connected, so a daemon was there: a timeout or an end of stream says nothing
+            # about what it still holds (the next call finds out whether it still runs).
+            raise IkeNoAnswer(f"{self.socket_path}: {exc or type(exc).__name__}") from None
         except CommandException as exc:
             raise IkeError(str(exc)) from None
         finally:

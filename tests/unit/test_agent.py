@@ -437,3 +437,21 @@ def test_a_blackhole_that_cannot_be_put_back_takes_the_device_away() -> None:
     restored_at = max(i for i, e in enumerate(j.entries) if e[0] == "add_blackhole")
     assert restored_at < rebuilt_at and str(req.remote_vtep) in host.net.blackholes
     assert host.status(req).phase is Phase.INSTALLED
+
+
+def test_a_teardown_waits_for_a_busy_charon_instead_of_forgetting_what_it_holds() -> None:
+    req, _ = specs()
+    host = Host()
+    host.want(LegRecord(req, new_psk(), start=True))
+    host.steps()
+    host.ike.busy = True  # running, holding the SA, connection and key; VICI times out
+    host.drop(req)
+    host.steps(2)
+    status = host.status(req)  # still reported: the leg is not gone
+    assert status.phase is Phase.ERROR and "did not answer" in status.detail
+    assert host.ike.shared and host.ike.conns and host.ike.sa_table
+    assert "nwv0" not in host.net.vxlans  # nothing can send meanwhile
+    host.ike.busy = False
+    host.steps(1)
+    assert not (host.ike.conns or host.ike.shared or host.ike.sa_table)
+    assert host.net.empty() and not host.db.ids

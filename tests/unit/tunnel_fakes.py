@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nwc.config import SHIPPED_POLICIES
-from nwc.ike import IkeUnavailable, InitiateResult
+from nwc.ike import IkeNoAnswer, IkeUnavailable, InitiateResult
 from nwc.lab.tunnel_lab import TWO_HOSTS
 from nwc.pki import Secret
 from nwc.policy import load_policy
@@ -125,6 +125,7 @@ class FakeIke:
     keys: dict[str, Secret] = field(default_factory=dict)
     sa_table: dict[str, SaInfo] = field(default_factory=dict)
     up: bool = True
+    busy: bool = False  # running, holding everything, but its VICI calls time out
     # What the peer does with an initiation: "ok", "auth" (wrong key) or "timeout".
     outcome: str = "ok"
     initiations: int = 0
@@ -136,6 +137,8 @@ class FakeIke:
     def _check(self) -> None:
         if not self.up:
             raise IkeUnavailable("fake charon is down")
+        if self.busy:
+            raise IkeNoAnswer("fake charon: timed out")
 
     def restart(self) -> None:
         """A charon that restarted: it remembers nothing."""
