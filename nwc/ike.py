@@ -22,7 +22,7 @@ import vici
 from vici.exception import CommandException, SessionException
 
 from nwc.pki import Secret
-from nwc.tunnel import SaInfo
+from nwc.tunnel import CHILD_CARRYING_STATES, SaInfo
 
 log = logging.getLogger(__name__)
 
@@ -196,9 +196,18 @@ def _rank(info: SaInfo) -> tuple[bool, int]:
 
 def _sa_info(ike: dict[str, Any]) -> SaInfo:
     children = [c for c in ike.get("child-sas", {}).values()]
-    installed = [c for c in children if _text(c.get("state", b"")) == "INSTALLED"]
-    child = max(installed or children, key=lambda c: int(_text(c.get("uniqueid", b"0"))),
-                default=None)
+
+    def preference(c: dict[str, Any]) -> tuple[bool, bool, int]:
+        # The installed SA, else one still carrying traffic (the old SA during a rekey,
+        # whose successor is not installed yet), else the newest.
+        state = _text(c.get("state", b""))
+        try:
+            unique = int(_text(c.get("uniqueid", b"0")))
+        except ValueError:
+            unique = 0
+        return state == "INSTALLED", state in CHILD_CARRYING_STATES, unique
+
+    child = max(children, key=preference, default=None)
 
     def num(key: str) -> int:
         try:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from nwc.ike import IkeDaemon, IkeNoAnswer, IkeUnavailable
+from nwc.ike import IkeDaemon, IkeNoAnswer, IkeUnavailable, _sa_info
 
 pytestmark = pytest.mark.unit
 
@@ -62,3 +62,24 @@ def test_a_session_cut_short_is_not_a_daemon_that_stopped(
     with pytest.raises(IkeNoAnswer):
         IkeDaemon(path, timeout=2.0).unload_shared("nwc-x")
     thread.join(2)
+
+
+def child(state: str, unique: str) -> dict[str, bytes]:
+    return {"state": state.encode(), "uniqueid": unique.encode()}
+
+
+def test_the_old_child_sa_carries_the_traffic_while_its_rekey_runs() -> None:
+    during = _sa_info({"state": b"ESTABLISHED", "uniqueid": b"3", "child-sas": {
+        "nwc-x-7": child("REKEYING", "7"), "nwc-x-8": child("INSTALLING", "8")}})
+    assert (during.child_state, during.child_id, during.installed) == ("REKEYING", "7", True)
+    assert during.rekeying
+    after = _sa_info({"state": b"ESTABLISHED", "uniqueid": b"3", "child-sas": {
+        "nwc-x-7": child("REKEYED", "7"), "nwc-x-8": child("INSTALLED", "8")}})
+    assert (after.child_state, after.child_id, after.installed) == ("INSTALLED", "8", True)
+
+
+@pytest.mark.parametrize("state", ["INSTALLING", "ROUTED", "RETRYING", "DELETING", "DELETED"])
+def test_a_child_sa_that_carries_nothing_is_not_installed(state: str) -> None:
+    info = _sa_info({"state": b"ESTABLISHED", "uniqueid": b"3",
+                     "child-sas": {"nwc-x-7": child(state, "7")}})
+    assert not info.installed
