@@ -371,6 +371,14 @@ class Agent:
             if leg.key is None:
                 leg.key = LegKey.generate(spec.local_id)
             if not (record.cert_pem and record.ca_pem and leg.key.matches(record.cert_pem)):
+                sa = sas.get(spec.connection_name)
+                if leg.loaded is None and sa is not None and sa.installed:
+                    # Adopted after this agent restarted: charon still holds the key from
+                    # before, and the SA it authenticated carries traffic (rekeys need no
+                    # new authentication). The new key's certificate is asked for only once
+                    # that SA is gone, so the tenant hears of no outage that is not one.
+                    self._observe(leg, sa, now)
+                    return
                 leg.phase, leg.detail = Phase.WAITING_CERT, "certificate requested"
                 return
         try:
@@ -399,6 +407,7 @@ class Agent:
 
     def _load(self, leg: _Leg, record: LegRecord) -> None:
         spec = leg.spec
+        key_id: str | None = None
         if spec.auth == "psk":
             assert record.psk is not None
             self.ike.load_shared(spec.connection_name, record.psk,
@@ -407,9 +416,17 @@ class Agent:
         else:
             assert leg.key is not None
             # A public key hash, reported in the status: lets a restarted agent unload it.
-            leg.extra["key_id"] = self.ike.load_key(leg.key.private_der())
+            key_id = self.ike.load_key(leg.key.private_der())
             conn = spec.vici_connection(cert_pem=record.cert_pem, ca_pem=record.ca_pem)
         self.ike.load_connection(conn)
+        if key_id is not None:
+            previous = leg.extra.get("key_id")
+            if previous and previous != key_id:
+                # The key loaded before this agent restarted: no connection uses it any more,
+                # and nothing else would ever take it out of charon's memory. Recorded as the
+                # leg's key only once it is gone, so a failure here is retried.
+                self.ike.unload_key(previous)
+            leg.extra["key_id"] = key_id
         leg.loaded = record
 
     def _observe(self, leg: _Leg, sa: SaInfo | None, now: float) -> None:

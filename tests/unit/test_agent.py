@@ -455,3 +455,53 @@ def test_a_teardown_waits_for_a_busy_charon_instead_of_forgetting_what_it_holds(
     host.steps(1)
     assert not (host.ike.conns or host.ike.shared or host.ike.sa_table)
     assert host.net.empty() and not host.db.ids
+
+
+def x509_leg_installed(tmp_path: Path) -> tuple[Host, TunnelSpec, CertificateAuthority]:
+    req, _ = specs(profile="silver")
+    ca = CertificateAuthority.load_or_create(tmp_path / "pki", now=T0)
+    host = Host()
+    host.want(LegRecord(req, None, ca.cert_pem))
+    host.steps(2)
+    host.want(LegRecord(req, None, ca.cert_pem, sign(ca, host.status(req), req), start=True))
+    host.steps(3)
+    assert host.status(req).phase is Phase.INSTALLED
+    return host, req, ca
+
+
+def sign(ca: CertificateAuthority, status: LegStatus, spec: TunnelSpec) -> bytes:
+    assert status.csr_pem is not None
+    return ca.sign_request(status.csr_pem, spec.local_id, now=T0,
+                           not_after=T0 + dt.timedelta(days=1))
+
+
+def test_a_restarted_agent_keeps_an_installed_x509_sa_and_asks_for_nothing(
+        tmp_path: Path) -> None:
+    host, req, _ = x509_leg_installed(tmp_path)
+    phases: list[Phase] = []
+    host.agent = host.new_agent()  # restarted: its key pair is gone with the process
+    for _ in range(5):
+        host.clock.advance(3)
+        host.steps(1)
+        phases.append(host.status(req).phase)
+    # The SA charon holds still carries traffic: no certificate wait, so no false sa_down.
+    assert set(phases) == {Phase.INSTALLED} and host.status(req).csr_pem is None
+
+
+def test_a_restarted_agent_unloads_the_key_from_before_when_it_loads_a_new_one(
+        tmp_path: Path) -> None:
+    host, req, ca = x509_leg_installed(tmp_path)
+    key_from_before, = host.ike.keys
+    host.agent = host.new_agent()
+    host.steps(2)
+    del host.ike.sa_table[req.connection_name]  # the SA is lost: now a new key is needed
+    host.steps(1)
+    status = host.status(req)
+    assert status.phase is Phase.WAITING_CERT
+    host.want(LegRecord(req, None, ca.cert_pem, sign(ca, status, req), start=True))
+    host.steps(3)
+    assert host.status(req).phase is Phase.INSTALLED
+    assert len(host.ike.keys) == 1 and key_from_before not in host.ike.keys
+    host.drop(req)
+    host.steps(1)
+    assert not host.ike.keys and not host.ike.conns and host.net.empty()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import datetime as dt
+import hashlib
 import ipaddress
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -174,7 +175,7 @@ class FakeIke:
 
     def load_key(self, der: Secret, kind: str = "ECDSA") -> str:
         self._check()
-        key_id = f"key{len(self.keys)}"
+        key_id = "key-" + hashlib.sha1(der.reveal()).hexdigest()[:8]  # charon: a key hash
         self.journal.add("load_key", key_id)
         self.keys[key_id] = der
         return key_id
