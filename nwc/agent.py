@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from nwc.hostnet import VxlanDevice
-from nwc.ike import IkeUnavailable, InitiateResult
+from nwc.ike import IkeNoAnswer, IkeUnavailable, InitiateResult
 from nwc.pki import LegKey, Secret, write_private
 from nwc.tunnel import (
     RECORD_PREFIX,
@@ -241,7 +241,7 @@ class Agent:
                 sas = self.ike.sas()
                 if self.backend == "strongswan":  # ovs-ipsec's connections are not ours
                     conns = self.ike.connections()
-            except IkeUnavailable:
+            except (IkeUnavailable, IkeNoAnswer):  # either way, nothing to go by this pass
                 sas, conns = None, set()
         for key, leg in self.legs.items():
             if key not in wanted:
@@ -307,10 +307,15 @@ class Agent:
     def _device(self, name: str) -> str:
         return self.underlay if name == UNDERLAY else name
 
-    def _build_network(self, spec: TunnelSpec, with_vxlan: bool) -> None:
+    def _ensure_blackholes(self, spec: TunnelSpec) -> None:
         for route in spec.routes():
-            if route.kind == "blackhole":  # first: nothing may leave before it is in place
+            if route.kind == "blackhole":
                 self.net.ensure_blackhole(route.destination)
+
+    def _build_network(self, spec: TunnelSpec, with_vxlan: bool) -> None:
+        """Make (or put back) the leg's addresses, routes and device; each step is
+        idempotent, so this runs every pass and repairs what something else removed."""
+        self._ensure_blackholes(spec)  # first: nothing may leave before it is in place
         for address in spec.addresses():
             self.net.ensure_address(address.address, self._device(address.device))
         for route in spec.routes():
@@ -328,11 +333,22 @@ class Agent:
         assert record is not None
         now = self.clock()
         try:
+            # Every pass, not only when building: anything may remove the blackhole
+            # (systemd-networkd, `ip route flush`), and without it, whenever no CHILD SA
+            # routes the peer's VTEP into IPsec, VXLAN follows the main table in clear.
+            self._ensure_blackholes(spec)
+        except Exception as exc:
+            self._withdraw_device(leg, f"the blackhole route for {spec.remote_vtep} could not "
+                                       f"be put in place ({exc})")
+            return
+        try:
             if leg.built and not self.net.link_exists(spec.device):
                 log.warning("leg %s: %s disappeared; rebuilding", spec.key, spec.device)
                 leg.built = False
+            # The addresses and the link route too (idempotent); the device only when
+            # building, since a device that exists is checked above and its OVS port with it.
+            self._build_network(spec, with_vxlan=not leg.built)
             if not leg.built:
-                self._build_network(spec, with_vxlan=True)
                 self.db.add_port(spec.bridge, {"name": spec.device,
                                                "ofport_request": spec.ofport,
                                                "external_ids": spec.owner_tags()})
@@ -355,13 +371,21 @@ class Agent:
             if leg.key is None:
                 leg.key = LegKey.generate(spec.local_id)
             if not (record.cert_pem and record.ca_pem and leg.key.matches(record.cert_pem)):
+                sa = sas.get(spec.connection_name)
+                if leg.loaded is None and sa is not None and sa.installed:
+                    # Adopted after this agent restarted: charon still holds the key from
+                    # before, and the SA it authenticated carries traffic (rekeys need no
+                    # new authentication). The new key's certificate is asked for only once
+                    # that SA is gone, so the tenant hears of no outage that is not one.
+                    self._observe(leg, sa, now)
+                    return
                 leg.phase, leg.detail = Phase.WAITING_CERT, "certificate requested"
                 return
         try:
             if (leg.loaded is None or not record.same_material(leg.loaded)
                     or spec.connection_name not in conns):
                 self._load(leg, record)
-        except IkeUnavailable:
+        except (IkeUnavailable, IkeNoAnswer):
             leg.phase, leg.loaded = Phase.IKE_DOWN, None
             return
         except Exception as exc:
@@ -369,8 +393,21 @@ class Agent:
             return
         self._observe(leg, sas.get(spec.connection_name), now)
 
+    def _withdraw_device(self, leg: _Leg, why: str) -> None:
+        """Without its blackhole the leg's VXLAN device may send in clear (whenever no CHILD
+        SA takes its packets): remove the device until the blackhole is back."""
+        spec = leg.spec
+        try:
+            self.net.remove_link(spec.device)
+            outcome = f"{spec.device} removed until it is back"
+        except Exception as exc:
+            outcome = f"removing {spec.device} failed too: {exc}"
+        leg.built = False  # the next pass builds it again, blackhole first
+        self._fail(leg, f"{why}; {outcome}")
+
     def _load(self, leg: _Leg, record: LegRecord) -> None:
         spec = leg.spec
+        key_id: str | None = None
         if spec.auth == "psk":
             assert record.psk is not None
             self.ike.load_shared(spec.connection_name, record.psk,
@@ -379,9 +416,17 @@ class Agent:
         else:
             assert leg.key is not None
             # A public key hash, reported in the status: lets a restarted agent unload it.
-            leg.extra["key_id"] = self.ike.load_key(leg.key.private_der())
+            key_id = self.ike.load_key(leg.key.private_der())
             conn = spec.vici_connection(cert_pem=record.cert_pem, ca_pem=record.ca_pem)
         self.ike.load_connection(conn)
+        if key_id is not None:
+            previous = leg.extra.get("key_id")
+            if previous and previous != key_id:
+                # The key loaded before this agent restarted: no connection uses it any more,
+                # and nothing else would ever take it out of charon's memory. Recorded as the
+                # leg's key only once it is gone, so a failure here is retried.
+                self.ike.unload_key(previous)
+            leg.extra["key_id"] = key_id
         leg.loaded = record
 
     def _observe(self, leg: _Leg, sa: SaInfo | None, now: float) -> None:
@@ -543,6 +588,9 @@ class Agent:
                 if not ike:
                     problems.append(f"{what}: IKE daemon unavailable")
                 # A daemon that does not run holds no SA, connection or key.
+            except IkeNoAnswer as exc:
+                # A busy daemon still holds them: not removed, so the next pass tries again.
+                problems.append(f"{what}: IKE daemon did not answer ({exc})")
             except Exception as exc:
                 problems.append(f"{what}: {exc}")
             return False

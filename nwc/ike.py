@@ -2,12 +2,13 @@
 
 A thin shell: one short-lived VICI session per call (charon may restart under us; a fresh
 socket per call finds the new one), decoded results, and no key material anywhere but in the
-request bytes. Failures are `IkeUnavailable` (the daemon does not answer) or `IkeError` (it
-refused).
+request bytes. Failures are `IkeUnavailable` (the daemon is not running: it holds nothing),
+`IkeNoAnswer` (it may be running, busy, and still hold everything) or `IkeError` (it refused).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import re
 import socket
@@ -21,7 +22,7 @@ import vici
 from vici.exception import CommandException, SessionException
 
 from nwc.pki import Secret
-from nwc.tunnel import SaInfo
+from nwc.tunnel import CHILD_CARRYING_STATES, SaInfo
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +39,18 @@ AUTH_FAILURE = re.compile(
 REKEY_STATES = frozenset({"REKEYING", "REKEYED"})
 
 
+# What connecting to the VICI socket fails with when no daemon listens on it: the socket file
+# is missing (never started, or removed on a clean stop) or stale (the daemon died).
+NOT_RUNNING = frozenset({errno.ENOENT, errno.ECONNREFUSED})
+
+
 class IkeUnavailable(Exception):
-    """The IKE daemon's VICI socket does not answer."""
+    """The IKE daemon is not running, so it holds no SA, connection or key."""
+
+
+class IkeNoAnswer(Exception):
+    """The IKE daemon may be running but did not answer: a timeout, a session it closed half
+    way, a socket this process may not use. Whatever it held, it may still hold."""
 
 
 class IkeError(Exception):
@@ -70,11 +81,16 @@ class IkeDaemon:
             sock.connect(self.socket_path)
         except OSError as exc:
             sock.close()
-            raise IkeUnavailable(f"{self.socket_path}: {exc.strerror or exc}") from None
+            problem = f"{self.socket_path}: {exc.strerror or exc}"
+            if exc.errno in NOT_RUNNING:
+                raise IkeUnavailable(problem) from None
+            raise IkeNoAnswer(problem) from None  # e.g. a full backlog: a busy daemon
         try:
             yield vici.Session(sock)
         except (OSError, SessionException) as exc:
-            raise IkeUnavailable(f"{self.socket_path}: {exc}") from None
+            # Connected, so a daemon was there: a timeout or an end of stream says nothing
+            # about what it still holds (the next call finds out whether it still runs).
+            raise IkeNoAnswer(f"{self.socket_path}: {exc or type(exc).__name__}") from None
         except CommandException as exc:
             raise IkeError(str(exc)) from None
         finally:
@@ -180,9 +196,18 @@ def _rank(info: SaInfo) -> tuple[bool, int]:
 
 def _sa_info(ike: dict[str, Any]) -> SaInfo:
     children = [c for c in ike.get("child-sas", {}).values()]
-    installed = [c for c in children if _text(c.get("state", b"")) == "INSTALLED"]
-    child = max(installed or children, key=lambda c: int(_text(c.get("uniqueid", b"0"))),
-                default=None)
+
+    def preference(c: dict[str, Any]) -> tuple[bool, bool, int]:
+        # The installed SA, else one still carrying traffic (the old SA during a rekey,
+        # whose successor is not installed yet), else the newest.
+        state = _text(c.get("state", b""))
+        try:
+            unique = int(_text(c.get("uniqueid", b"0")))
+        except ValueError:
+            unique = 0
+        return state == "INSTALLED", state in CHILD_CARRYING_STATES, unique
+
+    child = max(children, key=preference, default=None)
 
     def num(key: str) -> int:
         try:

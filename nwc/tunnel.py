@@ -505,6 +505,12 @@ class Phase(StrEnum):
     ERROR = "error"  # could not build (detail says why)
 
 
+# strongSwan's CHILD SA states whose SA is in the kernel and carries traffic: INSTALLED, and
+# during a rekey the old SA (REKEYING while CREATE_CHILD_SA runs, REKEYED until it is deleted)
+# and during a MOBIKE address update (UPDATING). A rekey's new SA is INSTALLING before it
+# carries anything; CREATED, ROUTED (trap only), RETRYING, DELETING and DELETED carry nothing.
+CHILD_CARRYING_STATES = frozenset({"INSTALLED", "UPDATING", "REKEYING", "REKEYED"})
+
 _SA_COUNTS = frozenset({"key_bits", "bytes_in", "bytes_out", "packets_in", "packets_out",
                         "installed_s"})
 
@@ -530,9 +536,9 @@ class SaInfo:
 
     @property
     def installed(self) -> bool:
-        """The CHILD SA carries traffic (also while its IKE SA is being rekeyed)."""
+        """The CHILD SA carries traffic (also while it or its IKE SA is being rekeyed)."""
         return (self.ike_state in ("ESTABLISHED", "REKEYING", "REKEYED")
-                and self.child_state == "INSTALLED")
+                and self.child_state in CHILD_CARRYING_STATES)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if v is not None}

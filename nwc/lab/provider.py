@@ -379,7 +379,7 @@ class ProviderLab:
         """Everything a weave could hold, on every switch and host and in the controller:
         weave flows and meters, leg ports and devices, SAs and shared keys, tunnel records
         in the hosts' OVSDBs, fabric reservations. Empty lists when no weave is live."""
-        from nwc.ike import IkeDaemon, IkeUnavailable
+        from nwc.ike import IkeDaemon, IkeNoAnswer, IkeUnavailable
 
         out: dict[str, list[str]] = {}
 
@@ -401,7 +401,7 @@ class ProviderLab:
             ike = IkeDaemon(host.charon.vici_socket)
             try:
                 sas = sorted(ike.sas()) + sorted(ike.shared_ids())
-            except IkeUnavailable as exc:
+            except (IkeUnavailable, IkeNoAnswer) as exc:
                 sas = [f"charon unreachable: {exc}"]
             ids = ovs.vsctl("get", "open_vswitch", ".", "external_ids")
             out[name] = (

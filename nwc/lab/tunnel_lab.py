@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nwc.ike import IkeDaemon, IkeUnavailable
+from nwc.ike import IkeDaemon, IkeNoAnswer, IkeUnavailable
 from nwc.lab.netns import Lab, Netns
 from nwc.lab.ovs import PrivateOvs
 from nwc.lab.strongswan import PrivateCharon, start_agent
@@ -95,7 +95,7 @@ class EmulatedHost:
             state["ike_sas"] = sorted(ike.sas())
             state["ike_shared"] = sorted(ike.shared_ids())
             state["ike_keys"] = sorted(ike.key_ids())
-        except IkeUnavailable:
+        except (IkeUnavailable, IkeNoAnswer):
             state["ike"] = "unavailable"
         return state
 

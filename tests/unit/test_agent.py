@@ -400,3 +400,108 @@ def test_ovs_ipsec_is_refused_on_a_userspace_datapath_bridge() -> None:
     host.drop(req)
     host.steps(1)
     assert not host.db.ids
+
+
+def test_routes_and_addresses_removed_by_someone_else_are_put_back() -> None:
+    req, _ = specs()
+    host = Host()
+    host.want(LegRecord(req, new_psk(), start=True))
+    host.steps()
+    built = (set(host.net.blackholes), set(host.net.addresses), set(host.net.link_routes))
+    # systemd-networkd restarting, or an operator's `ip route flush` / `ip addr flush`
+    host.net.blackholes.clear()
+    host.net.addresses.clear()
+    host.net.link_routes.clear()
+    host.ike.up = False  # and charon stops: nothing but the blackhole keeps VXLAN off the wire
+    host.steps(1)
+    assert (host.net.blackholes, host.net.addresses, host.net.link_routes) == built
+    assert host.journal.count("add_vxlan") == 1  # the device was there: left alone
+
+
+def test_a_blackhole_that_cannot_be_put_back_takes_the_device_away() -> None:
+    req, _ = specs()
+    host = Host()
+    host.want(LegRecord(req, new_psk(), start=True))
+    host.steps()
+    host.net.blackholes.clear()
+    host.net.failing.add("ensure_blackhole")
+    host.steps(1)
+    # No blackhole and no SA later would mean VXLAN in clear: no device, no VXLAN at all.
+    assert "nwv0" not in host.net.vxlans
+    status = host.status(req)
+    assert status.phase is Phase.ERROR and "blackhole" in status.detail
+    host.net.failing.clear()
+    host.steps(2)
+    j = host.journal
+    rebuilt_at = max(i for i, e in enumerate(j.entries) if e == ("add_vxlan", "nwv0"))
+    restored_at = max(i for i, e in enumerate(j.entries) if e[0] == "add_blackhole")
+    assert restored_at < rebuilt_at and str(req.remote_vtep) in host.net.blackholes
+    assert host.status(req).phase is Phase.INSTALLED
+
+
+def test_a_teardown_waits_for_a_busy_charon_instead_of_forgetting_what_it_holds() -> None:
+    req, _ = specs()
+    host = Host()
+    host.want(LegRecord(req, new_psk(), start=True))
+    host.steps()
+    host.ike.busy = True  # running, holding the SA, connection and key; VICI times out
+    host.drop(req)
+    host.steps(2)
+    status = host.status(req)  # still reported: the leg is not gone
+    assert status.phase is Phase.ERROR and "did not answer" in status.detail
+    assert host.ike.shared and host.ike.conns and host.ike.sa_table
+    assert "nwv0" not in host.net.vxlans  # nothing can send meanwhile
+    host.ike.busy = False
+    host.steps(1)
+    assert not (host.ike.conns or host.ike.shared or host.ike.sa_table)
+    assert host.net.empty() and not host.db.ids
+
+
+def x509_leg_installed(tmp_path: Path) -> tuple[Host, TunnelSpec, CertificateAuthority]:
+    req, _ = specs(profile="silver")
+    ca = CertificateAuthority.load_or_create(tmp_path / "pki", now=T0)
+    host = Host()
+    host.want(LegRecord(req, None, ca.cert_pem))
+    host.steps(2)
+    host.want(LegRecord(req, None, ca.cert_pem, sign(ca, host.status(req), req), start=True))
+    host.steps(3)
+    assert host.status(req).phase is Phase.INSTALLED
+    return host, req, ca
+
+
+def sign(ca: CertificateAuthority, status: LegStatus, spec: TunnelSpec) -> bytes:
+    assert status.csr_pem is not None
+    return ca.sign_request(status.csr_pem, spec.local_id, now=T0,
+                           not_after=T0 + dt.timedelta(days=1))
+
+
+def test_a_restarted_agent_keeps_an_installed_x509_sa_and_asks_for_nothing(
+        tmp_path: Path) -> None:
+    host, req, _ = x509_leg_installed(tmp_path)
+    phases: list[Phase] = []
+    host.agent = host.new_agent()  # restarted: its key pair is gone with the process
+    for _ in range(5):
+        host.clock.advance(3)
+        host.steps(1)
+        phases.append(host.status(req).phase)
+    # The SA charon holds still carries traffic: no certificate wait, so no false sa_down.
+    assert set(phases) == {Phase.INSTALLED} and host.status(req).csr_pem is None
+
+
+def test_a_restarted_agent_unloads_the_key_from_before_when_it_loads_a_new_one(
+        tmp_path: Path) -> None:
+    host, req, ca = x509_leg_installed(tmp_path)
+    key_from_before, = host.ike.keys
+    host.agent = host.new_agent()
+    host.steps(2)
+    del host.ike.sa_table[req.connection_name]  # the SA is lost: now a new key is needed
+    host.steps(1)
+    status = host.status(req)
+    assert status.phase is Phase.WAITING_CERT
+    host.want(LegRecord(req, None, ca.cert_pem, sign(ca, status, req), start=True))
+    host.steps(3)
+    assert host.status(req).phase is Phase.INSTALLED
+    assert len(host.ike.keys) == 1 and key_from_before not in host.ike.keys
+    host.drop(req)
+    host.steps(1)
+    assert not host.ike.keys and not host.ike.conns and host.net.empty()

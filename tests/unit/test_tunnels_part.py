@@ -292,6 +292,27 @@ def test_sa_state_follows_the_contract_through_a_rekey(world: World) -> None:
     assert world.reports.kinds() == ["ready"]
 
 
+def test_a_child_sa_rekey_is_no_sa_down(world: World) -> None:
+    w = weave()
+    world.part.weave_up(w)
+    world.rounds()
+    name = "nwc-wv-000001-s0"
+    old = world.ikes["h1"].sa_table[name]
+    # CREATE_CHILD_SA under way: the old CHILD SA (REKEYING) still carries the traffic, the
+    # new one is not installed yet. One poll lands inside the exchange.
+    world.ikes["h1"].sa_table[name] = SaInfo("ESTABLISHED", "REKEYING", old.child_id,
+                                             old.ike_id, rekeying=True)
+    world.clock.advance(3)
+    world.rounds(2)
+    assert world.part.stats(w)["sa_state"] == "rekeying"
+    world.ikes["h1"].sa_table[name] = SaInfo("ESTABLISHED", "INSTALLED", "98", old.ike_id)
+    world.clock.advance(3)
+    world.rounds(2)
+    stats = world.part.stats(w)
+    assert stats["sa_state"] == "established" and stats["rekeys"] == 1
+    assert world.reports.kinds() == ["ready"]
+
+
 def test_a_weave_inside_one_host_reports_no_tunnel_measurements(world: World) -> None:
     local = Weave(id="wv-000009", requester="acme-web", target="globex-db",
                   requester_tenant="acme", target_tenant="globex",

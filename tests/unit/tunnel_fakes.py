@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import concurrent.futures
 import datetime as dt
+import hashlib
 import ipaddress
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from nwc.config import SHIPPED_POLICIES
-from nwc.ike import IkeUnavailable, InitiateResult
+from nwc.ike import IkeNoAnswer, IkeUnavailable, InitiateResult
 from nwc.lab.tunnel_lab import TWO_HOSTS
 from nwc.pki import Secret
 from nwc.policy import load_policy
@@ -125,6 +126,7 @@ class FakeIke:
     keys: dict[str, Secret] = field(default_factory=dict)
     sa_table: dict[str, SaInfo] = field(default_factory=dict)
     up: bool = True
+    busy: bool = False  # running, holding everything, but its VICI calls time out
     # What the peer does with an initiation: "ok", "auth" (wrong key) or "timeout".
     outcome: str = "ok"
     initiations: int = 0
@@ -136,6 +138,8 @@ class FakeIke:
     def _check(self) -> None:
         if not self.up:
             raise IkeUnavailable("fake charon is down")
+        if self.busy:
+            raise IkeNoAnswer("fake charon: timed out")
 
     def restart(self) -> None:
         """A charon that restarted: it remembers nothing."""
@@ -171,7 +175,7 @@ class FakeIke:
 
     def load_key(self, der: Secret, kind: str = "ECDSA") -> str:
         self._check()
-        key_id = f"key{len(self.keys)}"
+        key_id = "key-" + hashlib.sha1(der.reveal()).hexdigest()[:8]  # charon: a key hash
         self.journal.add("load_key", key_id)
         self.keys[key_id] = der
         return key_id
@@ -222,7 +226,7 @@ class FakeNet:
     link_routes: set[tuple[str, str, str]] = field(default_factory=set)
     vxlans: dict[str, Any] = field(default_factory=dict)
     # "remove_link" raises; "remove_link_noop" returns but the device stays (as a device
-    # held by another reference would).
+    # held by another reference would); "ensure_blackhole" raises.
     failing: set[str] = field(default_factory=set)
 
     def ensure_address(self, address: Any, device: str) -> None:
@@ -235,6 +239,8 @@ class FakeNet:
         self.addresses.discard((str(address), device))
 
     def ensure_blackhole(self, destination: Any) -> None:
+        if "ensure_blackhole" in self.failing:
+            raise RuntimeError("Operation not permitted")
         if str(destination) not in self.blackholes:
             self.journal.add("add_blackhole", str(destination))
             self.blackholes.add(str(destination))
