@@ -854,29 +854,27 @@ class NorthboundApi:
                              ge=1, le=100_000, description="end the stream after this many "
                              "events")] = None) -> StreamingResponse:
             """A live stream of weave state changes and security events you may see."""
-            if self.hub.count() >= settings.max_event_streams or \
-                    self.hub.count_for(principal.tenant) >= \
-                    settings.max_event_streams_per_principal:
+            # The slot is taken here, atomically with the limit check (parallel opens cannot
+            # all pass it), and given back by the response however it ends, even unstarted.
+            sub = self.hub.reserve(principal.tenant, principal.token_id,
+                                   max_streams=settings.max_event_streams,
+                                   max_per_principal=settings.max_event_streams_per_principal)
+            if sub is None:
                 raise ApiError(429, "too_many_streams", "too many open event streams")
+            self.metrics.event_clients.inc()
 
-            async def body() -> Any:
-                # Subscribe only once the response streams: a client gone before that leaves
-                # no subscription behind (a generator never started runs no `finally`).
-                sub = self.hub.subscribe(principal.tenant)
-                self.metrics.event_clients.inc()
-                try:
-                    async for chunk in stream(
-                            self.hub, sub, max_events=max_events, keepalive_s=settings.keepalive_s,
-                            ready={"principal": principal.name, "version": __version__},
-                            on_overflow=self.metrics.event_overflows.inc):
-                        yield chunk
-                finally:
-                    self.hub.unsubscribe(sub)
-                    self.metrics.event_clients.dec()
+            def release() -> None:
+                self.hub.unsubscribe(sub)
+                self.metrics.event_clients.dec()
 
-            return StreamingResponse(body(), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-store",
-                                              "X-Accel-Buffering": "no"})
+            body = stream(self.hub, sub, max_events=max_events,
+                          keepalive_s=settings.keepalive_s,
+                          ready={"principal": principal.name, "version": __version__},
+                          on_overflow=self.metrics.event_overflows.inc,
+                          still_authorized=lambda: self.tokens.is_valid(principal.token_id))
+            return EventStreamResponse(body, release, media_type="text/event-stream",
+                                       headers={"Cache-Control": "no-store",
+                                                "X-Accel-Buffering": "no"})
 
         @app.get("/metrics", name="metrics.scrape", tags=["operations"],
                  response_class=Response,
@@ -934,6 +932,23 @@ class NorthboundApi:
             log.error("request %s failed", ctx.request_id if ctx else "?", exc_info=exc)
             return error_response(request, 500, "internal_error",
                                   "the controller failed on this request; it is logged")
+
+
+class EventStreamResponse(StreamingResponse):
+    """A stream that gives its event-hub slot back when the response ends, whether or not
+    its body ever started (an async generator never started runs no `finally`)."""
+
+    def __init__(self, content: Any, release: Callable[[], None], **kw: Any) -> None:
+        super().__init__(content, **kw)
+        self._release: Callable[[], None] | None = release
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            release, self._release = self._release, None
+            if release is not None:
+                release()
 
 
 _QUERY_NAMES: dict[int, frozenset[str]] = {}
