@@ -25,7 +25,8 @@ request id; every other request gets one `api.request`-style record written here
 refusals, authentication failures, malformed input. While refusals that never reach the weaver
 arrive faster than a budget (a flood), their records are counted instead of written, and the
 next record says how many were left out (`suppressed_before`), so a flood cannot turn the audit
-log's fsyncs into a denial of service for real work.
+log's fsyncs into a denial of service for real work. The budget is per principal, with one for
+all unauthenticated requests; an authenticated 403 and any 5xx are always written.
 """
 
 
@@ -72,6 +73,9 @@ HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTI
 WEAVE_ID = re.compile(r"wv-\d{6,12}")
 NAME_PATTERN = r"^[a-z][a-z0-9-]{0,31}$"
 CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+# The audit budget key of requests no valid token speaks for (principal names are tenants
+# of the policy or "admin", neither of which can contain a space).
+ANONYMOUS_BUDGET = "no valid token"
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -434,8 +438,10 @@ class NorthboundApi:
         self.hub.attach(weaver)
         clock = controller.clock.monotonic
         self.limiter = RateLimiter(self.settings.rate_per_s, self.settings.rate_burst, clock)
-        self.audit_budget = TokenBucket(self.settings.audit_refusals_per_s,
-                                        self.settings.audit_refusals_burst, clock())
+        # One budget per principal and one for all unauthenticated requests: a flood with
+        # bogus tokens must not use up the budget that keeps a real tenant's refusals on record.
+        self.audit_budgets = RateLimiter(self.settings.audit_refusals_per_s,
+                                         self.settings.audit_refusals_burst, clock)
         self._suppressed = 0
         self._audit_lock = threading.Lock()
         self._wait_slots = threading.BoundedSemaphore(self.settings.max_waiters)
@@ -506,9 +512,13 @@ class NorthboundApi:
             return False
         if status < 400:
             return True
+        # Never left out: what an authenticated principal was forbidden, and our own failures.
+        if status >= 500 or (status == 403 and ctx.principal is not None):
+            return True
+        budget = ctx.principal.name if ctx.principal is not None else ANONYMOUS_BUDGET
+        if self.audit_budgets.take(budget) is None:
+            return True
         with self._audit_lock:
-            if self.audit_budget.take(self.controller.clock.monotonic()):
-                return True
             self._suppressed += 1
         self.metrics.audit_suppressed.inc()
         return False
