@@ -940,8 +940,11 @@ class NorthboundApi:
         async def internal(request: Request, exc: Exception) -> JSONResponse:
             ctx = getattr(request.state, "nwc", None)
             log.error("request %s failed", ctx.request_id if ctx else "?", exc_info=exc)
+            # This handler runs outside RequestGate (Starlette's outermost middleware), whose
+            # send wrapper puts the request id on every other answer.
             return error_response(request, 500, "internal_error",
-                                  "the controller failed on this request; it is logged")
+                                  "the controller failed on this request; it is logged",
+                                  headers={"X-Request-ID": ctx.request_id} if ctx else None)
 
 
 class EventStreamResponse(StreamingResponse):
@@ -962,6 +965,10 @@ class EventStreamResponse(StreamingResponse):
 
 
 _QUERY_NAMES: dict[int, frozenset[str]] = {}
+# Unknown query parameter and body field names are the client's text: answers and audit records
+# name at most this many, each cut to this length.
+MAX_ECHOED_NAMES = 5
+MAX_ECHOED_NAME = 40
 
 
 def _query_names(dependant: Any) -> Iterator[str]:
@@ -982,10 +989,10 @@ def reject_unknown_query(request: Request) -> None:
         allowed = _QUERY_NAMES[id(route)] = frozenset(_query_names(dependant))
     unknown = sorted(set(request.query_params) - allowed)
     if unknown:
-        raise ApiError(400, "unknown_field", "unknown query parameter(s): "
-                       + ", ".join(u[:40] for u in unknown[:5]),
-                       fields=[{"field": f"query.{u[:40]}", "problem": "unknown field"}
-                               for u in unknown[:5]])
+        shown = [u[:MAX_ECHOED_NAME] for u in unknown[:MAX_ECHOED_NAMES]]
+        raise ApiError(400, "unknown_field", "unknown query parameter(s): " + ", ".join(shown),
+                       fields=[{"field": f"query.{u}", "problem": "unknown field"}
+                               for u in shown])
 
 
 def _noop() -> None:
@@ -1018,7 +1025,7 @@ def validation_answer(errors: Any) -> tuple[int, str, str, list[dict[str, str]]]
     names fields NWC does not know, 422 for values that are wrong; always field by field, and
     never echoing the input back."""
     fields = []
-    unknown, malformed = False, False
+    unknown, malformed = 0, False
     for e in errors:
         loc = [str(p) for p in e.get("loc", ())]
         kind = e.get("type", "")
@@ -1027,8 +1034,11 @@ def validation_answer(errors: Any) -> tuple[int, str, str, list[dict[str, str]]]
             fields.append({"field": "body", "problem": "not valid JSON"})
             continue
         if kind == "extra_forbidden":
-            unknown = True
-            fields.append({"field": ".".join(loc), "problem": "unknown field"})
+            # Names a client made up: bounded, as unknown query parameters are.
+            unknown += 1
+            if unknown <= MAX_ECHOED_NAMES:
+                fields.append({"field": ".".join(p[:MAX_ECHOED_NAME] for p in loc),
+                               "problem": "unknown field"})
             continue
         if kind in ("model_attributes_type", "dict_type") and loc == ["body"]:
             malformed = True
@@ -1039,7 +1049,8 @@ def validation_answer(errors: Any) -> tuple[int, str, str, list[dict[str, str]]]
         return 400, "malformed_request", "the body is not a JSON object", fields
     if unknown:
         names = ", ".join(f["field"] for f in fields if f["problem"] == "unknown field")
-        return 400, "unknown_field", f"unknown field(s): {names}", fields
+        more = f" and {unknown - MAX_ECHOED_NAMES} more" if unknown > MAX_ECHOED_NAMES else ""
+        return 400, "unknown_field", f"unknown field(s): {names}{more}", fields
     return 422, "invalid_request", "; ".join(f"{f['field']}: {f['problem']}"
                                              for f in fields), fields
 
