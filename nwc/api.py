@@ -25,7 +25,8 @@ request id; every other request gets one `api.request`-style record written here
 refusals, authentication failures, malformed input. While refusals that never reach the weaver
 arrive faster than a budget (a flood), their records are counted instead of written, and the
 next record says how many were left out (`suppressed_before`), so a flood cannot turn the audit
-log's fsyncs into a denial of service for real work.
+log's fsyncs into a denial of service for real work. The budget is per principal, with one for
+all unauthenticated requests; an authenticated 403 and any 5xx are always written.
 """
 
 
@@ -72,6 +73,9 @@ HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTI
 WEAVE_ID = re.compile(r"wv-\d{6,12}")
 NAME_PATTERN = r"^[a-z][a-z0-9-]{0,31}$"
 CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+# The audit budget key of requests no valid token speaks for (principal names are tenants
+# of the policy or "admin", neither of which can contain a space).
+ANONYMOUS_BUDGET = "no valid token"
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -434,8 +438,10 @@ class NorthboundApi:
         self.hub.attach(weaver)
         clock = controller.clock.monotonic
         self.limiter = RateLimiter(self.settings.rate_per_s, self.settings.rate_burst, clock)
-        self.audit_budget = TokenBucket(self.settings.audit_refusals_per_s,
-                                        self.settings.audit_refusals_burst, clock())
+        # One budget per principal and one for all unauthenticated requests: a flood with
+        # bogus tokens must not use up the budget that keeps a real tenant's refusals on record.
+        self.audit_budgets = RateLimiter(self.settings.audit_refusals_per_s,
+                                         self.settings.audit_refusals_burst, clock)
         self._suppressed = 0
         self._audit_lock = threading.Lock()
         self._wait_slots = threading.BoundedSemaphore(self.settings.max_waiters)
@@ -506,9 +512,13 @@ class NorthboundApi:
             return False
         if status < 400:
             return True
+        # Never left out: what an authenticated principal was forbidden, and our own failures.
+        if status >= 500 or (status == 403 and ctx.principal is not None):
+            return True
+        budget = ctx.principal.name if ctx.principal is not None else ANONYMOUS_BUDGET
+        if self.audit_budgets.take(budget) is None:
+            return True
         with self._audit_lock:
-            if self.audit_budget.take(self.controller.clock.monotonic()):
-                return True
             self._suppressed += 1
         self.metrics.audit_suppressed.inc()
         return False
@@ -854,29 +864,27 @@ class NorthboundApi:
                              ge=1, le=100_000, description="end the stream after this many "
                              "events")] = None) -> StreamingResponse:
             """A live stream of weave state changes and security events you may see."""
-            if self.hub.count() >= settings.max_event_streams or \
-                    self.hub.count_for(principal.tenant) >= \
-                    settings.max_event_streams_per_principal:
+            # The slot is taken here, atomically with the limit check (parallel opens cannot
+            # all pass it), and given back by the response however it ends, even unstarted.
+            sub = self.hub.reserve(principal.tenant, principal.token_id,
+                                   max_streams=settings.max_event_streams,
+                                   max_per_principal=settings.max_event_streams_per_principal)
+            if sub is None:
                 raise ApiError(429, "too_many_streams", "too many open event streams")
+            self.metrics.event_clients.inc()
 
-            async def body() -> Any:
-                # Subscribe only once the response streams: a client gone before that leaves
-                # no subscription behind (a generator never started runs no `finally`).
-                sub = self.hub.subscribe(principal.tenant)
-                self.metrics.event_clients.inc()
-                try:
-                    async for chunk in stream(
-                            self.hub, sub, max_events=max_events, keepalive_s=settings.keepalive_s,
-                            ready={"principal": principal.name, "version": __version__},
-                            on_overflow=self.metrics.event_overflows.inc):
-                        yield chunk
-                finally:
-                    self.hub.unsubscribe(sub)
-                    self.metrics.event_clients.dec()
+            def release() -> None:
+                self.hub.unsubscribe(sub)
+                self.metrics.event_clients.dec()
 
-            return StreamingResponse(body(), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-store",
-                                              "X-Accel-Buffering": "no"})
+            body = stream(self.hub, sub, max_events=max_events,
+                          keepalive_s=settings.keepalive_s,
+                          ready={"principal": principal.name, "version": __version__},
+                          on_overflow=self.metrics.event_overflows.inc,
+                          still_authorized=lambda: self.tokens.is_valid(principal.token_id))
+            return EventStreamResponse(body, release, media_type="text/event-stream",
+                                       headers={"Cache-Control": "no-store",
+                                                "X-Accel-Buffering": "no"})
 
         @app.get("/metrics", name="metrics.scrape", tags=["operations"],
                  response_class=Response,
@@ -932,11 +940,35 @@ class NorthboundApi:
         async def internal(request: Request, exc: Exception) -> JSONResponse:
             ctx = getattr(request.state, "nwc", None)
             log.error("request %s failed", ctx.request_id if ctx else "?", exc_info=exc)
+            # This handler runs outside RequestGate (Starlette's outermost middleware), whose
+            # send wrapper puts the request id on every other answer.
             return error_response(request, 500, "internal_error",
-                                  "the controller failed on this request; it is logged")
+                                  "the controller failed on this request; it is logged",
+                                  headers={"X-Request-ID": ctx.request_id} if ctx else None)
+
+
+class EventStreamResponse(StreamingResponse):
+    """A stream that gives its event-hub slot back when the response ends, whether or not
+    its body ever started (an async generator never started runs no `finally`)."""
+
+    def __init__(self, content: Any, release: Callable[[], None], **kw: Any) -> None:
+        super().__init__(content, **kw)
+        self._release: Callable[[], None] | None = release
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            release, self._release = self._release, None
+            if release is not None:
+                release()
 
 
 _QUERY_NAMES: dict[int, frozenset[str]] = {}
+# Unknown query parameter and body field names are the client's text: answers and audit records
+# name at most this many, each cut to this length.
+MAX_ECHOED_NAMES = 5
+MAX_ECHOED_NAME = 40
 
 
 def _query_names(dependant: Any) -> Iterator[str]:
@@ -957,10 +989,10 @@ def reject_unknown_query(request: Request) -> None:
         allowed = _QUERY_NAMES[id(route)] = frozenset(_query_names(dependant))
     unknown = sorted(set(request.query_params) - allowed)
     if unknown:
-        raise ApiError(400, "unknown_field", "unknown query parameter(s): "
-                       + ", ".join(u[:40] for u in unknown[:5]),
-                       fields=[{"field": f"query.{u[:40]}", "problem": "unknown field"}
-                               for u in unknown[:5]])
+        shown = [u[:MAX_ECHOED_NAME] for u in unknown[:MAX_ECHOED_NAMES]]
+        raise ApiError(400, "unknown_field", "unknown query parameter(s): " + ", ".join(shown),
+                       fields=[{"field": f"query.{u}", "problem": "unknown field"}
+                               for u in shown])
 
 
 def _noop() -> None:
@@ -993,7 +1025,7 @@ def validation_answer(errors: Any) -> tuple[int, str, str, list[dict[str, str]]]
     names fields NWC does not know, 422 for values that are wrong; always field by field, and
     never echoing the input back."""
     fields = []
-    unknown, malformed = False, False
+    unknown, malformed = 0, False
     for e in errors:
         loc = [str(p) for p in e.get("loc", ())]
         kind = e.get("type", "")
@@ -1002,8 +1034,11 @@ def validation_answer(errors: Any) -> tuple[int, str, str, list[dict[str, str]]]
             fields.append({"field": "body", "problem": "not valid JSON"})
             continue
         if kind == "extra_forbidden":
-            unknown = True
-            fields.append({"field": ".".join(loc), "problem": "unknown field"})
+            # Names a client made up: bounded, as unknown query parameters are.
+            unknown += 1
+            if unknown <= MAX_ECHOED_NAMES:
+                fields.append({"field": ".".join(p[:MAX_ECHOED_NAME] for p in loc),
+                               "problem": "unknown field"})
             continue
         if kind in ("model_attributes_type", "dict_type") and loc == ["body"]:
             malformed = True
@@ -1014,7 +1049,8 @@ def validation_answer(errors: Any) -> tuple[int, str, str, list[dict[str, str]]]
         return 400, "malformed_request", "the body is not a JSON object", fields
     if unknown:
         names = ", ".join(f["field"] for f in fields if f["problem"] == "unknown field")
-        return 400, "unknown_field", f"unknown field(s): {names}", fields
+        more = f" and {unknown - MAX_ECHOED_NAMES} more" if unknown > MAX_ECHOED_NAMES else ""
+        return 400, "unknown_field", f"unknown field(s): {names}{more}", fields
     return 422, "invalid_request", "; ".join(f"{f['field']}: {f['problem']}"
                                              for f in fields), fields
 

@@ -148,6 +148,12 @@ class TokenStore:
         return Principal(record.token_id, None if record.principal == ADMIN
                          else record.principal)
 
+    def is_valid(self, token_id: str) -> bool:
+        """Whether a token with this id is still issued (not revoked)."""
+        with self._lock:
+            self._refresh()
+            return any(r.token_id == token_id for r in self._by_digest.values())
+
     def records(self) -> list[TokenRecord]:
         with self._lock:
             return self._load()

@@ -14,6 +14,7 @@ we waited); 5 controller unreachable; 6 not authenticated (no token, or a token 
 from __future__ import annotations
 
 import argparse
+import http.client
 import ipaddress
 import json
 import os
@@ -44,9 +45,11 @@ DENIAL_ERRORS = {"policy_violation", "insufficient_bandwidth", "cidr_overlap", "
 class ClientError(Exception):
     """The controller answered with an error."""
 
-    def __init__(self, status: int, body: dict[str, Any]) -> None:
+    def __init__(self, status: int, body: dict[str, Any],
+                 retry_after_s: float | None = None) -> None:
         self.status = status
         self.body = body
+        self.retry_after_s = retry_after_s  # from a 429's Retry-After, when it had one
         self.error = str(body.get("error", f"http_{status}"))
         self.detail = str(body.get("detail", ""))
         super().__init__(f"{self.error}: {self.detail}")
@@ -104,15 +107,20 @@ class ApiClient:
                 answer = json.loads(raw)
             except ValueError:
                 answer = {"error": f"http_{exc.code}", "detail": raw[:200].decode(errors="replace")}
-            raise ClientError(exc.code, answer if isinstance(answer, dict) else {}) from None
-        except (urllib.error.URLError, OSError) as exc:
+            raise ClientError(exc.code, answer if isinstance(answer, dict) else {},
+                              _retry_after(exc.headers.get("Retry-After"))) from None
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+            # HTTPException: something answered, but not in HTTP (BadStatusLine...).
             reason = getattr(exc, "reason", exc)
-            raise Unreachable(f"no answer from {self.base_url}: {reason}") from None
+            raise Unreachable(f"no answer from {self.base_url}: {reason!r}") from None
 
     def call(self, method: str, path: str, body: Any = None,
              query: dict[str, Any] | None = None, timeout_s: float | None = None) -> Any:
         with self._open(method, path, body, query, timeout_s) as response:
-            raw = response.read()
+            try:
+                raw = response.read()
+            except (OSError, http.client.HTTPException) as exc:  # cut off mid-answer
+                raise Unreachable(f"{self.base_url} stopped answering: {exc!r}") from None
         try:
             return json.loads(raw)
         except ValueError as exc:
@@ -167,9 +175,9 @@ class ApiClient:
             while True:
                 try:
                     raw = response.readline()
-                except OSError as exc:  # includes the idle timeout
-                    raise Unreachable(f"the event stream stopped: {exc}") from None
-                if not raw:
+                except (OSError, http.client.HTTPException) as exc:  # incl. the idle timeout
+                    raise Unreachable(f"the event stream stopped: {exc!r}") from None
+                if not raw:  # the connection ended; the caller decides whether it should have
                     return
                 line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
                 if not line:
@@ -184,6 +192,15 @@ class ApiClient:
                     kind = line[6:].strip()
                 elif line.startswith("data:"):
                     data.append(line[5:].lstrip())
+
+
+def _retry_after(header: str | None) -> float | None:
+    """Retry-After in seconds (NWC sends whole seconds; an HTTP date is not worth parsing)."""
+    try:
+        seconds = float(header) if header else None
+    except ValueError:
+        return None
+    return seconds if seconds is not None and 0 <= seconds < 3600 else None
 
 
 def _quote(segment: str) -> str:
@@ -292,6 +309,10 @@ def _print(args: argparse.Namespace, data: Any, human: str) -> None:
 
 # States a weave passes through; the CLI waits them out unless told not to.
 TRANSIENT = ("provisioning", "terminating")
+# Between asks that come back still transient at once (the server's wait slots were full):
+# a pause growing to a few seconds, so waiting never spends the tenant's request budget.
+POLL_FIRST_S = 0.5
+POLL_MAX_S = 5.0
 
 
 def _wait_for(client: ApiClient, weave: dict[str, Any], timeout_s: float,
@@ -302,8 +323,10 @@ def _wait_for(client: ApiClient, weave: dict[str, Any], timeout_s: float,
     start = last_line = time.monotonic()
     current = weave
     tty = sys.stderr.isatty()
+    pause = POLL_FIRST_S
     while current["state"] in TRANSIENT and time.monotonic() < deadline:
         result: dict[str, Any] = {}
+        asked_at = time.monotonic()
 
         def ask(into: dict[str, Any] = result, weave_id: str = current["id"]) -> None:
             try:
@@ -324,12 +347,25 @@ def _wait_for(client: ApiClient, weave: dict[str, Any], timeout_s: float,
                     last_line = time.monotonic()
                     print(f"{current['id']}: still {current['state']} ({elapsed:.0f} s)",
                           file=sys.stderr)
-        if "error" in result:
-            raise result["error"]
+        error = result.get("error")
+        if isinstance(error, ClientError) and error.error == "rate_limited":
+            # The weave is admitted: over the rate is a reason to wait, not to give up.
+            _sleep_until(min(deadline, time.monotonic() + (error.retry_after_s or pause)))
+            pause = min(pause * 2, POLL_MAX_S)
+            continue
+        if error is not None:
+            raise error
         current = result["weave"]
+        if current["state"] in TRANSIENT and time.monotonic() - asked_at < pause:
+            _sleep_until(min(deadline, asked_at + pause))  # answered at once: not held
+            pause = min(pause * 2, POLL_MAX_S)
     if tty and not quiet:
         print(file=sys.stderr)
     return current
+
+
+def _sleep_until(when: float) -> None:
+    time.sleep(max(0.0, when - time.monotonic()))
 
 
 def cmd_weave_create(args: argparse.Namespace) -> int:
@@ -347,6 +383,11 @@ def cmd_weave_create(args: argparse.Namespace) -> int:
     if weave["state"] == "provisioning" and not args.no_wait:
         print(f"{weave['id']} is still provisioning after {args.wait_timeout:g} s",
               file=sys.stderr)
+        return EXIT_FAILED
+    if weave["state"] != "active" and not args.no_wait:
+        # Ended before it was ever active (the other party or an operator ended it).
+        print(f"{weave['id']} ended before it became active: {weave['state']}"
+              + (f" ({weave['reason']})" if weave.get("reason") else ""), file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
 
@@ -403,6 +444,7 @@ def cmd_ivns(args: argparse.Namespace) -> int:
 
 def cmd_events(args: argparse.Namespace) -> int:
     client = _client(args)
+    received = 0
     try:
         for kind, data in client.events(args.count, idle_timeout_s=args.idle_timeout):
             if kind == "ready":
@@ -416,8 +458,15 @@ def cmd_events(args: argparse.Namespace) -> int:
                 print(event_line(kind, data), flush=True)
             if kind in ("overflow", "closing"):
                 return EXIT_UNREACHABLE
+            received += 1
     except KeyboardInterrupt:
-        pass
+        return EXIT_OK
+    if args.count is None or received < args.count:
+        # The server ends a stream only after --count events or with `closing`: anything
+        # else is a dropped connection, and a script must not take it for a finished stream.
+        print(f"nwc: unreachable: the event stream ended after {received} event(s)",
+              file=sys.stderr)
+        return EXIT_UNREACHABLE
     return EXIT_OK
 
 

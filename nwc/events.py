@@ -21,7 +21,7 @@ import itertools
 import json
 import logging
 import threading
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -39,11 +39,13 @@ _OVERFLOW = object()  # this client fell behind
 
 @dataclass(eq=False)
 class Subscription:
-    """One client's stream: who it is (tenant None: admin) and its bounded queue."""
+    """One client's stream: who it is (tenant None: admin), the token it opened with (so a
+    revoked token's stream can be ended) and its bounded queue."""
 
     tenant: str | None
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[Any]
+    token_id: str | None = None
     dead: bool = field(default=False)
 
     def sees(self, audience: frozenset[str]) -> bool:
@@ -134,11 +136,27 @@ class EventHub:
 
     # -- subscribers ----------------------------------------------------------------------
 
-    def subscribe(self, tenant: str | None) -> Subscription:
+    def subscribe(self, tenant: str | None, token_id: str | None = None) -> Subscription:
         """Call from the subscriber's event loop."""
+        sub = self.reserve(tenant, token_id)
+        assert sub is not None  # no limits given
+        return sub
+
+    def reserve(self, tenant: str | None, token_id: str | None = None, *,
+                max_streams: int | None = None,
+                max_per_principal: int | None = None) -> Subscription | None:
+        """Subscribe if the limits allow, else None. Checking and subscribing under one lock
+        is what makes the limits hold when many clients open streams at once. Call from the
+        subscriber's event loop; the caller must `unsubscribe` however the stream ends,
+        including when it never starts."""
         sub = Subscription(tenant, asyncio.get_running_loop(),
-                           asyncio.Queue(maxsize=self.queue_size))
+                           asyncio.Queue(maxsize=self.queue_size), token_id)
         with self._lock:
+            if max_streams is not None and len(self._subs) >= max_streams:
+                return None
+            if max_per_principal is not None and \
+                    sum(1 for s in self._subs if s.tenant == tenant) >= max_per_principal:
+                return None
             if self.closed:
                 sub.offer(_CLOSED)
             self._subs.append(sub)
@@ -177,9 +195,12 @@ def sse(event: str, data: dict[str, Any], event_id: int | None = None) -> str:
 
 async def stream(hub: EventHub, sub: Subscription, *, ready: dict[str, Any],
                  max_events: int | None = None, keepalive_s: float = KEEPALIVE_S,
-                 on_overflow: Any = None) -> AsyncIterator[str]:
+                 on_overflow: Any = None,
+                 still_authorized: Callable[[], bool] | None = None) -> AsyncIterator[str]:
     """The text of one client's stream: `ready` first (the subscription is live from then on),
-    then events, comments as keepalives, and `overflow`/`closing` when it must end."""
+    then events, comments as keepalives, and `overflow`/`closing` when it must end.
+    `still_authorized` is asked before each event and keepalive: a stream whose token was
+    revoked ends there, as the token's next request would be refused."""
     sent = 0
     try:
         yield "retry: 3000\n\n" + sse("ready", ready)
@@ -187,6 +208,13 @@ async def stream(hub: EventHub, sub: Subscription, *, ready: dict[str, Any],
             try:
                 item = await asyncio.wait_for(sub.queue.get(), timeout=keepalive_s)
             except TimeoutError:
+                item = None
+            if still_authorized is not None and item is not _CLOSED \
+                    and not still_authorized():
+                yield sse("closing", {"detail": "the token this stream was opened with is no "
+                                                "longer valid"})
+                return
+            if item is None:
                 yield ": keepalive\n\n"
                 continue
             if item is _OVERFLOW:

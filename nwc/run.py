@@ -14,11 +14,13 @@ import configparser
 import faulthandler
 import importlib
 import logging
+import math
 import os
 import signal
 import sys
 import threading
 from pathlib import Path
+from typing import Any, NoReturn
 
 from nwc.cli import EXIT_ERROR, EXIT_OK, add_state_dir, state_dir
 from nwc.config import DEFAULT_TOPOLOGY, SHIPPED_POLICIES
@@ -35,7 +37,44 @@ STOP_GRACE_S = 10.0
 SHELLS = ("nwc.ofapp", "nwc.tunnels", "nwc.api")
 
 
+# Set on the namespace by the actions below: the options given on the command line, which the
+# config file must not override even where their value equals the default.
+GIVEN_ON_COMMAND_LINE = "_given_on_command_line"
+
+
+def _record_given(namespace: argparse.Namespace, dest: str) -> None:
+    given: set[str] | None = getattr(namespace, GIVEN_ON_COMMAND_LINE, None)
+    if given is None:
+        given = set()
+        setattr(namespace, GIVEN_ON_COMMAND_LINE, given)
+    given.add(dest)
+
+
+class _StoreGiven(argparse._StoreAction):
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        super().__call__(parser, namespace, values, option_string)
+        _record_given(namespace, self.dest)
+
+
+class _AppendGiven(argparse._AppendAction):
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        super().__call__(parser, namespace, values, option_string)
+        _record_given(namespace, self.dest)
+
+
+def given_on_command_line(args: argparse.Namespace) -> set[str]:
+    """The dests of the `nwc run` options the command line set."""
+    return set(getattr(args, GIVEN_ON_COMMAND_LINE, None) or ())
+
+
 def add_run_options(p: argparse.ArgumentParser) -> None:
+    # Comparing a value with its default cannot tell `--api-host 127.0.0.1` from no option
+    # at all: these actions record which options were given.
+    p.register("action", None, _StoreGiven)  # what add_argument uses without action=
+    p.register("action", "store", _StoreGiven)
+    p.register("action", "append", _AppendGiven)
     p.add_argument("--config-file", type=Path, default=None,
                    help="an INI file whose [nwc] section sets any of these options "
                         "(command-line options win)")
@@ -89,29 +128,55 @@ class StartRefused(Exception):
     """A shell cannot start as configured; the message says why (no traceback needed)."""
 
 
+def _config_error(parser: argparse.ArgumentParser, path: Path,
+                  exc: configparser.Error | UnicodeDecodeError) -> NoReturn:
+    if isinstance(exc, configparser.DuplicateOptionError):
+        parser.error(f"{path}: {exc.option} is set twice in [{exc.section}] "
+                     f"(line {exc.lineno})")
+    if isinstance(exc, configparser.DuplicateSectionError):
+        parser.error(f"{path}: [{exc.section}] appears twice (line {exc.lineno})")
+    if isinstance(exc, configparser.MissingSectionHeaderError):
+        parser.error(f"{path}: line {exc.lineno} comes before any section header "
+                     "(start the file with [nwc])")
+    if isinstance(exc, UnicodeDecodeError):
+        parser.error(f"{path}: not UTF-8 text")
+    # Other parse errors: the first line names the file and the line.
+    parser.error(f"{path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+
+
 def apply_config_file(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    """Options from --config-file fill in whatever the command line left at its default."""
+    """Options from --config-file fill in whatever the command line did not give."""
     if not args.config_file:
         return
-    ini = configparser.ConfigParser()
-    if not ini.read(args.config_file):
-        parser.error(f"cannot read {args.config_file}")
+    path = args.config_file
+    # No interpolation: a '%' in a path or a value means itself.
+    ini = configparser.ConfigParser(interpolation=None)
+    try:
+        if not ini.read(path, encoding="utf-8"):
+            parser.error(f"cannot read {path}")
+    except (configparser.Error, UnicodeDecodeError) as exc:
+        _config_error(parser, path, exc)
     if not ini.has_section("nwc"):
-        parser.error(f"{args.config_file} has no [nwc] section")
+        parser.error(f"{path} has no [nwc] section")
+    # Only the options themselves: other namespace attributes (func, command...) are not
+    # settable from a file.
+    options = {a.dest: a for a in parser._actions
+               if a.option_strings and a.dest not in ("help", "config_file")}
+    given = given_on_command_line(args)
     for key, raw in ini.items("nwc"):
         dest = key.replace("-", "_")
-        if not hasattr(args, dest) or dest == "config_file":
-            parser.error(f"{args.config_file}: unknown option {key!r}")
-        if getattr(args, dest) != parser.get_default(dest):
+        action = options.get(dest)
+        if action is None:
+            parser.error(f"{path}: unknown option {key!r}")
+        if dest in given:
             continue  # the command line said otherwise
         if dest == "policy":
             value: object = [Path(p.strip()) for p in raw.split(",") if p.strip()]
         else:  # converted as the command line would have
-            convert = next(a.type for a in parser._actions if a.dest == dest)
             try:
-                value = convert(raw) if convert else raw
-            except ValueError:
-                parser.error(f"{args.config_file}: {key} = {raw!r} is not valid")
+                value = action.type(raw) if action.type else raw
+            except (ValueError, TypeError, argparse.ArgumentTypeError):
+                parser.error(f"{path}: {key} = {raw!r} is not valid")
         setattr(args, dest, value)
 
 
@@ -122,6 +187,9 @@ def check_run_options(args: argparse.Namespace,
         parser.error("--ctl-privkey, --ctl-cert and --ca-certs go together")
     if bool(args.api_ssl_key) != bool(args.api_ssl_cert):
         parser.error("--api-ssl-key and --api-ssl-cert go together")
+    # inf would never fail a stuck weave, nan compares false with every deadline.
+    if not (math.isfinite(args.provision_timeout) and args.provision_timeout > 0):
+        parser.error("--provision-timeout must be a finite number of seconds above 0")
     for option in ("api_max_live_weaves", "api_rate", "api_rate_burst", "api_max_body"):
         if getattr(args, option) is not None and not getattr(args, option) > 0:
             parser.error(f"--{option.replace('_', '-')} must be positive")

@@ -11,13 +11,21 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from api_harness import EagerPart, Harness, ManualPart
 
-from nwc.api import ApiServer, serve
+import nwc.api as api_module
+from nwc.api import ApiServer, ApiSettings, serve
 from nwc.cli import main
-from nwc.client import EXIT_DENIED, EXIT_FAILED, EXIT_UNAUTHENTICATED, EXIT_UNREACHABLE
+from nwc.client import (
+    EXIT_DENIED,
+    EXIT_FAILED,
+    EXIT_UNAUTHENTICATED,
+    EXIT_UNREACHABLE,
+    ApiClient,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -34,6 +42,8 @@ def make_served(make_harness: Callable[..., Harness], monkeypatch: pytest.Monkey
                 ) -> Callable[..., Served]:
     def make(who: str = "acme", **kw: object) -> Served:
         h = make_harness(**kw)
+        if kw.get("settings") is not None:  # the served API gets the harness's limits too
+            monkeypatch.setattr(api_module, "settings_from", lambda args: kw["settings"])
         server = serve(h.controller, argparse.Namespace(api_host="127.0.0.1", api_port=0))
         url = f"http://127.0.0.1:{server.port}"
         monkeypatch.setenv("NWC_API_URL", url)
@@ -190,3 +200,94 @@ def test_events_follow_changes_live(served: Served,
     assert [line.split()[1:3] for line in lines] == [
         ["weave.state", "wv-000001"], ["weave.state", "wv-000001"]]
     assert "provisioning" in lines[0] and "active" in lines[1]
+
+
+def test_waiting_when_the_server_holds_no_answer_asks_with_a_pause(
+        make_served: Callable[..., Served], monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # No wait slots: every ?wait=true is answered at once, still provisioning.
+    make_served(parts=(ManualPart(),), settings=ApiSettings(max_waiters=0))
+    asks: list[float] = []
+    ask = ApiClient.weave
+
+    def counted(self: ApiClient, *args: Any, **kw: Any) -> dict[str, Any]:
+        asks.append(time.monotonic())
+        answer = ask(self, *args, **kw)
+        return answer
+
+    monkeypatch.setattr(ApiClient, "weave", counted)
+    code, _, err = nwc(capsys, "weave", "create", "acme-web", "globex-db", "--duration", "600",
+                       "--bandwidth", "5", "--wait-timeout", "1.2")
+    assert code == EXIT_FAILED and "still provisioning" in err  # not rate_limited (3)
+    assert 2 <= len(asks) <= 4  # 0.5 s, then 1 s between asks: not a tight loop
+
+
+def test_over_the_rate_while_waiting_waits_retry_after_and_goes_on(
+        make_served: Callable[..., Served], capsys: pytest.CaptureFixture[str]) -> None:
+    # Two requests in the burst: the create and one ask; the next ask is rate_limited.
+    part = ManualPart()
+    served = make_served(parts=(part,), settings=ApiSettings(max_waiters=0, rate_burst=2))
+
+    def becomes_active() -> None:
+        while not part.up:
+            time.sleep(0.01)
+        time.sleep(0.3)
+        served.harness.tick(5)  # the tenant's bucket refills
+        part.report_ready(part.up[0])
+
+    threading.Thread(target=becomes_active, daemon=True).start()
+    code, out, err = nwc(capsys, "weave", "create", "acme-web", "globex-db", "--duration",
+                         "600", "--bandwidth", "5", "--wait-timeout", "10", "--json")
+    assert code == 0, err
+    assert json.loads(out)["state"] == "active"
+
+
+def test_a_weave_ended_by_the_other_party_while_waiting_exits_4(
+        make_served: Callable[..., Served], capsys: pytest.CaptureFixture[str]) -> None:
+    part = ManualPart()
+    served = make_served(parts=(part,))
+
+    def target_ends_it() -> None:
+        while not part.up:
+            time.sleep(0.01)
+        served.harness.request("DELETE", f"/v1/weaves/{part.up[0]}", "globex")
+
+    threading.Thread(target=target_ends_it, daemon=True).start()
+    code, out, err = nwc(capsys, "weave", "create", "acme-web", "globex-db", "--duration",
+                         "600", "--bandwidth", "5", "--wait-timeout", "10", "--json")
+    assert json.loads(out)["state"] == "terminated"
+    assert code == EXIT_FAILED and "ended before it became active" in err
+
+
+def one_answer_server(reply: bytes) -> str:
+    """A loopback listener that answers one connection with `reply`, then hangs up."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def answer() -> None:
+        with listener:
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(4096)
+                conn.sendall(reply)
+
+    threading.Thread(target=answer, daemon=True).start()
+    return f"http://127.0.0.1:{listener.getsockname()[1]}"
+
+
+def test_an_event_stream_that_drops_before_count_exits_5(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    ready = b'event: ready\ndata: {"principal": "acme"}\n\n'
+    url = one_answer_server(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                            b"transfer-encoding: chunked\r\n\r\n"
+                            + f"{len(ready):x}\r\n".encode() + ready + b"\r\n")
+    monkeypatch.setenv("NWC_TOKEN", "nwc_" + "a" * 43)
+    code, _, err = nwc(capsys, "events", "--count", "3", "--api-url", url)
+    assert code == EXIT_UNREACHABLE and "ended after 0 event(s)" in err
+
+
+def test_a_service_that_does_not_speak_http_exits_5(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    url = one_answer_server(b"SSH-2.0-OpenSSH_9.6\r\n")
+    monkeypatch.setenv("NWC_TOKEN", "nwc_" + "a" * 43)
+    code, _, err = nwc(capsys, "fabric", "--api-url", url)
+    assert code == EXIT_UNREACHABLE and "unreachable" in err

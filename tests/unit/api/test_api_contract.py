@@ -92,6 +92,19 @@ def test_unknown_field_is_400_naming_it(harness: Harness) -> None:
     assert {"field": "body.colour", "problem": "unknown field"} in r.json()["fields"]
 
 
+def test_unknown_field_names_are_cut_and_few_in_the_answer_and_the_audit(
+        harness: Harness) -> None:
+    long_name = "<script>" + "A" * 10_000
+    r = harness.create(**{long_name: 1, **{f"x{i}": 1 for i in range(50)}})
+    assert r.status_code == 400 and error_of(r) == "unknown_field"
+    fields = r.json()["fields"]
+    assert len(fields) == 5
+    assert all(len(f["field"]) <= len("body.") + 40 for f in fields)
+    assert "and 46 more" in r.json()["detail"] and len(r.json()["detail"]) < 300
+    record = next(a for a in harness.audit() if a.get("request_id") == r.json()["request_id"])
+    assert record["detail"] == r.json()["detail"]
+
+
 def test_unknown_query_parameter_is_400(harness: Harness) -> None:
     r = harness.create(params={"wiat": "true"})
     assert r.status_code == 400 and r.json()["fields"][0]["field"] == "query.wiat"
@@ -420,6 +433,8 @@ def test_an_internal_error_is_a_500_with_the_request_id(make_harness: MakeHarnes
     r = h.request("GET", f"/v1/weaves/{wid}/stats")
     assert r.status_code == 500
     assert error_of(r) == "internal_error" and "secret" not in r.text
+    # In the header too, as on every other answer (this one is sent outside the gate).
+    assert r.headers["X-Request-ID"] == r.json()["request_id"]
     record = h.audit()[-1]
     assert record["outcome"] == "error" and record["action"] == "weave.stats"
 

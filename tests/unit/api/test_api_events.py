@@ -10,9 +10,11 @@ from typing import Any
 import pytest
 from api_harness import Harness
 from policy_edits import shipped_text
+from starlette.requests import ClientDisconnect
 
 from nwc import __version__
-from nwc.api import ApiSettings
+from nwc.api import ApiSettings, EventStreamResponse
+from nwc.auth import TokenStore
 from nwc.events import EventHub, Subscription, stream
 from nwc.policy import parse_policy_text
 
@@ -174,3 +176,54 @@ def test_a_tenant_reads_nothing_of_the_other_sides_policy_in_events(harness: Har
     assert all("initech" not in e["detail"] and "allows:" not in e["detail"] for e in ended)
     assert all("no longer allows this weave" in e["detail"] for e in ended)
     assert "initech" in seen["admin"][-1]["detail"]  # the operator reads everything
+
+
+def test_stream_limits_hold_when_streams_open_at_once() -> None:
+    # The handler reserves the slot: reserving is the check, so no two opens can both pass
+    # a check made before either subscribed.
+    async def scenario() -> tuple[list[bool], list[bool], int]:
+        hub = EventHub()
+        acme = [hub.reserve("acme", max_streams=6, max_per_principal=4) is not None
+                for _ in range(6)]
+        others = [hub.reserve(t, max_streams=6, max_per_principal=4) is not None
+                  for t in ("globex", "globex", "initech")]
+        return acme, others, hub.count()
+
+    acme, others, open_streams = asyncio.run(scenario())
+    assert acme == [True] * 4 + [False] * 2
+    assert others == [True, True, False]  # the global cap: 6
+    assert open_streams == 6
+
+
+def test_a_stream_that_never_starts_gives_its_slot_back(harness: Harness) -> None:
+    async def scenario() -> int:
+        hub = harness.api.hub
+        sub = hub.reserve("acme", max_per_principal=1)
+        assert sub is not None
+
+        async def gone(message: Any) -> None:
+            raise OSError("the client went away")
+
+        async def never() -> Any:
+            return {"type": "http.disconnect"}
+
+        response = EventStreamResponse(stream(hub, sub, ready={}), lambda: hub.unsubscribe(sub))
+        with pytest.raises((OSError, ClientDisconnect)):  # as the Starlette version has it
+            await response({"type": "http", "asgi": {"spec_version": "2.4"}}, never, gone)
+        return hub.count_for("acme")
+
+    assert asyncio.run(scenario()) == 0
+
+
+def test_a_revoked_tokens_open_stream_is_closed(harness: Harness) -> None:
+    store = TokenStore(harness.state_dir)
+    acme_token = next(r.token_id for r in store.records() if r.principal == "acme")
+    with harness.client.stream("GET", "/v1/events", headers=harness.auth("acme"),
+                               params={"max_events": 2}) as r:
+        lines = r.iter_lines()
+        assert read_events(lines, 1)[0][0] == "ready"
+        assert store.revoke(acme_token)
+        harness.create(who="admin")  # a weave acme is party to: it must not hear of it
+        events = read_events(lines, 2)
+    assert [k for k, _ in events] == ["closing"]
+    assert "no longer valid" in events[0][1]["detail"]

@@ -239,3 +239,28 @@ def test_a_create_whose_commit_fails_is_a_500_the_api_records(
         [("api", 500, "/v1/weaves")]
     assert h.create().status_code == 201  # and the next one is admitted
     assert verify_chain(h.audit()) == []
+
+
+def test_a_bogus_token_flood_leaves_a_tenants_refusals_on_record(
+        make_harness: Callable[..., Harness]) -> None:
+    from nwc.api import ApiSettings
+
+    h = make_harness(settings=ApiSettings(audit_refusals_per_s=1.0, audit_refusals_burst=3))
+    for _ in range(10):  # uses up the unauthenticated budget
+        assert h.request("GET", "/v1/weaves", "bogus").status_code == 401
+    for _ in range(2):
+        assert h.request("GET", "/v1/weaves/wv-999999", "acme").status_code == 404
+    assert len([r for r in h.audit() if r.get("tenant") == "acme"
+                and r.get("outcome") == "not_found"]) == 2
+
+
+def test_a_tenants_forbidden_requests_are_always_recorded(
+        make_harness: Callable[..., Harness]) -> None:
+    from nwc.api import ApiSettings
+
+    h = make_harness(settings=ApiSettings(audit_refusals_per_s=1.0, audit_refusals_burst=1))
+    for _ in range(5):  # globex's IVN: acme may not ask from it
+        assert h.create(requester="globex-db", target="acme-web").status_code == 403
+    forbidden = [r for r in h.audit() if r.get("tenant") == "acme"
+                 and r.get("reason") == "forbidden"]
+    assert len(forbidden) == 5

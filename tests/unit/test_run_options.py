@@ -1,0 +1,73 @@
+"""`nwc run` options from the command line and --config-file: the command line always wins,
+a malformed file is a usage error naming the file (never a traceback), and option values the
+controller would only trip over later are refused up front."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from nwc.cli import build_parser
+from nwc.run import apply_config_file, check_run_options
+
+pytestmark = pytest.mark.unit
+
+
+def run_args(*argv: str) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
+    args = build_parser().parse_args(["run", *argv])
+    return args, args._parser
+
+
+def configured(tmp_path: Path, text: str, *argv: str) -> argparse.Namespace:
+    ini = tmp_path / "nwc.ini"
+    ini.write_text(text)
+    args, parser = run_args("--config-file", str(ini), *argv)
+    apply_config_file(args, parser)
+    return args
+
+
+def test_an_option_given_with_its_default_value_still_beats_the_file(tmp_path: Path) -> None:
+    args = configured(tmp_path, "[nwc]\napi-host = 0.0.0.0\napi-port = 9000\n"
+                      "provision-timeout = 5\n",
+                      "--api-host", "127.0.0.1", "--provision-timeout", "30")
+    assert (args.api_host, args.api_port, args.provision_timeout) == ("127.0.0.1", 9000, 30.0)
+
+
+def test_the_file_fills_in_options_not_given(tmp_path: Path) -> None:
+    args = configured(tmp_path, "[nwc]\nstate-dir = /srv/nwc%data\npolicy = a.yaml, b.yaml\n")
+    assert args.state_dir == Path("/srv/nwc%data")  # '%' is not interpolation
+    assert args.policy == [Path("a.yaml"), Path("b.yaml")]
+
+
+@pytest.mark.parametrize(("text", "says"), [
+    ("api-port = 8181\n", "before any section header"),
+    ("[nwc]\napi-port = 1\napi-port = 2\n", "api-port is set twice"),
+    ("[nwc]\nfunc = x\n", "unknown option 'func'"),
+    ("[nwc]\ncommand = x\n", "unknown option 'command'"),
+    ("[nwc]\napi-port = eighty\n", "api-port = 'eighty' is not valid"),
+    ("[nwc]\n[nwc]\n", "[nwc] appears twice"),
+])
+def test_a_malformed_file_is_a_usage_error_naming_file_and_key(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, says: str) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        configured(tmp_path, text)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "nwc.ini") in err and says in err
+
+
+@pytest.mark.parametrize("timeout", ["inf", "nan", "-5", "0"])
+def test_a_provision_timeout_must_be_finite_and_positive(
+        timeout: str, capsys: pytest.CaptureFixture[str]) -> None:
+    args, parser = run_args("--provision-timeout", timeout)
+    with pytest.raises(SystemExit):
+        check_run_options(args, parser)
+    assert "--provision-timeout" in capsys.readouterr().err
+
+
+def test_a_provision_timeout_from_the_file_is_checked_too(tmp_path: Path) -> None:
+    args = configured(tmp_path, "[nwc]\nprovision-timeout = inf\n")
+    with pytest.raises(SystemExit):
+        check_run_options(args, args._parser)
