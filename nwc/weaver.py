@@ -543,7 +543,9 @@ class Weaver:
         for weave_id, (_, _, deadline) in list(self._tearing.items()):
             if deadline <= mono:
                 try:
-                    ended.append(self._finish_teardown(weave_id))
+                    finished = self._finish_teardown(weave_id)
+                    if finished is not None:
+                        ended.append(finished)
                 except Exception:
                     log.exception("finishing the teardown of %s failed", weave_id)
         return ended
@@ -678,7 +680,8 @@ class Weaver:
              detail: str | None = None, request_id: str | None = None,
              tell_parts: bool = True, tenant_detail: str | None = None) -> Weave:
         """Release everything a weave holds: durable record first, then the data plane. A
-        terminated weave stays `terminating` until the parts that confirm teardown have."""
+        terminated weave stays `terminating` until the parts that confirm teardown have; a
+        failed one is failed at once, but its slots too wait for those confirmations."""
         if self._batch is not None:
             raise RuntimeError("a weave cannot end inside an admission batch (it could not "
                                "be undone if the batch's commit failed)")
@@ -689,6 +692,10 @@ class Weaver:
         confirming = {p.name for p in self.parts if getattr(p, "confirms_teardown", False)} \
             if tell_parts else set()
         tearing = state is State.TERMINATED and bool(confirming)
+        # Slots (addresses, VNI, port) go back only once the tunnels using them are gone, so
+        # that a new weave never gets those of a tunnel still being removed (found in review:
+        # a failed weave gave them back at once).
+        holding = bool(confirming) and bool(self.parts)
         ended = weave.with_(state=State.TERMINATING if tearing else state, reason=reason,
                             ended_at=now)
         with self.store.transaction():
@@ -704,13 +711,13 @@ class Weaver:
         self.leases.remove(weave.id)
         self._waiting.pop(weave.id, None)
         self._provision_deadline.pop(weave.id, None)
-        if self.live.pop(weave.id, None) is not None and not tearing:
-            self._give_slots(weave)  # a tearing weave's slots wait for its tunnels to go
+        if self.live.pop(weave.id, None) is not None and not holding:
+            self._give_slots(weave)
         if not (tell_parts and self.parts):
             self.emit({"type": "weave.state", "weave": ended.to_dict(), "detail": detail,
                        **shown})
             return ended
-        if tearing:
+        if holding:
             self._tearing[weave.id] = (ended, confirming, self._after(self.teardown_timeout))
         # The release is already durable (a crash from here leaves nothing to undo: switches
         # and hosts are resynced to the live weaves, and a weave left terminating is finished
@@ -743,7 +750,9 @@ class Weaver:
         if not entry[1]:
             self._finish_teardown(weave_id)
 
-    def _finish_teardown(self, weave_id: str) -> Weave:
+    def _finish_teardown(self, weave_id: str) -> Weave | None:
+        """The parts confirmed (or the deadline passed): a terminating weave is recorded
+        terminated and returned; a failed one, already final, just gives back its slots."""
         record, waiting, _ = self._tearing[weave_id]  # left in place until the commit holds,
         done = record.with_(state=State.TERMINATED)  # so that tick() retries a failed one
         detail = None
@@ -751,6 +760,13 @@ class Weaver:
             detail = (f"teardown not confirmed within {self.teardown_timeout.total_seconds():g} "
                       f"s by: {', '.join(sorted(waiting))} (resynced when they answer)")
             log.warning("weave %s: %s", weave_id, detail)
+        if record.state is not State.TERMINATING:
+            del self._tearing[weave_id]
+            self._give_slots(record)
+            if waiting:
+                self.emit({"type": "weave.teardown_unconfirmed", "weave_id": weave_id,
+                           "parts": sorted(waiting)})
+            return None
         with self.store.transaction():
             self.store.save_weave(done)
             self._audit("weave.state", "terminated", weave=done, actor=SYSTEM, detail=detail)

@@ -351,3 +351,27 @@ def test_a_weave_whose_slot_left_the_shrunk_pools_fails_at_restart(make_weaver,
     assert all(s < shrunk.underlay.weave_slots for s in again._free_slots)
     fresh = again.create(REQ)
     assert [leg.slot for leg in fresh.legs] == [0]
+
+
+def test_a_failed_weaves_slots_wait_for_its_tunnels_to_go(make_weaver, small, clock) -> None:
+    """Found in review: a failed weave gave its slots back at once, so a new weave could get
+    the addresses, VNI and port of a tunnel still being removed."""
+    weaver = make_weaver(small, parts=[ConfirmingPart()])
+    events: list[dict] = []
+    weaver.subscribe(events.append)
+    first = weaver.create(REQ)
+    held = [leg.slot for leg in first.legs if leg.slot is not None]
+    weaver.part_failed(first.id, "flows", "the switch refused a flow")
+    assert weaver.store.weave(first.id).state is State.FAILED
+    second = weaver.create(REQ)  # the pair is free again, the slots are not
+    assert not {leg.slot for leg in second.legs} & set(held)
+    weaver.part_down(first.id, "flows")  # its data plane is gone
+    assert sorted(weaver._free_slots) == held
+    assert weaver.store.weave(first.id).state is State.FAILED  # still failed, not terminated
+    # With no confirmation, the slots come back at the teardown deadline, said by an event.
+    weaver.part_failed(second.id, "flows", "again")
+    clock.advance(11)
+    assert weaver.tick() == []
+    assert sorted(weaver._free_slots) == sorted(held + [leg.slot for leg in second.legs])
+    assert events[-1] == {"type": "weave.teardown_unconfirmed", "weave_id": second.id,
+                          "parts": ["flows"], "ts": events[-1]["ts"]}
