@@ -364,6 +364,7 @@ class Agent:
             leg.phase, leg.detail, leg.sa = Phase.IKE_DOWN, "the IKE daemon does not answer; " \
                 "the leg's traffic is dropped", None
             leg.loaded = None  # a restarted daemon has forgotten everything
+            leg.extra.pop("material", None)
             leg.pending = None
             leg.restarted = True
             return
@@ -387,6 +388,7 @@ class Agent:
                 self._load(leg, record)
         except (IkeUnavailable, IkeNoAnswer):
             leg.phase, leg.loaded = Phase.IKE_DOWN, None
+            leg.extra.pop("material", None)
             return
         except Exception as exc:
             self._fail(leg, f"loading into the IKE daemon failed: {exc}")
@@ -428,6 +430,9 @@ class Agent:
                 self.ike.unload_key(previous)
             leg.extra["key_id"] = key_id
         leg.loaded = record
+        # Reported with the status: a status about older material (a restarted controller
+        # drew a new key) must not tell the controller this end is listening with the new one.
+        leg.extra["material"] = record.fingerprint()
 
     def _observe(self, leg: _Leg, sa: SaInfo | None, now: float) -> None:
         spec, record = leg.spec, leg.record

@@ -22,6 +22,7 @@ IPsec options ovs-monitor-ipsec turns into a transport-mode SA.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import json
 import re
@@ -490,6 +491,16 @@ class LegRecord:
         return (self.psk == other.psk and self.ca_pem == other.ca_pem
                 and self.cert_pem == other.cert_pem)
 
+    def fingerprint(self) -> str:
+        """Which key material this is, safe to show: a truncated SHA-256 over it (a 256-bit
+        random key cannot be recovered from it). The agent reports the fingerprint of what it
+        loaded, so the controller can tell a status about the current key from a stale one."""
+        digest = hashlib.sha256(b"nwc-leg-material\0")
+        for part in (self.psk.reveal() if self.psk else b"", self.ca_pem or b"",
+                     self.cert_pem or b""):
+            digest.update(len(part).to_bytes(4, "big") + part)
+        return digest.hexdigest()[:16]
+
 
 # -- what the agent answers -------------------------------------------------------------------
 
@@ -621,6 +632,8 @@ class LegStatus:
             raise TunnelError("a tunnel status's extra is not a JSON object")
         if "key_id" in extra and not isinstance(extra["key_id"], str):
             raise TunnelError("a tunnel status's key_id is not text")
+        if "material" in extra and not isinstance(extra["material"], str):
+            raise TunnelError("a tunnel status's material is not text")
         if "ovs_keys" in extra and not (isinstance(extra["ovs_keys"], list) and all(
                 isinstance(k, str) for k in extra["ovs_keys"])):
             raise TunnelError("a tunnel status's ovs_keys is not a list of names")

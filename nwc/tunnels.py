@@ -553,8 +553,23 @@ class Tunnels:
                             weave.id, "csr_rejected", d))
                         self._fail_weave(held, detail, reports)
         responder = leg.statuses.get(leg.target.host)
-        if responder is not None and responder.phase in RESPONDER_READY:
+        if responder is not None and responder.phase in RESPONDER_READY \
+                and self._current_material(leg, responder):
             leg.start = True
+
+    def _current_material(self, leg: _Leg, status: LegStatus) -> bool:
+        """Whether the target end reports the key material of the record NWC writes for it
+        now. A restarted controller that draws a new key finds the responder's status about
+        the old one still there: starting IKE on it would fail authentication (found in
+        review). An agent that does not report its material is taken at its word."""
+        reported = status.extra.get("material")
+        if reported is None:
+            return True
+        end = leg.target
+        x509 = end.auth == "x509"
+        record = LegRecord(end, leg.psk, self.ca.cert_pem if x509 else None,
+                           leg.certs.get(end.host) if x509 else None)
+        return bool(reported == record.fingerprint())
 
     def _fail_weave(self, held: _WeaveTunnels, detail: str,
                     reports: list[Callable[[], None]]) -> None:

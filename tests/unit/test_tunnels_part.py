@@ -457,3 +457,26 @@ def test_a_host_whose_ovsdb_never_answers_holds_up_only_its_own_legs(tmp_path: P
         watchdog.cancel()
         listener.close()  # the waiting open fails now
         world.part.stop()
+
+
+def test_a_restarted_controller_waits_for_the_responder_to_load_a_new_key(
+        tmp_path: Path) -> None:
+    """Found in review: a controller restart that draws a new key (the hosts' records
+    disagree) found the responder's status about the old key still there, told the initiator
+    to start at once, and IKE failed authentication: a false ike_failure, a failed weave."""
+    world = World(tmp_path)
+    w = weave()
+    world.part.weave_up(w)
+    world.part.sync()  # both records written...
+    del world.dbs["h1"].ids[RECORD_PREFIX + "wv-000001-s0"]  # ...but h1's did not land
+    world.agents["h2"].step()  # the responder loads the first key and listens
+    assert world.status("h2", w).phase is Phase.LISTENING
+    world.part = world.new_part()  # the controller restarts: keys were in memory only
+    world.part.weave_up(w)
+    world.part.sync()  # h1 has no record: a new key for both ends
+    assert world.record("h1", w).psk == world.record("h2", w).psk
+    assert world.record("h1", w).start is False  # h2's "listening" is about the old key
+    world.agents["h1"].step()
+    world.rounds(10)
+    assert world.reports.log == [("ready", w.id)]
+    world.part.stop()
