@@ -13,7 +13,7 @@ import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -80,6 +80,7 @@ class Store:
         self._lock = threading.RLock()
         self._tx_depth = 0
         self._pending_audit: list[dict[str, Any]] = []
+        self._after_commit: list[Callable[[], None]] = []
         row = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
         if row is None:
             self.db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
@@ -121,11 +122,12 @@ class Store:
     @contextmanager
     def transaction(self) -> Iterator[None]:
         """All writes inside commit together or not at all; audit records reach the JSONL
-        file only after their transaction commits. A transaction inside another is a
-        savepoint: if it fails, its own writes (and audit records) are undone and the outer
-        one goes on without them. Some errors (an interrupt, a full disk) make SQLite roll
-        back the whole transaction at once: then every savepoint after it is refused and the
-        outer transaction fails too (`TransactionLost`), so nothing is written half."""
+        file, and `after_commit` callbacks run, only once their transaction commits. A
+        transaction inside another is a savepoint: if it fails, its own writes, audit records
+        and callbacks are undone and the outer one goes on without them. Some errors (an
+        interrupt, a full disk) make SQLite roll back the whole transaction at once: then
+        every savepoint after it is refused and the outer transaction fails too
+        (`TransactionLost`), so nothing is written half."""
         with self._lock:
             depth = self._tx_depth
             if depth == 0:
@@ -135,18 +137,19 @@ class Store:
                 raise TransactionLost("SQLite rolled back the enclosing transaction")
             else:
                 self.db.execute(f"SAVEPOINT nwc{depth}")
-            saved = (self._audit_seq, self._audit_hash, len(self._pending_audit))
+            saved = (self._audit_seq, self._audit_hash, len(self._pending_audit),
+                     len(self._after_commit))
             self._tx_depth += 1
             try:
                 yield
-                if depth > 0:
-                    if not self.db.in_transaction:
-                        raise TransactionLost("SQLite rolled back the enclosing transaction")
-                    self.db.execute(f"RELEASE nwc{depth}")
+                if not self.db.in_transaction:
+                    raise TransactionLost("SQLite rolled the transaction back part-way "
+                                          "(see the error logged before this one)")
+                self.db.execute("COMMIT" if depth == 0 else f"RELEASE nwc{depth}")
             except BaseException:
-                self._tx_depth -= 1
                 self._audit_seq, self._audit_hash = saved[0], saved[1]
                 del self._pending_audit[saved[2]:]
+                del self._after_commit[saved[3]:]
                 if self.db.in_transaction:
                     if depth == 0:
                         self.db.execute("ROLLBACK")
@@ -154,22 +157,27 @@ class Store:
                         self.db.execute(f"ROLLBACK TO nwc{depth}")
                         self.db.execute(f"RELEASE nwc{depth}")
                 raise
-            self._tx_depth -= 1
-            if depth > 0:
-                return
-            try:
-                if not self.db.in_transaction:
-                    raise TransactionLost("SQLite rolled the transaction back part-way "
-                                          "(see the error logged before this one)")
-                self.db.execute("COMMIT")
-            except BaseException:
-                self._audit_seq, self._audit_hash = saved[0], saved[1]
-                self._pending_audit.clear()
-                if self.db.in_transaction:
-                    self.db.execute("ROLLBACK")
-                raise
-            pending, self._pending_audit = self._pending_audit, []
-            self._mirror(pending)
+            finally:
+                self._tx_depth -= 1
+            if depth == 0:
+                pending, self._pending_audit = self._pending_audit, []
+                self._mirror(pending)
+                callbacks, self._after_commit = self._after_commit, []
+                for callback in callbacks:
+                    # Committed is committed: one callback failing (a part, a listener) must
+                    # not keep the others from running, nor fail the caller's transaction.
+                    try:
+                        callback()
+                    except Exception:
+                        log.exception("a callback after a commit failed")
+
+    def after_commit(self, callback: Callable[[], None]) -> None:
+        """Run `callback` once the open transaction commits (dropped if it rolls back); at
+        once when none is open."""
+        if self._tx_depth == 0:
+            callback()
+        else:
+            self._after_commit.append(callback)
 
     def _mirror(self, pending: list[dict[str, Any]]) -> None:
         """Copy committed audit records to the JSONL file. Committed is committed: a failing

@@ -152,14 +152,12 @@ class LiveWeaves(dict[str, Weave]):
 
 @dataclass
 class _AdmissionBatch:
-    """Admissions that commit together, and what to do once they have (see
-    `Weaver.admission_batch`). The counters are as they were before the batch, to undo it."""
+    """Admissions that commit together (see `Weaver.admission_batch`), and the counters as
+    they were before the batch, to undo it."""
 
     next_number: int
     next_slot: int
-    free_slots: list[int]
     admitted: list[Weave] = field(default_factory=list)
-    effects: list[Callable[[], None]] = field(default_factory=list)
 
 
 class Weaver:
@@ -199,10 +197,9 @@ class Weaver:
 
     def emit(self, event: dict[str, Any]) -> None:
         event.setdefault("ts", iso(self.clock.now()))
-        if self._batch is not None:  # nobody hears of a change before it is durable
-            self._batch.effects.append(partial(self._deliver, event))
-        else:
-            self._deliver(event)
+        # Nobody hears of a change before it is durable: inside a transaction (an admission
+        # batch), the event waits for its commit.
+        self.store.after_commit(partial(self._deliver, event))
 
     def _deliver(self, event: dict[str, Any]) -> None:
         for listener in self._listeners:
@@ -321,9 +318,10 @@ class Weaver:
         Only `create` may run inside: an ended weave could not be undone."""
         if self._batch is not None:
             raise RuntimeError("admission batches do not nest")
-        batch = _AdmissionBatch(self._next_number, self._next_slot, list(self._free_slots))
+        batch = _AdmissionBatch(self._next_number, self._next_slot)
         self._batch = batch
         try:
+            # Events and parts are told from the store's after-commit callbacks.
             with self.store.transaction():
                 yield
         except BaseException:
@@ -331,20 +329,16 @@ class Weaver:
             for weave in reversed(batch.admitted):
                 self._forget(weave)
             self._next_number, self._next_slot = batch.next_number, batch.next_slot
-            self._free_slots = batch.free_slots
+            # Slots above the old counter were never free, whoever gave them back (a failed
+            # admission of the batch returns its own on the spot).
+            self._free_slots = [s for s in self._free_slots if s < batch.next_slot]
+            heapq.heapify(self._free_slots)
             raise
         self._batch = None
-        for effect in batch.effects:
-            # Committed is committed: one effect failing (a part, a listener) must not keep
-            # the others from being told, nor make the batch look failed to its callers.
-            try:
-                effect()
-            except Exception:
-                log.exception("telling the data plane or listeners about a committed "
-                              "admission failed")
 
     def _forget(self, weave: Weave) -> None:
-        """Undo an admission whose commit failed (its slots are restored by the caller)."""
+        """Undo an admission whose commit failed (the caller restores the slot counter)."""
+        self._give_slots(weave)
         self.live.pop(weave.id)
         self.leases.remove(weave.id)
         self.fabric.release(weave.id)
@@ -779,10 +773,11 @@ class Weaver:
         return done
 
     def _tell(self, weave: Weave, method: str, parts: Iterable[Part] | None = None) -> None:
-        if self._batch is not None:  # the data plane follows the durable record
-            self._batch.effects.append(partial(self._tell, weave, method,
-                                               None if parts is None else list(parts)))
-            return
+        # The data plane follows the durable record: inside a transaction, after its commit.
+        self.store.after_commit(partial(self._tell_now, weave, method,
+                                        None if parts is None else list(parts)))
+
+    def _tell_now(self, weave: Weave, method: str, parts: list[Part] | None) -> None:
         for part in self.parts if parts is None else parts:
             try:
                 getattr(part, method)(weave)
@@ -794,9 +789,6 @@ class Weaver:
                     return
 
     def _tell_moved(self, weave: Weave, old: Weave) -> None:
-        if self._batch is not None:
-            self._batch.effects.append(partial(self._tell_moved, weave, old))
-            return
         for part in self.parts:
             try:
                 part.weave_moved(weave, old)
