@@ -313,9 +313,9 @@ class Agent:
                 self.net.ensure_blackhole(route.destination)
 
     def _build_network(self, spec: TunnelSpec, with_vxlan: bool) -> None:
-        """Make (or put back) the leg's addresses, routes and device; each step is
-        idempotent, so this runs every pass and repairs what something else removed."""
-        self._ensure_blackholes(spec)  # first: nothing may leave before it is in place
+        """Make (or put back) the leg's addresses, link route and device; each step is
+        idempotent, so this runs every pass and repairs what something else removed. The
+        caller has put the blackholes in place first: nothing may leave before them."""
         for address in spec.addresses():
             self.net.ensure_address(address.address, self._device(address.device))
         for route in spec.routes():
@@ -512,6 +512,7 @@ class Agent:
                                 "which bypasses kernel IPsec: the ovs-ipsec backend needs the "
                                 "kernel datapath (use the strongswan backend here)")
                 return
+            self._ensure_blackholes(spec)
             self._build_network(spec, with_vxlan=False)
             config = self.db.other_config()
             if "ipsec_skb_mark" not in config:

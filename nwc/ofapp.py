@@ -477,7 +477,7 @@ class FlowsPart:
         while not self._stop.wait(REFRESH_POLL_S):
             self.controller.loop.post(self.refresh_due)
 
-    def resync(self, dpid: int) -> None:
+    def resync(self, dpid: int, base: Program | None = None) -> None:
         """Make a (re)connected switch equal to the desired state: one atomic bundle.
 
         A weave that cannot be compiled (its meter ids taken by an older live weave, or any
@@ -503,7 +503,8 @@ class FlowsPart:
                 refused[weave.id] = f"cannot compile its flows for switch {conn.name}: " \
                                     f"{type(exc).__name__}: {exc}"
         try:
-            base: Program | None = compile_base(state, dpid, conn.ports)
+            # `base`, when given, was just compiled from the same state by the caller.
+            base = base if base is not None else compile_base(state, dpid, conn.ports)
         except Exception:
             log.error("switch %s (%#x): cannot compile its base flows; its table stays as it "
                       "is and only its weaves are installed:\n%s", conn.name, dpid,
@@ -672,18 +673,16 @@ class FlowsPart:
             # fabric a link touches the routes of a few switches, not of all of them.
             state = self.state()
             for dpid in sorted(self._fabric_dpids()):
-                if self._base_changed(dpid, state):
-                    self.resync(dpid)
-
-    def _base_changed(self, dpid: int, state: DesiredState) -> bool:
-        conn = self._conn(dpid)
-        if conn is None or conn.base is None:
-            return True
-        try:
-            base = compile_base(state, dpid, conn.ports)
-        except Exception:
-            return True  # the resync says what is wrong
-        return (tuple(base.flows), tuple(base.meters)) != conn.base
+                conn = self._conn(dpid)
+                if conn is None:
+                    continue
+                try:
+                    base = compile_base(state, dpid, conn.ports)
+                except Exception:
+                    self.resync(dpid)  # which says what is wrong
+                    continue
+                if (tuple(base.flows), tuple(base.meters)) != conn.base:
+                    self.resync(dpid, base)
 
     def _fabric_dpids(self) -> list[int]:
         with self.lock:

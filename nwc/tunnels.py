@@ -553,7 +553,7 @@ class Tunnels:
                             weave.id, "csr_rejected", d))
                         self._fail_weave(held, detail, reports)
         responder = leg.statuses.get(leg.target.host)
-        if responder is not None and responder.phase in RESPONDER_READY \
+        if not leg.start and responder is not None and responder.phase in RESPONDER_READY \
                 and self._current_material(leg, responder):
             leg.start = True
 
@@ -563,13 +563,13 @@ class Tunnels:
         the old one still there: starting IKE on it would fail authentication (found in
         review). An agent that does not report its material is taken at its word."""
         reported = status.extra.get("material")
-        if reported is None:
-            return True
-        end = leg.target
+        return reported is None or reported == self._record(leg, leg.target).fingerprint()
+
+    def _record(self, leg: _Leg, end: TunnelSpec) -> LegRecord:
+        """The record NWC writes for one end of a leg."""
         x509 = end.auth == "x509"
-        record = LegRecord(end, leg.psk, self.ca.cert_pem if x509 else None,
-                           leg.certs.get(end.host) if x509 else None)
-        return bool(reported == record.fingerprint())
+        return LegRecord(end, leg.psk, self.ca.cert_pem if x509 else None,
+                         leg.certs.get(end.host) if x509 else None, leg.start and end.initiator)
 
     def _fail_weave(self, held: _WeaveTunnels, detail: str,
                     reports: list[Callable[[], None]]) -> None:
@@ -634,11 +634,8 @@ class Tunnels:
                 if not leg.materialized:
                     continue
                 for end in leg.ends():
-                    x509 = end.auth == "x509"
-                    record = LegRecord(end, leg.psk, self.ca.cert_pem if x509 else None,
-                                       leg.certs.get(end.host) if x509 else None,
-                                       leg.start and end.initiator)
-                    want.setdefault(end.host, {})[RECORD_PREFIX + leg.key] = record.to_json()
+                    want.setdefault(end.host, {})[RECORD_PREFIX + leg.key] = \
+                        self._record(leg, end).to_json()
         return want
 
 

@@ -479,9 +479,9 @@ def test_a_fabric_link_change_resyncs_only_the_switches_whose_routes_it_changes(
     resynced: list[int] = []
     resync = fsim.part.resync
 
-    def counting(dpid: int) -> None:
+    def counting(dpid: int, base: Any = None) -> None:
         resynced.append(dpid)
-        resync(dpid)
+        resync(dpid, base)
 
     monkeypatch.setattr(fsim.part, "resync", counting)
     s1 = fsim.dps["s1"]
