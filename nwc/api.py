@@ -866,8 +866,7 @@ class NorthboundApi:
             """A live stream of weave state changes and security events you may see."""
             # The slot is taken here, atomically with the limit check (parallel opens cannot
             # all pass it), and given back by the response however it ends, even unstarted.
-            sub = self.hub.reserve(principal.tenant, principal.token_id,
-                                   max_streams=settings.max_event_streams,
+            sub = self.hub.reserve(principal.tenant, max_streams=settings.max_event_streams,
                                    max_per_principal=settings.max_event_streams_per_principal)
             if sub is None:
                 raise ApiError(429, "too_many_streams", "too many open event streams")

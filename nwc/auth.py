@@ -97,6 +97,7 @@ class TokenStore:
         self._lock = threading.Lock()
         self._seen: tuple[int, int, int] | None = None
         self._by_digest: dict[str, TokenRecord] = {}
+        self._ids: frozenset[str] = frozenset()  # the issued token ids, for is_valid
 
     # -- reading --------------------------------------------------------------------------
 
@@ -116,7 +117,7 @@ class TokenStore:
         try:
             st = self.path.stat()
         except FileNotFoundError:
-            self._seen, self._by_digest = None, {}
+            self._seen, self._by_digest, self._ids = None, {}, frozenset()
             return
         key = (st.st_ino, st.st_mtime_ns, st.st_size)
         if key == self._seen:
@@ -131,6 +132,7 @@ class TokenStore:
             log.exception("keeping the tokens loaded before")
             return
         self._by_digest = {r.sha256: r for r in records}
+        self._ids = frozenset(r.token_id for r in records)
         self._seen = key
 
     def authenticate(self, token: str) -> Principal | None:
@@ -151,8 +153,8 @@ class TokenStore:
     def is_valid(self, token_id: str) -> bool:
         """Whether a token with this id is still issued (not revoked)."""
         with self._lock:
-            self._refresh()
-            return any(r.token_id == token_id for r in self._by_digest.values())
+            self._refresh()  # one stat when nothing changed: open streams ask often
+            return token_id in self._ids
 
     def records(self) -> list[TokenRecord]:
         with self._lock:

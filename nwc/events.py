@@ -39,13 +39,11 @@ _OVERFLOW = object()  # this client fell behind
 
 @dataclass(eq=False)
 class Subscription:
-    """One client's stream: who it is (tenant None: admin), the token it opened with (so a
-    revoked token's stream can be ended) and its bounded queue."""
+    """One client's stream: who it is (tenant None: admin) and its bounded queue."""
 
     tenant: str | None
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[Any]
-    token_id: str | None = None
     dead: bool = field(default=False)
 
     def sees(self, audience: frozenset[str]) -> bool:
@@ -95,21 +93,16 @@ class EventHub:
         weaver = self._weaver
         if weaver is None:
             return frozenset()
+        requester = event.get("requester")
+        if isinstance(requester, str) and requester in weaver.policy.ivns:
+            # A refusal (create or extend): the tenant who asked, whose IVN the requester is.
+            # Its text may quote that tenant's own policy, which the other party may not read.
+            return frozenset({weaver.policy.ivns[requester].tenant})
         weave_id = event.get("weave_id")
         if isinstance(weave_id, str):
             # Safe: this runs on the weaver's thread, the only one that touches these.
             known = weaver.live.get(weave_id) or weaver.store.weave(weave_id)
-            if known is None:
-                return frozenset()
-            if event.get("type") == "weave.denied":
-                # A refused extension concerns the tenant that asked (only the requester's
-                # may): the refusal can quote its own policy, which the other party may not read.
-                return frozenset({known.requester_tenant})
-            return known.tenants
-        requester = event.get("requester")
-        if isinstance(requester, str) and requester in weaver.policy.ivns:
-            # A refused create: the tenant who asked (the requester IVN is its own).
-            return frozenset({weaver.policy.ivns[requester].tenant})
+            return known.tenants if known is not None else frozenset()
         return frozenset()
 
     def publish(self, event: dict[str, Any], audience: Iterable[str] = ()) -> None:
@@ -136,13 +129,13 @@ class EventHub:
 
     # -- subscribers ----------------------------------------------------------------------
 
-    def subscribe(self, tenant: str | None, token_id: str | None = None) -> Subscription:
+    def subscribe(self, tenant: str | None) -> Subscription:
         """Call from the subscriber's event loop."""
-        sub = self.reserve(tenant, token_id)
+        sub = self.reserve(tenant)
         assert sub is not None  # no limits given
         return sub
 
-    def reserve(self, tenant: str | None, token_id: str | None = None, *,
+    def reserve(self, tenant: str | None, *,
                 max_streams: int | None = None,
                 max_per_principal: int | None = None) -> Subscription | None:
         """Subscribe if the limits allow, else None. Checking and subscribing under one lock
@@ -150,12 +143,12 @@ class EventHub:
         subscriber's event loop; the caller must `unsubscribe` however the stream ends,
         including when it never starts."""
         sub = Subscription(tenant, asyncio.get_running_loop(),
-                           asyncio.Queue(maxsize=self.queue_size), token_id)
+                           asyncio.Queue(maxsize=self.queue_size))
         with self._lock:
             if max_streams is not None and len(self._subs) >= max_streams:
                 return None
             if max_per_principal is not None and \
-                    sum(1 for s in self._subs if s.tenant == tenant) >= max_per_principal:
+                    self._count_for_locked(tenant) >= max_per_principal:
                 return None
             if self.closed:
                 sub.offer(_CLOSED)
@@ -175,7 +168,10 @@ class EventHub:
     def count_for(self, tenant: str | None) -> int:
         """How many streams one principal (tenant None: admins) has open."""
         with self._lock:
-            return sum(1 for s in self._subs if s.tenant == tenant)
+            return self._count_for_locked(tenant)
+
+    def _count_for_locked(self, tenant: str | None) -> int:
+        return sum(1 for s in self._subs if s.tenant == tenant)
 
     def close(self) -> None:
         """End every stream (the server is stopping)."""

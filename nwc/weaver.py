@@ -443,6 +443,7 @@ class Weaver:
                             request_id=request_id, reason=denial.reason.value,
                             detail=denial.detail)
             self.emit({"type": "weave.denied", "action": "extend", "weave_id": weave.id,
+                       "requester": weave.requester,
                        **_denial_event(denial)})
             return denial
         extended = weave.with_(expires_at=new_expiry)
