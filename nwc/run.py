@@ -42,26 +42,21 @@ SHELLS = ("nwc.ofapp", "nwc.tunnels", "nwc.api")
 GIVEN_ON_COMMAND_LINE = "_given_on_command_line"
 
 
-def _record_given(namespace: argparse.Namespace, dest: str) -> None:
-    given: set[str] | None = getattr(namespace, GIVEN_ON_COMMAND_LINE, None)
-    if given is None:
-        given = set()
-        setattr(namespace, GIVEN_ON_COMMAND_LINE, given)
-    given.add(dest)
+class _RecordsGiven(argparse.Action):
+    """Mixed into an argparse action: also notes that the command line set this option."""
 
-
-class _StoreGiven(argparse._StoreAction):
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
                  values: Any, option_string: str | None = None) -> None:
         super().__call__(parser, namespace, values, option_string)
-        _record_given(namespace, self.dest)
+        vars(namespace).setdefault(GIVEN_ON_COMMAND_LINE, set()).add(self.dest)
 
 
-class _AppendGiven(argparse._AppendAction):
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
-                 values: Any, option_string: str | None = None) -> None:
-        super().__call__(parser, namespace, values, option_string)
-        _record_given(namespace, self.dest)
+class _StoreGiven(_RecordsGiven, argparse._StoreAction):
+    pass
+
+
+class _AppendGiven(_RecordsGiven, argparse._AppendAction):
+    pass
 
 
 def given_on_command_line(args: argparse.Namespace) -> set[str]:
