@@ -18,7 +18,7 @@ from typing import Literal
 
 import networkx as nx
 
-from nwc.policy import MAX_BANDWIDTH_MBPS, MAX_IVN_VNI, NAME, NAME_WHAT, Policy
+from nwc.policy import MAX_BANDWIDTH_MBPS, MAX_IVN_VNI, NAME, NAME_WHAT, Ivn, Policy
 from nwc.yamlsource import ConfigError, Cursor, Document, Problem, parse_yaml, read_yaml, shown
 
 Backend = Literal["strongswan", "ovs-ipsec"]
@@ -179,12 +179,18 @@ def vm_problems(topology: Topology, policy: Policy) -> list[str]:
         ivn = policy.ivns.get(vm.ivn)
         if ivn is None:
             problems.append(f"VM {vm.name}: its IVN {vm.ivn} is not in the new policy")
-        elif not ivn.contains(vm.ip):
-            problems.append(f"VM {vm.name}: {vm.ip} is outside IVN {vm.ivn}'s new prefixes "
-                            f"({', '.join(map(str, ivn.cidrs))})")
-        elif vm.ip == ivn.gateway:
-            problems.append(f"VM {vm.name}: {vm.ip} is IVN {vm.ivn}'s new gateway address")
+        elif misfit := _address_misfit(vm.ip, ivn):
+            problems.append(f"VM {vm.name}: {misfit}")
     return problems
+
+
+def _address_misfit(ip: ipaddress.IPv4Address, ivn: Ivn) -> str | None:
+    """Why a VM address cannot be in `ivn`, or None."""
+    if not ivn.contains(ip):
+        return f"{ip} is outside IVN {ivn.name}'s prefixes ({', '.join(map(str, ivn.cidrs))})"
+    if ip == ivn.gateway:
+        return f"{ip} is IVN {ivn.name}'s gateway address"
+    return None
 
 
 def load_topology(path: Path, policy: Policy | None = None) -> Topology:
@@ -371,13 +377,8 @@ def build_topology(doc: Document, policy: Policy | None = None) -> Topology:
             if ivn not in policy.ivns:
                 vf["ivn"].problem(f"unknown IVN {ivn!r}")
                 ivn = None
-            elif ip is not None:
-                net = policy.ivns[ivn]
-                if not net.contains(ip):
-                    vf["ip"].problem(f"{ip} is outside IVN {ivn}'s prefixes "
-                                     f"({', '.join(map(str, net.cidrs))})")
-                elif ip == net.gateway:
-                    vf["ip"].problem(f"{ip} is IVN {ivn}'s gateway address")
+            elif ip is not None and (misfit := _address_misfit(ip, policy.ivns[ivn])):
+                vf["ip"].problem(misfit)
         mac = vf["mac"].string(pattern=MAC, what="a lowercase MAC like 02:00:00:00:00:01") \
             if "mac" in vf else derived_mac(vname)
         if mac and int(mac[:2], 16) & 1:
