@@ -15,6 +15,7 @@ weave to the parts again (they make the switches equal to it).
 from __future__ import annotations
 
 import heapq
+import itertools
 import logging
 import queue
 import threading
@@ -244,10 +245,10 @@ class Weaver:
     def recover(self) -> list[Weave]:
         """Load live weaves from the store; release those that expired or no longer fit."""
         reservations = self.store.reservations()
-        for weave in self.store.weaves(states=[State.TERMINATING]):
-            # Released before the stop; the data plane is resynced to the live weaves.
-            done = weave.with_(state=State.TERMINATED)
-            with self.store.transaction():
+        with self.store.transaction():  # one commit for all of them
+            for weave in self.store.weaves(states=[State.TERMINATING]):
+                # Released before the stop; the data plane is resynced to the live weaves.
+                done = weave.with_(state=State.TERMINATED)
                 self.store.save_weave(done)
                 self._audit("weave.state", "terminated", weave=done, actor=SYSTEM,
                             detail="teardown finished at restart (switches and hosts are "
@@ -276,10 +277,7 @@ class Weaver:
         # allows ends now, as a reload would have ended it (its flows and tunnels go when the
         # parts resync to the live weaves).
         for weave in list(self.live.values()):
-            why = self._still_allowed(weave)
-            if why:
-                self._end(weave, State.FAILED, EndReason.POLICY_WITHDRAWN.value, SYSTEM,
-                          detail=why[0], tenant_detail=why[1], tell_parts=False)
+            self._end_if_withdrawn(weave, SYSTEM, tell_parts=False)
         self._rebuild_slots()
         self.tick()
         log.info("recovered %d live weaves", len(self.live))
@@ -548,10 +546,11 @@ class Weaver:
     def seconds_to_next_deadline(self) -> float:
         now = self.clock.now()
         wait = self.leases.wait_seconds(now)
-        deadlines = [*self._provision_deadline.values(),
-                     *(deadline for _, _, deadline in self._tearing.values())]
-        if deadlines:
-            wait = min(wait, max(0.0, min(deadlines) - self.clock.monotonic()))
+        soonest = min(itertools.chain(self._provision_deadline.values(),
+                                      (deadline for _, _, deadline in self._tearing.values())),
+                      default=None)
+        if soonest is not None:
+            wait = min(wait, max(0.0, soonest - self.clock.monotonic()))
         return wait
 
     # -- fabric events --------------------------------------------------------------------
@@ -627,12 +626,9 @@ class Weaver:
                         detail=f"{len(policy.ivns)} IVNs from {', '.join(policy.sources)}")
         ended = []
         for weave in list(self.live.values()):
-            why = self._still_allowed(weave)
-            if why:
-                detail, both_may_read = why
-                ended.append(self._end(weave, State.FAILED, EndReason.POLICY_WITHDRAWN.value,
-                                       actor, detail=detail,
-                                       tenant_detail=both_may_read))
+            withdrawn = self._end_if_withdrawn(weave, actor)
+            if withdrawn is not None:
+                ended.append(withdrawn)
             else:
                 # A profile's ACL or a QoS class may have changed: the parts recompile.
                 self._tell_moved(weave, weave)
@@ -645,6 +641,16 @@ class Weaver:
                 except Exception:
                     log.exception("part %s.policy_changed() raised", part.name)
         return ended
+
+    def _end_if_withdrawn(self, weave: Weave, actor: Actor, *,
+                          tell_parts: bool = True) -> Weave | None:
+        """End a live weave the policy no longer allows (policy_withdrawn); None if allowed."""
+        why = self._still_allowed(weave)
+        if why is None:
+            return None
+        detail, both_may_read = why
+        return self._end(weave, State.FAILED, EndReason.POLICY_WITHDRAWN.value, actor,
+                         detail=detail, tenant_detail=both_may_read, tell_parts=tell_parts)
 
     def _still_allowed(self, weave: Weave) -> tuple[str, str] | None:
         """Why the policy no longer allows a live weave: (the operator's detail, a detail both
@@ -690,7 +696,7 @@ class Weaver:
         # Slots (addresses, VNI, port) go back only once the tunnels using them are gone, so
         # that a new weave never gets those of a tunnel still being removed (found in review:
         # a failed weave gave them back at once).
-        holding = bool(confirming) and bool(self.parts)
+        holding = bool(confirming)
         ended = weave.with_(state=State.TERMINATING if tearing else state, reason=reason,
                             ended_at=now)
         with self.store.transaction():
@@ -755,23 +761,20 @@ class Weaver:
             detail = (f"teardown not confirmed within {self.teardown_timeout.total_seconds():g} "
                       f"s by: {', '.join(sorted(waiting))} (resynced when they answer)")
             log.warning("weave %s: %s", weave_id, detail)
-        if record.state is not State.TERMINATING:
-            del self._tearing[weave_id]
-            self._give_slots(record)
-            if waiting:
-                self.emit({"type": "weave.teardown_unconfirmed", "weave_id": weave_id,
-                           "parts": sorted(waiting)})
-            return None
-        with self.store.transaction():
-            self.store.save_weave(done)
-            self._audit("weave.state", "terminated", weave=done, actor=SYSTEM, detail=detail)
+        terminating = record.state is State.TERMINATING  # else failed: already final
+        if terminating:
+            with self.store.transaction():
+                self.store.save_weave(done)
+                self._audit("weave.state", "terminated", weave=done, actor=SYSTEM,
+                            detail=detail)
         del self._tearing[weave_id]
-        self._give_slots(done)
-        self.emit({"type": "weave.state", "weave": done.to_dict(), "detail": detail})
+        self._give_slots(record)
+        if terminating:
+            self.emit({"type": "weave.state", "weave": done.to_dict(), "detail": detail})
         if waiting:
             self.emit({"type": "weave.teardown_unconfirmed", "weave_id": weave_id,
                        "parts": sorted(waiting)})
-        return done
+        return done if terminating else None
 
     def _tell(self, weave: Weave, method: str, parts: Iterable[Part] | None = None) -> None:
         # The data plane follows the durable record: inside a transaction, after its commit.
