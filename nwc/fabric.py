@@ -104,6 +104,10 @@ class Fabric:
         self._switch_neighbours: dict[str, tuple[tuple[str, int], ...]] = {
             n: tuple((v, self._link_index[link_key(n, v)]) for v in vs if v not in self.hosts)
             for n, vs in self.adjacency.items()}
+        # Per host, its neighbours' link numbers: where a search may step onto it.
+        self._host_links: dict[str, dict[str, int]] = {
+            h: {v: self._link_index[link_key(h, v)] for v in self.adjacency[h]}
+            for h in self.hosts}
 
     def _refresh_room(self, a: str, b: str) -> None:
         key = link_key(a, b)
@@ -144,7 +148,7 @@ class Fabric:
             # in this frontier while the other search has not moved yet, so checking it
             # after the node's switch neighbours finds the same path as name order would.)
             end = dst if grow_forward else src
-            end_is_host = end in self.hosts
+            end_links = self._host_links.get(end)  # None: the end is a switch
             nxt: list[str] = []
             for u in frontier:
                 for v, i in neighbours[u]:
@@ -156,8 +160,8 @@ class Fabric:
                     if v in other:
                         return self._join(v, pred, succ)
                     nxt.append(v)
-                if end_is_host:
-                    last = index.get((u, end) if u <= end else (end, u))
+                if end_links is not None:
+                    last = end_links.get(u)
                     if last is not None and room[last] >= kbps and \
                             not (pend and room[last] - pend.get(last, 0) < kbps):
                         seen[end] = u
@@ -208,7 +212,7 @@ class Fabric:
         if kbps < 0:
             raise CapacityError("a reservation cannot be negative")
         reservation = Reservation(weave_id, tuple(tuple(p) for p in paths), kbps)
-        index, room, reserved = self._link_index, self._room, self.reserved
+        index, room = self._link_index, self._room
         hops: list[tuple[str, str, int]] = []
         need: dict[int, int] = {}  # per link: legs that share a link take it once each
         for path in reservation.paths:
@@ -224,22 +228,13 @@ class Fabric:
                     raise CapacityError(f"link {a}-{b} is down")
                 raise CapacityError(f"link {a}-{b} has {self.free(a, b)} kbit/s free, "
                                     f"{need[i]} needed")
-        for a, b, i in hops:
-            reserved[(a, b)] += kbps
-            reserved[(b, a)] += kbps
-            room[i] -= kbps
-        self.by_weave[weave_id] = reservation
+        self._apply(reservation, +1)
         return reservation
 
     def release(self, weave_id: str) -> Reservation | None:
         reservation = self.by_weave.pop(weave_id, None)
         if reservation is not None:
-            kbps, reserved = reservation.kbps, self.reserved
-            for path in reservation.paths:
-                for a, b in itertools.pairwise(path):
-                    reserved[(a, b)] -= kbps
-                    reserved[(b, a)] -= kbps
-                    self._refresh_room(a, b)
+            self._apply(reservation, -1)
         return reservation
 
     def restore(self, reservation: Reservation) -> None:
@@ -247,12 +242,18 @@ class Fabric:
         a release whose change could not be recorded)."""
         if reservation.weave_id in self.by_weave:
             raise CapacityError(f"weave {reservation.weave_id} already holds a reservation")
+        self._apply(reservation, +1)
+
+    def _apply(self, reservation: Reservation, sign: int) -> None:
+        """Add (+1) or take back (-1) a reservation on both directions of every hop."""
+        amount, reserved = sign * reservation.kbps, self.reserved
         for path in reservation.paths:
             for a, b in itertools.pairwise(path):
-                self.reserved[(a, b)] += reservation.kbps
-                self.reserved[(b, a)] += reservation.kbps
+                reserved[(a, b)] += amount
+                reserved[(b, a)] += amount
                 self._refresh_room(a, b)
-        self.by_weave[reservation.weave_id] = reservation
+        if sign > 0:
+            self.by_weave[reservation.weave_id] = reservation
 
     def set_link(self, a: str, b: str, up: bool) -> bool:
         """Mark a link up or down; True if that changed anything."""
