@@ -167,7 +167,7 @@ def _partner_check(side: Side, me: Ivn, other: Ivn) -> tuple[Denial | None,
         return None, other.cidrs
     # A tenant-wide rule's prefixes may lie in any of that tenant's IVNs: this weave may reach
     # only those inside the partner IVN (the rest belong to its other IVNs).
-    inside = tuple(p for p in rule.prefixes if any(p.subnet_of(c) for c in other.cidrs))
+    inside = tuple(p for p in rule.prefixes if other.covers(p))
     if not inside:
         refusal = (f"{side} IVN {me.name} (tenant {me.tenant}) allows none of IVN "
                    f"{other.name}'s prefixes")

@@ -140,6 +140,10 @@ class Ivn:
     def contains(self, address: ipaddress.IPv4Address) -> bool:
         return any(address in net for net in self.cidrs)
 
+    def covers(self, prefix: ipaddress.IPv4Network) -> bool:
+        """Whether `prefix` lies inside one of this IVN's prefixes."""
+        return any(prefix.subnet_of(net) for net in self.cidrs)
+
 
 @dataclass(frozen=True)
 class Policy:
@@ -518,7 +522,7 @@ def _check_weaving_refs(ivn: Ivn, c: Cursor, ivns: Mapping[str, Ivn],
                 rc.problem(f"unknown partner IVN {rule.ivn!r}")
             else:
                 for prefix in rule.prefixes:
-                    if not any(prefix.subnet_of(n) for n in partner.cidrs):
+                    if not partner.covers(prefix):
                         rc.problem(f"prefix {prefix} is not inside partner {rule.ivn}'s prefixes "
                                    f"({', '.join(map(str, partner.cidrs))})")
         elif rule.tenant not in tenants:
