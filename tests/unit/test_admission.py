@@ -323,62 +323,17 @@ def test_topology_rejects_vm_outside_ivn(shipped_policy) -> None:
         parse_topology_text(bad, shipped_policy)
 
 
-TENANT_RULE_WITH_PREFIXES = textwrap.dedent("""\
-    tenants: {acme: {}, globex: {}}
-    security_profiles:
-      p: {ike: [aes256gcm16-prfsha256-x25519], esp: [aes256gcm16], auth: psk,
-          acl: [{from: either, protocol: any}]}
-    ivns:
-      acme-web:
-        tenant: acme
-        vni: 1
-        cidrs: [10.0.0.0/24]
-        gateway: 10.0.0.1
-        weaving:
-          partners: [{tenant: globex, prefixes: [10.1.0.0/28]}]  # only globex-db's part
-          max_weave_mbps: 10
-          max_total_mbps: 100
-          max_duration_s: 600
-          profiles: [p]
-      globex-db:
-        tenant: globex
-        vni: 2
-        cidrs: [10.1.0.0/24]
-        gateway: 10.1.0.1
-        weaving: {partners: [{ivn: acme-web}], max_weave_mbps: 10, max_total_mbps: 100,
-                  max_duration_s: 600, profiles: [p]}
-      globex-web:
-        tenant: globex
-        vni: 3
-        cidrs: [10.2.0.0/24]
-        gateway: 10.2.0.1
-        weaving: {partners: [{ivn: acme-web}], max_weave_mbps: 10, max_total_mbps: 100,
-                  max_duration_s: 600, profiles: [p]}
-    """)
-
-
 def test_a_tenant_rules_prefixes_apply_only_to_the_ivn_that_holds_them() -> None:
     """Found in review: a tenant-wide partner rule's prefixes were handed to a weave with any
     IVN of that tenant, even one owning none of them."""
-    policy = parse_policy_text(TENANT_RULE_WITH_PREFIXES)
-    topology = parse_topology_text(textwrap.dedent("""\
-        name: t
-        underlay: {hosts: 100.64.0.0/24, weave_endpoints: 100.64.128.0/24,
-                   weave_vteps: 100.100.0.0/24}
-        switches: {s1: {}}
-        links: []
-        hosts:
-          h1: {switch: s1, uplink_mbps: 1000, underlay_ip: 100.64.0.1}
-          h2: {switch: s1, uplink_mbps: 1000, underlay_ip: 100.64.0.2}
-        vms:
-          web: {host: h1, ivn: acme-web, ip: 10.0.0.10}
-          db: {host: h2, ivn: globex-db, ip: 10.1.0.10}
-          gweb: {host: h2, ivn: globex-web, ip: 10.2.0.10}
-        """), policy)
-    refused = denied(decide(policy, topology, WeaveRequest("acme-web", "globex-web", 60, 1)),
+    # x allows tenant b, but only y's 192.0.2.64/28: none of z's 203.0.113.0/26.
+    policy = policy_with(**{"partners: [{ivn: y}]":
+                            "partners: [{tenant: b, prefixes: [192.0.2.64/28]}]"})
+    topology = two_hosts(policy)
+    refused = denied(decide(policy, topology, WeaveRequest("x", "z", 60, 1)),
                      Reason.POLICY_VIOLATION)
     assert (refused.side, refused.rule) == ("requester", "partner")
-    assert "none of IVN globex-web's prefixes" in refused.detail
-    admitted = decide(policy, topology, WeaveRequest("acme-web", "globex-db", 60, 1))
+    assert "none of IVN z's prefixes" in refused.detail
+    admitted = decide(policy, topology, WeaveRequest("x", "y", 60, 1))
     assert isinstance(admitted, Admission)
-    assert admitted.target_prefixes == (ipaddress.IPv4Network("10.1.0.0/28"),)
+    assert admitted.target_prefixes == (ipaddress.IPv4Network("192.0.2.64/28"),)

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import test_reservation_properties as mesh
 from db_faults import CommitFails, InterruptsWeaveInserts
+from fake_parts import RecordingPart
 from loop_control import held
 
 from nwc.admission import Denial, WeaveRequest
@@ -25,22 +26,6 @@ pytestmark = pytest.mark.unit
 # (over the 500 Mbit/s per-weave cap).
 REQUESTS = [WeaveRequest(a, b, 600, 10) for a, b in mesh.PAIRS[:9]]
 DENIED = WeaveRequest("a0", "b3", 600, 900)
-
-
-class RecordingPart:
-    name = "recorder"
-
-    def __init__(self) -> None:
-        self.told: list[tuple[str, str]] = []
-
-    def weave_up(self, weave: Weave) -> None:
-        self.told.append(("up", weave.id))
-
-    def weave_down(self, weave: Weave) -> None:
-        self.told.append(("down", weave.id))
-
-    def weave_moved(self, weave: Weave, old: Weave) -> None:
-        self.told.append(("moved", weave.id))
 
 
 def mesh_weaver(make_weaver, **kw: Any) -> Weaver:
@@ -89,7 +74,7 @@ def test_a_batch_commits_once_and_decides_as_one_by_one_would(make_weaver, tmp_p
 
 
 def test_nothing_is_told_before_the_commit(make_weaver) -> None:
-    part = RecordingPart()
+    part = RecordingPart("recorder")
     weaver = mesh_weaver(make_weaver, parts=[part])
     events: list[dict[str, Any]] = []
     weaver.subscribe(events.append)
@@ -108,7 +93,7 @@ def test_nothing_is_told_before_the_commit(make_weaver) -> None:
 
 
 def test_a_failed_commit_undoes_every_admission_of_the_batch(make_weaver) -> None:
-    part = RecordingPart()
+    part = RecordingPart("recorder")
     weaver = mesh_weaver(make_weaver, parts=[part])
     first = weaver.create(REQUESTS[0])
     kept = weaver.create(REQUESTS[1])  # something held before the batch
@@ -268,7 +253,7 @@ def test_a_failing_effect_after_the_commit_does_not_stop_the_others(make_weaver,
                                                                      monkeypatch) -> None:
     """A part that cannot build a committed weave fails that weave; if even that fails, the
     other weaves of the batch are still handed to the parts and the batch stands."""
-    part = RecordingPart()
+    part = RecordingPart("recorder")
     weaver = mesh_weaver(make_weaver, parts=[part])
     first: list[str] = []
 

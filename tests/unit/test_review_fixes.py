@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from fake_parts import RecordingPart
 from policy_edits import copy_shipped_policies, shipped_text
 
 from nwc import audit as audit_module
@@ -231,24 +232,8 @@ def test_an_older_database_gets_the_tenant_columns(tmp_path: Path, make_weaver, 
         store.close()
 
 
-class _Part:
-    name = "flows"
-
-    def __init__(self) -> None:
-        self.down: list[str] = []
-
-    def weave_up(self, weave: Weave) -> None:
-        pass
-
-    def weave_down(self, weave: Weave) -> None:
-        self.down.append(weave.id)
-
-    def weave_moved(self, weave: Weave, old: Weave) -> None:
-        pass
-
-
 def test_watchers_see_terminating_while_the_data_plane_is_told(make_weaver, small) -> None:
-    part = _Part()
+    part = RecordingPart()
     weaver = make_weaver(small, parts=[part])
     seen: list[tuple[str, list[str]]] = []
     weaver.subscribe(lambda e: seen.append((e["weave"]["state"], list(part.down)))
@@ -258,17 +243,6 @@ def test_watchers_see_terminating_while_the_data_plane_is_told(make_weaver, smal
     weaver.terminate(weave.id)
     assert seen[-2:] == [("terminating", []), ("terminated", [weave.id])]
     assert weaver.store.weave(weave.id).state is State.TERMINATED
-
-
-class ConfirmingPart:
-    name = "flows"
-    confirms_teardown = True
-
-    def weave_up(self, weave: Weave) -> None: ...
-
-    def weave_down(self, weave: Weave) -> None: ...
-
-    def weave_moved(self, weave: Weave, old: Weave) -> None: ...
 
 
 def fail_next_save(weaver, monkeypatch) -> None:
@@ -286,7 +260,7 @@ def test_a_failed_write_leaves_memory_as_it_was_so_the_next_event_retries(
     """Found in review: memory changed before the write, so one failed write left a weave
     provisioning for ever, terminating for ever (its slot lost), or live with no
     reservation (its link over-booked)."""
-    weaver = make_weaver(small, parts=[ConfirmingPart()])
+    weaver = make_weaver(small, parts=[RecordingPart(confirms_teardown=True)])
     weave = weaver.create(REQ)
     fail_next_save(weaver, monkeypatch)
     with pytest.raises(sqlite3.OperationalError):
@@ -356,7 +330,7 @@ def test_a_weave_whose_slot_left_the_shrunk_pools_fails_at_restart(make_weaver,
 def test_a_failed_weaves_slots_wait_for_its_tunnels_to_go(make_weaver, small, clock) -> None:
     """Found in review: a failed weave gave its slots back at once, so a new weave could get
     the addresses, VNI and port of a tunnel still being removed."""
-    weaver = make_weaver(small, parts=[ConfirmingPart()])
+    weaver = make_weaver(small, parts=[RecordingPart(confirms_teardown=True)])
     events: list[dict] = []
     weaver.subscribe(events.append)
     first = weaver.create(REQ)

@@ -9,6 +9,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from fake_parts import RecordingPart
 from policy_edits import copy_shipped_policies, shipped_text
 
 from nwc.admission import Denial, Reason, WeaveRequest
@@ -326,21 +327,11 @@ def test_a_request_after_a_lease_ended_finds_the_weave_ended(make_weaver, small,
     assert weaver.store.weave(again.id).reason == "expired"
 
 
-class SilentPart:
-    name = "tunnels"
-
-    def weave_up(self, weave: Weave) -> None: ...
-
-    def weave_down(self, weave: Weave) -> None: ...
-
-    def weave_moved(self, weave: Weave, old: Weave) -> None: ...
-
-
 def test_a_wall_clock_step_does_not_move_the_provision_deadline(make_weaver, small,
                                                                 clock) -> None:
     """Found in review: deadlines were wall-clock instants, so an NTP step forward failed
     every weave still provisioning at once, and a step back kept a stuck one for an hour."""
-    weaver = make_weaver(small, parts=[SilentPart()])
+    weaver = make_weaver(small, parts=[RecordingPart("tunnels")])
     weave = weaver.create(REQ)
     clock.step_wall(45)  # past the 30 s provision timeout, but no time passed
     assert weaver.tick() == [] and weaver.live[weave.id].state is State.PROVISIONING

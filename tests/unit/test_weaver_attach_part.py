@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
+from fake_parts import RecordingPart
 
 from nwc.admission import WeaveRequest
 from nwc.lab.tunnel_lab import TWO_HOSTS
@@ -16,21 +17,6 @@ from nwc.weave import State, Weave
 from nwc.weaver import Weaver
 
 pytestmark = pytest.mark.unit
-
-
-class RecordingPart:
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.up: list[str] = []
-
-    def weave_up(self, weave: Weave) -> None:
-        self.up.append(weave.id)
-
-    def weave_down(self, weave: Weave) -> None:
-        pass
-
-    def weave_moved(self, weave: Weave, old: Weave) -> None:
-        pass
 
 
 @pytest.fixture
@@ -53,15 +39,10 @@ def test_a_late_part_gets_live_weaves_and_provisioning_ones_wait_for_it(
     assert weaver.live[weave.id].state is State.ACTIVE
 
 
-class TeardownPart(RecordingPart):
-    """A part that confirms teardown, when the test says so."""
-
-    confirms_teardown = True
-
-
 def _teardown_weaver(make_weaver: Callable[..., Weaver],
                      topology: Topology) -> tuple[Weaver, list[dict]]:
-    weaver = make_weaver(topology, parts=[TeardownPart("flows"), RecordingPart("tunnels")])
+    weaver = make_weaver(topology, parts=[RecordingPart("flows", confirms_teardown=True),
+                                             RecordingPart("tunnels")])
     events: list[dict] = []
     weaver.subscribe(events.append)
     return weaver, events
