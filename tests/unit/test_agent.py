@@ -172,10 +172,7 @@ def test_transient_ike_failures_back_off_and_retry() -> None:
 
 
 def test_teardown_removes_everything_device_first_blackhole_last() -> None:
-    req, _ = specs()
-    host = Host()
-    host.want(LegRecord(req, new_psk(), start=True))
-    host.steps()
+    host, req = psk_leg_installed()
     host.drop(req)
     host.steps(1)
     j = host.journal
@@ -191,10 +188,7 @@ def test_teardown_removes_everything_device_first_blackhole_last() -> None:
 
 
 def test_a_restarted_charon_gets_everything_back() -> None:
-    req, _ = specs()
-    host = Host()
-    host.want(LegRecord(req, new_psk(), start=True))
-    host.steps()
+    host, req = psk_leg_installed()
     host.ike.up = False
     host.steps(1)
     status = host.status(req)
@@ -211,10 +205,7 @@ def test_a_restarted_charon_gets_everything_back() -> None:
 
 
 def test_a_restarted_agent_takes_its_legs_back_and_can_remove_them() -> None:
-    req, _ = specs()
-    host = Host()
-    host.want(LegRecord(req, new_psk(), start=True))
-    host.steps()
+    host, req = psk_leg_installed()
     host.agent = host.new_agent()  # the process restarted: no memory
     host.drop(req)  # and meanwhile the weave ended
     host.steps(1)
@@ -366,10 +357,7 @@ def test_a_restarted_agent_skips_a_garbled_status_and_adopts_the_rest() -> None:
 
 @pytest.mark.parametrize("broken", ["delete_port", "remove_link", "remove_link_noop"])
 def test_the_blackhole_stays_while_the_device_may_still_send(broken: str) -> None:
-    req, _ = specs()
-    host = Host()
-    host.want(LegRecord(req, new_psk(), start=True))
-    host.steps()
+    host, req = psk_leg_installed()
     failing = host.db if broken == "delete_port" else host.net
     failing.failing.add(broken)
     host.drop(req)
@@ -403,10 +391,7 @@ def test_ovs_ipsec_is_refused_on_a_userspace_datapath_bridge() -> None:
 
 
 def test_routes_and_addresses_removed_by_someone_else_are_put_back() -> None:
-    req, _ = specs()
-    host = Host()
-    host.want(LegRecord(req, new_psk(), start=True))
-    host.steps()
+    host, _ = psk_leg_installed()
     built = (set(host.net.blackholes), set(host.net.addresses), set(host.net.link_routes))
     # systemd-networkd restarting, or an operator's `ip route flush` / `ip addr flush`
     host.net.blackholes.clear()
@@ -419,10 +404,7 @@ def test_routes_and_addresses_removed_by_someone_else_are_put_back() -> None:
 
 
 def test_a_blackhole_that_cannot_be_put_back_takes_the_device_away() -> None:
-    req, _ = specs()
-    host = Host()
-    host.want(LegRecord(req, new_psk(), start=True))
-    host.steps()
+    host, req = psk_leg_installed()
     host.net.blackholes.clear()
     host.net.failing.add("ensure_blackhole")
     host.steps(1)
@@ -440,10 +422,7 @@ def test_a_blackhole_that_cannot_be_put_back_takes_the_device_away() -> None:
 
 
 def test_a_teardown_waits_for_a_busy_charon_instead_of_forgetting_what_it_holds() -> None:
-    req, _ = specs()
-    host = Host()
-    host.want(LegRecord(req, new_psk(), start=True))
-    host.steps()
+    host, req = psk_leg_installed()
     host.ike.busy = True  # running, holding the SA, connection and key; VICI times out
     host.drop(req)
     host.steps(2)
@@ -455,6 +434,15 @@ def test_a_teardown_waits_for_a_busy_charon_instead_of_forgetting_what_it_holds(
     host.steps(1)
     assert not (host.ike.conns or host.ike.shared or host.ike.sa_table)
     assert host.net.empty() and not host.db.ids
+
+
+def psk_leg_installed() -> tuple[Host, TunnelSpec]:
+    """A host whose agent has built the initiator end of a psk leg and started IKE."""
+    req, _ = specs()
+    host = Host()
+    host.want(LegRecord(req, new_psk(), start=True))
+    host.steps()
+    return host, req
 
 
 def x509_leg_installed(tmp_path: Path) -> tuple[Host, TunnelSpec, CertificateAuthority]:
