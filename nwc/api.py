@@ -62,7 +62,7 @@ from nwc.fabric import CapacityError
 from nwc.lease import iso
 from nwc.metrics import CONTENT_TYPE, Metrics, link_loads
 from nwc.policy import MAX_LEASE_S, Ivn, Policy
-from nwc.weave import State, Weave
+from nwc.weave import TRANSIENT_STATES, State, Weave
 
 log = logging.getLogger(__name__)
 
@@ -333,10 +333,6 @@ class RateLimiter:
             if bucket is None:
                 bucket = self._buckets[key] = TokenBucket(self.rate, self.burst, now)
             return None if bucket.take(now) else bucket.seconds_to_next()
-
-
-# States a weave passes through on its way to another: `?wait=true` waits them out.
-TRANSIENT_STATES = frozenset({State.PROVISIONING, State.TERMINATING})
 
 
 class StateWaiters:

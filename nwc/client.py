@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from nwc.cli import EXIT_ERROR, EXIT_OK
+from nwc.weave import TRANSIENT_STATES
 
 EXIT_DENIED = 3
 EXIT_FAILED = 4
@@ -308,7 +309,7 @@ def _print(args: argparse.Namespace, data: Any, human: str) -> None:
 
 
 # States a weave passes through; the CLI waits them out unless told not to.
-TRANSIENT = ("provisioning", "terminating")
+TRANSIENT = tuple(state.value for state in TRANSIENT_STATES)
 # Between asks that come back still transient at once (the server's wait slots were full):
 # a pause growing to a few seconds, so waiting never spends the tenant's request budget.
 POLL_FIRST_S = 0.5

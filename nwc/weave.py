@@ -22,6 +22,9 @@ class State(StrEnum):
 
 # States in which a weave holds a reservation and a lease.
 LIVE_STATES = frozenset({State.PROVISIONING, State.ACTIVE})
+# States a weave passes through on its way to another: waiting (`?wait=true`, the CLI)
+# waits them out.
+TRANSIENT_STATES = frozenset({State.PROVISIONING, State.TERMINATING})
 
 
 class EndReason(StrEnum):
