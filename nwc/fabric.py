@@ -88,6 +88,7 @@ class Fabric:
             self.reservable[(link.a, link.b)] = cap
             self.reservable[(link.b, link.a)] = cap
             self._link_index.setdefault(link_key(link.a, link.b), len(self._link_index))
+        self._links: list[tuple[str, str]] = list(self._link_index)  # by link number
         self.adjacency: dict[str, tuple[str, ...]] = {n: tuple(sorted(v))
                                                       for n, v in adjacency.items()}
         self.reserved: dict[Arc, int] = dict.fromkeys(self.reservable, 0)
@@ -213,21 +214,20 @@ class Fabric:
             raise CapacityError("a reservation cannot be negative")
         reservation = Reservation(weave_id, tuple(tuple(p) for p in paths), kbps)
         index, room = self._link_index, self._room
-        hops: list[tuple[str, str, int]] = []
         need: dict[int, int] = {}  # per link: legs that share a link take it once each
         for path in reservation.paths:
             for a, b in itertools.pairwise(path):
                 i = index.get((a, b) if a <= b else (b, a))
                 if i is None:
                     raise CapacityError(f"{a}-{b} is not a fabric link")
-                hops.append((a, b, i))
                 need[i] = need.get(i, 0) + kbps
-        for a, b, i in hops:
-            if room[i] < need[i]:
-                if link_key(a, b) in self.down:
+        for i, amount in need.items():
+            if room[i] < amount:
+                a, b = self._links[i]
+                if (a, b) in self.down:
                     raise CapacityError(f"link {a}-{b} is down")
                 raise CapacityError(f"link {a}-{b} has {self.free(a, b)} kbit/s free, "
-                                    f"{need[i]} needed")
+                                    f"{amount} needed")
         self._apply(reservation, +1)
         return reservation
 
@@ -246,12 +246,17 @@ class Fabric:
 
     def _apply(self, reservation: Reservation, sign: int) -> None:
         """Add (+1) or take back (-1) a reservation on both directions of every hop."""
-        amount, reserved = sign * reservation.kbps, self.reserved
+        amount, reserved, reservable = sign * reservation.kbps, self.reserved, self.reservable
+        index, room, down = self._link_index, self._room, self.down
         for path in reservation.paths:
             for a, b in itertools.pairwise(path):
-                reserved[(a, b)] += amount
-                reserved[(b, a)] += amount
-                self._refresh_room(a, b)
+                ab, ba = (a, b), (b, a)
+                reserved[ab] += amount
+                reserved[ba] += amount
+                key = ab if a <= b else ba
+                # _refresh_room, inline: this runs for every hop of every admission.
+                room[index[key]] = -1 if key in down else \
+                    reservable[ab] - max(reserved[ab], reserved[ba])
         if sign > 0:
             self.by_weave[reservation.weave_id] = reservation
 

@@ -79,7 +79,7 @@ class Store:
         self.db.executescript(SCHEMA)
         self._lock = threading.RLock()
         self._tx_depth = 0
-        self._pending_audit: list[dict[str, Any]] = []
+        self._pending_audit: list[tuple[int, str]] = []  # (seq, JSON text)
         self._after_commit: list[Callable[[], None]] = []
         row = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
         if row is None:
@@ -91,7 +91,7 @@ class Store:
         self._audit_seq, self._audit_hash = (last[0], last[1]) if last else (0, GENESIS)
         self.mirror = JsonlMirror(self.dir / "audit.jsonl")
         # Catch the file up with records committed before a crash.
-        self.mirror.append(self.audit_records(after=self.mirror.last_seq))
+        self.mirror.append(self._audit_texts(after=self.mirror.last_seq))
         self._add_tenant_columns()
 
     def _add_tenant_columns(self) -> None:
@@ -179,13 +179,13 @@ class Store:
         else:
             self._after_commit.append(callback)
 
-    def _mirror(self, pending: list[dict[str, Any]]) -> None:
+    def _mirror(self, pending: list[tuple[int, str]]) -> None:
         """Copy committed audit records to the JSONL file. Committed is committed: a failing
         file (disk full) is logged, never raised into the caller, and the records it missed
         are copied from the database on the next commit."""
         try:
-            if pending and pending[0]["seq"] != self.mirror.last_seq + 1:
-                pending = self.audit_records(after=self.mirror.last_seq)
+            if pending and pending[0][0] != self.mirror.last_seq + 1:
+                pending = self._audit_texts(after=self.mirror.last_seq)
             self.mirror.append(pending)
         except OSError:
             log.exception("could not append to %s; it catches up on the next commit",
@@ -267,12 +267,17 @@ class Store:
         if self._tx_depth == 0:
             with self.transaction():
                 return self.audit(body)
-        record = seal({**body, "seq": self._audit_seq + 1}, self._audit_hash)
-        self.db.execute("INSERT INTO audit VALUES (?, ?, ?)",
-                        (record["seq"], record["hash"], json.dumps(record, sort_keys=True)))
-        self._audit_seq, self._audit_hash = record["seq"], record["hash"]
-        self._pending_audit.append(record)
+        seq = self._audit_seq + 1
+        record, text = seal({**body, "seq": seq}, self._audit_hash)
+        self.db.execute("INSERT INTO audit VALUES (?, ?, ?)", (seq, record["hash"], text))
+        self._audit_seq, self._audit_hash = seq, record["hash"]
+        self._pending_audit.append((seq, text))
         return record
+
+    def _audit_texts(self, after: int) -> list[tuple[int, str]]:
+        """Committed records after `after` as (seq, JSON text), for the mirror to catch up."""
+        return list(self.db.execute("SELECT seq, record FROM audit WHERE seq > ? ORDER BY seq",
+                                    (after,)))
 
     def audit_records(self, after: int = 0, limit: int | None = None) -> list[dict[str, Any]]:
         sql = "SELECT record FROM audit WHERE seq > ? ORDER BY seq"

@@ -4,6 +4,7 @@ audit record for every decision."""
 from __future__ import annotations
 
 import itertools
+import json
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -18,6 +19,7 @@ from nwc.config import SHIPPED_TOPOLOGIES
 from nwc.controller import Controller
 from nwc.lease import SystemClock
 from nwc.policy import parse_policy_text
+from nwc.store import Store
 from nwc.weave import State, Weave
 from nwc.weaver import Actor, WeaverLoop
 
@@ -285,6 +287,24 @@ def test_audit_file_mirrors_the_database_and_verifies(make_weaver, small, tmp_pa
     assert (tmp_path / "state" / "audit.jsonl").stat().st_mode & 0o777 == 0o600
     assert (tmp_path / "state" / "nwc.db").stat().st_mode & 0o777 == 0o600
     assert (tmp_path / "state").stat().st_mode & 0o777 == 0o700
+
+
+def test_audit_text_is_what_was_hashed_and_survives_a_reopen(tmp_path) -> None:
+    """A record is encoded once (the hashed text plus its hash) for both the database and
+    the file; non-ASCII text, and a file that lost its tail, must still verify and catch up."""
+    state = tmp_path / "state"
+    store = Store(state)
+    store.audit({"action": "note", "detail": "caf\u00e9 \u2615", "n": 1.5})
+    store.audit({"action": "note", "detail": 'quote " and \\ backslash'})
+    lines = (state / "audit.jsonl").read_text(encoding="utf-8").splitlines()
+    store.close()
+    assert [json.loads(line) for line in lines] == Store(state).audit_records()
+    (state / "audit.jsonl").write_text(lines[0] + "\n", encoding="utf-8")
+    reopened = Store(state)  # catches the file up from the database
+    records = list(read_jsonl(state / "audit.jsonl"))
+    assert records == reopened.audit_records() and len(records) == 2
+    assert records[0]["detail"] == "caf\u00e9 \u2615"
+    assert verify_chain(records) == []
 
 
 def test_failed_commit_leaves_memory_and_disk_unchanged(make_weaver, small, monkeypatch) -> None:
