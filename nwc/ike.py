@@ -38,6 +38,13 @@ AUTH_FAILURE = re.compile(
 
 REKEY_STATES = frozenset({"REKEYING", "REKEYED"})
 
+# An IKE SA a rekey replaced hands its CHILD SAs to its successor, then stays REKEYED (the
+# responder) or DELETING (the initiator, deleting it) until it goes. list-sas is no atomic
+# snapshot: seen with real charon, it may list that old IKE SA, already without CHILD SAs,
+# but not yet the successor that holds them. Such a listing says nothing about the CHILD SA.
+HANDED_OVER_STATES = frozenset({"REKEYED", "DELETING"})
+SA_LISTINGS = 3  # at most, per sas() call: the next listing has the successor
+
 
 # What connecting to the VICI socket fails with when no daemon listens on it: the socket file
 # is missing (never started, or removed on a clean stop) or stale (the daemon died).
@@ -178,15 +185,24 @@ class IkeDaemon:
 
     def sas(self) -> dict[str, SaInfo]:
         """Every IKE SA by connection name (the best one where a name has several: one
-        with an installed CHILD SA, then the newest)."""
-        best: dict[str, SaInfo] = {}
-        with self._session() as s:
-            for entry in s.list_sas():
-                for ike_name, ike in entry.items():
-                    name, info = _text(ike_name), _sa_info(ike)
-                    if name not in best or _rank(info) > _rank(best[name]):
-                        best[name] = info
+        with an installed CHILD SA, then the newest). A listing caught in the middle of an
+        IKE SA rekey, where a name has only an IKE SA that handed its CHILD SAs on, is
+        taken again."""
+        for _ in range(SA_LISTINGS):
+            best: dict[str, SaInfo] = {}
+            with self._session() as s:
+                for entry in s.list_sas():
+                    for ike_name, ike in entry.items():
+                        name, info = _text(ike_name), _sa_info(ike)
+                        if name not in best or _rank(info) > _rank(best[name]):
+                            best[name] = info
+            if not any(_handed_over(info) for info in best.values()):
+                break
         return best
+
+
+def _handed_over(info: SaInfo) -> bool:
+    return info.ike_state in HANDED_OVER_STATES and info.child_state is None
 
 
 def _rank(info: SaInfo) -> tuple[bool, int]:

@@ -1,6 +1,7 @@
 """Functional fixtures: one os-ken OpenFlow listener per test process (os-ken's app manager is
 process-wide), and per test a fresh NWC controller attached to it, plus an emulated network
-(private OVS per host and for the fabric) whose switches connect to that listener."""
+(private OVS per host and for the fabric) whose switches connect to that listener; and per
+test module a `world` of two compute hosts with real charons and agents (weave_world.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from weave_world import World, running_world
 
 from nwc.admission import WeaveRequest
 from nwc.controller import Controller
@@ -44,6 +46,12 @@ def ofp_port() -> int:
     port = free_port("0.0.0.0")
     start_osken("0.0.0.0", port)
     return port
+
+
+@pytest.fixture(scope="module")
+def world() -> Iterator[World]:
+    with running_world() as w:
+        yield w
 
 
 @dataclass

@@ -15,12 +15,12 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from weave_world import PING_PATTERN, POLICY, World, ping
 
 from nwc.admission import WeaveRequest
 from nwc.config import SHIPPED_POLICIES, Config
@@ -28,11 +28,10 @@ from nwc.controller import Controller
 from nwc.hostdb import HostDb, configure_ssl, ssl_files
 from nwc.ike import IkeDaemon
 from nwc.lab.capture import Capture, cleartext, contains, summarize
-from nwc.lab.netns import Lab, Netns, unique_prefix, wait_for
+from nwc.lab.netns import Lab, unique_prefix, wait_for
 from nwc.lab.ovs import PrivateOvs
-from nwc.lab.tunnel_lab import TWO_HOSTS, TunnelLab
+from nwc.lab.tunnel_lab import TWO_HOSTS
 from nwc.pki import CertificateAuthority, LegKey, Secret
-from nwc.policy import load_policy
 from nwc.topology import parse_topology_text
 from nwc.tunnel import RECORD_PREFIX, STATUS_PREFIX, LegRecord, LegStatus, Phase
 from nwc.tunnels import Tunnels, tunnels_for
@@ -40,9 +39,7 @@ from nwc.weave import Leg, State, Weave
 
 pytestmark = pytest.mark.functional
 
-POLICY = load_policy([SHIPPED_POLICIES])
 MARKER = b"NWC-TENANT-PAYLOAD-must-never-be-seen-on-the-underlay"
-PING_PATTERN = "6e77632d74656e616e74"  # "nwc-tenant", repeated in every ping payload
 PYTHON = "/usr/bin/python3"  # the VMs' own interpreter; no NWC code runs inside a VM
 
 TCP_SINK = """
@@ -68,89 +65,6 @@ for _ in range(100):
         time.sleep(0.1)
 c.sendall(data); c.close()
 """
-
-
-@dataclass
-class World:
-    lab: Lab
-    tl: TunnelLab
-    controller: Controller
-    part: Tunnels
-    events: list[dict[str, Any]] = field(default_factory=list)
-    pristine: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-    def create(self, requester: str, target: str, profile: str) -> Weave:
-        c = self.controller
-        weave = c.call(c.weaver.create, WeaveRequest(requester, target, 600, 5, profile))
-        assert isinstance(weave, Weave), weave
-        return weave
-
-    def up(self, src_vm: str = "web1", dst_vm: str = "db1", target: str = "globex-db",
-           profile: str = "gold") -> Weave:
-        """An active weave from acme-web to `target`, with `src_vm` and `dst_vm` plugged into
-        its leg."""
-        weave = self.create("acme-web", target, profile)
-        self.tl.connect(src_vm, dst_vm, weave.legs[0].slot)
-        return self.wait_state(weave.id, State.ACTIVE)
-
-    def weave(self, weave_id: str) -> Weave:
-        c = self.controller
-        return c.call(lambda: c.weaver.live.get(weave_id) or c.store.weave(weave_id))
-
-    def wait_state(self, weave_id: str, *states: State, timeout: float = 30) -> Weave:
-        wait_for(lambda: self.weave(weave_id).state in states, timeout,
-                 f"{weave_id} to become {'/'.join(states)} (now {self.weave(weave_id).state})")
-        return self.weave(weave_id)
-
-    def end(self, weave: Weave) -> None:
-        c = self.controller
-        c.call(c.weaver.terminate, weave.id)
-        for leg in weave.legs:
-            if leg.slot is not None:
-                self.tl.disconnect(leg.slot)
-        wait_for(self.part.drained, 30, "the agents to remove every leg")
-        # ...which the part reports, and the weave goes from terminating to terminated.
-        wait_for(lambda: self.weave(weave.id).state is State.TERMINATED, 10,
-                 "the weave to be terminated")
-
-    def security(self, kind: str) -> list[dict[str, Any]]:
-        return [e for e in list(self.events) if e.get("type") == "security"
-                and e.get("kind") == kind]
-
-    def assert_pristine(self) -> None:
-        for name, host in self.tl.hosts.items():
-            assert host.snapshot() == self.pristine[name], f"{name} kept something"
-
-
-@pytest.fixture(scope="module")
-def world() -> Iterator[World]:
-    topo = parse_topology_text(TWO_HOSTS, POLICY)
-    with Lab() as lab:
-        tl = TunnelLab(lab, topo).build()
-        tl.start_agents()
-        config = Config(POLICY, topo, (SHIPPED_POLICIES,), Path("tunnel-lab.yaml"))
-        controller = Controller(config, lab.directory("controller"))
-        part = tunnels_for(controller, tl.ovsdb_targets(), poll_interval=0.05)
-        controller.add_part(part)
-        w = World(lab, tl, controller, part)
-        controller.weaver.subscribe(w.events.append)
-        controller.start()
-        part.start()
-        try:
-            w.pristine = {name: host.snapshot() for name, host in tl.hosts.items()}
-            yield w
-        finally:
-            part.stop()
-            controller.stop()
-
-
-def ping(vm: Netns, address: str, count: int = 3, size: int = 56, df: bool = False,
-         timeout: int = 2) -> bool:
-    args = ["ping", "-n", "-c", str(count), "-i", "0.2", "-W", str(timeout), "-s", str(size),
-            "-p", PING_PATTERN]
-    if df:
-        args += ["-M", "do"]
-    return vm.run(*args, address, check=False, timeout=30).returncode == 0
 
 
 def tcp_transfer(world: World, source: str, sink: str, repeat: int = 2000) -> int:

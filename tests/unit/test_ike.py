@@ -6,7 +6,9 @@ from __future__ import annotations
 import socket
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -83,3 +85,44 @@ def test_a_child_sa_that_carries_nothing_is_not_installed(state: str) -> None:
     info = _sa_info({"state": b"ESTABLISHED", "uniqueid": b"3",
                      "child-sas": {"nwc-x-7": child(state, "7")}})
     assert not info.installed
+
+
+class _Listings(IkeDaemon):
+    """An IkeDaemon whose charon answers list-sas with the given listings, one per call."""
+
+    def __init__(self, *listings: list[dict[str, Any]]) -> None:
+        super().__init__("unused.vici")
+        self.listings = list(listings)
+        self.calls = 0
+
+    @contextmanager
+    def _session(self, timeout: float | None = None) -> Iterator[Any]:
+        daemon = self
+
+        class Session:
+            def list_sas(self) -> list[dict[str, Any]]:
+                daemon.calls += 1
+                return daemon.listings.pop(0)
+
+        yield Session()
+
+
+@pytest.mark.parametrize("old_state", ["REKEYED", "DELETING"])
+def test_a_listing_caught_mid_ike_rekey_is_taken_again(old_state: str) -> None:
+    """What a real charon listed during an IKE SA rekey (the responder's old SA REKEYED, the
+    initiator's DELETING): only the old IKE SA, its CHILD SA already moved to the new one."""
+    caught = [{b"nwc-x": {"state": old_state.encode(), "uniqueid": b"1", "child-sas": {}}}]
+    settled = [{b"nwc-x": {"state": b"ESTABLISHED", "uniqueid": b"2",
+                           "child-sas": {"nwc-x-4": child("INSTALLED", "4")}}}]
+    daemon = _Listings(caught, settled)
+    sa = daemon.sas()["nwc-x"]
+    assert (sa.ike_id, sa.child_id, sa.installed) == ("2", "4", True)
+    assert daemon.calls == 2
+
+
+def test_an_ike_sa_that_keeps_going_without_children_is_reported_as_it_is() -> None:
+    gone = [{b"nwc-x": {"state": b"DELETING", "uniqueid": b"1", "child-sas": {}}}]
+    daemon = _Listings(*[gone] * 5)
+    sa = daemon.sas()["nwc-x"]
+    assert (sa.ike_state, sa.installed) == ("DELETING", False)
+    assert daemon.calls == 3  # a few listings at most, then what charon says stands
