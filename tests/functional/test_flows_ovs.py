@@ -200,3 +200,47 @@ def test_a_refresh_restarts_hard_timeouts_without_losing_counters(nwc: Nwc) -> N
     # elapsed - 1.5 however slow the machine is.
     assert younger < age + elapsed - 1.0
     assert nwc.net.ping("web1", "192.0.2.70")
+
+
+def test_ovs_bundle_replies_pass_the_guard_with_spec_padded_properties(
+        nwc: Nwc, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bundle replies a real ovs-vswitchd sends for NWC's bundles pass the guard, and so
+    do the same replies carrying properties padded as the spec has them (OVS 3.1 sends none;
+    a switch that does must not be hung up on)."""
+    from os_ken.ofproto import ofproto_parser, ofproto_protocol
+    from os_ken.ofproto import ofproto_v1_3 as ofp
+    from os_ken.ofproto import ofproto_v1_3_parser as parser
+
+    from nwc import ofguard
+
+    replies: list[bytes] = []
+    refused: list[str] = []
+    check = ofguard.check_message
+
+    def capture(buf: bytes) -> bool:
+        if buf[1] == ofguard.EXPERIMENTER:
+            replies.append(bytes(buf))
+        try:
+            return check(buf)
+        except ofguard.Rejected as exc:  # the switch would be hung up on (and reconnect)
+            refused.append(f"{exc}: {buf.hex()}")
+            raise
+    monkeypatch.setattr(ofguard, "check_message", capture)
+    weave = nwc.weave("acme-web", "globex-db")  # bundles on h1, h2 and the fabric
+    nwc.controller.call(nwc.controller.weaver.terminate, weave.id)
+    nwc.wait_connected()
+    monkeypatch.undo()
+    assert refused == []
+    kinds = {struct.unpack_from("!H", r, 20)[0] for r in replies}
+    assert {ofp.ONF_BCT_OPEN_REPLY, ofp.ONF_BCT_COMMIT_REPLY} <= kinds, replies
+    dp = ofproto_protocol.ProtocolDesc(version=ofp.OFP_VERSION)
+    # An experimenter property of 12 bytes (4 of padding follow) and one of 5 (3 follow).
+    properties = (struct.pack("!HHII", 0xFFFF, 12, 0x2320, 1) + bytes(4)
+                  + struct.pack("!HHB", 7, 5, 1) + bytes(3))
+    for reply in replies:
+        assert len(reply) == 24 and ofguard.check_message(reply)  # OVS 3.1: no properties
+        padded = reply[:2] + struct.pack("!H", 24 + len(properties)) + reply[4:] + properties
+        assert ofguard.check_message(padded), padded.hex()
+        msg = ofproto_parser.msg(dp, *ofproto_parser.header(padded), padded)
+        assert isinstance(msg, parser.ONFBundleCtrlMsg)
+        assert [(p.type, p.length) for p in msg.properties] == [(0xFFFF, 12), (7, 5)]
