@@ -233,6 +233,16 @@ class Batch:
 
 
 @dataclass
+class Removal:
+    """A terminated weave whose flows and meters are not yet confirmed gone everywhere."""
+
+    weave: Weave
+    # dpids still to confirm: by the barrier of the removal batch, or, for a switch that was
+    # away or dropped before that barrier, by the barrier of its resync on reconnect.
+    waiting: set[int]
+
+
+@dataclass
 class SwitchStats:
     """One switch's counters for every weave on it, from one flow-stats and one meter-stats
     request. Filled by os-ken's thread; `done` once both replies ended or NWC gave up."""
@@ -302,9 +312,13 @@ class FlowsPart:
         # weave id -> dpid -> when the flows installed there run out while the lease goes
         # on (only weaves whose lease outlasts MAX_HARD_TIMEOUT_S). Loop thread only.
         self.capped: dict[str, dict[int, datetime]] = {}
-        # weave id -> dpids whose removal batch has not come back (its barrier). A switch
-        # that drops counts as done: its resync on reconnect leaves the weave out. Loop only.
-        self.removing: dict[str, set[int]] = {}
+        # weave id -> dpids a batch with its flows was queued for in this run: where they may
+        # be, whether or not that switch is connected now. Loop thread only.
+        self.placed: dict[str, set[int]] = {}
+        # weave id -> its removal still to be confirmed. A switch that drops keeps the
+        # weave's flows (fail_mode=secure) until it reconnects and its resync removes them,
+        # so a drop never confirms; the weaver's teardown timeout bounds the wait. Loop only.
+        self.removing: dict[str, Removal] = {}
         self._stop = threading.Event()
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -362,27 +376,35 @@ class FlowsPart:
         self.pending.pop(weave.id, None)
         self.generation.pop(weave.id, None)
         self.capped.pop(weave.id, None)
+        # Removals the weaver stopped waiting for (its teardown timeout passed) are not kept
+        # for a switch that may never come back; its resync removes their flows all the same.
+        for weave_id in [w for w in self.removing if not self.weaver.tearing_down(w)]:
+            del self.removing[weave_id]
+        placed = self.placed.pop(weave.id, set())
         meters = self._own_meters(weave)
-        waiting = {dpid for dpid in weave_switches(self.weaver.topology, weave)
-                   if self._remove_from(dpid, weave, meters, teardown=True)}
+        sent = {dpid for dpid in sorted(weave_switches(self.weaver.topology, weave) | placed)
+                if self._remove_from(dpid, weave, meters, teardown=True)}
+        # A switch that was sent the weave's flows but is away now still holds them: it
+        # confirms with its resync when it is back.
+        waiting = sent | placed
         if waiting:
-            self.removing[weave.id] = waiting
-        else:  # on no connected switch: nothing to wait for (posted: _end is still running)
+            self.removing[weave.id] = Removal(weave, waiting)
+        else:  # never sent anywhere: nothing to wait for (posted: _end is still running)
             self.controller.loop.post(self.weaver.part_down, weave.id, self.name)
 
     def _removed(self, dpid: int, weave_ids: Iterable[str]) -> None:
-        """On the loop: `dpid` confirmed (or can no longer hold) these weaves' removal."""
+        """On the loop: a barrier from `dpid` confirmed these weaves' flows gone there."""
         for weave_id in weave_ids:
-            waiting = self.removing.get(weave_id)
-            if waiting is None:
+            removal = self.removing.get(weave_id)
+            if removal is None:
                 continue
-            waiting.discard(dpid)
-            if not waiting:
+            removal.waiting.discard(dpid)
+            if not removal.waiting:
                 del self.removing[weave_id]
                 self.weaver.part_down(weave_id, self.name)
 
-    def _switch_dropped(self, dpid: int) -> None:
-        self._removed(dpid, [w for w, dpids in self.removing.items() if dpid in dpids])
+    def _removals_at(self, dpid: int) -> list[Removal]:
+        return [r for _, r in sorted(self.removing.items()) if dpid in r.waiting]
 
     def _program(self, weave: Weave) -> None:
         state = self.state()
@@ -400,6 +422,7 @@ class FlowsPart:
         """One weave's flows and meters onto one switch, confirmed by the batch's barrier."""
         msgs = install_messages(conn.datapath, program, weave_cookie(weave.number), conn.meters,
                                 next(conn.bundles))
+        self.placed.setdefault(weave.id, set()).add(conn.dpid)  # even if it drops at once
         if self._send(conn, "weave", msgs, {weave.id: self.generation.get(weave.id, 0)},
                       conn.meters | {m.meter_id for m in program.meters}):
             self._installed(weave, conn.dpid, now)
@@ -516,16 +539,24 @@ class FlowsPart:
             if weave.id in refused:
                 self._refuse(weave, refused[weave.id])
         kept = [w for w in here if w.id in weaves]
+        removals = self._removals_at(dpid)  # terminated weaves this switch may still hold
         if base is None:
             for weave in kept:
                 self._install(conn, weave, weaves[weave.id], state.now)
+            for removal in removals:  # the table is not replaced: remove them one by one
+                self._remove_from(dpid, removal.weave, self._own_meters(removal.weave),
+                                  teardown=True)
             return
         program = base
         for weave in kept:
             program.extend(weaves[weave.id])
+            self.placed.setdefault(weave.id, set()).add(dpid)
         msgs = sync_messages(conn.datapath, program, conn.meters, next(conn.bundles))
         confirms = {w.id: self.generation.get(w.id, 0) for w in kept}
-        if self._send(conn, "sync", msgs, confirms, {m.meter_id for m in program.meters}):
+        # The sync replaces the whole table with live weaves only: its barrier confirms the
+        # removal of every terminated weave still waiting on this switch.
+        if self._send(conn, "sync", msgs, confirms, {m.meter_id for m in program.meters},
+                      removes=tuple(r.weave.id for r in removals)):
             for weave in kept:
                 self._installed(weave, dpid, state.now)
         log.info("switch %s (%#x): resync with %d flows, %d meters", conn.name, dpid,
@@ -618,9 +649,7 @@ class FlowsPart:
                         "one from %s", name, datapath.id, _peer(other), _peer(datapath))
             _close(other)
             # The old connection's end is not reported (its switch_gone finds it replaced):
-            # removals waiting on its barriers count as done, as for a switch that dropped;
-            # the resync below leaves those weaves out.
-            self._switch_dropped(datapath.id)
+            # removals that waited on its barriers are confirmed by the resync below instead.
         log.info("switch %s (%#x) connected from %s: %d ports, %d meters", name, datapath.id,
                  datapath.address, len(ports), len(meters))
         self.resync(datapath.id)
@@ -638,9 +667,9 @@ class FlowsPart:
             del self.switches[datapath.id]
             if conn.stats is not None:
                 conn.stats.done.set()  # whoever waits for its statistics need not
-        log.warning("switch %s (%#x) disconnected; its weaves are not confirmed until it is "
-                    "back", conn.name, conn.dpid)
-        self._switch_dropped(conn.dpid)
+        log.warning("switch %s (%#x) disconnected; its weaves (and the removal of terminated "
+                    "ones) are not confirmed until it is back and resynced", conn.name,
+                    conn.dpid)
 
     def port_changed(self, datapath: Any, port_name: str, port_no: int, *, up: bool,
                      present: bool) -> None:
@@ -727,8 +756,7 @@ class FlowsPart:
         with self.lock:
             if self.switches.get(conn.dpid) is conn:
                 del self.switches[conn.dpid]
-        _close(conn.datapath)
-        self.controller.loop.post(self._switch_dropped, conn.dpid)
+        _close(conn.datapath)  # what it waited for is confirmed by its resync on reconnect
 
     def on_error(self, datapath: Any, msg: Any) -> None:
         with self.lock:

@@ -742,6 +742,10 @@ class Weaver:
             if leg.slot is not None:
                 self._give_slot(leg.slot)
 
+    def tearing_down(self, weave_id: str) -> bool:
+        """Whether the weaver still waits for parts to confirm this weave's teardown."""
+        return weave_id in self._tearing
+
     def part_down(self, weave_id: str, part: str) -> None:
         """A part reports a terminated weave gone from everything it programs."""
         entry = self._tearing.get(weave_id)

@@ -7,6 +7,7 @@ import re
 import socket
 import struct
 import time
+from datetime import timedelta
 
 import pytest
 from conftest import Nwc
@@ -200,3 +201,82 @@ def test_a_refresh_restarts_hard_timeouts_without_losing_counters(nwc: Nwc) -> N
     # elapsed - 1.5 however slow the machine is.
     assert younger < age + elapsed - 1.0
     assert nwc.net.ping("web1", "192.0.2.70")
+
+
+def test_ovs_bundle_replies_pass_the_guard_with_spec_padded_properties(
+        nwc: Nwc, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bundle replies a real ovs-vswitchd sends for NWC's bundles pass the guard, and so
+    do the same replies carrying properties padded as the spec has them (OVS 3.1 sends none;
+    a switch that does must not be hung up on)."""
+    from os_ken.ofproto import ofproto_parser, ofproto_protocol
+    from os_ken.ofproto import ofproto_v1_3 as ofp
+    from os_ken.ofproto import ofproto_v1_3_parser as parser
+
+    from nwc import ofguard
+
+    replies: list[bytes] = []
+    refused: list[str] = []
+    check = ofguard.check_message
+
+    def capture(buf: bytes) -> bool:
+        if buf[1] == ofguard.EXPERIMENTER:
+            replies.append(bytes(buf))
+        try:
+            return check(buf)
+        except ofguard.Rejected as exc:  # the switch would be hung up on (and reconnect)
+            refused.append(f"{exc}: {buf.hex()}")
+            raise
+    monkeypatch.setattr(ofguard, "check_message", capture)
+    weave = nwc.weave("acme-web", "globex-db")  # bundles on h1, h2 and the fabric
+    nwc.controller.call(nwc.controller.weaver.terminate, weave.id)
+    nwc.wait_connected()
+    monkeypatch.undo()
+    assert refused == []
+    kinds = {struct.unpack_from("!H", r, 20)[0] for r in replies}
+    assert {ofp.ONF_BCT_OPEN_REPLY, ofp.ONF_BCT_COMMIT_REPLY} <= kinds, replies
+    dp = ofproto_protocol.ProtocolDesc(version=ofp.OFP_VERSION)
+    # An experimenter property of 12 bytes (4 of padding follow) and one of 5 (3 follow).
+    properties = (struct.pack("!HHII", 0xFFFF, 12, 0x2320, 1) + bytes(4)
+                  + struct.pack("!HHB", 7, 5, 1) + bytes(3))
+    for reply in replies:
+        assert len(reply) == 24 and ofguard.check_message(reply)  # OVS 3.1: no properties
+        padded = reply[:2] + struct.pack("!H", 24 + len(properties)) + reply[4:] + properties
+        assert ofguard.check_message(padded), padded.hex()
+        msg = ofproto_parser.msg(dp, *ofproto_parser.header(padded), padded)
+        assert isinstance(msg, parser.ONFBundleCtrlMsg)
+        assert [(p.type, p.length) for p in msg.properties] == [(0xFFFF, 12), (7, 5)]
+
+
+def test_a_switch_away_during_teardown_keeps_it_terminating_until_resynced(nwc: Nwc) -> None:
+    """Real OVS with fail_mode=secure keeps a weave's flows while its controller is away: the
+    teardown is confirmed only once it is back and its resync removed them."""
+    weave = nwc.weave("acme-web", "globex-db")
+    h1 = nwc.net.hosts["h1"].ovs
+    dpid = nwc.controller.config.topology.hosts["h1"].dpid
+    target = h1.vsctl("get-controller", "br-int").strip()
+    cookie = f"cookie={weave.number << 8 | 2 << 56:#x}/0xffffffffffffff00"
+
+    def weave_flows() -> int:
+        out = h1.ofctl("dump-flows", "br-int", "-O", "OpenFlow13", cookie)
+        return sum(1 for line in out.splitlines() if "cookie=" in line)
+    assert weave_flows() > 0
+    # Point h1 at a port nobody listens on: it drops NWC but keeps a controller (an empty
+    # controller set would make OVS flush its tables).
+    h1.vsctl("set-controller", "br-int", "tcp:127.0.0.1:9")
+    wait_for(lambda: dpid not in nwc.part.switches, 15, "NWC to notice h1 is gone")
+    # Longer than this test waits: TERMINATED below can only come from a confirmation.
+    nwc.controller.call(setattr, nwc.controller.weaver, "teardown_timeout",
+                        timedelta(seconds=120))
+    nwc.controller.call(nwc.controller.weaver.terminate, weave.id)
+    time.sleep(1)
+    record = nwc.controller.call(nwc.controller.weaver.store.weave, weave.id)
+    assert record.state is State.TERMINATING
+    assert weave_flows() > 0  # h1 still forwards with them
+    h1.vsctl("set-controller", "br-int", target)
+
+    def terminated() -> bool:
+        done = nwc.controller.call(nwc.controller.weaver.store.weave, weave.id)
+        return done.state is State.TERMINATED
+    wait_for(terminated, 30, "the teardown to be confirmed by h1's resync")
+    assert weave_flows() == 0
+    assert not nwc.controller.call(nwc.controller.weaver.tearing_down, weave.id)

@@ -1,4 +1,5 @@
-"""Byte strings the malformed-OpenFlow functional test sends (no tests here)."""
+"""Byte strings the malformed-OpenFlow functional test sends (no tests here). What real
+ovs-vswitchd sends is captured live: see the bundle-reply test in test_flows_ovs.py."""
 
 from __future__ import annotations
 

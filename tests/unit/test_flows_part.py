@@ -442,17 +442,93 @@ def test_a_terminated_weave_is_terminating_until_every_switch_removed_it(
     assert audit[-2:] == ["released", "terminated"]
 
 
-def test_a_switch_that_drops_during_teardown_does_not_hold_the_weave(fsim: FlowsSim) -> None:
+def _weave_flows(fsim: FlowsSim, name: str, weave: Weave) -> list[Any]:
+    """The weave's flows still in one fake switch's tables."""
+    return fsim.net.switches[name].flow_stats(weave_cookie(weave.number), OWNER_MASK)
+
+
+def test_a_switch_that_drops_during_teardown_holds_it_until_its_resync(
+        fsim: FlowsSim) -> None:
+    """A switch with fail_mode=secure that loses the controller keeps its flows: a removal
+    it never got is not confirmed by its drop, but by its resync once it is back."""
     fsim.connect_all()
     weave = fsim.weave("acme-web", "globex-db")
     hold = threading.Event()
     fsim.dps["h1"].block = hold
     fsim.loop.call(fsim.weaver.terminate, weave.id)
     assert _state(fsim, weave.id) is State.TERMINATING
-    fsim.dps["h1"].hang_up()  # its resync on reconnect will leave the weave out
+    fsim.dps["h1"].hang_up()  # before it read the removal
     hold.set()
     fsim.settle()
+    assert _weave_flows(fsim, "h1", weave)  # still there: it forwards the weave's traffic
+    assert _weave_flows(fsim, "h3", weave) == []  # the others answered their removal
+    assert _state(fsim, weave.id) is State.TERMINATING
+    assert fsim.loop.call(fsim.weaver.tearing_down, weave.id)  # slots not given back yet
+    fsim.connect("h1")  # back: its resync leaves the weave out, and its barrier confirms
+    assert _weave_flows(fsim, "h1", weave) == []
     assert _state(fsim, weave.id) is State.TERMINATED
+    assert not fsim.loop.call(fsim.weaver.tearing_down, weave.id)
+    assert not fsim.part.removing
+
+
+def test_a_switch_away_when_the_teardown_starts_holds_it_too(fsim: FlowsSim) -> None:
+    """Gone just before the teardown or just after: the switch keeps the flows either way."""
+    fsim.connect_all()
+    weave = fsim.weave("acme-web", "globex-db")
+    fsim.dps["h1"].hang_up()
+    fsim.settle()
+    fsim.loop.call(fsim.weaver.terminate, weave.id)
+    fsim.settle()
+    assert _state(fsim, weave.id) is State.TERMINATING
+    fsim.connect("h1")
+    assert _weave_flows(fsim, "h1", weave) == []
+    assert _state(fsim, weave.id) is State.TERMINATED
+
+
+def test_a_resync_that_keeps_the_table_removes_the_waiting_weaves_one_by_one(
+        fsim: FlowsSim, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A switch whose base flows cannot be compiled keeps its table on reconnect (only live
+    weaves are installed): a weave whose removal it missed is removed explicitly."""
+    fsim.connect_all()
+    weave = fsim.weave("acme-web", "globex-db")
+    fsim.dps["h1"].hang_up()
+    fsim.settle()
+    fsim.loop.call(fsim.weaver.terminate, weave.id)
+    fsim.settle()
+
+    def broken(*args: Any) -> Any:
+        raise ValueError("cannot compile")
+    monkeypatch.setattr(ofapp, "compile_base", broken)
+    fsim.connect("h1")
+    assert _weave_flows(fsim, "h1", weave) == []
+    assert _state(fsim, weave.id) is State.TERMINATED
+
+
+def test_a_dropped_switch_holds_a_teardown_no_longer_than_the_teardown_timeout(
+        fsim: FlowsSim) -> None:
+    events: list[dict[str, Any]] = []
+    fsim.loop.call(fsim.weaver.subscribe, events.append)
+    fsim.connect_all()
+    weave = fsim.weave("acme-web", "globex-db")
+    hold = threading.Event()
+    fsim.dps["h1"].block = hold
+    fsim.loop.call(fsim.weaver.terminate, weave.id)
+    fsim.dps["h1"].hang_up()
+    hold.set()
+    fsim.settle()
+    fsim.advance(fsim.weaver.teardown_timeout.total_seconds() + 1)
+    fsim.loop.call(fsim.weaver.tick)
+    assert _state(fsim, weave.id) is State.TERMINATED
+    assert {"type": "weave.teardown_unconfirmed", "weave_id": weave.id,
+            "parts": ["flows"]} in [{k: v for k, v in e.items() if k != "ts"} for e in events]
+    # The part forgets it at the next teardown rather than keep it for a switch that may
+    # never come back; h1 loses the weave's flows on its resync all the same.
+    other = fsim.weave("acme-web", "initech-app", profile="silver")
+    fsim.loop.call(fsim.weaver.terminate, other.id)
+    fsim.settle()
+    assert weave.id not in fsim.part.removing
+    fsim.connect("h1")
+    assert _weave_flows(fsim, "h1", weave) == []
 
 
 def test_with_no_switch_connected_a_terminated_weave_ends_at_once(fsim: FlowsSim) -> None:
