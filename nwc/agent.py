@@ -35,7 +35,10 @@ from nwc.hostnet import VxlanDevice
 from nwc.ike import IkeNoAnswer, IkeUnavailable, InitiateResult
 from nwc.pki import LegKey, Secret, write_private
 from nwc.tunnel import (
+    AGENT_ACK_KEY,
+    NO_ACK_YET,
     RECORD_PREFIX,
+    RECORDS_VERSION_KEY,
     STATUS_PREFIX,
     UNDERLAY,
     VXLAN_UDP_PORT,
@@ -45,6 +48,7 @@ from nwc.tunnel import (
     SaInfo,
     TunnelError,
     TunnelSpec,
+    parse_version,
 )
 
 log = logging.getLogger(__name__)
@@ -187,8 +191,17 @@ class Agent:
 
     def step(self) -> None:
         """One reconciliation: make this host's leg ends equal to the controller's records."""
-        records = self.db.external_ids(RECORD_PREFIX)
-        statuses = self.db.external_ids(STATUS_PREFIX)
+        # One snapshot: the version acknowledged below must be the one these records came with.
+        ids = self.db.external_ids("nwc-")
+        if AGENT_ACK_KEY not in ids:
+            # Until a host shows an ack, the controller takes statuses alone as proof that a
+            # leg is gone (agents older than acks write none). So the key goes in before this
+            # agent acts, and what it acts on is read after.
+            self.db.update_external_ids({AGENT_ACK_KEY: str(NO_ACK_YET)})
+            ids = self.db.external_ids("nwc-")
+        version = parse_version(ids.get(RECORDS_VERSION_KEY)) or 0
+        records = {k: v for k, v in ids.items() if k.startswith(RECORD_PREFIX)}
+        statuses = {k: v for k, v in ids.items() if k.startswith(STATUS_PREFIX)}
         if not self._adopted:
             self._adopt(statuses)
         writes: dict[str, str] = {}
@@ -260,6 +273,10 @@ class Agent:
                 log.info("leg %s: %s -> %s%s", key, before, leg.phase,
                          f" ({leg.detail})" if leg.detail else "")
             writes.update(self._report(leg))
+        if ids.get(AGENT_ACK_KEY) != str(version):
+            # In the same transaction as this pass's statuses: the controller reads "acted on
+            # this version, and here is what came of it" at once, never the ack alone.
+            writes[AGENT_ACK_KEY] = str(version)
         if writes or deletes:
             self.db.update_external_ids(writes, [d for d in deletes if d not in writes])
         if removed and self.compact_db is not None:

@@ -7,6 +7,7 @@ import datetime as dt
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from unittest.mock import ANY
 
 import pytest
 from tunnel_fakes import (
@@ -27,7 +28,9 @@ from nwc.lab.tunnel_lab import TWO_HOSTS
 from nwc.pki import CertificateAuthority, LegKey, new_psk
 from nwc.topology import parse_topology_text
 from nwc.tunnel import (
+    AGENT_ACK_KEY,
     RECORD_PREFIX,
+    RECORDS_VERSION_KEY,
     STATUS_PREFIX,
     LegRecord,
     LegStatus,
@@ -123,6 +126,31 @@ def test_a_leg_is_built_blackhole_first_and_waits_for_the_start_signal() -> None
     assert host.ike.initiations == 1  # installed: nothing more to do
 
 
+def test_the_agent_acknowledges_a_records_version_with_what_its_pass_made_of_it() -> None:
+    req, _ = specs()
+    host = Host()
+    host.db.ids[RECORDS_VERSION_KEY] = "7"
+    host.want(LegRecord(req, new_psk()))
+    written: list[tuple[int, dict[str, str]]] = []  # (changes made before, keys set)
+    update = host.db.update_external_ids
+
+    def recording(set_keys=None, delete_keys=()) -> None:
+        written.append((len(host.journal.entries), dict(set_keys or {})))
+        update(set_keys, delete_keys)
+
+    host.db.update_external_ids = recording  # type: ignore[method-assign]
+    host.steps(1)
+    # First the mark that this agent acknowledges, before it does anything...
+    assert written[0] == (0, {AGENT_ACK_KEY: "-1"})
+    # ...then the version, in the one write that also carries what the pass did with it.
+    assert written[1][1] == {AGENT_ACK_KEY: "7", STATUS_PREFIX + req.key: ANY}
+    host.steps(3)
+    assert len(written) == 2  # acknowledged once per version, not once per pass
+    host.db.ids[RECORDS_VERSION_KEY] = "8"
+    host.steps(1)
+    assert written[2][1] == {AGENT_ACK_KEY: "8"}
+
+
 def test_the_responder_never_initiates() -> None:
     _, tgt = specs()
     host = Host()
@@ -182,7 +210,7 @@ def test_teardown_removes_everything_device_first_blackhole_last() -> None:
     assert last_ike < j.index("remove_blackhole", str(req.remote_vtep))
     assert j.entries[-1][0] == "remove_blackhole"
     assert host.net.empty()
-    assert not host.db.ports and not host.db.ids
+    assert not host.db.ports and not host.db.leg_keys()
     assert not (host.ike.conns or host.ike.shared or host.ike.keys or host.ike.sa_table)
     assert host.compactions == 1  # the key's old value leaves OVSDB's on-disk log too
 
@@ -209,7 +237,7 @@ def test_a_restarted_agent_takes_its_legs_back_and_can_remove_them() -> None:
     host.agent = host.new_agent()  # the process restarted: no memory
     host.drop(req)  # and meanwhile the weave ended
     host.steps(1)
-    assert host.net.empty() and not host.db.ports and not host.db.ids
+    assert host.net.empty() and not host.db.ports and not host.db.leg_keys()
     assert not (host.ike.conns or host.ike.shared)
 
 
@@ -302,7 +330,7 @@ def test_ovs_ipsec_backend_writes_the_interface_and_cleans_up() -> None:
     assert host.status(req).phase is Phase.INSTALLED
     host.drop(req)
     host.steps(1)
-    assert not host.db.ports and not host.db.other and not host.db.ids and host.net.empty()
+    assert not host.db.ports and not host.db.other and not host.db.leg_keys() and host.net.empty()
 
 
 def test_ovs_ipsec_x509_uses_a_host_certificate_kept_private(tmp_path: Path) -> None:
@@ -351,7 +379,7 @@ def test_a_restarted_agent_skips_a_garbled_status_and_adopts_the_rest() -> None:
     host.agent = host.new_agent()  # restarted, and meanwhile the weave ended
     host.drop(req)
     host.steps(2)
-    assert host.net.empty() and not host.db.ports and not host.db.ids
+    assert host.net.empty() and not host.db.ports and not host.db.leg_keys()
     assert not (host.ike.conns or host.ike.shared)
 
 
@@ -370,7 +398,7 @@ def test_the_blackhole_stays_while_the_device_may_still_send(broken: str) -> Non
     assert status.phase is Phase.ERROR and "teardown incomplete" in status.detail
     failing.failing.clear()
     host.steps(1)  # the next pass finishes the job, blackhole last
-    assert host.net.empty() and not host.db.ports and not host.db.ids
+    assert host.net.empty() and not host.db.ports and not host.db.leg_keys()
     j = host.journal
     assert j.entries[-1] == ("remove_blackhole", str(req.remote_vtep))
     assert j.count("remove_blackhole") == 1  # never while the device might still send
@@ -387,7 +415,7 @@ def test_ovs_ipsec_is_refused_on_a_userspace_datapath_bridge() -> None:
     assert not host.db.ports and not host.db.other and host.net.empty()  # nothing built
     host.drop(req)
     host.steps(1)
-    assert not host.db.ids
+    assert not host.db.leg_keys()
 
 
 def test_routes_and_addresses_removed_by_someone_else_are_put_back() -> None:
@@ -433,7 +461,7 @@ def test_a_teardown_waits_for_a_busy_charon_instead_of_forgetting_what_it_holds(
     host.ike.busy = False
     host.steps(1)
     assert not (host.ike.conns or host.ike.shared or host.ike.sa_table)
-    assert host.net.empty() and not host.db.ids
+    assert host.net.empty() and not host.db.leg_keys()
 
 
 def psk_leg_installed() -> tuple[Host, TunnelSpec]:

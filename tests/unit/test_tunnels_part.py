@@ -173,7 +173,7 @@ def test_wrong_key_means_no_tunnel_a_security_event_and_failure(world: World) ->
     world.rounds(3)
     assert world.part.drained()
     for host in ("h1", "h2"):
-        assert world.nets[host].empty() and not world.dbs[host].ids
+        assert world.nets[host].empty() and not world.dbs[host].leg_keys()
         assert not world.ikes[host].shared and not world.ikes[host].conns
 
 
@@ -188,11 +188,48 @@ def test_weave_down_clears_both_hosts(world: World) -> None:
     assert world.part.drained()
     assert world.reports.log[-1] == ("down", w.id)
     for host in ("h1", "h2"):
-        assert not world.dbs[host].ids and not world.dbs[host].ports
+        assert not world.dbs[host].leg_keys() and not world.dbs[host].ports
         assert world.nets[host].empty()
         assert not (world.ikes[host].conns or world.ikes[host].shared
                     or world.ikes[host].sa_table)
     assert world.part.stats(w) == {}
+
+
+def test_a_leg_removed_while_its_agent_is_mid_pass_is_confirmed_gone_only_after(
+        world: World) -> None:
+    """Found in review: the agent on h1 read the records, the weave went down and the
+    controller, seeing neither record nor status, confirmed the leg gone while that pass went
+    on to build it (its status comes only at the pass's end): the slot went back early."""
+    w = weave()
+    world.rounds(1)  # the agents are running
+    world.part.weave_up(w)
+    world.part.sync()  # the records are on both hosts
+
+    def controller_meanwhile() -> None:
+        world.part.weave_down(w)
+        world.part.sync()  # deletes the records
+        world.part.sync()  # reads both hosts without them
+
+    world.dbs["h1"].after_next_read = controller_meanwhile
+    world.agents["h1"].step()  # read with the record; builds the leg after the deletion
+    assert world.nets["h1"].addresses  # built, by a pass that read the record
+    assert ("down", w.id) not in world.reports.log and not world.part.drained()
+    world.rounds(3)
+    assert world.reports.log[-1] == ("down", w.id) and world.part.drained()
+    for host in ("h1", "h2"):
+        assert world.nets[host].empty() and not world.dbs[host].leg_keys()
+
+
+def test_an_agent_that_predates_acks_is_taken_at_its_statuses(world: World) -> None:
+    """Hosts whose agent never wrote an ack (older agents write none, and these never ran)
+    confirm a removal by the status alone, as before acks: their weaves still end."""
+    w = weave()
+    world.part.weave_up(w)
+    world.part.sync()
+    world.part.weave_down(w)
+    world.part.sync()  # deletes the records
+    world.part.sync()
+    assert world.reports.log == [("down", w.id)] and world.part.drained()
 
 
 def test_x509_certificates_are_issued_for_exactly_the_assigned_identities(world: World) -> None:
@@ -243,7 +280,7 @@ def test_records_of_weaves_the_controller_does_not_know_are_removed(world: World
     world.part = world.new_part()  # restarted, and the weave ended meanwhile
     world.rounds(3)
     for host in ("h1", "h2"):
-        assert not world.dbs[host].ids and world.nets[host].empty()
+        assert not world.dbs[host].leg_keys() and world.nets[host].empty()
 
 
 def test_an_installed_sa_going_away_is_a_security_event(world: World) -> None:
