@@ -519,6 +519,18 @@ class LegRecord:
             digest.update(len(part).to_bytes(4, "big") + part)
         return digest.hexdigest()[:16]
 
+    def tunnel_id(self) -> str:
+        """Which tunnel this record asks for: its spec (weave, slot, endpoints, identities)
+        and its key material, hashed like fingerprint(). An agent reports it with an
+        installed SA (`sa_of`): a reused slot repeats the endpoints and the port name, so only
+        this tells the controller the SA is of the tunnel it wants now. `start` is left out:
+        no SA is bound to it."""
+        spec = json.dumps(self.spec.to_dict(), sort_keys=True, separators=(",", ":")).encode()
+        digest = hashlib.sha256(b"nwc-leg-tunnel\0")
+        for part in (spec, self.fingerprint().encode()):
+            digest.update(len(part).to_bytes(4, "big") + part)
+        return digest.hexdigest()[:16]
+
 
 # -- what the agent answers -------------------------------------------------------------------
 
@@ -650,8 +662,9 @@ class LegStatus:
             raise TunnelError("a tunnel status's extra is not a JSON object")
         if "key_id" in extra and not isinstance(extra["key_id"], str):
             raise TunnelError("a tunnel status's key_id is not text")
-        if "material" in extra and not isinstance(extra["material"], str):
-            raise TunnelError("a tunnel status's material is not text")
+        for name in ("material", "sa_of"):
+            if name in extra and not isinstance(extra[name], str):
+                raise TunnelError(f"a tunnel status's {name} is not text")
         if "ovs_keys" in extra and not (isinstance(extra["ovs_keys"], list) and all(
                 isinstance(k, str) for k in extra["ovs_keys"])):
             raise TunnelError("a tunnel status's ovs_keys is not a list of names")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import dataclasses
 import datetime as dt
 import logging
 import queue
@@ -568,6 +569,12 @@ class Tunnels:
                 continue
             if status.applied is not None and status.applied != end:
                 continue  # the agent still reports an older build of this leg
+            if status.phase is Phase.INSTALLED and not self._sa_is_current(leg, end, status):
+                # Its SA belongs to another tunnel (older key material, or an earlier weave
+                # on a reused slot): this one has none yet.
+                status = dataclasses.replace(
+                    status, phase=Phase.DELEGATED if end.backend == "ovs-ipsec"
+                    else Phase.CONNECTING, detail="the installed SA is of another tunnel")
             leg.statuses[end.host] = status
             if (status.phase is Phase.WAITING_CERT and status.csr_pem
                     and leg.csrs.get(end.host) != status.csr_pem):
@@ -596,6 +603,13 @@ class Tunnels:
         review). An agent that does not report its material is taken at its word."""
         reported = status.extra.get("material")
         return reported is None or reported == self._record(leg, leg.target).fingerprint()
+
+    def _sa_is_current(self, leg: _Leg, end: TunnelSpec, status: LegStatus) -> bool:
+        """Whether an end's installed SA is of the tunnel NWC asks for now (`sa_of`). An
+        agent that does not say (the strongswan backend names its connections after the
+        weave, and older agents) is taken at its word."""
+        sa_of = status.extra.get("sa_of")
+        return sa_of is None or sa_of == self._record(leg, end).tunnel_id()
 
     def _record(self, leg: _Leg, end: TunnelSpec) -> LegRecord:
         """The record NWC writes for one end of a leg."""

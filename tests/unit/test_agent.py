@@ -11,6 +11,7 @@ from unittest.mock import ANY
 
 import pytest
 from tunnel_fakes import (
+    OVS_TOPO,
     POLICY,
     T0,
     TOPO,
@@ -24,9 +25,7 @@ from tunnel_fakes import (
 )
 
 from nwc.agent import Agent
-from nwc.lab.tunnel_lab import TWO_HOSTS
 from nwc.pki import CertificateAuthority, LegKey, new_psk
-from nwc.topology import parse_topology_text
 from nwc.tunnel import (
     AGENT_ACK_KEY,
     RECORD_PREFIX,
@@ -41,11 +40,6 @@ from nwc.tunnel import (
 )
 
 pytestmark = pytest.mark.unit
-
-OVS_TOPO = parse_topology_text(
-    TWO_HOSTS.replace("underlay_ip: 100.64.0.1}", "underlay_ip: 100.64.0.1, backend: ovs-ipsec}")
-    .replace("underlay_ip: 100.64.0.2}", "underlay_ip: 100.64.0.2, backend: ovs-ipsec}"), POLICY)
-
 
 def specs(profile: str = "gold", slot: int = 0, topo=TOPO) -> tuple[TunnelSpec, TunnelSpec]:
     w = one_leg_weave(7, slot, profile=profile)
@@ -331,6 +325,38 @@ def test_ovs_ipsec_backend_writes_the_interface_and_cleans_up() -> None:
     host.drop(req)
     host.steps(1)
     assert not host.db.ports and not host.db.other and not host.db.leg_keys() and host.net.empty()
+
+
+def test_ovs_ipsec_a_reused_slot_is_not_installed_on_the_earlier_tunnels_sa() -> None:
+    """Found in review: ovs-monitor-ipsec names SAs after the port, and a slot reused after
+    its weave ended repeats the port and the endpoints: the new leg reported installed on the
+    earlier tunnel's SA, before ovs-monitor-ipsec had even taken it down."""
+    host = Host(backend="ovs-ipsec")
+    first, _ = specs(topo=OVS_TOPO)
+    host.want(LegRecord(first, new_psk()))
+    host.steps(1)
+    host.ike.sa_table["nwv0-in-1"] = SaInfo("ESTABLISHED", "INSTALLED", "2", "1")
+    host.ike.sa_table["nwv0-out-1"] = SaInfo("ESTABLISHED", "INSTALLED", "3", "1")
+    host.steps(1)
+    assert host.status(first).phase is Phase.INSTALLED
+    host.drop(first)
+    host.steps(1)  # the leg is gone; ovs-monitor-ipsec has not taken its SAs down yet
+    w = one_leg_weave(8, 0)
+    second, _ = leg_specs(w, w.legs[0], POLICY.profiles["gold"], OVS_TOPO)
+    record = LegRecord(second, new_psk())
+    host.want(record)
+    host.steps(2)
+    status = host.status(second)
+    assert status.phase is Phase.DELEGATED and status.sa is None and "sa_of" not in status.extra
+    host.ike.sa_table["nwv0-in-1"] = SaInfo("ESTABLISHED", "INSTALLED", "4", "1")  # its rekey
+    host.steps(1)
+    assert host.status(second).phase is Phase.DELEGATED
+    host.ike.sa_table = {  # ovs-monitor-ipsec negotiates the tunnel the port asks for now
+        "nwv0-in-1": SaInfo("ESTABLISHED", "INSTALLED", "6", "5"),
+        "nwv0-out-1": SaInfo("ESTABLISHED", "INSTALLED", "7", "5")}
+    host.steps(1)
+    status = host.status(second)
+    assert status.phase is Phase.INSTALLED and status.extra["sa_of"] == record.tunnel_id()
 
 
 def test_ovs_ipsec_x509_uses_a_host_certificate_kept_private(tmp_path: Path) -> None:

@@ -24,6 +24,9 @@ from nwc.weave import Leg, Weave
 # The world of the tunnel tests: shipped policy, two hosts joined by one switch.
 POLICY = load_policy([SHIPPED_POLICIES])
 TOPO = parse_topology_text(TWO_HOSTS, POLICY)
+OVS_TOPO = parse_topology_text(  # the same, with the ovs-ipsec backend on both hosts
+    TWO_HOSTS.replace("underlay_ip: 100.64.0.1}", "underlay_ip: 100.64.0.1, backend: ovs-ipsec}")
+    .replace("underlay_ip: 100.64.0.2}", "underlay_ip: 100.64.0.2, backend: ovs-ipsec}"), POLICY)
 T0 = dt.datetime(2026, 11, 24, 12, 0, tzinfo=dt.UTC)
 
 
