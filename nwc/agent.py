@@ -574,10 +574,9 @@ class Agent:
         the SAs present when this leg's interface is written are an earlier tunnel's, and so
         are their rekeys, which keep one of the two ids; charon never reuses an id while it
         runs, and a forgotten id is one that is gone."""
-        on_port = [sa for name, sa in (sas or {}).items()
-                   if name.startswith(f"{leg.spec.device}-")]
         if sas is None:
             return []  # nothing to go by this pass
+        on_port = [sa for name, sa in sas.items() if name.startswith(f"{leg.spec.device}-")]
         if leg.stale_sas is None:
             leg.stale_sas = {i for sa in on_port for i in (sa.ike_id, sa.child_id) if i}
         listed: set[str] = set()
