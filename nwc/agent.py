@@ -35,7 +35,10 @@ from nwc.hostnet import VxlanDevice
 from nwc.ike import IkeNoAnswer, IkeUnavailable, InitiateResult
 from nwc.pki import LegKey, Secret, write_private
 from nwc.tunnel import (
+    AGENT_ACK_KEY,
+    NO_ACK_YET,
     RECORD_PREFIX,
+    RECORDS_VERSION_KEY,
     STATUS_PREFIX,
     UNDERLAY,
     VXLAN_UDP_PORT,
@@ -45,6 +48,7 @@ from nwc.tunnel import (
     SaInfo,
     TunnelError,
     TunnelSpec,
+    parse_version,
 )
 
 log = logging.getLogger(__name__)
@@ -116,6 +120,9 @@ class _Leg:
     rekeys: int = 0
     sa_ids: tuple[str | None, str | None] | None = None  # (CHILD SA, IKE SA) last seen
     auth_failed_for: LegRecord | None = None
+    # ovs-ipsec: ids (IKE and CHILD) of SAs on the leg's port that were there before this
+    # leg's interface was written; None until it has been looked at (see _own_sas).
+    stale_sas: set[str] | None = None
     # The local IKE daemon came back from a restart: this end starts IKE even as responder,
     # since the peer still holds the dead SA until its DPD notices (tens of seconds).
     restarted: bool = False
@@ -187,8 +194,17 @@ class Agent:
 
     def step(self) -> None:
         """One reconciliation: make this host's leg ends equal to the controller's records."""
-        records = self.db.external_ids(RECORD_PREFIX)
-        statuses = self.db.external_ids(STATUS_PREFIX)
+        # One snapshot: the version acknowledged below must be the one these records came with.
+        ids = self.db.external_ids("nwc-")
+        if AGENT_ACK_KEY not in ids:
+            # Until a host shows an ack, the controller takes statuses alone as proof that a
+            # leg is gone (agents older than acks write none). So the key goes in before this
+            # agent acts, and what it acts on is read after.
+            self.db.update_external_ids({AGENT_ACK_KEY: str(NO_ACK_YET)})
+            ids = self.db.external_ids("nwc-")
+        version = parse_version(ids.get(RECORDS_VERSION_KEY)) or 0
+        records = {k: v for k, v in ids.items() if k.startswith(RECORD_PREFIX)}
+        statuses = {k: v for k, v in ids.items() if k.startswith(STATUS_PREFIX)}
         if not self._adopted:
             self._adopt(statuses)
         writes: dict[str, str] = {}
@@ -260,6 +276,10 @@ class Agent:
                 log.info("leg %s: %s -> %s%s", key, before, leg.phase,
                          f" ({leg.detail})" if leg.detail else "")
             writes.update(self._report(leg))
+        if ids.get(AGENT_ACK_KEY) != str(version):
+            # In the same transaction as this pass's statuses: the controller reads "acted on
+            # this version, and here is what came of it" at once, never the ack alone.
+            writes[AGENT_ACK_KEY] = str(version)
         if writes or deletes:
             self.db.update_external_ids(writes, [d for d in deletes if d not in writes])
         if removed and self.compact_db is not None:
@@ -279,8 +299,9 @@ class Agent:
                 continue
             if status.applied is None or status.applied.backend != self.backend:
                 continue
+            # Its SAs are taken as its own: this agent reported them so before it stopped.
             leg = _Leg(status.applied, phase=status.phase, rekeys=status.rekeys,
-                       port_since=self.clock(), extra=dict(status.extra))
+                       port_since=self.clock(), extra=dict(status.extra), stale_sas=set())
             self.legs[raw_key[len(STATUS_PREFIX):]] = leg
             self._ovs_keys_set.update(status.extra.get("ovs_keys", []))
 
@@ -525,6 +546,7 @@ class Agent:
             if have is None or have["options"] != want["options"] \
                     or have["ofport_request"] != want["ofport_request"]:
                 self.db.add_port(spec.bridge, want)
+                leg.stale_sas = None  # what is there now was negotiated for other options
         except Exception as exc:
             detail = str(exc)
             if record.psk is not None:  # an error may quote the row it refused
@@ -533,13 +555,41 @@ class Agent:
             self._fail(leg, f"writing the OVS IPsec interface failed: {detail}")
             return
         leg.extra["ovs_keys"] = sorted(self._ovs_keys_set)
-        # ovs-monitor-ipsec names its connections <interface>-in-<n> / -out-<n>.
-        mine = [sa for name, sa in (sas or {}).items() if name.startswith(f"{spec.device}-")]
+        mine = self._own_sas(leg, sas)
         leg.sa = next((sa for sa in mine if sa.installed), mine[0] if mine else None)
         if mine and all(sa.installed for sa in mine):
             leg.phase, leg.detail = Phase.INSTALLED, ""
+            leg.extra["sa_of"] = record.tunnel_id()
         else:
             leg.phase, leg.detail = Phase.DELEGATED, "handed to ovs-monitor-ipsec"
+            if leg.stale_sas:
+                leg.detail += "; an earlier tunnel's SA on this port is still up"
+            leg.extra.pop("sa_of", None)
+
+    def _own_sas(self, leg: _Leg, sas: dict[str, SaInfo] | None) -> list[SaInfo]:
+        """The SAs ovs-monitor-ipsec negotiated for this leg. It names them after the port
+        (<interface>-in-<n> / -out-<n>), and a slot reused after its weave ended repeats the
+        port and the endpoints: an SA of the earlier tunnel, not yet taken down, would look
+        like this one's (found in review: a new weave was ready on its predecessor's SA). So
+        the SAs present when this leg's interface is written are an earlier tunnel's, and so
+        are their rekeys, which keep one of the two ids; charon never reuses an id while it
+        runs, and a forgotten id is one that is gone."""
+        if sas is None:
+            return []  # nothing to go by this pass
+        on_port = [sa for name, sa in sas.items() if name.startswith(f"{leg.spec.device}-")]
+        if leg.stale_sas is None:
+            leg.stale_sas = {i for sa in on_port for i in (sa.ike_id, sa.child_id) if i}
+        listed: set[str] = set()
+        own = []
+        for sa in on_port:
+            ids = {i for i in (sa.ike_id, sa.child_id) if i}
+            listed |= ids
+            if ids & leg.stale_sas:
+                leg.stale_sas |= ids
+            else:
+                own.append(sa)
+        leg.stale_sas &= listed
+        return own
 
     def _ensure_host_certificate(self, leg: _Leg, record: LegRecord,
                                  config: Mapping[str, str]) -> bool:

@@ -43,6 +43,16 @@ VXLAN_UDP_PORT = 4789
 # the agent answers with STATUS_PREFIX + key.
 RECORD_PREFIX = "nwc-tunnel-"
 STATUS_PREFIX = "nwc-status-"
+# A deleted record leaves nothing behind to acknowledge, so removal is proved host-wide: the
+# controller raises RECORDS_VERSION_KEY in every transaction that changes the host's records,
+# and the agent writes the version its pass read into AGENT_ACK_KEY in the transaction that
+# ends that pass (with its status writes and deletes). A leg is gone once its record and status
+# are absent and the ack has reached a version that no longer held the record. An agent writes
+# NO_ACK_YET before its first pass acts, so the controller never mistakes it for an older agent
+# (one that never acknowledges, whose status alone has to do).
+RECORDS_VERSION_KEY = "nwc-records-version"
+AGENT_ACK_KEY = "nwc-agent-ack"
+NO_ACK_YET = -1
 # Records and statuses come from another machine's OVSDB. A real one is a few kB (a CSR or two
 # certificates at most); anything far larger is refused before parsing.
 MAX_JSON_CHARS = 65536
@@ -154,6 +164,14 @@ class MtuPlan:
 
 def mtu_plan(esp_proposals: tuple[str, ...], underlay_mtu: int, vm_mtu: int = VM_MTU) -> MtuPlan:
     return MtuPlan(vm_mtu, max(esp_overhead(p) for p in esp_proposals), underlay_mtu)
+
+
+def parse_version(text: str | None) -> int | None:
+    """A records version or an agent's ack as written in OVSDB (None: absent or not one)."""
+    if text is None or not re.fullmatch(r"-?\d{1,18}", text):
+        return None
+    value = int(text)
+    return value if value >= NO_ACK_YET else None
 
 
 # -- names ------------------------------------------------------------------------------------
@@ -501,6 +519,18 @@ class LegRecord:
             digest.update(len(part).to_bytes(4, "big") + part)
         return digest.hexdigest()[:16]
 
+    def tunnel_id(self) -> str:
+        """Which tunnel this record asks for: its spec (weave, slot, endpoints, identities)
+        and its key material, hashed like fingerprint(). An agent reports it with an
+        installed SA (`sa_of`): a reused slot repeats the endpoints and the port name, so only
+        this tells the controller the SA is of the tunnel it wants now. `start` is left out:
+        no SA is bound to it."""
+        spec = json.dumps(self.spec.to_dict(), sort_keys=True, separators=(",", ":")).encode()
+        digest = hashlib.sha256(b"nwc-leg-tunnel\0")
+        for part in (spec, self.fingerprint().encode()):
+            digest.update(len(part).to_bytes(4, "big") + part)
+        return digest.hexdigest()[:16]
+
 
 # -- what the agent answers -------------------------------------------------------------------
 
@@ -632,8 +662,9 @@ class LegStatus:
             raise TunnelError("a tunnel status's extra is not a JSON object")
         if "key_id" in extra and not isinstance(extra["key_id"], str):
             raise TunnelError("a tunnel status's key_id is not text")
-        if "material" in extra and not isinstance(extra["material"], str):
-            raise TunnelError("a tunnel status's material is not text")
+        for name in ("material", "sa_of"):
+            if name in extra and not isinstance(extra[name], str):
+                raise TunnelError(f"a tunnel status's {name} is not text")
         if "ovs_keys" in extra and not (isinstance(extra["ovs_keys"], list) and all(
                 isinstance(k, str) for k in extra["ovs_keys"])):
             raise TunnelError("a tunnel status's ovs_keys is not a list of names")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import dataclasses
 import datetime as dt
 import logging
 import queue
@@ -42,13 +43,16 @@ from nwc.pki import CertificateAuthority, CsrRejected, Secret, new_psk
 from nwc.policy import MAX_LEASE_S, Policy
 from nwc.topology import Topology
 from nwc.tunnel import (
+    AGENT_ACK_KEY,
     RECORD_PREFIX,
+    RECORDS_VERSION_KEY,
     STATUS_PREFIX,
     LegRecord,
     LegStatus,
     Phase,
     TunnelError,
     TunnelSpec,
+    parse_version,
     weave_specs,
 )
 from nwc.weave import Weave
@@ -153,6 +157,9 @@ class _HostLink:
         # A job outlived a pass's wait: later passes still give this host jobs but do not
         # wait for them (they take what is done by then), until a read succeeds again.
         self.suspect = False
+        # The last records version written to this host: a read that does not show it yet
+        # must not make the next write reuse it (each version names one set of records).
+        self.version = 0
         self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], concurrent.futures.Future[Any]]
                                       | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._work, name=f"nwc-ovsdb-{host}",
@@ -268,7 +275,9 @@ class Tunnels:
         self._links: dict[str, _HostLink] = {}  # used by the part's thread only
         self._lock = threading.Lock()
         self._weaves: dict[str, _WeaveTunnels] = {}
-        self._removing: dict[str, set[str]] = {}  # host -> leg keys awaiting the agent
+        # host -> leg key -> the first records version seen without its record (None until
+        # then): the leg is gone once the agent's ack reaches it and its status is gone.
+        self._removing: dict[str, dict[str, int | None]] = {}
         self._tearing: dict[str, set[tuple[str, str]]] = {}  # weave id -> (host, leg key)
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -291,7 +300,7 @@ class Tunnels:
             if held is not None:
                 for leg in held.legs.values():
                     for end in leg.ends():
-                        self._removing.setdefault(end.host, set()).add(leg.key)
+                        self._removing.setdefault(end.host, {}).setdefault(leg.key, None)
                         ends.add((end.host, leg.key))
             if ends:
                 self._tearing[weave.id] = ends
@@ -438,10 +447,9 @@ class Tunnels:
             # Legs whose material is not decided yet keep whatever their hosts hold.
             protected = {RECORD_PREFIX + key for held in self._weaves.values()
                          if not held.failed for key in held.legs}
-            for host, keys in list(self._removing.items()):
+            for host, pending in self._removing.items():
                 if host in current:
-                    keys -= {k for k in keys if STATUS_PREFIX + k not in current[host]
-                             and RECORD_PREFIX + k not in current[host]}
+                    self._confirm_removals(current[host], pending)
             for weave_id, ends in list(self._tearing.items()):
                 ends -= {(h, k) for h, k in ends if k not in self._removing.get(h, ())}
                 if not ends:
@@ -455,6 +463,10 @@ class Tunnels:
                        and k not in protected]
             if changed or deletes:
                 link = self._links[host]
+                # In the same transaction as the records: what the agent acknowledges.
+                link.version = max(link.version, parse_version(ids.get(RECORDS_VERSION_KEY))
+                                   or 0) + 1
+                changed[RECORDS_VERSION_KEY] = str(link.version)
                 job = link.submit(lambda ln=link, c=changed, d=deletes: ln.write(c, d))
                 if job is not None:
                     writes[host] = job
@@ -488,6 +500,27 @@ class Tunnels:
         return results
 
     # -- decisions (under the lock) -------------------------------------------------------
+
+    @staticmethod
+    def _confirm_removals(ids: Mapping[str, str], pending: dict[str, int | None]) -> None:
+        """Drop the legs this host's agent has confirmed gone. No status is not enough: an
+        agent in the middle of a pass that read the record before it went still builds the
+        leg, and writes its status only at the end (found in review: confirmed ~0.1 s early,
+        so the slot went back while the leg was being built)."""
+        version = parse_version(ids.get(RECORDS_VERSION_KEY)) or 0
+        ack_text = ids.get(AGENT_ACK_KEY)
+        ack = parse_version(ack_text)
+        for key, since in list(pending.items()):
+            if RECORD_PREFIX + key in ids:
+                pending[key] = None  # the deletion has not landed (or was undone)
+                continue
+            if since is None:
+                since = pending[key] = version
+            if STATUS_PREFIX + key in ids:
+                continue
+            # An agent that never wrote an ack predates them: its status is all there is.
+            if ack_text is None or (ack is not None and ack >= since):
+                del pending[key]
 
     def _materialize(self, leg: _Leg, current: Mapping[str, Mapping[str, str]]) -> None:
         """Decide the leg's key material once both hosts can be read: keep what they already
@@ -536,6 +569,12 @@ class Tunnels:
                 continue
             if status.applied is not None and status.applied != end:
                 continue  # the agent still reports an older build of this leg
+            if status.phase is Phase.INSTALLED and not self._sa_is_current(leg, end, status):
+                # Its SA belongs to another tunnel (older key material, or an earlier weave
+                # on a reused slot): this one has none yet.
+                status = dataclasses.replace(
+                    status, phase=Phase.DELEGATED if end.backend == "ovs-ipsec"
+                    else Phase.CONNECTING, detail="the installed SA is of another tunnel")
             leg.statuses[end.host] = status
             if (status.phase is Phase.WAITING_CERT and status.csr_pem
                     and leg.csrs.get(end.host) != status.csr_pem):
@@ -564,6 +603,13 @@ class Tunnels:
         review). An agent that does not report its material is taken at its word."""
         reported = status.extra.get("material")
         return reported is None or reported == self._record(leg, leg.target).fingerprint()
+
+    def _sa_is_current(self, leg: _Leg, end: TunnelSpec, status: LegStatus) -> bool:
+        """Whether an end's installed SA is of the tunnel NWC asks for now (`sa_of`). An
+        agent that does not say (the strongswan backend names its connections after the
+        weave, and older agents) is taken at its word."""
+        sa_of = status.extra.get("sa_of")
+        return sa_of is None or sa_of == self._record(leg, end).tunnel_id()
 
     def _record(self, leg: _Leg, end: TunnelSpec) -> LegRecord:
         """The record NWC writes for one end of a leg."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import json
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ from nwc.lab.ovs import PrivateOvs
 from nwc.lab.strongswan import PrivateCharon, start_agent
 from nwc.pipeline import INTEGRATION_BRIDGE, leg_ofport
 from nwc.topology import Topology
+from nwc.tunnel import AGENT_ACK_KEY, RECORDS_VERSION_KEY
 
 UNDERLAY_DEV = "ul0"
 
@@ -84,7 +86,7 @@ class EmulatedHost:
             "ovs_interfaces": sorted(self.ovs.vsctl("--columns=name", "--bare", "list",
                                                     "interface").split()),
             "ovs_other_config": self.ovs.vsctl("get", "open_vswitch", ".", "other_config"),
-            "ovs_external_ids": self.ovs.vsctl("get", "open_vswitch", ".", "external_ids"),
+            "ovs_external_ids": self._external_ids(),
             "agent_files": sorted(str(p.relative_to(self.state_dir))
                                   for p in self.state_dir.rglob("*")),
             "charon_files": sorted(p.name for p in self.charon.directory.iterdir()),
@@ -98,6 +100,14 @@ class EmulatedHost:
         except (IkeUnavailable, IkeNoAnswer):
             state["ike"] = "unavailable"
         return state
+
+    def _external_ids(self) -> dict[str, str]:
+        """The Open_vSwitch row's external_ids, less the records version and the agent's ack:
+        those stay once written (versions only grow), and name nothing of any weave."""
+        table = json.loads(self.ovs.vsctl("--format=json", "--columns=external_ids", "list",
+                                          "open_vswitch"))
+        (_, pairs), = table["data"][0]
+        return {k: v for k, v in pairs if k not in (RECORDS_VERSION_KEY, AGENT_ACK_KEY)}
 
 
 @dataclass

@@ -7,9 +7,11 @@ import datetime as dt
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from unittest.mock import ANY
 
 import pytest
 from tunnel_fakes import (
+    OVS_TOPO,
     POLICY,
     T0,
     TOPO,
@@ -23,11 +25,11 @@ from tunnel_fakes import (
 )
 
 from nwc.agent import Agent
-from nwc.lab.tunnel_lab import TWO_HOSTS
 from nwc.pki import CertificateAuthority, LegKey, new_psk
-from nwc.topology import parse_topology_text
 from nwc.tunnel import (
+    AGENT_ACK_KEY,
     RECORD_PREFIX,
+    RECORDS_VERSION_KEY,
     STATUS_PREFIX,
     LegRecord,
     LegStatus,
@@ -38,11 +40,6 @@ from nwc.tunnel import (
 )
 
 pytestmark = pytest.mark.unit
-
-OVS_TOPO = parse_topology_text(
-    TWO_HOSTS.replace("underlay_ip: 100.64.0.1}", "underlay_ip: 100.64.0.1, backend: ovs-ipsec}")
-    .replace("underlay_ip: 100.64.0.2}", "underlay_ip: 100.64.0.2, backend: ovs-ipsec}"), POLICY)
-
 
 def specs(profile: str = "gold", slot: int = 0, topo=TOPO) -> tuple[TunnelSpec, TunnelSpec]:
     w = one_leg_weave(7, slot, profile=profile)
@@ -123,6 +120,31 @@ def test_a_leg_is_built_blackhole_first_and_waits_for_the_start_signal() -> None
     assert host.ike.initiations == 1  # installed: nothing more to do
 
 
+def test_the_agent_acknowledges_a_records_version_with_what_its_pass_made_of_it() -> None:
+    req, _ = specs()
+    host = Host()
+    host.db.ids[RECORDS_VERSION_KEY] = "7"
+    host.want(LegRecord(req, new_psk()))
+    written: list[tuple[int, dict[str, str]]] = []  # (changes made before, keys set)
+    update = host.db.update_external_ids
+
+    def recording(set_keys=None, delete_keys=()) -> None:
+        written.append((len(host.journal.entries), dict(set_keys or {})))
+        update(set_keys, delete_keys)
+
+    host.db.update_external_ids = recording  # type: ignore[method-assign]
+    host.steps(1)
+    # First the mark that this agent acknowledges, before it does anything...
+    assert written[0] == (0, {AGENT_ACK_KEY: "-1"})
+    # ...then the version, in the one write that also carries what the pass did with it.
+    assert written[1][1] == {AGENT_ACK_KEY: "7", STATUS_PREFIX + req.key: ANY}
+    host.steps(3)
+    assert len(written) == 2  # acknowledged once per version, not once per pass
+    host.db.ids[RECORDS_VERSION_KEY] = "8"
+    host.steps(1)
+    assert written[2][1] == {AGENT_ACK_KEY: "8"}
+
+
 def test_the_responder_never_initiates() -> None:
     _, tgt = specs()
     host = Host()
@@ -182,7 +204,7 @@ def test_teardown_removes_everything_device_first_blackhole_last() -> None:
     assert last_ike < j.index("remove_blackhole", str(req.remote_vtep))
     assert j.entries[-1][0] == "remove_blackhole"
     assert host.net.empty()
-    assert not host.db.ports and not host.db.ids
+    assert not host.db.ports and not host.db.leg_keys()
     assert not (host.ike.conns or host.ike.shared or host.ike.keys or host.ike.sa_table)
     assert host.compactions == 1  # the key's old value leaves OVSDB's on-disk log too
 
@@ -209,7 +231,7 @@ def test_a_restarted_agent_takes_its_legs_back_and_can_remove_them() -> None:
     host.agent = host.new_agent()  # the process restarted: no memory
     host.drop(req)  # and meanwhile the weave ended
     host.steps(1)
-    assert host.net.empty() and not host.db.ports and not host.db.ids
+    assert host.net.empty() and not host.db.ports and not host.db.leg_keys()
     assert not (host.ike.conns or host.ike.shared)
 
 
@@ -302,7 +324,39 @@ def test_ovs_ipsec_backend_writes_the_interface_and_cleans_up() -> None:
     assert host.status(req).phase is Phase.INSTALLED
     host.drop(req)
     host.steps(1)
-    assert not host.db.ports and not host.db.other and not host.db.ids and host.net.empty()
+    assert not host.db.ports and not host.db.other and not host.db.leg_keys() and host.net.empty()
+
+
+def test_ovs_ipsec_a_reused_slot_is_not_installed_on_the_earlier_tunnels_sa() -> None:
+    """Found in review: ovs-monitor-ipsec names SAs after the port, and a slot reused after
+    its weave ended repeats the port and the endpoints: the new leg reported installed on the
+    earlier tunnel's SA, before ovs-monitor-ipsec had even taken it down."""
+    host = Host(backend="ovs-ipsec")
+    first, _ = specs(topo=OVS_TOPO)
+    host.want(LegRecord(first, new_psk()))
+    host.steps(1)
+    host.ike.sa_table["nwv0-in-1"] = SaInfo("ESTABLISHED", "INSTALLED", "2", "1")
+    host.ike.sa_table["nwv0-out-1"] = SaInfo("ESTABLISHED", "INSTALLED", "3", "1")
+    host.steps(1)
+    assert host.status(first).phase is Phase.INSTALLED
+    host.drop(first)
+    host.steps(1)  # the leg is gone; ovs-monitor-ipsec has not taken its SAs down yet
+    w = one_leg_weave(8, 0)
+    second, _ = leg_specs(w, w.legs[0], POLICY.profiles["gold"], OVS_TOPO)
+    record = LegRecord(second, new_psk())
+    host.want(record)
+    host.steps(2)
+    status = host.status(second)
+    assert status.phase is Phase.DELEGATED and status.sa is None and "sa_of" not in status.extra
+    host.ike.sa_table["nwv0-in-1"] = SaInfo("ESTABLISHED", "INSTALLED", "4", "1")  # its rekey
+    host.steps(1)
+    assert host.status(second).phase is Phase.DELEGATED
+    host.ike.sa_table = {  # ovs-monitor-ipsec negotiates the tunnel the port asks for now
+        "nwv0-in-1": SaInfo("ESTABLISHED", "INSTALLED", "6", "5"),
+        "nwv0-out-1": SaInfo("ESTABLISHED", "INSTALLED", "7", "5")}
+    host.steps(1)
+    status = host.status(second)
+    assert status.phase is Phase.INSTALLED and status.extra["sa_of"] == record.tunnel_id()
 
 
 def test_ovs_ipsec_x509_uses_a_host_certificate_kept_private(tmp_path: Path) -> None:
@@ -351,7 +405,7 @@ def test_a_restarted_agent_skips_a_garbled_status_and_adopts_the_rest() -> None:
     host.agent = host.new_agent()  # restarted, and meanwhile the weave ended
     host.drop(req)
     host.steps(2)
-    assert host.net.empty() and not host.db.ports and not host.db.ids
+    assert host.net.empty() and not host.db.ports and not host.db.leg_keys()
     assert not (host.ike.conns or host.ike.shared)
 
 
@@ -370,7 +424,7 @@ def test_the_blackhole_stays_while_the_device_may_still_send(broken: str) -> Non
     assert status.phase is Phase.ERROR and "teardown incomplete" in status.detail
     failing.failing.clear()
     host.steps(1)  # the next pass finishes the job, blackhole last
-    assert host.net.empty() and not host.db.ports and not host.db.ids
+    assert host.net.empty() and not host.db.ports and not host.db.leg_keys()
     j = host.journal
     assert j.entries[-1] == ("remove_blackhole", str(req.remote_vtep))
     assert j.count("remove_blackhole") == 1  # never while the device might still send
@@ -387,7 +441,7 @@ def test_ovs_ipsec_is_refused_on_a_userspace_datapath_bridge() -> None:
     assert not host.db.ports and not host.db.other and host.net.empty()  # nothing built
     host.drop(req)
     host.steps(1)
-    assert not host.db.ids
+    assert not host.db.leg_keys()
 
 
 def test_routes_and_addresses_removed_by_someone_else_are_put_back() -> None:
@@ -433,7 +487,7 @@ def test_a_teardown_waits_for_a_busy_charon_instead_of_forgetting_what_it_holds(
     host.ike.busy = False
     host.steps(1)
     assert not (host.ike.conns or host.ike.shared or host.ike.sa_table)
-    assert host.net.empty() and not host.db.ids
+    assert host.net.empty() and not host.db.leg_keys()
 
 
 def psk_leg_installed() -> tuple[Host, TunnelSpec]:

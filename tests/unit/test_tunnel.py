@@ -191,6 +191,19 @@ def test_a_status_round_trips() -> None:
         LegStatus.from_json('{"phase": "dancing"}')
 
 
+def test_a_tunnel_id_names_the_weave_leg_and_key_but_not_the_start_signal() -> None:
+    psk = new_psk()
+    req, tgt = ends()
+    reused, _ = ends(number=2)  # another weave on the same slot: same endpoints, VNI, port
+    assert (reused.local_endpoint, reused.vni, reused.device) == (
+        req.local_endpoint, req.vni, req.device)
+    ids = {LegRecord(req, psk).tunnel_id(), LegRecord(tgt, psk).tunnel_id(),
+           LegRecord(reused, psk).tunnel_id(), LegRecord(req, new_psk()).tunnel_id()}
+    assert len(ids) == 4
+    assert LegRecord(req, psk, start=True).tunnel_id() == LegRecord(req, psk).tunnel_id()
+    assert psk.reveal().hex() not in LegRecord(req, psk).tunnel_id()
+
+
 GOOD_STATUS = json.loads(LegStatus(
     Phase.INSTALLED, "", SaInfo("ESTABLISHED", "INSTALLED", "7", "3", "AES_GCM_16",
                                 key_bits=256, bytes_in=10), 2, b"CSR", ends()[0],
@@ -218,6 +231,7 @@ GOOD_STATUS = json.loads(LegStatus(
     json.dumps({**GOOD_STATUS, "extra": []}),
     json.dumps({**GOOD_STATUS, "extra": {"ovs_keys": 5}}),
     json.dumps({**GOOD_STATUS, "extra": {"key_id": {}}}),
+    json.dumps({**GOOD_STATUS, "extra": {"sa_of": 5}}),
 ])
 def test_a_malformed_status_is_a_tunnel_error_and_nothing_else(text: str) -> None:
     with pytest.raises(TunnelError):

@@ -10,13 +10,14 @@ import ipaddress
 import json
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 from tunnel_fakes import (
+    OVS_TOPO,
     POLICY,
     T0,
     TOPO,
@@ -74,6 +75,7 @@ class Reports:
 @dataclass
 class World:
     tmp: Path
+    backend: str = "strongswan"
     clock: FakeClock = field(default_factory=FakeClock)
     reports: Reports = field(default_factory=Reports)
     dbs: dict[str, FakeHostDb] = field(default_factory=dict)
@@ -93,7 +95,7 @@ class World:
         self.ikes["h1"].peer, self.ikes["h2"].peer = self.ikes["h2"], self.ikes["h1"]
         for host in ("h1", "h2"):
             self.agents[host] = Agent(db=self.dbs[host], ike=self.ikes[host],
-                                      net=self.nets[host], backend="strongswan",
+                                      net=self.nets[host], backend=self.backend,
                                       underlay_device="ul0", submit=run_now, clock=self.clock)
         self.part = self.new_part()
 
@@ -101,7 +103,8 @@ class World:
         if getattr(self, "part", None) is not None:
             self.part.stop()  # its hosts' worker threads end too
         # Fakes answer at once; the generous wait only keeps a loaded machine deterministic.
-        return Tunnels(topology=TOPO, policy=lambda: POLICY, ca=self.ca, reports=self.reports,
+        topology = OVS_TOPO if self.backend == "ovs-ipsec" else TOPO
+        return Tunnels(topology=topology, policy=lambda: POLICY, ca=self.ca, reports=self.reports,
                        ovsdb_targets={"h1": "unix:h1", "h2": "unix:h2"},
                        db_factory=lambda target: self.dbs[target.split(":")[1]],
                        now=lambda: T0, io_wait_s=10)
@@ -113,6 +116,15 @@ class World:
             for agent in self.agents.values():
                 agent.step()
             self.clock.advance(0.1)
+
+    def ovs_monitor_negotiates(self, first_id: int) -> None:
+        """What ovs-monitor-ipsec does on both hosts (these agents only hand it the port):
+        new SAs for port nwv0, named after it (charon's ids only grow)."""
+        for host in ("h1", "h2"):
+            ike = str(first_id)
+            self.ikes[host].sa_table = {
+                "nwv0-in-1": SaInfo("ESTABLISHED", "INSTALLED", str(first_id + 1), ike),
+                "nwv0-out-1": SaInfo("ESTABLISHED", "INSTALLED", str(first_id + 2), ike)}
 
     def record(self, host: str, w: Weave) -> LegRecord:
         return LegRecord.from_json(self.dbs[host].ids[RECORD_PREFIX + f"{w.id}-s0"])
@@ -173,7 +185,7 @@ def test_wrong_key_means_no_tunnel_a_security_event_and_failure(world: World) ->
     world.rounds(3)
     assert world.part.drained()
     for host in ("h1", "h2"):
-        assert world.nets[host].empty() and not world.dbs[host].ids
+        assert world.nets[host].empty() and not world.dbs[host].leg_keys()
         assert not world.ikes[host].shared and not world.ikes[host].conns
 
 
@@ -188,11 +200,95 @@ def test_weave_down_clears_both_hosts(world: World) -> None:
     assert world.part.drained()
     assert world.reports.log[-1] == ("down", w.id)
     for host in ("h1", "h2"):
-        assert not world.dbs[host].ids and not world.dbs[host].ports
+        assert not world.dbs[host].leg_keys() and not world.dbs[host].ports
         assert world.nets[host].empty()
         assert not (world.ikes[host].conns or world.ikes[host].shared
                     or world.ikes[host].sa_table)
     assert world.part.stats(w) == {}
+
+
+def test_a_leg_removed_while_its_agent_is_mid_pass_is_confirmed_gone_only_after(
+        world: World) -> None:
+    """Found in review: the agent on h1 read the records, the weave went down and the
+    controller, seeing neither record nor status, confirmed the leg gone while that pass went
+    on to build it (its status comes only at the pass's end): the slot went back early."""
+    w = weave()
+    world.rounds(1)  # the agents are running
+    world.part.weave_up(w)
+    world.part.sync()  # the records are on both hosts
+
+    def controller_meanwhile() -> None:
+        world.part.weave_down(w)
+        world.part.sync()  # deletes the records
+        world.part.sync()  # reads both hosts without them
+
+    world.dbs["h1"].after_next_read = controller_meanwhile
+    world.agents["h1"].step()  # read with the record; builds the leg after the deletion
+    assert world.nets["h1"].addresses  # built, by a pass that read the record
+    assert ("down", w.id) not in world.reports.log and not world.part.drained()
+    world.rounds(3)
+    assert world.reports.log[-1] == ("down", w.id) and world.part.drained()
+    for host in ("h1", "h2"):
+        assert world.nets[host].empty() and not world.dbs[host].leg_keys()
+
+
+def test_an_agent_that_predates_acks_is_taken_at_its_statuses(world: World) -> None:
+    """Hosts whose agent never wrote an ack (older agents write none, and these never ran)
+    confirm a removal by the status alone, as before acks: their weaves still end."""
+    w = weave()
+    world.part.weave_up(w)
+    world.part.sync()
+    world.part.weave_down(w)
+    world.part.sync()  # deletes the records
+    world.part.sync()
+    assert world.reports.log == [("down", w.id)] and world.part.drained()
+
+
+def test_ovs_ipsec_a_reused_slot_is_not_ready_on_the_earlier_weaves_sa(tmp_path: Path) -> None:
+    world = World(tmp_path, backend="ovs-ipsec")
+    first, second = weave(1, 0), weave(2, 0)
+    world.part.weave_up(first)
+    world.rounds(2)
+    world.ovs_monitor_negotiates(10)
+    world.rounds(2)
+    assert world.reports.log == [("ready", first.id)]
+    world.part.weave_down(first)
+    world.rounds(3)
+    assert world.reports.log[-1] == ("down", first.id)
+    # The slot goes to the next weave while ovs-monitor-ipsec still has the first's SAs.
+    world.part.weave_up(second)
+    world.rounds(4)
+    assert ("ready", second.id) not in world.reports.log
+    assert world.part.stats(second)["sa_state"] == "connecting"
+    world.ovs_monitor_negotiates(20)
+    world.rounds(2)
+    assert world.reports.log[-1] == ("ready", second.id)
+    world.part.stop()
+
+
+def test_an_installed_status_about_another_tunnel_is_not_ready(tmp_path: Path) -> None:
+    """The controller's half: whatever an agent says, an installed SA counts only for the
+    tunnel of the record NWC writes now (here: the same leg with other key material)."""
+    world = World(tmp_path, backend="ovs-ipsec")
+    w = weave()
+    world.part.weave_up(w)
+    world.part.sync()  # the records, which no agent acts on here
+
+    def installed(sa_of: Callable[[LegRecord], str]) -> None:
+        for host in ("h1", "h2"):
+            record = world.record(host, w)
+            world.dbs[host].ids[STATUS_PREFIX + record.spec.key] = LegStatus(
+                Phase.INSTALLED, applied=record.spec, extra={"sa_of": sa_of(record)}).to_json()
+
+    installed(lambda record: LegRecord(record.spec, new_psk()).tunnel_id())
+    world.part.sync()
+    assert world.reports.log == []
+    ends = world.part.stats(w)["tunnel_legs"][0]["ends"]
+    assert {e["phase"] for e in ends.values()} == {"delegated"}
+    installed(lambda record: record.tunnel_id())
+    world.part.sync()
+    assert world.reports.log == [("ready", w.id)]
+    world.part.stop()
 
 
 def test_x509_certificates_are_issued_for_exactly_the_assigned_identities(world: World) -> None:
@@ -243,7 +339,7 @@ def test_records_of_weaves_the_controller_does_not_know_are_removed(world: World
     world.part = world.new_part()  # restarted, and the weave ended meanwhile
     world.rounds(3)
     for host in ("h1", "h2"):
-        assert not world.dbs[host].ids and world.nets[host].empty()
+        assert not world.dbs[host].leg_keys() and world.nets[host].empty()
 
 
 def test_an_installed_sa_going_away_is_a_security_event(world: World) -> None:

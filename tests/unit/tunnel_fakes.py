@@ -18,12 +18,15 @@ from nwc.lab.tunnel_lab import TWO_HOSTS
 from nwc.pki import Secret
 from nwc.policy import load_policy
 from nwc.topology import parse_topology_text
-from nwc.tunnel import SaInfo
+from nwc.tunnel import RECORD_PREFIX, STATUS_PREFIX, SaInfo
 from nwc.weave import Leg, Weave
 
 # The world of the tunnel tests: shipped policy, two hosts joined by one switch.
 POLICY = load_policy([SHIPPED_POLICIES])
 TOPO = parse_topology_text(TWO_HOSTS, POLICY)
+OVS_TOPO = parse_topology_text(  # the same, with the ovs-ipsec backend on both hosts
+    TWO_HOSTS.replace("underlay_ip: 100.64.0.1}", "underlay_ip: 100.64.0.1, backend: ovs-ipsec}")
+    .replace("underlay_ip: 100.64.0.2}", "underlay_ip: 100.64.0.2, backend: ovs-ipsec}"), POLICY)
 T0 = dt.datetime(2026, 11, 24, 12, 0, tzinfo=dt.UTC)
 
 
@@ -67,6 +70,9 @@ class FakeHostDb:
     opened: bool = False
     failing: set[str] = field(default_factory=set)  # names of methods that raise
     datapath_types: dict[str, str] = field(default_factory=lambda: {"br-int": ""})
+    # Runs once, right after the next read has been answered: whatever it does happens
+    # between that reader's read and what the reader does with it (another writer's turn).
+    after_next_read: Callable[[], None] | None = None
 
     def open(self) -> FakeHostDb:
         self.opened = True
@@ -76,7 +82,16 @@ class FakeHostDb:
         self.opened = False
 
     def external_ids(self, prefix: str = "nwc-") -> dict[str, str]:
-        return {k: v for k, v in self.ids.items() if k.startswith(prefix)}
+        answer = {k: v for k, v in self.ids.items() if k.startswith(prefix)}
+        meanwhile, self.after_next_read = self.after_next_read, None
+        if meanwhile is not None:
+            meanwhile()
+        return answer
+
+    def leg_keys(self) -> dict[str, str]:
+        """The records and statuses of legs (the records version and the agent's ack stay
+        on the host for good)."""
+        return {k: v for k, v in self.ids.items() if k.startswith((RECORD_PREFIX, STATUS_PREFIX))}
 
     def update_external_ids(self, set_keys: Mapping[str, str] | None = None,
                             delete_keys: Iterable[str] = ()) -> None:
