@@ -3,6 +3,7 @@ audit record for every decision."""
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import time
@@ -298,6 +299,9 @@ def test_audit_text_is_what_was_hashed_and_survives_a_reopen(tmp_path) -> None:
     store.audit({"action": "note", "detail": 'quote " and \\ backslash'})
     lines = (state / "audit.jsonl").read_text(encoding="utf-8").splitlines()
     store.close()
+    for line in lines:  # as docs/api.md says: the hashed text, then the hash
+        hashed, digest = line.rsplit(',"hash":"', 1)
+        assert hashlib.sha256(f"{hashed}}}".encode()).hexdigest() == digest.removesuffix('"}')
     assert [json.loads(line) for line in lines] == Store(state).audit_records()
     (state / "audit.jsonl").write_text(lines[0] + "\n", encoding="utf-8")
     reopened = Store(state)  # catches the file up from the database
