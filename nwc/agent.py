@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from nwc.hostnet import VxlanDevice
-from nwc.ike import IkeNoAnswer, IkeUnavailable, InitiateResult
+from nwc.ike import HANDED_OVER_STATES, IkeNoAnswer, IkeUnavailable, InitiateResult
 from nwc.pki import LegKey, Secret, write_private
 from nwc.tunnel import (
     AGENT_ACK_KEY,
@@ -588,7 +588,12 @@ class Agent:
                 leg.stale_sas |= ids
             else:
                 own.append(sa)
-        leg.stale_sas &= listed
+        # A listing caught mid IKE SA rekey shows an old IKE SA without the CHILD SAs it
+        # handed on: those are not gone, so their ids must not be forgotten (the successor
+        # that holds them would then pass for this leg's).
+        if not any(sa.ike_state in HANDED_OVER_STATES and sa.child_state is None
+                   for sa in on_port):
+            leg.stale_sas &= listed
         return own
 
     def _ensure_host_certificate(self, leg: _Leg, record: LegRecord,

@@ -230,6 +230,8 @@ class Batch:
     weaves: dict[str, int]  # weave id -> generation this batch installs
     errors: list[str] = field(default_factory=list)
     removes: tuple[str, ...] = ()  # terminated weaves whose flows this batch removes
+    # live weaves that moved off this switch, whose flows this batch removes -> generation
+    moved_off: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -403,6 +405,16 @@ class FlowsPart:
                 del self.removing[weave_id]
                 self.weaver.part_down(weave_id, self.name)
 
+    def _unplaced(self, dpid: int, weaves: dict[str, int]) -> None:
+        """On the loop: a barrier from `dpid` confirmed the flows of weaves that moved off it
+        gone there, so their teardown need not wait for it (should it be away by then). Not
+        for a weave changed since (its generation): it may have been sent there again after
+        this removal."""
+        for weave_id, generation in weaves.items():
+            placed = self.placed.get(weave_id)
+            if placed is not None and self.generation.get(weave_id) == generation:
+                placed.discard(dpid)
+
     def _removals_at(self, dpid: int) -> list[Removal]:
         return [r for _, r in sorted(self.removing.items()) if dpid in r.waiting]
 
@@ -447,8 +459,12 @@ class FlowsPart:
         ids = meters & conn.meters
         msgs = remove_messages(conn.datapath, weave_cookie(weave.number), ids,
                                next(conn.bundles))
+        if teardown:
+            return self._send(conn, "remove", msgs, {}, conn.meters - ids, removes=(weave.id,))
+        # The weave moved off this switch: once its barrier is back, the switch holds none of
+        # its flows, and a teardown need not wait for it.
         return self._send(conn, "remove", msgs, {}, conn.meters - ids,
-                          removes=(weave.id,) if teardown else ())
+                          moved_off={weave.id: self.generation.get(weave.id, 0)})
 
     # -- leases longer than a hard timeout (loop thread) ---------------------------------------
 
@@ -590,7 +606,8 @@ class FlowsPart:
             return self.switches.get(dpid)
 
     def _send(self, conn: SwitchConn, kind: str, msgs: list[Any], weaves: dict[str, int],
-              meters_after: set[int], removes: tuple[str, ...] = ()) -> bool:
+              meters_after: set[int], removes: tuple[str, ...] = (),
+              moved_off: dict[str, int] | None = None) -> bool:
         """Queue a batch and its barrier for one switch; never waits for the switch. False:
         the connection is gone (or was just dropped for not reading)."""
         dp = conn.datapath
@@ -601,7 +618,8 @@ class FlowsPart:
                 msg.set_xid(conn.next_xid())
                 xids.add(msg.xid)
             barrier.set_xid(conn.next_xid())
-            conn.batches[barrier.xid] = Batch(kind, xids, dict(weaves), removes=removes)
+            conn.batches[barrier.xid] = Batch(kind, xids, dict(weaves), removes=removes,
+                                              moved_off=dict(moved_off or {}))
             # The switch applies messages in order, so what it will hold after these is
             # known now; the next change (maybe sent before this barrier returns) builds on it.
             conn.meters = set(meters_after)
@@ -742,6 +760,8 @@ class FlowsPart:
             self.controller.loop.post(self._confirmed, conn.dpid, batch.weaves)
         if batch.removes:
             self.controller.loop.post(self._removed, conn.dpid, batch.removes)
+        if batch.moved_off:
+            self.controller.loop.post(self._unplaced, conn.dpid, batch.moved_off)
 
     def _confirmed(self, dpid: int, weaves: dict[str, int]) -> None:
         for weave_id, generation in weaves.items():

@@ -359,6 +359,38 @@ def test_ovs_ipsec_a_reused_slot_is_not_installed_on_the_earlier_tunnels_sa() ->
     assert status.phase is Phase.INSTALLED and status.extra["sa_of"] == record.tunnel_id()
 
 
+def test_ovs_ipsec_an_earlier_tunnels_sa_stays_stale_across_a_listing_mid_ike_rekey() -> None:
+    """list-sas is no atomic snapshot: mid IKE SA rekey it can show only the old IKE SA,
+    its CHILD SA already handed on (nwc.ike lists again, at most SA_LISTINGS times, so such
+    a listing can still reach the agent). That listing must not make the agent forget the
+    earlier tunnel's CHILD SA, or its successor IKE SA, which holds that CHILD SA, would be
+    taken as the new leg's: the new weave ready on its predecessor's SA."""
+    host = Host(backend="ovs-ipsec")
+    first, _ = specs(topo=OVS_TOPO)
+    host.want(LegRecord(first, new_psk()))
+    host.steps(1)
+    host.ike.sa_table = {"nwv0-in-1": SaInfo("ESTABLISHED", "INSTALLED", "2", "1"),
+                         "nwv0-out-1": SaInfo("ESTABLISHED", "INSTALLED", "3", "1")}
+    host.steps(1)
+    host.drop(first)
+    host.steps(1)  # the leg is gone; ovs-monitor-ipsec has not taken its SAs down yet
+    w = one_leg_weave(8, 0)
+    second, _ = leg_specs(w, w.legs[0], POLICY.profiles["gold"], OVS_TOPO)
+    host.want(LegRecord(second, new_psk()))
+    host.steps(2)
+    assert host.status(second).phase is Phase.DELEGATED
+    # The earlier tunnel's IKE SA is rekeyed: a listing shows only the old one, handed over.
+    host.ike.sa_table = {"nwv0-in-1": SaInfo("DELETING", None, None, "1"),
+                         "nwv0-out-1": SaInfo("DELETING", None, None, "1")}
+    host.steps(1)
+    # Then its successor, holding the same (earlier tunnel's) CHILD SAs.
+    host.ike.sa_table = {"nwv0-in-1": SaInfo("ESTABLISHED", "INSTALLED", "2", "4"),
+                         "nwv0-out-1": SaInfo("ESTABLISHED", "INSTALLED", "3", "4")}
+    host.steps(1)
+    status = host.status(second)
+    assert status.phase is Phase.DELEGATED and "sa_of" not in status.extra
+
+
 def test_ovs_ipsec_x509_uses_a_host_certificate_kept_private(tmp_path: Path) -> None:
     req, _ = specs(profile="silver", topo=OVS_TOPO)
     ca = CertificateAuthority.load_or_create(tmp_path / "pki", now=T0)

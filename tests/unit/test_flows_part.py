@@ -615,3 +615,37 @@ def test_a_teardown_waiting_on_a_replaced_silent_connection_is_confirmed(
     assert left == []
     assert weave.id not in fsim.weaver._tearing
     assert fsim.weaver.store.weave(weave.id).state is State.TERMINATED
+
+
+def _link(fsim: FlowsSim, a: str, b: str, *, up: bool) -> None:
+    fsim.loop.call(fsim.part.port_changed, fsim.dps[a], f"{a}-{b}",
+                   fsim.topology.ports(a)[b], up=up, present=True)
+    fsim.settle()
+
+
+def test_a_switch_a_weave_moved_off_does_not_hold_its_teardown(tmp_path: Path) -> None:
+    """A switch whose removal of a moved weave's flows was confirmed (barrier) holds none of
+    them: that it is away when the weave ends later must not keep the weave terminating
+    until the teardown timeout."""
+    # globex-db on h2 only: the weave's one remote leg is h1-s1-s2-h2.
+    fsim = FlowsSim.build(tmp_path, TRIANGLE.replace("db2: {host: h3", "db2: {host: h2"))
+    try:
+        _moved_off_and_away(fsim)
+    finally:
+        fsim.close()
+
+
+def _moved_off_and_away(fsim: FlowsSim) -> None:
+    fsim.connect_all()
+    weave = fsim.weave("acme-web", "globex-db")
+    _link(fsim, "s1", "s2", up=False)  # moves onto s3
+    _link(fsim, "s1", "s2", up=True)
+    _link(fsim, "s1", "s3", up=False)  # moves off s3 again: s3 removes its flows
+    path = next(leg.path for leg in fsim.weaver.live[weave.id].legs if leg.slot is not None)
+    assert "s3" not in path
+    assert _weave_flows(fsim, "s3", weave) == []
+    fsim.dps["s3"].hang_up()
+    fsim.settle()
+    fsim.loop.call(fsim.weaver.terminate, weave.id)
+    fsim.settle()
+    assert _state(fsim, weave.id) is State.TERMINATED
