@@ -79,6 +79,10 @@ class IkeDaemon:
     def __init__(self, socket_path: Path | str, timeout: float = 5.0) -> None:
         self.socket_path = str(socket_path)
         self.timeout = timeout
+        # (name, IKE SA id) of SAs a whole sas() call found handed over with no successor:
+        # really going (a dead peer's DELETE can be retried for minutes), not caught mid
+        # rekey, so later calls do not list again for them on every pass.
+        self._lingering: set[tuple[str, str | None]] = set()
 
     @contextmanager
     def _session(self, timeout: float | None = None) -> Iterator[vici.Session]:
@@ -196,8 +200,11 @@ class IkeDaemon:
                         name, info = _text(ike_name), _sa_info(ike)
                         if name not in best or _rank(info) > _rank(best[name]):
                             best[name] = info
-            if not any(_handed_over(info) for info in best.values()):
+            handed_over = {(name, info.ike_id) for name, info in best.items()
+                           if _handed_over(info)}
+            if handed_over <= self._lingering:
                 break
+        self._lingering = handed_over
         return best
 
 

@@ -107,14 +107,17 @@ class _Listings(IkeDaemon):
         yield Session()
 
 
+def settled_listing() -> list[dict[str, Any]]:
+    return [{b"nwc-x": {"state": b"ESTABLISHED", "uniqueid": b"2",
+                        "child-sas": {"nwc-x-4": child("INSTALLED", "4")}}}]
+
+
 @pytest.mark.parametrize("old_state", ["REKEYED", "DELETING"])
 def test_a_listing_caught_mid_ike_rekey_is_taken_again(old_state: str) -> None:
     """What a real charon listed during an IKE SA rekey (the responder's old SA REKEYED, the
     initiator's DELETING): only the old IKE SA, its CHILD SA already moved to the new one."""
     caught = [{b"nwc-x": {"state": old_state.encode(), "uniqueid": b"1", "child-sas": {}}}]
-    settled = [{b"nwc-x": {"state": b"ESTABLISHED", "uniqueid": b"2",
-                           "child-sas": {"nwc-x-4": child("INSTALLED", "4")}}}]
-    daemon = _Listings(caught, settled)
+    daemon = _Listings(caught, settled_listing())
     sa = daemon.sas()["nwc-x"]
     assert (sa.ike_id, sa.child_id, sa.installed) == ("2", "4", True)
     assert daemon.calls == 2
@@ -126,3 +129,8 @@ def test_an_ike_sa_that_keeps_going_without_children_is_reported_as_it_is() -> N
     sa = daemon.sas()["nwc-x"]
     assert (sa.ike_state, sa.installed) == ("DELETING", False)
     assert daemon.calls == 3  # a few listings at most, then what charon says stands
+    # Found in review: it was listed three times on every pass for as long as it lingered.
+    assert daemon.sas()["nwc-x"].ike_state == "DELETING" and daemon.calls == 4
+    renewed = [{b"nwc-x": {"state": b"DELETING", "uniqueid": b"9", "child-sas": {}}}]
+    daemon.listings = [renewed, settled_listing()]
+    assert daemon.sas()["nwc-x"].installed and daemon.calls == 6  # another SA: listed again
