@@ -90,10 +90,11 @@ class HostNetwork:
     def one_pass(self) -> Iterator[None]:
         """One reconciliation pass. Checking each leg with its own requests cost about a
         dozen netlink requests per leg per pass, most of them full dumps of a table that
-        grows with the legs (quadratic); here a pass costs three dumps, plus three more after
-        each change it makes. A change always empties the view, so what the pass reads after
-        it is the kernel's answer, not this object's idea of it; and the view never outlives
-        the pass, so what someone else changed between passes is read at the next one."""
+        grows with the legs (quadratic); here a pass costs three dumps, plus three more at
+        the first read after each change it makes. A change always empties the view, so
+        what the pass reads after it is the kernel's answer, not this object's idea of it;
+        and the view never outlives the pass, so what someone else changed between passes
+        is read at the next one."""
         self._in_pass, self._view = True, None
         try:
             yield
