@@ -27,6 +27,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -90,6 +91,9 @@ class IkePort(Protocol):
 
 
 class NetPort(Protocol):
+    # Reads inside share one view of the kernel, dropped by any change made through this
+    # port and at the end; outside changes are seen from the next pass on.
+    def one_pass(self) -> AbstractContextManager[object]: ...
     def ensure_address(self, address: Any, device: str) -> None: ...
     def remove_address(self, address: Any, device: str) -> None: ...
     def ensure_blackhole(self, destination: Any) -> None: ...
@@ -193,7 +197,13 @@ class Agent:
             stop.wait(max(0.0, interval - (self.clock() - started)))
 
     def step(self) -> None:
-        """One reconciliation: make this host's leg ends equal to the controller's records."""
+        """One reconciliation: make this host's leg ends equal to the controller's records.
+        The kernel's links, addresses and routes are read once for the pass, and again after
+        each change the pass makes (`NetPort.one_pass`)."""
+        with self.net.one_pass():
+            self._reconcile()
+
+    def _reconcile(self) -> None:
         # One snapshot: the version acknowledged below must be the one these records came with.
         ids = self.db.external_ids("nwc-")
         if AGENT_ACK_KEY not in ids:

@@ -10,15 +10,21 @@ from __future__ import annotations
 import errno
 import ipaddress
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pyroute2 import IPRoute
+from pyroute2.netlink import NLM_F_DUMP_INTR
 from pyroute2.netlink.exceptions import NetlinkError
 
 log = logging.getLogger(__name__)
 
 RT_TABLE_MAIN = 254
+RTN_UNICAST = 1
+RTN_BLACKHOLE = 6
 
 
 @dataclass(frozen=True)
@@ -31,28 +37,108 @@ class VxlanDevice:
     mtu: int
 
 
+@dataclass(frozen=True)
+class _Link:
+    index: int
+    up: bool
+    kind: str | None
+    # The dumped message of a VXLAN device: its settings are decoded only when asked for
+    # (when a leg is built), not on every pass, where decoding them was most of the parsing.
+    message: Any = field(default=None, compare=False, repr=False)
+
+    def vxlan(self, name: str) -> VxlanDevice | None:
+        if self.kind != "vxlan" or self.message is None:
+            return None
+        return _vxlan_device(name, self.message, self.message.get_attr("IFLA_LINKINFO"))
+
+
+@dataclass(frozen=True)
+class _Route:
+    type: int  # RTN_*
+    oif: int | None
+    src: str | None
+
+
+@dataclass(frozen=True)
+class _View:
+    """What the agent reads of the kernel: one dump each of links, IPv4 addresses (the /32s)
+    and main-table routes (to /32s)."""
+
+    links: dict[str, _Link]
+    addresses: frozenset[tuple[int, str]]  # (ifindex, address)
+    routes: dict[str, tuple[_Route, ...]]  # by destination
+
+    def index(self, device: str) -> int | None:
+        link = self.links.get(device)
+        return link.index if link is not None else None
+
+
 class HostNetwork:
-    def __init__(self) -> None:
-        self._ipr = IPRoute()
+    """The host's kernel networking. Inside `one_pass()` its reads share one view of the
+    kernel (three dumps), taken at the first read and dropped by any change this object
+    makes; outside, every read dumps afresh."""
+
+    def __init__(self, ipr: IPRoute | None = None) -> None:
+        self._ipr = ipr if ipr is not None else IPRoute()
+        self._in_pass = False
+        self._view: _View | None = None
 
     def close(self) -> None:
         self._ipr.close()
 
+    @contextmanager
+    def one_pass(self) -> Iterator[None]:
+        """One reconciliation pass. Checking each leg with its own requests cost about a
+        dozen netlink requests per leg per pass, most of them full dumps of a table that
+        grows with the legs (quadratic); here a pass costs three dumps, plus three more at
+        the first read after each change it makes. A change always empties the view, so
+        what the pass reads after it is the kernel's answer, not this object's idea of it;
+        and the view never outlives the pass, so what someone else changed between passes
+        is read at the next one."""
+        self._in_pass, self._view = True, None
+        try:
+            yield
+        finally:
+            self._in_pass, self._view = False, None
+
+    def _read(self) -> _View:
+        if self._view is not None:
+            return self._view
+        view = self._dump()
+        if self._in_pass:
+            self._view = view
+        return view
+
+    def _dump(self) -> _View:
+        for _ in range(3):
+            links = list(self._ipr.get_links())
+            addresses = list(self._ipr.get_addr(family=2))
+            routes = list(self._ipr.get_routes(family=2, table=RT_TABLE_MAIN))
+            # The kernel marks a dump during which its table changed: what came back is
+            # then not one state of the kernel (an entry may be missing). Read again.
+            if not any(m["header"]["flags"] & NLM_F_DUMP_INTR
+                       for m in (*links, *addresses, *routes)):
+                return _view(links, addresses, routes)
+        raise RuntimeError("the kernel's tables kept changing while they were read")
+
+    def _change(self, request: Callable[..., object], *args: object, **kwargs: object) -> None:
+        """Every change goes through here: whatever its outcome (an error may come after
+        the kernel acted), the view is dropped, and the next read asks the kernel."""
+        self._view = None
+        request(*args, **kwargs)
+
     def _index(self, device: str) -> int | None:
-        found = self._ipr.link_lookup(ifname=device)
-        return found[0] if found else None
+        return self._read().index(device)
 
     def link_exists(self, device: str) -> bool:
-        return self._index(device) is not None
+        return device in self._read().links
 
     # -- addresses ------------------------------------------------------------------------
 
     def has_address(self, address: ipaddress.IPv4Address, device: str) -> bool:
-        index = self._index(device)
-        if index is None:
-            return False
-        return any(a.get_attr("IFA_ADDRESS") == str(address) and a["prefixlen"] == 32
-                   for a in self._ipr.get_addr(index=index, family=2))
+        view = self._read()
+        index = view.index(device)
+        return index is not None and (index, str(address)) in view.addresses
 
     def ensure_address(self, address: ipaddress.IPv4Address, device: str) -> None:
         index = self._index(device)
@@ -61,7 +147,8 @@ class HostNetwork:
         if self.has_address(address, device):
             return
         try:
-            self._ipr.addr("add", index=index, address=str(address), prefixlen=32)
+            self._change(self._ipr.addr, "add", index=index, address=str(address),
+                         prefixlen=32)
         except NetlinkError as exc:
             if exc.code != errno.EEXIST:
                 raise
@@ -71,39 +158,36 @@ class HostNetwork:
         if index is None or not self.has_address(address, device):
             return
         try:
-            self._ipr.addr("del", index=index, address=str(address), prefixlen=32)
+            self._change(self._ipr.addr, "del", index=index, address=str(address),
+                         prefixlen=32)
         except NetlinkError as exc:
             if exc.code not in (errno.EADDRNOTAVAIL, errno.ENOENT, errno.ESRCH):
                 raise
 
     # -- routes (main table, /32s) ----------------------------------------------------------
 
-    def _routes_to(self, destination: ipaddress.IPv4Address) -> list[dict[str, object]]:
-        found = []
-        for r in self._ipr.get_routes(family=2, table=RT_TABLE_MAIN):
-            if r.get_attr("RTA_DST") == str(destination) and r["dst_len"] == 32:
-                found.append({"type": r["type"], "oif": r.get_attr("RTA_OIF"),
-                              "src": r.get_attr("RTA_PREFSRC")})
-        return found
+    def _routes_to(self, destination: ipaddress.IPv4Address) -> tuple[_Route, ...]:
+        return self._read().routes.get(str(destination), ())
 
     def has_blackhole(self, destination: ipaddress.IPv4Address) -> bool:
-        return any(r["type"] == 6 for r in self._routes_to(destination))  # RTN_BLACKHOLE
+        return any(r.type == RTN_BLACKHOLE for r in self._routes_to(destination))
 
     def ensure_blackhole(self, destination: ipaddress.IPv4Address) -> None:
         if self.has_blackhole(destination):
             return
-        self._ipr.route("add", dst=f"{destination}/32", type="blackhole", table=RT_TABLE_MAIN)
+        self._change(self._ipr.route, "add", dst=f"{destination}/32", type="blackhole",
+                     table=RT_TABLE_MAIN)
 
     def remove_blackhole(self, destination: ipaddress.IPv4Address) -> None:
         if self.has_blackhole(destination):
-            self._ipr.route("del", dst=f"{destination}/32", type="blackhole",
-                            table=RT_TABLE_MAIN)
+            self._change(self._ipr.route, "del", dst=f"{destination}/32", type="blackhole",
+                         table=RT_TABLE_MAIN)
 
     def has_link_route(self, destination: ipaddress.IPv4Address, device: str,
                        source: ipaddress.IPv4Address | None) -> bool:
         index = self._index(device)
-        return any(r["type"] == 1 and r["oif"] == index
-                   and (source is None or r["src"] == str(source))
+        return any(r.type == RTN_UNICAST and r.oif == index
+                   and (source is None or r.src == str(source))
                    for r in self._routes_to(destination))
 
     def ensure_link_route(self, destination: ipaddress.IPv4Address, device: str,
@@ -117,17 +201,17 @@ class HostNetwork:
                                    "scope": 253, "table": RT_TABLE_MAIN}  # scope link
         if source is not None:
             args["prefsrc"] = str(source)
-        self._ipr.route("replace", **args)
+        self._change(self._ipr.route, "replace", **args)
 
     def remove_link_route(self, destination: ipaddress.IPv4Address, device: str) -> None:
         index = self._index(device)
         if index is None:
             return
         for r in self._routes_to(destination):
-            if r["type"] == 1 and r["oif"] == index:
+            if r.type == RTN_UNICAST and r.oif == index:
                 try:
-                    self._ipr.route("del", dst=f"{destination}/32", oif=index,
-                                    table=RT_TABLE_MAIN)
+                    self._change(self._ipr.route, "del", dst=f"{destination}/32", oif=index,
+                                 table=RT_TABLE_MAIN)
                 except NetlinkError as exc:
                     if exc.code not in (errno.ESRCH, errno.ENOENT):
                         raise
@@ -135,18 +219,8 @@ class HostNetwork:
     # -- the VXLAN device -------------------------------------------------------------------
 
     def vxlan(self, name: str) -> VxlanDevice | None:
-        index = self._index(name)
-        if index is None:
-            return None
-        link = self._ipr.get_links(index)[0]
-        info = link.get_attr("IFLA_LINKINFO")
-        if info is None or info.get_attr("IFLA_INFO_KIND") != "vxlan":
-            return None
-        data = info.get_attr("IFLA_INFO_DATA")
-        return VxlanDevice(name, data.get_attr("IFLA_VXLAN_ID"),
-                           ipaddress.IPv4Address(data.get_attr("IFLA_VXLAN_LOCAL")),
-                           ipaddress.IPv4Address(data.get_attr("IFLA_VXLAN_GROUP")),
-                           data.get_attr("IFLA_VXLAN_PORT"), link.get_attr("IFLA_MTU"))
+        link = self._read().links.get(name)
+        return link.vxlan(name) if link is not None else None
 
     def ensure_vxlan(self, want: VxlanDevice) -> None:
         """A VXLAN device exactly as wanted (re-created if it differs), up, with no IPv6
@@ -156,29 +230,66 @@ class HostNetwork:
         have = self.vxlan(want.name)
         if have == want:
             if not self._is_up(want.name):
-                self._ipr.link("set", index=self._index(want.name), state="up")
+                self._change(self._ipr.link, "set", index=self._index(want.name), state="up")
             return
         if have is not None or self.link_exists(want.name):
             self.remove_link(want.name)
-        self._ipr.link("add", ifname=want.name, kind="vxlan", vxlan_id=want.vni,
-                       vxlan_local=str(want.local), vxlan_group=str(want.remote),
-                       vxlan_port=want.port, vxlan_learning=0, mtu=want.mtu)
+        self._change(self._ipr.link, "add", ifname=want.name, kind="vxlan",
+                     vxlan_id=want.vni, vxlan_local=str(want.local),
+                     vxlan_group=str(want.remote), vxlan_port=want.port, vxlan_learning=0,
+                     mtu=want.mtu)
         _disable_ipv6(want.name)
-        self._ipr.link("set", index=self._index(want.name), state="up")
+        index = self._index(want.name)  # the view was dropped: this reads the new device
+        if index is None:
+            raise RuntimeError(f"{want.name} was added but is not there")
+        self._change(self._ipr.link, "set", index=index, state="up")
 
     def _is_up(self, name: str) -> bool:
-        index = self._index(name)
-        return index is not None and bool(self._ipr.get_links(index)[0]["flags"] & 1)
+        link = self._read().links.get(name)
+        return link is not None and link.up
 
     def remove_link(self, name: str) -> None:
         index = self._index(name)
         if index is None:
             return
         try:
-            self._ipr.link("del", index=index)
+            self._change(self._ipr.link, "del", index=index)
         except NetlinkError as exc:
             if exc.code != errno.ENODEV:
                 raise
+
+
+def _view(links: list[Any], addresses: list[Any], routes: list[Any]) -> _View:
+    by_name = {}
+    for link in links:
+        info = link.get_attr("IFLA_LINKINFO")
+        kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
+        name = link.get_attr("IFLA_IFNAME")
+        by_name[name] = _Link(link["index"], bool(link["flags"] & 1), kind,
+                              link if kind == "vxlan" else None)
+    to: dict[str, list[_Route]] = {}
+    for r in routes:
+        if r["dst_len"] == 32:
+            to.setdefault(r.get_attr("RTA_DST"), []).append(
+                _Route(r["type"], r.get_attr("RTA_OIF"), r.get_attr("RTA_PREFSRC")))
+    return _View(by_name,
+                 frozenset((a["index"], a.get_attr("IFA_ADDRESS")) for a in addresses
+                           if a["prefixlen"] == 32),
+                 {k: tuple(v) for k, v in to.items()})
+
+
+def _vxlan_device(name: str, link: Any, info: Any) -> VxlanDevice | None:
+    """The settings of a VXLAN device as dumped; None when they cannot be read (a device
+    without a local or remote address is not one the agent made: it is replaced)."""
+    data = info.get_attr("IFLA_INFO_DATA")
+    if data is None:
+        return None
+    local, remote = data.get_attr("IFLA_VXLAN_LOCAL"), data.get_attr("IFLA_VXLAN_GROUP")
+    if local is None or remote is None:
+        return None
+    return VxlanDevice(name, data.get_attr("IFLA_VXLAN_ID"), ipaddress.IPv4Address(local),
+                       ipaddress.IPv4Address(remote), data.get_attr("IFLA_VXLAN_PORT"),
+                       link.get_attr("IFLA_MTU"))
 
 
 def _disable_ipv6(device: str) -> None:

@@ -9,6 +9,7 @@ import datetime as dt
 import hashlib
 import ipaddress
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -243,6 +244,11 @@ class FakeNet:
     # "remove_link" raises; "remove_link_noop" returns but the device stays (as a device
     # held by another reference would); "ensure_blackhole" raises.
     failing: set[str] = field(default_factory=set)
+
+    def one_pass(self) -> AbstractContextManager[object]:
+        # Every read here is of the current state: a view that is never stale (the real
+        # HostNetwork's view is tested against a fake kernel in test_hostnet.py).
+        return nullcontext()
 
     def ensure_address(self, address: Any, device: str) -> None:
         if (str(address), device) not in self.addresses:

@@ -1,0 +1,256 @@
+"""`HostNetwork`'s per-pass view of the kernel, against a fake kernel behind the pyroute2
+calls it makes: a change made in a pass is read back by the same pass, a change made by
+someone else between passes is seen by the next one, and the agent's safety rules (the
+blackhole back every pass; no blackhole, no VXLAN device) hold through the view."""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from pyroute2.netlink import NLM_F_DUMP_INTR
+from pyroute2.netlink.exceptions import NetlinkError
+from tunnel_fakes import POLICY, TOPO, FakeClock, FakeHostDb, FakeIke, one_leg_weave, run_now
+
+from nwc import hostnet
+from nwc.agent import Agent
+from nwc.hostnet import HostNetwork, VxlanDevice
+from nwc.pki import new_psk
+from nwc.tunnel import RECORD_PREFIX, LegRecord, Phase, TunnelSpec, leg_specs
+
+pytestmark = pytest.mark.unit
+
+BLACKHOLE, UNICAST = 6, 1
+DST = ipaddress.IPv4Address("100.100.0.2")
+
+
+class Msg:
+    """A parsed netlink message as pyroute2 hands it over: fields by key, NLAs by get_attr."""
+
+    def __init__(self, fields: dict[str, Any], attrs: dict[str, Any], flags: int = 0) -> None:
+        self.fields = {**fields, "header": {"flags": flags}}
+        self.attrs = attrs
+
+    def __getitem__(self, key: str) -> Any:
+        return self.fields[key]
+
+    def get_attr(self, name: str) -> Any:
+        return self.attrs.get(name)
+
+
+@dataclass
+class FakeKernel:
+    """Links, /32 addresses and main-table /32 routes, changed only through the requests
+    HostNetwork sends (or directly by a test playing someone else)."""
+
+    links: dict[str, dict[str, Any]] = field(default_factory=lambda: {
+        "lo": {"index": 1, "up": True}, "ul0": {"index": 2, "up": True}})
+    addresses: set[tuple[int, str]] = field(default_factory=set)
+    routes: list[dict[str, Any]] = field(default_factory=list)
+    dumps: int = 0
+    changes: list[tuple[str, ...]] = field(default_factory=list)
+    refuse_blackholes: bool = False
+    interrupt_next_dumps: int = 0  # the next dumps come back marked NLM_F_DUMP_INTR
+    _next_index: int = 3
+
+    def _flags(self) -> int:
+        return NLM_F_DUMP_INTR if self.interrupt_next_dumps else 0
+
+    def get_links(self) -> Iterator[Msg]:
+        self.dumps += 1
+        flags = self._flags()
+        for name, link in self.links.items():
+            info = None
+            if "vxlan" in link:
+                v: VxlanDevice = link["vxlan"]
+                info = Msg({}, {"IFLA_INFO_KIND": "vxlan", "IFLA_INFO_DATA": Msg({}, {
+                    "IFLA_VXLAN_ID": v.vni, "IFLA_VXLAN_LOCAL": str(v.local),
+                    "IFLA_VXLAN_GROUP": str(v.remote), "IFLA_VXLAN_PORT": v.port})})
+            yield Msg({"index": link["index"], "flags": int(link["up"])},
+                      {"IFLA_IFNAME": name, "IFLA_LINKINFO": info,
+                       "IFLA_MTU": link.get("mtu", 1500)}, flags)
+
+    def get_addr(self, family: int) -> Iterator[Msg]:
+        self.dumps += 1
+        flags = self._flags()
+        for index, address in sorted(self.addresses):
+            yield Msg({"index": index, "prefixlen": 32}, {"IFA_ADDRESS": address}, flags)
+
+    def get_routes(self, family: int, table: int) -> Iterator[Msg]:
+        self.dumps += 1
+        flags = self._flags()
+        if self.interrupt_next_dumps:
+            self.interrupt_next_dumps -= 1
+        for r in self.routes:
+            yield Msg({"dst_len": 32, "type": r["type"]},
+                      {"RTA_DST": r["dst"], "RTA_OIF": r.get("oif"),
+                       "RTA_PREFSRC": r.get("src")}, flags)
+
+    def addr(self, cmd: str, *, index: int, address: str, prefixlen: int) -> None:
+        self.changes.append(("addr", cmd, address))
+        if cmd == "add":
+            self.addresses.add((index, address))
+        else:
+            self.addresses.discard((index, address))
+
+    def route(self, cmd: str, *, dst: str, table: int, type: str = "unicast",
+              oif: int | None = None, scope: int | None = None,
+              prefsrc: str | None = None) -> None:
+        self.changes.append(("route", cmd, dst))
+        dst = dst.removesuffix("/32")
+        if cmd == "del":
+            self.routes = [r for r in self.routes if not (
+                r["dst"] == dst and (oif is None or r.get("oif") == oif)
+                and (type != "blackhole" or r["type"] == BLACKHOLE))]
+            return
+        if type == "blackhole":
+            if self.refuse_blackholes:
+                raise NetlinkError(errno.EPERM, "Operation not permitted")
+            self.routes.append({"dst": dst, "type": BLACKHOLE})
+            return
+        if cmd == "replace":
+            self.routes = [r for r in self.routes if r["dst"] != dst or r["type"] != UNICAST]
+        self.routes.append({"dst": dst, "type": UNICAST, "oif": oif, "src": prefsrc})
+
+    def link(self, cmd: str, *, index: int | None = None, ifname: str | None = None,
+             state: str | None = None, **vxlan: Any) -> None:
+        self.changes.append(("link", cmd, ifname or str(index)))
+        if cmd == "add":
+            assert ifname is not None
+            self.links[ifname] = {"index": self._next_index, "up": False, "mtu": vxlan["mtu"],
+                                  "vxlan": VxlanDevice(
+                                      ifname, vxlan["vxlan_id"],
+                                      ipaddress.IPv4Address(vxlan["vxlan_local"]),
+                                      ipaddress.IPv4Address(vxlan["vxlan_group"]),
+                                      vxlan["vxlan_port"], vxlan["mtu"])}
+            self._next_index += 1
+            return
+        name = next(n for n, link in self.links.items() if link["index"] == index)
+        if cmd == "del":
+            del self.links[name]
+            # As the kernel does: the device's addresses and routes go with it.
+            self.addresses = {a for a in self.addresses if a[0] != index}
+            self.routes = [r for r in self.routes if r.get("oif") != index]
+        elif cmd == "set":
+            self.links[name]["up"] = state == "up"
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture(autouse=True)
+def no_sysctl(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hostnet, "_disable_ipv6", lambda device: None)
+
+
+def test_a_change_made_in_a_pass_is_read_back_by_the_same_pass() -> None:
+    kernel = FakeKernel()
+    net = HostNetwork(kernel)  # type: ignore[arg-type]
+    with net.one_pass():
+        assert not net.has_blackhole(DST)
+        assert not net.has_address(DST, "lo")
+        assert kernel.dumps == 3  # one view: links, addresses, routes
+        assert not net.has_blackhole(DST) and net.link_exists("ul0")
+        assert kernel.dumps == 3  # read from the view, not asked again
+        net.ensure_blackhole(DST)
+        assert net.has_blackhole(DST)  # the change dropped the view: read afresh
+        assert kernel.dumps == 6
+        net.ensure_blackhole(DST)  # so the next ensure sees it and adds nothing
+        net.ensure_address(DST, "lo")
+        net.ensure_address(DST, "lo")
+        assert kernel.changes == [("route", "add", f"{DST}/32"), ("addr", "add", str(DST))]
+        # A new device's index exists only once it is made: read after the add, not before.
+        want = VxlanDevice("nwv0", 1000, ipaddress.IPv4Address("100.100.0.1"), DST, 4789, 1500)
+        net.ensure_vxlan(want)
+        assert net.vxlan("nwv0") == want and kernel.links["nwv0"]["up"]
+        net.remove_link("nwv0")
+        assert not net.link_exists("nwv0")
+
+
+def test_a_change_made_by_someone_else_between_passes_is_seen_at_the_next_pass() -> None:
+    kernel = FakeKernel()
+    net = HostNetwork(kernel)  # type: ignore[arg-type]
+    with net.one_pass():
+        net.ensure_blackhole(DST)
+        net.ensure_address(DST, "lo")
+        assert net.has_blackhole(DST)
+    # Between passes: `ip route flush`, `ip addr flush`
+    kernel.routes.clear()
+    kernel.addresses.clear()
+    with net.one_pass():
+        assert not net.has_blackhole(DST) and not net.has_address(DST, "lo")
+        net.ensure_blackhole(DST)
+        net.ensure_address(DST, "lo")
+    assert kernel.routes == [{"dst": str(DST), "type": BLACKHOLE}]
+    assert kernel.addresses == {(1, str(DST))}
+    # Outside a pass nothing is kept: each read asks the kernel.
+    kernel.routes.clear()
+    assert not net.has_blackhole(DST)
+
+
+def test_a_dump_the_kernel_marks_inconsistent_is_read_again() -> None:
+    kernel = FakeKernel()
+    kernel.routes.append({"dst": str(DST), "type": BLACKHOLE})
+    kernel.interrupt_next_dumps = 1
+    net = HostNetwork(kernel)  # type: ignore[arg-type]
+    with net.one_pass():
+        assert net.has_blackhole(DST)
+    assert kernel.dumps == 6
+    kernel.interrupt_next_dumps = 3  # tables that never stop changing: no answer at all
+    with net.one_pass(), pytest.raises(RuntimeError, match="kept changing"):
+        net.has_blackhole(DST)
+
+
+# -- the agent over the real HostNetwork ------------------------------------------------------
+
+def installed_leg() -> tuple[Agent, FakeKernel, TunnelSpec]:
+    w = one_leg_weave(7, 0)
+    spec, _ = leg_specs(w, w.legs[0], POLICY.profiles["gold"], TOPO)
+    kernel = FakeKernel()
+    db = FakeHostDb()
+    agent = Agent(db=db, ike=FakeIke(), net=HostNetwork(kernel),  # type: ignore[arg-type]
+                  backend="strongswan", underlay_device="ul0", submit=run_now,
+                  clock=FakeClock())
+    db.ids[RECORD_PREFIX + spec.key] = LegRecord(spec, new_psk(), start=True).to_json()
+    for _ in range(3):
+        agent.step()
+    assert agent.legs[spec.key].phase is Phase.INSTALLED
+    return agent, kernel, spec
+
+
+def test_the_agent_puts_back_a_blackhole_removed_between_passes() -> None:
+    agent, kernel, spec = installed_leg()
+    built = list(kernel.routes)
+    assert {"dst": str(spec.remote_vtep), "type": BLACKHOLE} in built
+    kernel.routes = [r for r in kernel.routes if r["type"] != BLACKHOLE]
+    dumps, changes = kernel.dumps, len(kernel.changes)
+    agent.step()
+    assert sorted(map(str, kernel.routes)) == sorted(map(str, built))
+    assert "nwv0" in kernel.links  # the device was never without its blackhole: left alone
+    assert kernel.changes[changes:] == [("route", "add", f"{spec.remote_vtep}/32")]
+    assert kernel.dumps - dumps == 6  # the pass's view, then a fresh one after its change
+    agent.step()
+    assert len(kernel.changes) == changes + 1  # nothing more to do
+
+
+def test_the_agent_removes_the_device_while_the_blackhole_cannot_be_put_back() -> None:
+    agent, kernel, spec = installed_leg()
+    kernel.routes = [r for r in kernel.routes if r["type"] != BLACKHOLE]
+    kernel.refuse_blackholes = True
+    agent.step()
+    assert "nwv0" not in kernel.links
+    assert agent.legs[spec.key].phase is Phase.ERROR
+    agent.step()
+    assert "nwv0" not in kernel.links  # still no blackhole: still no device
+    kernel.refuse_blackholes = False
+    for _ in range(2):
+        agent.step()
+    assert {"dst": str(spec.remote_vtep), "type": BLACKHOLE} in kernel.routes
+    assert "nwv0" in kernel.links and agent.legs[spec.key].phase is Phase.INSTALLED
+    order = [c for c in kernel.changes if c in (("route", "add", f"{spec.remote_vtep}/32"),
+                                                ("link", "add", "nwv0"))]
+    assert order[-2:] == [("route", "add", f"{spec.remote_vtep}/32"), ("link", "add", "nwv0")]
