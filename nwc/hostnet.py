@@ -10,6 +10,8 @@ from __future__ import annotations
 import errno
 import ipaddress
 import logging
+import socket
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,6 +27,41 @@ log = logging.getLogger(__name__)
 RT_TABLE_MAIN = 254
 RTN_UNICAST = 1
 RTN_BLACKHOLE = 6
+NETLINK_ROUTE = 0
+RTMGRP_LINK, RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE = 0x1, 0x10, 0x40
+# The longest a view is kept across passes without a change notification: a bound on what a
+# lost notification (or a kernel that does not send one) could hide.
+MAX_VIEW_AGE_S = 2.0
+
+
+class ChangeMonitor:
+    """Whether the kernel's links, IPv4 addresses or IPv4 routes may have changed since the
+    last look: a netlink socket subscribed to their change notifications. Any message, or a
+    socket that overflowed (ENOBUFS: some were lost), says "maybe"; only a quiet socket says
+    no. The notifications are not parsed: which change it was does not matter, only that
+    the view of the kernel must be read again."""
+
+    def __init__(self) -> None:
+        self._sock = socket.socket(socket.AF_NETLINK,
+                                   socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
+                                   NETLINK_ROUTE)
+        self._sock.bind((0, RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE))
+
+    def changed(self) -> bool:
+        """Read every notification waiting; True if there was any."""
+        changed = False
+        while True:
+            try:
+                self._sock.recv(65536)
+            except BlockingIOError:
+                return changed
+            except OSError as exc:
+                if exc.errno != errno.ENOBUFS:
+                    raise
+            changed = True
+
+    def close(self) -> None:
+        self._sock.close()
 
 
 @dataclass(frozen=True)
@@ -76,15 +113,26 @@ class _View:
 class HostNetwork:
     """The host's kernel networking. Inside `one_pass()` its reads share one view of the
     kernel (three dumps), taken at the first read and dropped by any change this object
-    makes; outside, every read dumps afresh."""
+    makes; outside, every read dumps afresh. With a `ChangeMonitor` (the default on a real
+    kernel) a view is also kept from one pass to the next while the kernel sends no change
+    notification, for at most MAX_VIEW_AGE_S."""
 
-    def __init__(self, ipr: IPRoute | None = None) -> None:
-        self._ipr = ipr if ipr is not None else IPRoute()
+    def __init__(self, ipr: IPRoute | None = None, monitor: ChangeMonitor | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if ipr is None:
+            ipr, monitor = IPRoute(), monitor or ChangeMonitor()
+        self._ipr = ipr
+        self._monitor = monitor
+        self._clock = clock
         self._in_pass = False
         self._view: _View | None = None
+        self._kept: tuple[_View, float] | None = None  # the last pass's view, and its time
+        self._view_taken = 0.0
 
     def close(self) -> None:
         self._ipr.close()
+        if self._monitor is not None:
+            self._monitor.close()
 
     @contextmanager
     def one_pass(self) -> Iterator[None]:
@@ -92,21 +140,39 @@ class HostNetwork:
         dozen netlink requests per leg per pass, most of them full dumps of a table that
         grows with the legs (quadratic); here a pass costs three dumps, plus three more at
         the first read after each change it makes. A change always empties the view, so
-        what the pass reads after it is the kernel's answer, not this object's idea of it;
-        and the view never outlives the pass, so what someone else changed between passes
-        is read at the next one."""
+        what the pass reads after it is the kernel's answer, not this object's idea of it.
+        Without a monitor the view never outlives the pass, so what someone else changed
+        between passes is read at the next one; with one, the next pass keeps it only if
+        the kernel sent no change notification since it was read (any change, by anyone,
+        sends one) and it is younger than MAX_VIEW_AGE_S."""
         self._in_pass, self._view = True, None
+        if self._kept is not None and self._monitor is not None:
+            view, taken = self._kept
+            # A notification read here may be about a change made after the view was
+            # taken: drop it. Quiet since the dump (drained just before it), it still holds.
+            if not self._monitor.changed() and self._clock() - taken < MAX_VIEW_AGE_S:
+                self._view = view
+        self._kept = None
         try:
             yield
         finally:
+            if self._monitor is not None and self._view is not None:
+                self._kept = (self._view, self._view_taken)
             self._in_pass, self._view = False, None
 
     def _read(self) -> _View:
         if self._view is not None:
             return self._view
+        if self._monitor is not None:
+            # Notifications of what happened before this dump are answered by it; a change
+            # from here on sends one that the next pass reads (and so reads the kernel).
+            # A view kept from a pass cannot tell the notifications drained here: drop it.
+            self._monitor.changed()
+            self._kept = None
+        taken = self._clock()
         view = self._dump()
         if self._in_pass:
-            self._view = view
+            self._view, self._view_taken = view, taken
         return view
 
     def _dump(self) -> _View:

@@ -55,6 +55,7 @@ class FakeKernel:
     changes: list[tuple[str, ...]] = field(default_factory=list)
     refuse_blackholes: bool = False
     interrupt_next_dumps: int = 0  # the next dumps come back marked NLM_F_DUMP_INTR
+    notifications: int = 0  # change notifications sent (every change sends one)
     _next_index: int = 3
 
     def _flags(self) -> int:
@@ -92,6 +93,7 @@ class FakeKernel:
 
     def addr(self, cmd: str, *, index: int, address: str, prefixlen: int) -> None:
         self.changes.append(("addr", cmd, address))
+        self.notifications += 1
         if cmd == "add":
             self.addresses.add((index, address))
         else:
@@ -101,6 +103,7 @@ class FakeKernel:
               oif: int | None = None, scope: int | None = None,
               prefsrc: str | None = None) -> None:
         self.changes.append(("route", cmd, dst))
+        self.notifications += 1
         dst = dst.removesuffix("/32")
         if cmd == "del":
             self.routes = [r for r in self.routes if not (
@@ -119,6 +122,7 @@ class FakeKernel:
     def link(self, cmd: str, *, index: int | None = None, ifname: str | None = None,
              state: str | None = None, **vxlan: Any) -> None:
         self.changes.append(("link", cmd, ifname or str(index)))
+        self.notifications += 1
         if cmd == "add":
             assert ifname is not None
             self.links[ifname] = {"index": self._next_index, "up": False, "mtu": vxlan["mtu"],
@@ -140,6 +144,36 @@ class FakeKernel:
 
     def close(self) -> None:
         pass
+
+
+@dataclass
+class FakeMonitor:
+    """`ChangeMonitor` over the fake kernel: says whether it sent notifications since the
+    last look."""
+
+    kernel: FakeKernel
+    seen: int = 0
+
+    def changed(self) -> bool:
+        changed, self.seen = self.kernel.notifications != self.seen, self.kernel.notifications
+        return changed
+
+    def close(self) -> None:
+        pass
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def monitored() -> tuple[HostNetwork, FakeKernel, Clock]:
+    kernel, clock = FakeKernel(), Clock()
+    net = HostNetwork(kernel, FakeMonitor(kernel), clock)  # type: ignore[arg-type]
+    return net, kernel, clock
 
 
 @pytest.fixture(autouse=True)
@@ -254,3 +288,52 @@ def test_the_agent_removes_the_device_while_the_blackhole_cannot_be_put_back() -
     order = [c for c in kernel.changes if c in (("route", "add", f"{spec.remote_vtep}/32"),
                                                 ("link", "add", "nwv0"))]
     assert order[-2:] == [("route", "add", f"{spec.remote_vtep}/32"), ("link", "add", "nwv0")]
+
+
+# -- a view kept across passes while the kernel is quiet ---------------------------------------
+
+def test_a_quiet_kernel_lets_the_next_pass_keep_the_view() -> None:
+    net, kernel, _ = monitored()
+    with net.one_pass():
+        net.ensure_blackhole(DST)  # its notification: the next pass reads again
+    with net.one_pass():
+        assert net.has_blackhole(DST)
+    dumps = kernel.dumps
+    with net.one_pass():
+        assert net.has_blackhole(DST) and net.link_exists("ul0")
+    assert kernel.dumps == dumps  # nothing changed: nothing read
+    kernel.routes.clear()  # someone else, between passes: the kernel tells
+    kernel.notifications += 1
+    with net.one_pass():
+        assert not net.has_blackhole(DST)
+        net.ensure_blackhole(DST)
+    assert kernel.dumps == dumps + 3 and net.has_blackhole(DST)
+
+
+def test_a_kept_view_is_read_again_once_it_is_old_even_without_a_notification() -> None:
+    net, kernel, clock = monitored()
+    with net.one_pass():
+        net.ensure_blackhole(DST)
+    with net.one_pass():
+        assert net.has_blackhole(DST)
+    kernel.routes.clear()  # and the notification is lost
+    clock.now += hostnet.MAX_VIEW_AGE_S - 0.5
+    with net.one_pass():
+        assert net.has_blackhole(DST)  # the bound on what a lost notification hides
+    clock.now += 0.5
+    with net.one_pass():
+        assert not net.has_blackhole(DST)
+
+
+def test_a_read_between_passes_does_not_leave_the_next_pass_a_stale_view() -> None:
+    """The read between passes takes the notifications the next pass would have seen."""
+    net, kernel, _ = monitored()
+    with net.one_pass():
+        net.ensure_blackhole(DST)
+    with net.one_pass():
+        assert net.has_blackhole(DST)
+    kernel.routes.clear()
+    kernel.notifications += 1
+    assert not net.has_blackhole(DST)  # outside a pass: read afresh
+    with net.one_pass():
+        assert not net.has_blackhole(DST)
