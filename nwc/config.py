@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,8 +11,20 @@ from nwc.policy import Policy, load_policy
 from nwc.topology import Topology, load_topology
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-SHIPPED_POLICIES = PROJECT_ROOT / "policies"
-SHIPPED_TOPOLOGIES = PROJECT_ROOT / "topologies"
+
+
+def shipped_dir(name: str, checkout: Path = PROJECT_ROOT, prefix: str | None = None) -> Path:
+    """A directory of shipped files: beside the package in a checkout (or an editable
+    install), else where an installed NWC put it (setup.cfg's data_files, under the
+    environment's prefix)."""
+    beside = checkout / name
+    if beside.is_dir():
+        return beside
+    return Path(sys.prefix if prefix is None else prefix) / "share" / "nwc" / name
+
+
+SHIPPED_POLICIES = shipped_dir("policies")
+SHIPPED_TOPOLOGIES = shipped_dir("topologies")
 DEFAULT_TOPOLOGY = SHIPPED_TOPOLOGIES / "small.yaml"
 
 
