@@ -119,17 +119,26 @@ class TokenStore:
         except FileNotFoundError:
             self._seen, self._by_digest, self._ids = None, {}, frozenset()
             return
-        key = (st.st_ino, st.st_mtime_ns, st.st_size)
+        # ctime, not mtime: a chown or chmod that makes the file readable must be seen too.
+        key = (st.st_ino, st.st_ctime_ns, st.st_size)
         if key == self._seen:
             return
-        if st.st_mode & 0o077:
-            # Hashes are not secrets, but a writable file would let anyone add a token.
-            log.warning("%s was mode %o; setting 0600", self.path, st.st_mode & 0o777)
-            os.chmod(self.path, 0o600)
         try:
+            if st.st_mode & 0o077:
+                # Hashes are not secrets, but a writable file would let anyone add a token.
+                log.warning("%s was mode %o; setting 0600", self.path, st.st_mode & 0o777)
+                os.chmod(self.path, 0o600)
             records = self._load()
         except TokenError:
             log.exception("keeping the tokens loaded before")
+            return
+        except PermissionError as exc:
+            # Said once per state of the file, not on every request.
+            self._seen = key
+            log.error("cannot read the tokens file (%s; owner uid %d, mode %o): it must "
+                      "belong to the user NWC runs as (run `nwc token` as that user, or chown "
+                      "it); keeping the tokens loaded before", exc.strerror, st.st_uid,
+                      st.st_mode & 0o777)
             return
         self._by_digest = {r.sha256: r for r in records}
         self._ids = frozenset(r.token_id for r in records)
@@ -167,10 +176,21 @@ class TokenStore:
         private_dir(self.dir)
         fd = os.open(self.dir / f"{TOKENS_FILE}.lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
+            self._give_to_owner(fd)
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
         finally:
             os.close(fd)
+
+    def _give_to_owner(self, fd: int) -> None:
+        """Root managing the tokens of a state directory that belongs to the controller's
+        user (docs/deploy.md): a file root makes there would be root's and 0600, which the
+        controller cannot read. It goes to the directory's owner instead."""
+        if os.geteuid() != 0:
+            return
+        owner = os.stat(self.dir)
+        if owner.st_uid != 0:
+            os.fchown(fd, owner.st_uid, owner.st_gid)
 
     def _write(self, records: list[TokenRecord]) -> None:
         tmp = self.path.with_name(f".{TOKENS_FILE}.{os.getpid()}.tmp")
@@ -179,6 +199,7 @@ class TokenStore:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             os.fchmod(fd, 0o600)
+            self._give_to_owner(fd)
             os.write(fd, data)
             os.fsync(fd)
         finally:

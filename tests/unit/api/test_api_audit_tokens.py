@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -132,6 +133,45 @@ def test_a_loose_tokens_file_is_tightened(tmp_path: Path) -> None:
     os.chmod(tmp_path / "tokens", 0o644)
     assert TokenStore(tmp_path).authenticate(token) is not None
     assert stat.S_IMODE((tmp_path / "tokens").stat().st_mode) == 0o600
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
+def test_root_managing_tokens_gives_the_files_to_the_state_directory_owner(
+        tmp_path: Path) -> None:
+    """As docs/deploy.md sets it up: the state directory is the controller user's, and the
+    operator may run `nwc token` as root. Found writing that guide: the file was root's."""
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    os.chown(state, 4242, 4343)
+    token, _ = TokenStore(state).issue("acme")
+    for name in ("tokens", "tokens.lock"):
+        st = (state / name).stat()
+        assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (4242, 4343, 0o600)
+    assert TokenStore(state).authenticate(token) is not None
+
+
+def test_an_unreadable_tokens_file_is_said_once_and_accepts_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Before, every request raised PermissionError: a 500 per request and no word on why."""
+    token, _ = TokenStore(tmp_path).issue("acme")
+    store = TokenStore(tmp_path)
+    real_read = Path.read_text
+
+    def unreadable(self: Path, *args: object, **kwargs: object) -> str:
+        if self.name == "tokens":
+            raise PermissionError(13, "Permission denied")
+        return real_read(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Path, "read_text", unreadable)
+    assert store.authenticate(token) is None
+    assert store.authenticate(token) is None
+    said = [r for r in caplog.records if "cannot read the tokens file" in r.getMessage()]
+    assert len(said) == 1 and "nwc token" in said[0].getMessage()
+    monkeypatch.undo()
+    time.sleep(0.02)  # file times move in clock ticks: let the fix's ctime differ
+    os.chmod(tmp_path / "tokens", 0o600)  # fixed (a chown or chmod changes the ctime)
+    assert store.authenticate(token) is not None
 
 
 @pytest.mark.parametrize("presented", ["", "nwc_short", "Bearer nwc_" + "a" * 43,
