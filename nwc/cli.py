@@ -11,7 +11,7 @@ from pathlib import Path
 
 from nwc.config import SHIPPED_POLICIES, SHIPPED_TOPOLOGIES, default_state_dir
 from nwc.policy import load_policy
-from nwc.topology import load_topology
+from nwc.topology import Topology, load_topology
 from nwc.yamlsource import ConfigError
 
 # Modules with a `register(subparsers)` function adding their subcommands.
@@ -65,10 +65,23 @@ def cmd_check_policy(args: argparse.Namespace) -> int:
             continue
         print(f"topology OK: {topo.name}: {len(topo.switches)} switches, {len(topo.links)} "
               f"links, {len(topo.hosts)} hosts, {len(topo.vms)} VMs ({path})")
+        if args.wiring:
+            print_wiring(topo)
     if failed:
         print(f"check-policy: {failed} problem(s)", file=sys.stderr)
         return EXIT_ERROR
     return EXIT_OK
+
+
+def print_wiring(topo: Topology) -> None:
+    """What each bridge must be set to for NWC's model of it: its datapath id, and which
+    OpenFlow port number leads to which neighbour (neighbours in name order get 1, 2, 3...;
+    docs/deploy.md)."""
+    for kind, nodes in (("switch", topo.switches), ("host", topo.hosts)):
+        for name in sorted(nodes):
+            ports = " ".join(f"{port}={peer}" for peer, port in
+                             sorted(topo.ports(name).items(), key=lambda item: item[1]))
+            print(f"  {kind} {name} datapath-id={nodes[name].dpid:016x} ports {ports}")
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
@@ -109,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topology", action="append", type=Path, default=None,
                    help="also check this topology against the policy (repeatable; default "
                         "with no PATH: every shipped topology)")
+    p.add_argument("--wiring", action="store_true",
+                   help="also print each topology's datapath ids and OpenFlow port numbers "
+                        "(what the bridges must be set to)")
     p.set_defaults(func=cmd_check_policy)
 
     audit = sub.add_parser("audit", help="the audit log").add_subparsers(

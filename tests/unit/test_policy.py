@@ -9,9 +9,9 @@ import pytest
 
 from nwc import yamlsource
 from nwc.cli import main
-from nwc.config import SHIPPED_POLICIES
+from nwc.config import SHIPPED_POLICIES, SHIPPED_TOPOLOGIES
 from nwc.policy import load_policy, parse_policy_text
-from nwc.topology import parse_topology_text
+from nwc.topology import load_topology, parse_topology_text
 from nwc.yamlsource import ConfigError
 
 pytestmark = pytest.mark.unit
@@ -284,6 +284,23 @@ def test_check_policy_validates_topologies_against_the_policy(tmp_path: Path, ca
     assert main(["check-policy", str(SHIPPED_POLICIES), "--topology", str(topo)]) == 1
     err = capsys.readouterr().err
     assert f"{topo}:9: vms.v1.ip: 203.0.113.5 is outside IVN acme-web's prefixes" in err
+
+
+def test_check_policy_prints_the_wiring_the_bridges_need(capsys) -> None:
+    """Datapath ids and port numbers come from NWC's model (neighbours in name order):
+    docs/deploy.md has the operator set the bridges to exactly these."""
+    topo = SHIPPED_TOPOLOGIES / "leaf-spine.yaml"
+    assert main(["check-policy", str(SHIPPED_POLICIES), "--topology", str(topo),
+                 "--wiring"]) == 0
+    lines = [line.split() for line in capsys.readouterr().out.splitlines()
+             if line.startswith("  ")]
+    model = load_topology(topo, load_policy([SHIPPED_POLICIES]))
+    assert len(lines) == len(model.switches) + len(model.hosts)
+    for kind, name, dpid, _, *ports in lines:
+        node = (model.switches if kind == "switch" else model.hosts)[name]
+        assert dpid == f"datapath-id={node.dpid:016x}"
+        assert dict(p.split("=") for p in ports) == \
+            {str(port): peer for peer, port in model.ports(name).items()}
 
 
 def test_check_policy_defaults_to_everything_shipped(capsys) -> None:
