@@ -579,3 +579,25 @@ def test_a_restarted_agent_unloads_the_key_from_before_when_it_loads_a_new_one(
     host.drop(req)
     host.steps(1)
     assert not host.ike.keys and not host.ike.conns and host.net.empty()
+
+
+def test_a_record_is_parsed_once_while_its_text_stays_and_again_when_it_changes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Records are read every pass; parsing them was most of a quiet pass's time. A record
+    whose text changes (new key material) must still be acted on at the next pass."""
+    host, req = psk_leg_installed()
+    parses = []
+    real = LegRecord.from_json.__func__  # type: ignore[attr-defined]
+
+    def counted(cls: type[LegRecord], text: str) -> LegRecord:
+        parses.append(text)
+        return real(cls, text)
+
+    monkeypatch.setattr(LegRecord, "from_json", classmethod(counted))
+    host.steps(3)
+    assert parses == []
+    fresh = new_psk()
+    host.want(LegRecord(req, fresh, start=True))
+    host.steps(3)
+    assert len(parses) == 1
+    assert any(secret == fresh for secret, _ in host.ike.shared.values())
