@@ -272,7 +272,9 @@ def inside(passes: int, budget_s: float) -> int:
             specs.append(spec)
             text = LegRecord(spec, new_psk(), start=True).to_json()
             db.ids[RECORD_PREFIX + spec.key] = floor_db.ids[RECORD_PREFIX + spec.key] = text
+        build_start = time.perf_counter()
         settle(agent, db, f"{n} legs")
+        build_s = time.perf_counter() - build_start
         settle(floor, floor_db, f"{n} legs, no kernel")
         complete = baseline_pass(base_ipr, specs)
         if complete != n:
@@ -289,7 +291,7 @@ def inside(passes: int, budget_s: float) -> int:
               f"{requests:6.1f} netlink requests "
               f"({dumps:.1f} dumps)   dump baseline {base_ms:7.3f} ms, {base_requests:.0f} "
               f"requests   ratio {agent_ms / base_ms:6.2f}   agent pass without netlink "
-              f"{floor_ms:7.3f} ms", flush=True)
+              f"{floor_ms:7.3f} ms; building the new legs took {build_s:.2f} s", flush=True)
     base_ipr.close()
     net.close()
     agent_ms, base_ms, requests = results[100]
