@@ -59,6 +59,10 @@ def remote_address(remote: str) -> IpAddress | None:
         return None
 
 
+def _addresses(target: str) -> set[IpAddress]:
+    return {a for r in target.split(",") if (a := remote_address(r)) is not None}
+
+
 @dataclass(frozen=True)
 class ServerIdentity:
     """Who an OVSDB server must be: a certificate naming one of `names` or `addresses`."""
@@ -72,13 +76,19 @@ class ServerIdentity:
     def of_host(cls, host: str, target: str, *, management_ip: IpAddress | None = None,
                 cert_name: str | None = None) -> ServerIdentity:
         """A topology host: its name (or its explicit certificate name) or its addresses."""
-        addresses = {a for r in target.split(",") if (a := remote_address(r)) is not None}
+        addresses = _addresses(target)
         if management_ip is not None:
             addresses.add(management_ip)
         name = cert_name or host
         return cls(f"host {host}", frozenset({name.casefold()}), frozenset(addresses),
                    hint=("hosts.NAME.ovsdb_cert_name" if cert_name
                          else "the host's name, management_ip or OVSDB address"))
+
+    @classmethod
+    def of_target(cls, target: str, name: str | None = None) -> ServerIdentity:
+        """The agent's own OVSDB: `name` (--ovsdb-server-name) or the target's address."""
+        return cls("the agent's --ovsdb", frozenset({name.casefold()} if name else ()),
+                   frozenset(_addresses(target)), hint="--ovsdb-server-name")
 
     def expected(self) -> str:
         shown = sorted(self.names) + sorted(str(a) for a in self.addresses)

@@ -295,7 +295,7 @@ class Tunnels:
         self._identities = {
             target: ServerIdentity.of_host(
                 name, target, management_ip=host.management_ip,
-                cert_name=getattr(host, "ovsdb_cert_name", None))
+                cert_name=host.ovsdb_cert_name)
             for name, target in self.targets.items()
             if (host := topology.hosts.get(name)) is not None}
         self._db_factory = db_factory or self._open_hostdb

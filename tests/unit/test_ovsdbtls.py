@@ -9,12 +9,14 @@ import contextlib
 import datetime as dt
 import ipaddress
 import json
+import logging
 import socket
 import ssl
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 import ovs.jsonrpc
 import ovs.poller
@@ -26,7 +28,12 @@ from cryptography.x509.oid import NameOID
 
 from nwc import ovsdbtls
 from nwc.hostdb import HostDb, ServerIdentityError, configure_ssl, fetch_schema, ssl_files
+from nwc.lab.tunnel_lab import TWO_HOSTS
 from nwc.ovsdbtls import ServerIdentity
+from nwc.policy import Policy
+from nwc.topology import parse_topology_text
+from nwc.tunnels import Tunnels, _HostLink
+from nwc.yamlsource import ConfigError
 
 pytestmark = pytest.mark.unit
 
@@ -303,3 +310,68 @@ def test_hostdb_enters_its_identity_while_open_and_refuses_clearly(
         assert srv.handshakes == 1 and srv.received == []
     finally:
         srv.close()
+
+
+# -- the controller: identities from the topology, one log line per state ----------------------
+
+def test_the_topology_names_each_hosts_server(shipped_policy: Policy) -> None:
+    text = TWO_HOSTS.replace(
+        "underlay_ip: 100.64.0.1}", "underlay_ip: 100.64.0.1, management_ip: 198.51.100.21, "
+        "ovsdb: 'ssl:198.51.100.11:6640'}").replace(
+        "underlay_ip: 100.64.0.2}", "underlay_ip: 100.64.0.2, ovsdb: 'ssl:h2.mgmt:6640', "
+        "ovsdb_cert_name: ovsdb-h2.mgmt.example}")
+    topo = parse_topology_text(text, shipped_policy)
+    part = Tunnels(topology=topo, policy=lambda: shipped_policy,
+                   ca=mock.Mock(), reports=mock.Mock(),
+                   ovsdb_targets={h.name: h.ovsdb for h in topo.hosts.values() if h.ovsdb})
+    h1 = part._open_hostdb("ssl:198.51.100.11:6640")
+    assert h1.server_identity == H1
+    h2 = part._open_hostdb("ssl:h2.mgmt:6640")
+    assert h2.server_identity == ServerIdentity("host h2", frozenset({"ovsdb-h2.mgmt.example"}))
+    with pytest.raises(ConfigError, match="no wildcards"):
+        parse_topology_text(text.replace("ovsdb-h2.mgmt.example", "'*.mgmt.example'"),
+                            shipped_policy)
+
+
+def test_a_refused_server_is_logged_once_per_state(caplog: pytest.LogCaptureFixture) -> None:
+    outcomes: list[Exception | None] = []
+
+    class Db:
+        def open(self) -> Db:
+            if outcomes[0] is not None:
+                raise outcomes[0]
+            return self
+
+        def close(self) -> None:
+            pass
+
+        def external_ids(self, prefix: str = "nwc-") -> dict[str, str]:
+            return {}
+
+    link = _HostLink("h1", "ssl:198.51.100.11:6640", lambda _target: Db())
+    refused = ServerIdentityError("the server's certificate (commonName CN=h2) is not h1's")
+
+    def attempt(outcome: Exception | None) -> None:
+        outcomes[:] = [outcome]
+        link.retry_at = 0
+        link.read()
+        link._drop()
+
+    with caplog.at_level(logging.DEBUG, logger="nwc.tunnels"):
+        for outcome in (refused, refused, refused, None, refused, ConnectionError("down")):
+            attempt(outcome)
+    link.close().result(5)
+    said = [(r.levelno, r.getMessage()) for r in caplog.records if r.levelno >= logging.INFO]
+    assert [level for level, _ in said] == [logging.ERROR, logging.INFO, logging.ERROR,
+                                            logging.WARNING]
+    assert "refusing the OVSDB server of h1" in said[0][1] and "CN=h2" in said[0][1]
+    assert "reached again" in said[1][1]
+
+
+def test_the_agent_expects_its_server_name_or_the_targets_address(ca: Ca) -> None:
+    only_address = ServerIdentity.of_target("ssl:198.51.100.11:6640")
+    assert only_address.problem(der(ca, None, (), ("198.51.100.11",))) is None
+    assert "--ovsdb-server-name" in (only_address.problem(der(ca, "h1")) or "")
+    named = ServerIdentity.of_target("ssl:198.51.100.11:6640", "h1")
+    assert named.problem(der(ca, f"h1 id:{OVS_PKI_ID}")) is None
+    assert named.problem(der(ca, "h2")) is not None
