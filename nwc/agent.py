@@ -738,6 +738,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
     )
     from nwc.hostnet import HostNetwork
     from nwc.ike import IkeDaemon
+    from nwc.ovsdbtls import ServerIdentity
 
     try:
         configure_targets(args.ovsdb_ssl_key, args.ovsdb_ssl_cert, args.ovsdb_ssl_ca,
@@ -749,7 +750,10 @@ def cmd_agent(args: argparse.Namespace) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    db = HostDb(args.ovsdb, AGENT_TABLES)
+    # An ssl: --ovsdb must present a certificate for --ovsdb-server-name or the target's
+    # address (the controller's rule, nwc.ovsdbtls); the records it serves hold keys.
+    db = HostDb(args.ovsdb, AGENT_TABLES, server_identity=ServerIdentity.of_target(
+        args.ovsdb, args.ovsdb_server_name))
     delay = 0.5
     while not stop.is_set():
         try:
@@ -794,6 +798,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="certificate (PEM) for --ovsdb-ssl-key")
     p.add_argument("--ovsdb-ssl-ca", default=None,
                    help="CA certificate (PEM) the OVSDB server's certificate must chain to")
+    p.add_argument("--ovsdb-server-name", default=None,
+                   help="the name an ssl: --ovsdb server's certificate must carry (its "
+                        "subjectAltName, or CN; ovs-pki's 'NAME id:...' matches NAME); without "
+                        "it only the target's IP address is accepted")
     p.add_argument("--vici", default=DEFAULT_VICI,
                    help=f"the local charon's VICI socket (default {DEFAULT_VICI})")
     p.add_argument("--underlay-dev", required=True,

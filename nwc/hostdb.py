@@ -15,8 +15,11 @@ level, and some values here are pre-shared keys.
 
 Targets are `unix:`, `tcp:` or `ssl:` (comma-separated for several remotes). `ssl:` needs this
 process's key, certificate and CA certificate (`configure_ssl`; python-ovs keeps them
-process-wide): without them a target is refused with a clear error. `tcp:` works but carries
-every record, pre-shared keys included, in clear: it is logged once per target.
+process-wide): without them a target is refused with a clear error. The server's certificate
+must also be the expected server's (`server_identity`, checked by `nwc.ovsdbtls` before any
+OVSDB message crosses, on every connection and reconnection): python-ovs alone checks only
+that it chains to the CA. `tcp:` works but carries every record, pre-shared keys included, in
+clear: it is logged once per target.
 
 Nothing here waits without limit on the other end: opening (connect, TLS handshake, schema,
 first contents) has a deadline, transactions time out, and reading the cache gives up when
@@ -44,6 +47,9 @@ from ovs import jsonrpc, stream
 from ovsdbapp.backend.ovs_idl import command as ovs_command
 from ovsdbapp.backend.ovs_idl import connection, idlutils, transaction
 from ovsdbapp.schema.open_vswitch import impl_idl
+
+from nwc import ovsdbtls
+from nwc.ovsdbtls import ServerIdentity
 
 log = logging.getLogger(__name__)
 
@@ -153,11 +159,15 @@ class OvsdbConfigError(ValueError):
     """An OVSDB target this process cannot use as configured (e.g. ssl: without keys)."""
 
 
+class ServerIdentityError(ConnectionError):
+    """An ssl: server whose certificate chains to the CA but is not the expected server's."""
+
+
 @dataclass(frozen=True)
 class SslFiles:
     """PEM files for `ssl:` OVSDB targets: this side's private key and certificate, and the
-    CA certificate the server's certificate must chain to. python-ovs checks the chain but
-    not the server's name: use a CA that signs only OVSDB servers (and NWC's own client)."""
+    CA certificate the server's certificate must chain to. Whose certificate it is, python-ovs
+    does not check: `HostDb`'s `server_identity` does (`nwc.ovsdbtls`)."""
 
     private_key: Path
     certificate: Path
@@ -192,6 +202,7 @@ def configure_ssl(files: SslFiles | None) -> None:
     """Use these files for every `ssl:` target this process opens from now on (None: no
     ssl: targets)."""
     global _ssl
+    ovsdbtls.install()
     stream.Stream.ssl_set_private_key_file(str(files.private_key) if files else None)
     stream.Stream.ssl_set_certificate_file(str(files.certificate) if files else None)
     stream.Stream.ssl_set_ca_cert_file(str(files.ca_cert) if files else None)
@@ -252,6 +263,9 @@ def _open_stream(remote: str, deadline: float, timeout_s: float) -> stream.Strea
             poller.timer_wait(min(int(left * 1000) + 1, 100))  # and look again now and then
             poller.block()
         if error:
+            refusal = getattr(strm, "refusal", None)
+            if refusal:
+                raise ServerIdentityError(f"{remote}: {refusal}")
             raise ConnectionError(f"{remote}: {os.strerror(error)}")
     except BaseException:
         strm.close()
@@ -291,26 +305,43 @@ def fetch_schema(remote: str, schema: str, timeout_s: float) -> Any:
 
 class HostDb:
     """One connection to one host's OVSDB (an ovsdbapp IDL with its own thread). `timeout`
-    bounds opening, each transaction and each wait for the cache."""
+    bounds opening, each transaction and each wait for the cache. An `ssl:` server must
+    present a certificate naming `server_identity` (without one, every ssl: server is
+    refused: NWC could not tell whose it is)."""
 
     def __init__(self, target: str, tables: Iterable[str] = CONTROLLER_TABLES,
-                 timeout: float = 10.0) -> None:
+                 timeout: float = 10.0, server_identity: ServerIdentity | None = None) -> None:
         self.target = target
         self.tables = tuple(tables)
         self.timeout = timeout
+        self.server_identity = server_identity
+        self._ssl_remotes = [r for r in idlutils.parse_connection(target)
+                             if r.startswith("ssl:")]
         self._api: _PlainTransactions | None = None
         self._lock = threading.Lock()
 
     def open(self) -> HostDb:
         with self._lock:
             if self._api is None:
-                self._api = self._open()
+                check_target(self.target)
+                expecting = self.server_identity is not None and self._ssl_remotes
+                if expecting:
+                    ovsdbtls.install()
+                    try:
+                        ovsdbtls.expect(self._ssl_remotes, self.server_identity)
+                    except ovsdbtls.IdentityConflict as exc:
+                        raise OvsdbConfigError(str(exc)) from None
+                try:
+                    self._api = self._open()
+                except BaseException:
+                    if expecting:
+                        ovsdbtls.forget(self._ssl_remotes)
+                    raise
         return self
 
     def _open(self) -> _PlainTransactions:
-        check_target(self.target)
         deadline = time.monotonic() + self.timeout
-        schema, problems = None, []
+        schema, problems, refused = None, [], False
         for remote in idlutils.parse_connection(self.target):
             left = deadline - time.monotonic()
             if left <= 0:
@@ -321,8 +352,10 @@ class HostDb:
                 break
             except (OSError, ValueError) as exc:
                 problems.append(str(exc))
+                refused = refused or isinstance(exc, ServerIdentityError)
         if schema is None:
-            raise ConnectionError(f"OVSDB {self.target} unreachable: " + "; ".join(problems))
+            error = ServerIdentityError if refused else ConnectionError
+            raise error(f"OVSDB {self.target} unreachable: " + "; ".join(problems))
         helper = idlutils.create_schema_helper(schema)
         for table in self.tables:
             helper.register_table(table)
@@ -348,6 +381,8 @@ class HostDb:
         in its transaction queue, which a transaction that never came back keeps full."""
         with self._lock:
             api, self._api = self._api, None
+            if api is not None and self.server_identity is not None and self._ssl_remotes:
+                ovsdbtls.forget(self._ssl_remotes)
         if api is None:
             return
         conn = api.ovsdb_connection
@@ -383,6 +418,10 @@ class HostDb:
         with self._cache() as api:
             session = getattr(api.idl, "_session", None)
             if session is not None and not session.is_connected():
+                refusals = [why for r in self._ssl_remotes if (why := ovsdbtls.last_refusal(r))]
+                if refusals:
+                    raise ServerIdentityError(f"OVSDB {self.target} is not connected: "
+                                              + "; ".join(refusals))
                 raise ConnectionError(f"OVSDB {self.target} is not connected")
             rows = list(api.tables["Open_vSwitch"].rows.values())
             if not rows:

@@ -23,6 +23,7 @@ from nwc.yamlsource import ConfigError, Cursor, Document, Problem, parse_yaml, r
 
 Backend = Literal["strongswan", "ovs-ipsec"]
 MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+CERT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,252}")  # a DNS name; no wildcards
 PORT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,14}")  # Linux interface names: <= 15
 
 
@@ -70,6 +71,9 @@ class ComputeHost:
     backend: Backend
     management_ip: ipaddress.IPv4Address | None = None
     ovsdb: str | None = None  # e.g. tcp:198.51.100.11:6640; None: the lab decides
+    # The name an ssl: OVSDB server's certificate must carry instead of the host's name
+    # (nwc.ovsdbtls has the rule); None: the host's name.
+    ovsdb_cert_name: str | None = None
 
 
 @dataclass(frozen=True)
@@ -166,7 +170,7 @@ TOP_KEYS = {"version", "name", "description", "underlay", "reservable_share", "s
 UNDERLAY_KEYS = {"hosts", "weave_endpoints", "weave_vteps", "mtu"}
 LINK_KEYS = {"between", "capacity_mbps", "reservable_share"}
 HOST_KEYS = {"switch", "uplink_mbps", "uplink_share", "underlay_ip", "dpid", "backend",
-             "management_ip", "ovsdb"}
+             "management_ip", "ovsdb", "ovsdb_cert_name"}
 VM_KEYS = {"host", "ivn", "ip", "mac", "port"}
 
 
@@ -304,9 +308,12 @@ def build_topology(doc: Document, policy: Policy | None = None) -> Topology:
         ovsdb = hf["ovsdb"].string(pattern=re.compile(r"(tcp|ssl|unix):.+"),
                                    what="an OVSDB target (tcp:IP:PORT, ssl:..., unix:PATH)") \
             if "ovsdb" in hf else None
+        cert_name = hf["ovsdb_cert_name"].string(
+            pattern=CERT_NAME, what="a DNS name (letters, digits, '.', '-'; no wildcards)") \
+            if "ovsdb_cert_name" in hf else None
         if None in (switch, mbps, share, ip, dpid, backend):
             continue
-        hosts[hname] = ComputeHost(hname, switch, ip, dpid, backend, mgmt, ovsdb)
+        hosts[hname] = ComputeHost(hname, switch, ip, dpid, backend, mgmt, ovsdb, cert_name)
         links.append(Link(hname, switch, mbps, share))
 
     seen_links: dict[tuple[str, str], Cursor] = {link.key: top["hosts"] for link in links}

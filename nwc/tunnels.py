@@ -37,7 +37,8 @@ from typing import Any, Protocol
 
 # Imported here, never first from the part's thread: ovsdbapp pulls in python-ovs, which
 # imports eventlet, and a thread that imported eventlet first never finishes exiting.
-from nwc.hostdb import HostDb, OvsdbConfigError, configure_targets
+from nwc.hostdb import HostDb, OvsdbConfigError, ServerIdentityError, configure_targets
+from nwc.ovsdbtls import ServerIdentity
 from nwc.pipeline import INTEGRATION_BRIDGE
 from nwc.pki import CertificateAuthority, CsrRejected, Secret, new_psk
 from nwc.policy import MAX_LEASE_S, Policy
@@ -160,6 +161,7 @@ class _HostLink:
         # The last records version written to this host: a read that does not show it yet
         # must not make the next write reuse it (each version names one set of records).
         self.version = 0
+        self._problem: str | None = None  # why it could not be reached, as last logged
         self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], concurrent.futures.Future[Any]]
                                       | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._work, name=f"nwc-ovsdb-{host}",
@@ -231,12 +233,30 @@ class _HostLink:
             db = self._factory(self.target)
             db.open()
         except Exception as exc:
-            log.warning("cannot reach the OVSDB of %s at %s (%s); retrying in %g s", self.host,
-                        self.target, exc, RECONNECT_S)
             self.retry_at = time.monotonic() + RECONNECT_S
+            self._note_problem(exc)
             return None
+        if self._problem is not None:
+            log.info("OVSDB of %s at %s reached again", self.host, self.target)
+            self._problem = None
         self.db = db
         return db
+
+    def _note_problem(self, exc: Exception) -> None:
+        """Say once why this host cannot be reached, until the reason changes or it is
+        reached: a refused server certificate stays refused every RECONNECT_S."""
+        problem = f"{type(exc).__name__}: {exc}"
+        if problem == self._problem:
+            log.debug("OVSDB of %s at %s still unreachable (%s)", self.host, self.target, exc)
+            return
+        self._problem = problem
+        if isinstance(exc, ServerIdentityError):
+            log.error("refusing the OVSDB server of %s at %s, nothing is written to it: %s; "
+                      "the host is unreachable until its server presents its own certificate",
+                      self.host, self.target, exc)
+        else:
+            log.warning("cannot reach the OVSDB of %s at %s (%s); retrying every %g s",
+                        self.host, self.target, exc, RECONNECT_S)
 
     def _drop(self) -> None:
         db, self.db = self.db, None
@@ -271,7 +291,14 @@ class Tunnels:
         self.bridge = bridge
         self.now = now
         self.io_wait_s = io_wait_s
-        self._db_factory = db_factory or _open_hostdb
+        # Whose certificate each ssl: server must present (nwc.ovsdbtls has the rule).
+        self._identities = {
+            target: ServerIdentity.of_host(
+                name, target, management_ip=host.management_ip,
+                cert_name=host.ovsdb_cert_name)
+            for name, target in self.targets.items()
+            if (host := topology.hosts.get(name)) is not None}
+        self._db_factory = db_factory or self._open_hostdb
         self._links: dict[str, _HostLink] = {}  # used by the part's thread only
         self._lock = threading.Lock()
         self._weaves: dict[str, _WeaveTunnels] = {}
@@ -282,6 +309,9 @@ class Tunnels:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+
+    def _open_hostdb(self, target: str) -> HostDbLike:
+        return HostDb(target, server_identity=self._identities.get(target))
 
     # -- Part (called on the weaver's loop) -----------------------------------------------
 
@@ -687,10 +717,6 @@ class Tunnels:
 
 def _rekeying(status: LegStatus | None) -> bool:
     return status is not None and status.sa is not None and status.sa.rekeying
-
-
-def _open_hostdb(target: str) -> HostDbLike:
-    return HostDb(target)
 
 
 # -- `nwc run` --------------------------------------------------------------------------------

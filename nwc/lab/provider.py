@@ -137,7 +137,9 @@ class ProviderLab:
             emulated = EmulatedHost(
                 self.lab, self.topo, self.policy, name, target, self.mgmt,
                 switch_tls=self.openflow_ca.issue(f"{name}-switch"),
-                ovsdb_tls=self.ovsdb_ca.issue(f"{name}-ovsdb"))
+                # NWC accepts a host's OVSDB server only with a certificate naming that
+                # host (nwc.ovsdbtls): here its CN is the host's name, as ovs-pki's would be.
+                ovsdb_tls=self.ovsdb_ca.issue(name))
             emulated.build()
             emulated.ns.no_ipv6()
             mgmt_ip = str(emulated.management_ip)

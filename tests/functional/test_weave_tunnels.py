@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,7 @@ from nwc.tunnel import (
     LegStatus,
     Phase,
 )
-from nwc.tunnels import Tunnels, tunnels_for
+from nwc.tunnels import RECONNECT_S, Tunnels, tunnels_for
 from nwc.weave import Leg, State, Weave
 
 pytestmark = pytest.mark.functional
@@ -405,18 +406,22 @@ def _pem_pair(ca: CertificateAuthority, identity: str, directory: Path) -> tuple
     return paths
 
 
-def _ssl_ovsdb(lab: Lab, name: str, key: Path, cert: Path, ca: Path) -> tuple[str, str]:
+def _ssl_ovsdb(lab: Lab, name: str, key: Path, cert: Path, ca: Path,
+               port: int | None = None) -> tuple[str, str]:
     """A private ovsdb-server listening only with TLS on loopback (plus a unix socket for
-    ovs-vsctl): its ssl: target for NWC, and its unix one for the test's own checks."""
+    ovs-vsctl): its ssl: target for NWC, and its unix one for the test's own checks. Given
+    the port of one stopped before, it starts again on the same database."""
     rundir = lab.directory(f"ssl-{name}")
     env = {**os.environ, "OVS_RUNDIR": str(rundir), "OVS_DBDIR": str(rundir),
            "OVS_LOGDIR": str(rundir)}
     db, sock = rundir / "conf.db", rundir / "db.sock"
-    subprocess.run(["ovsdb-tool", "create", str(db), "/usr/share/openvswitch/vswitch.ovsschema"],
-                   check=True, env=env, capture_output=True)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    if port is None:
+        subprocess.run(["ovsdb-tool", "create", str(db),
+                        "/usr/share/openvswitch/vswitch.ovsschema"],
+                       check=True, env=env, capture_output=True)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
     proc = subprocess.Popen(
         ["ovsdb-server", str(db), f"--remote=punix:{sock}", f"--remote=pssl:{port}:127.0.0.1",
          f"--private-key={key}", f"--certificate={cert}", f"--ca-cert={ca}",
@@ -434,15 +439,15 @@ def _ssl_ovsdb(lab: Lab, name: str, key: Path, cert: Path, ca: Path) -> tuple[st
 def test_the_tunnel_part_writes_records_over_ssl(tmp_path: Path) -> None:
     """Both hosts' OVSDBs answer only TLS with client certificates: with the key, certificate
     and CA configured the part writes each leg end's record (key included) over it; a client
-    certificate from another CA is turned away."""
+    certificate from another CA is turned away. Each server's certificate names its host
+    (subjectAltName DNS), as NWC requires."""
     tls_ca = CertificateAuthority.load_or_create(tmp_path / "ovsdb-ca", name="OVSDB CA")
     ca_file = tmp_path / "ovsdb-ca" / "ca.crt"
     ca_file.write_bytes(tls_ca.cert_pem)
-    server_key, server_cert = _pem_pair(tls_ca, "ovsdb.host.test", tmp_path)
     client_key, client_cert = _pem_pair(tls_ca, "controller.nwc.test", tmp_path)
     topo = parse_topology_text(TWO_HOSTS, POLICY)
     with Lab(unique_prefix("t")) as lab:
-        servers = {name: _ssl_ovsdb(lab, name, server_key, server_cert, ca_file)
+        servers = {name: _ssl_ovsdb(lab, name, *_pem_pair(tls_ca, name, tmp_path), ca_file)
                    for name in ("h1", "h2")}
         events: list[tuple[str, ...]] = []
 
@@ -497,6 +502,115 @@ def test_the_tunnel_part_writes_records_over_ssl(tmp_path: Path) -> None:
             with pytest.raises(ConnectionError):
                 HostDb(servers["h1"][0], timeout=5).open()
         finally:
+            configure_ssl(None)
+
+
+def _ovs_pki(directory: Path) -> Path:
+    """docs/deploy.md's management PKI, made with ovs-pki itself: one switchca signs both
+    hosts and the fabric switch ("NAME id:<uuid>" as CN and DNS name), controllerca NWC."""
+    pki = directory / "pki"
+    subprocess.run(["ovs-pki", f"--dir={pki}", "init"], check=True, capture_output=True,
+                   timeout=120)
+    for name, kind in (("h1", "switch"), ("h2", "switch"), ("fabric", "switch"),
+                       ("nwc", "controller")):
+        subprocess.run(["ovs-pki", f"--dir={pki}", "req+sign", name, kind], cwd=directory,
+                       check=True, capture_output=True, timeout=120)
+    return directory
+
+
+def _present(certs: Path, whose: str, key: Path, cert: Path) -> None:
+    """Make a server's key and certificate files `whose` (ovsdb-server reloads them when
+    they change; it uses them for its next connections)."""
+    for source, path in ((certs / f"{whose}-privkey.pem", key),
+                         (certs / f"{whose}-cert.pem", cert)):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(source.read_bytes())
+        tmp.chmod(0o600)
+        os.replace(tmp, path)
+
+
+def test_an_ovsdb_server_must_present_its_own_hosts_certificate(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """With ovs-pki's one switchca for hosts and switches, a host's OVSDB server that
+    presents another host's certificate, or the fabric switch's (both valid, same CA), is
+    refused: nothing is written to it and the refusal is logged once. Once each presents its
+    own, the records are written. A server that switches to another's certificate and is
+    reconnected to gets no record again, while the other host's is put back."""
+    certs = _ovs_pki(tmp_path)
+    server_ca = certs / "pki" / "controllerca" / "cacert.pem"
+    files = {h: (tmp_path / f"{h}-server.key", tmp_path / f"{h}-server.crt")
+             for h in ("h1", "h2")}
+    _present(certs, "h2", *files["h1"])  # h1's server with h2's certificate
+    _present(certs, "fabric", *files["h2"])  # h2's with the fabric switch's
+    topo = parse_topology_text(TWO_HOSTS, POLICY)
+    with Lab(unique_prefix("t")) as lab:
+        servers = {h: _ssl_ovsdb(lab, h, *files[h], server_ca) for h in ("h1", "h2")}
+
+        def records(host: str) -> dict[str, str]:
+            ids = ovs_map(_Vsctl(servers[host][1]), "open_vswitch", ".", "external_ids")
+            return {k: v for k, v in ids.items() if k.startswith("nwc-")}
+
+        def refusals(host: str) -> list[str]:
+            return [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR
+                    and f"refusing the OVSDB server of {host} " in r.getMessage()]
+
+        class Reports:
+            def __getattr__(self, _name: str) -> Any:
+                return lambda *args: None
+
+        configure_ssl(ssl_files(certs / "nwc-privkey.pem", certs / "nwc-cert.pem",
+                                certs / "pki" / "switchca" / "cacert.pem"))
+        part = Tunnels(topology=topo, policy=lambda: POLICY,
+                       ca=CertificateAuthority.load_or_create(tmp_path / "weave-ca"),
+                       reports=Reports(), ovsdb_targets={h: s[0] for h, s in servers.items()},
+                       poll_interval=0.05)
+        now = dt.datetime.now(dt.UTC)
+
+        weave = Weave(id="wv-000001", requester="acme-web", target="globex-db",
+                      requester_tenant="acme", target_tenant="globex",
+                      legs=(Leg("h1", "h2", ("h1", "s1", "h2"), 0),), kbps=1000,
+                      profile="gold",
+                      requester_prefixes=(ipaddress.IPv4Network("192.0.2.0/26"),),
+                      target_prefixes=(ipaddress.IPv4Network("192.0.2.64/26"),),
+                      created_at=now, expires_at=now + dt.timedelta(hours=1))
+        try:
+            with caplog.at_level(logging.INFO, logger="nwc.tunnels"):
+                part.weave_up(weave)
+                part.start()
+                wait_for(lambda: (refusals("h1") and refusals("h2")) or records("h1")
+                         or records("h2"), 20, "both refusals")
+                time.sleep(RECONNECT_S * 2)  # the part retries, and says it only once
+                assert records("h1") == {} and records("h2") == {}
+                assert len(refusals("h1")) == 1 and len(refusals("h2")) == 1
+                assert "DNS:h2 id:" in refusals("h1")[0]
+                assert "DNS:fabric id:" in refusals("h2")[0]
+
+                _present(certs, "h1", *files["h1"])
+                _present(certs, "h2", *files["h2"])
+                wait_for(lambda: f"{RECORD_PREFIX}wv-000001-s0" in records("h1")
+                         and f"{RECORD_PREFIX}wv-000001-s0" in records("h2"), 30,
+                         "the records, once each server presents its own certificate")
+
+                # h1's server now presents h2's certificate, and drops its connections: the
+                # IDL's reconnection meets it, and so does every reopening after.
+                _present(certs, "h2", *files["h1"])
+                time.sleep(0.5)
+                subprocess.run(["ovs-appctl", "-t",
+                                str(Path(servers["h1"][1][5:]).parent / "ovsdb-server.ctl"),
+                                "ovsdb-server/reconnect"], check=True, capture_output=True,
+                               timeout=10)
+                wait_for(lambda: len(refusals("h1")) == 2, 20, "h1's server refused again")
+                # Both records go missing: the part puts back h2's, and not h1's (which, PSK
+                # included, would go to whoever holds h2's certificate).
+                key = f"{RECORD_PREFIX}wv-000001-s0"
+                for host in ("h1", "h2"):
+                    _Vsctl(servers[host][1]).vsctl("--no-wait", "remove", "open_vswitch", ".",
+                                                   "external_ids", key)
+                wait_for(lambda: key in records("h2"), 20, "h2's record, put back")
+                time.sleep(RECONNECT_S * 2)
+                assert key not in records("h1") and len(refusals("h1")) == 2
+        finally:
+            part.stop()
             configure_ssl(None)
 
 

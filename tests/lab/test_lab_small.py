@@ -86,6 +86,7 @@ def test_the_management_plane_is_tls(lab: ProviderLab) -> None:
     log = (lab.logs / "nwc-run.log").read_text()
     assert "TLS, switch certificates required" in log
     assert "is not encrypted" not in log  # what NWC warns for a tcp: OVSDB target
+    assert "refusing the OVSDB server" not in log  # each host's certificate names it
 
 
 def test_isolation_before_and_after_a_weave(lab: ProviderLab) -> None:
