@@ -49,6 +49,17 @@ from nwc.weave import Leg, State, Weave
 pytestmark = pytest.mark.functional
 
 MARKER = b"NWC-TENANT-PAYLOAD-must-never-be-seen-on-the-underlay"
+
+
+def h1_h2_weave(now: dt.datetime) -> Weave:
+    """A one-leg acme-web/globex-db weave between h1 and h2, slot 0, for the tunnel part
+    alone (no weaver)."""
+    return Weave(id="wv-000001", requester="acme-web", target="globex-db",
+                 requester_tenant="acme", target_tenant="globex",
+                 legs=(Leg("h1", "h2", ("h1", "s1", "h2"), 0),), kbps=1000, profile="gold",
+                 requester_prefixes=(ipaddress.IPv4Network("192.0.2.0/26"),),
+                 target_prefixes=(ipaddress.IPv4Network("192.0.2.64/26"),),
+                 created_at=now, expires_at=now + dt.timedelta(hours=1))
 PYTHON = "/usr/bin/python3"  # the VMs' own interpreter; no NWC code runs inside a VM
 
 TCP_SINK = """
@@ -471,13 +482,7 @@ def test_the_tunnel_part_writes_records_over_ssl(tmp_path: Path) -> None:
                        poll_interval=0.05)
         try:
             now = dt.datetime.now(dt.UTC)
-            weave = Weave(id="wv-000001", requester="acme-web", target="globex-db",
-                          requester_tenant="acme", target_tenant="globex",
-                          legs=(Leg("h1", "h2", ("h1", "s1", "h2"), 0),), kbps=1000,
-                          profile="gold",
-                          requester_prefixes=(ipaddress.IPv4Network("192.0.2.0/26"),),
-                          target_prefixes=(ipaddress.IPv4Network("192.0.2.64/26"),),
-                          created_at=now, expires_at=now + dt.timedelta(hours=1))
+            weave = h1_h2_weave(now)
             part.weave_up(weave)
             part.start()
 
@@ -566,13 +571,7 @@ def test_an_ovsdb_server_must_present_its_own_hosts_certificate(
                        poll_interval=0.05)
         now = dt.datetime.now(dt.UTC)
 
-        weave = Weave(id="wv-000001", requester="acme-web", target="globex-db",
-                      requester_tenant="acme", target_tenant="globex",
-                      legs=(Leg("h1", "h2", ("h1", "s1", "h2"), 0),), kbps=1000,
-                      profile="gold",
-                      requester_prefixes=(ipaddress.IPv4Network("192.0.2.0/26"),),
-                      target_prefixes=(ipaddress.IPv4Network("192.0.2.64/26"),),
-                      created_at=now, expires_at=now + dt.timedelta(hours=1))
+        weave = h1_h2_weave(now)
         try:
             with caplog.at_level(logging.INFO, logger="nwc.tunnels"):
                 part.weave_up(weave)
