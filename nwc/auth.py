@@ -133,12 +133,13 @@ class TokenStore:
             log.exception("keeping the tokens loaded before")
             return
         except PermissionError as exc:
-            # Said once per state of the file, not on every request.
-            self._seen = key
+            # Said once per state of the file, not on every request. What the file holds
+            # now is unknown (a token may have been revoked in it): no token is accepted.
+            self._seen, self._by_digest, self._ids = key, {}, frozenset()
             log.error("cannot read the tokens file (%s; owner uid %d, mode %o): it must "
                       "belong to the user NWC runs as (run `nwc token` as that user, or chown "
-                      "it); keeping the tokens loaded before", exc.strerror, st.st_uid,
-                      st.st_mode & 0o777)
+                      "it); no token is accepted until it can be read", exc.strerror,
+                      st.st_uid, st.st_mode & 0o777)
             return
         self._by_digest = {r.sha256: r for r in records}
         self._ids = frozenset(r.token_id for r in records)

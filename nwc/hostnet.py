@@ -131,6 +131,10 @@ class HostNetwork:
         self._kept: tuple[_View, float] | None = None  # the last pass's view, and its time
         self._view_taken = 0.0
         self._stale: set[str] = set()  # tables of the view that changes made stale
+        # A notification was read since the last dump a pass kept; the next dump then may
+        # not show all of the change it announced, so its view is not kept past its pass.
+        self._heard = False
+        self._view_settled = False  # the pass's view was dumped with nothing just heard
 
     def close(self) -> None:
         self._ipr.close()
@@ -147,19 +151,24 @@ class HostNetwork:
         Without a monitor the view never outlives the pass, so what someone else changed
         between passes is read at the next one; with one, the next pass keeps it only if
         the kernel sent no change notification since it was read (any change, by anyone,
-        sends one) and it is younger than MAX_VIEW_AGE_S."""
+        sends one) and it is younger than MAX_VIEW_AGE_S, and only if no notification was
+        read just before its dump (the kernel announces some changes before it has made
+        all of them)."""
         self._in_pass, self._view = True, None
         if self._kept is not None and self._monitor is not None:
             view, taken = self._kept
             # A notification read here may be about a change made after the view was
             # taken: drop it. Quiet since the dump (drained just before it), it still holds.
-            if not self._monitor.changed() and self._clock() - taken < MAX_VIEW_AGE_S:
+            if self._monitor.changed():
+                self._heard = True
+            elif self._clock() - taken < MAX_VIEW_AGE_S:
                 self._view = view
         self._kept = None
         try:
             yield
         finally:
-            if self._monitor is not None and self._view is not None and not self._stale:
+            if self._monitor is not None and self._view is not None and not self._stale \
+                    and self._view_settled:
                 self._kept = (self._view, self._view_taken)
             self._in_pass, self._view = False, None
             self._stale.clear()
@@ -178,12 +187,18 @@ class HostNetwork:
             # Notifications of what happened before this dump are answered by it; a change
             # from here on sends one that the next pass reads (and so reads the kernel).
             # A view kept from a pass cannot tell the notifications drained here: drop it.
-            self._monitor.changed()
+            # The kernel sends some notifications before the change is all done (a route's
+            # deletion before it leaves the table, which an RCU dump may still walk; a
+            # device going down before its routes are flushed, which sends nothing more):
+            # after one, this dump is good for this pass only, and the next reads again.
+            if self._monitor.changed():
+                self._heard = True
             self._kept = None
         taken = self._clock()
         view = self._dump(ALL_TABLES)
         if self._in_pass:
             self._view, self._view_taken = view, taken
+            self._view_settled, self._heard = not self._heard, False
         return view
 
     def _dump(self, tables: frozenset[str], base: _View | None = None) -> _View:

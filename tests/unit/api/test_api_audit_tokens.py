@@ -174,6 +174,28 @@ def test_an_unreadable_tokens_file_is_said_once_and_accepts_nothing(
     assert store.authenticate(token) is not None
 
 
+def test_a_token_revoked_into_an_unreadable_file_is_not_accepted_any_more(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A running controller had the token loaded; the file was then rewritten (the token
+    revoked) by someone whose file the controller cannot read. What it holds now is
+    unknown: keeping the tokens loaded before would keep accepting the revoked one."""
+    token, record = TokenStore(tmp_path).issue("acme")
+    store = TokenStore(tmp_path)
+    assert store.authenticate(token) is not None
+    time.sleep(0.02)  # file times move in clock ticks
+    assert TokenStore(tmp_path).revoke(record.token_id)
+    real_read = Path.read_text
+
+    def unreadable(self: Path, *args: object, **kwargs: object) -> str:
+        if self.name == "tokens":
+            raise PermissionError(13, "Permission denied")
+        return real_read(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Path, "read_text", unreadable)
+    assert store.authenticate(token) is None
+    assert not store.is_valid(record.token_id)
+
+
 @pytest.mark.parametrize("presented", ["", "nwc_short", "Bearer nwc_" + "a" * 43,
                                        "nwc_" + "a" * 42 + "!", "x" * 10_000])
 def test_malformed_tokens_are_refused(tmp_path: Path, presented: str) -> None:
