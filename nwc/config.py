@@ -15,12 +15,18 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 def shipped_dir(name: str, checkout: Path = PROJECT_ROOT, prefix: str | None = None) -> Path:
     """A directory of shipped files: beside the package in a checkout (or an editable
-    install), else where an installed NWC put it (setup.cfg's data_files, under the
-    environment's prefix)."""
+    install: one holding setup.cfg, so that another distribution's top-level `policies/` in
+    site-packages is never taken for NWC's), else where an installed NWC put it
+    (setup.cfg's data_files, under the prefix it was installed to: found from where the
+    package lies, which also covers `pip install --user` and `--prefix`, then sys.prefix)."""
     beside = checkout / name
-    if beside.is_dir():
+    if (checkout / "setup.cfg").is_file() and beside.is_dir():
         return beside
-    return Path(sys.prefix if prefix is None else prefix) / "share" / "nwc" / name
+    # <prefix>/lib/pythonX.Y/site-packages/ is `checkout`: three levels up is <prefix>.
+    candidates = [checkout.parents[2] / "share" / "nwc" / name] \
+        if len(checkout.parents) > 2 else []
+    candidates.append(Path(sys.prefix if prefix is None else prefix) / "share" / "nwc" / name)
+    return next((c for c in candidates if c.is_dir()), candidates[-1])
 
 
 SHIPPED_POLICIES = shipped_dir("policies")

@@ -29,15 +29,41 @@ def test_a_checkout_uses_its_own_files() -> None:
     assert shipped_dir("policies") == ROOT / "policies"
 
 
-def test_without_a_checkout_the_installed_copies_are_found_and_load(tmp_path: Path) -> None:
-    prefix, site = tmp_path / "venv", tmp_path / "venv" / "lib" / "site-packages"
-    site.mkdir(parents=True)
+def installed(prefix: Path) -> Path:
+    """A prefix as pip leaves it: NWC's shipped files in share/nwc; its site-packages."""
     for name in ("policies", "topologies"):
         (prefix / "share" / "nwc" / name).mkdir(parents=True)
         for f in (ROOT / name).glob("*.yaml"):
             (prefix / "share" / "nwc" / name / f.name).write_bytes(f.read_bytes())
+    site = prefix / "lib" / "python3.11" / "site-packages"
+    site.mkdir(parents=True)
+    return site
+
+
+def test_without_a_checkout_the_installed_copies_are_found_and_load(tmp_path: Path) -> None:
+    prefix = tmp_path / "venv"
+    site = installed(prefix)
     policies = shipped_dir("policies", checkout=site, prefix=str(prefix))
     topologies = shipped_dir("topologies", checkout=site, prefix=str(prefix))
     assert policies == prefix / "share" / "nwc" / "policies"
     loaded = load_config([policies], topologies / "small.yaml")
     assert loaded.policy.ivns and loaded.topology.hosts
+
+
+def test_a_user_or_prefix_install_is_found_from_where_the_package_lies(tmp_path: Path) -> None:
+    """Found in review: `pip install --user` puts the files under the user base, not under
+    sys.prefix."""
+    user = tmp_path / "home" / ".local"
+    site = installed(user)
+    assert shipped_dir("policies", checkout=site, prefix=str(tmp_path / "usr")) == \
+        user / "share" / "nwc" / "policies"
+
+
+def test_another_distributions_policies_dir_in_site_packages_is_not_taken(
+        tmp_path: Path) -> None:
+    """Found in review: only a checkout (it has setup.cfg) holds NWC's files beside it."""
+    prefix = tmp_path / "venv"
+    site = installed(prefix)
+    (site / "policies").mkdir()
+    assert shipped_dir("policies", checkout=site, prefix=str(prefix)) == \
+        prefix / "share" / "nwc" / "policies"
