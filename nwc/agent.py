@@ -60,6 +60,10 @@ DEFAULT_STATE_DIR = Path("/var/lib/nwc-agent")
 PORT_GRACE_S = 5.0  # how long ovs-vswitchd may take to give the leg port its ofport
 COUNTERS_EVERY_S = 2.0  # byte counters are reported this often; state changes at once
 MAX_BACKOFF_S = 10.0
+# New legs built per pass, at most: with many legs on a host a build costs tens of
+# milliseconds (kernel reads after each change), and the legs already built, whose blackholes
+# are checked every pass, must not wait seconds behind a burst of new ones.
+MAX_BUILDS_PER_PASS = 4
 
 
 # -- the boundaries (real ones: nwc.hostdb, nwc.ike, nwc.hostnet; fakes in the unit tests) ----
@@ -275,9 +279,18 @@ class Agent:
                     conns = self.ike.connections()
             except (IkeUnavailable, IkeNoAnswer):  # either way, nothing to go by this pass
                 sas, conns = None, set()
-        for key, leg in self.legs.items():
+        builds = 0
+        # Built legs first (a stable sort keeps the rest in order): their checks never wait.
+        for key, leg in sorted(self.legs.items(), key=lambda item: not item[1].built):
             if key not in wanted:
                 continue
+            if self.backend == "strongswan" and not leg.built:  # ovs-ipsec builds no device
+                if builds >= MAX_BUILDS_PER_PASS:
+                    leg.phase, leg.detail = Phase.BUILDING, "waiting to be built (at most " \
+                        f"{MAX_BUILDS_PER_PASS} legs are built per pass)"
+                    writes.update(self._report(leg))
+                    continue
+                builds += 1
             before = leg.phase
             # One leg's surprise must not stop the others from being built or reported.
             try:

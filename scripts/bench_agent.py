@@ -235,13 +235,13 @@ class PassClock:
 
 
 def settle(agent: Agent, db: StandInDb, what: str) -> None:
-    for _ in range(20):
+    for _ in range(20 + len(db.ids)):  # new legs are built a few per pass
         agent.step()
         if all(leg.phase is Phase.INSTALLED for leg in agent.legs.values()):
             return
     phases = {k: (leg.phase, leg.detail) for k, leg in agent.legs.items()
               if leg.phase is not Phase.INSTALLED}
-    raise RuntimeError(f"{what}: legs not installed after 20 passes: {phases}")
+    raise RuntimeError(f"{what}: legs not installed after {20 + len(db.ids)} passes: {phases}")
 
 
 def inside(passes: int, budget_s: float) -> int:

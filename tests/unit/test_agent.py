@@ -24,7 +24,7 @@ from tunnel_fakes import (
     run_now,
 )
 
-from nwc.agent import Agent
+from nwc.agent import MAX_BUILDS_PER_PASS, Agent
 from nwc.pki import CertificateAuthority, LegKey, new_psk
 from nwc.tunnel import (
     AGENT_ACK_KEY,
@@ -601,3 +601,47 @@ def test_a_record_is_parsed_once_while_its_text_stays_and_again_when_it_changes(
     host.steps(3)
     assert len(parses) == 1
     assert any(secret == fresh for secret, _ in host.ike.shared.values())
+
+
+def many_specs(count: int, topo=TOPO) -> list[TunnelSpec]:
+    out = []
+    for i in range(count):
+        w = one_leg_weave(20 + i, i)
+        out.append(leg_specs(w, w.legs[0], POLICY.profiles["gold"], topo)[0])
+    return out
+
+
+def test_a_burst_of_new_legs_is_built_a_few_per_pass_after_the_built_ones_are_checked(
+) -> None:
+    """With many legs on a host each build costs tens of milliseconds; a burst of new legs
+    must not hold the built legs' blackhole checks for seconds."""
+    host = Host()
+    first, *burst = many_specs(2 + MAX_BUILDS_PER_PASS)
+    host.want(LegRecord(first, new_psk(), start=True))
+    host.steps(1)
+    assert first.device in host.net.vxlans
+    host.net.blackholes.discard(str(first.remote_vtep))  # someone removed it
+    for spec in burst:
+        host.want(LegRecord(spec, new_psk(), start=True))
+    mark = len(host.journal.entries)
+    host.steps(1)
+    built = [s for s in burst if s.device in host.net.vxlans]
+    assert len(built) == MAX_BUILDS_PER_PASS
+    waiting = [s for s in burst if s not in built]
+    assert [host.status(s).phase for s in waiting] == [Phase.BUILDING]
+    assert "waiting to be built" in host.status(waiting[0]).detail
+    # The built leg's blackhole went back before any new leg was built.
+    new = host.journal.entries[mark:]
+    assert new.index(("add_blackhole", str(first.remote_vtep))) < \
+        min(new.index(("add_vxlan", s.device)) for s in built)
+    host.steps(1)
+    assert all(s.device in host.net.vxlans for s in burst)
+
+
+def test_ovs_ipsec_legs_are_never_held_back_by_the_build_budget() -> None:
+    host = Host(backend="ovs-ipsec")
+    legs = many_specs(MAX_BUILDS_PER_PASS + 2, topo=OVS_TOPO)
+    for spec in legs:
+        host.want(LegRecord(spec, new_psk()))
+    host.steps(2)
+    assert all(host.status(s).phase is Phase.DELEGATED for s in legs)
