@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from nwc.hostnet import VxlanDevice
-from nwc.ike import HANDED_OVER_STATES, IkeNoAnswer, IkeUnavailable, InitiateResult
+from nwc.ike import IkeNoAnswer, IkeUnavailable, InitiateResult, is_handed_over
 from nwc.pki import LegKey, Secret, write_private
 from nwc.tunnel import (
     AGENT_ACK_KEY,
@@ -619,8 +619,7 @@ class Agent:
         # A listing caught mid IKE SA rekey shows an old IKE SA without the CHILD SAs it
         # handed on: those are not gone, so their ids must not be forgotten (the successor
         # that holds them would then pass for this leg's).
-        if not any(sa.ike_state in HANDED_OVER_STATES and sa.child_state is None
-                   for sa in on_port):
+        if not any(is_handed_over(sa) for sa in on_port):
             leg.stale_sas &= listed
         return own
 

@@ -80,15 +80,15 @@ class VxlanDevice:
 class _Link:
     index: int
     up: bool
-    kind: str | None
-    # The dumped message of a VXLAN device: its settings are decoded only when asked for
-    # (when a leg is built), not on every pass, where decoding them was most of the parsing.
-    message: Any = field(default=None, compare=False, repr=False)
+    # The dumped message, kept for a VXLAN device only: its settings are decoded only when
+    # asked for (when a leg is built), not on every pass, where decoding them was most of
+    # the parsing.
+    vxlan_message: Any = field(default=None, compare=False, repr=False)
 
     def vxlan(self, name: str) -> VxlanDevice | None:
-        if self.kind != "vxlan" or self.message is None:
+        if self.vxlan_message is None:
             return None
-        return _vxlan_device(name, self.message, self.message.get_attr("IFLA_LINKINFO"))
+        return _vxlan_device(name, self.vxlan_message)
 
 
 @dataclass(frozen=True)
@@ -372,7 +372,7 @@ def _view(fresh: dict[str, list[Any]], base: _View | None) -> _View:
             info = link.get_attr("IFLA_LINKINFO")
             kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
             links[link.get_attr("IFLA_IFNAME")] = _Link(link["index"], bool(link["flags"] & 1),
-                                                         kind, link if kind == "vxlan" else None)
+                                                         link if kind == "vxlan" else None)
     if ADDRESSES in fresh:
         addresses = frozenset((a["index"], a.get_attr("IFA_ADDRESS")) for a in fresh[ADDRESSES]
                               if a["prefixlen"] == 32)
@@ -386,10 +386,10 @@ def _view(fresh: dict[str, list[Any]], base: _View | None) -> _View:
     return _View(links, addresses, routes)
 
 
-def _vxlan_device(name: str, link: Any, info: Any) -> VxlanDevice | None:
+def _vxlan_device(name: str, link: Any) -> VxlanDevice | None:
     """The settings of a VXLAN device as dumped; None when they cannot be read (a device
     without a local or remote address is not one the agent made: it is replaced)."""
-    data = info.get_attr("IFLA_INFO_DATA")
+    data = link.get_attr("IFLA_LINKINFO").get_attr("IFLA_INFO_DATA")
     if data is None:
         return None
     local, remote = data.get_attr("IFLA_VXLAN_LOCAL"), data.get_attr("IFLA_VXLAN_GROUP")

@@ -201,14 +201,15 @@ class IkeDaemon:
                         if name not in best or _rank(info) > _rank(best[name]):
                             best[name] = info
             handed_over = {(name, info.ike_id) for name, info in best.items()
-                           if _handed_over(info)}
+                           if is_handed_over(info)}
             if handed_over <= self._lingering:
                 break
         self._lingering = handed_over
         return best
 
 
-def _handed_over(info: SaInfo) -> bool:
+def is_handed_over(info: SaInfo) -> bool:
+    """An IKE SA that handed its CHILD SAs to a rekey's successor and is going."""
     return info.ike_state in HANDED_OVER_STATES and info.child_state is None
 
 

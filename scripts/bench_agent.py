@@ -41,7 +41,7 @@ from typing import Any
 from pyroute2 import IPRoute
 
 from nwc.agent import Agent
-from nwc.hostnet import HostNetwork
+from nwc.hostnet import RT_TABLE_MAIN, RTN_BLACKHOLE, HostNetwork
 from nwc.ike import InitiateResult
 from nwc.lab.netns import Lab
 from nwc.pki import Secret, new_psk
@@ -57,7 +57,6 @@ COUNTS = (1, 10, 100)
 DEFAULT_INTERVAL_S = 0.1  # `nwc agent --interval`
 UNDERLAY_DEVICE = "ul0"
 NLM_F_DUMP = 0x300
-RTN_BLACKHOLE = 6
 ENDPOINTS = ipaddress.IPv4Address("100.64.128.0")  # underlay /32s, two per leg
 VTEPS = ipaddress.IPv4Address("100.100.0.0")  # VXLAN endpoints, two per leg
 
@@ -183,7 +182,7 @@ def baseline_pass(ipr: IPRoute, specs: list[TunnelSpec]) -> int:
     """One dump each of routes, addresses and links, parsed; every leg looked up in them.
     Returns how many legs are complete (a check that it read what the agent built)."""
     routes = set()
-    for r in ipr.get_routes(family=2, table=254):
+    for r in ipr.get_routes(family=2, table=RT_TABLE_MAIN):
         if r["dst_len"] == 32:
             routes.add((r.get_attr("RTA_DST"), r["type"], r.get_attr("RTA_OIF"),
                         r.get_attr("RTA_PREFSRC")))

@@ -311,13 +311,20 @@ def test_a_quiet_kernel_lets_the_next_pass_keep_the_view() -> None:
     assert kernel.dumps == dumps + 3 and net.has_blackhole(DST)
 
 
-def test_a_kept_view_is_read_again_once_it_is_old_even_without_a_notification() -> None:
+def with_a_kept_blackhole_view() -> tuple[HostNetwork, FakeKernel, Clock]:
+    """A blackhole put in place, then two passes: the second keeps its view, so the next
+    pass starts with one (see the test above)."""
     net, kernel, clock = monitored()
     with net.one_pass():
         net.ensure_blackhole(DST)
     for _ in range(2):
         with net.one_pass():
             assert net.has_blackhole(DST)
+    return net, kernel, clock
+
+
+def test_a_kept_view_is_read_again_once_it_is_old_even_without_a_notification() -> None:
+    net, kernel, clock = with_a_kept_blackhole_view()
     kernel.routes.clear()  # and the notification is lost
     clock.now += hostnet.MAX_VIEW_AGE_S - 0.5
     with net.one_pass():
@@ -381,12 +388,7 @@ def test_a_view_dumped_just_after_a_notification_is_not_kept_for_the_next_pass()
 
 
 def test_a_notification_read_at_the_start_of_a_pass_also_unsettles_its_dump() -> None:
-    net, kernel, _ = monitored()
-    with net.one_pass():
-        net.ensure_blackhole(DST)
-    for _ in range(2):  # the second pass keeps the view: the third starts with one
-        with net.one_pass():
-            assert net.has_blackhole(DST)
+    net, kernel, _ = with_a_kept_blackhole_view()
     kernel.notifications += 1  # read by the third pass's first look at the monitor
     with net.one_pass():
         assert net.has_blackhole(DST)
