@@ -317,6 +317,8 @@ class HostDb:
         self.server_identity = server_identity
         self._ssl_remotes = [r for r in idlutils.parse_connection(target)
                              if r.startswith("ssl:")]
+        # The remotes this HostDb enters in nwc.ovsdbtls while open (none without an identity).
+        self._expected_remotes = self._ssl_remotes if server_identity is not None else []
         self._api: _PlainTransactions | None = None
         self._lock = threading.Lock()
 
@@ -324,18 +326,16 @@ class HostDb:
         with self._lock:
             if self._api is None:
                 check_target(self.target)
-                expecting = self.server_identity is not None and self._ssl_remotes
-                if expecting:
+                if self._expected_remotes:
                     ovsdbtls.install()
                     try:
-                        ovsdbtls.expect(self._ssl_remotes, self.server_identity)
+                        ovsdbtls.expect(self._expected_remotes, self.server_identity)
                     except ovsdbtls.IdentityConflict as exc:
                         raise OvsdbConfigError(str(exc)) from None
                 try:
                     self._api = self._open()
                 except BaseException:
-                    if expecting:
-                        ovsdbtls.forget(self._ssl_remotes)
+                    ovsdbtls.forget(self._expected_remotes)
                     raise
         return self
 
@@ -381,8 +381,8 @@ class HostDb:
         in its transaction queue, which a transaction that never came back keeps full."""
         with self._lock:
             api, self._api = self._api, None
-            if api is not None and self.server_identity is not None and self._ssl_remotes:
-                ovsdbtls.forget(self._ssl_remotes)
+            if api is not None:
+                ovsdbtls.forget(self._expected_remotes)
         if api is None:
             return
         conn = api.ovsdb_connection

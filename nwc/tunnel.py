@@ -174,6 +174,14 @@ def parse_version(text: str | None) -> int | None:
     return value if value >= NO_ACK_YET else None
 
 
+def _digest(tag: bytes, *parts: bytes) -> str:
+    """A truncated SHA-256 over `tag` and length-prefixed `parts` (no two part lists collide)."""
+    digest = hashlib.sha256(tag + b"\0")
+    for part in parts:
+        digest.update(len(part).to_bytes(4, "big") + part)
+    return digest.hexdigest()[:16]
+
+
 # -- names ------------------------------------------------------------------------------------
 
 def leg_key(weave_id: str, slot: int) -> str:
@@ -513,11 +521,8 @@ class LegRecord:
         """Which key material this is, safe to show: a truncated SHA-256 over it (a 256-bit
         random key cannot be recovered from it). The agent reports the fingerprint of what it
         loaded, so the controller can tell a status about the current key from a stale one."""
-        digest = hashlib.sha256(b"nwc-leg-material\0")
-        for part in (self.psk.reveal() if self.psk else b"", self.ca_pem or b"",
-                     self.cert_pem or b""):
-            digest.update(len(part).to_bytes(4, "big") + part)
-        return digest.hexdigest()[:16]
+        return _digest(b"nwc-leg-material", self.psk.reveal() if self.psk else b"",
+                       self.ca_pem or b"", self.cert_pem or b"")
 
     def tunnel_id(self) -> str:
         """Which tunnel this record asks for: its spec (weave, slot, endpoints, identities)
@@ -526,10 +531,7 @@ class LegRecord:
         this tells the controller the SA is of the tunnel it wants now. `start` is left out:
         no SA is bound to it."""
         spec = json.dumps(self.spec.to_dict(), sort_keys=True, separators=(",", ":")).encode()
-        digest = hashlib.sha256(b"nwc-leg-tunnel\0")
-        for part in (spec, self.fingerprint().encode()):
-            digest.update(len(part).to_bytes(4, "big") + part)
-        return digest.hexdigest()[:16]
+        return _digest(b"nwc-leg-tunnel", spec, self.fingerprint().encode())
 
 
 # -- what the agent answers -------------------------------------------------------------------

@@ -219,9 +219,20 @@ def tls(ca: Ca, tmp_path: Path) -> Iterator[tuple[Ca, Path]]:
     configure_ssl(None)
 
 
-def server(ca: Ca, directory: Path, cn: str, dns: tuple[str, ...] = ()) -> TlsServer:
+@contextlib.contextmanager
+def server(ca: Ca, directory: Path, cn: str, dns: tuple[str, ...] = ()) -> Iterator[TlsServer]:
     key, cert, ca_file = ca.files(directory, f"server-{cn.split()[0]}", cn, dns)
-    return TlsServer(cert, key, ca_file)
+    srv = TlsServer(cert, key, ca_file)
+    try:
+        yield srv
+    finally:
+        srv.close()
+
+
+def assert_got_nothing(srv: TlsServer) -> None:
+    """One connection, handshaken and ended without a byte of OVSDB."""
+    srv.settled()
+    assert srv.handshakes == 1 and srv.received == []
 
 
 @contextlib.contextmanager
@@ -235,46 +246,34 @@ def expecting(target: str, identity: ServerIdentity) -> Iterator[None]:
 
 def test_the_right_servers_certificate_is_accepted(tls: tuple[Ca, Path]) -> None:
     ca, directory = tls
-    srv = server(ca, directory, f"h1 id:{OVS_PKI_ID}", (f"h1 id:{OVS_PKI_ID}",))
-    try:
+    with server(ca, directory, f"h1 id:{OVS_PKI_ID}", (f"h1 id:{OVS_PKI_ID}",)) as srv:
         with expecting(srv.target, ServerIdentity.of_host("h1", srv.target)):
             assert fetch_schema(srv.target, "Open_vSwitch", 5) == {}
         assert b"get_schema" in b"".join(srv.received)
-    finally:
-        srv.close()
 
 
 def test_another_hosts_certificate_gets_no_byte(tls: tuple[Ca, Path]) -> None:
     ca, directory = tls
-    srv = server(ca, directory, f"h2 id:{OVS_PKI_ID}", (f"h2 id:{OVS_PKI_ID}",))
-    try:
+    with server(ca, directory, f"h2 id:{OVS_PKI_ID}", (f"h2 id:{OVS_PKI_ID}",)) as srv:
         with expecting(srv.target, ServerIdentity.of_host("h1", srv.target)), \
                 pytest.raises(ServerIdentityError, match=r"h2 id:.*not host h1"):
             fetch_schema(srv.target, "Open_vSwitch", 5)
-        srv.settled()
-        assert srv.handshakes == 1 and srv.received == []
-    finally:
-        srv.close()
+        assert_got_nothing(srv)
 
 
 def test_a_server_nobody_expects_is_refused(tls: tuple[Ca, Path]) -> None:
     ca, directory = tls
-    srv = server(ca, directory, "h1")
-    try:
+    with server(ca, directory, "h1") as srv:
         with pytest.raises(ServerIdentityError, match="no identity is expected"):
             fetch_schema(srv.target, "Open_vSwitch", 5)
-        srv.settled()
-        assert srv.handshakes == 1 and srv.received == []
-    finally:
-        srv.close()
+        assert_got_nothing(srv)
 
 
 def test_an_idl_session_reconnecting_to_an_impostor_sends_nothing(
         tls: tuple[Ca, Path]) -> None:
     """The path of every IDL (re)connection: jsonrpc.Session opens a new stream each time."""
     ca, directory = tls
-    srv = server(ca, directory, "fabric")
-    try:
+    with server(ca, directory, "fabric") as srv:
         with expecting(srv.target, ServerIdentity.of_host("h1", srv.target)):
             session = ovs.jsonrpc.Session.open(srv.target)
             try:
@@ -292,24 +291,18 @@ def test_an_idl_session_reconnecting_to_an_impostor_sends_nothing(
                 session.close()
         srv.settled(srv.handshakes)
         assert srv.received == []
-    finally:
-        srv.close()
 
 
 def test_hostdb_enters_its_identity_while_open_and_refuses_clearly(
         tls: tuple[Ca, Path]) -> None:
     ca, directory = tls
-    srv = server(ca, directory, "h2")
-    try:
+    with server(ca, directory, "h2") as srv:
         db = HostDb(srv.target, timeout=5,
                     server_identity=ServerIdentity.of_host("h1", srv.target))
         with pytest.raises(ServerIdentityError, match=r"CN=h2\) is not host h1's"):
             db.open()
         assert ovsdbtls._expected == {}  # a failed open leaves nothing expected behind
-        srv.settled()
-        assert srv.handshakes == 1 and srv.received == []
-    finally:
-        srv.close()
+        assert_got_nothing(srv)
 
 
 # -- the controller: identities from the topology, one log line per state ----------------------
