@@ -158,23 +158,24 @@ def _partner_check(side: Side, me: Ivn, other: Ivn) -> tuple[Denial | None,
     rule = me.weaving.partner_rule(other)
     if rule is None:
         allowed = ", ".join(r.describe() for r in me.weaving.partners) or "nobody"
-        refusal = (f"{side} IVN {me.name} (tenant {me.tenant}) does not allow weaving with "
-                   f"IVN {other.name} of tenant {other.tenant}")
-        return _deny(Reason.POLICY_VIOLATION, f"{refusal}; it allows: {allowed}",
-                     side=side, rule="partner",
-                     tenant_detail=refusal if side == "target" else None), ()
+        return _partner_denial(side, f"{side} IVN {me.name} (tenant {me.tenant}) does not "
+                               f"allow weaving with IVN {other.name} of tenant {other.tenant}",
+                               allowed), ()
     if not rule.prefixes:
         return None, other.cidrs
     # A tenant-wide rule's prefixes may lie in any of that tenant's IVNs: this weave may reach
     # only those inside the partner IVN (the rest belong to its other IVNs).
     inside = tuple(p for p in rule.prefixes if other.covers(p))
     if not inside:
-        refusal = (f"{side} IVN {me.name} (tenant {me.tenant}) allows none of IVN "
-                   f"{other.name}'s prefixes")
-        return _deny(Reason.POLICY_VIOLATION,
-                     f"{refusal}; it allows: {rule.describe()}", side=side, rule="partner",
-                     tenant_detail=refusal if side == "target" else None), ()
+        return _partner_denial(side, f"{side} IVN {me.name} (tenant {me.tenant}) allows "
+                               f"none of IVN {other.name}'s prefixes", rule.describe()), ()
     return None, inside
+
+
+def _partner_denial(side: Side, refusal: str, allowed: str) -> Denial:
+    """A partner rule's refusal; the target's own partners are not shown to the requester."""
+    return _deny(Reason.POLICY_VIOLATION, f"{refusal}; it allows: {allowed}", side=side,
+                 rule="partner", tenant_detail=refusal if side == "target" else None)
 
 
 def negotiate_profile(requested: str | None, requester: Ivn, target: Ivn,

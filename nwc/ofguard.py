@@ -164,19 +164,22 @@ def check_message(buf: bytes) -> bool:
 
 
 def _walk_tlvs(buf: bytes, start: int, end: int, *, unit: int, what: str,
-               min_len: int, len_offset: int = 2) -> list[tuple[int, int]]:
+               min_len: int, len_offset: int = 2, padded: bool = False) -> list[tuple[int, int]]:
     """Walk type-length items; each must be at least `min_len`, a multiple of `unit`, and
-    inside [start, end). Returns (offset, length) of each."""
+    inside [start, end). `padded`: a length excludes the padding to 8 bytes that follows the
+    item, which must be inside too, and the next item starts after it. Returns (offset,
+    length) of each."""
     items = []
     offset = start
     while offset < end:
         if offset + len_offset + 2 > end:
             raise Rejected(f"truncated {what}")
         (length,) = struct.unpack_from("!H", buf, offset + len_offset)
-        if length < min_len or length % unit or offset + length > end:
+        step = _round_up_8(length) if padded else length
+        if length < min_len or length % unit or offset + step > end:
             raise Rejected(f"{what} of length {length} at offset {offset}")
         items.append((offset, length))
-        offset += length
+        offset += step
     return items
 
 
@@ -188,28 +191,13 @@ def _check_experimenter(buf: bytes) -> bool:
         return False  # NWC asked for no other experimenter message
     if len(buf) < 24:
         raise Rejected("bundle control reply shorter than 24 bytes")
-    _walk_bundle_properties(buf, 24, len(buf))
+    # A property's length excludes the padding to 8 bytes that follows it, and os-ken
+    # (OFPPropBase.parse) steps over the padded length: the guard steps the same way, or a
+    # spec-conforming padded property would look like a zero-length one to it (a false reject
+    # that drops the switch), and an unpadded one followed by another would be framed
+    # differently by the two. Like OVS's own ofpprop_pull, the padding must be there.
+    _walk_tlvs(buf, 24, len(buf), unit=1, what="bundle property", min_len=4, padded=True)
     return True
-
-
-def _walk_bundle_properties(buf: bytes, start: int, end: int) -> list[tuple[int, int]]:
-    """Bundle properties: a property's length excludes the padding to 8 bytes that follows
-    it, and os-ken (OFPPropBase.parse) steps over the padded length. So the guard steps the
-    same way, or a spec-conforming padded property would look like a zero-length one to it
-    (a false reject that drops the switch), and an unpadded one followed by another would be
-    framed differently by the two. Like OVS's own ofpprop_pull, the padding must be there:
-    length and padding both inside the message. Returns (offset, length) of each."""
-    items = []
-    offset = start
-    while offset < end:
-        if offset + 4 > end:
-            raise Rejected("truncated bundle property")
-        (length,) = struct.unpack_from("!H", buf, offset + 2)
-        if length < 4 or offset + _round_up_8(length) > end:
-            raise Rejected(f"bundle property of length {length} at offset {offset}")
-        items.append((offset, length))
-        offset += _round_up_8(length)
-    return items
 
 
 def _check_multipart(buf: bytes) -> None:

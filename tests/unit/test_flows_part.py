@@ -471,14 +471,20 @@ def test_a_switch_that_drops_during_teardown_holds_it_until_its_resync(
     assert not fsim.part.removing
 
 
-def test_a_switch_away_when_the_teardown_starts_holds_it_too(fsim: FlowsSim) -> None:
-    """Gone just before the teardown or just after: the switch keeps the flows either way."""
+def _terminate_while_h1_is_away(fsim: FlowsSim) -> Weave:
+    """A weave terminated while h1, one of its switches, is disconnected."""
     fsim.connect_all()
     weave = fsim.weave("acme-web", "globex-db")
     fsim.dps["h1"].hang_up()
     fsim.settle()
     fsim.loop.call(fsim.weaver.terminate, weave.id)
     fsim.settle()
+    return weave
+
+
+def test_a_switch_away_when_the_teardown_starts_holds_it_too(fsim: FlowsSim) -> None:
+    """Gone just before the teardown or just after: the switch keeps the flows either way."""
+    weave = _terminate_while_h1_is_away(fsim)
     assert _state(fsim, weave.id) is State.TERMINATING
     fsim.connect("h1")
     assert _weave_flows(fsim, "h1", weave) == []
@@ -489,12 +495,7 @@ def test_a_resync_that_keeps_the_table_removes_the_waiting_weaves_one_by_one(
         fsim: FlowsSim, monkeypatch: pytest.MonkeyPatch) -> None:
     """A switch whose base flows cannot be compiled keeps its table on reconnect (only live
     weaves are installed): a weave whose removal it missed is removed explicitly."""
-    fsim.connect_all()
-    weave = fsim.weave("acme-web", "globex-db")
-    fsim.dps["h1"].hang_up()
-    fsim.settle()
-    fsim.loop.call(fsim.weaver.terminate, weave.id)
-    fsim.settle()
+    weave = _terminate_while_h1_is_away(fsim)
 
     def broken(*args: Any) -> Any:
         raise ValueError("cannot compile")

@@ -411,5 +411,6 @@ def test_whatever_bundle_properties_the_guard_accepts_os_ken_frames_alike(
     assert accepted
     dp = ofproto_protocol.ProtocolDesc(version=ofp.OFP_VERSION)
     msg = ofproto_parser.msg(dp, *ofproto_parser.header(raw), raw)
-    walked = ofguard._walk_bundle_properties(raw, 24, len(raw))
+    walked = ofguard._walk_tlvs(raw, 24, len(raw), unit=1, what="bundle property", min_len=4,
+                                padded=True)
     assert [p.length for p in msg.properties] == [length for _, length in walked]
