@@ -550,7 +550,7 @@ class FlowsPart:
                       traceback.format_exc())
             base = None
         conn.synced = True
-        conn.base = None if base is None else (tuple(base.flows), tuple(base.meters))
+        conn.base = None if base is None else _base_key(base)
         for weave in here:
             if weave.id in refused:
                 self._refuse(weave, refused[weave.id])
@@ -728,7 +728,7 @@ class FlowsPart:
                 except Exception:
                     self.resync(dpid)  # which says what is wrong
                     continue
-                if (tuple(base.flows), tuple(base.meters)) != conn.base:
+                if _base_key(base) != conn.base:
                     self.resync(dpid, base)
 
     def _fabric_dpids(self) -> list[int]:
@@ -881,6 +881,11 @@ class FlowsPart:
                                                  for st in per_switch.values()
                                                  if st is not None)
         return out
+
+
+def _base_key(base: Any) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """What a switch's base program is compared by (SwitchConn.base): its flows and meters."""
+    return tuple(base.flows), tuple(base.meters)
 
 
 def _port_up(desc: Any) -> bool:
