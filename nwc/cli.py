@@ -18,6 +18,7 @@ from nwc.yamlsource import ConfigError
 COMMAND_MODULES = (
     "nwc.admission_demo",
     "nwc.run",
+    "nwc.certexpiry",
     "nwc.auth",
     "nwc.client",
     "nwc.agent",

@@ -7,7 +7,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from nwc.config import Config, load_config
 from nwc.lease import Clock, SystemClock
@@ -17,6 +17,9 @@ from nwc.topology import vm_problems
 from nwc.weave import Weave
 from nwc.weaver import DEFAULT_PROVISION_TIMEOUT_S, SYSTEM, Actor, Part, Weaver, WeaverLoop
 from nwc.yamlsource import ConfigError
+
+if TYPE_CHECKING:
+    from nwc.certexpiry import CertWatch
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -37,6 +40,8 @@ class Controller:
     # the tunnel part: IKE/CHILD SA state and rekeys). Sources must not block for long.
     stats_sources: list[Callable[[Weave], dict[str, Any]]] = field(default_factory=list,
                                                                    init=False)
+    # The TLS certificates `nwc run` was given (nwc.certexpiry), read again at each scrape.
+    cert_watch: CertWatch | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         private_dir(self.state_dir)

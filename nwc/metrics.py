@@ -10,14 +10,16 @@ process, or a test, may build many apps. Three kinds of metric:
   fabric ledger per link;
 - read at scrape time from the data-plane parts through `controller.weave_stats` (keys are
   the contract in docs/design.md, "Per-weave measurements"): bytes, packets and meter drops
-  each way, IKE SA state and rekeys. A key a part does not report is simply not exported.
+  each way, IKE SA state and rekeys. A key a part does not report is simply not exported;
+- read at scrape time from disk: the expiry of each TLS certificate `nwc run` was given
+  (`nwc.certexpiry`), so a renewed file shows at the next scrape.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +27,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from nwc.certexpiry import CertFacts, Status
 from nwc.lease import parse_iso
 from nwc.weave import State, Weave
 
@@ -46,6 +49,10 @@ ADMISSION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.
 PROVISIONING_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
 
 SNAPSHOT_TIMEOUT_S = 5.0
+# Label cardinality of the certificate metrics: a CA bundle (`--ca-certs` pointed at a system
+# bundle) may hold hundreds; the ones that expire first are what matters.
+MAX_CERTS_PER_FILE = 8
+MAX_SUBJECT_CHARS = 128
 
 
 @dataclass(frozen=True)
@@ -191,6 +198,52 @@ class ControllerCollector(Collector):
         yield from (sa_state, rekeys)
 
 
+class CertificateCollector(Collector):
+    """The controller's certificates, read from disk at scrape time. One series per
+    certificate (use, subject, serial: the serial keeps an old and a renewed CA of the same
+    name, both in one bundle, apart)."""
+
+    def __init__(self, controller: Controller) -> None:
+        self.controller = controller
+
+    def collect(self) -> Iterator[Metric]:
+        watch = self.controller.cert_watch
+        if watch is None:  # not started by `nwc run` (tests, the demo)
+            return
+        not_after = GaugeMetricFamily(
+            "nwc_certificate_not_after_timestamp_seconds",
+            "When the certificate expires (Unix time)", labels=["use", "subject", "serial"])
+        state = GaugeMetricFamily(
+            "nwc_certificate_state", "1 for the certificate's state: ok, expiring (within "
+            "--cert-warn-days), expired, not_yet_valid, unreadable (file missing or without a "
+            "certificate; subject and serial empty)", labels=["use", "subject", "serial", "state"])
+        try:
+            facts = watch.check()
+        except Exception:
+            log.exception("metrics: checking the certificates failed")
+            return
+        for fact in exported_certificates(facts):
+            labels = [fact.use, fact.subject[:MAX_SUBJECT_CHARS], fact.serial]
+            state.add_metric([*labels, fact.status.value], 1)
+            if fact.not_after is not None:
+                not_after.add_metric(labels, fact.not_after.timestamp())
+        yield from (not_after, state)
+
+
+def exported_certificates(facts: Iterable[CertFacts]) -> list[CertFacts]:
+    """At most MAX_CERTS_PER_FILE per file and use: unreadable ones first, then the ones
+    that expire soonest."""
+    by_file: dict[tuple[str, str], list[CertFacts]] = {}
+    for fact in facts:
+        by_file.setdefault((fact.use, fact.source), []).append(fact)
+    out = []
+    for group in by_file.values():
+        group.sort(key=lambda f: (f.status is not Status.UNREADABLE,
+                                  f.not_after.timestamp() if f.not_after else 0.0))
+        out.extend(group[:MAX_CERTS_PER_FILE])
+    return out
+
+
 def _number(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
@@ -235,6 +288,7 @@ class Metrics:
         self._provisioning: set[str] = set()
         if controller is not None:
             r.register(ControllerCollector(controller))
+            r.register(CertificateCollector(controller))
 
     def on_event(self, event: dict[str, Any]) -> None:
         """Weaver listener (on the weaver's thread): counters only, never blocks."""

@@ -34,7 +34,9 @@ log = logging.getLogger("nwc.run")
 # starts it (in threads) and registers its stopper with `controller.on_stop`.
 STOP_GRACE_S = 10.0
 
-SHELLS = ("nwc.ofapp", "nwc.tunnels", "nwc.api")
+# The certificate check comes first: its start-up report is logged even when a later shell
+# refuses to start (often over the very files it reports on).
+SHELLS = ("nwc.certexpiry", "nwc.ofapp", "nwc.tunnels", "nwc.api")
 
 
 # Set on the namespace by the actions below: the options given on the command line, which the
@@ -116,6 +118,9 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ovsdb-ssl-ca", default=None,
                    help="CA certificate (PEM) the hosts' OVSDB server certificates must chain "
                         "to; ssl: targets are refused without these three")
+    p.add_argument("--cert-warn-days", type=int, default=30, metavar="DAYS",
+                   help="warn (log, /metrics, nwc check-certs) when a certificate expires "
+                        "within this many days (default 30)")
     add_state_dir(p)
 
 
@@ -188,6 +193,8 @@ def check_run_options(args: argparse.Namespace,
     for option in ("api_max_live_weaves", "api_rate", "api_rate_burst", "api_max_body"):
         if getattr(args, option) is not None and not getattr(args, option) > 0:
             parser.error(f"--{option.replace('_', '-')} must be positive")
+    if args.cert_warn_days < 0:
+        parser.error("--cert-warn-days must be 0 or more")
     if args.ofp_allowed_peers is not None:
         try:
             parse_networks(args.ofp_allowed_peers)

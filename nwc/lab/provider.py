@@ -33,7 +33,7 @@ import yaml
 from nwc.client import ApiClient, ClientError
 from nwc.config import SHIPPED_POLICIES, topology_path
 from nwc.lab.host import UNDERLAY_BRIDGE, EmulatedFabric, EmulatedHost, ManagementNet
-from nwc.lab.labpki import LabCa
+from nwc.lab.labpki import VALIDITY, LabCa
 from nwc.lab.netns import Lab, Netns, free_port, kill_pid, run, wait_for
 from nwc.lab.strongswan import PrivateCharon, start_agent
 from nwc.pipeline import INTEGRATION_BRIDGE, KIND_WEAVE, cookie_owner
@@ -241,7 +241,10 @@ class ProviderLab:
                 *self.ovsdb_ca.issue("nwc-ovsdb-client").options(
                     ("--ovsdb-ssl-key", "--ovsdb-ssl-cert", "--ovsdb-ssl-ca")),
                 "--api-host", "127.0.0.1", "--api-port", str(api_port),
-                "--provision-timeout", str(self.provision_timeout_s)]
+                "--provision-timeout", str(self.provision_timeout_s),
+                # The lab's certificates live two days (labpki.VALIDITY): with the production
+                # threshold every one of them would warn at each start.
+                "--cert-warn-days", str(max(0, VALIDITY.days - 1))]
         for p in self.policy_paths:
             args += ["--policy", str(p)]
         log = open(self.logs / "nwc-run.log", "ab")  # noqa: SIM115 - the child owns it

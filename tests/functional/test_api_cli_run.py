@@ -154,7 +154,13 @@ def test_nwc_run_serves_https_with_the_limits_it_was_given(tmp_path: Path) -> No
 
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
-    assert "REST API on https://127.0.0.1:" in (tmp_path / "nwc-run.log").read_text()
+    log = (tmp_path / "nwc-run.log").read_text()
+    assert "REST API on https://127.0.0.1:" in log
+    # The start-up certificate check: the API's two-day certificate is within the default
+    # 30 days, warned about once (not at each scrape), and no key material is logged.
+    warned = [ln for ln in log.splitlines() if f"certificate api {cert} (CN=nwc-api" in ln]
+    assert len(warned) == 1 and "WARNING" in warned[0] and "EXPIRES at" in warned[0], log
+    assert key.read_text().splitlines()[1] not in log
 
 
 def test_nwc_run_refuses_half_a_tls_configuration(tmp_path: Path) -> None:

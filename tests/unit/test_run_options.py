@@ -71,3 +71,14 @@ def test_a_provision_timeout_from_the_file_is_checked_too(tmp_path: Path) -> Non
     args = configured(tmp_path, "[nwc]\nprovision-timeout = inf\n")
     with pytest.raises(SystemExit):
         check_run_options(args, args._parser)
+
+
+def test_the_certificate_warning_threshold_comes_from_the_file_and_is_checked(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = configured(tmp_path, "[nwc]\ncert-warn-days = 7\n")
+    check_run_options(args, args._parser)
+    assert args.cert_warn_days == 7
+    args = configured(tmp_path, "[nwc]\ncert-warn-days = -1\n")
+    with pytest.raises(SystemExit):
+        check_run_options(args, args._parser)
+    assert "--cert-warn-days must be 0 or more" in capsys.readouterr().err

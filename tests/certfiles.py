@@ -1,0 +1,39 @@
+"""Short-lived certificates made in the test, for the expiry checks: self-signed, P-256, with
+exactly the validity window the test asks for (relative to its fake clock)."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+
+def key_pem() -> bytes:
+    """A private key (PEM), to check that it is never read out or shown."""
+    return ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption())
+
+
+def certificate_pem(common_name: str, not_before: dt.datetime, not_after: dt.datetime,
+                    serial: int | None = None) -> bytes:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    cert = (x509.CertificateBuilder()
+            .subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(serial if serial is not None else x509.random_serial_number())
+            .not_valid_before(not_before).not_valid_after(not_after)
+            .sign(key, hashes.SHA256()))
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def valid_for(common_name: str, now: dt.datetime, days: float,
+              serial: int | None = None) -> bytes:
+    """A certificate that ends `days` after `now` (negative: ended that long ago), valid
+    from a day before `now` or before its end, whichever is earlier."""
+    not_after = now + dt.timedelta(days=days)
+    return certificate_pem(common_name, min(now, not_after) - dt.timedelta(days=1), not_after,
+                           serial)
