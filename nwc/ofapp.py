@@ -45,7 +45,13 @@ from os_ken.ofproto import ofproto_v1_3 as ofp
 from os_ken.ofproto import ofproto_v1_3_parser as parser
 
 from nwc import ofguard, oftls
-from nwc.ofmessages import install_messages, refresh_messages, remove_messages, sync_messages
+from nwc.ofmessages import (
+    install_messages,
+    refresh_messages,
+    remove_messages,
+    sync_messages,
+    weaves_sync_messages,
+)
 from nwc.pipeline import (
     DELIVERED_ROLES,
     DIRECTIONS,
@@ -521,7 +527,7 @@ class FlowsPart:
 
         A weave that cannot be compiled (its meter ids taken by an older live weave, or any
         error) is left out and failed; the switch still gets everything else. If even its base
-        cannot be compiled, its table is left as it is and its weaves are installed alone."""
+        cannot be compiled, its base flows are kept and only its weave flows are replaced."""
         conn = self._conn(dpid)
         if conn is None or self._stop.is_set():
             return
@@ -556,27 +562,26 @@ class FlowsPart:
                 self._refuse(weave, refused[weave.id])
         kept = [w for w in here if w.id in weaves]
         removals = self._removals_at(dpid)  # terminated weaves this switch may still hold
-        if base is None:
-            for weave in kept:
-                self._install(conn, weave, weaves[weave.id], state.now)
-            for removal in removals:  # the table is not replaced: remove them one by one
-                self._remove_from(dpid, removal.weave, self._own_meters(removal.weave),
-                                  teardown=True)
-            return
-        program = base
+        # Without a base the table is kept (no delete-all with nothing to put back), but its
+        # weave flows are replaced all the same: also those of weaves no longer live whose
+        # removal nobody waits for any more (past the teardown timeout, or from before a
+        # restart), which would otherwise stay until their hard timeout.
+        program = base if base is not None else Program()
         for weave in kept:
             program.extend(weaves[weave.id])
             self.placed.setdefault(weave.id, set()).add(dpid)
-        msgs = sync_messages(conn.datapath, program, conn.meters, next(conn.bundles))
+        replace = sync_messages if base is not None else weaves_sync_messages
+        msgs = replace(conn.datapath, program, conn.meters, next(conn.bundles))
         confirms = {w.id: self.generation.get(w.id, 0) for w in kept}
-        # The sync replaces the whole table with live weaves only: its barrier confirms the
+        # The sync replaces every weave flow with live weaves' only: its barrier confirms the
         # removal of every terminated weave still waiting on this switch.
         if self._send(conn, "sync", msgs, confirms, {m.meter_id for m in program.meters},
                       removes=tuple(r.weave.id for r in removals)):
             for weave in kept:
                 self._installed(weave, dpid, state.now)
-        log.info("switch %s (%#x): resync with %d flows, %d meters", conn.name, dpid,
-                 len(program.flows), len(program.meters))
+        log.info("switch %s (%#x): resync with %d flows, %d meters%s", conn.name, dpid,
+                 len(program.flows), len(program.meters),
+                 "" if base is not None else " (weaves only: its base flows are kept)")
 
     def policy_changed(self) -> None:
         """Weaver hook after a policy reload: IVN gateways, VNIs and prefixes feed every

@@ -21,7 +21,7 @@ from nwc import ofapp
 from nwc.admission import WeaveRequest
 from nwc.config import SHIPPED_POLICIES
 from nwc.ofmessages import delete_owner_mod
-from nwc.pipeline import METER_SPACE, OWNER_MASK, weave_cookie
+from nwc.pipeline import DIRECTIONS, METER_SPACE, OWNER_MASK, meter_id, weave_cookie
 from nwc.policy import Policy, load_policy
 from nwc.weave import State, Weave
 
@@ -491,10 +491,11 @@ def test_a_switch_away_when_the_teardown_starts_holds_it_too(fsim: FlowsSim) -> 
     assert _state(fsim, weave.id) is State.TERMINATED
 
 
-def test_a_resync_that_keeps_the_table_removes_the_waiting_weaves_one_by_one(
+def test_a_resync_that_keeps_the_table_removes_the_waiting_weaves(
         fsim: FlowsSim, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A switch whose base flows cannot be compiled keeps its table on reconnect (only live
-    weaves are installed): a weave whose removal it missed is removed explicitly."""
+    """A switch whose base flows cannot be compiled keeps its table on reconnect (only its
+    weave flows are replaced): a weave whose removal it missed goes, and its barrier
+    confirms the teardown."""
     weave = _terminate_while_h1_is_away(fsim)
 
     def broken(*args: Any) -> Any:
@@ -650,3 +651,32 @@ def _moved_off_and_away(fsim: FlowsSim) -> None:
     fsim.loop.call(fsim.weaver.terminate, weave.id)
     fsim.settle()
     assert _state(fsim, weave.id) is State.TERMINATED
+
+
+def test_a_resync_that_keeps_the_table_removes_a_weave_the_teardown_stopped_waiting_for(
+        fsim: FlowsSim, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the teardown timeout the part forgets a removal; a switch whose base cannot be
+    compiled keeps its table on reconnect, and must lose that weave's flows and meters all
+    the same (every weave flow but the live weaves' goes), its base staying as it was."""
+    weave = _terminate_while_h1_is_away(fsim)
+    fsim.advance(fsim.weaver.teardown_timeout.total_seconds() + 1)
+    fsim.loop.call(fsim.weaver.tick)
+    assert _state(fsim, weave.id) is State.TERMINATED
+    other = fsim.weave("acme-web", "globex-db")
+    fsim.loop.call(fsim.weaver.terminate, other.id)  # its teardown forgets the first one's
+    fsim.settle()
+    assert weave.id not in fsim.part.removing
+    # Waits for h1. Another pair of IVNs: its flows replace none of the old weave's.
+    live = fsim.weave("acme-web", "initech-app", profile="silver")
+
+    def broken(*args: Any) -> Any:
+        raise ValueError("cannot compile")
+    monkeypatch.setattr(ofapp, "compile_base", broken)
+    fsim.connect("h1")
+    assert _weave_flows(fsim, "h1", weave) == []
+    assert not {meter_id(weave.number, d) for d in DIRECTIONS} & set(
+        fsim.net.switches["h1"].meters)
+    assert not fsim.ping("web1", "db2")
+    assert fsim.reaches("web1", "web3")  # the kept base
+    assert fsim.reaches("web1", "app1")  # the live weave
+    assert fsim.weaver.live[live.id].state is State.ACTIVE
