@@ -236,7 +236,8 @@ class Batch:
     weaves: dict[str, int]  # weave id -> generation this batch installs
     errors: list[str] = field(default_factory=list)
     removes: tuple[str, ...] = ()  # terminated weaves whose flows this batch removes
-    # live weaves that moved off this switch, whose flows this batch removes -> generation
+    # live weaves that moved off this switch, whose flows this batch removes (a removal, or a
+    # resync leaving them out) -> generation
     moved_off: dict[str, int] = field(default_factory=dict)
 
 
@@ -320,7 +321,8 @@ class FlowsPart:
         # weave id -> dpid -> when the flows installed there run out while the lease goes
         # on (only weaves whose lease outlasts MAX_HARD_TIMEOUT_S). Loop thread only.
         self.capped: dict[str, dict[int, datetime]] = {}
-        # weave id -> dpids a batch with its flows was queued for in this run: where they may
+        # weave id -> dpids a batch with its flows was queued for in this run, or, for a weave
+        # recovered at a restart, that the previous run may have sent them to: where they may
         # be, whether or not that switch is connected now. Loop thread only.
         self.placed: dict[str, set[int]] = {}
         # weave id -> its removal still to be confirmed. A switch that drops keeps the
@@ -334,6 +336,15 @@ class FlowsPart:
     def attach(self) -> None:
         """On the loop: join the weaver (which hands over every live weave and makes the ones
         still provisioning wait for "flows"); each switch's resync confirms them."""
+        # A previous run may have installed the live weaves (recovered from the store) on
+        # their switches, which keep them (fail_mode=secure) until their resync here: a
+        # teardown must wait for those as for a switch that dropped in this run. Only the
+        # current paths are known; on a fabric switch of an older path the previous run
+        # removed them when the weave moved, or that switch's own resync does (fabric flows
+        # steer a slot's outer addresses only, and a weave's hosts never change).
+        topology = self.weaver.topology
+        for weave in self.weaver.live.values():
+            self.placed[weave.id] = weave_switches(topology, weave)
         self.weaver.attach_part(self)
         timer = threading.Thread(target=self._refresh_timer, name="nwc-flows-refresh",
                                  daemon=True)
@@ -573,10 +584,15 @@ class FlowsPart:
         replace = sync_messages if base is not None else weaves_sync_messages
         msgs = replace(conn.datapath, program, conn.meters, next(conn.bundles))
         confirms = {w.id: self.generation.get(w.id, 0) for w in kept}
+        # Live weaves the switch may hold but the sync leaves out (moved off it while it was
+        # away): once its barrier is back they are not there, and their teardown need not
+        # wait for this switch.
+        left_out = {w: self.generation.get(w, 0) for w, dpids in self.placed.items()
+                    if dpid in dpids and w not in confirms}
         # The sync replaces every weave flow with live weaves' only: its barrier confirms the
         # removal of every terminated weave still waiting on this switch.
         if self._send(conn, "sync", msgs, confirms, {m.meter_id for m in program.meters},
-                      removes=tuple(r.weave.id for r in removals)):
+                      removes=tuple(r.weave.id for r in removals), moved_off=left_out):
             for weave in kept:
                 self._installed(weave, dpid, state.now)
         log.info("switch %s (%#x): resync with %d flows, %d meters%s", conn.name, dpid,

@@ -653,6 +653,60 @@ def _moved_off_and_away(fsim: FlowsSim) -> None:
     assert _state(fsim, weave.id) is State.TERMINATED
 
 
+def _restart_without(fsim: FlowsSim, *away: str) -> None:
+    """NWC restarts; every switch but `away` reconnects to it."""
+    fsim.restart()
+    for name in fsim.net.switches:
+        if name not in away:
+            fsim.connect(name, settle=False)
+    fsim.settle()
+
+
+def test_a_recovered_weave_waits_at_teardown_for_a_switch_not_back_since_the_restart(
+        fsim: FlowsSim) -> None:
+    """The new run never sent the weave to h1, but the old run did, and h1 (fail_mode=secure)
+    kept its flows: the teardown waits for h1's resync as it would for a switch that dropped
+    in this run, rather than free the weave's slots while h1 still forwards into its leg."""
+    fsim.connect_all()
+    weave = fsim.weave("acme-web", "globex-db")
+    _restart_without(fsim, "h1")
+    fsim.loop.call(fsim.weaver.terminate, weave.id)
+    fsim.settle()
+    assert _weave_flows(fsim, "h1", weave)
+    assert _weave_flows(fsim, "h3", weave) == []  # the others answered their removal
+    assert _state(fsim, weave.id) is State.TERMINATING
+    assert fsim.loop.call(fsim.weaver.tearing_down, weave.id)  # slots not given back yet
+    fsim.connect("h1")
+    assert _weave_flows(fsim, "h1", weave) == []
+    assert _state(fsim, weave.id) is State.TERMINATED
+    assert not fsim.part.removing
+
+
+def test_a_recovered_weave_that_moved_off_a_resynced_switch_does_not_wait_for_it(
+        tmp_path: Path) -> None:
+    """A switch that was resynced after the weave moved off it holds none of its flows: that
+    it is away again when the weave ends must not hold the teardown."""
+    fsim = FlowsSim.build(tmp_path, TRIANGLE.replace("db2: {host: h3", "db2: {host: h2"))
+    try:
+        fsim.connect_all()
+        weave = fsim.weave("acme-web", "globex-db")
+        _link(fsim, "s1", "s2", up=False)  # h1-s1-s3-s2-h2
+        _restart_without(fsim, "s1", "s3")
+        fsim.connect("s1")  # says s1-s2 is up again (the weave stays on s3)...
+        _link(fsim, "s1", "s3", up=False)  # ...and moves back while s3 is away
+        path = next(leg.path for leg in fsim.weaver.live[weave.id].legs if leg.slot is not None)
+        assert "s3" not in path
+        fsim.connect("s3")  # its resync leaves the weave out
+        assert _weave_flows(fsim, "s3", weave) == []
+        fsim.dps["s3"].hang_up()
+        fsim.settle()
+        fsim.loop.call(fsim.weaver.terminate, weave.id)
+        fsim.settle()
+        assert _state(fsim, weave.id) is State.TERMINATED
+    finally:
+        fsim.close()
+
+
 def test_a_resync_that_keeps_the_table_removes_a_weave_the_teardown_stopped_waiting_for(
         fsim: FlowsSim, monkeypatch: pytest.MonkeyPatch) -> None:
     """Past the teardown timeout the part forgets a removal; a switch whose base cannot be
