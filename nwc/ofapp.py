@@ -73,6 +73,7 @@ from nwc.pipeline import (
     weave_cookie,
     weave_switches,
 )
+from nwc.topology import Vm
 from nwc.weave import Weave
 
 log = logging.getLogger(__name__)
@@ -692,6 +693,13 @@ class FlowsPart:
         log.info("switch %s (%#x) connected from %s: %d ports, %d meters", name, datapath.id,
                  datapath.address, len(ports), len(meters))
         self.resync(datapath.id)
+        if kind == "host":
+            # From the port description: a VM port that changed while its switch was away
+            # from NWC (or is down at a start) sends no port status until it changes again.
+            for vm in self._vms_of(name):
+                number = ports.get(vm.port)
+                self.weaver.vm_port_changed(vm.name, number is not None and
+                                            port_state.get(number, False))
         if kind == "fabric":
             # Every port, up ones too: a link that came back while the switch was away from
             # the controller is reported by nothing else.
@@ -716,8 +724,7 @@ class FlowsPart:
         if conn is None or conn.datapath is not datapath:
             return
         if conn.kind == "host":
-            known = {vm.port for vm in self.weaver.topology.vms.values()
-                     if vm.host == conn.name}
+            vms = self._vms_of(conn.name)
             before = dict(conn.ports)
             # One number, one port: a status for it replaces whatever name had it (port
             # status is coalesced per number, so the deletion of the old name may be gone).
@@ -727,8 +734,13 @@ class FlowsPart:
                 conn.ports[port_name] = port_no
             else:
                 conn.ports.pop(port_name, None)
-            if any(before.get(n) != conn.ports.get(n) for n in known):
+            if any(before.get(vm.port) != conn.ports.get(vm.port) for vm in vms):
                 self.resync(conn.dpid)  # a VM plugged or unplugged: its flows follow
+            for vm in vms:
+                if vm.port == port_name:
+                    self.weaver.vm_port_changed(vm.name, up and present)
+                elif before.get(vm.port) == port_no and vm.port not in conn.ports:
+                    self.weaver.vm_port_changed(vm.name, False)  # its number went to another
             return
         link = fabric_link_of_port(self.weaver.topology, conn.name, port_no)
         if link is None:
@@ -751,6 +763,9 @@ class FlowsPart:
                     continue
                 if _base_key(base) != conn.base:
                     self.resync(dpid, base)
+
+    def _vms_of(self, host: str) -> list[Vm]:
+        return [vm for vm in self.weaver.topology.vms.values() if vm.host == host]
 
     def _fabric_dpids(self) -> list[int]:
         with self.lock:

@@ -236,8 +236,10 @@ class FlowsSim:
         return self.topology.switches[name].dpid
 
     def connect(self, name: str, *, address: tuple[str, int] = ("100.64.255.1", 40000),
-                block: threading.Event | None = None, settle: bool = True) -> FakeDatapath:
-        """A switch (or something claiming to be it) finishes its handshake."""
+                block: threading.Event | None = None, settle: bool = True,
+                down: tuple[str, ...] = ()) -> FakeDatapath:
+        """A switch (or something claiming to be it) finishes its handshake; the ports named
+        in `down` are link-down in its port description."""
         dp = FakeDatapath(self.dpid(name), self.net, name, address, block)
         dp.part = self.part
         # As os-ken does: a closed connection ends in DEAD_DISPATCHER -> switch_gone.
@@ -245,7 +247,7 @@ class FlowsSim:
         if name in self.topology.switches:
             state = {n: True for n in self.topology.ports(name).values()}
         else:
-            state = {n: True for n in self.net.ports[name].values()}
+            state = {n: p not in down for p, n in self.net.ports[name].items()}
         self.loop.call(self.part.switch_ready, dp, dict(self.net.ports[name]), state,
                        set(self.net.switches[name].meters))
         if name not in self.dps or self.dps[name].closed.is_set():

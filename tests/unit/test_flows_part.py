@@ -734,3 +734,41 @@ def test_a_resync_that_keeps_the_table_removes_a_weave_the_teardown_stopped_wait
     assert fsim.reaches("web1", "web3")  # the kept base
     assert fsim.reaches("web1", "app1")  # the live weave
     assert fsim.weaver.live[live.id].state is State.ACTIVE
+
+
+def _vm_port_events(fsim: FlowsSim) -> list[dict[str, Any]]:
+    events: list[dict[str, Any]] = []
+    fsim.loop.call(fsim.weaver.subscribe, lambda e: events.append(
+        {k: v for k, v in e.items() if k != "ts"}) if e["type"] == "vm.port" else None)
+    return events
+
+
+def test_a_vm_port_down_when_its_switch_connects_is_reported_at_once(fsim: FlowsSim) -> None:
+    """From the port description of the connect, not only from a later port status."""
+    events = _vm_port_events(fsim)
+    fsim.connect_all()
+    assert events == []  # every VM port up: nothing to say
+    fsim.dps["h1"].hang_up()
+    fsim.settle()
+    fsim.connect("h1", down=("web1",))
+    assert events == [{"type": "vm.port", "vm": "web1", "host": "h1", "up": False}]
+    fsim.dps["h1"].hang_up()
+    fsim.settle()
+    fsim.connect("h1")  # back up while h1 was away from NWC
+    assert events[1:] == [{"type": "vm.port", "vm": "web1", "host": "h1", "up": True}]
+
+
+def test_a_vm_port_status_is_reported_once_per_change(fsim: FlowsSim) -> None:
+    events = _vm_port_events(fsim)
+    fsim.connect_all()
+    h2 = fsim.dps["h2"]
+    port = fsim.net.ports["h2"]["db1"]
+    for up in (False, False, True):
+        fsim.loop.call(fsim.part.port_changed, h2, "db1", port, up=up, present=True)
+    fsim.loop.call(fsim.part.port_changed, h2, "db1", port, up=True, present=False)
+    fsim.loop.call(fsim.part.port_changed, h2, "db1", port, up=True, present=True)
+    # Its number now names another port (the deletion of db1 was coalesced away).
+    fsim.loop.call(fsim.part.port_changed, h2, "tap-new", port, up=True, present=True)
+    assert [(e["vm"], e["host"], e["up"]) for e in events] == [
+        ("db1", "h2", False), ("db1", "h2", True), ("db1", "h2", False), ("db1", "h2", True),
+        ("db1", "h2", False)]
