@@ -45,7 +45,13 @@ from os_ken.ofproto import ofproto_v1_3 as ofp
 from os_ken.ofproto import ofproto_v1_3_parser as parser
 
 from nwc import ofguard, oftls
-from nwc.ofmessages import install_messages, refresh_messages, remove_messages, sync_messages
+from nwc.ofmessages import (
+    install_messages,
+    refresh_messages,
+    remove_messages,
+    sync_messages,
+    weaves_sync_messages,
+)
 from nwc.pipeline import (
     DELIVERED_ROLES,
     DIRECTIONS,
@@ -67,6 +73,7 @@ from nwc.pipeline import (
     weave_cookie,
     weave_switches,
 )
+from nwc.topology import Vm
 from nwc.weave import Weave
 
 log = logging.getLogger(__name__)
@@ -230,7 +237,8 @@ class Batch:
     weaves: dict[str, int]  # weave id -> generation this batch installs
     errors: list[str] = field(default_factory=list)
     removes: tuple[str, ...] = ()  # terminated weaves whose flows this batch removes
-    # live weaves that moved off this switch, whose flows this batch removes -> generation
+    # live weaves that moved off this switch, whose flows this batch removes (a removal, or a
+    # resync leaving them out) -> generation
     moved_off: dict[str, int] = field(default_factory=dict)
 
 
@@ -314,7 +322,8 @@ class FlowsPart:
         # weave id -> dpid -> when the flows installed there run out while the lease goes
         # on (only weaves whose lease outlasts MAX_HARD_TIMEOUT_S). Loop thread only.
         self.capped: dict[str, dict[int, datetime]] = {}
-        # weave id -> dpids a batch with its flows was queued for in this run: where they may
+        # weave id -> dpids a batch with its flows was queued for in this run, or, for a weave
+        # recovered at a restart, that the previous run may have sent them to: where they may
         # be, whether or not that switch is connected now. Loop thread only.
         self.placed: dict[str, set[int]] = {}
         # weave id -> its removal still to be confirmed. A switch that drops keeps the
@@ -328,6 +337,15 @@ class FlowsPart:
     def attach(self) -> None:
         """On the loop: join the weaver (which hands over every live weave and makes the ones
         still provisioning wait for "flows"); each switch's resync confirms them."""
+        # A previous run may have installed the live weaves (recovered from the store) on
+        # their switches, which keep them (fail_mode=secure) until their resync here: a
+        # teardown must wait for those as for a switch that dropped in this run. Only the
+        # current paths are known; on a fabric switch of an older path the previous run
+        # removed them when the weave moved, or that switch's own resync does (fabric flows
+        # steer a slot's outer addresses only, and a weave's hosts never change).
+        topology = self.weaver.topology
+        for weave in self.weaver.live.values():
+            self.placed[weave.id] = weave_switches(topology, weave)
         self.weaver.attach_part(self)
         timer = threading.Thread(target=self._refresh_timer, name="nwc-flows-refresh",
                                  daemon=True)
@@ -521,7 +539,7 @@ class FlowsPart:
 
         A weave that cannot be compiled (its meter ids taken by an older live weave, or any
         error) is left out and failed; the switch still gets everything else. If even its base
-        cannot be compiled, its table is left as it is and its weaves are installed alone."""
+        cannot be compiled, its base flows are kept and only its weave flows are replaced."""
         conn = self._conn(dpid)
         if conn is None or self._stop.is_set():
             return
@@ -556,27 +574,31 @@ class FlowsPart:
                 self._refuse(weave, refused[weave.id])
         kept = [w for w in here if w.id in weaves]
         removals = self._removals_at(dpid)  # terminated weaves this switch may still hold
-        if base is None:
-            for weave in kept:
-                self._install(conn, weave, weaves[weave.id], state.now)
-            for removal in removals:  # the table is not replaced: remove them one by one
-                self._remove_from(dpid, removal.weave, self._own_meters(removal.weave),
-                                  teardown=True)
-            return
-        program = base
+        # Without a base the table is kept (no delete-all with nothing to put back), but its
+        # weave flows are replaced all the same: also those of weaves no longer live whose
+        # removal nobody waits for any more (past the teardown timeout, or from before a
+        # restart), which would otherwise stay until their hard timeout.
+        program = base if base is not None else Program()
         for weave in kept:
             program.extend(weaves[weave.id])
             self.placed.setdefault(weave.id, set()).add(dpid)
-        msgs = sync_messages(conn.datapath, program, conn.meters, next(conn.bundles))
+        replace = sync_messages if base is not None else weaves_sync_messages
+        msgs = replace(conn.datapath, program, conn.meters, next(conn.bundles))
         confirms = {w.id: self.generation.get(w.id, 0) for w in kept}
-        # The sync replaces the whole table with live weaves only: its barrier confirms the
+        # Live weaves the switch may hold but the sync leaves out (moved off it while it was
+        # away): once its barrier is back they are not there, and their teardown need not
+        # wait for this switch.
+        left_out = {w: self.generation.get(w, 0) for w, dpids in self.placed.items()
+                    if dpid in dpids and w not in confirms}
+        # The sync replaces every weave flow with live weaves' only: its barrier confirms the
         # removal of every terminated weave still waiting on this switch.
         if self._send(conn, "sync", msgs, confirms, {m.meter_id for m in program.meters},
-                      removes=tuple(r.weave.id for r in removals)):
+                      removes=tuple(r.weave.id for r in removals), moved_off=left_out):
             for weave in kept:
                 self._installed(weave, dpid, state.now)
-        log.info("switch %s (%#x): resync with %d flows, %d meters", conn.name, dpid,
-                 len(program.flows), len(program.meters))
+        log.info("switch %s (%#x): resync with %d flows, %d meters%s", conn.name, dpid,
+                 len(program.flows), len(program.meters),
+                 "" if base is not None else " (weaves only: its base flows are kept)")
 
     def policy_changed(self) -> None:
         """Weaver hook after a policy reload: IVN gateways, VNIs and prefixes feed every
@@ -671,6 +693,13 @@ class FlowsPart:
         log.info("switch %s (%#x) connected from %s: %d ports, %d meters", name, datapath.id,
                  datapath.address, len(ports), len(meters))
         self.resync(datapath.id)
+        if kind == "host":
+            # From the port description: a VM port that changed while its switch was away
+            # from NWC (or is down at a start) sends no port status until it changes again.
+            for vm in self._vms_of(name):
+                number = ports.get(vm.port)
+                self.weaver.vm_port_changed(vm.name, number is not None and
+                                            port_state.get(number, False))
         if kind == "fabric":
             # Every port, up ones too: a link that came back while the switch was away from
             # the controller is reported by nothing else.
@@ -695,8 +724,7 @@ class FlowsPart:
         if conn is None or conn.datapath is not datapath:
             return
         if conn.kind == "host":
-            known = {vm.port for vm in self.weaver.topology.vms.values()
-                     if vm.host == conn.name}
+            vms = self._vms_of(conn.name)
             before = dict(conn.ports)
             # One number, one port: a status for it replaces whatever name had it (port
             # status is coalesced per number, so the deletion of the old name may be gone).
@@ -706,8 +734,13 @@ class FlowsPart:
                 conn.ports[port_name] = port_no
             else:
                 conn.ports.pop(port_name, None)
-            if any(before.get(n) != conn.ports.get(n) for n in known):
+            if any(before.get(vm.port) != conn.ports.get(vm.port) for vm in vms):
                 self.resync(conn.dpid)  # a VM plugged or unplugged: its flows follow
+            for vm in vms:
+                if vm.port == port_name:
+                    self.weaver.vm_port_changed(vm.name, up and present)
+                elif before.get(vm.port) == port_no and vm.port not in conn.ports:
+                    self.weaver.vm_port_changed(vm.name, False)  # its number went to another
             return
         link = fabric_link_of_port(self.weaver.topology, conn.name, port_no)
         if link is None:
@@ -730,6 +763,9 @@ class FlowsPart:
                     continue
                 if _base_key(base) != conn.base:
                     self.resync(dpid, base)
+
+    def _vms_of(self, host: str) -> list[Vm]:
+        return [vm for vm in self.weaver.topology.vms.values() if vm.host == host]
 
     def _fabric_dpids(self) -> list[int]:
         with self.lock:

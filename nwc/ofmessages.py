@@ -13,6 +13,8 @@ from os_ken.ofproto import ofproto_v1_3 as ofp
 from os_ken.ofproto import ofproto_v1_3_parser as parser
 
 from nwc.pipeline import (
+    KIND_SHIFT,
+    KIND_WEAVE,
     OFPP_IN_PORT,
     OWNER_MASK,
     DecTtl,
@@ -66,6 +68,15 @@ def delete_owner_mod(datapath: Any, cookie: int) -> Any:
     """Delete every flow of one owner (all tables), whatever its role byte."""
     return parser.OFPFlowMod(
         datapath, cookie=cookie & OWNER_MASK, cookie_mask=OWNER_MASK, table_id=ofp.OFPTT_ALL,
+        command=ofp.OFPFC_DELETE, out_port=ofp.OFPP_ANY, out_group=ofp.OFPG_ANY,
+        match=parser.OFPMatch())
+
+
+def delete_kind_mod(datapath: Any, kind: int) -> Any:
+    """Delete every flow whose owner is of one kind (`KIND_WEAVE`: every weave's), all tables."""
+    mask = 0xFF << KIND_SHIFT
+    return parser.OFPFlowMod(
+        datapath, cookie=kind << KIND_SHIFT, cookie_mask=mask, table_id=ofp.OFPTT_ALL,
         command=ofp.OFPFC_DELETE, out_port=ofp.OFPP_ANY, out_group=ofp.OFPG_ANY,
         match=parser.OFPMatch())
 
@@ -166,9 +177,24 @@ def sync_messages(datapath: Any, program: Program, present_meters: set[int],
     """Make a switch equal to `program` with no window: meters first (flows refer to them),
     then one atomic bundle that deletes every flow and adds every desired one, then the
     meters nothing wants any more (after the flows that used them are gone)."""
+    return _replace(datapath, delete_all_mod(datapath), program, present_meters, bundle_id)
+
+
+def weaves_sync_messages(datapath: Any, program: Program, present_meters: set[int],
+                         bundle_id: int) -> list[Any]:
+    """`sync_messages` for the weaves alone, every other flow left as it is: one bundle
+    deletes every weave's flows (by the kind in their cookies, so also those of weaves NWC no
+    longer knows) and adds those of `program`. Only weaves have meters, so every meter
+    `program` does not want goes too."""
+    return _replace(datapath, delete_kind_mod(datapath, KIND_WEAVE), program, present_meters,
+                    bundle_id)
+
+
+def _replace(datapath: Any, delete: Any, program: Program, present_meters: set[int],
+             bundle_id: int) -> list[Any]:
     msgs = _meter_mods(datapath, program.meters, present_meters)
     msgs += bundle(datapath, bundle_id,
-                   [delete_all_mod(datapath), *(flow_mod(datapath, f) for f in program.flows)])
+                   [delete, *(flow_mod(datapath, f) for f in program.flows)])
     wanted = {m.meter_id for m in program.meters}
     msgs += [meter_delete(datapath, mid) for mid in sorted(present_meters - wanted)]
     return msgs

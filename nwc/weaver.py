@@ -173,6 +173,9 @@ class Weaver:
         self.parts: list[Part] = list(parts)
         self.provision_timeout = timedelta(seconds=provision_timeout_s)
         self.fabric = Fabric(topology)
+        # VMs whose port on their host's br-int is down or not there, as the flows part last
+        # reported; the others are taken to be up, so a start reports only the down ones.
+        self.vm_ports_down: set[str] = set()
         self.leases = LeaseBook()
         self.live = LiveWeaves()
         self._waiting: dict[str, set[str]] = {}  # weave id -> parts not yet ready
@@ -570,6 +573,21 @@ class Weaver:
         for weave_id in self.fabric.weaves_on(a, b):
             changed.append(self._reroute(self.live[weave_id]))
         return changed
+
+    def vm_port_changed(self, vm: str, up: bool) -> None:
+        """A VM's port went down (link or admin down, or unplugged) or came back. Nothing
+        moves or ends (the VM may come back at any time; its flows wait for it): operators
+        hear of a change, once (`vm.port`, like `fabric.link`, an admins' event: it names
+        the VM's host)."""
+        if vm not in self.topology.vms or (vm not in self.vm_ports_down) == up:
+            return
+        if up:
+            self.vm_ports_down.discard(vm)
+        else:
+            self.vm_ports_down.add(vm)
+        host = self.topology.vms[vm].host
+        log.info("VM %s: its port on %s is %s", vm, host, "up" if up else "down")
+        self.emit({"type": "vm.port", "vm": vm, "host": host, "up": up})
 
     def _reroute(self, weave: Weave) -> Weave:
         """Re-plan a weave whose path lost a link: legs that still work keep their path."""

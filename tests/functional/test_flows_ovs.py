@@ -280,3 +280,46 @@ def test_a_switch_away_during_teardown_keeps_it_terminating_until_resynced(nwc: 
     wait_for(terminated, 30, "the teardown to be confirmed by h1's resync")
     assert weave_flows() == 0
     assert not nwc.controller.call(nwc.controller.weaver.tearing_down, weave.id)
+
+
+def test_a_switch_away_across_a_restart_holds_a_recovered_weaves_teardown(nwc: Nwc) -> None:
+    """h1 loses NWC, NWC restarts, and the weave it recovers is terminated before h1 is back:
+    the new run never programmed h1, but h1 kept the flows the old run installed, so the
+    teardown is confirmed only by h1's resync."""
+    weave = nwc.weave("acme-web", "globex-db")
+    h1 = nwc.net.hosts["h1"].ovs
+    dpid = nwc.controller.config.topology.hosts["h1"].dpid
+    target = h1.vsctl("get-controller", "br-int").strip()
+    cookie = f"cookie={weave.number << 8 | 2 << 56:#x}/0xffffffffffffff00"
+
+    def weave_flows() -> int:
+        out = h1.ofctl("dump-flows", "br-int", "-O", "OpenFlow13", cookie)
+        return sum(1 for line in out.splitlines() if "cookie=" in line)
+    assert weave_flows() > 0
+    h1.vsctl("set-controller", "br-int", "tcp:127.0.0.1:9")  # as in the test above
+    wait_for(lambda: dpid not in nwc.part.switches, 15, "NWC to notice h1 is gone")
+    nwc.restart_controller()
+    topo = nwc.controller.config.topology
+    others = {h.dpid for h in topo.hosts.values()} | {s.dpid for s in topo.switches.values()}
+    others.discard(dpid)
+
+    def others_synced() -> bool:
+        with nwc.part.lock:
+            return all(d in nwc.part.switches and nwc.part.switches[d].synced for d in others)
+    wait_for(others_synced, 20, "every switch but h1 back and resynced")
+    weaver = nwc.controller.weaver
+    nwc.controller.call(setattr, weaver, "teardown_timeout", timedelta(seconds=120))
+    nwc.controller.call(weaver.terminate, weave.id)
+
+    def waits_for_h1_only() -> bool:
+        removal = nwc.controller.call(lambda: nwc.part.removing.get(weave.id))
+        return removal is not None and removal.waiting == {dpid}
+    wait_for(waits_for_h1_only, 15, "every switch but h1 to confirm the removal")
+    assert nwc.controller.call(weaver.store.weave, weave.id).state is State.TERMINATING
+    assert weave_flows() > 0  # h1 still forwards with them
+    h1.vsctl("set-controller", "br-int", target)
+
+    def terminated() -> bool:
+        return nwc.controller.call(weaver.store.weave, weave.id).state is State.TERMINATED
+    wait_for(terminated, 30, "the teardown to be confirmed by h1's resync")
+    assert weave_flows() == 0

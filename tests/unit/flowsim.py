@@ -173,6 +173,15 @@ class FakeDatapath(ofproto_protocol.ProtocolDesc):
         self.part.on_stats_reply(self, SimpleNamespace(xid=xid, flags=0, body=body))
 
 
+def _start(weaver: Weaver) -> tuple[WeaverLoop, FlowsPart]:
+    loop = WeaverLoop(weaver)
+    loop.start()
+    controller = SimpleNamespace(weaver=weaver, loop=loop, stats_sources=[])
+    part = FlowsPart(controller)
+    loop.call(part.attach)
+    return loop, part
+
+
 @dataclass
 class FlowsSim:
     """A weaver with the flows part attached, on its own loop, and a fake network."""
@@ -185,6 +194,7 @@ class FlowsSim:
     net: FakeNetwork
     loop: WeaverLoop
     part: FlowsPart
+    state_dir: Path
     dps: dict[str, FakeDatapath] = field(default_factory=dict)
 
     @classmethod
@@ -196,12 +206,8 @@ class FlowsSim:
         weaver = Weaver(policy=policy, topology=topology, store=Store(tmp_path), clock=clock)
         fake_clock = FakeClock()
         net = FakeNetwork(topology, policy, fake_clock)
-        loop = WeaverLoop(weaver)
-        loop.start()
-        controller = SimpleNamespace(weaver=weaver, loop=loop, stats_sources=[])
-        part = FlowsPart(controller)
-        loop.call(part.attach)
-        return cls(policy, topology, weaver, clock, fake_clock, net, loop, part)
+        loop, part = _start(weaver)
+        return cls(policy, topology, weaver, clock, fake_clock, net, loop, part, tmp_path)
 
     def close(self) -> None:
         for dp in self.dps.values():
@@ -211,6 +217,17 @@ class FlowsSim:
         self.loop.stop()
         self.weaver.store.close()
 
+    def restart(self) -> None:
+        """NWC stops and a new one starts on the same state directory, as `nwc run` does
+        (recover, then attach the flows part). The switches keep their tables (fail_mode=
+        secure) and are connected to the new controller only by `connect`."""
+        self.close()
+        self.dps.clear()
+        self.weaver = Weaver(policy=self.policy, topology=self.topology,
+                             store=Store(self.state_dir), clock=self.clock)
+        self.weaver.recover()
+        self.loop, self.part = _start(self.weaver)
+
     # -- switches -----------------------------------------------------------------------------
 
     def dpid(self, name: str) -> int:
@@ -219,8 +236,10 @@ class FlowsSim:
         return self.topology.switches[name].dpid
 
     def connect(self, name: str, *, address: tuple[str, int] = ("100.64.255.1", 40000),
-                block: threading.Event | None = None, settle: bool = True) -> FakeDatapath:
-        """A switch (or something claiming to be it) finishes its handshake."""
+                block: threading.Event | None = None, settle: bool = True,
+                down: tuple[str, ...] = ()) -> FakeDatapath:
+        """A switch (or something claiming to be it) finishes its handshake; the ports named
+        in `down` are link-down in its port description."""
         dp = FakeDatapath(self.dpid(name), self.net, name, address, block)
         dp.part = self.part
         # As os-ken does: a closed connection ends in DEAD_DISPATCHER -> switch_gone.
@@ -228,7 +247,7 @@ class FlowsSim:
         if name in self.topology.switches:
             state = {n: True for n in self.topology.ports(name).values()}
         else:
-            state = {n: True for n in self.net.ports[name].values()}
+            state = {n: p not in down for p, n in self.net.ports[name].items()}
         self.loop.call(self.part.switch_ready, dp, dict(self.net.ports[name]), state,
                        set(self.net.switches[name].meters))
         if name not in self.dps or self.dps[name].closed.is_set():

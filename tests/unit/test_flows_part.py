@@ -21,7 +21,7 @@ from nwc import ofapp
 from nwc.admission import WeaveRequest
 from nwc.config import SHIPPED_POLICIES
 from nwc.ofmessages import delete_owner_mod
-from nwc.pipeline import METER_SPACE, OWNER_MASK, weave_cookie
+from nwc.pipeline import DIRECTIONS, METER_SPACE, OWNER_MASK, meter_id, weave_cookie
 from nwc.policy import Policy, load_policy
 from nwc.weave import State, Weave
 
@@ -491,10 +491,11 @@ def test_a_switch_away_when_the_teardown_starts_holds_it_too(fsim: FlowsSim) -> 
     assert _state(fsim, weave.id) is State.TERMINATED
 
 
-def test_a_resync_that_keeps_the_table_removes_the_waiting_weaves_one_by_one(
+def test_a_resync_that_keeps_the_table_removes_the_waiting_weaves(
         fsim: FlowsSim, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A switch whose base flows cannot be compiled keeps its table on reconnect (only live
-    weaves are installed): a weave whose removal it missed is removed explicitly."""
+    """A switch whose base flows cannot be compiled keeps its table on reconnect (only its
+    weave flows are replaced): a weave whose removal it missed goes, and its barrier
+    confirms the teardown."""
     weave = _terminate_while_h1_is_away(fsim)
 
     def broken(*args: Any) -> Any:
@@ -650,3 +651,124 @@ def _moved_off_and_away(fsim: FlowsSim) -> None:
     fsim.loop.call(fsim.weaver.terminate, weave.id)
     fsim.settle()
     assert _state(fsim, weave.id) is State.TERMINATED
+
+
+def _restart_without(fsim: FlowsSim, *away: str) -> None:
+    """NWC restarts; every switch but `away` reconnects to it."""
+    fsim.restart()
+    for name in fsim.net.switches:
+        if name not in away:
+            fsim.connect(name, settle=False)
+    fsim.settle()
+
+
+def test_a_recovered_weave_waits_at_teardown_for_a_switch_not_back_since_the_restart(
+        fsim: FlowsSim) -> None:
+    """The new run never sent the weave to h1, but the old run did, and h1 (fail_mode=secure)
+    kept its flows: the teardown waits for h1's resync as it would for a switch that dropped
+    in this run, rather than free the weave's slots while h1 still forwards into its leg."""
+    fsim.connect_all()
+    weave = fsim.weave("acme-web", "globex-db")
+    _restart_without(fsim, "h1")
+    fsim.loop.call(fsim.weaver.terminate, weave.id)
+    fsim.settle()
+    assert _weave_flows(fsim, "h1", weave)
+    assert _weave_flows(fsim, "h3", weave) == []  # the others answered their removal
+    assert _state(fsim, weave.id) is State.TERMINATING
+    assert fsim.loop.call(fsim.weaver.tearing_down, weave.id)  # slots not given back yet
+    fsim.connect("h1")
+    assert _weave_flows(fsim, "h1", weave) == []
+    assert _state(fsim, weave.id) is State.TERMINATED
+    assert not fsim.part.removing
+
+
+def test_a_recovered_weave_that_moved_off_a_resynced_switch_does_not_wait_for_it(
+        tmp_path: Path) -> None:
+    """A switch that was resynced after the weave moved off it holds none of its flows: that
+    it is away again when the weave ends must not hold the teardown."""
+    fsim = FlowsSim.build(tmp_path, TRIANGLE.replace("db2: {host: h3", "db2: {host: h2"))
+    try:
+        fsim.connect_all()
+        weave = fsim.weave("acme-web", "globex-db")
+        _link(fsim, "s1", "s2", up=False)  # h1-s1-s3-s2-h2
+        _restart_without(fsim, "s1", "s3")
+        fsim.connect("s1")  # says s1-s2 is up again (the weave stays on s3)...
+        _link(fsim, "s1", "s3", up=False)  # ...and moves back while s3 is away
+        path = next(leg.path for leg in fsim.weaver.live[weave.id].legs if leg.slot is not None)
+        assert "s3" not in path
+        fsim.connect("s3")  # its resync leaves the weave out
+        assert _weave_flows(fsim, "s3", weave) == []
+        fsim.dps["s3"].hang_up()
+        fsim.settle()
+        fsim.loop.call(fsim.weaver.terminate, weave.id)
+        fsim.settle()
+        assert _state(fsim, weave.id) is State.TERMINATED
+    finally:
+        fsim.close()
+
+
+def test_a_resync_that_keeps_the_table_removes_a_weave_the_teardown_stopped_waiting_for(
+        fsim: FlowsSim, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the teardown timeout the part forgets a removal; a switch whose base cannot be
+    compiled keeps its table on reconnect, and must lose that weave's flows and meters all
+    the same (every weave flow but the live weaves' goes), its base staying as it was."""
+    weave = _terminate_while_h1_is_away(fsim)
+    fsim.advance(fsim.weaver.teardown_timeout.total_seconds() + 1)
+    fsim.loop.call(fsim.weaver.tick)
+    assert _state(fsim, weave.id) is State.TERMINATED
+    other = fsim.weave("acme-web", "globex-db")
+    fsim.loop.call(fsim.weaver.terminate, other.id)  # its teardown forgets the first one's
+    fsim.settle()
+    assert weave.id not in fsim.part.removing
+    # Waits for h1. Another pair of IVNs: its flows replace none of the old weave's.
+    live = fsim.weave("acme-web", "initech-app", profile="silver")
+
+    def broken(*args: Any) -> Any:
+        raise ValueError("cannot compile")
+    monkeypatch.setattr(ofapp, "compile_base", broken)
+    fsim.connect("h1")
+    assert _weave_flows(fsim, "h1", weave) == []
+    assert not {meter_id(weave.number, d) for d in DIRECTIONS} & set(
+        fsim.net.switches["h1"].meters)
+    assert not fsim.ping("web1", "db2")
+    assert fsim.reaches("web1", "web3")  # the kept base
+    assert fsim.reaches("web1", "app1")  # the live weave
+    assert fsim.weaver.live[live.id].state is State.ACTIVE
+
+
+def _vm_port_events(fsim: FlowsSim) -> list[dict[str, Any]]:
+    events: list[dict[str, Any]] = []
+    fsim.loop.call(fsim.weaver.subscribe, lambda e: events.append(
+        {k: v for k, v in e.items() if k != "ts"}) if e["type"] == "vm.port" else None)
+    return events
+
+
+def test_a_vm_port_down_when_its_switch_connects_is_reported_at_once(fsim: FlowsSim) -> None:
+    """From the port description of the connect, not only from a later port status."""
+    events = _vm_port_events(fsim)
+    fsim.connect_all()
+    assert events == []  # every VM port up: nothing to say
+    fsim.dps["h1"].hang_up()
+    fsim.settle()
+    fsim.connect("h1", down=("web1",))
+    assert events == [{"type": "vm.port", "vm": "web1", "host": "h1", "up": False}]
+    fsim.dps["h1"].hang_up()
+    fsim.settle()
+    fsim.connect("h1")  # back up while h1 was away from NWC
+    assert events[1:] == [{"type": "vm.port", "vm": "web1", "host": "h1", "up": True}]
+
+
+def test_a_vm_port_status_is_reported_once_per_change(fsim: FlowsSim) -> None:
+    events = _vm_port_events(fsim)
+    fsim.connect_all()
+    h2 = fsim.dps["h2"]
+    port = fsim.net.ports["h2"]["db1"]
+    for up in (False, False, True):
+        fsim.loop.call(fsim.part.port_changed, h2, "db1", port, up=up, present=True)
+    fsim.loop.call(fsim.part.port_changed, h2, "db1", port, up=True, present=False)
+    fsim.loop.call(fsim.part.port_changed, h2, "db1", port, up=True, present=True)
+    # Its number now names another port (the deletion of db1 was coalesced away).
+    fsim.loop.call(fsim.part.port_changed, h2, "tap-new", port, up=True, present=True)
+    assert [(e["vm"], e["host"], e["up"]) for e in events] == [
+        ("db1", "h2", False), ("db1", "h2", True), ("db1", "h2", False), ("db1", "h2", True),
+        ("db1", "h2", False)]
