@@ -90,6 +90,10 @@ class CsrRejected(ValueError):
     """A certificate signing request that NWC will not sign."""
 
 
+class CaExpired(CsrRejected):
+    """NWC's weave CA is past its end: it signs no request, however good."""
+
+
 @dataclass(frozen=True)
 class CertificateAuthority:
     key: ec.EllipticCurvePrivateKey
@@ -186,7 +190,13 @@ class CertificateAuthority:
                 raise CsrRejected(f"RSA-{public.key_size} is too weak")
         elif not isinstance(public, ed25519.Ed25519PublicKey):
             raise CsrRejected(f"unsupported key type {type(public).__name__}")
-        not_after = min(not_after, now + dt.timedelta(days=MAX_LEAF_DAYS))
+        # A leaf is worth nothing past its issuer's end (peers refuse the chain), so it ends
+        # no later; an expired CA signs nothing (the weave fails with this reason).
+        ca_end = self.cert.not_valid_after_utc
+        if ca_end <= now:
+            raise CaExpired(f"NWC's weave CA expired at {ca_end:%Y-%m-%d %H:%M:%S} UTC: move "
+                            "<state-dir>/pki away and restart NWC to make a new one")
+        not_after = min(not_after, now + dt.timedelta(days=MAX_LEAF_DAYS), ca_end)
         cert = (x509.CertificateBuilder()
                 .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, identity)]))
                 .issuer_name(self.cert.subject).public_key(public)

@@ -40,7 +40,7 @@ from typing import Any, Protocol
 from nwc.hostdb import HostDb, OvsdbConfigError, ServerIdentityError, configure_targets
 from nwc.ovsdbtls import ServerIdentity
 from nwc.pipeline import INTEGRATION_BRIDGE
-from nwc.pki import CertificateAuthority, CsrRejected, Secret, new_psk
+from nwc.pki import CaExpired, CertificateAuthority, CsrRejected, Secret, new_psk
 from nwc.policy import MAX_LEASE_S, Policy
 from nwc.topology import Topology
 from nwc.tunnel import (
@@ -615,6 +615,11 @@ class Tunnels:
                     leg.csrs[end.host] = status.csr_pem
                     log.info("weave %s: signed %s's certificate for %s", weave.id, end.host,
                              end.local_id)
+                except CaExpired as exc:  # not the host's doing: no security report
+                    log.error("weave %s: %s", weave.id, exc)
+                    if not held.failed:
+                        self._fail_weave(held, f"NWC cannot sign {end.host}'s certificate: "
+                                         f"{exc}", reports)
                 except CsrRejected as exc:
                     detail = f"host {end.host} asked for a certificate NWC will not sign: {exc}"
                     if not held.failed:

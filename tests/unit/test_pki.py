@@ -136,3 +136,13 @@ def test_leg_private_key_leaves_only_as_a_secret() -> None:
     assert isinstance(der, Secret) and "redacted" in repr(der)
     loaded = serialization.load_der_private_key(der.reveal(), password=None)
     assert loaded.public_key().public_numbers() == key.key.public_key().public_numbers()
+
+
+def test_a_leaf_ends_no_later_than_its_ca(tmp_path: Path) -> None:
+    # The CA is ten years old minus an hour: a two-hour leaf would outlive it.
+    ca = CertificateAuthority.load_or_create(tmp_path / "pki",
+                                             now=NOW - dt.timedelta(days=3650, hours=-1))
+    pem = ca.sign_request(LegKey.generate(IDENTITY).csr_pem(), IDENTITY, now=NOW,
+                          not_after=NOW + dt.timedelta(hours=2))
+    assert x509.load_pem_x509_certificate(pem).not_valid_after_utc == ca.cert.not_valid_after_utc
+    assert ca.cert.not_valid_after_utc == NOW + dt.timedelta(hours=1)

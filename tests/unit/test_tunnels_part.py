@@ -576,3 +576,17 @@ def test_a_restarted_controller_waits_for_the_responder_to_load_a_new_key(
     world.rounds(10)
     assert world.reports.log == [("ready", w.id)]
     world.part.stop()
+
+
+def test_an_expired_weave_ca_fails_x509_weaves_without_blaming_the_hosts(world: World) -> None:
+    # A CA made ten years and a day before now: past its end, it must sign nothing.
+    world.part.ca = CertificateAuthority.load_or_create(
+        world.tmp / "old-pki", now=T0 - dt.timedelta(days=3651))
+    x509, psk = weave(1, 0, profile="silver"), weave(2, 1)
+    world.part.weave_up(x509)
+    world.part.weave_up(psk)
+    world.rounds()
+    assert ("ready", psk.id) in world.reports.log
+    failed = [e for e in world.reports.log if e[0] == "failed"]
+    assert [e[1] for e in failed] == [x509.id] and "weave CA expired" in failed[0][2]
+    assert "csr_rejected" not in world.reports.kinds()  # the hosts did nothing wrong
