@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from nwc.hostnet import VxlanDevice
-from nwc.ike import IkeNoAnswer, IkeUnavailable, InitiateResult, is_handed_over
+from nwc.ike import IkeError, IkeNoAnswer, IkeUnavailable, InitiateResult, is_handed_over
 from nwc.pki import LegKey, Secret, write_private
 from nwc.tunnel import (
     AGENT_ACK_KEY,
@@ -91,6 +91,8 @@ class IkePort(Protocol):
     def unload_key(self, key_id: str) -> None: ...
     def initiate(self, name: str, timeout_s: float = ...) -> InitiateResult: ...
     def terminate(self, name: str, timeout_s: float = ...) -> None: ...
+    def terminate_sa(self, ike_id: str, timeout_s: float = ...) -> None: ...
+    def reauthenticate(self, ike_id: str) -> None: ...
     def sas(self) -> dict[str, SaInfo]: ...
 
 
@@ -113,6 +115,26 @@ Submit = Callable[[Callable[[], InitiateResult]], "concurrent.futures.Future[Ini
 
 
 @dataclass
+class _Swap:
+    """SAs of a leg built from key material it no longer has (a restarted controller drew a
+    new key, or signed new certificates), while they are replaced: IKE and CHILD SA unique
+    ids apart, since charon counts each on its own. Rekeys need no authentication, so a
+    rekey of such an SA is one too; it keeps one of the two ids."""
+
+    ike_ids: set[str] = field(default_factory=set)
+    child_ids: set[str] = field(default_factory=set)
+    next_ask: float = 0.0  # when to ask charon again if no new SA came of it
+    asked: int = 0
+
+    def holds(self, sa: SaInfo) -> bool:
+        return sa.ike_id in self.ike_ids or sa.child_id in self.child_ids
+
+    def take(self, sa: SaInfo) -> None:
+        self.ike_ids.update(i for i in (sa.ike_id,) if i)
+        self.child_ids.update(i for i in (sa.child_id,) if i)
+
+
+@dataclass
 class _Leg:
     """What the agent knows about one leg end it holds."""
 
@@ -120,6 +142,11 @@ class _Leg:
     record: LegRecord | None = None
     built: bool = False
     loaded: LegRecord | None = None  # the material now in the IKE daemon
+    loaded_tunnel: str | None = None  # loaded.tunnel_id(), reported as an installed SA's sa_of
+    # The fingerprint of the material last loaded: the SAs charon holds were built from it.
+    # Unlike `loaded`, kept while charon does not answer (a busy one still holds them).
+    sa_material: str | None = None
+    swap: _Swap | None = None
     key: LegKey | None = None
     csr: bytes | None = None  # made once per key (signing again would change it every step)
     phase: Phase = Phase.BUILDING
@@ -330,7 +357,8 @@ class Agent:
                 continue
             # Its SAs are taken as its own: this agent reported them so before it stopped.
             leg = _Leg(status.applied, phase=status.phase, rekeys=status.rekeys,
-                       port_since=self.clock(), extra=dict(status.extra), stale_sas=set())
+                       port_since=self.clock(), extra=dict(status.extra), stale_sas=set(),
+                       sa_material=status.extra.get("material"))
             self.legs[raw_key[len(STATUS_PREFIX):]] = leg
             self._ovs_keys_set.update(status.extra.get("ovs_keys", []))
 
@@ -434,7 +462,7 @@ class Agent:
         try:
             if (leg.loaded is None or not record.same_material(leg.loaded)
                     or spec.connection_name not in conns):
-                self._load(leg, record)
+                self._load(leg, record, sas.get(spec.connection_name))
         except (IkeUnavailable, IkeNoAnswer):
             leg.phase, leg.loaded = Phase.IKE_DOWN, None
             leg.extra.pop("material", None)
@@ -456,7 +484,9 @@ class Agent:
         leg.built = False  # the next pass builds it again, blackhole first
         self._fail(leg, f"{why}; {outcome}")
 
-    def _load(self, leg: _Leg, record: LegRecord) -> None:
+    def _load(self, leg: _Leg, record: LegRecord, sa: SaInfo | None) -> None:
+        """Hand the record's key material and connection to charon. `sa` is what charon held
+        for the leg before: if it was built from other material, it is to be replaced."""
         spec = leg.spec
         key_id: str | None = None
         if spec.auth == "psk":
@@ -478,10 +508,19 @@ class Agent:
                 # leg's key only once it is gone, so a failure here is retried.
                 self.ike.unload_key(previous)
             leg.extra["key_id"] = key_id
-        leg.loaded = record
+        leg.loaded, leg.loaded_tunnel = record, record.tunnel_id()
         # Reported with the status: a status about older material (a restarted controller
         # drew a new key) must not tell the controller this end is listening with the new one.
-        leg.extra["material"] = record.fingerprint()
+        material = leg.extra["material"] = record.fingerprint()
+        if sa is not None and leg.sa_material not in (None, material):
+            # New material does not reach an SA that is up: charon reauthenticates nothing
+            # (reauth_time 0), and a rekey keeps the authentication it was built with. So
+            # the old SA would go on encrypting for as long as the weave lives.
+            log.info("leg %s: key material changed; replacing the SA built from the earlier "
+                     "one (IKE SA %s)", spec.key, sa.ike_id)
+            leg.swap = leg.swap or _Swap()
+            leg.swap.take(sa)
+        leg.sa_material = material
 
     def _observe(self, leg: _Leg, sa: SaInfo | None, now: float) -> None:
         spec, record = leg.spec, leg.record
@@ -499,6 +538,9 @@ class Agent:
                 leg.attempts += 1
                 leg.next_attempt = now + min(MAX_BACKOFF_S, 0.5 * 2 ** (leg.attempts - 1))
                 leg.detail = f"IKE attempt {leg.attempts} failed: {result.detail}"
+        if leg.swap is not None and self._replacing(leg, sa, now):
+            leg.extra.pop("sa_of", None)
+            return
         if sa is not None and sa.installed:
             before = leg.sa_ids
             if leg.phase is Phase.INSTALLED and before is not None:
@@ -511,7 +553,11 @@ class Agent:
             leg.phase, leg.detail, leg.attempts = Phase.INSTALLED, "", 0
             leg.auth_failed_for = None
             leg.restarted = False
+            if leg.loaded_tunnel is not None:  # else adopted: keeps what it said before
+                # Which record the SA is of: the controller counts it only for that one.
+                leg.extra["sa_of"] = leg.loaded_tunnel
             return
+        leg.extra.pop("sa_of", None)
         if leg.auth_failed_for is not None and leg.auth_failed_for.same_material(record):
             leg.phase = Phase.AUTH_FAILED  # no retry with the same key: it would fail again
             return
@@ -526,6 +572,75 @@ class Agent:
             leg.phase = Phase.LISTENING
             if not leg.attempts:
                 leg.detail = ""
+
+    def _replacing(self, leg: _Leg, sa: SaInfo | None, now: float) -> bool:
+        """Replace the SAs built from earlier key material (`leg.swap`) with one built from
+        the material loaded now: True while that is under way, the phase set. Make before
+        break where charon can: the old SA carries the traffic until the new one is up, and
+        then goes, terminated by its unique id. The leg is `installed` again only then."""
+        swap, spec, record = leg.swap, leg.spec, leg.record
+        assert swap is not None and record is not None
+        if sa is None:
+            # charon holds no SA for the leg: none of the old ones is left (a restarted one,
+            # counting unique ids from 1 again, would give a new SA an old one's id).
+            leg.swap = None
+            return False
+        leg.phase = Phase.CONNECTING
+        if swap.holds(sa):
+            swap.take(sa)  # a rekey of an old SA: as old as it
+            if not spec.initiator:
+                # One end replaces the SA, as one end starts it: both at once would race.
+                leg.detail = "key material changed: waiting for the peer to replace the SA " \
+                             "built from the earlier one (it carries the traffic until then)"
+            elif not record.start:
+                # The controller sets `start` again once the peer has the new material too.
+                leg.detail = "key material changed: waiting for the peer to load it (the " \
+                             "SA built from the earlier one carries the traffic until then)"
+            elif now >= swap.next_ask:
+                self._ask_replacement(leg, sa, now)
+            return True
+        if not sa.installed:
+            leg.detail = "key material changed: negotiating the SA built from it"
+            return True
+        for ike_id in sorted(swap.ike_ids):
+            try:
+                self.ike.terminate_sa(ike_id)
+            except IkeUnavailable:
+                pass  # a daemon that does not run holds no SA
+            except (IkeNoAnswer, IkeError) as exc:
+                leg.detail = f"the SA built from the new key material is up; terminating " \
+                             f"IKE SA {ike_id}, built from the earlier one, failed: {exc}"
+                return True
+            swap.ike_ids.discard(ike_id)
+        log.info("leg %s: the SA built from the earlier key material is replaced (now IKE SA "
+                 "%s)", spec.key, sa.ike_id)
+        leg.swap = None
+        return False
+
+    def _ask_replacement(self, leg: _Leg, sa: SaInfo, now: float) -> None:
+        swap = leg.swap
+        assert swap is not None and sa.ike_id is not None
+        swap.asked += 1
+        swap.next_ask = now + self.initiate_timeout_s  # asked again if nothing came of it
+        try:
+            if leg.spec.auth == "psk":
+                # charon makes the new IKE SA with the key it holds now, and (with
+                # make_before_break) its CHILD SA, before deleting the old one.
+                self.ike.reauthenticate(sa.ike_id)
+                leg.detail = "key material changed: reauthenticating the SA built from the " \
+                             f"earlier one (attempt {swap.asked})"
+            else:
+                # A reauthentication would present the certificate the old IKE SA was made
+                # with, and a new initiation reuses the old IKE SA: it goes first. Until
+                # the new SA is up (the initiator's trap, or this agent, starts it) the
+                # leg's traffic is dropped, never sent in clear.
+                for ike_id in sorted(swap.ike_ids):
+                    self.ike.terminate_sa(ike_id)
+                leg.detail = "key material changed: terminated the SA built from the " \
+                             "earlier certificates; negotiating one with the new ones"
+        except (IkeUnavailable, IkeNoAnswer, IkeError) as exc:
+            leg.detail = f"key material changed: replacing the SA built from the earlier " \
+                         f"one failed (attempt {swap.asked}): {exc}"
 
     def _port_problem(self, spec: TunnelSpec, age_s: float) -> str | None:
         iface = self.db.interface(spec.device)

@@ -178,14 +178,32 @@ class IkeDaemon:
         `timeout_s` for its answer, then delete it regardless (`force`). Both ends of a weave
         tear down at once, so the peer has often deleted its side already and would never
         answer: waiting out charon's retransmits would hold the teardown for seconds."""
+        self._terminate({"ike": name}, timeout_s)
+
+    def terminate_sa(self, ike_id: str, timeout_s: float = 0.5) -> None:
+        """Delete one IKE SA by its unique id, as `terminate` does; the connection's other
+        IKE SAs (the one replacing it) stay. One already gone is no error."""
+        self._terminate({"ike-id": ike_id}, timeout_s)
+
+    def _terminate(self, which: dict[str, str], timeout_s: float) -> None:
         try:
             with self._session(timeout=timeout_s + 5) as s:
-                for _ in s.terminate({"ike": name, "force": "yes",
+                for _ in s.terminate({**which, "force": "yes",
                                       "timeout": str(int(timeout_s * 1000))}):
                     pass
         except IkeError as exc:
             if "no matching" not in str(exc).lower():
                 raise
+
+    def reauthenticate(self, ike_id: str) -> None:
+        """Have charon authenticate the IKE SA `ike_id` afresh with the credentials it holds
+        now: a new IKE SA and new CHILD SAs, then the old one deleted (before, unless
+        strongswan.conf sets `charon.make_before_break = yes`). Returns once charon has taken
+        the job on, not when the new SA is up. The new IKE SA keeps the old one's connection
+        as it was loaded, so only a key charon looks up at authentication (a pre-shared key)
+        is new in it, never a certificate."""
+        with self._session() as s:
+            s.request("rekey", {"ike-id": ike_id, "reauth": "yes"})
 
     def sas(self) -> dict[str, SaInfo]:
         """Every IKE SA by connection name (the best one where a name has several: one

@@ -640,9 +640,10 @@ class Tunnels:
         return reported is None or reported == self._record(leg, leg.target).fingerprint()
 
     def _sa_is_current(self, leg: _Leg, end: TunnelSpec, status: LegStatus) -> bool:
-        """Whether an end's installed SA is of the tunnel NWC asks for now (`sa_of`). An
-        agent that does not say (the strongswan backend names its connections after the
-        weave, and older agents) is taken at its word."""
+        """Whether an end's installed SA is of the tunnel NWC asks for now (`sa_of`): not one
+        of an earlier weave on a reused slot (ovs-ipsec), nor one built from key material
+        before a restarted controller drew new (strongswan). An agent that does not say
+        (older agents) is taken at its word."""
         sa_of = status.extra.get("sa_of")
         return sa_of is None or sa_of == self._record(leg, end).tunnel_id()
 

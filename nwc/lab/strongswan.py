@@ -36,6 +36,9 @@ charon {{
   load_modular = no
   load = {PLUGINS}
   install_routes = yes
+  # A leg whose key changes under a live SA is reauthenticated (nwc.agent): new SA first,
+  # then the old one goes, so its traffic never waits.
+  make_before_break = yes
   # Lab links are lossless: fail an unreachable peer in seconds, not minutes.
   retransmit_tries = 3
   retransmit_timeout = 1.0

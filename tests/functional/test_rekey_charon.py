@@ -24,12 +24,14 @@ from typing import Any
 
 import pytest
 import vici
-from weave_world import PING_PATTERN, World, ping
+from weave_world import PING_PATTERN, World, external_ids, ping
 
 from nwc.ike import IkeNoAnswer, IkeUnavailable
 from nwc.lab.capture import Capture, cleartext, contains, summarize
 from nwc.lab.netns import wait_for
-from nwc.tunnel import SaInfo
+from nwc.pki import new_psk
+from nwc.tunnel import RECORD_PREFIX, STATUS_PREFIX, LegRecord, LegStatus, Phase, SaInfo
+from nwc.weave import State
 
 pytestmark = pytest.mark.functional
 
@@ -268,5 +270,70 @@ def test_rekeys_keep_the_leg_up_encrypted_and_counted(world: World) -> None:
     assert kinds["esp-in-udp"] > 0 and kinds["ike"] > 0, kinds
     assert contains(frames, bytes.fromhex(PING_PATTERN)) == 0
 
+    world.end(weave)
+    world.assert_pristine()
+
+
+def ike_ids(world: World, host: str, name: str) -> set[str]:
+    """The unique ids of every IKE SA a host's charon holds for a connection."""
+    with vici_session(world.tl.hosts[host].charon.vici_socket) as s:
+        return {_text(ike["uniqueid"]) for entry in s.list_sas({"ike": name})
+                for ike in entry.values()}
+
+
+def test_a_new_key_under_a_live_leg_replaces_its_sa_and_nothing_leaves_in_clear(
+        world: World) -> None:
+    """A restarted controller that finds the hosts' records disagreeing draws a new key for
+    a leg whose SA is up. The SA built from the old key must not go on encrypting: both
+    charons end up with one IKE SA, made with the new key, the old one terminated, and the
+    underlay sees only IKE and ESP meanwhile."""
+    tl = world.tl
+    weave = world.up()
+    key = f"{weave.id}-s{weave.legs[0].slot}"
+    name = f"nwc-{key}"
+    db1 = str(tl.topology.vms["db1"].ip)
+    assert ping(tl.vm("web1"), db1, count=2)
+    old = {h: ike_ids(world, h, name) for h in tl.hosts}
+    assert all(len(ids) == 1 for ids in old.values()), old
+    capture = Capture(world.lab, tl.hosts["h1"].ns, "ul0", "new-key").start()
+    pinger = tl.vm("web1").popen(["ping", "-n", "-i", "0.05", "-w", "20", "-p", PING_PATTERN,
+                                  db1], log=world.lab.directory("logs") / "new-key-ping.out")
+    world.lab.process(pinger, "ping during the key change")
+    try:
+        # What the restarted controller decided (its keys are in memory only): a new key,
+        # and no start until the responder reports it loaded.
+        part = world.part
+        with part._lock:
+            (leg,) = part._weaves[weave.id].legs.values()
+            leg.psk, leg.start = new_psk(), False
+            fresh = part._record(leg, leg.requester)
+        part._wake.set()
+
+        def replaced() -> bool:
+            for h in tl.hosts:
+                ids = ike_ids(world, h, name)
+                sa = tl.hosts[h].ike.sas().get(name)
+                if ids & old[h] or len(ids) != 1 or sa is None or not sa.installed:
+                    return False
+            return True
+
+        wait_for(replaced, 30, "both charons to hold only an SA made with the new key")
+        for h, host in tl.hosts.items():
+            record = LegRecord.from_json(external_ids(host.ovs)[RECORD_PREFIX + key])
+            assert record.psk == fresh.psk
+            wait_for(lambda h=h, r=record: (lambda s: s.phase is Phase.INSTALLED
+                                            and s.extra.get("sa_of") == r.tunnel_id())(
+                LegStatus.from_json(external_ids(tl.hosts[h].ovs)[STATUS_PREFIX + key])),
+                10, f"{h}'s agent to report the new SA installed")
+        assert ping(tl.vm("web1"), db1, count=2), "no traffic over the new SA"
+    finally:
+        pinger.terminate()
+        pinger.wait(10)
+        frames = capture.stop()
+    kinds = summarize(frames)
+    assert not cleartext(frames), f"cleartext on the underlay: {kinds}"
+    assert kinds["esp-in-udp"] > 0 and kinds["ike"] > 0, kinds
+    assert contains(frames, bytes.fromhex(PING_PATTERN)) == 0
+    assert world.weave(weave.id).state is State.ACTIVE
     world.end(weave)
     world.assert_pristine()

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from weave_world import PING_PATTERN, POLICY, World, ping
+from weave_world import PING_PATTERN, POLICY, World, external_ids, ovs_map, ping
 
 from nwc.admission import WeaveRequest
 from nwc.config import SHIPPED_POLICIES, Config
@@ -104,27 +104,12 @@ def host_secrets(world: World, weave: Weave) -> list[str]:
     """Every form in which a leg's key could leak: base64 and hex of the PSK."""
     found = []
     for host in world.tl.hosts.values():
-        for key, text in _external_ids(host.ovs).items():
+        for key, text in external_ids(host.ovs).items():
             if key.startswith(RECORD_PREFIX) and weave.id in key:
                 record = LegRecord.from_json(text)
                 if record.psk is not None:
                     found += [record.psk.to_text(), record.psk.reveal().hex()]
     return sorted(set(found))
-
-
-def ovs_map(ovs: Any, table: str, record: str, column: str) -> dict[str, str]:
-    """A map column, read with ovs-vsctl (JSON output, so keys and values are exact); {} if
-    the row does not exist."""
-    try:
-        raw = ovs.vsctl("--format=json", f"--columns={column}", "list", table, record)
-    except RuntimeError:
-        return {}
-    cell = json.loads(raw)["data"][0][0]
-    return dict(cell[1]) if cell[0] == "map" else {}
-
-
-def _external_ids(ovs: Any) -> dict[str, str]:
-    return ovs_map(ovs, "open_vswitch", ".", "external_ids")
 
 
 def process_arguments() -> str:
@@ -249,11 +234,11 @@ def test_a_wrong_key_gives_no_tunnel_and_a_security_event(world: World) -> None:
         key = f"{weave.id}-s{weave.legs[0].slot}"
 
         def h2_listening() -> bool:
-            text = _external_ids(h2.ovs).get(STATUS_PREFIX + key)
+            text = external_ids(h2.ovs).get(STATUS_PREFIX + key)
             return text is not None and LegStatus.from_json(text).phase is Phase.LISTENING
 
         wait_for(h2_listening, 20, "h2 to listen")
-        record = LegRecord.from_json(_external_ids(h2.ovs)[RECORD_PREFIX + key])
+        record = LegRecord.from_json(external_ids(h2.ovs)[RECORD_PREFIX + key])
         # The key in h2's charon is not the one NWC gave h1.
         IkeDaemon(h2.charon.vici_socket).load_shared(
             record.spec.connection_name, Secret(b"not the key NWC issued" + b"\0" * 10),
@@ -360,7 +345,7 @@ def _check_ovs_ipsec(controller: Controller, part: Tunnels, dbs: dict[str, Any],
     assert ovs_map(h1, "interface", "nwv0", "external_ids")["nwc-weave"] == gold.id
     assert ovs_map(h1, "open_vswitch", ".", "other_config")["ipsec_skb_mark"] == "0/1"
     assert "nwv0" in h1.vsctl("list-ports", "br-int").split()
-    status = LegStatus.from_json(_external_ids(h1)[f"{STATUS_PREFIX}{gold.id}-s0"])
+    status = LegStatus.from_json(external_ids(h1)[f"{STATUS_PREFIX}{gold.id}-s0"])
     assert status.phase is Phase.DELEGATED  # no IKE daemon to see an SA here
 
     controller.call(controller.weaver.terminate, gold.id)
@@ -369,7 +354,7 @@ def _check_ovs_ipsec(controller: Controller, part: Tunnels, dbs: dict[str, Any],
         assert ovs.vsctl("list-ports", "br-int") == ""
         assert ovs.vsctl("get", "open_vswitch", ".", "other_config") == "{}"
         # Only the records version and the agent's ack stay: they must only grow.
-        assert set(_external_ids(ovs)) == {RECORDS_VERSION_KEY, AGENT_ACK_KEY}
+        assert set(external_ids(ovs)) == {RECORDS_VERSION_KEY, AGENT_ACK_KEY}
 
     silver = controller.call(controller.weaver.create,
                              WeaveRequest("acme-web", "initech-app", 600, 5, "silver"))

@@ -5,6 +5,7 @@ per test module."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -108,3 +109,18 @@ def ping(vm: Netns, address: str, count: int = 3, size: int = 56, df: bool = Fal
     if df:
         args += ["-M", "do"]
     return vm.run(*args, address, check=False, timeout=30).returncode == 0
+
+
+def ovs_map(ovs: Any, table: str, record: str, column: str) -> dict[str, str]:
+    """A map column, read with ovs-vsctl (JSON output, so keys and values are exact); {} if
+    the row does not exist."""
+    try:
+        raw = ovs.vsctl("--format=json", f"--columns={column}", "list", table, record)
+    except RuntimeError:
+        return {}
+    cell = json.loads(raw)["data"][0][0]
+    return dict(cell[1]) if cell[0] == "map" else {}
+
+
+def external_ids(ovs: Any) -> dict[str, str]:
+    return ovs_map(ovs, "open_vswitch", ".", "external_ids")

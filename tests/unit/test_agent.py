@@ -3,6 +3,7 @@ builds, in which order, what it tells the controller, and that teardown leaves n
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 from dataclasses import dataclass, field
@@ -645,3 +646,100 @@ def test_ovs_ipsec_legs_are_never_held_back_by_the_build_budget() -> None:
         host.want(LegRecord(spec, new_psk()))
     host.steps(2)
     assert all(host.status(s).phase is Phase.DELEGATED for s in legs)
+
+
+def test_new_key_material_replaces_the_sa_make_before_break() -> None:
+    """A restarted controller drew a new key for a live leg: the old SA keeps the traffic
+    until one built from the new key is up, then is terminated by its id; the leg is
+    `installed` for the new record only then."""
+    host, req = psk_leg_installed()
+    name = req.connection_name
+    old = host.ike.sa_table[name]
+    host.ike.reauth_deletes_old = False  # the agent must see the old one go itself
+    fresh = new_psk()
+    host.want(LegRecord(req, fresh))  # the controller waits for the peer to load it
+    host.steps(3)
+    assert host.ike.shared[name][0] == fresh
+    status = host.status(req)
+    assert status.phase is Phase.CONNECTING and "waiting for the peer" in status.detail
+    assert status.sa is not None and status.sa.installed  # the old SA still carries it
+    assert "sa_of" not in status.extra
+    assert host.journal.count("reauth") == 0
+    host.want(LegRecord(req, fresh, start=True))
+    host.steps(3)
+    j = host.journal
+    assert j.index("reauth", old.ike_id) < j.index("terminate_sa", old.ike_id)
+    assert host.ike.listed(name) == {host.ike.sa_table[name].ike_id} != {old.ike_id}
+    status = host.status(req)
+    assert status.phase is Phase.INSTALLED
+    assert status.extra["sa_of"] == LegRecord(req, fresh).tunnel_id()
+    assert host.ike.initiations == 1  # the first one: nothing was torn down to swap
+    assert j.count("remove_vxlan") == 0 and j.count("remove_blackhole") == 0
+
+
+def test_a_responder_waits_for_the_new_sa_and_a_rekey_of_the_old_one_stays_old() -> None:
+    _, res = specs()
+    host = Host()
+    host.want(LegRecord(res, new_psk()))
+    host.steps(2)
+    name = res.connection_name
+    host.ike.sa_table[name] = SaInfo("ESTABLISHED", "INSTALLED", "1", "1")  # peer started
+    host.steps(1)
+    assert host.status(res).phase is Phase.INSTALLED
+    host.want(LegRecord(res, new_psk()))
+    host.steps(2)
+    assert host.status(res).phase is Phase.CONNECTING
+    # The old IKE SA is rekeyed (no new authentication): a new IKE id, the same CHILD SA.
+    host.ike.sa_table[name] = SaInfo("ESTABLISHED", "INSTALLED", "1", "2")
+    host.steps(2)
+    assert host.status(res).phase is Phase.CONNECTING
+    assert host.ike.initiations == 0 and host.journal.count("reauth") == 0
+    # The peer's new IKE SA, made with the new key; the rekeyed old one is still there.
+    host.ike.others[name] = [host.ike.sa_table[name]]
+    host.ike.sa_table[name] = SaInfo("ESTABLISHED", "INSTALLED", "3", "3")
+    host.steps(1)
+    assert host.journal.count("terminate_sa", "2") == 1
+    assert host.ike.listed(name) == {"3"}
+    assert host.status(res).phase is Phase.INSTALLED
+
+
+def test_a_charon_restarted_during_a_swap_holds_nothing_old_though_its_ids_repeat() -> None:
+    _, res = specs()
+    host = Host()
+    host.want(LegRecord(res, new_psk()))
+    host.steps(2)
+    name = res.connection_name
+    host.ike.sa_table[name] = SaInfo("ESTABLISHED", "INSTALLED", "1", "1")
+    host.steps(1)
+    host.want(LegRecord(res, new_psk()))
+    host.steps(1)
+    assert host.status(res).phase is Phase.CONNECTING
+    host.ike.restart()
+    host.steps(1)  # everything loaded again
+    host.ike.sa_table[name] = SaInfo("ESTABLISHED", "INSTALLED", "1", "1")  # counted anew
+    host.steps(1)
+    assert host.status(res).phase is Phase.INSTALLED
+    assert host.journal.count("terminate_sa") == 0
+
+
+def test_new_certificates_replace_the_sa_old_one_first(tmp_path: Path) -> None:
+    """charon's reauthentication would present the old certificate: an x509 leg's old SA
+    goes first, and the new one is negotiated with the new certificate."""
+    host, req, ca = x509_leg_installed(tmp_path)
+    name = req.connection_name
+    old = host.ike.sa_table[name]
+    record = LegRecord.from_json(host.db.ids[RECORD_PREFIX + req.key])
+    assert record.cert_pem is not None
+    again = sign(ca, dataclasses.replace(host.status(req), csr_pem=host.agent.legs[
+        req.key].key.csr_pem()), req)  # type: ignore[union-attr]
+    assert again != record.cert_pem
+    host.want(LegRecord(req, None, ca.cert_pem, again, start=True))
+    host.steps(4)
+    j = host.journal
+    assert j.index("load_conn", name) < j.index("terminate_sa", old.ike_id)
+    assert j.index("terminate_sa", old.ike_id) < len(j.entries) - 1 - \
+        j.entries[::-1].index(("initiate", name))
+    assert host.ike.conns[name]["local-nwc"]["certs"] == [again]
+    assert host.ike.listed(name) == {host.ike.sa_table[name].ike_id} != {old.ike_id}
+    assert host.status(req).phase is Phase.INSTALLED
+    assert host.net.blackholes and j.count("remove_vxlan") == 0

@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from vici.exception import CommandException
 
-from nwc.ike import IkeDaemon, IkeNoAnswer, IkeUnavailable, _sa_info
+from nwc.ike import IkeDaemon, IkeError, IkeNoAnswer, IkeUnavailable, _sa_info
 
 pytestmark = pytest.mark.unit
 
@@ -134,3 +135,53 @@ def test_an_ike_sa_that_keeps_going_without_children_is_reported_as_it_is() -> N
     renewed = [{b"nwc-x": {"state": b"DELETING", "uniqueid": b"9", "child-sas": {}}}]
     daemon.listings = [renewed, settled_listing()]
     assert daemon.sas()["nwc-x"].installed and daemon.calls == 6  # another SA: listed again
+
+
+class _Requests(IkeDaemon):
+    """An IkeDaemon whose charon records each command it is sent and answers as told."""
+
+    def __init__(self, refusal: str | None = None) -> None:
+        super().__init__("unused.vici")
+        self.sent: list[tuple[str, dict[str, Any]]] = []
+        self.refusal = refusal
+
+    @contextmanager
+    def _session(self, timeout: float | None = None) -> Iterator[Any]:
+        daemon = self
+
+        class Session:
+            def request(self, command: str, message: dict[str, Any]) -> dict[str, Any]:
+                daemon.sent.append((command, message))
+                return {"success": b"yes"}
+
+            def terminate(self, message: dict[str, Any]) -> Iterator[dict[str, Any]]:
+                daemon.sent.append(("terminate", message))
+                if daemon.refusal is not None:
+                    raise CommandException(daemon.refusal)
+                yield {}
+
+        try:
+            yield Session()
+        except CommandException as exc:
+            raise IkeError(str(exc)) from None
+
+
+def test_one_ike_sa_is_terminated_by_its_unique_id_not_the_connection() -> None:
+    daemon = _Requests()
+    daemon.terminate_sa("7", timeout_s=0.5)
+    (command, message), = daemon.sent
+    assert command == "terminate" and message["ike-id"] == "7"
+    assert "ike" not in message and "child" not in message  # the new SA of the name stays
+    assert message["force"] == "yes" and message["timeout"] == "500"
+
+
+def test_terminating_an_ike_sa_already_gone_is_no_error() -> None:
+    _Requests("no matching SAs found").terminate_sa("7")
+    with pytest.raises(IkeError):
+        _Requests("terminating IKE_SA failed: busy").terminate_sa("7")
+
+
+def test_a_reauthentication_is_asked_of_one_ike_sa() -> None:
+    daemon = _Requests()
+    daemon.reauthenticate("7")
+    assert daemon.sent == [("rekey", {"ike-id": "7", "reauth": "yes"})]

@@ -590,3 +590,44 @@ def test_an_expired_weave_ca_fails_x509_weaves_without_blaming_the_hosts(world: 
     failed = [e for e in world.reports.log if e[0] == "failed"]
     assert [e[1] for e in failed] == [x509.id] and "weave CA expired" in failed[0][2]
     assert "csr_rejected" not in world.reports.kinds()  # the hosts did nothing wrong
+
+
+def test_a_new_key_from_a_restarted_controller_replaces_the_live_sa(tmp_path: Path) -> None:
+    """Found open at the last stop: after a controller restart with a new key, the old SA
+    stayed in use (it still encrypted) until a reauthentication that never comes. Now the
+    initiator has charon build an SA with the new key, once the responder holds it, the old
+    IKE SA goes at both ends, and neither end is `installed` for the new record before."""
+    world = World(tmp_path)
+    w = weave()
+    name = "nwc-wv-000001-s0"
+    world.part.weave_up(w)
+    world.rounds()
+    assert world.reports.log == [("ready", w.id)]
+    old = world.ikes["h1"].sa_table[name].ike_id
+    for ike in world.ikes.values():
+        ike.reauth_deletes_old = False  # each end's agent must see to the old SA itself
+    del world.dbs["h1"].ids[RECORD_PREFIX + "wv-000001-s0"]  # the hosts' records disagree
+    world.part = world.new_part()
+    world.part.weave_up(w)
+    world.part.sync()  # a new key for both ends
+    fresh = world.record("h1", w)
+    assert fresh.psk is not None and fresh.psk == world.record("h2", w).psk
+    blackholes = {h: set(net.blackholes) for h, net in world.nets.items()}
+    for _ in range(10):
+        world.rounds(1)
+        for host in ("h1", "h2"):
+            status = world.status(host, w)
+            if status.phase is Phase.INSTALLED:
+                assert old not in world.ikes[host].listed(name), (host, status)
+                assert status.extra["sa_of"] == world.record(host, w).tunnel_id()
+            assert world.nets[host].blackholes == blackholes[host]  # never in clear
+    for host in ("h1", "h2"):
+        ike = world.ikes[host]
+        assert ike.shared[name][0] == fresh.psk
+        assert ike.listed(name) == {ike.sa_table[name].ike_id} != {old}
+        assert world.status(host, w).phase is Phase.INSTALLED
+        assert ike.journal.count("remove_vxlan") == 0
+    assert world.ikes["h1"].journal.count("reauth", old) == 1
+    assert world.ikes["h2"].journal.count("reauth") == 0  # one end replaces it
+    assert world.part.stats(w)["sa_state"] == "established"
+    world.part.stop()

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nwc.config import SHIPPED_POLICIES
-from nwc.ike import IkeNoAnswer, IkeUnavailable, InitiateResult
+from nwc.ike import IkeError, IkeNoAnswer, IkeUnavailable, InitiateResult
 from nwc.lab.tunnel_lab import TWO_HOSTS
 from nwc.pki import Secret
 from nwc.policy import load_policy
@@ -147,8 +147,14 @@ class FakeIke:
     outcome: str = "ok"
     initiations: int = 0
     # With a peer, initiating negotiates with it instead: it must have the connection loaded
-    # and, for PSK, the same key; success installs the SA on both.
+    # and, for PSK, the same key; success installs the SA on both, under the same unique ids
+    # (charon's are each its own; one number for both ends stands for "the same SA").
     peer: FakeIke | None = None
+    # IKE SAs of a connection besides the one sas() reports (charon reports the best).
+    others: dict[str, list[SaInfo]] = field(default_factory=dict)
+    # Whether a reauthentication deletes the old IKE SA once the new one is up, as charon's
+    # does; False leaves it for whoever asked to terminate.
+    reauth_deletes_old: bool = True
     _next_id: int = 0
 
     def _check(self) -> None:
@@ -158,11 +164,13 @@ class FakeIke:
             raise IkeNoAnswer("fake charon: timed out")
 
     def restart(self) -> None:
-        """A charon that restarted: it remembers nothing."""
+        """A charon that restarted: it remembers nothing, and counts unique ids anew."""
         self.conns.clear()
         self.shared.clear()
         self.keys.clear()
         self.sa_table.clear()
+        self.others.clear()
+        self._next_id = 0
 
     def load_connection(self, conn: dict[str, Any]) -> None:
         self._check()
@@ -201,10 +209,11 @@ class FakeIke:
         self.journal.add("unload_key", key_id)
         self.keys.pop(key_id, None)
 
-    def initiate(self, name: str, timeout_s: float = 10.0) -> InitiateResult:
-        self._check()
-        self.initiations += 1
-        self.journal.add("initiate", name)
+    def _sides(self) -> tuple[FakeIke, ...]:
+        return (self, self.peer) if self.peer is not None else (self,)
+
+    def _negotiated(self, name: str) -> str:
+        """What the peer makes of a negotiation: "ok", "auth" or "timeout"."""
         outcome = self.outcome
         if self.peer is not None:
             if not self.peer.up or name not in self.peer.conns:
@@ -212,22 +221,73 @@ class FakeIke:
             elif name in self.shared and self.shared[name][0] != self.peer.shared.get(
                     name, (None,))[0]:
                 outcome = "auth"
+        return outcome
+
+    def _new_sa(self, name: str, keep_old: bool) -> str:
+        """A new IKE SA with its CHILD SA at both ends; its unique id."""
+        number = max(side._next_id for side in self._sides()) + 1
+        for side in self._sides():
+            side._next_id = number
+            old = side.sa_table.get(name)
+            if keep_old and old is not None:
+                side.others.setdefault(name, []).append(old)
+            side.sa_table[name] = SaInfo("ESTABLISHED", "INSTALLED", child_id=str(number),
+                                         ike_id=str(number), encryption="AES_GCM_16")
+        return str(number)
+
+    def initiate(self, name: str, timeout_s: float = 10.0) -> InitiateResult:
+        self._check()
+        self.initiations += 1
+        self.journal.add("initiate", name)
+        outcome = self._negotiated(name)
         if outcome == "auth":
             return InitiateResult(False, True, "received AUTHENTICATION_FAILED notify error")
         if outcome == "timeout":
             return InitiateResult(False, False, "establishing IKE_SA failed, peer not responding")
-        for side in (self, self.peer) if self.peer is not None else (self,):
-            side._next_id += 1
-            side.sa_table[name] = SaInfo("ESTABLISHED", "INSTALLED", child_id=str(side._next_id),
-                                         ike_id=str(side._next_id), encryption="AES_GCM_16")
+        self._new_sa(name, keep_old=False)
         return InitiateResult(True)
+
+    def reauthenticate(self, ike_id: str) -> None:
+        """charon's make-before-break reauthentication: a new IKE SA with the key held now;
+        if the peer refuses it, the old one stays."""
+        self._check()
+        self.journal.add("reauth", ike_id)
+        name = next((n for n, sa in self.sa_table.items() if sa.ike_id == ike_id), None)
+        if name is None:
+            raise IkeError("rekeying IKE_SA failed: no matching IKE_SA")
+        if self._negotiated(name) == "ok":
+            self._new_sa(name, keep_old=True)
+            if self.reauth_deletes_old:
+                self._drop(ike_id)
+
+    def terminate_sa(self, ike_id: str, timeout_s: float = 0.5) -> None:
+        self._check()
+        self.journal.add("terminate_sa", ike_id)
+        self._drop(ike_id)
+
+    def _drop(self, ike_id: str) -> None:
+        """Delete one IKE SA at both ends; a shadowed one takes its place in sas()."""
+        for side in self._sides():
+            for name in list(side.sa_table):
+                side.others[name] = [sa for sa in side.others.get(name, [])
+                                     if sa.ike_id != ike_id]
+                if side.sa_table[name].ike_id == ike_id:
+                    del side.sa_table[name]
+                    if side.others[name]:
+                        side.sa_table[name] = side.others[name].pop()
+
+    def listed(self, name: str) -> set[str]:
+        """The unique ids of every IKE SA charon holds for a connection."""
+        return {sa.ike_id or "" for sa in [*self.others.get(name, []),
+                                            *([self.sa_table[name]] if name in self.sa_table
+                                              else [])]}
 
     def terminate(self, name: str, timeout_s: float = 0.5) -> None:
         self._check()
         self.journal.add("terminate", name)
-        self.sa_table.pop(name, None)
-        if self.peer is not None:
-            self.peer.sa_table.pop(name, None)
+        for side in self._sides():
+            side.sa_table.pop(name, None)
+            side.others.pop(name, None)
 
     def sas(self) -> dict[str, SaInfo]:
         self._check()
