@@ -180,6 +180,8 @@ class FakeKernel:
         self.notifications += 1
         if cmd == "add":
             assert ifname is not None
+            if ifname in self.links:
+                raise NetlinkError(errno.EEXIST, "File exists")
             self.links[ifname] = {"index": self._next_index, "up": False, "mtu": vxlan["mtu"],
                                   "kind": "vxlan", "vxlan": VxlanDevice(
                                       ifname, vxlan["vxlan_id"],
