@@ -1,4 +1,5 @@
-"""The host's kernel networking as the tunnel agent changes it, through pyroute2 (netlink).
+"""The host's kernel networking as the tunnel agent changes it, through pyroute2 (netlink);
+what it reads of the kernel comes through `nwc.rtnetlink`.
 
 Every operation is idempotent ("ensure" / "remove", either way a no-op when already so), so the
 agent can replay a leg after a restart without knowing what it had done before. Runs in the
@@ -14,17 +15,24 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 from pyroute2 import IPRoute
-from pyroute2.netlink import NLM_F_DUMP_INTR
 from pyroute2.netlink.exceptions import NetlinkError
+
+from nwc.rtnetlink import (
+    RT_TABLE_MAIN,
+    AddressDump,
+    Link,
+    LinkDump,
+    NetlinkReader,
+    Route,
+    RouteDump,
+)
 
 log = logging.getLogger(__name__)
 
-RT_TABLE_MAIN = 254
 RTN_UNICAST = 1
 RTN_BLACKHOLE = 6
 NETLINK_ROUTE = 0
@@ -77,39 +85,19 @@ class VxlanDevice:
 
 
 @dataclass(frozen=True)
-class _Link:
-    index: int
-    up: bool
-    # The dumped message, kept for a VXLAN device only: its settings are decoded only when
-    # asked for (when a leg is built), not on every pass, where decoding them was most of
-    # the parsing.
-    vxlan_message: Any = field(default=None, compare=False, repr=False)
-
-    def vxlan(self, name: str) -> VxlanDevice | None:
-        if self.vxlan_message is None:
-            return None
-        return _vxlan_device(name, self.vxlan_message)
-
-
-@dataclass(frozen=True)
-class _Route:
-    type: int  # RTN_*
-    oif: int | None
-    src: str | None
-
-
-@dataclass(frozen=True)
 class _View:
     """What the agent reads of the kernel: one dump each of links, IPv4 addresses (the /32s)
     and main-table routes (to /32s)."""
 
-    links: dict[str, _Link]
+    links: dict[str, Link]
+    # Every device is in `links`; otherwise only the VXLAN devices are (the kernel filtered
+    # the dump by kind), and another is asked for by name, once per view (`named`).
+    links_complete: bool
     addresses: frozenset[tuple[int, str]]  # (ifindex, address)
-    routes: dict[str, tuple[_Route, ...]]  # by destination
-
-    def index(self, device: str) -> int | None:
-        link = self.links.get(device)
-        return link.index if link is not None else None
+    routes: dict[str, tuple[Route, ...]]  # by destination
+    # Devices asked for by name, None for a name that is no device. They belong with the
+    # links: a view whose links are read again starts without them.
+    named: dict[str, Link | None] = field(default_factory=dict, compare=False)
 
 
 class HostNetwork:
@@ -117,13 +105,16 @@ class HostNetwork:
     kernel (three dumps), taken at the first read and dropped by any change this object
     makes; outside, every read dumps afresh. With a `ChangeMonitor` (the default on a real
     kernel) a view is also kept from one pass to the next while the kernel sends no change
-    notification, for at most MAX_VIEW_AGE_S."""
+    notification, for at most MAX_VIEW_AGE_S. Changes go through `ipr`, reads through
+    `reader`."""
 
     def __init__(self, ipr: IPRoute | None = None, monitor: ChangeMonitor | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 reader: NetlinkReader | None = None) -> None:
         if ipr is None:
             ipr, monitor = IPRoute(), monitor or ChangeMonitor()
         self._ipr = ipr
+        self._reader = reader or NetlinkReader()
         self._monitor = monitor
         self._clock = clock
         self._in_pass = False
@@ -138,6 +129,7 @@ class HostNetwork:
 
     def close(self) -> None:
         self._ipr.close()
+        self._reader.close()
         if self._monitor is not None:
             self._monitor.close()
 
@@ -145,15 +137,16 @@ class HostNetwork:
     def one_pass(self) -> Iterator[None]:
         """One reconciliation pass. Checking each leg with its own requests cost about a
         dozen netlink requests per leg per pass, most of them full dumps of a table that
-        grows with the legs (quadratic); here a pass costs three dumps, plus three more at
-        the first read after each change it makes. A change always empties the view, so
-        what the pass reads after it is the kernel's answer, not this object's idea of it.
-        Without a monitor the view never outlives the pass, so what someone else changed
-        between passes is read at the next one; with one, the next pass keeps it only if
-        the kernel sent no change notification since it was read (any change, by anyone,
-        sends one) and it is younger than MAX_VIEW_AGE_S, and only if no notification was
-        read just before its dump (the kernel announces some changes before it has made
-        all of them)."""
+        grows with the legs (quadratic); here a pass costs three dumps (and a request per
+        device it names that is not VXLAN, when the kernel filters the link dump), plus a
+        dump of what changed at the first read after each change it makes. A change always
+        empties the view, so what the pass reads after it is the kernel's answer, not this
+        object's idea of it. Without a monitor the view never outlives the pass, so what
+        someone else changed between passes is read at the next one; with one, the next
+        pass keeps it only if the kernel sent no change notification since it was read (any
+        change, by anyone, sends one) and it is younger than MAX_VIEW_AGE_S, and only if no
+        notification was read just before its dump (the kernel announces some changes
+        before it has made all of them)."""
         self._in_pass, self._view = True, None
         if self._kept is not None and self._monitor is not None:
             view, taken = self._kept
@@ -203,14 +196,14 @@ class HostNetwork:
 
     def _dump(self, tables: frozenset[str], base: _View | None = None) -> _View:
         """`tables` read afresh; the others taken from `base`."""
-        dumpers = {LINKS: self._ipr.get_links, ADDRESSES: lambda: self._ipr.get_addr(family=2),
-                   ROUTES: lambda: self._ipr.get_routes(family=2, table=RT_TABLE_MAIN)}
+        dumpers: dict[str, Callable[[], LinkDump | AddressDump | RouteDump]] = {
+            LINKS: self._reader.links, ADDRESSES: self._reader.addresses,
+            ROUTES: self._reader.routes}
         for _ in range(3):
-            fresh = {table: list(dumpers[table]()) for table in tables}
+            fresh = {table: dumpers[table]() for table in tables}
             # The kernel marks a dump during which its table changed: what came back is
             # then not one state of the kernel (an entry may be missing). Read again.
-            if not any(m["header"]["flags"] & NLM_F_DUMP_INTR
-                       for messages in fresh.values() for m in messages):
+            if not any(dump.interrupted for dump in fresh.values()):
                 return _view(fresh, base)
         raise RuntimeError("the kernel's tables kept changing while they were read")
 
@@ -227,18 +220,32 @@ class HostNetwork:
             self._stale |= tables
         request(*args, **kwargs)
 
+    def _link(self, device: str, view: _View | None = None) -> Link | None:
+        """`device` as `view` (by default the pass's) has it."""
+        view = view if view is not None else self._read()
+        link = view.links.get(device)
+        if link is not None or view.links_complete:
+            return link
+        if device not in view.named:
+            # Asked of the kernel after the view's dumps, so no older than them: a change
+            # since the pass began sends a notification all the same, which the next pass
+            # reads.
+            view.named[device] = self._reader.link(device)
+        return view.named[device]
+
     def _index(self, device: str) -> int | None:
-        return self._read().index(device)
+        link = self._link(device)
+        return link.index if link is not None else None
 
     def link_exists(self, device: str) -> bool:
-        return device in self._read().links
+        return self._link(device) is not None
 
     # -- addresses ------------------------------------------------------------------------
 
     def has_address(self, address: ipaddress.IPv4Address, device: str) -> bool:
-        view = self._read()
-        index = view.index(device)
-        return index is not None and (index, str(address)) in view.addresses
+        view = self._read()  # one view: outside a pass each read is a dump
+        link = self._link(device, view)
+        return link is not None and (link.index, str(address)) in view.addresses
 
     def ensure_address(self, address: ipaddress.IPv4Address, device: str) -> None:
         index = self._index(device)
@@ -266,7 +273,7 @@ class HostNetwork:
 
     # -- routes (main table, /32s) ----------------------------------------------------------
 
-    def _routes_to(self, destination: ipaddress.IPv4Address) -> tuple[_Route, ...]:
+    def _routes_to(self, destination: ipaddress.IPv4Address) -> tuple[Route, ...]:
         return self._read().routes.get(str(destination), ())
 
     def has_blackhole(self, destination: ipaddress.IPv4Address) -> bool:
@@ -319,8 +326,12 @@ class HostNetwork:
     # -- the VXLAN device -------------------------------------------------------------------
 
     def vxlan(self, name: str) -> VxlanDevice | None:
-        link = self._read().links.get(name)
-        return link.vxlan(name) if link is not None else None
+        link = self._link(name)
+        settings = link.vxlan() if link is not None else None
+        if settings is None:
+            return None
+        return VxlanDevice(name, settings.vni, ipaddress.IPv4Address(settings.local),
+                           ipaddress.IPv4Address(settings.remote), settings.port, settings.mtu)
 
     def ensure_vxlan(self, want: VxlanDevice) -> None:
         """A VXLAN device exactly as wanted (re-created if it differs), up, with no IPv6
@@ -348,7 +359,7 @@ class HostNetwork:
         self._change(self._ipr.link, "set", index=index, state="up", tables=frozenset({LINKS}))
 
     def _is_up(self, name: str) -> bool:
-        link = self._read().links.get(name)
+        link = self._link(name)
         return link is not None and link.up
 
     def remove_link(self, name: str) -> None:
@@ -362,42 +373,17 @@ class HostNetwork:
                 raise
 
 
-def _view(fresh: dict[str, list[Any]], base: _View | None) -> _View:
-    """A view from dumped messages (`fresh`, by table), the tables not dumped from `base`."""
-    links, addresses, routes = (base.links, base.addresses, base.routes) if base is not None \
-        else ({}, frozenset(), {})
-    if LINKS in fresh:
-        links = {}
-        for link in fresh[LINKS]:
-            info = link.get_attr("IFLA_LINKINFO")
-            kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
-            links[link.get_attr("IFLA_IFNAME")] = _Link(link["index"], bool(link["flags"] & 1),
-                                                         link if kind == "vxlan" else None)
-    if ADDRESSES in fresh:
-        addresses = frozenset((a["index"], a.get_attr("IFA_ADDRESS")) for a in fresh[ADDRESSES]
-                              if a["prefixlen"] == 32)
-    if ROUTES in fresh:
-        to: dict[str, list[_Route]] = {}
-        for r in fresh[ROUTES]:
-            if r["dst_len"] == 32:
-                to.setdefault(r.get_attr("RTA_DST"), []).append(
-                    _Route(r["type"], r.get_attr("RTA_OIF"), r.get_attr("RTA_PREFSRC")))
-        routes = {k: tuple(v) for k, v in to.items()}
-    return _View(links, addresses, routes)
-
-
-def _vxlan_device(name: str, link: Any) -> VxlanDevice | None:
-    """The settings of a VXLAN device as dumped; None when they cannot be read (a device
-    without a local or remote address is not one the agent made: it is replaced)."""
-    data = link.get_attr("IFLA_LINKINFO").get_attr("IFLA_INFO_DATA")
-    if data is None:
-        return None
-    local, remote = data.get_attr("IFLA_VXLAN_LOCAL"), data.get_attr("IFLA_VXLAN_GROUP")
-    if local is None or remote is None:
-        return None
-    return VxlanDevice(name, data.get_attr("IFLA_VXLAN_ID"), ipaddress.IPv4Address(local),
-                       ipaddress.IPv4Address(remote), data.get_attr("IFLA_VXLAN_PORT"),
-                       link.get_attr("IFLA_MTU"))
+def _view(fresh: dict[str, LinkDump | AddressDump | RouteDump], base: _View | None) -> _View:
+    """A view from the dumps in `fresh` (by table), the tables not dumped from `base`."""
+    view = base if base is not None else _View({}, False, frozenset(), {})
+    for dump in fresh.values():
+        if isinstance(dump, LinkDump):
+            view = replace(view, links=dump.links, links_complete=dump.complete, named={})
+        elif isinstance(dump, AddressDump):
+            view = replace(view, addresses=dump.addresses)
+        else:
+            view = replace(view, routes=dump.routes)
+    return view
 
 
 def _disable_ipv6(device: str) -> None:

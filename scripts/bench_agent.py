@@ -1,5 +1,5 @@
 """Tunnel agent benchmark: what one steady-state reconciliation pass costs the host's kernel
-networking, against the cheapest read of the same kernel state.
+networking, against one full read of the same kernel state through pyroute2.
 
 In a network namespace of its own (made here, removed by name at the end), the real agent
 (`nwc.agent.Agent`) with the real `nwc.hostnet.HostNetwork` builds 1, then 10, then 100 legs
@@ -12,12 +12,15 @@ notification or once its view is MAX_VIEW_AGE_S old (by a clock that moves one a
 0.1 s, per pass), so the pass's time is a mean over passes that read and passes that do not.
 
 Side by side, in the same namespace and run, the baseline: one route dump, one address dump
-and one link dump per pass, parsed in Python into sets and every leg's state looked up in them.
-A third column, the same agent over a kernel stand-in that answers at once, is the floor of
-the pass's non-netlink work (records, statuses).
+and one link dump per pass through pyroute2 (as the agent read the kernel before it had
+`nwc.rtnetlink`), parsed in Python into sets and every leg's state looked up in them. A third
+column, the same agent over a kernel stand-in that answers at once, is the floor of the
+pass's non-netlink work (records, statuses); a fourth, one full read by the agent's reader
+(`nwc.rtnetlink.NetlinkReader`: links, addresses, routes), what a pass that reads costs it.
 
-Netlink requests are counted as messages sent on the agent's (and the baseline's) rtnetlink
-socket; a dump counts as one request, however many answers it brings.
+Netlink requests are counted as messages sent on the agent's rtnetlink sockets (pyroute2's for
+changes, the reader's for reads) and the baseline's; a dump counts as one request, however
+many answers it brings.
 
 Needs root. Last line:
     RESULT agent_pass_ms_100_legs=<x> ratio_vs_dump_baseline_100=<x>
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import socket
 import statistics
 import struct
 import subprocess
@@ -41,10 +45,11 @@ from typing import Any
 from pyroute2 import IPRoute
 
 from nwc.agent import Agent
-from nwc.hostnet import RT_TABLE_MAIN, RTN_BLACKHOLE, HostNetwork
+from nwc.hostnet import RT_TABLE_MAIN, RTN_BLACKHOLE, ChangeMonitor, HostNetwork
 from nwc.ike import InitiateResult
 from nwc.lab.netns import Lab
 from nwc.pki import Secret, new_psk
+from nwc.rtnetlink import NETLINK_ROUTE, NetlinkReader
 from nwc.tunnel import (
     RECORD_PREFIX,
     LegRecord,
@@ -160,20 +165,41 @@ class StandInNet:
 # -- counting netlink requests ----------------------------------------------------------------
 
 class RequestCounter:
-    """Counts the netlink messages a pyroute2 IPRoute sends (one per request; a dump is one)."""
+    """Counts the netlink messages a pyroute2 IPRoute sends (one per request; a dump is one),
+    and those sent on the sockets it wraps (`counting`)."""
 
     def __init__(self, ipr: IPRoute) -> None:
         self.requests = self.dumps = 0
         core = ipr.asyncore
-        send = core.send
+        core.send = self._counted(core.send)
 
+    def _counted(self, send: Callable[..., int]) -> Callable[..., int]:
         def counting(data: bytes, flags: int = 0) -> int:
             self.requests += 1
             (msg_flags,) = struct.unpack_from("=H", data, 6)
             if msg_flags & NLM_F_DUMP == NLM_F_DUMP:
                 self.dumps += 1
             return send(data, flags)
-        core.send = counting
+        return counting
+
+    def counting(self, sock: socket.socket) -> CountedSocket:
+        return CountedSocket(sock, self._counted(sock.send))
+
+
+class CountedSocket:
+    """A netlink socket for `NetlinkReader` whose requests a RequestCounter counts."""
+
+    def __init__(self, sock: socket.socket, send: Callable[..., int]) -> None:
+        self.sock, self.send = sock, send
+
+    def recvmsg(self, bufsize: int) -> tuple[bytes, list[Any], int, Any]:
+        return self.sock.recvmsg(bufsize)
+
+    def setsockopt(self, level: int, option: int, value: int) -> None:
+        self.sock.setsockopt(level, option, value)
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 # -- the baseline -----------------------------------------------------------------------------
@@ -253,10 +279,16 @@ def inside(passes: int, budget_s: float) -> int:
     # the agent's default interval per pass, and it reads the kernel again as often as it
     # does in production.
     view_clock = PassClock()
-    net = HostNetwork(clock=view_clock)
-    counter = RequestCounter(net._ipr)  # the agent's own socket: nothing else uses it
+    ipr = IPRoute()
+    counter = RequestCounter(ipr)  # the agent's own sockets: nothing else uses them
+    reads = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                          NETLINK_ROUTE)
+    reads.settimeout(10.0)
+    net = HostNetwork(ipr, ChangeMonitor(), view_clock,
+                      NetlinkReader(counter.counting(reads)))
     base_ipr = IPRoute()
     base_counter = RequestCounter(base_ipr)
+    reader = NetlinkReader()  # a socket of its own: not counted
     db, ike = StandInDb(), StandInIke()
     agent = Agent(db=db, ike=ike, net=net, backend="strongswan",
                   underlay_device=UNDERLAY_DEVICE, clock=time.monotonic)
@@ -285,13 +317,17 @@ def inside(passes: int, budget_s: float) -> int:
         base_ms, base_runs = timed(passes, budget_s, lambda: baseline_pass(base_ipr, specs))
         base_requests = base_counter.requests / base_runs
         floor_ms, _ = timed(passes, budget_s, floor.step)
+        read_ms, _ = timed(passes, budget_s,
+                           lambda: (reader.links(), reader.addresses(), reader.routes()))
         results[n] = (agent_ms, base_ms, requests)
         print(f"{n:4d} legs: agent pass {agent_ms:8.3f} ms (mean of {runs}), "
               f"{requests:6.1f} netlink requests "
               f"({dumps:.1f} dumps)   dump baseline {base_ms:7.3f} ms, {base_requests:.0f} "
               f"requests   ratio {agent_ms / base_ms:6.2f}   agent pass without netlink "
-              f"{floor_ms:7.3f} ms; building the new legs took {build_s:.2f} s", flush=True)
+              f"{floor_ms:7.3f} ms   one full read by the agent's reader {read_ms:7.3f} ms; "
+              f"building the new legs took {build_s:.2f} s", flush=True)
     base_ipr.close()
+    reader.close()
     net.close()
     agent_ms, base_ms, requests = results[100]
     print(f"RESULT agent_pass_ms_100_legs={agent_ms:.3f} "

@@ -1,6 +1,7 @@
 """`HostNetwork` keeps its view of a real kernel across passes only while the kernel is
 quiet: a change anyone makes sends a netlink notification, and the next pass reads again.
-Runs inside a network namespace of its own (removed by name at the end)."""
+Its reads (`nwc.rtnetlink`) see what pyroute2's full dumps see, with the kernel's filters and
+without. Runs inside network namespaces of its own (removed by name at the end)."""
 
 from __future__ import annotations
 
@@ -23,11 +24,11 @@ dst = ipaddress.IPv4Address("100.100.7.2")
 clock = [0.0]
 net = HostNetwork(clock=lambda: clock[0])
 dumps = [0]
-real = net._ipr.get_routes
-def counted(*args, **kwargs):
+real = net._reader.routes
+def counted():
     dumps[0] += 1
-    return real(*args, **kwargs)
-net._ipr.get_routes = counted
+    return real()
+net._reader.routes = counted
 
 def one_pass(check):
     before = dumps[0]
@@ -71,3 +72,76 @@ def test_a_kept_view_of_the_kernel_follows_outside_changes() -> None:
     assert out["after_outside_link"] == [True, 1]  # a new device: seen too
     assert out["settled_again"] == [True, 1]
     assert out["quiet_again"] == [True, 0]
+
+
+# Runs inside the namespace: a leg's worth of kernel state, and beside it a route in table
+# 220 (kernel-libipsec's) and the local table's routes for the addresses; then what pyroute2's
+# full dumps show of it (parsed whole, filtered in Python: the agent's reads before) and what
+# the reader shows, with strict checking and without.
+FILTERS = r"""
+import json, struct, subprocess
+from pyroute2 import IPRoute
+from nwc.rtnetlink import NetlinkReader, route_dump_request
+
+for command in ["link add ul0 type veth peer name ul0p", "link set lo up", "link set ul0 up",
+                "addr add 100.64.128.1/32 dev ul0", "addr add 100.100.7.1/32 dev lo",
+                "route add blackhole 100.100.7.2/32",
+                "route add 100.64.128.2/32 dev ul0 scope link src 100.64.128.1",
+                "route add 100.100.7.2/32 dev ul0 table 220",
+                "link add nwv0 type vxlan id 1000 local 100.100.7.1 remote 100.100.7.2 "
+                "dstport 4789 nolearning",
+                "link set nwv0 up"]:
+    subprocess.run(["ip", *command.split()], check=True)
+ipr = IPRoute()
+links = {m.get_attr("IFLA_IFNAME"): [m["index"], bool(m["flags"] & 1)] for m in ipr.get_links()}
+out = {"full": {
+    "links": links,
+    "addresses": sorted([m["index"], m.get_attr("IFA_ADDRESS")] for m in ipr.get_addr(family=2)
+                        if m["prefixlen"] == 32),
+    "routes": sorted([m.get_attr("RTA_DST"), m["type"], m.get_attr("RTA_OIF"),
+                      m.get_attr("RTA_PREFSRC")]
+                     for m in ipr.get_routes(family=2, table=254) if m["dst_len"] == 32)}}
+for strict in (True, False):
+    reader = NetlinkReader()
+    if not strict:
+        reader.strict = reader._set_strict(False)
+    dump = reader.links()
+    raw, _ = reader._ask(route_dump_request(99))
+    named = {name: reader.link(name) for name in links}
+    out[str(strict)] = {
+        "strict": reader.strict, "complete": dump.complete, "dumped": sorted(dump.links),
+        "links": {name: [link.index, link.up] for name, link in named.items()},
+        "addresses": sorted(map(list, reader.addresses().addresses)),
+        "routes": sorted([destination, r.type, r.oif, r.src]
+                         for destination, routes in reader.routes().routes.items()
+                         for r in routes),
+        # The tables the kernel sent routes of: what its filter left to Python.
+        "tables": sorted({m[20] for m in raw}),
+        "vxlan": list(dump.links["nwv0"].vxlan()),
+    }
+print(json.dumps(out))
+"""
+
+
+def test_the_reads_see_what_full_dumps_see_with_the_kernels_filters_and_without() -> None:
+    with Lab(unique_prefix("hf")) as lab:
+        ns = lab.netns("net")
+        done = subprocess.run(ns.cmd(sys.executable, "-c", FILTERS), capture_output=True,
+                              text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    full = out["full"]
+    # Sanity: table 220's route to the peer's VTEP is not the main table's.
+    assert [r for r in full["routes"] if r[0] == "100.100.7.2"] == [["100.100.7.2", 6, None, None]]
+    for strict in ("True", "False"):
+        seen = out[strict]
+        assert seen["links"] == full["links"], strict
+        assert seen["addresses"] == full["addresses"], strict
+        assert seen["routes"] == full["routes"], strict
+        assert seen["vxlan"] == [1000, "100.100.7.1", "100.100.7.2", 4789, 1500], strict
+        # The kernel (4.15 on) sends only the VXLAN devices, strict checking or not.
+        assert not seen["complete"] and seen["dumped"] == ["nwv0"], strict
+    # With strict checking (4.20 on) the kernel sends the main table alone; without, every
+    # table comes back (local, main, 220) and the reader keeps only the main table's.
+    assert out["True"]["strict"] and out["True"]["tables"] == [254]
+    assert not out["False"]["strict"] and {220, 254, 255} <= set(out["False"]["tables"])

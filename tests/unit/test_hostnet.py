@@ -1,19 +1,15 @@
 """`HostNetwork`'s per-pass view of the kernel, against a fake kernel behind the pyroute2
-calls it makes: a change made in a pass is read back by the same pass, a change made by
-someone else between passes is seen by the next one, and the agent's safety rules (the
-blackhole back every pass; no blackhole, no VXLAN device) hold through the view."""
+calls it makes and the netlink socket it reads (`kernel_fake`): a change made in a pass is
+read back by the same pass, a change made by someone else between passes is seen by the next
+one, and the agent's safety rules (the blackhole back every pass; no blackhole, no VXLAN
+device) hold through the view."""
 
 from __future__ import annotations
 
-import errno
 import ipaddress
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Any
 
 import pytest
-from pyroute2.netlink import NLM_F_DUMP_INTR
-from pyroute2.netlink.exceptions import NetlinkError
+from kernel_fake import BLACKHOLE, FakeKernel, FakeMonitor, fake_host_network
 from tunnel_fakes import POLICY, TOPO, FakeClock, FakeHostDb, FakeIke, one_leg_weave, run_now
 
 from nwc import hostnet
@@ -24,142 +20,7 @@ from nwc.tunnel import RECORD_PREFIX, LegRecord, Phase, TunnelSpec, leg_specs
 
 pytestmark = pytest.mark.unit
 
-BLACKHOLE, UNICAST = 6, 1
 DST = ipaddress.IPv4Address("100.100.0.2")
-
-
-class Msg:
-    """A parsed netlink message as pyroute2 hands it over: fields by key, NLAs by get_attr."""
-
-    def __init__(self, fields: dict[str, Any], attrs: dict[str, Any], flags: int = 0) -> None:
-        self.fields = {**fields, "header": {"flags": flags}}
-        self.attrs = attrs
-
-    def __getitem__(self, key: str) -> Any:
-        return self.fields[key]
-
-    def get_attr(self, name: str) -> Any:
-        return self.attrs.get(name)
-
-
-@dataclass
-class FakeKernel:
-    """Links, /32 addresses and main-table /32 routes, changed only through the requests
-    HostNetwork sends (or directly by a test playing someone else)."""
-
-    links: dict[str, dict[str, Any]] = field(default_factory=lambda: {
-        "lo": {"index": 1, "up": True}, "ul0": {"index": 2, "up": True}})
-    addresses: set[tuple[int, str]] = field(default_factory=set)
-    routes: list[dict[str, Any]] = field(default_factory=list)
-    dumps: int = 0
-    changes: list[tuple[str, ...]] = field(default_factory=list)
-    refuse_blackholes: bool = False
-    interrupt_next_dumps: int = 0  # the next dumps come back marked NLM_F_DUMP_INTR
-    notifications: int = 0  # change notifications sent (every change sends one)
-    _next_index: int = 3
-
-    def _flags(self) -> int:
-        return NLM_F_DUMP_INTR if self.interrupt_next_dumps else 0
-
-    def get_links(self) -> Iterator[Msg]:
-        self.dumps += 1
-        flags = self._flags()
-        for name, link in self.links.items():
-            info = None
-            if "vxlan" in link:
-                v: VxlanDevice = link["vxlan"]
-                info = Msg({}, {"IFLA_INFO_KIND": "vxlan", "IFLA_INFO_DATA": Msg({}, {
-                    "IFLA_VXLAN_ID": v.vni, "IFLA_VXLAN_LOCAL": str(v.local),
-                    "IFLA_VXLAN_GROUP": str(v.remote), "IFLA_VXLAN_PORT": v.port})})
-            yield Msg({"index": link["index"], "flags": int(link["up"])},
-                      {"IFLA_IFNAME": name, "IFLA_LINKINFO": info,
-                       "IFLA_MTU": link.get("mtu", 1500)}, flags)
-
-    def get_addr(self, family: int) -> Iterator[Msg]:
-        self.dumps += 1
-        flags = self._flags()
-        for index, address in sorted(self.addresses):
-            yield Msg({"index": index, "prefixlen": 32}, {"IFA_ADDRESS": address}, flags)
-
-    def get_routes(self, family: int, table: int) -> Iterator[Msg]:
-        self.dumps += 1
-        flags = self._flags()
-        if self.interrupt_next_dumps:
-            self.interrupt_next_dumps -= 1
-        for r in self.routes:
-            yield Msg({"dst_len": 32, "type": r["type"]},
-                      {"RTA_DST": r["dst"], "RTA_OIF": r.get("oif"),
-                       "RTA_PREFSRC": r.get("src")}, flags)
-
-    def addr(self, cmd: str, *, index: int, address: str, prefixlen: int) -> None:
-        self.changes.append(("addr", cmd, address))
-        self.notifications += 1
-        if cmd == "add":
-            self.addresses.add((index, address))
-        else:
-            self.addresses.discard((index, address))
-
-    def route(self, cmd: str, *, dst: str, table: int, type: str = "unicast",
-              oif: int | None = None, scope: int | None = None,
-              prefsrc: str | None = None) -> None:
-        self.changes.append(("route", cmd, dst))
-        self.notifications += 1
-        dst = dst.removesuffix("/32")
-        if cmd == "del":
-            self.routes = [r for r in self.routes if not (
-                r["dst"] == dst and (oif is None or r.get("oif") == oif)
-                and (type != "blackhole" or r["type"] == BLACKHOLE))]
-            return
-        if type == "blackhole":
-            if self.refuse_blackholes:
-                raise NetlinkError(errno.EPERM, "Operation not permitted")
-            self.routes.append({"dst": dst, "type": BLACKHOLE})
-            return
-        if cmd == "replace":
-            self.routes = [r for r in self.routes if r["dst"] != dst or r["type"] != UNICAST]
-        self.routes.append({"dst": dst, "type": UNICAST, "oif": oif, "src": prefsrc})
-
-    def link(self, cmd: str, *, index: int | None = None, ifname: str | None = None,
-             state: str | None = None, **vxlan: Any) -> None:
-        self.changes.append(("link", cmd, ifname or str(index)))
-        self.notifications += 1
-        if cmd == "add":
-            assert ifname is not None
-            self.links[ifname] = {"index": self._next_index, "up": False, "mtu": vxlan["mtu"],
-                                  "vxlan": VxlanDevice(
-                                      ifname, vxlan["vxlan_id"],
-                                      ipaddress.IPv4Address(vxlan["vxlan_local"]),
-                                      ipaddress.IPv4Address(vxlan["vxlan_group"]),
-                                      vxlan["vxlan_port"], vxlan["mtu"])}
-            self._next_index += 1
-            return
-        name = next(n for n, link in self.links.items() if link["index"] == index)
-        if cmd == "del":
-            del self.links[name]
-            # As the kernel does: the device's addresses and routes go with it.
-            self.addresses = {a for a in self.addresses if a[0] != index}
-            self.routes = [r for r in self.routes if r.get("oif") != index]
-        elif cmd == "set":
-            self.links[name]["up"] = state == "up"
-
-    def close(self) -> None:
-        pass
-
-
-@dataclass
-class FakeMonitor:
-    """`ChangeMonitor` over the fake kernel: says whether it sent notifications since the
-    last look."""
-
-    kernel: FakeKernel
-    seen: int = 0
-
-    def changed(self) -> bool:
-        changed, self.seen = self.kernel.notifications != self.seen, self.kernel.notifications
-        return changed
-
-    def close(self) -> None:
-        pass
 
 
 class Clock:
@@ -172,7 +33,7 @@ class Clock:
 
 def monitored() -> tuple[HostNetwork, FakeKernel, Clock]:
     kernel, clock = FakeKernel(), Clock()
-    net = HostNetwork(kernel, FakeMonitor(kernel), clock)  # type: ignore[arg-type]
+    net = fake_host_network(kernel, FakeMonitor(kernel), clock)
     return net, kernel, clock
 
 
@@ -183,7 +44,7 @@ def no_sysctl(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_a_change_made_in_a_pass_is_read_back_by_the_same_pass() -> None:
     kernel = FakeKernel()
-    net = HostNetwork(kernel)  # type: ignore[arg-type]
+    net = fake_host_network(kernel)
     with net.one_pass():
         assert not net.has_blackhole(DST)
         assert not net.has_address(DST, "lo")
@@ -207,7 +68,7 @@ def test_a_change_made_in_a_pass_is_read_back_by_the_same_pass() -> None:
 
 def test_a_change_made_by_someone_else_between_passes_is_seen_at_the_next_pass() -> None:
     kernel = FakeKernel()
-    net = HostNetwork(kernel)  # type: ignore[arg-type]
+    net = fake_host_network(kernel)
     with net.one_pass():
         net.ensure_blackhole(DST)
         net.ensure_address(DST, "lo")
@@ -230,7 +91,7 @@ def test_a_dump_the_kernel_marks_inconsistent_is_read_again() -> None:
     kernel = FakeKernel()
     kernel.routes.append({"dst": str(DST), "type": BLACKHOLE})
     kernel.interrupt_next_dumps = 1
-    net = HostNetwork(kernel)  # type: ignore[arg-type]
+    net = fake_host_network(kernel)
     with net.one_pass():
         assert net.has_blackhole(DST)
     assert kernel.dumps == 6
@@ -246,7 +107,7 @@ def installed_leg() -> tuple[Agent, FakeKernel, TunnelSpec]:
     spec, _ = leg_specs(w, w.legs[0], POLICY.profiles["gold"], TOPO)
     kernel = FakeKernel()
     db = FakeHostDb()
-    agent = Agent(db=db, ike=FakeIke(), net=HostNetwork(kernel),  # type: ignore[arg-type]
+    agent = Agent(db=db, ike=FakeIke(), net=fake_host_network(kernel),
                   backend="strongswan", underlay_device="ul0", submit=run_now,
                   clock=FakeClock())
     db.ids[RECORD_PREFIX + spec.key] = LegRecord(spec, new_psk(), start=True).to_json()
