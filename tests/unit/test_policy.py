@@ -239,6 +239,40 @@ def test_several_problems_are_all_reported() -> None:
     assert any("ivns.web.vni" in p for p in found) and any("ivns.db.gateway" in p for p in found)
 
 
+WITH_QOS = BASE.replace("      profiles: [gold]\n",
+                        "      profiles: [gold]\n      qos_class: premium\n") \
+    + "qos_classes:\n  premium: {dscp: 46}\n"
+
+
+@pytest.mark.parametrize(("find", "replace", "expected"), [
+    # A bad field in a definition is reported once, not again at every reference to it.
+    ("auth: psk", "auth: psk\n    rekey_s: 10", "security_profiles.gold.rekey_s: must be at least"),
+    ("esp: [aes256gcm16]", "esp: [aes256gcm16-md5]", "unknown or disallowed algorithm 'md5'"),
+    ("{dscp: 46}", "{dscp: 99}", "qos_classes.premium.dscp: must be at most 63"),
+    ("gateway: 192.0.2.65", "gateway: nope", "ivns.db.gateway: expected an IPv4 address"),
+])
+def test_a_reference_to_an_invalid_definition_is_not_also_unknown(find: str, replace: str,
+                                                                   expected: str) -> None:
+    assert expected in one_problem(WITH_QOS.replace(find, replace))
+
+
+def test_references_of_an_invalid_ivn_are_still_checked() -> None:
+    found = problems(BASE.replace("vni: 10", "vni: x").replace("profiles: [gold]",
+                                                               "profiles: [platinum]"))
+    assert len(found) == 2, found
+    assert any("ivns.web.weaving.profiles[0]: unknown security profile 'platinum'" in p
+               for p in found)
+
+
+def test_tenant_prefixes_are_not_judged_against_an_invalid_ivn() -> None:
+    text = BASE.replace("partners: [{ivn: db}]",
+                        "partners: [{tenant: globex, prefixes: [192.0.2.64/27]}]")
+    load = parse_policy_text(textwrap.dedent(text), "p.yaml")
+    assert load.ivns["web"].weaving.partners[0].tenant == "globex"
+    # db (globex's only IVN) is invalid: its own problem is the only one reported.
+    assert "ivns.db.vni" in one_problem(text.replace("vni: 20", "vni: -1"))
+
+
 def test_definitions_merge_across_files_and_clash_is_located(tmp_path: Path) -> None:
     (tmp_path / "a.yaml").write_text(BASE)
     (tmp_path / "b.yaml").write_text("tenants:\n  initech: {}\n")
