@@ -90,17 +90,22 @@ class MtuPlan:
         return min(self.vxlan_packet, LIBIPSEC_TUN_MTU) + self.esp_overhead
 
     @property
+    def underlay_mtu_needed(self) -> int:
+        """The smallest underlay MTU that carries every ESP packet of this leg unfragmented."""
+        return max(self.kernel_esp_packet, self.libipsec_esp_packet)
+
+    @property
     def fits_underlay(self) -> bool:
         """No ESP packet is ever fragmented on the underlay (kernel ESP or kernel-libipsec)."""
-        return max(self.kernel_esp_packet, self.libipsec_esp_packet) <= self.underlay_mtu
+        return self.underlay_mtu_needed <= self.underlay_mtu
 
     def problem(self) -> str | None:
         if self.fits_underlay:
             return None
-        return (f"underlay MTU {self.underlay_mtu} is below the {self.kernel_esp_packet} bytes "
+        return (f"underlay MTU {self.underlay_mtu} is below the {self.underlay_mtu_needed} bytes "
                 f"an encrypted full-size VM frame takes ({self.vm_mtu} + {VXLAN_OVERHEAD} "
-                f"VXLAN + {self.esp_overhead} ESP): the kernel will fragment VXLAN inside "
-                "ESP, which works but costs throughput; raise underlay.mtu")
+                f"VXLAN + {self.esp_overhead} ESP); set it to at least "
+                f"{self.underlay_mtu_needed}")
 
     def as_dict(self) -> dict[str, Any]:
         return {"vm_mtu": self.vm_mtu, "vxlan_packet": self.vxlan_packet,

@@ -18,6 +18,7 @@ from typing import Literal
 
 import networkx as nx
 
+from nwc.mtu import VM_MTU, VXLAN_OVERHEAD, mtu_plan
 from nwc.policy import MAX_BANDWIDTH_MBPS, MAX_IVN_VNI, NAME, NAME_WHAT, Ivn, Policy
 from nwc.yamlsource import ConfigError, Cursor, Document, Problem, parse_yaml, read_yaml, shown
 
@@ -188,6 +189,27 @@ def vm_problems(topology: Topology, policy: Policy) -> list[str]:
     return problems
 
 
+def underlay_mtu_problem(mtu: int, policy: Policy | None) -> str | None:
+    """Why an underlay of `mtu` cannot carry a full-size VM frame unfragmented, naming the
+    minimum; None if it can. The IVN overlay needs room for VXLAN; with a policy, a weave leg
+    also needs room for ESP, whose overhead depends on its profile's ESP proposals. Only
+    profiles some IVN allows count: no weave can use the others."""
+    overlay = VM_MTU + VXLAN_OVERHEAD
+    need, why = overlay, f"a full-size VM frame takes in the IVN overlay ({VM_MTU} + " \
+                         f"{VXLAN_OVERHEAD} VXLAN)"
+    allowed = sorted({name for ivn in (policy.ivns.values() if policy else ())
+                      for name in ivn.weaving.profiles})
+    for name in allowed:
+        plan = mtu_plan(policy.profiles[name].esp_proposals, mtu)  # type: ignore[union-attr]
+        if plan.underlay_mtu_needed > need:
+            need = plan.underlay_mtu_needed
+            why = (f"a full-size VM frame takes in a weave leg of security profile {name} "
+                   f"({VM_MTU} + {VXLAN_OVERHEAD} VXLAN + {plan.esp_overhead} ESP)")
+    if mtu >= need:
+        return None
+    return f"underlay MTU {mtu} is below the {need} bytes {why}; set it to at least {need}"
+
+
 def _address_misfit(ip: ipaddress.IPv4Address, ivn: Ivn) -> str | None:
     """Why a VM address cannot be in `ivn`, or None."""
     if not ivn.contains(ip):
@@ -259,6 +281,9 @@ def build_topology(doc: Document, policy: Policy | None = None) -> Topology:
             for b in keys[:i]:
                 if nets[a] and nets[b] and nets[a].overlaps(nets[b]):
                     uf[a].problem(f"overlaps underlay.{b} ({nets[b]})")
+        if "mtu" in uf and mtu and (short := underlay_mtu_problem(mtu, policy)):
+            uf["mtu"].problem(short)
+            mtu = None
         if all(nets.values()) and mtu:
             underlay = Underlay(nets["hosts"], nets["weave_endpoints"], nets["weave_vteps"], mtu)
             if underlay.weave_slots < 1:

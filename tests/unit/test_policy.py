@@ -361,6 +361,34 @@ def topology_problems(text: str) -> list[str]:
     return [str(p) for p in exc.value.problems]
 
 
+def test_underlay_mtu_must_hold_the_legs_of_every_allowed_profile() -> None:
+    """BASE's gold (ESP aes256gcm16: 65 bytes) needs 1500 + 50 VXLAN + 65 = 1615."""
+    policy = parse_policy_text(BASE)
+    thin = TOPOLOGY.replace("weave_vteps: 100.100.0.0/24}", "weave_vteps: 100.100.0.0/24,\n"
+                            "           mtu: 1614}")
+    with pytest.raises(ConfigError) as exc:
+        parse_topology_text(thin, policy, file="t.yaml")
+    (msg,) = map(str, exc.value.problems)
+    assert msg == ("t.yaml:4: underlay.mtu: underlay MTU 1614 is below the 1615 bytes a "
+                   "full-size VM frame takes in a weave leg of security profile gold (1500 + 50 "
+                   "VXLAN + 65 ESP); set it to at least 1615")
+    assert parse_topology_text(thin.replace("1614", "1615"), policy).underlay.mtu == 1615
+    # A profile no IVN allows carries no weave, so its bigger overhead does not count.
+    unused = BASE.replace("security_profiles:\n", "security_profiles:\n  sha:\n"
+                          "    ike: [aes256-sha512-prfsha512-x25519]\n    esp: [aes256-sha512]\n"
+                          "    auth: psk\n    acl: [{from: either, protocol: any}]\n")
+    assert parse_topology_text(thin.replace("1614", "1615"),
+                               parse_policy_text(unused)).underlay.mtu == 1615
+
+
+def test_underlay_mtu_must_hold_the_ivn_overlay_without_a_policy() -> None:
+    thin = TOPOLOGY.replace("weave_vteps: 100.100.0.0/24}", "weave_vteps: 100.100.0.0/24,\n"
+                            "           mtu: 1400}")
+    (msg,) = topology_problems(thin)
+    assert msg.startswith("t.yaml:4: underlay.mtu: underlay MTU 1400 is below the 1550 bytes")
+    assert "set it to at least 1550" in msg
+
+
 def test_base_topology_is_valid() -> None:
     assert parse_topology_text(TOPOLOGY).name == "t"
 
