@@ -380,9 +380,13 @@ def build_topology(doc: Document, policy: Policy | None = None) -> Topology:
             if other != item.name:
                 (top["switches" if kind == "switch" else "hosts"]
                  .child(item.name, None).problem(f"dpid {item.dpid:#x} is also used by {other}"))
-    all_dpids = [s.dpid for s in switches.values()] + [h.dpid for h in hosts.values()]
-    if len(set(all_dpids)) != len(all_dpids):
-        top["hosts"].problem("a host's dpid equals a switch's dpid")
+    # Duplicates within switches or within hosts are reported above; only a host sharing a
+    # switch's dpid is left.
+    switch_dpids = {s.dpid: s.name for s in switches.values()}
+    for h in hosts.values():
+        if h.dpid in switch_dpids:
+            top["hosts"].child(h.name, None).problem(
+                f"dpid {h.dpid:#x} is also used by switch {switch_dpids[h.dpid]}")
     by_ip: dict[ipaddress.IPv4Address, str] = {}
     for h in hosts.values():
         if by_ip.setdefault(h.underlay_ip, h.name) != h.name:
@@ -418,6 +422,11 @@ def build_topology(doc: Document, policy: Policy | None = None) -> Topology:
             mac = None
         port = vf["port"].string(pattern=PORT_NAME, what="an interface name of at most 15 "
                                  "characters") if "port" in vf else vname
+        if "port" not in vf and not PORT_NAME.fullmatch(vname):
+            # The port defaults to the VM's name, and an interface name stops at 15 characters.
+            vc.problem(f"VM name {vname!r} is longer than an interface name (15 characters) "
+                       "and there is no `port:` to name the VM's port")
+            port = None
         if mac and macs.setdefault(mac, vname) != vname:
             vc.problem(f"MAC {mac} is also used by VM {macs[mac]}")
             mac = None

@@ -406,6 +406,12 @@ def test_base_topology_is_valid() -> None:
     pytest.param("s1: {}", f"s1: {{dpid: {HUGE_HEX}}}",
                  "t.yaml:4: switches.s1.dpid: must be at most 18446744073709551615, "
                  "got an integer of about 6021 digits", id="dpid-too-long-to-print"),
+    # A VM's port defaults to its name; interface names stop at 15 characters.
+    ("  h1: {switch: s1, uplink_mbps: 100, underlay_ip: 100.64.0.1}\n",
+     "  h1: {switch: s1, uplink_mbps: 100, underlay_ip: 100.64.0.1}\n"
+     "vms:\n  storefront-web-01: {host: h1, ivn: web, ip: 192.0.2.5}\n",
+     "t.yaml:10: vms.storefront-web-01: VM name 'storefront-web-01' is longer than an "
+     "interface name (15 characters) and there is no `port:`"),
 ])
 def test_each_topology_rule_gives_a_precise_problem(find: str, replace: str,
                                                     expected: str) -> None:
@@ -413,3 +419,22 @@ def test_each_topology_rule_gives_a_precise_problem(find: str, replace: str,
     assert text != TOPOLOGY, "the test's search text must be in TOPOLOGY"
     found = topology_problems(text)
     assert any(p.startswith(expected) for p in found), found
+
+
+def test_a_vm_with_a_long_name_and_its_own_port_is_valid() -> None:
+    text = TOPOLOGY + "vms:\n  storefront-web-01: {host: h1, ivn: web, ip: 192.0.2.5, port: sw1}\n"
+    assert parse_topology_text(text).vms["storefront-web-01"].port == "sw1"
+
+
+@pytest.mark.parametrize(("find", "replace", "expected"), [
+    ("s1: {}, s2: {}", "s1: {dpid: 7}, s2: {dpid: 7}",
+     "t.yaml:4: switches.s2: dpid 0x7 is also used by s1"),
+    ("s1: {}, s2: {}", "s1: {dpid: 7}, s2: {}",
+     "t.yaml:8: hosts.h1: dpid 0x7 is also used by switch s1"),
+])
+def test_a_duplicate_dpid_is_one_problem_on_the_right_entry(find: str, replace: str,
+                                                            expected: str) -> None:
+    text = TOPOLOGY.replace(find, replace)
+    if "hosts.h1" in expected:
+        text = text.replace("underlay_ip: 100.64.0.1}", "underlay_ip: 100.64.0.1, dpid: 7}")
+    assert topology_problems(text) == [expected]
