@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -299,7 +302,31 @@ def test_check_policy_cli_exit_codes_and_output(tmp_path: Path, capsys) -> None:
     assert err[0] == (f"{bad}:16: ivns.web.vni: duplicate key (first defined on line 15); "
                       "YAML would silently keep only the last one")
     assert any("ivns.web.weaving.partners[0]: unknown partner IVN 'gone'" in e for e in err)
-    assert err[-1] == "check-policy: 2 problem(s)"
+    assert err[-1] == "check-policy: 2 problems"
+
+
+def test_check_policy_counts_in_words(tmp_path: Path, capsys) -> None:
+    (tmp_path / "p.yaml").write_text(BASE)
+    (tmp_path / "t.yaml").write_text(TOPOLOGY)
+    assert main(["check-policy", str(tmp_path / "p.yaml"), "--topology",
+                 str(tmp_path / "t.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "policy OK: 2 tenants, 2 IVNs, 1 security profile, 1 QoS class (" in out
+    assert "topology OK: t: 2 switches, 2 links, 1 host, 0 VMs (" in out
+
+
+def test_output_cut_short_by_its_reader_is_not_an_error_message(tmp_path: Path) -> None:
+    """`nwc ... | head -1`: the reader goes before nwc has written everything."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write now fails with EPIPE, as after `head` has exited
+    try:
+        done = subprocess.run([sys.executable, "-m", "nwc.cli", "check-policy"],
+                              stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60,
+                              check=False)
+    finally:
+        os.close(write_end)
+    assert done.stderr == ""
+    assert done.returncode == 141  # as a command killed by SIGPIPE
 
 
 def test_check_policy_validates_topologies_against_the_policy(tmp_path: Path, capsys) -> None:
