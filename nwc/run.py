@@ -163,11 +163,16 @@ def apply_config_file(args: argparse.Namespace, parser: argparse.ArgumentParser)
     options = {a.dest: a for a in parser._actions
                if a.option_strings and a.dest not in ("help", "config_file")}
     given = given_on_command_line(args)
+    # configparser sees `api-port` and `api_port` as two keys; they set one option, and a
+    # file setting both would silently keep whichever came last.
+    spelled: dict[str, str] = {}
     for key, raw in ini.items("nwc"):
         dest = key.replace("-", "_")
         action = options.get(dest)
         if action is None:
             parser.error(f"{path}: unknown option {key!r}")
+        if spelled.setdefault(dest, key) != key:
+            parser.error(f"{path}: {spelled[dest]} is set twice in [nwc] (also as {key})")
         if dest in given:
             continue  # the command line said otherwise
         if dest == "policy":
