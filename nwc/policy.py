@@ -181,11 +181,16 @@ def policy_files(paths: Iterable[Path]) -> list[Path]:
 
 def load_policy(paths: Iterable[Path]) -> Policy:
     """Load and validate a policy set spread over one or more files (or directories)."""
+    paths = list(paths)  # read twice: an iterator would be empty the second time
     files = policy_files(paths)
     problems: list[Problem] = []
     docs: list[Document] = []
     if not files:
-        raise ConfigError([Problem("(policy)", 0, "", "no policy files given")])
+        given = list(paths)
+        empty = [p for p in given if p.is_dir()]
+        raise ConfigError([Problem(str(d), 0, "(directory)", "holds no *.yaml or *.yml files")
+                           for d in empty] or
+                          [Problem("(policy)", 0, "", "no policy files given")])
     for path in files:
         doc, parse_problems = read_yaml(path)
         problems += parse_problems
@@ -492,7 +497,8 @@ def _weaving(c: Cursor) -> WeavingPolicy | None:
                               "profiles"} <= set(fields):
         return None
     partners: list[PartnerRule] = []
-    for pc in fields["partners"].items():
+    listed: dict[tuple[str, str], int] = {}
+    for i, pc in enumerate(fields["partners"].items()):
         pf = pc.mapping({"ivn", "tenant", "prefixes"})
         if pf is None:
             continue
@@ -502,7 +508,13 @@ def _weaving(c: Cursor) -> WeavingPolicy | None:
         key = "ivn" if "ivn" in pf else "tenant"
         target = pf[key].string(what=f"an {key} name")
         prefixes = _networks(pf["prefixes"]) if "prefixes" in pf else ()
-        if target:
+        if target and (key, target) in listed:
+            # The first entry for a partner decides (partner_rule): a second one is dead text
+            # that a reader may take for a rule.
+            pc.problem(f"{key} {target} is already listed at partners[{listed[key, target]}]; "
+                       "put all its prefixes in one entry")
+        elif target:
+            listed[key, target] = i
             partners.append(PartnerRule(**{key: target}, prefixes=prefixes))
     per_weave = fields["max_weave_mbps"].number(minimum=0, exclusive_minimum=True,
                                                 maximum=MAX_BANDWIDTH_MBPS, unit="Mbit/s")
@@ -535,12 +547,24 @@ class Defined:
     ivn_tenants: Mapping[str, str | None]
 
 
+def _partner_index(rule: PartnerRule, raw: object) -> int:
+    """Where `rule` stands in the YAML list: entries dropped as invalid shift the others, so
+    the rule's position among the kept ones is not its line."""
+    key, name = ("ivn", rule.ivn) if rule.ivn is not None else ("tenant", rule.tenant)
+    for i, item in enumerate(raw if isinstance(raw, list) else []):
+        if isinstance(item, dict) and item.get(key) == name:
+            return i  # the first: a later entry for the same partner is refused
+    return 0
+
+
 def _check_weaving_refs(name: str, weaving: WeavingPolicy, c: Cursor, ivns: Mapping[str, Ivn],
                         tenants: Mapping[str, Tenant], defined: Defined) -> None:
     """Dangling references: partners, profiles and QoS classes that are not defined."""
     wc = c.child("weaving", None)
-    for i, rule in enumerate(weaving.partners):
-        rc = wc.child("partners", None).child(i, None)
+    raw = c.value.get("weaving") if isinstance(c.value, dict) else None
+    raw_partners = raw.get("partners") if isinstance(raw, dict) else None
+    for rule in weaving.partners:
+        rc = wc.child("partners", None).child(_partner_index(rule, raw_partners), None)
         if rule.ivn is not None:
             partner = ivns.get(rule.ivn)
             if rule.ivn == name:

@@ -276,6 +276,28 @@ def test_tenant_prefixes_are_not_judged_against_an_invalid_ivn() -> None:
     assert "ivns.db.vni" in one_problem(text.replace("vni: 20", "vni: -1"))
 
 
+def test_a_partner_listed_twice_is_a_problem() -> None:
+    msg = one_problem(BASE.replace("partners: [{ivn: db}]", "partners: [{ivn: db}, {tenant: "
+                                   "globex}, {ivn: db, prefixes: [192.0.2.64/27]}]"))
+    assert msg.startswith("p.yaml:19: ivns.web.weaving.partners[2]: ivn db is already listed "
+                          "at partners[0]")
+
+
+def test_a_dangling_partner_is_located_after_a_dropped_entry() -> None:
+    found = problems(BASE.replace("partners: [{ivn: db}]",
+                                  "partners: [{ivn: db, tenant: globex}, {ivn: nosuch}]"))
+    assert any("ivns.web.weaving.partners[1]: unknown partner IVN 'nosuch'" in p
+               for p in found), found
+
+
+def test_check_policy_on_a_directory_without_policy_files_says_so(tmp_path: Path,
+                                                                  capsys) -> None:
+    assert main(["check-policy", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert f"{tmp_path}: (directory): holds no *.yaml or *.yml files" in err
+    assert "no policy files given" not in err
+
+
 def test_definitions_merge_across_files_and_clash_is_located(tmp_path: Path) -> None:
     (tmp_path / "a.yaml").write_text(BASE)
     (tmp_path / "b.yaml").write_text("tenants:\n  initech: {}\n")
