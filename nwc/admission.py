@@ -203,10 +203,17 @@ def negotiate_profile(requested: str | None, requester: Ivn, target: Ivn,
 
 def policy_check(policy: Policy, requester: Ivn, target: Ivn, *, remaining_s: float,
                  kbps: int, live: Iterable[LiveWeave], profile: str,
-                 exclude: str | None = None, legs: int = 1) -> Denial | None:
+                 exclude: str | None = None, legs: int = 1,
+                 extension_s: int | None = None) -> Denial | None:
     """The caps of both IVNs: duration, rate per weave, total rate over live weaves. A weave
     is charged its rate once per leg (host pair), as that is what it reserves and may carry.
-    `exclude` leaves one weave out of the totals (an extension re-checks itself)."""
+    `exclude` leaves one weave out of the totals (an extension re-checks itself), and
+    `extension_s` is what that extension asked for (part of `remaining_s`)."""
+    # Whole seconds, rounded up: a lease 0.3 s over the cap must not read as equal to it.
+    ends_in = math.ceil(remaining_s)
+    asked = f"duration {ends_in} s" if extension_s is None else \
+        (f"the lease would end in {ends_in} s ({extension_s} s requested on top of the "
+         f"{ends_in - extension_s} s left), which")
     what = f"{kbps / 1000:g} Mbit/s" if legs == 1 else \
         f"{legs} host pairs x {kbps / 1000:g} Mbit/s = {legs * kbps / 1000:g} Mbit/s"
     kbps *= legs
@@ -219,10 +226,11 @@ def policy_check(policy: Policy, requester: Ivn, target: Ivn, *, remaining_s: fl
                          f"{ivn.name}", side=side, rule="profile")
         private = side == "target"
         if remaining_s > rules.max_duration_s:
+            # The target's cap itself is the other tenant's: its tenant text leaves it out.
             return _deny(Reason.POLICY_VIOLATION,
-                         f"duration {remaining_s:g} s exceeds {side} IVN {ivn.name}'s maximum "
+                         f"{asked} exceeds {side} IVN {ivn.name}'s maximum "
                          f"of {rules.max_duration_s} s", side=side, rule="duration",
-                         tenant_detail=f"duration {remaining_s:g} s exceeds target IVN "
+                         tenant_detail=f"{asked} exceeds target IVN "
                                        f"{ivn.name}'s maximum" if private else None)
         cap = mbps_to_kbps(rules.max_weave_mbps)
         if kbps > cap:
@@ -388,8 +396,10 @@ def prefixes_withdrawn(weave: LiveWeave, policy: Policy) -> Denial | None:
 
 def evaluate_extension(weave: LiveWeave, *, profile: str, new_expires_at: datetime,
                        paths: Iterable[tuple[str, ...]], policy: Policy, fabric: Fabric,
-                       live: Iterable[LiveWeave], now: datetime) -> Denial | None:
-    """An extension is admitted again: both policies as they are now, and the fabric."""
+                       live: Iterable[LiveWeave], now: datetime,
+                       extension_s: int | None = None) -> Denial | None:
+    """An extension is admitted again: both policies as they are now, and the fabric.
+    `extension_s` (what the tenant asked for) only words a duration refusal."""
     if new_expires_at <= now:
         return _deny(Reason.INVALID_REQUEST, "the new expiry is not in the future")
     for role in ("requester", "target"):
@@ -402,7 +412,8 @@ def evaluate_extension(weave: LiveWeave, *, profile: str, new_expires_at: dateti
         return denial
     denial = policy_check(policy, requester, target,
                           remaining_s=(new_expires_at - now).total_seconds(), kbps=weave.kbps,
-                          live=live, profile=profile, exclude=weave.id)
+                          live=live, profile=profile, exclude=weave.id,
+                          extension_s=extension_s)
     if denial:
         return denial
     for path in paths:

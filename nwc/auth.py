@@ -33,7 +33,7 @@ from nwc.cli import EXIT_ERROR, EXIT_OK, add_state_dir, state_dir
 from nwc.config import SHIPPED_POLICIES
 from nwc.lease import iso
 from nwc.policy import load_policy
-from nwc.store import private_dir
+from nwc.store import DATABASE_FILE, private_dir
 from nwc.weaver import Actor
 from nwc.yamlsource import ConfigError
 
@@ -255,7 +255,21 @@ def cmd_token_issue(args: argparse.Namespace) -> int:
             print(f"token issue: {principal!r} is neither 'admin' nor a tenant of the policy "
                   f"(tenants: {', '.join(sorted(tenants)) or 'none'})", file=sys.stderr)
             return EXIT_ERROR
-    store = TokenStore(state_dir(args))
+    directory = state_dir(args)
+    # A mistyped --state-dir must not quietly get a tokens file no controller reads. A first
+    # install may issue tokens before the first start, into the directory it made for the
+    # controller (docs/deploy.md): so a missing directory is refused, one without a
+    # database only warned about.
+    if not directory.is_dir():
+        print(f"token issue: state directory {directory} does not exist: give the one the "
+              "controller uses (--state-dir, $NWC_STATE_DIR), or create it first",
+              file=sys.stderr)
+        return EXIT_ERROR
+    if not (directory / DATABASE_FILE).exists():
+        print(f"token issue: warning: {directory} has no {DATABASE_FILE}: no controller has "
+              "run with this state directory yet; the token works once one does",
+              file=sys.stderr)
+    store = TokenStore(directory)
     token, record = store.issue(principal)
     # Only the token on stdout, so `NWC_TOKEN=$(nwc token issue acme)` works; the id (which
     # `nwc token revoke` takes) goes to stderr.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -25,10 +26,22 @@ COMMAND_MODULES = (
     "nwc.lab.story",
 )
 
+# What `nwc --help` says (the module docstring is for developers).
+DESCRIPTION = ("NWC, the Network Weaver Controller: weaves tenants' isolated virtual networks "
+               "together on demand (encrypted, bandwidth-reserved, leased), and runs, checks "
+               "and queries the controller.")
+
 # Exit codes shared by every subcommand.
 EXIT_OK = 0
 EXIT_ERROR = 1  # bad input, invalid configuration, failed check
 EXIT_USAGE = 2  # argparse's own
+# As a command killed by SIGPIPE (128 + 13) ends: `set -o pipefail` sees it the same.
+EXIT_BROKEN_PIPE = 141
+
+
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """`1 link`, `3 links`: what a person expects to read."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
 
 
 def add_state_dir(parser: argparse.ArgumentParser) -> None:
@@ -50,10 +63,12 @@ def cmd_check_policy(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
-        print(f"check-policy: {len(exc.problems)} problem(s)", file=sys.stderr)
+        print(f"check-policy: {counted(len(exc.problems), 'problem')}", file=sys.stderr)
         return EXIT_ERROR
-    print(f"policy OK: {len(policy.tenants)} tenants, {len(policy.ivns)} IVNs, "
-          f"{len(policy.profiles)} security profiles, {len(policy.qos_classes)} QoS classes "
+    print(f"policy OK: {counted(len(policy.tenants), 'tenant')}, "
+          f"{counted(len(policy.ivns), 'IVN')}, "
+          f"{counted(len(policy.profiles), 'security profile')}, "
+          f"{counted(len(policy.qos_classes), 'QoS class', 'QoS classes')} "
           f"({', '.join(policy.sources)})")
     failed = 0
     for path in topologies:
@@ -64,12 +79,13 @@ def cmd_check_policy(args: argparse.Namespace) -> int:
                 print(problem, file=sys.stderr)
             failed += len(exc.problems)
             continue
-        print(f"topology OK: {topo.name}: {len(topo.switches)} switches, {len(topo.links)} "
-              f"links, {len(topo.hosts)} hosts, {len(topo.vms)} VMs ({path})")
+        print(f"topology OK: {topo.name}: {counted(len(topo.switches), 'switch', 'switches')}, "
+              f"{counted(len(topo.links), 'link')}, {counted(len(topo.hosts), 'host')}, "
+              f"{counted(len(topo.vms), 'VM')} ({path})")
         if args.wiring:
             print_wiring(topo)
     if failed:
-        print(f"check-policy: {failed} problem(s)", file=sys.stderr)
+        print(f"check-policy: {counted(failed, 'problem')}", file=sys.stderr)
         return EXIT_ERROR
     return EXIT_OK
 
@@ -110,8 +126,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nwc", description=__doc__.split("\n")[0] if __doc__
-                                     else None)
+    parser = argparse.ArgumentParser(prog="nwc", description=DESCRIPTION)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -146,7 +161,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
-    return int(args.func(args) or 0)
+    try:
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # here, so a reader gone early is caught below, not at exit
+    except BrokenPipeError:
+        # The reader of our output has gone (`nwc weave show X | head -3`): not a problem to
+        # report. stdout now goes nowhere, so the interpreter's last flush cannot fail too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+    return code
 
 
 if __name__ == "__main__":

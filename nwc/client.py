@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from nwc.cli import EXIT_ERROR, EXIT_OK
+from nwc.cli import EXIT_ERROR, EXIT_OK, counted
 from nwc.weave import TRANSIENT_STATES
 
 EXIT_DENIED = 3
@@ -250,10 +250,40 @@ def describe_weave(w: dict[str, Any]) -> str:
 
 
 def weave_rows(weaves: list[dict[str, Any]]) -> str:
-    return table(["ID", "STATE", "REQUESTER", "TARGET", "MBIT/S", "PROFILE", "EXPIRES", "REASON"],
+    # ENDS is the lease's end for a live weave and when it ended for one that has: a weave
+    # ended by request long before its lease would otherwise show a time still to come.
+    return table(["ID", "STATE", "REQUESTER", "TARGET", "MBIT/S", "PROFILE", "ENDS", "REASON"],
                  [[w["id"], w["state"], w["requester"], w["target"],
-                   f"{w['bandwidth_mbps']:g}", w["security_profile"], w["expires_at"],
-                   w.get("reason") or "-"] for w in weaves])
+                   f"{w['bandwidth_mbps']:g}", w["security_profile"],
+                   w.get("ended_at") or w["expires_at"], w.get("reason") or "-"]
+                  for w in weaves])
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return "-" if value is None else str(value)
+
+
+def stats_lines(measured: dict[str, Any]) -> list[str]:
+    """What the data plane measured, one line per counter and per tunnel leg end."""
+    scalars = {k: v for k, v in measured.items() if not isinstance(v, dict | list)}
+    width = max((len(k) for k in scalars), default=0)
+    lines = [f"{k:<{width}}  {_shown(v)}" for k, v in sorted(scalars.items())]
+    for key, value in sorted(measured.items()):
+        if key == "tunnel_legs" and isinstance(value, list):
+            for leg in value:
+                lines.append(f"leg {_shown(leg.get('slot'))}: {_shown(leg.get('requester_host'))}"
+                             f" <-> {_shown(leg.get('target_host'))} ({_shown(leg.get('device'))}"
+                             f", {_shown(leg.get('auth'))}, installed "
+                             f"{_shown(leg.get('installed'))}, rekeying "
+                             f"{_shown(leg.get('rekeying'))})")
+                for host, end in sorted((leg.get("ends") or {}).items()):
+                    lines.append(f"  {host}: " + ", ".join(f"{k} {_shown(v)}"
+                                                           for k, v in end.items()))
+        elif key not in scalars:  # a shape this client does not know yet: JSON, not a repr
+            lines.append(f"{key}  {json.dumps(value, sort_keys=True)}")
+    return lines
 
 
 def fabric_rows(fabric: dict[str, Any]) -> str:
@@ -404,8 +434,7 @@ def cmd_weave_show(args: argparse.Namespace) -> int:
     weave = client.weave(args.weave_id)
     if args.stats:
         stats = client.weave_stats(args.weave_id)
-        human = describe_weave(weave) + "\n" + "\n".join(
-            f"{k:<10} {v}" for k, v in sorted(stats["measured"].items()))
+        human = "\n".join([describe_weave(weave), *stats_lines(stats["measured"])])
         _print(args, {"weave": weave, "stats": stats}, human)
     else:
         _print(args, weave, describe_weave(weave))
@@ -465,7 +494,7 @@ def cmd_events(args: argparse.Namespace) -> int:
     if args.count is None or received < args.count:
         # The server ends a stream only after --count events or with `closing`: anything
         # else is a dropped connection, and a script must not take it for a finished stream.
-        print(f"nwc: unreachable: the event stream ended after {received} event(s)",
+        print(f"nwc: unreachable: the event stream ended after {counted(received, 'event')}",
               file=sys.stderr)
         return EXIT_UNREACHABLE
     return EXIT_OK
@@ -477,31 +506,45 @@ def _run(func: Any) -> Any:
         try:
             return int(func(args))
         except ClientError as exc:
+            fields = [f"{p.get('field')}: {p.get('problem')}"
+                      for p in exc.body.get("fields") or []]
+            # invalid_request's detail is its fields joined: print them once, one a line.
+            detail = "" if fields and exc.detail == "; ".join(fields) else f" {exc.detail}"
             print(f"nwc: {'denied' if exc.exit_code == EXIT_DENIED else 'error'}: "
-                  f"{exc.error}: {exc.detail}", file=sys.stderr)
-            for problem in exc.body.get("fields") or []:
-                print(f"  {problem.get('field')}: {problem.get('problem')}", file=sys.stderr)
+                  f"{exc.error}:{detail}", file=sys.stderr)
+            for line in fields:
+                print(f"  {line}", file=sys.stderr)
             return exc.exit_code
         except Unreachable as exc:
             print(f"nwc: unreachable: {exc}", file=sys.stderr)
             return EXIT_UNREACHABLE
+        except BrokenPipeError:
+            raise  # the reader of stdout has gone (`| head`): nwc.cli.main ends quietly
         except (ValueError, OSError) as exc:
             print(f"nwc: {exc}", file=sys.stderr)
             return EXIT_ERROR
     return wrapped
 
 
+# argparse names the type function in its message for a ValueError ("invalid _positive_int
+# value"): these raise ArgumentTypeError, whose text it prints as it is.
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
 
 
 def _positive_float(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError("must be a positive number")
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
     return value
 
 

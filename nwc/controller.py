@@ -13,7 +13,7 @@ from nwc.config import Config, load_config
 from nwc.lease import Clock, SystemClock
 from nwc.policy import load_policy
 from nwc.store import Store, private_dir
-from nwc.topology import vm_problems
+from nwc.topology import underlay_mtu_problem, vm_problems
 from nwc.weave import Weave
 from nwc.weaver import DEFAULT_PROVISION_TIMEOUT_S, SYSTEM, Actor, Part, Weaver, WeaverLoop
 from nwc.yamlsource import ConfigError
@@ -106,6 +106,11 @@ class Controller:
         # must still fit: a VM of an IVN the new policy drops, or an address outside its new
         # prefixes, would leave a host impossible to program.
         misfits = vm_problems(self.config.topology, policy)
+        # A profile whose legs would not fit the running underlay is refused as a whole (not
+        # per weave): check-policy and the next start would refuse this policy too.
+        short = underlay_mtu_problem(self.config.topology.underlay.mtu, policy)
+        if short:
+            misfits.append(f"underlay.mtu of {self.config.topology.source}: {short}")
         if misfits:
             log.error("policy reload refused, keeping the last good policy: the running "
                       "topology does not fit it:\n%s", "\n".join(misfits))

@@ -181,11 +181,16 @@ def policy_files(paths: Iterable[Path]) -> list[Path]:
 
 def load_policy(paths: Iterable[Path]) -> Policy:
     """Load and validate a policy set spread over one or more files (or directories)."""
+    paths = list(paths)  # read twice: an iterator would be empty the second time
     files = policy_files(paths)
     problems: list[Problem] = []
     docs: list[Document] = []
     if not files:
-        raise ConfigError([Problem("(policy)", 0, "", "no policy files given")])
+        given = list(paths)
+        empty = [p for p in given if p.is_dir()]
+        raise ConfigError([Problem(str(d), 0, "(directory)", "holds no *.yaml or *.yml files")
+                           for d in empty] or
+                          [Problem("(policy)", 0, "", "no policy files given")])
     for path in files:
         doc, parse_problems = read_yaml(path)
         problems += parse_problems
@@ -256,18 +261,26 @@ def build_policy(docs: list[Document]) -> Policy:
         parsed = _profile(name, c)
         if parsed:
             profiles[name] = parsed
-    raw_ivns = [(name, c, _ivn(name, c, tenants)) for name, c in sections["ivns"]]
-    ivns = {name: ivn for name, _, ivn in raw_ivns if ivn}
+    raw_ivns = [(name, c, *_ivn(name, c, tenants)) for name, c in sections["ivns"]]
+    ivns = {name: ivn for name, _, ivn, _ in raw_ivns if ivn}
+    # Names defined but invalid: their own problems are already reported, so a reference to
+    # one is not "unknown" too (one bad field must not add a line per reference to it).
+    defined = Defined(
+        ivns={name for name, _ in sections["ivns"]},
+        profiles={name for name, _ in sections["security_profiles"]},
+        qos_classes=set(qos) | {name for name, _ in sections["qos_classes"]},
+        ivn_tenants={name: _raw_tenant(c) for name, c in sections["ivns"]})
 
     by_vni: dict[int, str] = {}
-    for name, cursor, ivn in raw_ivns:
-        if ivn is None:
-            continue
-        if ivn.vni in by_vni:
-            cursor.child("vni", ivn.vni).problem(
-                f"VNI {ivn.vni} is already used by IVN {by_vni[ivn.vni]!r}")
-        by_vni.setdefault(ivn.vni, name)
-        _check_weaving_refs(ivn, cursor, ivns, tenants, profiles, qos)
+    for name, cursor, ivn, weaving in raw_ivns:
+        if ivn is not None:
+            if ivn.vni in by_vni:
+                cursor.child("vni", ivn.vni).problem(
+                    f"VNI {ivn.vni} is already used by IVN {by_vni[ivn.vni]!r}")
+            by_vni.setdefault(ivn.vni, name)
+        # An IVN invalid elsewhere still has its references checked, so one run lists all.
+        if weaving is not None:
+            _check_weaving_refs(name, weaving, cursor, ivns, tenants, defined)
 
     if problems:
         raise ConfigError(problems)
@@ -437,10 +450,21 @@ def _networks(c: Cursor) -> tuple[ipaddress.IPv4Network, ...]:
     return tuple(n for n, _ in nets)
 
 
-def _ivn(name: str, c: Cursor, tenants: Mapping[str, Tenant]) -> Ivn | None:
+def _raw_tenant(c: Cursor) -> str | None:
+    """The tenant an IVN entry names, read without validating (for IVNs that are invalid)."""
+    value = c.value.get("tenant") if isinstance(c.value, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def _ivn(name: str, c: Cursor, tenants: Mapping[str, Tenant]
+         ) -> tuple[Ivn | None, WeavingPolicy | None]:
+    """The IVN if it is valid, and its weaving policy if that part is valid on its own."""
     fields = c.mapping(IVN_KEYS, {"tenant", "vni", "cidrs", "gateway"})
-    if fields is None or not {"tenant", "vni", "cidrs", "gateway"} <= set(fields):
-        return None
+    if fields is None:
+        return None, None
+    weaving = _weaving(fields["weaving"]) if "weaving" in fields else WeavingPolicy()
+    if not {"tenant", "vni", "cidrs", "gateway"} <= set(fields):
+        return None, weaving
     tenant = fields["tenant"].string(what="a tenant name")
     if tenant is not None and tenant not in tenants:
         fields["tenant"].problem(f"unknown tenant {tenant!r}")
@@ -461,10 +485,9 @@ def _ivn(name: str, c: Cursor, tenants: Mapping[str, Tenant]) -> Ivn | None:
                                                            n.broadcast_address) for n in cidrs):
         gc.problem(f"gateway {gateway} is not a usable address of the IVN's prefixes")
         gateway = None
-    weaving = _weaving(fields["weaving"]) if "weaving" in fields else WeavingPolicy()
     if tenant is None or vni is None or not cidrs or gateway is None or weaving is None:
-        return None
-    return Ivn(name, tenant, vni, cidrs, gateway, weaving)
+        return None, weaving
+    return Ivn(name, tenant, vni, cidrs, gateway, weaving), weaving
 
 
 def _weaving(c: Cursor) -> WeavingPolicy | None:
@@ -474,7 +497,8 @@ def _weaving(c: Cursor) -> WeavingPolicy | None:
                               "profiles"} <= set(fields):
         return None
     partners: list[PartnerRule] = []
-    for pc in fields["partners"].items():
+    listed: dict[tuple[str, str], int] = {}
+    for i, pc in enumerate(fields["partners"].items()):
         pf = pc.mapping({"ivn", "tenant", "prefixes"})
         if pf is None:
             continue
@@ -484,7 +508,13 @@ def _weaving(c: Cursor) -> WeavingPolicy | None:
         key = "ivn" if "ivn" in pf else "tenant"
         target = pf[key].string(what=f"an {key} name")
         prefixes = _networks(pf["prefixes"]) if "prefixes" in pf else ()
-        if target:
+        if target and (key, target) in listed:
+            # The first entry for a partner decides (partner_rule): a second one is dead text
+            # that a reader may take for a rule.
+            pc.problem(f"{key} {target} is already listed at partners[{listed[key, target]}]; "
+                       "put all its prefixes in one entry")
+        elif target:
+            listed[key, target] = i
             partners.append(PartnerRule(**{key: target}, prefixes=prefixes))
     per_weave = fields["max_weave_mbps"].number(minimum=0, exclusive_minimum=True,
                                                 maximum=MAX_BANDWIDTH_MBPS, unit="Mbit/s")
@@ -506,36 +536,60 @@ def _weaving(c: Cursor) -> WeavingPolicy | None:
     return WeavingPolicy(tuple(partners), per_weave, total, duration, profiles, qos)
 
 
-def _check_weaving_refs(ivn: Ivn, c: Cursor, ivns: Mapping[str, Ivn],
-                        tenants: Mapping[str, Tenant], profiles: Mapping[str, SecurityProfile],
-                        qos: Mapping[str, QosClass]) -> None:
-    """Dangling references: partners, profiles and QoS classes that do not exist."""
-    weaving = ivn.weaving
+@dataclass(frozen=True)
+class Defined:
+    """Every name a policy set defines, valid or not, for telling a dangling reference from a
+    reference to a definition whose own problems are reported elsewhere."""
+
+    ivns: set[str]
+    profiles: set[str]
+    qos_classes: set[str]
+    ivn_tenants: Mapping[str, str | None]
+
+
+def _partner_index(rule: PartnerRule, raw: object) -> int:
+    """Where `rule` stands in the YAML list: entries dropped as invalid shift the others, so
+    the rule's position among the kept ones is not its line."""
+    key, name = ("ivn", rule.ivn) if rule.ivn is not None else ("tenant", rule.tenant)
+    for i, item in enumerate(raw if isinstance(raw, list) else []):
+        if isinstance(item, dict) and item.get(key) == name:
+            return i  # the first: a later entry for the same partner is refused
+    return 0
+
+
+def _check_weaving_refs(name: str, weaving: WeavingPolicy, c: Cursor, ivns: Mapping[str, Ivn],
+                        tenants: Mapping[str, Tenant], defined: Defined) -> None:
+    """Dangling references: partners, profiles and QoS classes that are not defined."""
     wc = c.child("weaving", None)
-    for i, rule in enumerate(weaving.partners):
-        rc = wc.child("partners", None).child(i, None)
+    raw = c.value.get("weaving") if isinstance(c.value, dict) else None
+    raw_partners = raw.get("partners") if isinstance(raw, dict) else None
+    for rule in weaving.partners:
+        rc = wc.child("partners", None).child(_partner_index(rule, raw_partners), None)
         if rule.ivn is not None:
             partner = ivns.get(rule.ivn)
-            if rule.ivn == ivn.name:
+            if rule.ivn == name:
                 rc.problem("an IVN cannot list itself as a weaving partner")
-            elif partner is None:
+            elif rule.ivn not in defined.ivns:
                 rc.problem(f"unknown partner IVN {rule.ivn!r}")
-            else:
+            elif partner is not None:
                 for prefix in rule.prefixes:
                     if not partner.covers(prefix):
                         rc.problem(f"prefix {prefix} is not inside partner {rule.ivn}'s prefixes "
                                    f"({', '.join(map(str, partner.cidrs))})")
         elif rule.tenant not in tenants:
             rc.problem(f"unknown partner tenant {rule.tenant!r}")
-        else:
+        elif not any(ivn_name not in ivns and tenant in (rule.tenant, None)
+                     for ivn_name, tenant in defined.ivn_tenants.items()):
+            # Only when every IVN that may be this tenant's is valid: a prefix inside an
+            # invalid one would otherwise be reported as outside the tenant.
             nets = [n for other in ivns.values() if other.tenant == rule.tenant
                     for n in other.cidrs]
             for prefix in rule.prefixes:
                 if not any(prefix.subnet_of(n) for n in nets):
                     rc.problem(f"prefix {prefix} is not inside any IVN of tenant {rule.tenant}")
-    for i, name in enumerate(weaving.profiles):
-        if name not in profiles:
+    for i, profile in enumerate(weaving.profiles):
+        if profile not in defined.profiles:
             wc.child("profiles", None).child(i, None).problem(
-                f"unknown security profile {name!r}")
-    if weaving.qos_class not in qos:
+                f"unknown security profile {profile!r}")
+    if weaving.qos_class not in defined.qos_classes:
         wc.child("qos_class", None).problem(f"unknown QoS class {weaving.qos_class!r}")

@@ -22,7 +22,7 @@ import threading
 from pathlib import Path
 from typing import Any, NoReturn
 
-from nwc.cli import EXIT_ERROR, EXIT_OK, add_state_dir, state_dir
+from nwc.cli import EXIT_ERROR, EXIT_OK, add_state_dir, counted, state_dir
 from nwc.config import DEFAULT_TOPOLOGY, SHIPPED_POLICIES
 from nwc.controller import Controller
 from nwc.ofguard import parse_networks
@@ -163,11 +163,16 @@ def apply_config_file(args: argparse.Namespace, parser: argparse.ArgumentParser)
     options = {a.dest: a for a in parser._actions
                if a.option_strings and a.dest not in ("help", "config_file")}
     given = given_on_command_line(args)
+    # configparser sees `api-port` and `api_port` as two keys; they set one option, and a
+    # file setting both would silently keep whichever came last.
+    spelled: dict[str, str] = {}
     for key, raw in ini.items("nwc"):
         dest = key.replace("-", "_")
         action = options.get(dest)
         if action is None:
             parser.error(f"{path}: unknown option {key!r}")
+        if spelled.setdefault(dest, key) != key:
+            parser.error(f"{path}: {spelled[dest]} is set twice in [nwc] (also as {key})")
         if dest in given:
             continue  # the command line said otherwise
         if dest == "policy":
@@ -220,9 +225,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         target=controller.reload_policy, name="nwc-reload", daemon=True).start())
     controller.start()
     topo = controller.config.topology
-    log.info("NWC controller up: topology %s (%d switches, %d hosts), %d live weaves, "
-             "state in %s", topo.name, len(topo.switches), len(topo.hosts),
-             len(controller.weaver.live), controller.state_dir)
+    log.info("NWC controller up: topology %s (%s, %s), %s, state in %s", topo.name,
+             counted(len(topo.switches), "switch", "switches"), counted(len(topo.hosts), "host"),
+             counted(len(controller.weaver.live), "live weave"), controller.state_dir)
     code = EXIT_OK
     try:
         for name in SHELLS:

@@ -57,6 +57,10 @@ class TransactionLost(sqlite3.OperationalError):
     """SQLite ended the transaction on its own, part-way: none of it is on disk."""
 
 
+# The database's name inside a state directory (`nwc token issue` looks for it too).
+DATABASE_FILE = "nwc.db"
+
+
 def private_dir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(path, 0o700)
@@ -66,7 +70,7 @@ def private_dir(path: Path) -> Path:
 class Store:
     def __init__(self, state_dir: Path) -> None:
         self.dir = private_dir(state_dir)
-        self.path = self.dir / "nwc.db"
+        self.path = self.dir / DATABASE_FILE
         old_umask = os.umask(0o077)
         try:
             self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)

@@ -18,6 +18,7 @@ from typing import Literal
 
 import networkx as nx
 
+from nwc.mtu import VM_MTU, VXLAN_OVERHEAD, mtu_plan
 from nwc.policy import MAX_BANDWIDTH_MBPS, MAX_IVN_VNI, NAME, NAME_WHAT, Ivn, Policy
 from nwc.yamlsource import ConfigError, Cursor, Document, Problem, parse_yaml, read_yaml, shown
 
@@ -188,6 +189,27 @@ def vm_problems(topology: Topology, policy: Policy) -> list[str]:
     return problems
 
 
+def underlay_mtu_problem(mtu: int, policy: Policy | None) -> str | None:
+    """Why an underlay of `mtu` cannot carry a full-size VM frame unfragmented, naming the
+    minimum; None if it can. The IVN overlay needs room for VXLAN; with a policy, a weave leg
+    also needs room for ESP, whose overhead depends on its profile's ESP proposals. Only
+    profiles some IVN allows count: no weave can use the others."""
+    overlay = VM_MTU + VXLAN_OVERHEAD
+    need, why = overlay, f"a full-size VM frame takes in the IVN overlay ({VM_MTU} + " \
+                         f"{VXLAN_OVERHEAD} VXLAN)"
+    allowed = sorted({name for ivn in (policy.ivns.values() if policy else ())
+                      for name in ivn.weaving.profiles})
+    for name in allowed:
+        plan = mtu_plan(policy.profiles[name].esp_proposals, mtu)  # type: ignore[union-attr]
+        if plan.underlay_mtu_needed > need:
+            need = plan.underlay_mtu_needed
+            why = (f"a full-size VM frame takes in a weave leg of security profile {name} "
+                   f"({VM_MTU} + {VXLAN_OVERHEAD} VXLAN + {plan.esp_overhead} ESP)")
+    if mtu >= need:
+        return None
+    return f"underlay MTU {mtu} is below the {need} bytes {why}; set it to at least {need}"
+
+
 def _address_misfit(ip: ipaddress.IPv4Address, ivn: Ivn) -> str | None:
     """Why a VM address cannot be in `ivn`, or None."""
     if not ivn.contains(ip):
@@ -259,6 +281,9 @@ def build_topology(doc: Document, policy: Policy | None = None) -> Topology:
             for b in keys[:i]:
                 if nets[a] and nets[b] and nets[a].overlaps(nets[b]):
                     uf[a].problem(f"overlaps underlay.{b} ({nets[b]})")
+        if "mtu" in uf and mtu and (short := underlay_mtu_problem(mtu, policy)):
+            uf["mtu"].problem(short)
+            mtu = None
         if all(nets.values()) and mtu:
             underlay = Underlay(nets["hosts"], nets["weave_endpoints"], nets["weave_vteps"], mtu)
             if underlay.weave_slots < 1:
@@ -355,9 +380,13 @@ def build_topology(doc: Document, policy: Policy | None = None) -> Topology:
             if other != item.name:
                 (top["switches" if kind == "switch" else "hosts"]
                  .child(item.name, None).problem(f"dpid {item.dpid:#x} is also used by {other}"))
-    all_dpids = [s.dpid for s in switches.values()] + [h.dpid for h in hosts.values()]
-    if len(set(all_dpids)) != len(all_dpids):
-        top["hosts"].problem("a host's dpid equals a switch's dpid")
+    # Duplicates within switches or within hosts are reported above; only a host sharing a
+    # switch's dpid is left.
+    switch_dpids = {s.dpid: s.name for s in switches.values()}
+    for h in hosts.values():
+        if h.dpid in switch_dpids:
+            top["hosts"].child(h.name, None).problem(
+                f"dpid {h.dpid:#x} is also used by switch {switch_dpids[h.dpid]}")
     by_ip: dict[ipaddress.IPv4Address, str] = {}
     for h in hosts.values():
         if by_ip.setdefault(h.underlay_ip, h.name) != h.name:
@@ -393,6 +422,11 @@ def build_topology(doc: Document, policy: Policy | None = None) -> Topology:
             mac = None
         port = vf["port"].string(pattern=PORT_NAME, what="an interface name of at most 15 "
                                  "characters") if "port" in vf else vname
+        if "port" not in vf and not PORT_NAME.fullmatch(vname):
+            # The port defaults to the VM's name, and an interface name stops at 15 characters.
+            vc.problem(f"VM name {vname!r} is longer than an interface name (15 characters) "
+                       "and there is no `port:` to name the VM's port")
+            port = None
         if mac and macs.setdefault(mac, vname) != vname:
             vc.problem(f"MAC {mac} is also used by VM {macs[mac]}")
             mac = None

@@ -437,7 +437,7 @@ class Weaver:
                                         new_expires_at=new_expiry, paths=weave.paths,
                                         policy=self.policy, fabric=self.fabric,
                                         live=self.live_view(weave.requester, weave.target),
-                                        now=now)
+                                        now=now, extension_s=duration_s)
         if denial is not None:
             with self.store.transaction():
                 self._audit("weave.extend", "denied", weave=weave, actor=actor,

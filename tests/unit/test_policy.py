@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -239,6 +242,62 @@ def test_several_problems_are_all_reported() -> None:
     assert any("ivns.web.vni" in p for p in found) and any("ivns.db.gateway" in p for p in found)
 
 
+WITH_QOS = BASE.replace("      profiles: [gold]\n",
+                        "      profiles: [gold]\n      qos_class: premium\n") \
+    + "qos_classes:\n  premium: {dscp: 46}\n"
+
+
+@pytest.mark.parametrize(("find", "replace", "expected"), [
+    # A bad field in a definition is reported once, not again at every reference to it.
+    ("auth: psk", "auth: psk\n    rekey_s: 10", "security_profiles.gold.rekey_s: must be at least"),
+    ("esp: [aes256gcm16]", "esp: [aes256gcm16-md5]", "unknown or disallowed algorithm 'md5'"),
+    ("{dscp: 46}", "{dscp: 99}", "qos_classes.premium.dscp: must be at most 63"),
+    ("gateway: 192.0.2.65", "gateway: nope", "ivns.db.gateway: expected an IPv4 address"),
+])
+def test_a_reference_to_an_invalid_definition_is_not_also_unknown(find: str, replace: str,
+                                                                   expected: str) -> None:
+    assert expected in one_problem(WITH_QOS.replace(find, replace))
+
+
+def test_references_of_an_invalid_ivn_are_still_checked() -> None:
+    found = problems(BASE.replace("vni: 10", "vni: x").replace("profiles: [gold]",
+                                                               "profiles: [platinum]"))
+    assert len(found) == 2, found
+    assert any("ivns.web.weaving.profiles[0]: unknown security profile 'platinum'" in p
+               for p in found)
+
+
+def test_tenant_prefixes_are_not_judged_against_an_invalid_ivn() -> None:
+    text = BASE.replace("partners: [{ivn: db}]",
+                        "partners: [{tenant: globex, prefixes: [192.0.2.64/27]}]")
+    load = parse_policy_text(textwrap.dedent(text), "p.yaml")
+    assert load.ivns["web"].weaving.partners[0].tenant == "globex"
+    # db (globex's only IVN) is invalid: its own problem is the only one reported.
+    assert "ivns.db.vni" in one_problem(text.replace("vni: 20", "vni: -1"))
+
+
+def test_a_partner_listed_twice_is_a_problem() -> None:
+    msg = one_problem(BASE.replace("partners: [{ivn: db}]", "partners: [{ivn: db}, {tenant: "
+                                   "globex}, {ivn: db, prefixes: [192.0.2.64/27]}]"))
+    assert msg.startswith("p.yaml:19: ivns.web.weaving.partners[2]: ivn db is already listed "
+                          "at partners[0]")
+
+
+def test_a_dangling_partner_is_located_after_a_dropped_entry() -> None:
+    found = problems(BASE.replace("partners: [{ivn: db}]",
+                                  "partners: [{ivn: db, tenant: globex}, {ivn: nosuch}]"))
+    assert any("ivns.web.weaving.partners[1]: unknown partner IVN 'nosuch'" in p
+               for p in found), found
+
+
+def test_check_policy_on_a_directory_without_policy_files_says_so(tmp_path: Path,
+                                                                  capsys) -> None:
+    assert main(["check-policy", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert f"{tmp_path}: (directory): holds no *.yaml or *.yml files" in err
+    assert "no policy files given" not in err
+
+
 def test_definitions_merge_across_files_and_clash_is_located(tmp_path: Path) -> None:
     (tmp_path / "a.yaml").write_text(BASE)
     (tmp_path / "b.yaml").write_text("tenants:\n  initech: {}\n")
@@ -265,7 +324,31 @@ def test_check_policy_cli_exit_codes_and_output(tmp_path: Path, capsys) -> None:
     assert err[0] == (f"{bad}:16: ivns.web.vni: duplicate key (first defined on line 15); "
                       "YAML would silently keep only the last one")
     assert any("ivns.web.weaving.partners[0]: unknown partner IVN 'gone'" in e for e in err)
-    assert err[-1] == "check-policy: 2 problem(s)"
+    assert err[-1] == "check-policy: 2 problems"
+
+
+def test_check_policy_counts_in_words(tmp_path: Path, capsys) -> None:
+    (tmp_path / "p.yaml").write_text(BASE)
+    (tmp_path / "t.yaml").write_text(TOPOLOGY)
+    assert main(["check-policy", str(tmp_path / "p.yaml"), "--topology",
+                 str(tmp_path / "t.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "policy OK: 2 tenants, 2 IVNs, 1 security profile, 1 QoS class (" in out
+    assert "topology OK: t: 2 switches, 2 links, 1 host, 0 VMs (" in out
+
+
+def test_output_cut_short_by_its_reader_is_not_an_error_message(tmp_path: Path) -> None:
+    """`nwc ... | head -1`: the reader goes before nwc has written everything."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write now fails with EPIPE, as after `head` has exited
+    try:
+        done = subprocess.run([sys.executable, "-m", "nwc.cli", "check-policy"],
+                              stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60,
+                              check=False)
+    finally:
+        os.close(write_end)
+    assert done.stderr == ""
+    assert done.returncode == 141  # as a command killed by SIGPIPE
 
 
 def test_check_policy_validates_topologies_against_the_policy(tmp_path: Path, capsys) -> None:
@@ -327,6 +410,34 @@ def topology_problems(text: str) -> list[str]:
     return [str(p) for p in exc.value.problems]
 
 
+def test_underlay_mtu_must_hold_the_legs_of_every_allowed_profile() -> None:
+    """BASE's gold (ESP aes256gcm16: 65 bytes) needs 1500 + 50 VXLAN + 65 = 1615."""
+    policy = parse_policy_text(BASE)
+    thin = TOPOLOGY.replace("weave_vteps: 100.100.0.0/24}", "weave_vteps: 100.100.0.0/24,\n"
+                            "           mtu: 1614}")
+    with pytest.raises(ConfigError) as exc:
+        parse_topology_text(thin, policy, file="t.yaml")
+    (msg,) = map(str, exc.value.problems)
+    assert msg == ("t.yaml:4: underlay.mtu: underlay MTU 1614 is below the 1615 bytes a "
+                   "full-size VM frame takes in a weave leg of security profile gold (1500 + 50 "
+                   "VXLAN + 65 ESP); set it to at least 1615")
+    assert parse_topology_text(thin.replace("1614", "1615"), policy).underlay.mtu == 1615
+    # A profile no IVN allows carries no weave, so its bigger overhead does not count.
+    unused = BASE.replace("security_profiles:\n", "security_profiles:\n  sha:\n"
+                          "    ike: [aes256-sha512-prfsha512-x25519]\n    esp: [aes256-sha512]\n"
+                          "    auth: psk\n    acl: [{from: either, protocol: any}]\n")
+    assert parse_topology_text(thin.replace("1614", "1615"),
+                               parse_policy_text(unused)).underlay.mtu == 1615
+
+
+def test_underlay_mtu_must_hold_the_ivn_overlay_without_a_policy() -> None:
+    thin = TOPOLOGY.replace("weave_vteps: 100.100.0.0/24}", "weave_vteps: 100.100.0.0/24,\n"
+                            "           mtu: 1400}")
+    (msg,) = topology_problems(thin)
+    assert msg.startswith("t.yaml:4: underlay.mtu: underlay MTU 1400 is below the 1550 bytes")
+    assert "set it to at least 1550" in msg
+
+
 def test_base_topology_is_valid() -> None:
     assert parse_topology_text(TOPOLOGY).name == "t"
 
@@ -344,6 +455,12 @@ def test_base_topology_is_valid() -> None:
     pytest.param("s1: {}", f"s1: {{dpid: {HUGE_HEX}}}",
                  "t.yaml:4: switches.s1.dpid: must be at most 18446744073709551615, "
                  "got an integer of about 6021 digits", id="dpid-too-long-to-print"),
+    # A VM's port defaults to its name; interface names stop at 15 characters.
+    ("  h1: {switch: s1, uplink_mbps: 100, underlay_ip: 100.64.0.1}\n",
+     "  h1: {switch: s1, uplink_mbps: 100, underlay_ip: 100.64.0.1}\n"
+     "vms:\n  storefront-web-01: {host: h1, ivn: web, ip: 192.0.2.5}\n",
+     "t.yaml:10: vms.storefront-web-01: VM name 'storefront-web-01' is longer than an "
+     "interface name (15 characters) and there is no `port:`"),
 ])
 def test_each_topology_rule_gives_a_precise_problem(find: str, replace: str,
                                                     expected: str) -> None:
@@ -351,3 +468,22 @@ def test_each_topology_rule_gives_a_precise_problem(find: str, replace: str,
     assert text != TOPOLOGY, "the test's search text must be in TOPOLOGY"
     found = topology_problems(text)
     assert any(p.startswith(expected) for p in found), found
+
+
+def test_a_vm_with_a_long_name_and_its_own_port_is_valid() -> None:
+    text = TOPOLOGY + "vms:\n  storefront-web-01: {host: h1, ivn: web, ip: 192.0.2.5, port: sw1}\n"
+    assert parse_topology_text(text).vms["storefront-web-01"].port == "sw1"
+
+
+@pytest.mark.parametrize(("find", "replace", "expected"), [
+    ("s1: {}, s2: {}", "s1: {dpid: 7}, s2: {dpid: 7}",
+     "t.yaml:4: switches.s2: dpid 0x7 is also used by s1"),
+    ("s1: {}, s2: {}", "s1: {dpid: 7}, s2: {}",
+     "t.yaml:8: hosts.h1: dpid 0x7 is also used by switch s1"),
+])
+def test_a_duplicate_dpid_is_one_problem_on_the_right_entry(find: str, replace: str,
+                                                            expected: str) -> None:
+    text = TOPOLOGY.replace(find, replace)
+    if "hosts.h1" in expected:
+        text = text.replace("underlay_ip: 100.64.0.1}", "underlay_ip: 100.64.0.1, dpid: 7}")
+    assert topology_problems(text) == [expected]

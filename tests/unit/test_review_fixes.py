@@ -102,6 +102,30 @@ def test_a_reload_that_would_orphan_vms_of_the_topology_is_refused(tmp_path: Pat
         controller.stop()
 
 
+def test_a_reload_whose_profile_legs_would_not_fit_the_underlay_is_refused(
+        tmp_path: Path) -> None:
+    policy_dir = copy_shipped_policies(tmp_path / "policies")
+    topology = tmp_path / "small.yaml"
+    # Exactly what gold (aes256gcm16, 65 bytes of ESP) needs: 1500 + 50 VXLAN + 65.
+    topology.write_text((SHIPPED_TOPOLOGIES / "small.yaml").read_text()
+                        .replace("mtu: 9000", "mtu: 1615"))
+    controller = Controller.from_paths(tmp_path / "state", [policy_dir], topology)
+    controller.start()
+    try:
+        before = controller.weaver.policy
+        profiles = policy_dir / "10-profiles.yaml"
+        # aes256-sha512 takes 101 bytes of ESP: its legs need 1651.
+        profiles.write_text(profiles.read_text().replace("esp: [aes256gcm16-x25519]",
+                                                         "esp: [aes256-sha512-x25519]"))
+        problems = controller.reload_policy()
+        assert problems == [f"underlay.mtu of {topology}: underlay MTU 1615 is below the 1651 "
+                            "bytes a full-size VM frame takes in a weave leg of security profile "
+                            "gold (1500 + 50 VXLAN + 101 ESP); set it to at least 1651"], problems
+        assert controller.weaver.policy is before
+    finally:
+        controller.stop()
+
+
 def test_a_failing_audit_file_never_undoes_a_committed_weave(make_weaver, small,
                                                              monkeypatch, tmp_path) -> None:
     weaver = make_weaver(small)

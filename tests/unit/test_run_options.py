@@ -44,6 +44,7 @@ def test_the_file_fills_in_options_not_given(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("text", "says"), [
     ("api-port = 8181\n", "before any section header"),
     ("[nwc]\napi-port = 1\napi-port = 2\n", "api-port is set twice"),
+    ("[nwc]\napi-port = 1\napi_port = 2\n", "api-port is set twice in [nwc] (also as api_port)"),
     ("[nwc]\nfunc = x\n", "unknown option 'func'"),
     ("[nwc]\ncommand = x\n", "unknown option 'command'"),
     ("[nwc]\napi-port = eighty\n", "api-port = 'eighty' is not valid"),

@@ -13,6 +13,7 @@ from tunnel_fakes import POLICY, TOPO, one_leg_weave
 from vici.protocol import Message
 
 from nwc.lab.tunnel_lab import TWO_HOSTS
+from nwc.mtu import esp_overhead, mtu_plan
 from nwc.pki import Secret, new_psk
 from nwc.topology import Topology, parse_topology_text
 from nwc.tunnel import (
@@ -22,9 +23,7 @@ from nwc.tunnel import (
     SaInfo,
     TunnelError,
     TunnelSpec,
-    esp_overhead,
     leg_specs,
-    mtu_plan,
     weave_specs,
 )
 from nwc.weave import Weave

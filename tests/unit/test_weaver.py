@@ -107,6 +107,22 @@ def test_extension_is_validated_again(make_weaver, small, clock) -> None:
         "extended", "denied", "extended", "denied"]
 
 
+def test_a_too_long_extension_says_what_was_asked_in_whole_seconds(make_weaver, small,
+                                                                    clock) -> None:
+    weaver = make_weaver(small)
+    weave = weaver.create(WeaveRequest("acme-web", "globex-db", 3000, 20))
+    clock.advance(447.3)  # 2552.7 s left
+    denial = weaver.extend(weave.id, 3600)
+    assert isinstance(denial, Denial) and denial.rule == "duration"
+    asked = ("the lease would end in 6153 s (3600 s requested on top of the 2553 s left), "
+             "which exceeds target IVN globex-db's maximum")
+    assert denial.detail == asked + " of 3600 s"
+    assert denial.tenant_detail == asked  # the target's cap is the other tenant's to know
+    huge = weaver.create(WeaveRequest("acme-web", "globex-db", 999_999, 20))
+    assert isinstance(huge, Denial)
+    assert huge.detail == "duration 999999 s exceeds requester IVN acme-web's maximum of 86400 s"
+
+
 def test_extend_rejects_bad_duration_and_unknown_weave(make_weaver, small) -> None:
     weaver = make_weaver(small)
     weave = weaver.create(REQ)

@@ -13,6 +13,7 @@ from api_harness import Harness
 
 from nwc.auth import TOKEN_SHAPE, TokenStore
 from nwc.cli import main
+from nwc.store import Store
 
 pytestmark = pytest.mark.unit
 
@@ -117,6 +118,23 @@ def test_admin_tokens_and_listing_without_secrets(tmp_path: Path,
     assert set(listed[0]) == {"id", "principal", "created_at"}
     assert main(["token", "revoke", listed[0]["id"], "--state-dir", str(tmp_path)]) == 0
     assert TokenStore(tmp_path).authenticate(token) is None
+
+
+def test_token_issue_refuses_a_state_dir_that_does_not_exist(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    typo = tmp_path / "typo"
+    assert main(["token", "issue", "acme", "--state-dir", str(typo)]) == 1
+    out = capsys.readouterr()
+    assert out.out == "" and f"state directory {typo} does not exist" in out.err
+    assert not typo.exists()
+    # A directory made for the controller but not yet used by it (a first install) gets
+    # its token, with a warning.
+    assert main(["token", "issue", "acme", "--state-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr()
+    assert out.out.startswith("nwc_") and "warning" in out.err and "no nwc.db" in out.err
+    Store(tmp_path).close()
+    assert main(["token", "issue", "acme", "--state-dir", str(tmp_path)]) == 0
+    assert "warning" not in capsys.readouterr().err
 
 
 def test_token_issue_refuses_unknown_tenants(tmp_path: Path,

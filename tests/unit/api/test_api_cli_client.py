@@ -18,13 +18,14 @@ from api_harness import EagerPart, Harness, ManualPart
 
 import nwc.api as api_module
 from nwc.api import ApiServer, ApiSettings, serve
-from nwc.cli import main
+from nwc.cli import build_parser, main
 from nwc.client import (
     EXIT_DENIED,
     EXIT_FAILED,
     EXIT_UNAUTHENTICATED,
     EXIT_UNREACHABLE,
     ApiClient,
+    stats_lines,
 )
 
 pytestmark = pytest.mark.unit
@@ -155,6 +156,8 @@ def test_bad_input_exits_1_field_by_field(served: Served,
     code, _, err = nwc(capsys, "weave", "create", "Acme", "globex-db", "--duration", "60",
                        "--bandwidth", "5")
     assert code == 1 and "body.requester" in err
+    assert err.count("body.requester") == 1, err  # the field line, not the detail as well
+    assert err.splitlines()[0] == "nwc: error: invalid_request:"
     code, _, err = nwc(capsys, "weave", "show", "wv-000404")
     assert code == 1 and "unknown_weave" in err
 
@@ -282,7 +285,7 @@ def test_an_event_stream_that_drops_before_count_exits_5(
                             + f"{len(ready):x}\r\n".encode() + ready + b"\r\n")
     monkeypatch.setenv("NWC_TOKEN", "nwc_" + "a" * 43)
     code, _, err = nwc(capsys, "events", "--count", "3", "--api-url", url)
-    assert code == EXIT_UNREACHABLE and "ended after 0 event(s)" in err
+    assert code == EXIT_UNREACHABLE and "ended after 0 events" in err
 
 
 def test_a_service_that_does_not_speak_http_exits_5(
@@ -291,3 +294,51 @@ def test_a_service_that_does_not_speak_http_exits_5(
     monkeypatch.setenv("NWC_TOKEN", "nwc_" + "a" * 43)
     code, _, err = nwc(capsys, "fabric", "--api-url", url)
     assert code == EXIT_UNREACHABLE and "unreachable" in err
+
+
+def test_argument_errors_name_no_internal_function(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["weave", "extend", "wv-000001", "--duration", "1.5"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2
+    assert "argument --duration: expected a whole number, got '1.5'" in err
+    assert "_positive" not in err
+    with pytest.raises(SystemExit):
+        main(["weave", "list", "--timeout", "soon"])
+    assert "argument --timeout: expected a number, got 'soon'" in capsys.readouterr().err
+
+
+def test_help_describes_the_command_not_the_code() -> None:
+    text = build_parser().format_help()
+    assert "Network Weaver Controller" in text and "COMMAND_MODULES" not in text
+
+
+def test_list_shows_when_an_ended_weave_ended(served: Served,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    nwc(capsys, "weave", "create", "acme-web", "globex-db", "--duration", "600",
+        "--bandwidth", "5")
+    served.harness.clock.advance(30)
+    nwc(capsys, "weave", "delete", "wv-000001")
+    _, out, _ = nwc(capsys, "weave", "show", "wv-000001", "--json")
+    weave = json.loads(out)
+    code, out, _ = nwc(capsys, "weave", "list")
+    assert code == 0
+    header, row = (line.split() for line in out.splitlines())
+    assert header[6] == "ENDS" and row[6] == weave["ended_at"] != weave["expires_at"]
+
+
+def test_stats_are_lines_not_a_python_repr() -> None:
+    end = {"phase": "up", "ike_state": "ESTABLISHED", "child_state": "INSTALLED",
+           "encryption": "AES_GCM_16", "key_bits": 256, "dh_group": "CURVE_25519",
+           "bytes_in": 10, "bytes_out": 20, "rekeys": 0}
+    measured = {"sa_state": "established", "rekeys": 0, "bytes_requester_to_target": 5,
+                "tunnel_legs": [{"slot": 0, "device": "nwv0", "requester_host": "h1",
+                                 "target_host": "h2", "auth": "psk", "installed": True,
+                                 "rekeying": False, "ends": {"h2": end, "h1": end}}]}
+    lines = stats_lines(measured)
+    assert lines[:3] == ["bytes_requester_to_target  5", "rekeys                     0",
+                         "sa_state                   established"]
+    assert lines[3] == "leg 0: h1 <-> h2 (nwv0, psk, installed yes, rekeying no)"
+    assert lines[4].startswith("  h1: phase up, ike_state ESTABLISHED, child_state INSTALLED,")
+    assert lines[5].startswith("  h2: ") and len(lines) == 6
+    assert not any("{" in line or "'" in line for line in lines)
