@@ -72,10 +72,16 @@ class Controller:
     def on_stop(self, stopper: Callable[[], None]) -> None:
         self._stoppers.append(stopper)
 
-    def start(self) -> None:
-        self.weaver.recover()
+    def start(self, parts_to_attach: bool = False) -> None:
+        """Recover the state and start the loop. `parts_to_attach`: the shells attach their
+        parts after this (as `nwc run`'s do; call `parts_attached` once they have), and the
+        teardowns of weaves the previous run may have built wait for them."""
+        self.weaver.recover(parts_to_attach=parts_to_attach)
         self.loop.start()
         self.loop.call(self.weaver.start_parts)
+
+    def parts_attached(self) -> None:
+        self.loop.call(self.weaver.parts_attached)
 
     def stop(self) -> None:
         for stopper in reversed(self._stoppers):

@@ -342,9 +342,12 @@ class FlowsPart:
         # teardown must wait for those as for a switch that dropped in this run. Only the
         # current paths are known; on a fabric switch of an older path the previous run
         # removed them when the weave moved, or that switch's own resync does (fabric flows
-        # steer a slot's outer addresses only, and a weave's hosts never change).
+        # steer a slot's outer addresses only, and a weave's hosts never change). The same
+        # holds for the weaves of the previous run whose teardown is under way (left
+        # terminating by its stop, or ended at recovery): attach_part hands them to
+        # weave_down, which then waits for each of those switches' resync.
         topology = self.weaver.topology
-        for weave in self.weaver.live.values():
+        for weave in [*self.weaver.live.values(), *self.weaver.inherited_teardowns()]:
             self.placed[weave.id] = weave_switches(topology, weave)
         self.weaver.attach_part(self)
         timer = threading.Thread(target=self._refresh_timer, name="nwc-flows-refresh",

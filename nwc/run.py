@@ -218,7 +218,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGHUP, lambda *_: threading.Thread(
         target=controller.reload_policy, name="nwc-reload", daemon=True).start())
-    controller.start()
+    controller.start(parts_to_attach=True)
     topo = controller.config.topology
     log.info("NWC controller up: topology %s (%d switches, %d hosts), %d live weaves, "
              "state in %s", topo.name, len(topo.switches), len(topo.hosts),
@@ -234,6 +234,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 log.debug("%s is not part of this build", name)
                 continue
             module.serve(controller, args)
+        controller.parts_attached()
         stop.wait()
     except StartRefused as exc:
         log.error("NWC controller cannot start: %s", exc)
