@@ -462,8 +462,11 @@ class Weaver:
 
     def _free_number(self, number: int) -> int:
         """The first weave number from `number` on whose meter ids (derived from the number
-        modulo METER_SPACE) no live weave holds: a switch cannot have two meters of one id."""
-        while self.live.holds_residue(number):
+        modulo METER_SPACE) no live weave holds: a switch cannot have two meters of one id.
+        Nor a weave being torn down: a switch that still holds it (away, or not back since a
+        restart) would have its meters, and its flows using them, for the new weave's."""
+        tearing = {record.number % METER_SPACE for record, _, _ in self._tearing.values()}
+        while self.live.holds_residue(number) or number % METER_SPACE in tearing:
             number += 1
         return number
 

@@ -13,6 +13,7 @@ from policy_edits import shipped_text
 from nwc.admission import WeaveRequest
 from nwc.lab.tunnel_lab import TWO_HOSTS
 from nwc.lease import ManualClock
+from nwc.pipeline import METER_SPACE
 from nwc.policy import Policy, parse_policy_text
 from nwc.store import Store
 from nwc.topology import Topology, parse_topology_text
@@ -70,6 +71,25 @@ def test_terminating_lasts_until_the_confirming_parts_report(
     assert slots <= set(weaver._free_slots)
     states = [e["weave"]["state"] for e in events if e["type"] == "weave.state"]
     assert states[-2:] == ["terminating", "terminated"]
+
+
+def test_a_weave_being_torn_down_keeps_its_meter_ids(
+        make_weaver: Callable[..., Weaver], two_hosts: Topology) -> None:
+    """Weave numbers METER_SPACE apart share meter ids: a new weave does not get those of a
+    weave a switch may still hold, until its teardown is confirmed."""
+    weaver, _ = _teardown_weaver(make_weaver, two_hosts)
+    old = weaver.create(WeaveRequest("acme-web", "globex-db", 600, 5))
+    assert isinstance(old, Weave)
+    weaver.terminate(old.id)
+    clash = old.number + METER_SPACE
+    weaver._next_number = clash
+    first = weaver.create(WeaveRequest("acme-web", "globex-db", 600, 5))
+    assert isinstance(first, Weave) and first.number == clash + 1
+    weaver.terminate(first.id)
+    weaver.part_down(old.id, "flows")
+    weaver._next_number = clash
+    second = weaver.create(WeaveRequest("acme-web", "globex-db", 600, 5))
+    assert isinstance(second, Weave) and second.number == clash  # free once confirmed
 
 
 def test_an_unconfirmed_teardown_ends_at_its_deadline_with_an_event(
