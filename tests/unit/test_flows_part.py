@@ -357,6 +357,27 @@ def test_a_switch_listing_more_meters_than_a_switch_can_hold_is_dropped(
     assert id(dp) not in app._meter_requests
 
 
+def test_a_switch_that_connected_before_the_part_attached_is_resynced_when_it_does(
+        fsim: FlowsSim) -> None:
+    """nwc run starts os-ken's listener, then attaches the part: a switch whose handshake
+    ended in between sends nothing more (it is connected), so it must be taken on attach."""
+    app = ofapp.FlowsApp()  # listening, no part yet
+    dp = FakeDatapath(fsim.dpid("h1"), fsim.net, "h1")
+    dp.part = fsim.part
+    dp.ports = {number: SimpleNamespace(name=name.encode(), port_no=number, state=0, config=0)
+                for name, number in fsim.net.ports["h1"].items()}
+    app.state_change(SimpleNamespace(datapath=dp, state=MAIN_DISPATCHER))
+    xid = app._meter_requests[id(dp)][1]
+    app.meter_config(SimpleNamespace(msg=SimpleNamespace(datapath=dp, xid=xid, flags=0,
+                                                         body=[])))
+    fsim.settle()
+    assert fsim.dpid("h1") not in fsim.part.switches  # nobody to hand it to yet
+    app.attach(fsim.part)
+    fsim.settle()
+    assert fsim.part.switches[fsim.dpid("h1")].synced
+    assert fsim.reaches("web1", "web3")  # its base program, from the resync
+
+
 FLOW_STATS = (ofp.OFPT_MULTIPART_REQUEST, ofp.OFPMP_FLOW)
 METER_STATS = (ofp.OFPT_MULTIPART_REQUEST, ofp.OFPMP_METER)
 
