@@ -15,7 +15,15 @@ from nwc.policy import load_policy
 from nwc.store import Store, private_dir
 from nwc.topology import vm_problems
 from nwc.weave import Weave
-from nwc.weaver import DEFAULT_PROVISION_TIMEOUT_S, SYSTEM, Actor, Part, Weaver, WeaverLoop
+from nwc.weaver import (
+    DEFAULT_PROVISION_TIMEOUT_S,
+    DEFAULT_TEARDOWN_TIMEOUT_S,
+    SYSTEM,
+    Actor,
+    Part,
+    Weaver,
+    WeaverLoop,
+)
 from nwc.yamlsource import ConfigError
 
 if TYPE_CHECKING:
@@ -31,6 +39,7 @@ class Controller:
     state_dir: Path
     clock: Clock = field(default_factory=SystemClock)
     provision_timeout_s: float = DEFAULT_PROVISION_TIMEOUT_S
+    teardown_timeout_s: float = DEFAULT_TEARDOWN_TIMEOUT_S
     store: Store = field(init=False)
     weaver: Weaver = field(init=False)
     loop: WeaverLoop = field(init=False)
@@ -48,7 +57,8 @@ class Controller:
         self.store = Store(self.state_dir)
         self.weaver = Weaver(policy=self.config.policy, topology=self.config.topology,
                              store=self.store, clock=self.clock,
-                             provision_timeout_s=self.provision_timeout_s)
+                             provision_timeout_s=self.provision_timeout_s,
+                             teardown_timeout_s=self.teardown_timeout_s)
         self.loop = WeaverLoop(self.weaver)
 
     @classmethod
