@@ -807,13 +807,16 @@ class Weaver:
             self._tearing[weave.id] = (ended, confirming, self._after(self.teardown_timeout))
             if unattended:
                 self._unattended.add(weave.id)
+        else:
+            self._inherited.discard(weave.id)  # nothing left to hand a later part
         if not (tell_parts and self.parts):
             self.emit({"type": "weave.state", "weave": ended.to_dict(), "detail": detail,
                        **shown})
             return ended
         # The release is already durable (a crash from here leaves nothing to undo: switches
-        # and hosts are resynced to the live weaves, and a weave left terminating is finished
-        # by recover()); watchers see the data plane being torn down, then the end.
+        # and hosts are resynced to the live weaves, and recover() hands a weave left
+        # terminating to the parts again); watchers see the data plane being torn down, then
+        # the end.
         if state is State.TERMINATED:
             self.emit({"type": "weave.state",
                        "weave": ended.with_(state=State.TERMINATING).to_dict(),
