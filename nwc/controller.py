@@ -15,7 +15,15 @@ from nwc.policy import load_policy
 from nwc.store import Store, private_dir
 from nwc.topology import underlay_mtu_problem, vm_problems
 from nwc.weave import Weave
-from nwc.weaver import DEFAULT_PROVISION_TIMEOUT_S, SYSTEM, Actor, Part, Weaver, WeaverLoop
+from nwc.weaver import (
+    DEFAULT_PROVISION_TIMEOUT_S,
+    DEFAULT_TEARDOWN_TIMEOUT_S,
+    SYSTEM,
+    Actor,
+    Part,
+    Weaver,
+    WeaverLoop,
+)
 from nwc.yamlsource import ConfigError
 
 if TYPE_CHECKING:
@@ -31,6 +39,7 @@ class Controller:
     state_dir: Path
     clock: Clock = field(default_factory=SystemClock)
     provision_timeout_s: float = DEFAULT_PROVISION_TIMEOUT_S
+    teardown_timeout_s: float = DEFAULT_TEARDOWN_TIMEOUT_S
     store: Store = field(init=False)
     weaver: Weaver = field(init=False)
     loop: WeaverLoop = field(init=False)
@@ -48,7 +57,8 @@ class Controller:
         self.store = Store(self.state_dir)
         self.weaver = Weaver(policy=self.config.policy, topology=self.config.topology,
                              store=self.store, clock=self.clock,
-                             provision_timeout_s=self.provision_timeout_s)
+                             provision_timeout_s=self.provision_timeout_s,
+                             teardown_timeout_s=self.teardown_timeout_s)
         self.loop = WeaverLoop(self.weaver)
 
     @classmethod
@@ -72,10 +82,16 @@ class Controller:
     def on_stop(self, stopper: Callable[[], None]) -> None:
         self._stoppers.append(stopper)
 
-    def start(self) -> None:
-        self.weaver.recover()
+    def start(self, parts_to_attach: bool = False) -> None:
+        """Recover the state and start the loop. `parts_to_attach`: the shells attach their
+        parts after this (as `nwc run`'s do; call `parts_attached` once they have), and the
+        teardowns of weaves the previous run may have built wait for them."""
+        self.weaver.recover(parts_to_attach=parts_to_attach)
         self.loop.start()
         self.loop.call(self.weaver.start_parts)
+
+    def parts_attached(self) -> None:
+        self.loop.call(self.weaver.parts_attached)
 
     def stop(self) -> None:
         for stopper in reversed(self._stoppers):

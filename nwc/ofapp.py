@@ -342,9 +342,12 @@ class FlowsPart:
         # teardown must wait for those as for a switch that dropped in this run. Only the
         # current paths are known; on a fabric switch of an older path the previous run
         # removed them when the weave moved, or that switch's own resync does (fabric flows
-        # steer a slot's outer addresses only, and a weave's hosts never change).
+        # steer a slot's outer addresses only, and a weave's hosts never change). The same
+        # holds for the weaves of the previous run whose teardown is under way (left
+        # terminating by its stop, or ended at recovery): attach_part hands them to
+        # weave_down, which then waits for each of those switches' resync.
         topology = self.weaver.topology
-        for weave in self.weaver.live.values():
+        for weave in [*self.weaver.live.values(), *self.weaver.inherited_teardowns()]:
             self.placed[weave.id] = weave_switches(topology, weave)
         self.weaver.attach_part(self)
         timer = threading.Thread(target=self._refresh_timer, name="nwc-flows-refresh",
@@ -924,6 +927,17 @@ def _base_key(base: Any) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
     return tuple(base.flows), tuple(base.meters)
 
 
+def _port_description(dp: Any) -> tuple[dict[str, int], dict[int, bool]]:
+    """A connected switch's ports as os-ken knows them: number by name, and which are up."""
+    ports, state = {}, {}
+    # A copy in one call: os-ken's receive thread adds and removes ports meanwhile.
+    for desc in list((dp.ports or {}).values()):
+        if desc.port_no <= ofp.OFPP_MAX:
+            ports[desc.name.decode(errors="replace")] = desc.port_no
+            state[desc.port_no] = _port_up(desc)
+    return ports, state
+
+
 def _port_up(desc: Any) -> bool:
     """An OpenFlow port description: link up and not administratively down."""
     return not desc.state & ofp.OFPPS_LINK_DOWN and not desc.config & ofp.OFPPC_PORT_DOWN
@@ -967,9 +981,27 @@ class FlowsApp(app_manager.OSKenApp):
         # a flapping or lying switch cannot grow the weaver's queue.
         self._ports: dict[tuple[int, int], tuple[Any, str, bool, bool]] = {}
         self._ports_lock = threading.Lock()
+        # Switches that finished connecting while no part was attached -> their meters. The
+        # listener is up before `nwc run` attaches the part (and between two controllers in
+        # one process): such a switch sends nothing more and would never be resynced, so the
+        # next part to attach takes them. Guarded by _attach_lock, with `part`'s changes.
+        self._unclaimed: dict[Any, set[int]] = {}
+        self._attach_lock = threading.Lock()
 
     def attach(self, part: FlowsPart | None) -> None:
-        self.part = part
+        """Hand switch events to `part` (None: to nobody, until the next one), starting with
+        the switches that connected while none was attached."""
+        with self._attach_lock:
+            self.part = part
+            if part is None:
+                return
+            waiting, self._unclaimed = self._unclaimed, {}
+            for dp, meters in waiting.items():
+                # Ports as they are now: their status messages meanwhile went to nobody.
+                ports, state = _port_description(dp)
+                log.info("switch %#x at %s connected before the flows part attached; "
+                         "resyncing it now", dp.id, _peer(dp))
+                part.controller.loop.post(part.switch_ready, dp, ports, state, meters)
 
     def _post(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         part = self.part
@@ -991,6 +1023,8 @@ class FlowsApp(app_manager.OSKenApp):
                 box = _outboxes.pop(dp, None)
             if box is not None:
                 box.close()
+            with self._attach_lock:
+                self._unclaimed.pop(dp, None)
         if ev.state == DEAD_DISPATCHER and dp.id is not None:
             self._meter_requests.pop(id(dp), None)
             if self.part is not None:
@@ -1015,14 +1049,13 @@ class FlowsApp(app_manager.OSKenApp):
         if ev.msg.flags & ofp.OFPMPF_REPLY_MORE:
             return
         del self._meter_requests[id(dp)]
-        ports, state = {}, {}
-        # A copy in one call: os-ken's receive thread adds and removes ports meanwhile.
-        for desc in list((dp.ports or {}).values()):
-            if desc.port_no <= ofp.OFPP_MAX:
-                ports[desc.name.decode(errors="replace")] = desc.port_no
-                state[desc.port_no] = _port_up(desc)
-        if self.part is not None:
-            self._post(self.part.switch_ready, dp, ports, state, pending[2])
+        ports, state = _port_description(dp)
+        with self._attach_lock:  # so that attach() neither misses it nor hands it on twice
+            part = self.part
+            if part is None:
+                self._unclaimed[dp] = pending[2]
+                return
+            part.controller.loop.post(part.switch_ready, dp, ports, state, pending[2])
 
     @set_ev_cls(ofp_event.EventOFPPortStatus, MAIN_DISPATCHER)
     @_loud

@@ -242,7 +242,10 @@ def weave_switches(topology: Topology, weave: Weave) -> set[int]:
             elif node in topology.switches:
                 out.add(topology.switches[node].dpid)
         for host in (leg.requester_host, leg.target_host):
-            out.add(topology.hosts[host].dpid)
+            # A weave recovered after its host left the topology is torn down all the same
+            # (nothing can be sent to, or waited for from, a switch NWC no longer knows).
+            if host in topology.hosts:
+                out.add(topology.hosts[host].dpid)
     return out
 
 

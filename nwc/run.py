@@ -223,7 +223,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGHUP, lambda *_: threading.Thread(
         target=controller.reload_policy, name="nwc-reload", daemon=True).start())
-    controller.start()
+    controller.start(parts_to_attach=True)
     topo = controller.config.topology
     log.info("NWC controller up: topology %s (%s, %s), %s, state in %s", topo.name,
              counted(len(topo.switches), "switch", "switches"), counted(len(topo.hosts), "host"),
@@ -239,6 +239,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 log.debug("%s is not part of this build", name)
                 continue
             module.serve(controller, args)
+        controller.parts_attached()
         stop.wait()
     except StartRefused as exc:
         log.error("NWC controller cannot start: %s", exc)

@@ -53,6 +53,7 @@ from nwc.tunnel import (
     Phase,
     TunnelError,
     TunnelSpec,
+    leg_key,
     parse_version,
     weave_specs,
 )
@@ -326,15 +327,22 @@ class Tunnels:
     def weave_down(self, weave: Weave) -> None:
         with self._lock:
             held = self._weaves.pop(weave.id, None)
-            ends = set()
             if held is not None:
-                for leg in held.legs.values():
-                    for end in leg.ends():
-                        self._removing.setdefault(end.host, {}).setdefault(leg.key, None)
-                        ends.add((end.host, leg.key))
+                ends = {(end.host, leg.key) for leg in held.legs.values() for end in leg.ends()}
+            else:
+                # Not planned in this run: a weave of the previous run (left terminating by
+                # its stop, or ended at the restart) whose legs may still be on the hosts, or
+                # one whose planning failed. Its legs are named by weave and slot; hosts NWC
+                # has no OVSDB for never got a record.
+                ends = {(host, leg_key(weave.id, leg.slot)) for leg in weave.legs
+                        if not leg.local and leg.slot is not None
+                        for host in (leg.requester_host, leg.target_host)
+                        if host in self.targets}
+            for host, key in ends:
+                self._removing.setdefault(host, {}).setdefault(key, None)
             if ends:
                 self._tearing[weave.id] = ends
-        if not ends:  # nothing on any host (every leg local, or never planned)
+        if not ends:  # nothing on any host (every leg local)
             self.reports.down(weave.id)
         self._wake.set()
 

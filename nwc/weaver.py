@@ -187,6 +187,17 @@ class Weaver:
         # terminating), the parts yet to confirm, and the deadline (monotonic) after which it
         # is recorded terminated anyway.
         self._tearing: dict[str, tuple[Weave, set[str], float]] = {}
+        # Weaves a previous run may have built (recovered from the store, live or left
+        # terminating): switches and hosts not back since the restart may still hold them, so
+        # their teardown waits also for parts that attach after they ended (`nwc run`
+        # attaches its parts after recovery).
+        self._inherited: set[str] = set()
+        # Teardowns of inherited weaves that no part confirming teardowns was told of yet.
+        self._unattended: set[str] = set()
+        # Parts will attach after recovery (`recover(parts_to_attach=True)`, until
+        # `parts_attached`): an inherited weave ending before a part that confirms teardowns
+        # is there waits for those to come.
+        self._parts_to_attach = False
         self._free_slots: list[int] = []
         self._next_slot = 0
         self._next_number = store.next_weave_number()
@@ -217,12 +228,31 @@ class Weaver:
 
     def attach_part(self, part: Part) -> None:
         """Add a part to a weaver that already started: weaves still provisioning now wait
-        for it too, and it is handed every live weave (as `start_parts` would have)."""
+        for it too, and it is handed every live weave (as `start_parts` would have). It is
+        also told to take down the weaves of a previous run whose teardown is under way (what
+        it drives may still hold them); one that confirms teardowns is then waited for, up to
+        the teardown timeout from now, as if it had been attached when they ended."""
         self.parts.append(part)
         for weave in list(self.live.values()):
             if weave.id in self._waiting:
                 self._waiting[weave.id].add(part.name)
             self._tell(weave, "weave_up", [part])
+        confirms = getattr(part, "confirms_teardown", False)
+        for weave_id, (record, waiting, deadline) in list(self._tearing.items()):
+            if weave_id not in self._inherited:
+                continue  # ended in this run: this part never had it
+            if confirms:
+                waiting.add(part.name)
+                self._unattended.discard(weave_id)
+                self._tearing[weave_id] = (record, waiting,
+                                           max(deadline, self._after(self.teardown_timeout)))
+            self._tell(record, "weave_down", [part])
+
+    def inherited_teardowns(self) -> list[Weave]:
+        """Weaves a previous run may have built whose teardown is under way (their records,
+        terminating or failed): a part attaching now may find them on what it drives."""
+        return [record for weave_id, (record, _, _) in sorted(self._tearing.items())
+                if weave_id in self._inherited]
 
     # -- slots ----------------------------------------------------------------------------
 
@@ -235,28 +265,50 @@ class Weaver:
         return self._next_slot - 1
 
     def _give_slot(self, slot: int) -> None:
-        heapq.heappush(self._free_slots, slot)
+        # A weave recovered with a slot outside pools that shrank while the controller was
+        # down gives it back too: it must not be handed out again.
+        if slot < self.topology.underlay.weave_slots:
+            heapq.heappush(self._free_slots, slot)
 
     def _rebuild_slots(self) -> None:
-        used = {leg.slot for w in self.live.values() for leg in w.legs if leg.slot is not None}
+        # Live weaves' slots, and those of teardowns under way: a switch or host that may
+        # still hold such a weave would forward a new weave's traffic into its old tunnel.
+        holders = [*self.live.values(), *(record for record, _, _ in self._tearing.values())]
+        pool = self.topology.underlay.weave_slots
+        used = {leg.slot for w in holders for leg in w.legs
+                if leg.slot is not None and leg.slot < pool}
         self._next_slot = max(used, default=-1) + 1
         self._free_slots = [s for s in range(self._next_slot) if s not in used]
         heapq.heapify(self._free_slots)
 
     # -- start ----------------------------------------------------------------------------
 
-    def recover(self) -> list[Weave]:
-        """Load live weaves from the store; release those that expired or no longer fit."""
+    def recover(self, parts_to_attach: bool = False) -> list[Weave]:
+        """Load live weaves from the store; release those that expired or no longer fit.
+        `parts_to_attach`: data-plane parts attach after this (with `attach_part`, as in
+        `nwc run`; call `parts_attached` once they all have), so the teardown of a weave the
+        previous run may have built waits for them even if it ends before they attach."""
+        self._parts_to_attach = parts_to_attach
         reservations = self.store.reservations()
-        with self.store.transaction():  # one commit for all of them
-            for weave in self.store.weaves(states=[State.TERMINATING]):
-                # Released before the stop; the data plane is resynced to the live weaves.
-                done = weave.with_(state=State.TERMINATED)
-                self.store.save_weave(done)
-                self._audit("weave.state", "terminated", weave=done, actor=SYSTEM,
-                            detail="teardown finished at restart (switches and hosts are "
-                                   "resynced to the live weaves)")
+        confirming = {p.name for p in self.parts if getattr(p, "confirms_teardown", False)}
+        for weave in self.store.weaves(states=[State.TERMINATING]):
+            if not (confirming or parts_to_attach):  # no data plane to wait for
+                self._finish_at_restart(weave)
+                continue
+            # Released before the stop, but a switch or host that has not come back since
+            # may still hold it (fail_mode=secure keeps flows): its teardown goes on as it
+            # would have, terminating until the parts confirm (those attached now, and those
+            # that attach later) or the teardown timeout, its slots held until then.
+            self._inherited.add(weave.id)
+            self._tearing[weave.id] = (weave, set(confirming),
+                                       self._after(self.teardown_timeout))
+            if not confirming:
+                self._unattended.add(weave.id)
+            self._tell(weave, "weave_down")
+            log.info("weave %s: its teardown was under way at the stop; waiting for the data "
+                     "plane again", weave.id)
         for weave in self.store.weaves(states=LIVE_STATES):
+            self._inherited.add(weave.id)
             self.live[weave.id] = weave
             held = reservations.get(weave.id)
             try:
@@ -269,22 +321,34 @@ class Weaver:
                 self.fabric.reserve(weave.id, held.paths if held else weave.paths, weave.kbps)
             except (CapacityError, KeyError) as exc:
                 log.warning("weave %s no longer fits the fabric: %s", weave.id, exc)
+                # Torn down like any ending: the previous run may have built it.
                 self._end(weave, State.FAILED, EndReason.TOPOLOGY_CHANGED.value, SYSTEM,
-                          detail=str(exc), tell_parts=False)
+                          detail=str(exc))
                 continue
             self.leases.set(weave.id, weave.expires_at)
             if weave.state is State.PROVISIONING:
                 self._waiting[weave.id] = {p.name for p in self.parts}
                 self._provision_deadline[weave.id] = self._after(self.provision_timeout)
         # The policy may have changed while the controller was down: a weave it no longer
-        # allows ends now, as a reload would have ended it (its flows and tunnels go when the
-        # parts resync to the live weaves).
+        # allows ends now, as a reload would have ended it (and is torn down as it would be).
         for weave in list(self.live.values()):
-            self._end_if_withdrawn(weave, SYSTEM, tell_parts=False)
+            self._end_if_withdrawn(weave, SYSTEM)
         self._rebuild_slots()
         self.tick()
         log.info("recovered %d live weaves", len(self.live))
         return list(self.live.values())
+
+    def _finish_at_restart(self, weave: Weave) -> None:
+        done = weave.with_(state=State.TERMINATED)
+        with self.store.transaction():
+            self.store.save_weave(done)
+            self._audit("weave.state", "terminated", weave=done, actor=SYSTEM,
+                        detail="teardown finished at restart (no part confirms teardowns)")
+
+    def parts_attached(self) -> None:
+        """Every part that will attach has: from now on a weave's teardown waits only for
+        the parts that are there."""
+        self._parts_to_attach = False
 
     def start_parts(self) -> None:
         """Hand every live weave to the parts (after a restart, or when parts attach)."""
@@ -398,8 +462,11 @@ class Weaver:
 
     def _free_number(self, number: int) -> int:
         """The first weave number from `number` on whose meter ids (derived from the number
-        modulo METER_SPACE) no live weave holds: a switch cannot have two meters of one id."""
-        while self.live.holds_residue(number):
+        modulo METER_SPACE) no live weave holds: a switch cannot have two meters of one id.
+        Nor a weave being torn down: a switch that still holds it (away, or not back since a
+        restart) would have its meters, and its flows using them, for the new weave's."""
+        tearing = {record.number % METER_SPACE for record, _, _ in self._tearing.values()}
+        while self.live.holds_residue(number) or number % METER_SPACE in tearing:
             number += 1
         return number
 
@@ -660,15 +727,14 @@ class Weaver:
                     log.exception("part %s.policy_changed() raised", part.name)
         return ended
 
-    def _end_if_withdrawn(self, weave: Weave, actor: Actor, *,
-                          tell_parts: bool = True) -> Weave | None:
+    def _end_if_withdrawn(self, weave: Weave, actor: Actor) -> Weave | None:
         """End a live weave the policy no longer allows (policy_withdrawn); None if allowed."""
         why = self._still_allowed(weave)
         if why is None:
             return None
         detail, both_may_read = why
         return self._end(weave, State.FAILED, EndReason.POLICY_WITHDRAWN.value, actor,
-                         detail=detail, tenant_detail=both_may_read, tell_parts=tell_parts)
+                         detail=detail, tenant_detail=both_may_read)
 
     def _still_allowed(self, weave: Weave) -> tuple[str, str] | None:
         """Why the policy no longer allows a live weave: (the operator's detail, a detail both
@@ -710,11 +776,16 @@ class Weaver:
         shown = {} if tenant_detail is None else {"tenant_detail": tenant_detail}
         confirming = {p.name for p in self.parts if getattr(p, "confirms_teardown", False)} \
             if tell_parts else set()
-        tearing = state is State.TERMINATED and bool(confirming)
+        # A weave a previous run may have built that ends before any part confirming
+        # teardowns attached (at a start, parts attach after recovery) waits for the parts
+        # that attach later (attach_part), or the teardown timeout.
+        unattended = (tell_parts and not confirming and self._parts_to_attach
+                      and weave.id in self._inherited)
         # Slots (addresses, VNI, port) go back only once the tunnels using them are gone, so
         # that a new weave never gets those of a tunnel still being removed (found in review:
         # a failed weave gave them back at once).
-        holding = bool(confirming)
+        holding = bool(confirming) or unattended
+        tearing = state is State.TERMINATED and holding
         ended = weave.with_(state=State.TERMINATING if tearing else state, reason=reason,
                             ended_at=now)
         with self.store.transaction():
@@ -732,15 +803,20 @@ class Weaver:
         self._provision_deadline.pop(weave.id, None)
         if self.live.pop(weave.id, None) is not None and not holding:
             self._give_slots(weave)
+        if holding:
+            self._tearing[weave.id] = (ended, confirming, self._after(self.teardown_timeout))
+            if unattended:
+                self._unattended.add(weave.id)
+        else:
+            self._inherited.discard(weave.id)  # nothing left to hand a later part
         if not (tell_parts and self.parts):
             self.emit({"type": "weave.state", "weave": ended.to_dict(), "detail": detail,
                        **shown})
             return ended
-        if holding:
-            self._tearing[weave.id] = (ended, confirming, self._after(self.teardown_timeout))
         # The release is already durable (a crash from here leaves nothing to undo: switches
-        # and hosts are resynced to the live weaves, and a weave left terminating is finished
-        # by recover()); watchers see the data plane being torn down, then the end.
+        # and hosts are resynced to the live weaves, and recover() hands a weave left
+        # terminating to the parts again); watchers see the data plane being torn down, then
+        # the end.
         if state is State.TERMINATED:
             self.emit({"type": "weave.state",
                        "weave": ended.with_(state=State.TERMINATING).to_dict(),
@@ -779,9 +855,14 @@ class Weaver:
         record, waiting, _ = self._tearing[weave_id]  # left in place until the commit holds,
         done = record.with_(state=State.TERMINATED)  # so that tick() retries a failed one
         detail = None
+        timeout = self.teardown_timeout.total_seconds()
         if waiting:
-            detail = (f"teardown not confirmed within {self.teardown_timeout.total_seconds():g} "
-                      f"s by: {', '.join(sorted(waiting))} (resynced when they answer)")
+            detail = (f"teardown not confirmed within {timeout:g} s by: "
+                      f"{', '.join(sorted(waiting))} (resynced when they answer)")
+            log.warning("weave %s: %s", weave_id, detail)
+        elif weave_id in self._unattended:
+            detail = (f"teardown not confirmed: no part that confirms teardowns attached "
+                      f"within {timeout:g} s")
             log.warning("weave %s: %s", weave_id, detail)
         terminating = record.state is State.TERMINATING  # else failed: already final
         if terminating:
@@ -790,6 +871,8 @@ class Weaver:
                 self._audit("weave.state", "terminated", weave=done, actor=SYSTEM,
                             detail=detail)
         del self._tearing[weave_id]
+        self._unattended.discard(weave_id)
+        self._inherited.discard(weave_id)
         self._give_slots(record)
         if terminating:
             self.emit({"type": "weave.state", "weave": done.to_dict(), "detail": detail})

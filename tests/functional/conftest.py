@@ -9,6 +9,7 @@ import argparse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from weave_world import World, running_world
@@ -66,20 +67,23 @@ class Nwc:
     net: EmulatedNetwork
 
     @classmethod
-    def start_controller(cls, state_dir: Path, topology_path: Path,
-                         port: int) -> tuple[Controller, FlowsPart]:
+    def start_controller(cls, state_dir: Path, topology_path: Path, port: int,
+                         **kw: Any) -> tuple[Controller, FlowsPart]:
+        """As `nwc run` starts one: recovery, then the flows part attaches. `kw`: more
+        Controller options."""
         controller = Controller.from_paths(state_dir, None, topology_path,
-                                           provision_timeout_s=30)
-        controller.start()
+                                           provision_timeout_s=30, **kw)
+        controller.start(parts_to_attach=True)
         args = argparse.Namespace(ofp_listen_host="0.0.0.0", ofp_tcp_listen_port=port)
         part = serve(controller, args)
+        controller.parts_attached()
         return controller, part
 
-    def restart_controller(self) -> None:
+    def restart_controller(self, **kw: Any) -> None:
         """NWC stops (its switch connections close) and a new one starts on the same state."""
         self.controller.stop()
         self.controller, self.part = self.start_controller(self.state_dir, self.topology_path,
-                                                           self.port)
+                                                           self.port, **kw)
 
     def wait_connected(self, timeout: float = 20) -> None:
         wanted = {h.dpid for h in self.controller.config.topology.hosts.values()} | \

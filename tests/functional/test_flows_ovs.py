@@ -12,9 +12,10 @@ from datetime import timedelta
 import pytest
 from conftest import Nwc
 
+from nwc.admission import WeaveRequest
 from nwc.lab.netns import wait_for
 from nwc.ofapp import _close
-from nwc.weave import State
+from nwc.weave import State, Weave
 
 pytestmark = pytest.mark.functional
 
@@ -323,3 +324,49 @@ def test_a_switch_away_across_a_restart_holds_a_recovered_weaves_teardown(nwc: N
         return nwc.controller.call(weaver.store.weave, weave.id).state is State.TERMINATED
     wait_for(terminated, 30, "the teardown to be confirmed by h1's resync")
     assert weave_flows() == 0
+
+
+def test_a_teardown_under_way_at_a_stop_waits_after_the_restart_for_a_switch_still_away(
+        nwc: Nwc) -> None:
+    """NWC stops while a weave's teardown waits for h1 (away, holding its flows), and h1 is
+    still away after the restart: the weave stays terminating, its slot not given to a new
+    weave, until h1's resync removes the flows; then it is terminated, confirmed."""
+    weave = nwc.weave("acme-web", "globex-db")
+    h1 = nwc.net.hosts["h1"].ovs
+    dpid = nwc.controller.config.topology.hosts["h1"].dpid
+    target = h1.vsctl("get-controller", "br-int").strip()
+    cookie = f"cookie={weave.number << 8 | 2 << 56:#x}/0xffffffffffffff00"
+
+    def weave_flows() -> int:
+        out = h1.ofctl("dump-flows", "br-int", "-O", "OpenFlow13", cookie)
+        return sum(1 for line in out.splitlines() if "cookie=" in line)
+    assert weave_flows() > 0
+    h1.vsctl("set-controller", "br-int", "tcp:127.0.0.1:9")  # as in the tests above
+    wait_for(lambda: dpid not in nwc.part.switches, 15, "NWC to notice h1 is gone")
+    nwc.controller.call(setattr, nwc.controller.weaver, "teardown_timeout",
+                        timedelta(seconds=120))
+    nwc.controller.call(nwc.controller.weaver.terminate, weave.id)
+
+    def waits_for_h1_only() -> bool:
+        removal = nwc.controller.call(lambda: nwc.part.removing.get(weave.id))
+        return removal is not None and removal.waiting == {dpid}
+    wait_for(waits_for_h1_only, 15, "every switch but h1 to confirm the removal")
+    # Longer than this test waits: TERMINATED below can only come from a confirmation.
+    nwc.restart_controller(teardown_timeout_s=120)
+    weaver = nwc.controller.weaver
+    assert nwc.controller.call(weaver.store.weave, weave.id).state is State.TERMINATING
+    assert nwc.controller.call(weaver.tearing_down, weave.id)
+    assert weave_flows() > 0  # h1 still forwards with them
+    other = nwc.controller.call(weaver.create, WeaveRequest("acme-web", "globex-db", 600, 5))
+    assert isinstance(other, Weave)
+    slots = {leg.slot for leg in weave.legs if leg.slot is not None}
+    assert not slots & {leg.slot for leg in other.legs if leg.slot is not None}
+    h1.vsctl("set-controller", "br-int", target)
+
+    def terminated() -> bool:
+        return nwc.controller.call(weaver.store.weave, weave.id).state is State.TERMINATED
+    wait_for(terminated, 30, "the teardown to be confirmed by h1's resync")
+    assert weave_flows() == 0
+    (last,) = [r for r in nwc.controller.call(weaver.store.audit_records)
+               if r.get("weave_id") == weave.id and r["outcome"] == "terminated"]
+    assert "detail" not in last  # confirmed, not given up on at the teardown timeout

@@ -217,16 +217,19 @@ class FlowsSim:
         self.loop.stop()
         self.weaver.store.close()
 
-    def restart(self) -> None:
+    def restart(self, policy: Policy | None = None, topology: Topology | None = None) -> None:
         """NWC stops and a new one starts on the same state directory, as `nwc run` does
-        (recover, then attach the flows part). The switches keep their tables (fail_mode=
-        secure) and are connected to the new controller only by `connect`."""
+        (recover, then attach the flows part), with `policy` or `topology` if given (files
+        changed while NWC was down; the network stays as built). The switches keep their
+        tables (fail_mode=secure) and are connected to the new controller only by
+        `connect`."""
         self.close()
         self.dps.clear()
-        self.weaver = Weaver(policy=self.policy, topology=self.topology,
+        self.weaver = Weaver(policy=policy or self.policy, topology=topology or self.topology,
                              store=Store(self.state_dir), clock=self.clock)
-        self.weaver.recover()
+        self.weaver.recover(parts_to_attach=True)
         self.loop, self.part = _start(self.weaver)
+        self.loop.call(self.weaver.parts_attached)
 
     # -- switches -----------------------------------------------------------------------------
 

@@ -22,7 +22,8 @@ from nwc.admission import WeaveRequest
 from nwc.config import SHIPPED_POLICIES
 from nwc.ofmessages import delete_owner_mod
 from nwc.pipeline import DIRECTIONS, METER_SPACE, OWNER_MASK, meter_id, weave_cookie
-from nwc.policy import Policy, load_policy
+from nwc.policy import Policy, load_policy, parse_policy_text
+from nwc.topology import parse_topology_text
 from nwc.weave import State, Weave
 
 pytestmark = pytest.mark.unit
@@ -356,6 +357,27 @@ def test_a_switch_listing_more_meters_than_a_switch_can_hold_is_dropped(
     assert id(dp) not in app._meter_requests
 
 
+def test_a_switch_that_connected_before_the_part_attached_is_resynced_when_it_does(
+        fsim: FlowsSim) -> None:
+    """nwc run starts os-ken's listener, then attaches the part: a switch whose handshake
+    ended in between sends nothing more (it is connected), so it must be taken on attach."""
+    app = ofapp.FlowsApp()  # listening, no part yet
+    dp = FakeDatapath(fsim.dpid("h1"), fsim.net, "h1")
+    dp.part = fsim.part
+    dp.ports = {number: SimpleNamespace(name=name.encode(), port_no=number, state=0, config=0)
+                for name, number in fsim.net.ports["h1"].items()}
+    app.state_change(SimpleNamespace(datapath=dp, state=MAIN_DISPATCHER))
+    xid = app._meter_requests[id(dp)][1]
+    app.meter_config(SimpleNamespace(msg=SimpleNamespace(datapath=dp, xid=xid, flags=0,
+                                                         body=[])))
+    fsim.settle()
+    assert fsim.dpid("h1") not in fsim.part.switches  # nobody to hand it to yet
+    app.attach(fsim.part)
+    fsim.settle()
+    assert fsim.part.switches[fsim.dpid("h1")].synced
+    assert fsim.reaches("web1", "web3")  # its base program, from the resync
+
+
 FLOW_STATS = (ofp.OFPT_MULTIPART_REQUEST, ofp.OFPMP_FLOW)
 METER_STATS = (ofp.OFPT_MULTIPART_REQUEST, ofp.OFPMP_METER)
 
@@ -398,8 +420,6 @@ def test_a_scrape_asks_each_switch_once_and_a_hung_switch_costs_one_wait(
 def test_a_policy_reload_rebuilds_every_hosts_base_flows(fsim: FlowsSim) -> None:
     """A gateway (or VNI, or prefix) lives in every host's base flows, not in a weave's:
     after a reload, each connected switch answers for the new one and not the old."""
-    from nwc.policy import parse_policy_text
-
     fsim.connect_all()
 
     def arp_answered(ip: str) -> bool:
@@ -680,6 +700,79 @@ def test_a_recovered_weave_waits_at_teardown_for_a_switch_not_back_since_the_res
     assert _weave_flows(fsim, "h1", weave) == []
     assert _state(fsim, weave.id) is State.TERMINATED
     assert not fsim.part.removing
+
+
+def _slots(weave: Weave) -> set[int]:
+    return {leg.slot for leg in weave.legs if leg.slot is not None}
+
+
+def test_a_weave_left_terminating_by_a_stop_waits_for_a_switch_not_back_since(
+        fsim: FlowsSim) -> None:
+    """NWC stopped in the middle of a teardown that waited for h1, and h1 is still away
+    after the restart, holding the weave's flows: the weave stays terminating and keeps its
+    slot until h1's resync removes them, then is terminated as it was ended."""
+    weave = _terminate_while_h1_is_away(fsim)
+    _restart_without(fsim, "h1")
+    assert _weave_flows(fsim, "h1", weave)
+    assert _state(fsim, weave.id) is State.TERMINATING
+    other = fsim.weave("acme-web", "globex-db")
+    assert not _slots(other) & _slots(weave)  # h1 would steer it into the old tunnel
+    fsim.connect("h1")
+    assert _weave_flows(fsim, "h1", weave) == []
+    done = fsim.loop.call(fsim.weaver.store.weave, weave.id)
+    assert (done.state, done.reason) == (State.TERMINATED, "requested")
+    assert fsim.weaver.live[other.id].state is State.ACTIVE
+    assert fsim.reaches("web1", "db2")  # the new weave, through h1 too
+    assert not fsim.part.removing
+
+
+def test_a_weave_withdrawn_at_a_restart_waits_for_a_switch_not_back_since(
+        fsim: FlowsSim) -> None:
+    """The policy changed while NWC was down and no longer allows the weave: it ends at
+    recovery, before the flows part is there, and h1 (away) still holds its flows. Its
+    slots are held until h1's resync removes them, as for a weave ending in this run."""
+    fsim.connect_all()
+    weave = fsim.weave("acme-web", "globex-db")
+    revoked = parse_policy_text(shipped_text(
+        {"        - ivn: acme-web\n          prefixes: [192.0.2.0/27]":
+         "        - ivn: initech-app\n          prefixes: [203.0.113.0/27]"}))
+    fsim.restart(policy=revoked)
+    for name in fsim.net.switches:
+        if name != "h1":
+            fsim.connect(name, settle=False)
+    fsim.settle()
+    ended = fsim.loop.call(fsim.weaver.store.weave, weave.id)
+    assert (ended.state, ended.reason) == (State.FAILED, "policy_withdrawn")
+    assert _weave_flows(fsim, "h3", weave) == []  # the others' resync removed them
+    assert _weave_flows(fsim, "h1", weave)
+    assert fsim.loop.call(fsim.weaver.tearing_down, weave.id)  # its slot is not free
+    fsim.connect("h1")
+    assert _weave_flows(fsim, "h1", weave) == []
+    assert not fsim.loop.call(fsim.weaver.tearing_down, weave.id)
+    assert not fsim.part.removing
+
+
+def test_a_weave_whose_host_left_the_topology_is_torn_down_from_the_others(
+        fsim: FlowsSim) -> None:
+    """h3 was taken out of the topology while NWC was down: the weave with a leg to it no
+    longer fits and fails at recovery; its teardown still waits for the switches NWC knows
+    (h1, away, here) rather than stopping the flows part from attaching."""
+    fsim.connect_all()
+    weave = fsim.weave("acme-web", "globex-db")
+    text = TRIANGLE.replace("  h3: {switch: s3, uplink_mbps: 1000, underlay_ip: 100.64.0.3}\n",
+                            "").replace("  db2: {host: h3, ivn: globex-db, ip: 192.0.2.71}\n",
+                                        "")
+    fsim.restart(topology=parse_topology_text(text, fsim.policy))
+    for name in ("h2", "s1", "s2", "s3"):
+        fsim.connect(name, settle=False)
+    fsim.settle()
+    ended = fsim.loop.call(fsim.weaver.store.weave, weave.id)
+    assert (ended.state, ended.reason) == (State.FAILED, "topology_changed")
+    assert _weave_flows(fsim, "h2", weave) == []
+    assert fsim.loop.call(fsim.weaver.tearing_down, weave.id)
+    fsim.connect("h1")
+    assert _weave_flows(fsim, "h1", weave) == []
+    assert not fsim.loop.call(fsim.weaver.tearing_down, weave.id)
 
 
 def test_a_recovered_weave_that_moved_off_a_resynced_switch_does_not_wait_for_it(

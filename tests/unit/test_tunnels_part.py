@@ -342,6 +342,25 @@ def test_records_of_weaves_the_controller_does_not_know_are_removed(world: World
         assert not world.dbs[host].leg_keys() and world.nets[host].empty()
 
 
+def test_a_restarted_part_confirms_a_teardown_it_inherited_only_once_the_legs_are_gone(
+        world: World) -> None:
+    """The controller stopped while the weave was terminating (or it ended at the restart):
+    the new part never planned it, yet the hosts still hold its leg, and the weave's slot
+    must not go back before they removed it."""
+    w = weave()
+    world.part.weave_up(w)
+    world.rounds()
+    world.part = world.new_part()
+    world.part.weave_down(w)  # what the weaver tells a part that attaches after a restart
+    assert ("down", w.id) not in world.reports.log and not world.part.drained()
+    world.part.sync()  # deletes the records; the agents have not acted yet
+    assert ("down", w.id) not in world.reports.log
+    world.rounds(3)
+    assert world.reports.log[-1] == ("down", w.id) and world.part.drained()
+    for host in ("h1", "h2"):
+        assert world.nets[host].empty() and not world.dbs[host].leg_keys()
+
+
 def test_an_installed_sa_going_away_is_a_security_event(world: World) -> None:
     w = weave()
     world.part.weave_up(w)

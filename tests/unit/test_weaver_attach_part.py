@@ -4,14 +4,18 @@ every live weave, and weaves still provisioning wait for it too."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from fake_parts import RecordingPart
+from policy_edits import shipped_text
 
 from nwc.admission import WeaveRequest
 from nwc.lab.tunnel_lab import TWO_HOSTS
 from nwc.lease import ManualClock
-from nwc.policy import Policy
+from nwc.pipeline import METER_SPACE
+from nwc.policy import Policy, parse_policy_text
+from nwc.store import Store
 from nwc.topology import Topology, parse_topology_text
 from nwc.weave import State, Weave
 from nwc.weaver import Weaver
@@ -69,6 +73,25 @@ def test_terminating_lasts_until_the_confirming_parts_report(
     assert states[-2:] == ["terminating", "terminated"]
 
 
+def test_a_weave_being_torn_down_keeps_its_meter_ids(
+        make_weaver: Callable[..., Weaver], two_hosts: Topology) -> None:
+    """Weave numbers METER_SPACE apart share meter ids: a new weave does not get those of a
+    weave a switch may still hold, until its teardown is confirmed."""
+    weaver, _ = _teardown_weaver(make_weaver, two_hosts)
+    old = weaver.create(WeaveRequest("acme-web", "globex-db", 600, 5))
+    assert isinstance(old, Weave)
+    weaver.terminate(old.id)
+    clash = old.number + METER_SPACE
+    weaver._next_number = clash
+    first = weaver.create(WeaveRequest("acme-web", "globex-db", 600, 5))
+    assert isinstance(first, Weave) and first.number == clash + 1
+    weaver.terminate(first.id)
+    weaver.part_down(old.id, "flows")
+    weaver._next_number = clash
+    second = weaver.create(WeaveRequest("acme-web", "globex-db", 600, 5))
+    assert isinstance(second, Weave) and second.number == clash  # free once confirmed
+
+
 def test_an_unconfirmed_teardown_ends_at_its_deadline_with_an_event(
         make_weaver: Callable[..., Weaver], two_hosts: Topology, clock: ManualClock) -> None:
     weaver, events = _teardown_weaver(make_weaver, two_hosts)
@@ -88,13 +111,160 @@ def test_an_unconfirmed_teardown_ends_at_its_deadline_with_an_event(
     assert weaver.store.weave(weave.id).state is State.TERMINATED
 
 
-def test_a_restart_finishes_a_weave_left_terminating(make_weaver: Callable[..., Weaver],
-                                                    two_hosts: Topology) -> None:
+def test_a_weave_left_terminating_is_torn_down_again_after_a_restart(
+        make_weaver: Callable[..., Weaver], two_hosts: Topology) -> None:
+    """The stop came before the parts confirmed: a switch or host not back since may still
+    hold the weave, so the restarted weaver tells its parts again and the weave stays
+    terminating, its slots held, until they confirm; then terminated, as it was ended."""
     weaver, _ = _teardown_weaver(make_weaver, two_hosts)
     weave = weaver.create(WeaveRequest("acme-web", "globex-db", 600, 5))
     assert isinstance(weave, Weave)
     weaver.terminate(weave.id)
     weaver.store.close()  # the controller stops before any part confirmed
-    again, _ = _teardown_weaver(make_weaver, two_hosts)  # recovers, as a restart does
+    again, events = _teardown_weaver(make_weaver, two_hosts)  # recovers, as a restart does
+    assert again.store.weave(weave.id).state is State.TERMINATING
+    assert [p.down for p in again.parts] == [[weave.id], [weave.id]]
+    assert again.tearing_down(weave.id)
+    other = again.create(WeaveRequest("acme-web", "globex-db", 600, 5))
+    assert isinstance(other, Weave)
+    assert not _slots(other) & _slots(weave)  # not while h1 or h2 may still hold it
+    again.part_down(weave.id, "flows")
+    done = again.store.weave(weave.id)
+    assert (done.state, done.reason) == (State.TERMINATED, "requested")
+    assert not again.live.get(weave.id) and again.fabric.violations() == []
+    assert all(map(_free(again), _slots(weave)))
+    assert [e["weave"]["state"] for e in events
+            if e["type"] == "weave.state" and e["weave"]["id"] == weave.id] == ["terminated"]
+    last = again.store.audit_records()[-1]
+    assert (last["weave_id"], last["action"], last["outcome"]) == \
+        (weave.id, "weave.state", "terminated")
+
+
+def test_without_parts_a_restart_finishes_a_weave_left_terminating(
+        make_weaver: Callable[..., Weaver], two_hosts: Topology) -> None:
+    """A weaver that drives no data plane (and expects none) has nothing to wait for."""
+    weaver, _ = _teardown_weaver(make_weaver, two_hosts)
+    weave = weaver.create(WeaveRequest("acme-web", "globex-db", 600, 5))
+    assert isinstance(weave, Weave)
+    weaver.terminate(weave.id)
+    weaver.store.close()
+    again = make_weaver(two_hosts)
     assert again.store.weave(weave.id).state is State.TERMINATED
-    assert not again.live and again.fabric.violations() == []
+    assert not again.tearing_down(weave.id) and all(map(_free(again), _slots(weave)))
+
+
+def _slots(weave: Weave) -> set[int]:
+    return {leg.slot for leg in weave.legs if leg.slot is not None}
+
+
+def _free(weaver: Weaver) -> Callable[[int], bool]:
+    """Whether the weaver could hand a slot to a new weave."""
+    return lambda slot: slot in weaver._free_slots or slot >= weaver._next_slot
+
+
+def _restarted(tmp_path: Path, clock: ManualClock, policy: Policy,
+               topology: Topology) -> tuple[Weaver, list[dict]]:
+    """A controller restart as `nwc run` does it: recovery first, its parts attach after."""
+    weaver = Weaver(policy=policy, topology=topology, store=Store(tmp_path / "state"),
+                    clock=clock)
+    events: list[dict] = []
+    weaver.subscribe(events.append)
+    weaver.recover(parts_to_attach=True)
+    return weaver, events
+
+
+def _attach_parts(weaver: Weaver) -> tuple[RecordingPart, RecordingPart]:
+    flows = RecordingPart("flows", confirms_teardown=True)
+    tunnels = RecordingPart("tunnels", confirms_teardown=True)
+    weaver.attach_part(flows)
+    weaver.attach_part(tunnels)
+    weaver.parts_attached()
+    return flows, tunnels
+
+
+@pytest.fixture
+def before_restart(make_weaver: Callable[..., Weaver], two_hosts: Topology) -> Weaver:
+    return make_weaver(two_hosts, parts=[RecordingPart("flows", confirms_teardown=True)])
+
+
+def test_a_weave_left_terminating_waits_for_the_parts_that_attach_after_recovery(
+        before_restart: Weaver, tmp_path: Path, clock: ManualClock, shipped_policy: Policy,
+        two_hosts: Topology) -> None:
+    weave = before_restart.create(WeaveRequest("acme-web", "globex-db", 600, 5))
+    assert isinstance(weave, Weave)
+    before_restart.terminate(weave.id)
+    before_restart.store.close()
+    weaver, _ = _restarted(tmp_path, clock, shipped_policy, two_hosts)
+    clock.advance(9)  # the parts take their time to attach: the wait starts when they do
+    weaver.tick()
+    assert weaver.store.weave(weave.id).state is State.TERMINATING
+    flows, tunnels = _attach_parts(weaver)
+    assert (flows.down, tunnels.down) == ([weave.id], [weave.id])
+    clock.advance(9)
+    weaver.tick()
+    weaver.part_down(weave.id, "flows")
+    assert weaver.store.weave(weave.id).state is State.TERMINATING  # tunnels not yet
+    weaver.part_down(weave.id, "tunnels")
+    done = weaver.store.weave(weave.id)
+    assert (done.state, done.reason) == (State.TERMINATED, "requested")
+    assert all(map(_free(weaver), _slots(weave)))
+    weaver.store.close()
+
+
+def test_weaves_ended_at_recovery_wait_for_the_parts_that_attach_after(
+        before_restart: Weaver, tmp_path: Path, clock: ManualClock, shipped_policy: Policy,
+        two_hosts: Topology) -> None:
+    """Expired while the controller was down, withdrawn by a policy changed meanwhile: they
+    end at recovery, before any part is there to be told. The previous run built them, so
+    their teardown waits for the parts that attach (slots held, terminating until confirmed
+    for a weave that ended normally)."""
+    expiring = before_restart.create(WeaveRequest("acme-web", "globex-db", 60, 5))
+    withdrawn = before_restart.create(WeaveRequest("acme-web", "initech-app", 600, 5,
+                                                   "silver"))
+    assert isinstance(expiring, Weave) and isinstance(withdrawn, Weave)
+    before_restart.store.close()
+    clock.advance(61)
+    policy = parse_policy_text(shipped_text(
+        {"        - tenant: initech             # ...or every IVN of a tenant\n": ""}))
+    weaver, events = _restarted(tmp_path, clock, policy, two_hosts)
+    ended = {w: weaver.store.weave(w) for w in (expiring.id, withdrawn.id)}
+    assert (ended[expiring.id].state, ended[expiring.id].reason) == \
+        (State.TERMINATING, "expired")
+    assert (ended[withdrawn.id].state, ended[withdrawn.id].reason) == \
+        (State.FAILED, "policy_withdrawn")
+    assert not weaver.live
+    assert weaver.tearing_down(expiring.id) and weaver.tearing_down(withdrawn.id)
+    held = _slots(expiring) | _slots(withdrawn)
+    assert not any(map(_free(weaver), held))
+    flows, tunnels = _attach_parts(weaver)
+    assert sorted(flows.down) == sorted(tunnels.down) == sorted([expiring.id, withdrawn.id])
+    for weave_id in (expiring.id, withdrawn.id):
+        weaver.part_down(weave_id, "flows")
+        weaver.part_down(weave_id, "tunnels")
+    done = weaver.store.weave(expiring.id)
+    assert (done.state, done.reason) == (State.TERMINATED, "expired")
+    assert weaver.store.weave(withdrawn.id).state is State.FAILED
+    assert all(map(_free(weaver), held))
+    assert [(e["weave"]["id"], e["weave"]["state"]) for e in events
+            if e["type"] == "weave.state"] == [(withdrawn.id, "failed"),
+                                               (expiring.id, "terminating"),
+                                               (expiring.id, "terminated")]
+    weaver.store.close()
+
+
+def test_a_recovered_teardown_no_part_attaches_for_ends_at_its_deadline(
+        before_restart: Weaver, tmp_path: Path, clock: ManualClock, shipped_policy: Policy,
+        two_hosts: Topology) -> None:
+    weave = before_restart.create(WeaveRequest("acme-web", "globex-db", 600, 5))
+    assert isinstance(weave, Weave)
+    before_restart.terminate(weave.id)
+    before_restart.store.close()
+    weaver, _ = _restarted(tmp_path, clock, shipped_policy, two_hosts)
+    clock.advance(weaver.teardown_timeout.total_seconds())
+    weaver.tick()
+    assert weaver.store.weave(weave.id).state is State.TERMINATED
+    last = weaver.store.audit_records()[-1]
+    assert last["outcome"] == "terminated"
+    assert "no part that confirms teardowns attached" in last["detail"]
+    assert all(map(_free(weaver), _slots(weave)))
+    weaver.store.close()
