@@ -150,6 +150,21 @@ def intact(records: list[dict[str, Any]], *, database_checked: bool) -> str:
             "--state-dir)")
 
 
+def describe(record: dict[str, Any]) -> str:
+    """One record for a reader: `#7 weave.expire: expired, wv-000001, by nwc` (the reason
+    only where it says more than the outcome: "expired expired" said nothing twice)."""
+    outcome = record.get("outcome", "")
+    reason = record.get("reason")
+    text = f"#{record.get('seq')} {record.get('action')}: {outcome}"
+    if reason and reason != outcome:
+        text += f" ({reason})"
+    if record.get("weave_id"):
+        text += f", {record['weave_id']}"
+    if record.get("actor"):
+        text += f", by {record['actor']}"
+    return text
+
+
 def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
     with path.open(encoding="utf-8") as f:
         for raw in f:

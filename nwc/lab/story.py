@@ -175,7 +175,7 @@ def tell(lab: ProviderLab, story: Story) -> None:
     story.step("8. The audit trail")
     records = [json.loads(line) for line in
                (lab.state_dir / "audit.jsonl").read_text().splitlines() if line.strip()]
-    from nwc.audit import check_tail, database_head, intact, verify_chain
+    from nwc.audit import check_tail, database_head, describe, intact, verify_chain
 
     breaks = verify_chain(records)
     tail = check_tail(records, database_head(lab.state_dir / "nwc.db"))
@@ -187,22 +187,7 @@ def tell(lab: ProviderLab, story: Story) -> None:
                  "weave.fail", "weave.state", "weave.reroute"}
     for r in records:
         if r["action"] in decisions:
-            story.say(f"  {audit_line(r)}")
-
-
-def audit_line(record: dict[str, Any]) -> str:
-    """One audit record for a reader: `#7 weave.expire: expired, wv-000001, by nwc` (the
-    reason only where it says more than the outcome: `expired (expired)` said nothing)."""
-    outcome = record.get("outcome", "")
-    reason = record.get("reason")
-    text = f"#{record.get('seq')} {record.get('action')}: {outcome}"
-    if reason and reason != outcome:
-        text += f" ({reason})"
-    if record.get("weave_id"):
-        text += f", {record['weave_id']}"
-    if record.get("actor"):
-        text += f", by {record['actor']}"
-    return text
+            story.say(f"  {describe(r)}")
 
 
 def frame_counts(kinds: Counter[str]) -> str:

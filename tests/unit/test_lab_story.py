@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 
 import nwc.lab.story as story_module
+from nwc.audit import describe
 from nwc.lab.netns import Lab
 from nwc.lab.provider import ProviderLab
 from nwc.lab.story import (
-    audit_line,
     connection_help,
     frame_counts,
     lab_heading,
@@ -62,10 +62,10 @@ def test_audit_lines_read_well() -> None:
     """It printed "weave.expire expired expired"."""
     expired = {"seq": 7, "action": "weave.expire", "outcome": "expired", "reason": "expired",
                "weave_id": "wv-000001", "actor": "nwc"}
-    assert audit_line(expired) == "#7 weave.expire: expired, wv-000001, by nwc"
+    assert describe(expired) == "#7 weave.expire: expired, wv-000001, by nwc"
     denied = {"seq": 3, "action": "weave.create", "outcome": "denied",
               "reason": "policy_violation", "actor": "acme/tk-1"}
-    assert audit_line(denied) == "#3 weave.create: denied (policy_violation), by acme/tk-1"
+    assert describe(denied) == "#3 weave.create: denied (policy_violation), by acme/tk-1"
 
 
 def test_a_capture_summary_reads_as_counts_not_a_dict() -> None:
