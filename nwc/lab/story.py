@@ -312,9 +312,10 @@ def cmd_lab(args: argparse.Namespace) -> int:
             left = lab.remains()
             story.print_line(f"lab {lab.lab.prefix}: removed {removal_summary(removed)}"
                              if removed else f"lab {lab.lab.prefix}: removed")
-            if keep is not None and (keep / "audit.jsonl").exists():
-                story.print_line(f"lab: kept the controller's state and audit log in {keep} "
-                                 f"(nwc audit verify --state-dir {keep})")
+            if keep is not None and (keep / "nwc.db").exists():
+                audit = f"; nwc audit verify --state-dir {keep}" if \
+                    (keep / "audit.jsonl").exists() else " (no audit records were written)"
+                story.print_line(f"lab: kept the controller's state and logs in {keep}{audit}")
             elif keep is None:
                 story.print_line("lab: its state and audit log went with it (--keep-state DIR "
                                  "keeps them)")
