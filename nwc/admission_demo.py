@@ -9,11 +9,12 @@ running out and its bandwidth coming back. Nothing touches the network.
 from __future__ import annotations
 
 import argparse
+import logging
 import tempfile
 from pathlib import Path
 
 from nwc.admission import Denial, WeaveRequest
-from nwc.audit import read_jsonl, verify_chain
+from nwc.audit import describe, read_jsonl, verify_chain
 from nwc.config import load_config
 from nwc.lease import ManualClock, iso
 from nwc.store import Store
@@ -44,7 +45,7 @@ def _ledger(weaver: Weaver) -> str:
     return "  fabric reservations: " + ", ".join(parts)
 
 
-def run(topology: str, state_dir: Path) -> int:
+def run(topology: str, state_dir: Path, *, keep: bool = True) -> int:
     config = load_config(topology=topology)
     clock = ManualClock()
     store = Store(state_dir)
@@ -80,19 +81,31 @@ def run(topology: str, state_dir: Path) -> int:
     store.close()
     records = list(read_jsonl(state_dir / "audit.jsonl"))
     breaks = verify_chain(records)
+    # A temporary directory is gone when the command returns: naming it would send the
+    # reader to a file that no longer exists.
+    where = f"in {state_dir / 'audit.jsonl'}" if keep else \
+        "(in a temporary directory removed on exit; --state-dir DIR keeps it)"
     print(f"\naudit log: {len(records)} records, "
-          f"{'chain intact' if not breaks else 'CHAIN BROKEN'} ({state_dir / 'audit.jsonl'})")
+          f"{'chain intact' if not breaks else 'CHAIN BROKEN'} {where}")
     for record in records:
-        print(f"  #{record['seq']} {record['action']} {record['outcome']}"
-              f"{' ' + record['reason'] if record.get('reason') else ''}")
+        print(f"  {describe(record)}")
     return 0 if not breaks else 1
 
 
 def cmd_admission_demo(args: argparse.Namespace) -> int:
-    if args.state_dir:
-        return run(args.topology, args.state_dir)
-    with tempfile.TemporaryDirectory(prefix="nwc-admission-demo-") as tmp:
-        return run(args.topology, Path(tmp))
+    # The story is the output: the weaver's INFO lines (meant for `nwc run`'s log) would
+    # interleave with it on the terminal. Warnings still show; -v shows everything.
+    nwc_log = logging.getLogger("nwc")
+    level = nwc_log.level
+    if not getattr(args, "verbose", False):
+        nwc_log.setLevel(logging.WARNING)
+    try:
+        if args.state_dir:
+            return run(args.topology, args.state_dir, keep=True)
+        with tempfile.TemporaryDirectory(prefix="nwc-admission-demo-") as tmp:
+            return run(args.topology, Path(tmp), keep=False)
+    finally:
+        nwc_log.setLevel(level)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

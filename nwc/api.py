@@ -158,6 +158,8 @@ class WeaveOut(BaseModel):
     created_at: str
     expires_at: str
     ended_at: str | None
+    ended_by: str | None = Field(description="who ended it: a party's tenant name, "
+                                             "`operator` or `nwc` (the controller)")
 
 
 class WeaveList(BaseModel):

@@ -45,8 +45,14 @@ class ChainBreak:
     line: int  # 1-based line in the JSONL file (or position in the sequence)
     seq: int | None
     message: str
+    # About what should follow the file's last line (`line`, 0 for an empty file): records
+    # cut from its end. There is no line to name, so none is invented.
+    at_end: bool = False
 
     def __str__(self) -> str:
+        if self.at_end:
+            where = f"after line {self.line} (the last)" if self.line else "the file is empty"
+            return f"{where}: {self.message}"
         where = f"record {self.seq}" if self.seq is not None else "a record"
         return f"line {self.line}: {where}: {self.message}"
 
@@ -102,20 +108,61 @@ def database_head(db_path: Path) -> tuple[int, str] | None:
     return (int(row[0]), str(row[1])) if row else None
 
 
+def last_seq(records: list[dict[str, Any]]) -> int:
+    """The sequence number of the file's last record (0 if it has none)."""
+    last = next((r for r in reversed(records)
+                 if isinstance(r, dict) and isinstance(r.get("seq"), int)), None)
+    return int(last["seq"]) if last else 0
+
+
 def check_tail(records: list[dict[str, Any]], head: tuple[int, str] | None) -> ChainBreak | None:
-    """Compare the file's last record with the database's (see `database_head`)."""
-    if head is None:
-        return None
-    last = next((r for r in reversed(records) if isinstance(r.get("seq"), int)), None)
-    last_seq = last["seq"] if last else 0
-    if head[0] > last_seq:
-        gap = f"record {head[0]}" if head[0] == last_seq + 1 else \
-            f"records {last_seq + 1}..{head[0]}"
-        return ChainBreak(len(records) + 1, last_seq + 1, f"{gap} missing from the end of the "
-                          "file (deleted): the database holds them")
-    if last is not None and head[0] == last_seq and last.get("hash") != head[1]:
-        return ChainBreak(len(records), last_seq, "differs from the database's last record")
+    """Compare the file's end with the database's (see `database_head`): records cut from the
+    end of the file, a last record that differs, or records the database never held."""
+    db_seq, db_hash = head if head is not None else (0, "")
+    seq = last_seq(records)
+    if db_seq > seq:
+        gap = f"record {db_seq} is" if db_seq == seq + 1 else f"records {seq + 1}..{db_seq} are"
+        return ChainBreak(len(records), seq + 1, f"{gap} missing from the end of the file "
+                          "(deleted): the database holds them", at_end=True)
+    if seq > db_seq:
+        # The file is a mirror written after each commit: it never runs ahead of the
+        # database, so these were added to it (or the database is older than the file).
+        line = next(n for n, r in enumerate(records, start=1)
+                    if isinstance(r, dict) and isinstance(r.get("seq"), int)
+                    and r["seq"] > db_seq)
+        return ChainBreak(line, db_seq + 1, f"not in the database, whose last record is "
+                          f"{db_seq} (added to the file, or the database is older than it)")
+    last = next((r for r in reversed(records) if isinstance(r, dict) and r.get("seq") == seq),
+                None)
+    if last is not None and last.get("hash") != db_hash:
+        return ChainBreak(len(records), seq, "differs from the database's last record")
     return None
+
+
+def intact(records: list[dict[str, Any]], *, database_checked: bool) -> str:
+    """What an unbroken chain shows, and what it cannot: records cut from the end of the file
+    leave the rest intact, so only the database (written with each record) shows them."""
+    if database_checked:
+        return (f"{len(records)} records, chain intact, up to the database's last record "
+                f"({last_seq(records)})")
+    return (f"{len(records)} records, chain intact up to record {last_seq(records)}; the file "
+            "alone cannot show records cut from its end (the controller's nwc.db can: "
+            "--state-dir)")
+
+
+def describe(record: dict[str, Any]) -> str:
+    """One record for a reader: `#7 weave.expire: expired, wv-000001, by nwc` (the reason
+    only where it says more than the outcome: "expired expired" said nothing twice)."""
+    outcome = record.get("outcome", "")
+    reason = record.get("reason")
+    text = f"#{record.get('seq')} {record.get('action')}: {outcome}"
+    if reason and reason != outcome:
+        text += f" ({reason})"
+    if record.get("weave_id"):
+        text += f", {record['weave_id']}"
+    if record.get("actor"):
+        text += f", by {record['actor']}"
+    return text
 
 
 def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:

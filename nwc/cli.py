@@ -102,7 +102,7 @@ def print_wiring(topo: Topology) -> None:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    from nwc.audit import check_tail, database_head, read_jsonl, verify_chain
+    from nwc.audit import check_tail, database_head, intact, read_jsonl, verify_chain
 
     path = args.file or state_dir(args) / "audit.jsonl"
     if not path.exists():
@@ -110,8 +110,11 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         return EXIT_ERROR
     records = list(read_jsonl(path))
     breaks = verify_chain(records)
+    # A file given alone may come from anywhere: only a state directory named with it (or
+    # the one it is in) is its database.
     database = state_dir(args) / "nwc.db"
-    if args.file is None and database.exists():
+    checked = (args.file is None or args.state_dir is not None) and database.exists()
+    if checked:
         tail = check_tail(records, database_head(database))
         if tail is not None:
             breaks.append(tail)
@@ -121,7 +124,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         print(f"audit verify: chain broken ({len(breaks)} problem(s) in {len(records)} records)",
               file=sys.stderr)
         return EXIT_ERROR
-    print(f"audit verify: {len(records)} records, chain intact")
+    print(f"audit verify: {intact(records, database_checked=checked)}")
     return EXIT_OK
 
 
@@ -147,7 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
         dest="audit_command", required=True, metavar="ACTION")
     p = audit.add_parser("verify", help="check the audit log's hash chain")
     add_state_dir(p)
-    p.add_argument("--file", type=Path, default=None, help="an audit.jsonl file to check")
+    p.add_argument("--file", type=Path, default=None,
+                   help="an audit.jsonl file to check (its end is compared with the "
+                        "database only if --state-dir is given too)")
     p.set_defaults(func=cmd_audit_verify)
 
     for name in COMMAND_MODULES:

@@ -245,7 +245,8 @@ def describe_weave(w: dict[str, Any]) -> str:
         ("expires", w["expires_at"]),
     ]
     if w.get("ended_at"):
-        rows.append(("ended", w["ended_at"]))
+        rows.append(("ended", w["ended_at"] + (f" by {w['ended_by']}" if w.get("ended_by")
+                                                else "")))
     return "\n".join(f"{k:<10} {v}" for k, v in rows)
 
 
@@ -304,6 +305,10 @@ def event_line(kind: str, data: dict[str, Any]) -> str:
         if weave.get("reason"):
             what += f" ({weave['reason']})"
         what += f" {weave.get('requester')} <-> {weave.get('target')}"
+        if weave.get("ended_by"):
+            what += f", ended by {weave['ended_by']}"
+        if data.get("detail"):
+            what += f": {data['detail']}"
     elif kind == "weave.denied":
         what = f"{data.get('action')} {data.get('requester') or data.get('weave_id') or ''}: " \
                f"{data.get('error')}: {data.get('detail')}"

@@ -112,6 +112,9 @@ class EventHub:
         # A denial may carry a `tenant_detail`: tenants read that, not the operator's detail
         # (which can name the other tenant's partners, caps or weaves).
         operator_view = {k: v for k, v in event.items() if k != "tenant_detail"}
+        # Every event has a `detail`, null when there is nothing to add: clients need not
+        # tell a missing key from an empty one.
+        operator_view.setdefault("detail", None)
         tenant_view = dict(operator_view)
         if "tenant_detail" in event:
             tenant_view["detail"] = event["tenant_detail"]

@@ -37,6 +37,12 @@ class EndReason(StrEnum):
     TOPOLOGY_CHANGED = "topology_changed"
 
 
+# `ended_by` when no tenant ended a weave: an administrator's request, or the controller
+# itself (a lease that ran out, a failure, a policy reload).
+OPERATOR = "operator"
+CONTROLLER = "nwc"
+
+
 @dataclass(frozen=True)
 class Leg:
     """One host pair of a weave, with its own tunnel (unless both ends share a host)."""
@@ -78,6 +84,9 @@ class Weave:
     state: State = State.PROVISIONING
     reason: str | None = None
     ended_at: datetime | None = None
+    # Who ended it, as both parties may read it: a party's tenant name, OPERATOR or
+    # CONTROLLER; never a token (whose name is its owner's business alone).
+    ended_by: str | None = None
 
     @property
     def live(self) -> bool:
@@ -126,6 +135,7 @@ class Weave:
             "target_prefixes": [str(p) for p in self.target_prefixes],
             "created_at": iso(self.created_at), "expires_at": iso(self.expires_at),
             "ended_at": iso(self.ended_at) if self.ended_at else None,
+            "ended_by": self.ended_by,
         }
 
     @classmethod
@@ -139,4 +149,5 @@ class Weave:
             target_prefixes=tuple(ipaddress.IPv4Network(p) for p in d["target_prefixes"]),
             created_at=parse_iso(d["created_at"]), expires_at=parse_iso(d["expires_at"]),
             state=State(d["state"]), reason=d.get("reason"),
-            ended_at=parse_iso(d["ended_at"]) if d.get("ended_at") else None)
+            ended_at=parse_iso(d["ended_at"]) if d.get("ended_at") else None,
+            ended_by=d.get("ended_by"))

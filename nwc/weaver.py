@@ -46,7 +46,7 @@ from nwc.pipeline import METER_SPACE
 from nwc.policy import Policy
 from nwc.store import Store
 from nwc.topology import Topology
-from nwc.weave import LIVE_STATES, EndReason, Leg, State, Weave
+from nwc.weave import CONTROLLER, LIVE_STATES, OPERATOR, EndReason, Leg, State, Weave
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -787,7 +787,7 @@ class Weaver:
         holding = bool(confirming) or unattended
         tearing = state is State.TERMINATED and holding
         ended = weave.with_(state=State.TERMINATING if tearing else state, reason=reason,
-                            ended_at=now)
+                            ended_at=now, ended_by=_ended_by(actor))
         with self.store.transaction():
             self.store.save_weave(ended)
             self.store.delete_reservation(weave.id)
@@ -927,6 +927,15 @@ class Weaver:
             if value is not None:
                 body[key] = value
         self.store.audit(body)
+
+
+def _ended_by(actor: Actor) -> str:
+    """Who ended a weave, as both of its parties may read it: the tenant that asked (always
+    one of the parties: no other may), else an operator or NWC itself. Not `actor.name`,
+    which names an operator's or a tenant's token."""
+    if actor.tenant is not None:
+        return actor.tenant
+    return CONTROLLER if actor == SYSTEM else OPERATOR
 
 
 def _denial_event(denial: Denial) -> dict[str, Any]:

@@ -65,6 +65,7 @@ class ManagementNet:
 
     def __post_init__(self) -> None:
         self.bridge = f"{self.lab.prefix}m"
+        self.lab.own_link(self.bridge)
         run(["ip", "link", "add", self.bridge, "type", "bridge"])
         self.lab.on_close(f"link {self.bridge}",
                           lambda: run(["ip", "link", "del", self.bridge], check=False))
@@ -260,6 +261,7 @@ class EmulatedNetwork:
                                dst_ip)
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, start_new_session=True)
+        self.lab.watch_pid(proc.pid, f"ping from {src}")
         self.lab.on_close(f"ping from {src}", lambda: _kill_quietly(proc))
         return proc
 

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 
 def unique_prefix(tag: str = "") -> str:
@@ -143,6 +144,11 @@ class Lab:
 
     prefix: str = field(default_factory=unique_prefix)
     _undo: list[tuple[str, Callable[[], None]]] = field(default_factory=list)
+    # What `remains` checks besides the prefix: processes (ours and those others start for
+    # the lab, such as Mininet's node shells) and links in the root namespace.
+    _pids: dict[int, str] = field(default_factory=dict)
+    _links: set[str] = field(default_factory=set)
+    _dirs: set[Path] = field(default_factory=set)
 
     def __enter__(self) -> Lab:
         return self
@@ -153,16 +159,46 @@ class Lab:
     def on_close(self, what: str, undo: Callable[[], None]) -> None:
         self._undo.append((what, undo))
 
-    def close(self) -> None:
-        errors = []
+    def close(self) -> list[str]:
+        """Remove everything, newest first; what was removed, as `on_close` named it."""
+        errors, removed = [], []
         while self._undo:
             what, undo = self._undo.pop()
             try:
                 undo()
+                removed.append(what)
             except Exception as exc:  # keep going: remove everything we can
                 errors.append(f"{what}: {exc}")
+        self._dirs.clear()  # gone: asked for again, they are made again
         if errors:
             raise RuntimeError("cleanup incomplete: " + "; ".join(errors))
+        return removed
+
+    def watch_pid(self, pid: int, what: str) -> None:
+        """A process someone else starts and stops for the lab: `remains` checks it is gone."""
+        self._pids[pid] = what
+
+    def own_link(self, name: str) -> None:
+        """A link made in the root namespace (removed by an `on_close` of the caller's)."""
+        self._links.add(name)
+
+    def remains(self) -> list[str]:
+        """What of this lab is still there, looked up in the system rather than taken from
+        the lab's own bookkeeping: namespaces and /tmp directories named with its prefix,
+        any process whose command line or environment names one of those directories (its
+        OVS, charon, agent and controller instances do), the processes it started, and the
+        links it made in the root namespace. Empty after a clean `close()`."""
+        left = [f"namespace {name}" for name in _netns_names()
+                if name.startswith(f"{self.prefix}-")]
+        left += [f"link {name}" for name in sorted(self._links | {f"{self.prefix}a",
+                                                                  f"{self.prefix}b"})
+                 if Path("/sys/class/net", name).exists()]
+        left += [f"directory {path}" for path in sorted(Path("/tmp").glob(f"{self.prefix}-*"))]
+        named = _processes_naming(f"/tmp/{self.prefix}-")
+        left += [f"process {pid} ({what})" for pid, what in sorted(named.items())]
+        left += [f"process {pid} ({what})" for pid, what in sorted(self._pids.items())
+                 if pid not in named and _alive(pid)]
+        return left
 
     def netns(self, suffix: str) -> Netns:
         ns = Netns(f"{self.prefix}-{suffix}")
@@ -193,6 +229,7 @@ class Lab:
                         ns.ip("link", "set", name, "mtu", str(mtu))
                     ns.ip("link", "set", name, "up")
                 else:
+                    self.own_link(name)
                     run(["ip", "link", "set", tmp, "name", name])
                     if mtu:
                         run(["ip", "link", "set", name, "mtu", str(mtu)])
@@ -203,15 +240,44 @@ class Lab:
             run(["ip", "link", "del", tmp_a], check=False)
             raise
 
-    def process(self, proc: subprocess.Popen[bytes], what: str) -> subprocess.Popen[bytes]:
-        self.on_close(what, lambda: kill_pid(proc.pid))
+    def process(self, proc: subprocess.Popen[Any], what: str, *,
+                timeout: float = 5.0) -> subprocess.Popen[Any]:
+        self._pids[proc.pid] = what
+        self.on_close(what, lambda: kill_pid(proc.pid, timeout=timeout))
         return proc
 
     def directory(self, suffix: str) -> Path:
         path = Path("/tmp") / f"{self.prefix}-{suffix}"
+        if path in self._dirs:  # asked for again (logs, captures): removed once
+            return path
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._dirs.add(path)
         self.on_close(f"dir {path}", lambda: _rmtree(path))
         return path
+
+
+def _netns_names() -> list[str]:
+    try:
+        return sorted(p.name for p in Path("/run/netns").iterdir())
+    except FileNotFoundError:
+        return []
+
+
+def _processes_naming(text: str) -> dict[int, str]:
+    """Processes (not this one) whose command line or environment contains `text`, with
+    their command line. Read from /proc; a process that ends meanwhile is skipped."""
+    needle, found = text.encode(), {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+            if needle in cmdline or needle in (proc / "environ").read_bytes():
+                found[int(proc.name)] = cmdline.replace(b"\0", b" ").decode(
+                    errors="replace").strip()[:100]
+        except OSError:  # gone, or not ours to read
+            continue
+    return found
 
 
 def _rmtree(path: Path) -> None:

@@ -91,6 +91,7 @@ class ProviderLab:
     topology: str | Path = "small"
     policy_paths: list[Path] = field(default_factory=lambda: [SHIPPED_POLICIES])
     provision_timeout_s: float = 30.0
+    api_port: int | None = None  # the REST API's on 127.0.0.1; None: a free one
     lab: Lab = field(default_factory=Lab)
     policy: Policy = field(init=False)
     topo: Topology = field(init=False)
@@ -116,10 +117,15 @@ class ProviderLab:
             raise
         return self
 
+    def load(self) -> ProviderLab:
+        """Read the policy and the topology (what the lab will be), building nothing."""
+        self.policy = load_policy(self.policy_paths)
+        self.topo = load_topology(topology_path(self.topology), self.policy)
+        return self
+
     def _start(self, say: Any) -> None:
         path = topology_path(self.topology)
-        self.policy = load_policy(self.policy_paths)
-        self.topo = load_topology(path, self.policy)
+        self.load()
         self.logs = self.lab.directory("logs")
         self.state_dir = self.lab.directory("nwc-state")
         self.mgmt = ManagementNet(self.lab)
@@ -162,15 +168,44 @@ class ProviderLab:
         self._start_controller(path, ofp_port)
         self._wait_connected()
 
-    def stop(self) -> None:
+    def stop(self, keep_state: Path | None = None) -> list[str]:
+        """Tear everything down; what was removed (`Lab.close`). `remains()` then tells
+        whether anything survived. `keep_state`: a copy of the controller's state directory
+        (database, audit log, its keys too: made 0700) and the logs go there first, once
+        the controller has stopped writing."""
         if self.net is not None:
+            for node in self.net.hosts:  # Mininet's shells: `remains` checks they are gone
+                if node.pid:
+                    self.lab.watch_pid(node.pid, f"Mininet shell of {node.name}")
             # Mininet's own teardown; if it stumbles, the Lab still removes everything.
             with contextlib.suppress(Exception):
                 self.net.stop()
             self.net = None
         if self.controller is not None and self.controller.poll() is None:
             kill_pid(self.controller.pid, timeout=10)
-        self.lab.close()
+        not_kept = None
+        if keep_state is not None and hasattr(self, "state_dir"):
+            try:
+                self._keep_state(keep_state)
+            except OSError as exc:  # the lab still goes
+                not_kept = exc
+        removed = self.lab.close()
+        if not_kept is not None:
+            raise RuntimeError(f"could not keep the state in {keep_state}: {not_kept}")
+        return removed
+
+    def _keep_state(self, keep: Path) -> None:
+        import shutil
+
+        keep.mkdir(mode=0o700, parents=True, exist_ok=True)
+        keep.chmod(0o700)
+        shutil.copytree(self.state_dir, keep, dirs_exist_ok=True)  # file modes kept
+        if self.logs.exists():
+            shutil.copytree(self.logs, keep / "logs", dirs_exist_ok=True)
+
+    def remains(self) -> list[str]:
+        """What of the lab is still there after `stop()` (`Lab.remains`); empty if nothing."""
+        return self.lab.remains()
 
     def __enter__(self) -> ProviderLab:
         return self.start()
@@ -229,7 +264,7 @@ class ProviderLab:
             doc["hosts"][name]["management_ip"] = host.management_ip
         lab_topology = self.lab.directory("config") / f"{self.topo.name}.yaml"
         lab_topology.write_text(yaml.safe_dump(doc, sort_keys=False))
-        api_port = free_port()
+        api_port = self.api_port or free_port()
         self.api_url = f"http://127.0.0.1:{api_port}"
         args = [sys.executable, "-m", "nwc", "run", "--state-dir", str(self.state_dir),
                 "--topology", str(lab_topology),
@@ -315,8 +350,7 @@ class ProviderLab:
         kw.setdefault("stderr", subprocess.STDOUT)
         proc = subprocess.Popen(["nsenter", f"--net=/proc/{self.vm(vm).pid}/ns/net", *args],
                                 start_new_session=True, **kw)
-        self.lab.on_close(f"{args[0]} in {vm}", lambda: kill_pid(proc.pid, timeout=2))
-        return proc
+        return self.lab.process(proc, f"{args[0]} in {vm}", timeout=2)
 
     def ping(self, src: str, dst_ip: str, count: int = 1, wait_s: float = 1) -> bool:
         out = self.vm(src).cmd(f"ping -n -c {count} -W {wait_s} {dst_ip} >/dev/null; echo $?")

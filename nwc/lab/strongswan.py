@@ -95,7 +95,7 @@ class PrivateCharon:
              f"mount -t tmpfs nwc-charon-run /run && exec {CHARON}"],
             env={"STRONGSWAN_CONF": str(self.directory / "strongswan.conf")},
             log=self.directory / "charon.stdout")
-        self.lab.on_close(f"charon of {self.name}", lambda p=proc: kill_pid(p.pid))
+        self.lab.process(proc, f"charon of {self.name}")
         self._proc = proc
         try:
             wait_for(lambda: self.vici_socket.exists() or proc.poll() is not None, timeout,

@@ -50,3 +50,40 @@ def _pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def test_remains_finds_what_a_lab_left_by_its_prefix_and_pids() -> None:
+    """`nwc demo` said "nothing left running" without looking: `Lab.remains` looks in the
+    system for the lab's namespaces, directories and processes, not in its bookkeeping."""
+    import os
+    import subprocess
+
+    from nwc.lab.netns import kill_pid, run, unique_prefix
+
+    lab = Lab(unique_prefix("rm"))
+    leak_ns = f"{lab.prefix}-leak"
+    strays: list[subprocess.Popen[bytes]] = []
+    try:
+        host = lab.netns("h1")
+        PrivateOvs(lab, host, "h1").start(switchd=False)
+        up = lab.remains()
+        assert f"namespace {host.name}" in up
+        assert any("ovsdb-server" in line for line in up)  # found by its run directory
+        # What the lab's bookkeeping does not hold: a namespace named with its prefix, a
+        # process naming one of its directories, a process someone else was to stop.
+        run(["ip", "netns", "add", leak_ns])
+        strays.append(subprocess.Popen(["sleep", "60"], start_new_session=True,
+                                       env={**os.environ, "LEAK": f"/tmp/{lab.prefix}-x"}))
+        strays.append(subprocess.Popen(["sleep", "61"], start_new_session=True))
+        lab.watch_pid(strays[1].pid, "a shell Mininet should have stopped")
+        lab.close()
+        assert lab.remains() == [f"namespace {leak_ns}",
+                                 f"process {strays[0].pid} (sleep 60)",
+                                 f"process {strays[1].pid} (a shell Mininet should have "
+                                 "stopped)"]
+    finally:
+        for proc in strays:
+            kill_pid(proc.pid, timeout=2)
+        run(["ip", "netns", "delete", leak_ns], check=False)
+        lab.close()
+    assert lab.remains() == []

@@ -86,7 +86,66 @@ def test_records_cut_from_the_end_are_named_against_the_database(
     n = len(audit_lines)
     code, out = verify(capsys, "--state-dir", str(harness.state_dir))
     assert code == 1
-    assert f"records {n - 1}..{n} missing from the end of the file (deleted)" in out
+    assert (f"after line {n - 2} (the last): records {n - 1}..{n} are missing from the end "
+            "of the file (deleted)") in out
+
+
+def test_a_cut_last_line_names_no_line_past_the_end(
+        harness: Harness, audit_lines: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """Found by a tester: a 7-line file cut to 6 was reported at "line 8"."""
+    path = harness.state_dir / "audit.jsonl"
+    path.write_text("\n".join(audit_lines[:-1]) + "\n")
+    n = len(audit_lines)
+    code, out = verify(capsys, "--state-dir", str(harness.state_dir))
+    assert code == 1
+    assert f"after line {n - 1} (the last): record {n} is missing from the end" in out
+    assert f"line {n}:" not in out and f"line {n + 1}" not in out
+
+
+def test_a_cut_file_checked_alone_is_intact_only_up_to_its_last_record(
+        harness: Harness, audit_lines: list[str], tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A truncation at the end leaves an intact chain: without the database, say that the
+    end could not be checked rather than just "chain intact"."""
+    n = len(audit_lines)
+    copy = tampered(tmp_path, audit_lines[:-1])
+    code, out = verify(capsys, "--file", copy)
+    assert code == 0
+    assert (f"{n - 1} records, chain intact up to record {n - 1}; the file alone cannot show "
+            "records cut from its end") in out
+    # With the controller's database named, the cut is found.
+    code, out = verify(capsys, "--file", copy, "--state-dir", str(harness.state_dir))
+    assert code == 1 and f"record {n} is missing from the end of the file" in out
+    # And with the database gone, the state directory's own file is checked alone too.
+    (harness.state_dir / "audit.jsonl").write_text("\n".join(audit_lines[:-1]) + "\n")
+    (harness.state_dir / "nwc.db").rename(tmp_path / "nwc.db")
+    code, out = verify(capsys, "--state-dir", str(harness.state_dir))
+    assert code == 0 and "the file alone cannot show records cut from its end" in out
+
+
+def test_an_intact_log_says_it_ends_where_the_database_does(
+        harness: Harness, audit_lines: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    n = len(audit_lines)
+    code, out = verify(capsys, "--state-dir", str(harness.state_dir))
+    assert code == 0
+    assert f"{n} records, chain intact, up to the database's last record ({n})" in out
+
+
+def test_records_added_past_the_database_are_named(
+        harness: Harness, audit_lines: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """A forged record with a correct hash and link verifies as a chain; the database, which
+    never held it, does not."""
+    from nwc.audit import seal
+
+    last = json.loads(audit_lines[-1])
+    body = {**last, "seq": last["seq"] + 1, "outcome": "admitted"}
+    _, text = seal(body, last["hash"])
+    (harness.state_dir / "audit.jsonl").write_text("\n".join([*audit_lines, text]) + "\n")
+    n = len(audit_lines)
+    code, out = verify(capsys, "--state-dir", str(harness.state_dir))
+    assert code == 1
+    assert (f"line {n + 1}: record {n + 1}: not in the database, whose last record is {n}"
+            in out)
 
 
 # -- nwc token -------------------------------------------------------------------------------

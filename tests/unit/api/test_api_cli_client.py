@@ -25,6 +25,7 @@ from nwc.client import (
     EXIT_UNAUTHENTICATED,
     EXIT_UNREACHABLE,
     ApiClient,
+    event_line,
     stats_lines,
 )
 
@@ -203,6 +204,18 @@ def test_events_follow_changes_live(served: Served,
     assert [line.split()[1:3] for line in lines] == [
         ["weave.state", "wv-000001"], ["weave.state", "wv-000001"]]
     assert "provisioning" in lines[0] and "active" in lines[1]
+
+
+def test_an_event_line_says_who_ended_a_weave_and_why() -> None:
+    weave = {"id": "wv-000007", "state": "failed", "reason": "policy_withdrawn",
+             "requester": "acme-web", "target": "globex-db", "ended_by": "operator"}
+    line = event_line("weave.state", {"ts": "T", "weave": weave,
+                                      "detail": "IVN acme-web no longer allows profile gold"})
+    assert line == ("T  weave.state      wv-000007 failed (policy_withdrawn) acme-web <-> "
+                    "globex-db, ended by operator: IVN acme-web no longer allows profile gold")
+    live = {**weave, "state": "active", "reason": None, "ended_by": None}
+    assert event_line("weave.state", {"ts": "T", "weave": live, "detail": None}).endswith(
+        "wv-000007 active acme-web <-> globex-db")
 
 
 def test_waiting_when_the_server_holds_no_answer_asks_with_a_pause(

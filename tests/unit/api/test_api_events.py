@@ -8,7 +8,7 @@ import json
 from typing import Any
 
 import pytest
-from api_harness import Harness
+from api_harness import Harness, TeardownPart
 from policy_edits import shipped_text
 from starlette.requests import ClientDisconnect
 
@@ -176,6 +176,64 @@ def test_a_tenant_reads_nothing_of_the_other_sides_policy_in_events(harness: Har
     assert all("initech" not in e["detail"] and "allows:" not in e["detail"] for e in ended)
     assert all("no longer allows this weave" in e["detail"] for e in ended)
     assert "initech" in seen["admin"][-1]["detail"]  # the operator reads everything
+
+
+def test_the_other_party_hears_who_ended_a_weave_never_a_token(make_harness: Any) -> None:
+    """Found by a tester: globex was told only "terminated (requested)", not by whom. Each
+    end names the tenant that asked, `operator` or `nwc`, in the events and in the API; and
+    every event has a `detail` (it was null on some and missing on others)."""
+    part = TeardownPart()
+    h = make_harness(parts=(part,))
+    hub = h.api.hub
+
+    async def scenario() -> tuple[list[str], list[dict[str, Any]]]:
+        sub = hub.subscribe("globex")  # the target's tenant, which ends none of them
+        seen: list[dict[str, Any]] = []
+        ids = []
+
+        async def weave(duration_s: int) -> str:
+            made = await asyncio.to_thread(h.create, duration_s=duration_s)
+            ids.append(made.json()["id"])
+            await asyncio.to_thread(part.report_ready, ids[-1])
+            return str(ids[-1])
+
+        async def ended(weave_id: str) -> None:
+            # terminating, then terminated once the part confirms
+            await asyncio.to_thread(part.report_down, weave_id)
+            while True:
+                seen.append((await _next(sub))[1])
+                if (seen[-1]["weave"]["id"], seen[-1]["weave"]["state"]) == \
+                        (weave_id, "terminated"):
+                    return
+
+        for who in ("acme", "admin"):
+            weave_id = await weave(600)
+            await asyncio.to_thread(h.request, "DELETE", f"/v1/weaves/{weave_id}", who)
+            await ended(weave_id)
+        weave_id = await weave(30)
+        await asyncio.to_thread(h.tick, 31)
+        await ended(weave_id)
+        hub.unsubscribe(sub)
+        return ids, seen
+
+    (by_acme, by_admin, expired), seen = asyncio.run(scenario())
+    ends = [(e["weave"]["id"], e["weave"]["state"], e["weave"]["reason"],
+             e["weave"]["ended_by"]) for e in seen
+            if e["weave"]["state"] in ("terminating", "terminated")]
+    assert ends == [(by_acme, "terminating", "requested", "acme"),
+                    (by_acme, "terminated", "requested", "acme"),
+                    (by_admin, "terminating", "requested", "operator"),
+                    (by_admin, "terminated", "requested", "operator"),
+                    (expired, "terminating", "expired", "nwc"),
+                    (expired, "terminated", "expired", "nwc")]
+    live = [e for e in seen if e["weave"]["state"] in ("provisioning", "active")]
+    assert len(live) == 6 and all(e["weave"]["ended_by"] is None for e in live)
+    assert all("detail" in e for e in seen) and all(e["detail"] is None for e in live)
+    text = json.dumps(seen)
+    assert "tk-" not in text and "admin" not in text  # no token, no operator's name
+    # The API tells the other party the same.
+    for weave_id, by in ((by_acme, "acme"), (by_admin, "operator"), (expired, "nwc")):
+        assert h.request("GET", f"/v1/weaves/{weave_id}", "globex").json()["ended_by"] == by
 
 
 def test_stream_limits_hold_when_streams_open_at_once() -> None:

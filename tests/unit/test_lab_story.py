@@ -1,0 +1,119 @@
+"""What `nwc demo` and `nwc lab` tell their user, checked without building a lab: the words
+of the story, the teardown claim, the tokens printed, the state kept on exit."""
+
+from __future__ import annotations
+
+import argparse
+import stat
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import nwc.lab.story as story_module
+from nwc.audit import describe
+from nwc.lab.netns import Lab
+from nwc.lab.provider import ProviderLab
+from nwc.lab.story import (
+    connection_help,
+    frame_counts,
+    lab_heading,
+    removal_summary,
+)
+
+pytestmark = pytest.mark.unit
+
+
+class LeakyLab(ProviderLab):
+    """A lab whose start builds nothing and whose teardown leaves a charon behind."""
+
+    def start(self, progress: Any = None) -> ProviderLab:
+        return self
+
+    def stop(self, keep_state: Path | None = None) -> list[str]:
+        return ["process charon of h1", "netns nw00001-h1"]
+
+    def remains(self) -> list[str]:
+        return ["process 4242 (/usr/lib/ipsec/charon)"]
+
+
+def test_the_demo_fails_when_its_lab_leaves_something_running(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Found by a tester: "nothing left running" was printed after any teardown, unchecked."""
+    monkeypatch.setattr(story_module, "ProviderLab", LeakyLab)
+    monkeypatch.setattr(story_module, "tell", lambda lab, story: None)
+    code = story_module.cmd_demo(argparse.Namespace(topology="small", keep=False))
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "nothing left running" not in out
+    assert "FAIL left behind by lab" in out and "process 4242 (/usr/lib/ipsec/charon)" in out
+    assert "removed 1 namespaces, 1 processes" in out
+
+
+def test_the_demo_heading_counts_from_the_files() -> None:
+    """It said "2 tenants" of a policy that has 3."""
+    heading = lab_heading(ProviderLab("small").load())
+    assert heading == ("topology small: 2 compute hosts, 2 fabric switches, 4 VMs of tenants "
+                       "acme and globex (3 tenants in the policy)")
+
+
+def test_audit_lines_read_well() -> None:
+    """It printed "weave.expire expired expired"."""
+    expired = {"seq": 7, "action": "weave.expire", "outcome": "expired", "reason": "expired",
+               "weave_id": "wv-000001", "actor": "nwc"}
+    assert describe(expired) == "#7 weave.expire: expired, wv-000001, by nwc"
+    denied = {"seq": 3, "action": "weave.create", "outcome": "denied",
+              "reason": "policy_violation", "actor": "acme/tk-1"}
+    assert describe(denied) == "#3 weave.create: denied (policy_violation), by acme/tk-1"
+
+
+def test_a_capture_summary_reads_as_counts_not_a_dict() -> None:
+    kinds = Counter({"esp-in-udp": 12345, "arp": 2, "ike": 6})
+    assert frame_counts(kinds) == "12,345 esp-in-udp, 6 ike, 2 arp"
+    assert frame_counts(Counter()) == "nothing"
+
+
+def test_removal_summary_counts_what_the_lab_removed() -> None:
+    removed = ["tcpdump demo-fabric", "dir /tmp/nw1-logs", "netns nw1-h1", "netns nw1-h2",
+               "link nw1m", "nwc run", "charon of h1"]
+    assert removal_summary(removed) == "2 namespaces, 1 links, 1 directories, 3 processes"
+
+
+def test_the_lab_prints_one_token_per_line_and_one_export() -> None:
+    """It printed four `export NWC_TOKEN=` lines: pasted together, the last one won."""
+    tokens = {"acme": "nwc_A", "globex": "nwc_G", "initech": "nwc_I", "admin": "nwc_X"}
+    lines = connection_help("http://127.0.0.1:8080", Path("/tmp/nw1-nwc-state"), tokens)
+    text = "\n".join(lines)
+    assert text.count("NWC_TOKEN=") == 1
+    assert "  export NWC_API_URL=http://127.0.0.1:8080 NWC_TOKEN=nwc_A" in lines
+    for name, token in tokens.items():
+        assert sum(1 for line in lines if line.split() == [name, token]) == 1
+
+
+def test_stop_keeps_the_state_and_audit_log_when_asked(tmp_path: Path) -> None:
+    """It removed the state directory, audit.jsonl included, with no way to keep it."""
+    lab = ProviderLab("small", lab=Lab(prefix="nw-unit-test"))
+    lab.state_dir = tmp_path / "state"
+    lab.logs = tmp_path / "logs"
+    lab.state_dir.mkdir(mode=0o700)
+    lab.logs.mkdir()
+    (lab.state_dir / "audit.jsonl").write_text('{"seq":1}\n')
+    secret = lab.state_dir / "weave-ca.key"
+    secret.write_text("key")
+    secret.chmod(0o600)
+    (lab.logs / "nwc-run.log").write_text("started\n")
+    keep = tmp_path / "kept"
+    assert lab.stop(keep_state=keep) == []
+    assert (keep / "audit.jsonl").read_text() == '{"seq":1}\n'
+    assert (keep / "logs" / "nwc-run.log").exists()
+    assert stat.S_IMODE(keep.stat().st_mode) == 0o700
+    assert stat.S_IMODE((keep / "weave-ca.key").stat().st_mode) == 0o600
+
+
+def test_lab_refuses_a_keep_state_directory_that_holds_something(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "nwc.db").write_text("")
+    code = story_module.cmd_lab(argparse.Namespace(topology="small", keep_state=tmp_path,
+                                                   api_port=None))
+    assert code == 1 and "not empty" in capsys.readouterr().err
