@@ -115,23 +115,60 @@ Submit = Callable[[Callable[[], InitiateResult]], "concurrent.futures.Future[Ini
 
 
 @dataclass
-class _Swap:
-    """SAs of a leg built from key material it no longer has (a restarted controller drew a
-    new key, or signed new certificates), while they are replaced: IKE and CHILD SA unique
-    ids apart, since charon counts each on its own. Rekeys need no authentication, so a
-    rekey of such an SA is one too; it keeps one of the two ids."""
+class _OldSas:
+    """SAs a leg must not count as its own, by charon's unique ids: IKE and CHILD SA ids
+    apart, since charon numbers each on its own (a new IKE SA may have an old CHILD SA's
+    number). Rekeys need no authentication, so a rekey of such an SA is one too; it keeps
+    one of the two ids. The ids are of one charon run (`charon`, its identity as
+    `IkePort.daemon_id` gives it, when known): a restarted charon holds none of these SAs
+    and numbers from 1 again, so its new SAs would repeat old ids."""
 
     ike_ids: set[str] = field(default_factory=set)
     child_ids: set[str] = field(default_factory=set)
-    next_ask: float = 0.0  # when to ask charon again if no new SA came of it
-    asked: int = 0
+    charon: str | None = None
 
     def holds(self, sa: SaInfo) -> bool:
         return sa.ike_id in self.ike_ids or sa.child_id in self.child_ids
 
+    def holds_any(self) -> bool:
+        return bool(self.ike_ids or self.child_ids)
+
     def take(self, sa: SaInfo) -> None:
         self.ike_ids.update(i for i in (sa.ike_id,) if i)
         self.child_ids.update(i for i in (sa.child_id,) if i)
+
+    def keep_listed(self, listed: Iterable[SaInfo]) -> None:
+        """Forget the ids no SA in `listed` has: those SAs are gone (charon never reuses an
+        id while it runs)."""
+        listed = list(listed)
+        self.ike_ids &= {sa.ike_id for sa in listed if sa.ike_id}
+        self.child_ids &= {sa.child_id for sa in listed if sa.child_id}
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ike": sorted(self.ike_ids), "child": sorted(self.child_ids),
+                "charon": self.charon}
+
+    @classmethod
+    def from_json(cls, value: object) -> _OldSas | None:
+        """What `to_json` wrote; None for anything else (a status is the agent's own, but
+        it comes back through OVSDB)."""
+        if not isinstance(value, dict):
+            return None
+        ike, child, charon = value.get("ike"), value.get("child"), value.get("charon")
+        if not (isinstance(ike, list) and isinstance(child, list)
+                and all(isinstance(i, str) for i in [*ike, *child])
+                and (charon is None or isinstance(charon, str))):
+            return None
+        return cls(set(ike), set(child), charon)
+
+
+@dataclass
+class _Swap(_OldSas):
+    """SAs of a leg built from key material it no longer has (a restarted controller drew a
+    new key, or signed new certificates), while they are replaced."""
+
+    next_ask: float = 0.0  # when to ask charon again if no new SA came of it
+    asked: int = 0
 
 
 @dataclass
@@ -155,9 +192,9 @@ class _Leg:
     rekeys: int = 0
     sa_ids: tuple[str | None, str | None] | None = None  # (CHILD SA, IKE SA) last seen
     auth_failed_for: LegRecord | None = None
-    # ovs-ipsec: ids (IKE and CHILD) of SAs on the leg's port that were there before this
-    # leg's interface was written; None until it has been looked at (see _own_sas).
-    stale_sas: set[str] | None = None
+    # ovs-ipsec: the SAs on the leg's port that were there before this leg's interface was
+    # written; None until it has been looked at (see _own_sas).
+    old_sas: _OldSas | None = None
     # The local IKE daemon came back from a restart: this end starts IKE even as responder,
     # since the peer still holds the dead SA until its DPD notices (tens of seconds).
     restarted: bool = False
@@ -357,7 +394,7 @@ class Agent:
                 continue
             # Its SAs are taken as its own: this agent reported them so before it stopped.
             leg = _Leg(status.applied, phase=status.phase, rekeys=status.rekeys,
-                       port_since=self.clock(), extra=dict(status.extra), stale_sas=set(),
+                       port_since=self.clock(), extra=dict(status.extra), old_sas=_OldSas(),
                        sa_material=status.extra.get("material"))
             self.legs[raw_key[len(STATUS_PREFIX):]] = leg
             self._ovs_keys_set.update(status.extra.get("ovs_keys", []))
@@ -689,7 +726,7 @@ class Agent:
             if have is None or have["options"] != want["options"] \
                     or have["ofport_request"] != want["ofport_request"]:
                 self.db.add_port(spec.bridge, want)
-                leg.stale_sas = None  # what is there now was negotiated for other options
+                leg.old_sas = None  # what is there now was negotiated for other options
         except Exception as exc:
             detail = str(exc)
             if record.psk is not None:  # an error may quote the row it refused
@@ -705,7 +742,7 @@ class Agent:
             leg.extra["sa_of"] = record.tunnel_id()
         else:
             leg.phase, leg.detail = Phase.DELEGATED, "handed to ovs-monitor-ipsec"
-            if leg.stale_sas:
+            if leg.old_sas is not None and leg.old_sas.holds_any():
                 leg.detail += "; an earlier tunnel's SA on this port is still up"
             leg.extra.pop("sa_of", None)
 
@@ -720,22 +757,21 @@ class Agent:
         if sas is None:
             return []  # nothing to go by this pass
         on_port = [sa for name, sa in sas.items() if name.startswith(f"{leg.spec.device}-")]
-        if leg.stale_sas is None:
-            leg.stale_sas = {i for sa in on_port for i in (sa.ike_id, sa.child_id) if i}
-        listed: set[str] = set()
-        own = []
+        if leg.old_sas is None:
+            leg.old_sas = _OldSas()
+            for sa in on_port:
+                leg.old_sas.take(sa)
+        old, own = leg.old_sas, []
         for sa in on_port:
-            ids = {i for i in (sa.ike_id, sa.child_id) if i}
-            listed |= ids
-            if ids & leg.stale_sas:
-                leg.stale_sas |= ids
+            if old.holds(sa):
+                old.take(sa)  # a rekey of an earlier tunnel's SA: as old as it
             else:
                 own.append(sa)
         # A listing caught mid IKE SA rekey shows an old IKE SA without the CHILD SAs it
         # handed on: those are not gone, so their ids must not be forgotten (the successor
         # that holds them would then pass for this leg's).
         if not any(is_handed_over(sa) for sa in on_port):
-            leg.stale_sas &= listed
+            old.keep_listed(on_port)
         return own
 
     def _ensure_host_certificate(self, leg: _Leg, record: LegRecord,

@@ -392,6 +392,39 @@ def test_ovs_ipsec_an_earlier_tunnels_sa_stays_stale_across_a_listing_mid_ike_re
     assert status.phase is Phase.DELEGATED and "sa_of" not in status.extra
 
 
+def ovs_leg_after_an_earlier_one(earlier: dict[str, SaInfo]) -> tuple[Host, LegRecord]:
+    """An ovs-ipsec host whose slot 0 carried a leg whose SAs (`earlier`) are still up when
+    the leg of another weave takes the slot: that leg, written and `delegated`."""
+    host = Host(backend="ovs-ipsec")
+    first, _ = specs(topo=OVS_TOPO)
+    host.want(LegRecord(first, new_psk()))
+    host.steps(1)
+    host.ike.sa_table = dict(earlier)
+    host.steps(1)
+    assert host.status(first).phase is Phase.INSTALLED
+    host.drop(first)
+    host.steps(1)  # the leg is gone; ovs-monitor-ipsec has not taken its SAs down yet
+    w = one_leg_weave(8, 0)
+    second, _ = leg_specs(w, w.legs[0], POLICY.profiles["gold"], OVS_TOPO)
+    record = LegRecord(second, new_psk())
+    host.want(record)
+    host.steps(2)
+    assert host.status(second).phase is Phase.DELEGATED
+    return host, record
+
+
+def test_ovs_ipsec_a_new_sa_whose_ike_id_is_an_old_child_id_is_the_legs() -> None:
+    """charon numbers IKE and CHILD SAs each on its own: the earlier tunnel's SA was IKE SA
+    1 with CHILD SA 2, and the new tunnel's is IKE SA 2 with CHILD SA 3. With one set of ids
+    for both, IKE SA 2 passed for the old CHILD SA 2 and the leg stayed `delegated`."""
+    host, record = ovs_leg_after_an_earlier_one({
+        "nwv0-in-1": SaInfo("ESTABLISHED", "INSTALLED", "2", "1")})
+    host.ike.sa_table = {"nwv0-in-1": SaInfo("ESTABLISHED", "INSTALLED", "3", "2")}
+    host.steps(1)
+    status = host.status(record.spec)
+    assert status.phase is Phase.INSTALLED and status.extra["sa_of"] == record.tunnel_id()
+
+
 def test_ovs_ipsec_x509_uses_a_host_certificate_kept_private(tmp_path: Path) -> None:
     req, _ = specs(profile="silver", topo=OVS_TOPO)
     ca = CertificateAuthority.load_or_create(tmp_path / "pki", now=T0)
