@@ -64,6 +64,9 @@ MAX_BACKOFF_S = 10.0
 # milliseconds (kernel reads after each change), and the legs already built, whose blackholes
 # are checked every pass, must not wait seconds behind a burst of new ones.
 MAX_BUILDS_PER_PASS = 4
+# The charon identity (IkePort.daemon_id) of a pass where no charon runs: a later one is
+# another run, which holds none of the SAs of before.
+CHARON_NOT_RUNNING = "not running"
 
 
 # -- the boundaries (real ones: nwc.hostdb, nwc.ike, nwc.hostnet; fakes in the unit tests) ----
@@ -94,6 +97,7 @@ class IkePort(Protocol):
     def terminate_sa(self, ike_id: str, timeout_s: float = ...) -> None: ...
     def reauthenticate(self, ike_id: str) -> None: ...
     def sas(self) -> dict[str, SaInfo]: ...
+    def daemon_id(self) -> str | None: ...
 
 
 class NetPort(Protocol):
@@ -336,12 +340,20 @@ class Agent:
             leg.record = record
         sas: dict[str, SaInfo] | None = None
         conns: set[str] = set()
+        charon: str | None = None  # which run of charon the SA ids are of (ovs-ipsec)
         if wanted:  # two VICI round trips per pass, only when there is a leg to look at
             try:
+                if self.backend == "ovs-ipsec":
+                    # Before the listing: a charon restarted between the two then lists new
+                    # SAs under the identity of before, which holds them back one pass at
+                    # most; the other order would judge the old run's SAs as the new run's.
+                    charon = self._charon_id()
                 sas = self.ike.sas()
                 if self.backend == "strongswan":  # ovs-ipsec's connections are not ours
                     conns = self.ike.connections()
-            except (IkeUnavailable, IkeNoAnswer):  # either way, nothing to go by this pass
+            except IkeUnavailable:  # nothing to go by this pass, and nothing is held
+                sas, conns, charon = None, set(), CHARON_NOT_RUNNING
+            except IkeNoAnswer:  # nothing to go by this pass
                 sas, conns = None, set()
         builds = 0
         # Built legs first (a stable sort keeps the rest in order): their checks never wait.
@@ -361,7 +373,7 @@ class Agent:
                 if self.backend == "strongswan":
                     self._ensure_strongswan(leg, sas, conns)
                 else:
-                    self._ensure_ovs_ipsec(leg, sas)
+                    self._ensure_ovs_ipsec(leg, sas, charon)
             except Exception as exc:
                 log.exception("leg %s: unexpected failure", key)
                 self._fail(leg, f"unexpected failure: {exc!r}")
@@ -698,7 +710,14 @@ class Agent:
 
     # -- ovs-ipsec backend -------------------------------------------------------------------
 
-    def _ensure_ovs_ipsec(self, leg: _Leg, sas: dict[str, SaInfo] | None) -> None:
+    def _charon_id(self) -> str | None:
+        try:
+            return self.ike.daemon_id()
+        except IkeError:  # a charon that will not say: SA ids are judged as before
+            return None
+
+    def _ensure_ovs_ipsec(self, leg: _Leg, sas: dict[str, SaInfo] | None,
+                          charon: str | None) -> None:
         """Write the leg as an OVS vxlan Interface with IPsec options: ovs-monitor-ipsec
         (on hosts with the kernel datapath) does the rest. Its skb-mark drop policy is what
         keeps the tunnel's traffic from leaving in clear, so the agent makes sure it is set."""
@@ -735,7 +754,7 @@ class Agent:
             self._fail(leg, f"writing the OVS IPsec interface failed: {detail}")
             return
         leg.extra["ovs_keys"] = sorted(self._ovs_keys_set)
-        mine = self._own_sas(leg, sas)
+        mine = self._own_sas(leg, sas, charon)
         leg.sa = next((sa for sa in mine if sa.installed), mine[0] if mine else None)
         if mine and all(sa.installed for sa in mine):
             leg.phase, leg.detail = Phase.INSTALLED, ""
@@ -746,19 +765,30 @@ class Agent:
                 leg.detail += "; an earlier tunnel's SA on this port is still up"
             leg.extra.pop("sa_of", None)
 
-    def _own_sas(self, leg: _Leg, sas: dict[str, SaInfo] | None) -> list[SaInfo]:
+    def _own_sas(self, leg: _Leg, sas: dict[str, SaInfo] | None,
+                 charon: str | None) -> list[SaInfo]:
         """The SAs ovs-monitor-ipsec negotiated for this leg. It names them after the port
         (<interface>-in-<n> / -out-<n>), and a slot reused after its weave ended repeats the
         port and the endpoints: an SA of the earlier tunnel, not yet taken down, would look
         like this one's (found in review: a new weave was ready on its predecessor's SA). So
         the SAs present when this leg's interface is written are an earlier tunnel's, and so
         are their rekeys, which keep one of the two ids; charon never reuses an id while it
-        runs, and a forgotten id is one that is gone."""
+        runs, and a forgotten id is one that is gone. A charon of another run (`charon`)
+        holds none of them, and numbers its SAs from 1 again: its SAs are all new."""
+        old = leg.old_sas
+        if old is not None and charon is not None and old.charon != charon:
+            if old.charon is None:  # noted when charon did not say: taken as this run's
+                old.charon = charon
+            else:
+                if old.holds_any():
+                    log.info("leg %s: charon is another run (%s); the earlier tunnel's SAs "
+                             "went with the one before", leg.spec.key, charon)
+                leg.old_sas = _OldSas(charon=charon)
         if sas is None:
             return []  # nothing to go by this pass
         on_port = [sa for name, sa in sas.items() if name.startswith(f"{leg.spec.device}-")]
         if leg.old_sas is None:
-            leg.old_sas = _OldSas()
+            leg.old_sas = _OldSas(charon=charon)
             for sa in on_port:
                 leg.old_sas.take(sa)
         old, own = leg.old_sas, []

@@ -12,6 +12,7 @@ import errno
 import logging
 import re
 import socket
+import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -153,6 +154,22 @@ class IkeDaemon:
             return {_text(k) for k in session.request("get-keys", {}).get("keys", [])}
         with self._session() as s:
             return {_text(k) for k in s.request("get-keys", {}).get("keys", [])}
+
+    def daemon_id(self) -> str | None:
+        """Which run of charon answers: its process id (the VICI socket's peer) and the time
+        it started (`stats`, to the second). A restarted charon holds none of the SAs of
+        before and numbers new ones from 1 again, so unique ids are only ever compared
+        within one run. None when neither can be had."""
+        with self._session() as s:
+            since = s.stats().get("uptime", {}).get("since")
+            try:
+                pid = struct.unpack("3i", s.transport.socket.getsockopt(
+                    socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[0]
+            except (OSError, AttributeError):  # not a Unix socket, or not Linux
+                pid = None
+        if since is None and pid is None:
+            return None
+        return f"pid {pid}, up since {_text(since) if since is not None else '?'}"
 
     # -- SAs --------------------------------------------------------------------------------
 

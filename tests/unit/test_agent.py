@@ -425,6 +425,19 @@ def test_ovs_ipsec_a_new_sa_whose_ike_id_is_an_old_child_id_is_the_legs() -> Non
     assert status.phase is Phase.INSTALLED and status.extra["sa_of"] == record.tunnel_id()
 
 
+def test_ovs_ipsec_a_restarted_charon_repeating_old_ids_holds_nothing_old() -> None:
+    """A restarted charon numbers its SAs from 1 again: the SA ovs-monitor-ipsec negotiates
+    with it may repeat the ids of the earlier tunnel's, which went with the charon before.
+    Marks kept across the restart held the new SA (and its rekeys) back for good."""
+    host, record = ovs_leg_after_an_earlier_one({
+        "nwv0-in-1": SaInfo("ESTABLISHED", "INSTALLED", "1", "1")})
+    host.ike.restart()  # between two passes: the agent never saw it down
+    host.ike.sa_table = {"nwv0-in-1": SaInfo("ESTABLISHED", "INSTALLED", "1", "1")}
+    host.steps(1)
+    status = host.status(record.spec)
+    assert status.phase is Phase.INSTALLED and status.extra["sa_of"] == record.tunnel_id()
+
+
 def test_ovs_ipsec_x509_uses_a_host_certificate_kept_private(tmp_path: Path) -> None:
     req, _ = specs(profile="silver", topo=OVS_TOPO)
     ca = CertificateAuthority.load_or_create(tmp_path / "pki", now=T0)

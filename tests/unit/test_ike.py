@@ -3,7 +3,9 @@ running, holds nothing" and which mean "may be running and still hold everything
 
 from __future__ import annotations
 
+import os
 import socket
+import struct
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,6 +14,7 @@ from typing import Any
 
 import pytest
 from vici.exception import CommandException
+from vici.protocol import Message, Packet
 
 from nwc.ike import IkeDaemon, IkeError, IkeNoAnswer, IkeUnavailable, _sa_info
 
@@ -185,3 +188,26 @@ def test_a_reauthentication_is_asked_of_one_ike_sa() -> None:
     daemon = _Requests()
     daemon.reauthenticate("7")
     assert daemon.sent == [("rekey", {"ike-id": "7", "reauth": "yes"})]
+
+
+def test_a_run_of_the_daemon_is_named_by_its_pid_and_start(
+        listening: tuple[Path, socket.socket]) -> None:
+    """`stats` gives the start time only to the second (a charon restarted within it looks
+    the same), so the socket's peer, the process that listens, is part of the name."""
+    path, server = listening  # this process listens: the peer's pid is ours
+
+    def answer() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(4096)
+            payload = bytes([Packet.CMD_RESPONSE]) + Message.serialize(
+                {"uptime": {"running": "5 seconds", "since": "Nov 25 09:06:44 2026"}})
+            conn.sendall(struct.pack("!I", len(payload)) + payload)
+
+    thread = threading.Thread(target=answer)
+    thread.start()
+    try:
+        assert IkeDaemon(path, timeout=2).daemon_id() == \
+            f"pid {os.getpid()}, up since Nov 25 09:06:44 2026"
+    finally:
+        thread.join(5)

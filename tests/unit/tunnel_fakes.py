@@ -156,6 +156,7 @@ class FakeIke:
     # does; False leaves it for whoever asked to terminate.
     reauth_deletes_old: bool = True
     _next_id: int = 0
+    _run: int = 1  # which run of the daemon this is: a restart is another
 
     def _check(self) -> None:
         if not self.up:
@@ -171,6 +172,7 @@ class FakeIke:
         self.sa_table.clear()
         self.others.clear()
         self._next_id = 0
+        self._run += 1
 
     def load_connection(self, conn: dict[str, Any]) -> None:
         self._check()
@@ -292,6 +294,10 @@ class FakeIke:
     def sas(self) -> dict[str, SaInfo]:
         self._check()
         return dict(self.sa_table)
+
+    def daemon_id(self) -> str | None:
+        self._check()
+        return f"fake charon, run {self._run}"
 
 
 @dataclass
