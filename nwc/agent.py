@@ -404,9 +404,15 @@ class Agent:
                 continue
             if status.applied is None or status.applied.backend != self.backend:
                 continue
-            # Its SAs are taken as its own: this agent reported them so before it stopped.
+            # ovs-ipsec: the earlier tunnel's SAs as the status noted them. A status that
+            # notes none and says `installed` (an agent older than the note) had judged the
+            # SAs; any other has not, and every SA up is taken as old until one negotiated
+            # after this comes (as when the interface is written).
+            old_sas = _OldSas.from_json(status.extra.get("old_sas"))
+            if old_sas is None and status.phase is Phase.INSTALLED:
+                old_sas = _OldSas()
             leg = _Leg(status.applied, phase=status.phase, rekeys=status.rekeys,
-                       port_since=self.clock(), extra=dict(status.extra), old_sas=_OldSas(),
+                       port_since=self.clock(), extra=dict(status.extra), old_sas=old_sas,
                        sa_material=status.extra.get("material"))
             self.legs[raw_key[len(STATUS_PREFIX):]] = leg
             self._ovs_keys_set.update(status.extra.get("ovs_keys", []))
@@ -744,8 +750,18 @@ class Agent:
             have = self.db.interface(spec.device)
             if have is None or have["options"] != want["options"] \
                     or have["ofport_request"] != want["ofport_request"]:
+                # What is up now was negotiated for other options: noted, and in this
+                # leg's status, before the interface is written, so that an agent that
+                # stops right after writing it still knows them when it is back.
+                leg.old_sas = None
+                self._own_sas(leg, sas, charon)
+                leg.phase, leg.detail = Phase.DELEGATED, "handed to ovs-monitor-ipsec"
+                leg.extra.pop("sa_of", None)
+                self._note_old_sas(leg)
+                noted = self._report(leg)
+                if noted:
+                    self.db.update_external_ids(noted)
                 self.db.add_port(spec.bridge, want)
-                leg.old_sas = None  # what is there now was negotiated for other options
         except Exception as exc:
             detail = str(exc)
             if record.psk is not None:  # an error may quote the row it refused
@@ -755,6 +771,7 @@ class Agent:
             return
         leg.extra["ovs_keys"] = sorted(self._ovs_keys_set)
         mine = self._own_sas(leg, sas, charon)
+        self._note_old_sas(leg)
         leg.sa = next((sa for sa in mine if sa.installed), mine[0] if mine else None)
         if mine and all(sa.installed for sa in mine):
             leg.phase, leg.detail = Phase.INSTALLED, ""
@@ -764,6 +781,15 @@ class Agent:
             if leg.old_sas is not None and leg.old_sas.holds_any():
                 leg.detail += "; an earlier tunnel's SA on this port is still up"
             leg.extra.pop("sa_of", None)
+
+    @staticmethod
+    def _note_old_sas(leg: _Leg) -> None:
+        """Keep the earlier tunnel's SAs in the leg's status (`old_sas`), which a restarted
+        agent reads back: in memory only, a restart would trust them (found in review)."""
+        if leg.old_sas is None:
+            leg.extra.pop("old_sas", None)  # not looked at yet
+        else:
+            leg.extra["old_sas"] = leg.old_sas.to_json()
 
     def _own_sas(self, leg: _Leg, sas: dict[str, SaInfo] | None,
                  charon: str | None) -> list[SaInfo]:

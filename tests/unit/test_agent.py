@@ -392,9 +392,11 @@ def test_ovs_ipsec_an_earlier_tunnels_sa_stays_stale_across_a_listing_mid_ike_re
     assert status.phase is Phase.DELEGATED and "sa_of" not in status.extra
 
 
-def ovs_leg_after_an_earlier_one(earlier: dict[str, SaInfo]) -> tuple[Host, LegRecord]:
+def ovs_leg_after_an_earlier_one(earlier: dict[str, SaInfo],
+                                 written: bool = True) -> tuple[Host, LegRecord]:
     """An ovs-ipsec host whose slot 0 carried a leg whose SAs (`earlier`) are still up when
-    the leg of another weave takes the slot: that leg, written and `delegated`."""
+    the leg of another weave takes the slot: that leg's record and, if `written`, the leg
+    written and `delegated`."""
     host = Host(backend="ovs-ipsec")
     first, _ = specs(topo=OVS_TOPO)
     host.want(LegRecord(first, new_psk()))
@@ -407,9 +409,10 @@ def ovs_leg_after_an_earlier_one(earlier: dict[str, SaInfo]) -> tuple[Host, LegR
     w = one_leg_weave(8, 0)
     second, _ = leg_specs(w, w.legs[0], POLICY.profiles["gold"], OVS_TOPO)
     record = LegRecord(second, new_psk())
-    host.want(record)
-    host.steps(2)
-    assert host.status(second).phase is Phase.DELEGATED
+    if written:
+        host.want(record)
+        host.steps(2)
+        assert host.status(second).phase is Phase.DELEGATED
     return host, record
 
 
@@ -434,6 +437,65 @@ def test_ovs_ipsec_a_restarted_charon_repeating_old_ids_holds_nothing_old() -> N
     host.ike.restart()  # between two passes: the agent never saw it down
     host.ike.sa_table = {"nwv0-in-1": SaInfo("ESTABLISHED", "INSTALLED", "1", "1")}
     host.steps(1)
+    status = host.status(record.spec)
+    assert status.phase is Phase.INSTALLED and status.extra["sa_of"] == record.tunnel_id()
+
+
+def test_ovs_ipsec_a_restarted_agent_does_not_trust_an_earlier_tunnels_sa() -> None:
+    """Found in review: the SAs up when a leg's interface is written were noted in memory
+    only, so an agent restarted while the earlier tunnel's SA was still up took it for the
+    new leg's: `installed`, for the new record, on its predecessor's SA."""
+    host, record = ovs_leg_after_an_earlier_one({
+        "nwv0-in-1": SaInfo("ESTABLISHED", "INSTALLED", "2", "1")})
+    host.agent = host.new_agent()  # the process restarted: no memory
+    host.steps(2)
+    status = host.status(record.spec)
+    assert status.phase is Phase.DELEGATED and "sa_of" not in status.extra
+    host.ike.sa_table = {"nwv0-in-1": SaInfo("ESTABLISHED", "INSTALLED", "4", "3")}
+    host.steps(1)
+    status = host.status(record.spec)
+    assert status.phase is Phase.INSTALLED and status.extra["sa_of"] == record.tunnel_id()
+
+
+def test_ovs_ipsec_marks_read_back_by_a_restarted_agent_are_of_their_charons_run() -> None:
+    """The noted SAs carry the charon run they are of: a charon that restarted while the
+    agent was stopped holds none of them, though its new SA repeats their ids."""
+    host, record = ovs_leg_after_an_earlier_one({
+        "nwv0-in-1": SaInfo("ESTABLISHED", "INSTALLED", "1", "1")})
+    host.ike.restart()
+    host.ike.sa_table = {"nwv0-in-1": SaInfo("ESTABLISHED", "INSTALLED", "1", "1")}
+    host.agent = host.new_agent()
+    host.steps(2)
+    assert host.status(record.spec).phase is Phase.INSTALLED
+
+
+class AgentDied(BaseException):
+    """The agent process ends here (no `except Exception` of its own catches it)."""
+
+
+def test_ovs_ipsec_an_agent_stopped_right_after_writing_an_interface_knows_the_old_sas(
+        ) -> None:
+    """The SAs up before the interface was written are noted in OVSDB before it is written:
+    an agent that stops right after writing it, and finds on its return that the earlier
+    tunnel's SA went and the new one came, counts the new one (taking every SA it finds up
+    as old would hold it back for good: its rekeys keep one of its ids)."""
+    host, record = ovs_leg_after_an_earlier_one({
+        "nwv0-in-1": SaInfo("ESTABLISHED", "INSTALLED", "2", "1")}, written=False)
+    add_port = host.db.add_port
+
+    def add_then_die(bridge: str, columns: dict[str, object]) -> None:
+        add_port(bridge, columns)
+        raise AgentDied
+
+    host.db.add_port = add_then_die  # type: ignore[method-assign]
+    host.want(record)
+    with pytest.raises(AgentDied):
+        host.agent.step()
+    host.db.add_port = add_port  # type: ignore[method-assign]
+    assert host.db.ports["nwv0"]["options"]["psk"] == record.psk.reveal().hex()  # type: ignore[union-attr]
+    host.ike.sa_table = {"nwv0-in-1": SaInfo("ESTABLISHED", "INSTALLED", "4", "3")}
+    host.agent = host.new_agent()
+    host.steps(2)
     status = host.status(record.spec)
     assert status.phase is Phase.INSTALLED and status.extra["sa_of"] == record.tunnel_id()
 
