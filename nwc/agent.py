@@ -95,7 +95,8 @@ class IkePort(Protocol):
     def initiate(self, name: str, timeout_s: float = ...) -> InitiateResult: ...
     def terminate(self, name: str, timeout_s: float = ...) -> None: ...
     def terminate_sa(self, ike_id: str, timeout_s: float = ...) -> None: ...
-    def reauthenticate(self, ike_id: str) -> None: ...
+    def reauthenticate(self, name: str, ike_id: str, timeout_s: float = ...
+                       ) -> InitiateResult: ...
     def sas(self) -> dict[str, SaInfo]: ...
     def daemon_id(self) -> str | None: ...
 
@@ -640,9 +641,19 @@ class Agent:
             # counting unique ids from 1 again, would give a new SA an old one's id).
             leg.swap = None
             return False
-        leg.phase = Phase.CONNECTING
         if swap.holds(sa):
             swap.take(sa)  # a rekey of an old SA: as old as it
+            if leg.auth_failed_for is not None and leg.auth_failed_for.same_material(record):
+                # The peer refused the new key. The old SA stays (it still encrypts), and
+                # this key is not tried again: it would fail again, each time an
+                # authentication failure at the peer. A new record (new material) is.
+                if leg.phase is not Phase.AUTH_FAILED:
+                    leg.detail = f"replacing the SA built from the earlier key material " \
+                                 f"failed: {leg.detail}; that SA still carries the traffic"
+                    log.error("leg %s: %s", spec.key, leg.detail)
+                leg.phase = Phase.AUTH_FAILED
+                return True
+            leg.phase = Phase.CONNECTING
             if not spec.initiator:
                 # One end replaces the SA, as one end starts it: both at once would race.
                 leg.detail = "key material changed: waiting for the peer to replace the SA " \
@@ -651,9 +662,10 @@ class Agent:
                 # The controller sets `start` again once the peer has the new material too.
                 leg.detail = "key material changed: waiting for the peer to load it (the " \
                              "SA built from the earlier one carries the traffic until then)"
-            elif now >= swap.next_ask:
+            elif leg.pending is None and now >= swap.next_ask:
                 self._ask_replacement(leg, sa, now)
             return True
+        leg.phase = Phase.CONNECTING
         if not sa.installed:
             leg.detail = "key material changed: negotiating the SA built from it"
             return True
@@ -677,22 +689,32 @@ class Agent:
         assert swap is not None and sa.ike_id is not None
         swap.asked += 1
         swap.next_ask = now + self.initiate_timeout_s  # asked again if nothing came of it
+        if leg.spec.auth == "psk":
+            # charon makes the new IKE SA with the key it holds now, and (with
+            # make_before_break) its CHILD SA, before deleting the old one. Waited for
+            # elsewhere, like an initiation: it takes a round trip to the peer or a timeout,
+            # and its outcome tells a refused key from a transient failure.
+            name, ike_id, timeout = leg.spec.connection_name, sa.ike_id, self.initiate_timeout_s
+
+            def reauthenticate() -> InitiateResult:
+                try:
+                    return self.ike.reauthenticate(name, ike_id, timeout)
+                except (IkeUnavailable, IkeNoAnswer, IkeError) as exc:
+                    return InitiateResult(False, False, str(exc))
+
+            leg.pending = self._submit(reauthenticate)
+            leg.detail = "key material changed: reauthenticating the SA built from the " \
+                         f"earlier one (attempt {swap.asked})"
+            return
         try:
-            if leg.spec.auth == "psk":
-                # charon makes the new IKE SA with the key it holds now, and (with
-                # make_before_break) its CHILD SA, before deleting the old one.
-                self.ike.reauthenticate(sa.ike_id)
-                leg.detail = "key material changed: reauthenticating the SA built from the " \
-                             f"earlier one (attempt {swap.asked})"
-            else:
-                # A reauthentication would present the certificate the old IKE SA was made
-                # with, and a new initiation reuses the old IKE SA: it goes first. Until
-                # the new SA is up (the initiator's trap, or this agent, starts it) the
-                # leg's traffic is dropped, never sent in clear.
-                for ike_id in sorted(swap.ike_ids):
-                    self.ike.terminate_sa(ike_id)
-                leg.detail = "key material changed: terminated the SA built from the " \
-                             "earlier certificates; negotiating one with the new ones"
+            # A reauthentication would present the certificate the old IKE SA was made with,
+            # and a new initiation reuses the old IKE SA: it goes first. Until the new SA is
+            # up (the initiator's trap, or this agent, starts it) the leg's traffic is
+            # dropped, never sent in clear.
+            for old_id in sorted(swap.ike_ids):
+                self.ike.terminate_sa(old_id)
+            leg.detail = "key material changed: terminated the SA built from the earlier " \
+                         "certificates; negotiating one with the new ones"
         except (IkeUnavailable, IkeNoAnswer, IkeError) as exc:
             leg.detail = f"key material changed: replacing the SA built from the earlier " \
                          f"one failed (attempt {swap.asked}): {exc}"

@@ -785,6 +785,36 @@ def test_new_key_material_replaces_the_sa_make_before_break() -> None:
     assert j.count("remove_vxlan") == 0 and j.count("remove_blackhole") == 0
 
 
+def test_a_new_key_the_peer_refuses_is_reported_and_the_old_sa_kept() -> None:
+    """Found open: a reauthentication the peer refused (wrong PSK) left the old SA, as it
+    should, but nothing said so: the leg stayed `connecting` and the agent asked again every
+    timeout, each time an authentication failure at the peer."""
+    host, req = psk_leg_installed()
+    name = req.connection_name
+    old = host.ike.sa_table[name]
+    host.ike.outcome = "auth"  # the peer does not take the new key
+    host.want(LegRecord(req, new_psk(), start=True))
+    host.steps(3)
+    status = host.status(req)
+    assert status.phase is Phase.AUTH_FAILED and "AUTHENTICATION_FAILED" in status.detail
+    assert "still carries the traffic" in status.detail
+    assert status.sa is not None and status.sa.installed and "sa_of" not in status.extra
+    assert host.ike.listed(name) == {old.ike_id}  # it still encrypts: kept
+    for _ in range(5):
+        host.clock.advance(host.agent.initiate_timeout_s)
+        host.steps(1)
+    assert host.journal.count("reauth") == 1  # that key would fail again: not asked again
+    assert host.status(req).phase is Phase.AUTH_FAILED
+    host.ike.outcome = "ok"
+    fresh = new_psk()
+    host.want(LegRecord(req, fresh, start=True))  # another key is tried
+    host.steps(3)
+    status = host.status(req)
+    assert status.phase is Phase.INSTALLED
+    assert status.extra["sa_of"] == LegRecord(req, fresh).tunnel_id()
+    assert old.ike_id not in host.ike.listed(name)
+
+
 def test_a_responder_waits_for_the_new_sa_and_a_rekey_of_the_old_one_stays_old() -> None:
     _, res = specs()
     host = Host()
