@@ -174,6 +174,7 @@ class _Swap(_OldSas):
 
     next_ask: float = 0.0  # when to ask charon again if no new SA came of it
     asked: int = 0
+    refused: str = ""  # what charon said when the peer refused the new material
 
 
 @dataclass
@@ -405,16 +406,23 @@ class Agent:
                 continue
             if status.applied is None or status.applied.backend != self.backend:
                 continue
-            # ovs-ipsec: the earlier tunnel's SAs as the status noted them. A status that
-            # notes none and says `installed` (an agent older than the note) had judged the
-            # SAs; any other has not, and every SA up is taken as old until one negotiated
-            # after this comes (as when the interface is written).
-            old_sas = _OldSas.from_json(status.extra.get("old_sas"))
-            if old_sas is None and status.phase is Phase.INSTALLED:
-                old_sas = _OldSas()
+            # The SAs the status noted as not the leg's own (`old_sas`; in memory only, a
+            # restart would trust them). strongswan: those built from earlier key material,
+            # still to be replaced. ovs-ipsec: an earlier tunnel's; a status that notes none
+            # and says `installed` (an agent older than the note) had judged the SAs, any
+            # other has not, and every SA up is taken as old until one negotiated after
+            # this comes (as when the interface is written).
+            noted = status.extra.get("old_sas")
+            swap, old_sas = None, None
+            if self.backend == "strongswan":
+                swap = _Swap.from_json(noted)
+            else:
+                old_sas = _OldSas.from_json(noted)
+                if old_sas is None and status.phase is Phase.INSTALLED:
+                    old_sas = _OldSas()
             leg = _Leg(status.applied, phase=status.phase, rekeys=status.rekeys,
                        port_since=self.clock(), extra=dict(status.extra), old_sas=old_sas,
-                       sa_material=status.extra.get("material"))
+                       swap=swap, sa_material=status.extra.get("material"))
             self.legs[raw_key[len(STATUS_PREFIX):]] = leg
             self._ovs_keys_set.update(status.extra.get("ovs_keys", []))
 
@@ -590,13 +598,17 @@ class Agent:
             elif result.auth_failed:
                 leg.auth_failed_for = record
                 leg.detail = f"authentication failed: {result.detail}"
+                if leg.swap is not None:
+                    leg.swap.refused = result.detail
             else:
                 leg.attempts += 1
                 leg.next_attempt = now + min(MAX_BACKOFF_S, 0.5 * 2 ** (leg.attempts - 1))
                 leg.detail = f"IKE attempt {leg.attempts} failed: {result.detail}"
         if leg.swap is not None and self._replacing(leg, sa, now):
             leg.extra.pop("sa_of", None)
+            leg.extra["old_sas"] = leg.swap.to_json()  # read back by a restarted agent
             return
+        leg.extra.pop("old_sas", None)
         if sa is not None and sa.installed:
             before = leg.sa_ids
             if leg.phase is Phase.INSTALLED and before is not None:
@@ -647,9 +659,9 @@ class Agent:
                 # The peer refused the new key. The old SA stays (it still encrypts), and
                 # this key is not tried again: it would fail again, each time an
                 # authentication failure at the peer. A new record (new material) is.
+                leg.detail = "replacing the SA built from the earlier key material failed " \
+                             f"authentication: {swap.refused}; that SA still carries the traffic"
                 if leg.phase is not Phase.AUTH_FAILED:
-                    leg.detail = f"replacing the SA built from the earlier key material " \
-                                 f"failed: {leg.detail}; that SA still carries the traffic"
                     log.error("leg %s: %s", spec.key, leg.detail)
                 leg.phase = Phase.AUTH_FAILED
                 return True

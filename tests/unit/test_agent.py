@@ -841,6 +841,31 @@ def test_a_responder_waits_for_the_new_sa_and_a_rekey_of_the_old_one_stays_old()
     assert host.status(res).phase is Phase.INSTALLED
 
 
+def test_an_agent_restarted_during_a_swap_still_knows_the_old_sa() -> None:
+    """Found with the ovs-ipsec marks: the SAs built from earlier key material were noted in
+    memory only, and the status already names the new material, so an agent restarted
+    before they were replaced reported the old SA `installed` for the new record."""
+    host, req = psk_leg_installed()
+    name = req.connection_name
+    old = host.ike.sa_table[name]
+    host.ike.reauth_deletes_old = False
+    fresh = new_psk()
+    host.want(LegRecord(req, fresh))
+    host.steps(2)
+    assert host.status(req).phase is Phase.CONNECTING
+    host.agent = host.new_agent()
+    host.steps(2)
+    status = host.status(req)
+    assert status.phase is Phase.CONNECTING and "sa_of" not in status.extra
+    host.want(LegRecord(req, fresh, start=True))
+    host.steps(3)
+    assert host.journal.index("reauth", old.ike_id) < host.journal.index("terminate_sa",
+                                                                         old.ike_id)
+    status = host.status(req)
+    assert status.phase is Phase.INSTALLED and "old_sas" not in status.extra
+    assert status.extra["sa_of"] == LegRecord(req, fresh).tunnel_id()
+
+
 def test_a_charon_restarted_during_a_swap_holds_nothing_old_though_its_ids_repeat() -> None:
     _, res = specs()
     host = Host()
