@@ -791,6 +791,7 @@ class Agent:
                 self._own_sas(leg, sas, charon)
                 leg.phase, leg.detail = Phase.DELEGATED, "handed to ovs-monitor-ipsec"
                 leg.extra.pop("sa_of", None)
+                leg.extra["ovs_keys"] = sorted(self._ovs_keys_set)
                 self._note_old_sas(leg)
                 noted = self._report(leg)
                 if noted:
@@ -836,7 +837,10 @@ class Agent:
         runs, and a forgotten id is one that is gone. A charon of another run (`charon`)
         holds none of them, and numbers its SAs from 1 again: its SAs are all new."""
         old = leg.old_sas
-        if old is not None and charon is not None and old.charon != charon:
+        if charon == CHARON_NOT_RUNNING:
+            # No charon, no SA: none of the earlier tunnel's is left, and any to come is new.
+            leg.old_sas = _OldSas(charon=charon)
+        elif old is not None and charon is not None and old.charon != charon:
             if old.charon is None:  # noted when charon did not say: taken as this run's
                 old.charon = charon
             else:

@@ -441,6 +441,22 @@ def test_ovs_ipsec_a_restarted_charon_repeating_old_ids_holds_nothing_old() -> N
     assert status.phase is Phase.INSTALLED and status.extra["sa_of"] == record.tunnel_id()
 
 
+def test_ovs_ipsec_an_interface_written_while_charon_is_down_takes_the_next_sa() -> None:
+    """A charon that does not run holds no SA: the first one it lists after the interface
+    was written is the leg's, though the agent had not looked at the port before."""
+    host, record = ovs_leg_after_an_earlier_one({
+        "nwv0-in-1": SaInfo("ESTABLISHED", "INSTALLED", "2", "1")}, written=False)
+    host.ike.restart()
+    host.ike.up = False
+    host.want(record)
+    host.steps(2)
+    assert host.status(record.spec).phase is Phase.DELEGATED
+    host.ike.up = True
+    host.ike.sa_table = {"nwv0-in-1": SaInfo("ESTABLISHED", "INSTALLED", "1", "1")}
+    host.steps(1)
+    assert host.status(record.spec).phase is Phase.INSTALLED
+
+
 def test_ovs_ipsec_a_restarted_agent_does_not_trust_an_earlier_tunnels_sa() -> None:
     """Found in review: the SAs up when a leg's interface is written were noted in memory
     only, so an agent restarted while the earlier tunnel's SA was still up took it for the
