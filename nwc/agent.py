@@ -64,6 +64,9 @@ MAX_BACKOFF_S = 10.0
 # milliseconds (kernel reads after each change), and the legs already built, whose blackholes
 # are checked every pass, must not wait seconds behind a burst of new ones.
 MAX_BUILDS_PER_PASS = 4
+# The charon identity (IkePort.daemon_id) of a pass where no charon runs: a later one is
+# another run, which holds none of the SAs of before.
+CHARON_NOT_RUNNING = "not running"
 
 
 # -- the boundaries (real ones: nwc.hostdb, nwc.ike, nwc.hostnet; fakes in the unit tests) ----
@@ -92,8 +95,10 @@ class IkePort(Protocol):
     def initiate(self, name: str, timeout_s: float = ...) -> InitiateResult: ...
     def terminate(self, name: str, timeout_s: float = ...) -> None: ...
     def terminate_sa(self, ike_id: str, timeout_s: float = ...) -> None: ...
-    def reauthenticate(self, ike_id: str) -> None: ...
+    def reauthenticate(self, name: str, ike_id: str, timeout_s: float = ...
+                       ) -> InitiateResult: ...
     def sas(self) -> dict[str, SaInfo]: ...
+    def daemon_id(self) -> str | None: ...
 
 
 class NetPort(Protocol):
@@ -115,23 +120,61 @@ Submit = Callable[[Callable[[], InitiateResult]], "concurrent.futures.Future[Ini
 
 
 @dataclass
-class _Swap:
-    """SAs of a leg built from key material it no longer has (a restarted controller drew a
-    new key, or signed new certificates), while they are replaced: IKE and CHILD SA unique
-    ids apart, since charon counts each on its own. Rekeys need no authentication, so a
-    rekey of such an SA is one too; it keeps one of the two ids."""
+class _OldSas:
+    """SAs a leg must not count as its own, by charon's unique ids: IKE and CHILD SA ids
+    apart, since charon numbers each on its own (a new IKE SA may have an old CHILD SA's
+    number). Rekeys need no authentication, so a rekey of such an SA is one too; it keeps
+    one of the two ids. The ids are of one charon run (`charon`, its identity as
+    `IkePort.daemon_id` gives it, when known): a restarted charon holds none of these SAs
+    and numbers from 1 again, so its new SAs would repeat old ids."""
 
     ike_ids: set[str] = field(default_factory=set)
     child_ids: set[str] = field(default_factory=set)
-    next_ask: float = 0.0  # when to ask charon again if no new SA came of it
-    asked: int = 0
+    charon: str | None = None
 
     def holds(self, sa: SaInfo) -> bool:
         return sa.ike_id in self.ike_ids or sa.child_id in self.child_ids
 
+    def holds_any(self) -> bool:
+        return bool(self.ike_ids or self.child_ids)
+
     def take(self, sa: SaInfo) -> None:
         self.ike_ids.update(i for i in (sa.ike_id,) if i)
         self.child_ids.update(i for i in (sa.child_id,) if i)
+
+    def keep_listed(self, listed: Iterable[SaInfo]) -> None:
+        """Forget the ids no SA in `listed` has: those SAs are gone (charon never reuses an
+        id while it runs)."""
+        listed = list(listed)
+        self.ike_ids &= {sa.ike_id for sa in listed if sa.ike_id}
+        self.child_ids &= {sa.child_id for sa in listed if sa.child_id}
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ike": sorted(self.ike_ids), "child": sorted(self.child_ids),
+                "charon": self.charon}
+
+    @classmethod
+    def from_json(cls, value: object) -> _OldSas | None:
+        """What `to_json` wrote; None for anything else (a status is the agent's own, but
+        it comes back through OVSDB)."""
+        if not isinstance(value, dict):
+            return None
+        ike, child, charon = value.get("ike"), value.get("child"), value.get("charon")
+        if not (isinstance(ike, list) and isinstance(child, list)
+                and all(isinstance(i, str) for i in [*ike, *child])
+                and (charon is None or isinstance(charon, str))):
+            return None
+        return cls(set(ike), set(child), charon)
+
+
+@dataclass
+class _Swap(_OldSas):
+    """SAs of a leg built from key material it no longer has (a restarted controller drew a
+    new key, or signed new certificates), while they are replaced."""
+
+    next_ask: float = 0.0  # when to ask charon again if no new SA came of it
+    asked: int = 0
+    refused: str = ""  # what charon said when the peer refused the new material
 
 
 @dataclass
@@ -155,9 +198,9 @@ class _Leg:
     rekeys: int = 0
     sa_ids: tuple[str | None, str | None] | None = None  # (CHILD SA, IKE SA) last seen
     auth_failed_for: LegRecord | None = None
-    # ovs-ipsec: ids (IKE and CHILD) of SAs on the leg's port that were there before this
-    # leg's interface was written; None until it has been looked at (see _own_sas).
-    stale_sas: set[str] | None = None
+    # ovs-ipsec: the SAs on the leg's port that were there before this leg's interface was
+    # written; None until it has been looked at (see _own_sas).
+    old_sas: _OldSas | None = None
     # The local IKE daemon came back from a restart: this end starts IKE even as responder,
     # since the peer still holds the dead SA until its DPD notices (tens of seconds).
     restarted: bool = False
@@ -299,12 +342,20 @@ class Agent:
             leg.record = record
         sas: dict[str, SaInfo] | None = None
         conns: set[str] = set()
+        charon: str | None = None  # which run of charon the SA ids are of (ovs-ipsec)
         if wanted:  # two VICI round trips per pass, only when there is a leg to look at
             try:
+                if self.backend == "ovs-ipsec":
+                    # Before the listing: a charon restarted between the two then lists new
+                    # SAs under the identity of before, which holds them back one pass at
+                    # most; the other order would judge the old run's SAs as the new run's.
+                    charon = self._charon_id()
                 sas = self.ike.sas()
                 if self.backend == "strongswan":  # ovs-ipsec's connections are not ours
                     conns = self.ike.connections()
-            except (IkeUnavailable, IkeNoAnswer):  # either way, nothing to go by this pass
+            except IkeUnavailable:  # nothing to go by this pass, and nothing is held
+                sas, conns, charon = None, set(), CHARON_NOT_RUNNING
+            except IkeNoAnswer:  # nothing to go by this pass
                 sas, conns = None, set()
         builds = 0
         # Built legs first (a stable sort keeps the rest in order): their checks never wait.
@@ -324,7 +375,7 @@ class Agent:
                 if self.backend == "strongswan":
                     self._ensure_strongswan(leg, sas, conns)
                 else:
-                    self._ensure_ovs_ipsec(leg, sas)
+                    self._ensure_ovs_ipsec(leg, sas, charon)
             except Exception as exc:
                 log.exception("leg %s: unexpected failure", key)
                 self._fail(leg, f"unexpected failure: {exc!r}")
@@ -355,10 +406,23 @@ class Agent:
                 continue
             if status.applied is None or status.applied.backend != self.backend:
                 continue
-            # Its SAs are taken as its own: this agent reported them so before it stopped.
+            # The SAs the status noted as not the leg's own (`old_sas`; in memory only, a
+            # restart would trust them). strongswan: those built from earlier key material,
+            # still to be replaced. ovs-ipsec: an earlier tunnel's; a status that notes none
+            # and says `installed` (an agent older than the note) had judged the SAs, any
+            # other has not, and every SA up is taken as old until one negotiated after
+            # this comes (as when the interface is written).
+            noted = status.extra.get("old_sas")
+            swap, old_sas = None, None
+            if self.backend == "strongswan":
+                swap = _Swap.from_json(noted)
+            else:
+                old_sas = _OldSas.from_json(noted)
+                if old_sas is None and status.phase is Phase.INSTALLED:
+                    old_sas = _OldSas()
             leg = _Leg(status.applied, phase=status.phase, rekeys=status.rekeys,
-                       port_since=self.clock(), extra=dict(status.extra), stale_sas=set(),
-                       sa_material=status.extra.get("material"))
+                       port_since=self.clock(), extra=dict(status.extra), old_sas=old_sas,
+                       swap=swap, sa_material=status.extra.get("material"))
             self.legs[raw_key[len(STATUS_PREFIX):]] = leg
             self._ovs_keys_set.update(status.extra.get("ovs_keys", []))
 
@@ -534,13 +598,17 @@ class Agent:
             elif result.auth_failed:
                 leg.auth_failed_for = record
                 leg.detail = f"authentication failed: {result.detail}"
+                if leg.swap is not None:
+                    leg.swap.refused = result.detail
             else:
                 leg.attempts += 1
                 leg.next_attempt = now + min(MAX_BACKOFF_S, 0.5 * 2 ** (leg.attempts - 1))
                 leg.detail = f"IKE attempt {leg.attempts} failed: {result.detail}"
         if leg.swap is not None and self._replacing(leg, sa, now):
             leg.extra.pop("sa_of", None)
+            leg.extra["old_sas"] = leg.swap.to_json()  # read back by a restarted agent
             return
+        leg.extra.pop("old_sas", None)
         if sa is not None and sa.installed:
             before = leg.sa_ids
             if leg.phase is Phase.INSTALLED and before is not None:
@@ -585,9 +653,19 @@ class Agent:
             # counting unique ids from 1 again, would give a new SA an old one's id).
             leg.swap = None
             return False
-        leg.phase = Phase.CONNECTING
         if swap.holds(sa):
             swap.take(sa)  # a rekey of an old SA: as old as it
+            if leg.auth_failed_for is not None and leg.auth_failed_for.same_material(record):
+                # The peer refused the new key. The old SA stays (it still encrypts), and
+                # this key is not tried again: it would fail again, each time an
+                # authentication failure at the peer. A new record (new material) is.
+                leg.detail = "replacing the SA built from the earlier key material failed " \
+                             f"authentication: {swap.refused}; that SA still carries the traffic"
+                if leg.phase is not Phase.AUTH_FAILED:
+                    log.error("leg %s: %s", spec.key, leg.detail)
+                leg.phase = Phase.AUTH_FAILED
+                return True
+            leg.phase = Phase.CONNECTING
             if not spec.initiator:
                 # One end replaces the SA, as one end starts it: both at once would race.
                 leg.detail = "key material changed: waiting for the peer to replace the SA " \
@@ -596,9 +674,10 @@ class Agent:
                 # The controller sets `start` again once the peer has the new material too.
                 leg.detail = "key material changed: waiting for the peer to load it (the " \
                              "SA built from the earlier one carries the traffic until then)"
-            elif now >= swap.next_ask:
+            elif leg.pending is None and now >= swap.next_ask:
                 self._ask_replacement(leg, sa, now)
             return True
+        leg.phase = Phase.CONNECTING
         if not sa.installed:
             leg.detail = "key material changed: negotiating the SA built from it"
             return True
@@ -622,22 +701,32 @@ class Agent:
         assert swap is not None and sa.ike_id is not None
         swap.asked += 1
         swap.next_ask = now + self.initiate_timeout_s  # asked again if nothing came of it
+        if leg.spec.auth == "psk":
+            # charon makes the new IKE SA with the key it holds now, and (with
+            # make_before_break) its CHILD SA, before deleting the old one. Waited for
+            # elsewhere, like an initiation: it takes a round trip to the peer or a timeout,
+            # and its outcome tells a refused key from a transient failure.
+            name, ike_id, timeout = leg.spec.connection_name, sa.ike_id, self.initiate_timeout_s
+
+            def reauthenticate() -> InitiateResult:
+                try:
+                    return self.ike.reauthenticate(name, ike_id, timeout)
+                except (IkeUnavailable, IkeNoAnswer, IkeError) as exc:
+                    return InitiateResult(False, False, str(exc))
+
+            leg.pending = self._submit(reauthenticate)
+            leg.detail = "key material changed: reauthenticating the SA built from the " \
+                         f"earlier one (attempt {swap.asked})"
+            return
         try:
-            if leg.spec.auth == "psk":
-                # charon makes the new IKE SA with the key it holds now, and (with
-                # make_before_break) its CHILD SA, before deleting the old one.
-                self.ike.reauthenticate(sa.ike_id)
-                leg.detail = "key material changed: reauthenticating the SA built from the " \
-                             f"earlier one (attempt {swap.asked})"
-            else:
-                # A reauthentication would present the certificate the old IKE SA was made
-                # with, and a new initiation reuses the old IKE SA: it goes first. Until
-                # the new SA is up (the initiator's trap, or this agent, starts it) the
-                # leg's traffic is dropped, never sent in clear.
-                for ike_id in sorted(swap.ike_ids):
-                    self.ike.terminate_sa(ike_id)
-                leg.detail = "key material changed: terminated the SA built from the " \
-                             "earlier certificates; negotiating one with the new ones"
+            # A reauthentication would present the certificate the old IKE SA was made with,
+            # and a new initiation reuses the old IKE SA: it goes first. Until the new SA is
+            # up (the initiator's trap, or this agent, starts it) the leg's traffic is
+            # dropped, never sent in clear.
+            for old_id in sorted(swap.ike_ids):
+                self.ike.terminate_sa(old_id)
+            leg.detail = "key material changed: terminated the SA built from the earlier " \
+                         "certificates; negotiating one with the new ones"
         except (IkeUnavailable, IkeNoAnswer, IkeError) as exc:
             leg.detail = f"key material changed: replacing the SA built from the earlier " \
                          f"one failed (attempt {swap.asked}): {exc}"
@@ -661,7 +750,14 @@ class Agent:
 
     # -- ovs-ipsec backend -------------------------------------------------------------------
 
-    def _ensure_ovs_ipsec(self, leg: _Leg, sas: dict[str, SaInfo] | None) -> None:
+    def _charon_id(self) -> str | None:
+        try:
+            return self.ike.daemon_id()
+        except IkeError:  # a charon that will not say: SA ids are judged as before
+            return None
+
+    def _ensure_ovs_ipsec(self, leg: _Leg, sas: dict[str, SaInfo] | None,
+                          charon: str | None) -> None:
         """Write the leg as an OVS vxlan Interface with IPsec options: ovs-monitor-ipsec
         (on hosts with the kernel datapath) does the rest. Its skb-mark drop policy is what
         keeps the tunnel's traffic from leaving in clear, so the agent makes sure it is set."""
@@ -688,8 +784,19 @@ class Agent:
             have = self.db.interface(spec.device)
             if have is None or have["options"] != want["options"] \
                     or have["ofport_request"] != want["ofport_request"]:
+                # What is up now was negotiated for other options: noted, and in this
+                # leg's status, before the interface is written, so that an agent that
+                # stops right after writing it still knows them when it is back.
+                leg.old_sas = None
+                self._own_sas(leg, sas, charon)
+                leg.phase, leg.detail = Phase.DELEGATED, "handed to ovs-monitor-ipsec"
+                leg.extra.pop("sa_of", None)
+                leg.extra["ovs_keys"] = sorted(self._ovs_keys_set)
+                self._note_old_sas(leg)
+                noted = self._report(leg)
+                if noted:
+                    self.db.update_external_ids(noted)
                 self.db.add_port(spec.bridge, want)
-                leg.stale_sas = None  # what is there now was negotiated for other options
         except Exception as exc:
             detail = str(exc)
             if record.psk is not None:  # an error may quote the row it refused
@@ -698,44 +805,67 @@ class Agent:
             self._fail(leg, f"writing the OVS IPsec interface failed: {detail}")
             return
         leg.extra["ovs_keys"] = sorted(self._ovs_keys_set)
-        mine = self._own_sas(leg, sas)
+        mine = self._own_sas(leg, sas, charon)
+        self._note_old_sas(leg)
         leg.sa = next((sa for sa in mine if sa.installed), mine[0] if mine else None)
         if mine and all(sa.installed for sa in mine):
             leg.phase, leg.detail = Phase.INSTALLED, ""
             leg.extra["sa_of"] = record.tunnel_id()
         else:
             leg.phase, leg.detail = Phase.DELEGATED, "handed to ovs-monitor-ipsec"
-            if leg.stale_sas:
+            if leg.old_sas is not None and leg.old_sas.holds_any():
                 leg.detail += "; an earlier tunnel's SA on this port is still up"
             leg.extra.pop("sa_of", None)
 
-    def _own_sas(self, leg: _Leg, sas: dict[str, SaInfo] | None) -> list[SaInfo]:
+    @staticmethod
+    def _note_old_sas(leg: _Leg) -> None:
+        """Keep the earlier tunnel's SAs in the leg's status (`old_sas`), which a restarted
+        agent reads back: in memory only, a restart would trust them (found in review)."""
+        if leg.old_sas is None:
+            leg.extra.pop("old_sas", None)  # not looked at yet
+        else:
+            leg.extra["old_sas"] = leg.old_sas.to_json()
+
+    def _own_sas(self, leg: _Leg, sas: dict[str, SaInfo] | None,
+                 charon: str | None) -> list[SaInfo]:
         """The SAs ovs-monitor-ipsec negotiated for this leg. It names them after the port
         (<interface>-in-<n> / -out-<n>), and a slot reused after its weave ended repeats the
         port and the endpoints: an SA of the earlier tunnel, not yet taken down, would look
         like this one's (found in review: a new weave was ready on its predecessor's SA). So
         the SAs present when this leg's interface is written are an earlier tunnel's, and so
         are their rekeys, which keep one of the two ids; charon never reuses an id while it
-        runs, and a forgotten id is one that is gone."""
+        runs, and a forgotten id is one that is gone. A charon of another run (`charon`)
+        holds none of them, and numbers its SAs from 1 again: its SAs are all new."""
+        old = leg.old_sas
+        if charon == CHARON_NOT_RUNNING:
+            # No charon, no SA: none of the earlier tunnel's is left, and any to come is new.
+            leg.old_sas = _OldSas(charon=charon)
+        elif old is not None and charon is not None and old.charon != charon:
+            if old.charon is None:  # noted when charon did not say: taken as this run's
+                old.charon = charon
+            else:
+                if old.holds_any():
+                    log.info("leg %s: charon is another run (%s); the earlier tunnel's SAs "
+                             "went with the one before", leg.spec.key, charon)
+                leg.old_sas = _OldSas(charon=charon)
         if sas is None:
             return []  # nothing to go by this pass
         on_port = [sa for name, sa in sas.items() if name.startswith(f"{leg.spec.device}-")]
-        if leg.stale_sas is None:
-            leg.stale_sas = {i for sa in on_port for i in (sa.ike_id, sa.child_id) if i}
-        listed: set[str] = set()
-        own = []
+        if leg.old_sas is None:
+            leg.old_sas = _OldSas(charon=charon)
+            for sa in on_port:
+                leg.old_sas.take(sa)
+        old, own = leg.old_sas, []
         for sa in on_port:
-            ids = {i for i in (sa.ike_id, sa.child_id) if i}
-            listed |= ids
-            if ids & leg.stale_sas:
-                leg.stale_sas |= ids
+            if old.holds(sa):
+                old.take(sa)  # a rekey of an earlier tunnel's SA: as old as it
             else:
                 own.append(sa)
         # A listing caught mid IKE SA rekey shows an old IKE SA without the CHILD SAs it
         # handed on: those are not gone, so their ids must not be forgotten (the successor
         # that holds them would then pass for this leg's).
         if not any(is_handed_over(sa) for sa in on_port):
-            leg.stale_sas &= listed
+            old.keep_listed(on_port)
         return own
 
     def _ensure_host_certificate(self, leg: _Leg, record: LegRecord,

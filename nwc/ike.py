@@ -8,10 +8,14 @@ request bytes. Failures are `IkeUnavailable` (the daemon is not running: it hold
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import itertools
 import logging
 import re
 import socket
+import struct
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -154,6 +158,22 @@ class IkeDaemon:
         with self._session() as s:
             return {_text(k) for k in s.request("get-keys", {}).get("keys", [])}
 
+    def daemon_id(self) -> str | None:
+        """Which run of charon answers: its process id (the VICI socket's peer) and the time
+        it started (`stats`, to the second). A restarted charon holds none of the SAs of
+        before and numbers new ones from 1 again, so unique ids are only ever compared
+        within one run. None when neither can be had."""
+        with self._session() as s:
+            since = s.stats().get("uptime", {}).get("since")
+            try:
+                pid = struct.unpack("3i", s.transport.socket.getsockopt(
+                    socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[0]
+            except (OSError, AttributeError):  # not a Unix socket, or not Linux
+                pid = None
+        if since is None and pid is None:
+            return None
+        return f"pid {pid}, up since {_text(since) if since is not None else '?'}"
+
     # -- SAs --------------------------------------------------------------------------------
 
     def initiate(self, name: str, timeout_s: float = 10.0) -> InitiateResult:
@@ -195,15 +215,33 @@ class IkeDaemon:
             if "no matching" not in str(exc).lower():
                 raise
 
-    def reauthenticate(self, ike_id: str) -> None:
-        """Have charon authenticate the IKE SA `ike_id` afresh with the credentials it holds
-        now: a new IKE SA and new CHILD SAs, then the old one deleted (before, unless
-        strongswan.conf sets `charon.make_before_break = yes`). Returns once charon has taken
-        the job on, not when the new SA is up. The new IKE SA keeps the old one's connection
-        as it was loaded, so only a key charon looks up at authentication (a pre-shared key)
-        is new in it, never a certificate."""
-        with self._session() as s:
-            s.request("rekey", {"ike-id": ike_id, "reauth": "yes"})
+    def reauthenticate(self, name: str, ike_id: str, timeout_s: float = 10.0
+                       ) -> InitiateResult:
+        """Have charon authenticate the IKE SA `ike_id` of connection `name` afresh with the
+        credentials it holds now: a new IKE SA and new CHILD SAs, then the old one deleted
+        (before, unless strongswan.conf sets `charon.make_before_break = yes`). The new IKE
+        SA keeps the old one's connection as it was loaded, so only a key charon looks up at
+        authentication (a pre-shared key) is new in it, never a certificate.
+
+        `rekey` answers once charon has taken the job on and says nothing of how it went; a
+        peer that refuses the new key leaves the old SA as it was. So charon's log and
+        up/down events are followed meanwhile, until the new IKE SA is up, an
+        authentication failure shows (told apart as for `initiate`), or `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        with self._session(timeout=timeout_s + 5) as watch, \
+                contextlib.closing(watch.listen(["log", "ike-updown"], timeout=0.2)) as events:
+            # listen() registers when first asked for an event; what it answers first (an
+            # event, or None after its timeout) comes after that.
+            first = next(events)
+            with self._session() as s:
+                s.request("rekey", {"ike-id": ike_id, "reauth": "yes"})
+            for kind, event in itertools.chain([first], events):
+                outcome = _reauth_outcome(name, ike_id, kind, event)
+                if outcome is not None:
+                    return outcome
+                if time.monotonic() >= deadline:
+                    break
+        return InitiateResult(False, False, f"no new IKE SA within {timeout_s:g} s")
 
     def sas(self) -> dict[str, SaInfo]:
         """Every IKE SA by connection name (the best one where a name has several: one
@@ -224,6 +262,24 @@ class IkeDaemon:
                 break
         self._lingering = handed_over
         return best
+
+
+def _reauth_outcome(name: str, old_id: str, kind: Any, event: Any) -> InitiateResult | None:
+    """What one VICI event says of a reauthentication of `name`'s IKE SA `old_id`: done (a
+    new IKE SA of the connection is up), refused (an authentication failure logged for the
+    connection), or nothing yet."""
+    if kind is None or not isinstance(event, dict):
+        return None
+    if _text(kind) == "log":
+        line = _text(event.get("msg", b""))
+        if _text(event.get("ikesa-name", b"")) == name and AUTH_FAILURE.search(line):
+            return InitiateResult(False, True, line)
+    elif _text(kind) == "ike-updown" and _text(event.get("up", b"")) == "yes":
+        for sa_name, sa in event.items():
+            if _text(sa_name) == name and isinstance(sa, dict) \
+                    and _text(sa.get("uniqueid", b"")) != old_id:
+                return InitiateResult(True)
+    return None
 
 
 def is_handed_over(info: SaInfo) -> bool:

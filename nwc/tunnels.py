@@ -124,6 +124,9 @@ class _Leg:
     statuses: dict[str, LegStatus] = field(default_factory=dict)
     materialized: bool = False
     down_reported: set[str] = field(default_factory=set)
+    # Hosts whose end failed authentication replacing an SA that still carries the traffic,
+    # reported once while that lasts.
+    refusal_reported: set[str] = field(default_factory=set)
 
     @property
     def key(self) -> str:
@@ -680,6 +683,18 @@ class Tunnels:
                 if st is None:
                     continue
                 where = f"leg {end.host}-{end.peer_host} (slot {end.slot}) on {end.host}"
+                if st.phase is Phase.AUTH_FAILED and st.sa is not None and st.sa.installed:
+                    # Replacing an SA built from earlier key material failed authentication;
+                    # that SA still encrypts, so the agent keeps it and the weave goes on
+                    # over it. A security event, once, as for any authentication failure.
+                    if end.host not in leg.refusal_reported:
+                        leg.refusal_reported.add(end.host)
+                        detail = f"IKE authentication failed replacing the SA, {where}: " \
+                                 f"{st.detail}"
+                        reports.append(lambda d=detail: self.reports.security(
+                            weave.id, "ike_failure", d))
+                    continue
+                leg.refusal_reported.discard(end.host)
                 if st.phase is Phase.AUTH_FAILED:
                     held.failed = True
                     detail = f"IKE authentication failed, {where}: {st.detail}"

@@ -12,6 +12,7 @@ runs the same exchanges a timed rekey does.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import socket
@@ -335,5 +336,54 @@ def test_a_new_key_under_a_live_leg_replaces_its_sa_and_nothing_leaves_in_clear(
     assert kinds["esp-in-udp"] > 0 and kinds["ike"] > 0, kinds
     assert contains(frames, bytes.fromhex(PING_PATTERN)) == 0
     assert world.weave(weave.id).state is State.ACTIVE
+    world.end(weave)
+    world.assert_pristine()
+
+
+def test_a_new_key_refused_at_the_peer_keeps_the_old_sa_and_is_reported(world: World) -> None:
+    """The replacement of a live SA fails authentication (the initiator is handed another
+    key than the responder). charon's reauthentication leaves the old SA, which still
+    encrypts: it stays, the initiator's agent reports `auth_failed` (what charon logged,
+    followed over VICI events, since `rekey` itself says nothing of the outcome), the
+    controller an `ike_failure`, and the weave goes on. A new record is tried again."""
+    tl = world.tl
+    weave = world.up()
+    key = f"{weave.id}-s{weave.legs[0].slot}"
+    name = f"nwc-{key}"
+    db1 = str(tl.topology.vms["db1"].ip)
+    old = {h: ike_ids(world, h, name) for h in tl.hosts}
+    part = world.part
+    record = part._record
+    wrong = new_psk()
+
+    def skewed(leg: Any, end: Any) -> LegRecord:
+        mine = record(leg, end)
+        return dataclasses.replace(mine, psk=wrong) if end is leg.requester else mine
+
+    with part._lock:
+        (leg,) = part._weaves[weave.id].legs.values()
+        part._record = skewed  # type: ignore[method-assign]
+        leg.psk, leg.start = new_psk(), False
+    part._wake.set()
+    initiator = tl.hosts[leg.requester.host]
+
+    def status() -> LegStatus:
+        return LegStatus.from_json(external_ids(initiator.ovs)[STATUS_PREFIX + key])
+
+    wait_for(lambda: status().phase is Phase.AUTH_FAILED, 30,
+             "the initiator's agent to report the refused key")
+    assert "AUTHENTICATION_FAILED" in status().detail, status()
+    assert status().sa is not None and status().sa.installed  # type: ignore[union-attr]
+    assert {h: ike_ids(world, h, name) for h in tl.hosts} == old
+    assert ping(tl.vm("web1"), db1, count=2), "no traffic over the old SA"
+    wait_for(lambda: world.security("ike_failure"), 10, "the controller's ike_failure")
+    assert world.weave(weave.id).state is State.ACTIVE
+    with part._lock:
+        part._record = record  # type: ignore[method-assign]
+    part._wake.set()
+    wait_for(lambda: status().phase is Phase.INSTALLED
+             and not ike_ids(world, initiator.name, name) & old[initiator.name], 30,
+             "the SA replaced once the initiator has the responder's key")
+    assert ping(tl.vm("web1"), db1, count=2), "no traffic over the new SA"
     world.end(weave)
     world.assert_pristine()

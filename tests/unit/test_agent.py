@@ -392,6 +392,130 @@ def test_ovs_ipsec_an_earlier_tunnels_sa_stays_stale_across_a_listing_mid_ike_re
     assert status.phase is Phase.DELEGATED and "sa_of" not in status.extra
 
 
+def ovs_leg_after_an_earlier_one(earlier: dict[str, SaInfo],
+                                 written: bool = True) -> tuple[Host, LegRecord]:
+    """An ovs-ipsec host whose slot 0 carried a leg whose SAs (`earlier`) are still up when
+    the leg of another weave takes the slot: that leg's record and, if `written`, the leg
+    written and `delegated`."""
+    host = Host(backend="ovs-ipsec")
+    first, _ = specs(topo=OVS_TOPO)
+    host.want(LegRecord(first, new_psk()))
+    host.steps(1)
+    host.ike.sa_table = dict(earlier)
+    host.steps(1)
+    assert host.status(first).phase is Phase.INSTALLED
+    host.drop(first)
+    host.steps(1)  # the leg is gone; ovs-monitor-ipsec has not taken its SAs down yet
+    w = one_leg_weave(8, 0)
+    second, _ = leg_specs(w, w.legs[0], POLICY.profiles["gold"], OVS_TOPO)
+    record = LegRecord(second, new_psk())
+    if written:
+        host.want(record)
+        host.steps(2)
+        assert host.status(second).phase is Phase.DELEGATED
+    return host, record
+
+
+def test_ovs_ipsec_a_new_sa_whose_ike_id_is_an_old_child_id_is_the_legs() -> None:
+    """charon numbers IKE and CHILD SAs each on its own: the earlier tunnel's SA was IKE SA
+    1 with CHILD SA 2, and the new tunnel's is IKE SA 2 with CHILD SA 3. With one set of ids
+    for both, IKE SA 2 passed for the old CHILD SA 2 and the leg stayed `delegated`."""
+    host, record = ovs_leg_after_an_earlier_one({
+        "nwv0-in-1": SaInfo("ESTABLISHED", "INSTALLED", "2", "1")})
+    host.ike.sa_table = {"nwv0-in-1": SaInfo("ESTABLISHED", "INSTALLED", "3", "2")}
+    host.steps(1)
+    status = host.status(record.spec)
+    assert status.phase is Phase.INSTALLED and status.extra["sa_of"] == record.tunnel_id()
+
+
+def test_ovs_ipsec_a_restarted_charon_repeating_old_ids_holds_nothing_old() -> None:
+    """A restarted charon numbers its SAs from 1 again: the SA ovs-monitor-ipsec negotiates
+    with it may repeat the ids of the earlier tunnel's, which went with the charon before.
+    Marks kept across the restart held the new SA (and its rekeys) back for good."""
+    host, record = ovs_leg_after_an_earlier_one({
+        "nwv0-in-1": SaInfo("ESTABLISHED", "INSTALLED", "1", "1")})
+    host.ike.restart()  # between two passes: the agent never saw it down
+    host.ike.sa_table = {"nwv0-in-1": SaInfo("ESTABLISHED", "INSTALLED", "1", "1")}
+    host.steps(1)
+    status = host.status(record.spec)
+    assert status.phase is Phase.INSTALLED and status.extra["sa_of"] == record.tunnel_id()
+
+
+def test_ovs_ipsec_an_interface_written_while_charon_is_down_takes_the_next_sa() -> None:
+    """A charon that does not run holds no SA: the first one it lists after the interface
+    was written is the leg's, though the agent had not looked at the port before."""
+    host, record = ovs_leg_after_an_earlier_one({
+        "nwv0-in-1": SaInfo("ESTABLISHED", "INSTALLED", "2", "1")}, written=False)
+    host.ike.restart()
+    host.ike.up = False
+    host.want(record)
+    host.steps(2)
+    assert host.status(record.spec).phase is Phase.DELEGATED
+    host.ike.up = True
+    host.ike.sa_table = {"nwv0-in-1": SaInfo("ESTABLISHED", "INSTALLED", "1", "1")}
+    host.steps(1)
+    assert host.status(record.spec).phase is Phase.INSTALLED
+
+
+def test_ovs_ipsec_a_restarted_agent_does_not_trust_an_earlier_tunnels_sa() -> None:
+    """Found in review: the SAs up when a leg's interface is written were noted in memory
+    only, so an agent restarted while the earlier tunnel's SA was still up took it for the
+    new leg's: `installed`, for the new record, on its predecessor's SA."""
+    host, record = ovs_leg_after_an_earlier_one({
+        "nwv0-in-1": SaInfo("ESTABLISHED", "INSTALLED", "2", "1")})
+    host.agent = host.new_agent()  # the process restarted: no memory
+    host.steps(2)
+    status = host.status(record.spec)
+    assert status.phase is Phase.DELEGATED and "sa_of" not in status.extra
+    host.ike.sa_table = {"nwv0-in-1": SaInfo("ESTABLISHED", "INSTALLED", "4", "3")}
+    host.steps(1)
+    status = host.status(record.spec)
+    assert status.phase is Phase.INSTALLED and status.extra["sa_of"] == record.tunnel_id()
+
+
+def test_ovs_ipsec_marks_read_back_by_a_restarted_agent_are_of_their_charons_run() -> None:
+    """The noted SAs carry the charon run they are of: a charon that restarted while the
+    agent was stopped holds none of them, though its new SA repeats their ids."""
+    host, record = ovs_leg_after_an_earlier_one({
+        "nwv0-in-1": SaInfo("ESTABLISHED", "INSTALLED", "1", "1")})
+    host.ike.restart()
+    host.ike.sa_table = {"nwv0-in-1": SaInfo("ESTABLISHED", "INSTALLED", "1", "1")}
+    host.agent = host.new_agent()
+    host.steps(2)
+    assert host.status(record.spec).phase is Phase.INSTALLED
+
+
+class AgentDied(BaseException):
+    """The agent process ends here (no `except Exception` of its own catches it)."""
+
+
+def test_ovs_ipsec_an_agent_stopped_right_after_writing_an_interface_knows_the_old_sas(
+        ) -> None:
+    """The SAs up before the interface was written are noted in OVSDB before it is written:
+    an agent that stops right after writing it, and finds on its return that the earlier
+    tunnel's SA went and the new one came, counts the new one (taking every SA it finds up
+    as old would hold it back for good: its rekeys keep one of its ids)."""
+    host, record = ovs_leg_after_an_earlier_one({
+        "nwv0-in-1": SaInfo("ESTABLISHED", "INSTALLED", "2", "1")}, written=False)
+    add_port = host.db.add_port
+
+    def add_then_die(bridge: str, columns: dict[str, object]) -> None:
+        add_port(bridge, columns)
+        raise AgentDied
+
+    host.db.add_port = add_then_die  # type: ignore[method-assign]
+    host.want(record)
+    with pytest.raises(AgentDied):
+        host.agent.step()
+    host.db.add_port = add_port  # type: ignore[method-assign]
+    assert host.db.ports["nwv0"]["options"]["psk"] == record.psk.reveal().hex()  # type: ignore[union-attr]
+    host.ike.sa_table = {"nwv0-in-1": SaInfo("ESTABLISHED", "INSTALLED", "4", "3")}
+    host.agent = host.new_agent()
+    host.steps(2)
+    status = host.status(record.spec)
+    assert status.phase is Phase.INSTALLED and status.extra["sa_of"] == record.tunnel_id()
+
+
 def test_ovs_ipsec_x509_uses_a_host_certificate_kept_private(tmp_path: Path) -> None:
     req, _ = specs(profile="silver", topo=OVS_TOPO)
     ca = CertificateAuthority.load_or_create(tmp_path / "pki", now=T0)
@@ -677,6 +801,36 @@ def test_new_key_material_replaces_the_sa_make_before_break() -> None:
     assert j.count("remove_vxlan") == 0 and j.count("remove_blackhole") == 0
 
 
+def test_a_new_key_the_peer_refuses_is_reported_and_the_old_sa_kept() -> None:
+    """Found open: a reauthentication the peer refused (wrong PSK) left the old SA, as it
+    should, but nothing said so: the leg stayed `connecting` and the agent asked again every
+    timeout, each time an authentication failure at the peer."""
+    host, req = psk_leg_installed()
+    name = req.connection_name
+    old = host.ike.sa_table[name]
+    host.ike.outcome = "auth"  # the peer does not take the new key
+    host.want(LegRecord(req, new_psk(), start=True))
+    host.steps(3)
+    status = host.status(req)
+    assert status.phase is Phase.AUTH_FAILED and "AUTHENTICATION_FAILED" in status.detail
+    assert "still carries the traffic" in status.detail
+    assert status.sa is not None and status.sa.installed and "sa_of" not in status.extra
+    assert host.ike.listed(name) == {old.ike_id}  # it still encrypts: kept
+    for _ in range(5):
+        host.clock.advance(host.agent.initiate_timeout_s)
+        host.steps(1)
+    assert host.journal.count("reauth") == 1  # that key would fail again: not asked again
+    assert host.status(req).phase is Phase.AUTH_FAILED
+    host.ike.outcome = "ok"
+    fresh = new_psk()
+    host.want(LegRecord(req, fresh, start=True))  # another key is tried
+    host.steps(3)
+    status = host.status(req)
+    assert status.phase is Phase.INSTALLED
+    assert status.extra["sa_of"] == LegRecord(req, fresh).tunnel_id()
+    assert old.ike_id not in host.ike.listed(name)
+
+
 def test_a_responder_waits_for_the_new_sa_and_a_rekey_of_the_old_one_stays_old() -> None:
     _, res = specs()
     host = Host()
@@ -701,6 +855,31 @@ def test_a_responder_waits_for_the_new_sa_and_a_rekey_of_the_old_one_stays_old()
     assert host.journal.count("terminate_sa", "2") == 1
     assert host.ike.listed(name) == {"3"}
     assert host.status(res).phase is Phase.INSTALLED
+
+
+def test_an_agent_restarted_during_a_swap_still_knows_the_old_sa() -> None:
+    """Found with the ovs-ipsec marks: the SAs built from earlier key material were noted in
+    memory only, and the status already names the new material, so an agent restarted
+    before they were replaced reported the old SA `installed` for the new record."""
+    host, req = psk_leg_installed()
+    name = req.connection_name
+    old = host.ike.sa_table[name]
+    host.ike.reauth_deletes_old = False
+    fresh = new_psk()
+    host.want(LegRecord(req, fresh))
+    host.steps(2)
+    assert host.status(req).phase is Phase.CONNECTING
+    host.agent = host.new_agent()
+    host.steps(2)
+    status = host.status(req)
+    assert status.phase is Phase.CONNECTING and "sa_of" not in status.extra
+    host.want(LegRecord(req, fresh, start=True))
+    host.steps(3)
+    assert host.journal.index("reauth", old.ike_id) < host.journal.index("terminate_sa",
+                                                                         old.ike_id)
+    status = host.status(req)
+    assert status.phase is Phase.INSTALLED and "old_sas" not in status.extra
+    assert status.extra["sa_of"] == LegRecord(req, fresh).tunnel_id()
 
 
 def test_a_charon_restarted_during_a_swap_holds_nothing_old_though_its_ids_repeat() -> None:

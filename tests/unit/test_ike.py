@@ -3,7 +3,9 @@ running, holds nothing" and which mean "may be running and still hold everything
 
 from __future__ import annotations
 
+import os
 import socket
+import struct
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,6 +14,7 @@ from typing import Any
 
 import pytest
 from vici.exception import CommandException
+from vici.protocol import Message, Packet
 
 from nwc.ike import IkeDaemon, IkeError, IkeNoAnswer, IkeUnavailable, _sa_info
 
@@ -140,10 +143,12 @@ def test_an_ike_sa_that_keeps_going_without_children_is_reported_as_it_is() -> N
 class _Requests(IkeDaemon):
     """An IkeDaemon whose charon records each command it is sent and answers as told."""
 
-    def __init__(self, refusal: str | None = None) -> None:
+    def __init__(self, refusal: str | None = None,
+                 events: list[tuple[str, dict[str, Any]]] | None = None) -> None:
         super().__init__("unused.vici")
         self.sent: list[tuple[str, dict[str, Any]]] = []
         self.refusal = refusal
+        self.events = events or []  # what charon reports once a command is sent
 
     @contextmanager
     def _session(self, timeout: float | None = None) -> Iterator[Any]:
@@ -153,6 +158,15 @@ class _Requests(IkeDaemon):
             def request(self, command: str, message: dict[str, Any]) -> dict[str, Any]:
                 daemon.sent.append((command, message))
                 return {"success": b"yes"}
+
+            def listen(self, kinds: list[str], timeout: float) -> Iterator[tuple[Any, Any]]:
+                yield None, None  # registered, nothing yet
+                while True:
+                    for kind, event in list(daemon.events) if daemon.sent else []:
+                        daemon.events.remove((kind, event))
+                        if kind in kinds:
+                            yield kind, event
+                    yield None, None
 
             def terminate(self, message: dict[str, Any]) -> Iterator[dict[str, Any]]:
                 daemon.sent.append(("terminate", message))
@@ -181,7 +195,50 @@ def test_terminating_an_ike_sa_already_gone_is_no_error() -> None:
         _Requests("terminating IKE_SA failed: busy").terminate_sa("7")
 
 
-def test_a_reauthentication_is_asked_of_one_ike_sa() -> None:
-    daemon = _Requests()
-    daemon.reauthenticate("7")
+def test_a_reauthentication_is_asked_of_one_ike_sa_and_its_new_sa_waited_for() -> None:
+    daemon = _Requests(events=[
+        ("ike-updown", {"up": b"yes", "nwc-y": {"uniqueid": b"8"}}),  # another connection
+        ("ike-updown", {"up": b"yes", "nwc-x": {"uniqueid": b"9"}})])
+    assert daemon.reauthenticate("nwc-x", "7", timeout_s=5).ok
     assert daemon.sent == [("rekey", {"ike-id": "7", "reauth": "yes"})]
+    assert not daemon.events  # it waited for the new IKE SA of its own connection
+
+
+def test_a_reauthentication_the_peer_refuses_is_an_authentication_failure() -> None:
+    """`rekey` says nothing of how it went: charon's log for the connection does."""
+    refused = "received AUTHENTICATION_FAILED notify error"
+    daemon = _Requests(events=[
+        ("log", {"ikesa-name": b"nwc-y", "msg": refused.encode()}),  # another connection
+        ("log", {"ikesa-name": b"nwc-x", "msg": b"sending packet"}),
+        ("log", {"ikesa-name": b"nwc-x", "msg": refused.encode()})])
+    result = daemon.reauthenticate("nwc-x", "7", timeout_s=5)
+    assert (result.ok, result.auth_failed, result.detail) == (False, True, refused)
+    assert not daemon.events
+
+
+def test_a_reauthentication_nothing_comes_of_is_a_transient_failure() -> None:
+    result = _Requests().reauthenticate("nwc-x", "7", timeout_s=0.05)
+    assert not result.ok and not result.auth_failed
+
+
+def test_a_run_of_the_daemon_is_named_by_its_pid_and_start(
+        listening: tuple[Path, socket.socket]) -> None:
+    """`stats` gives the start time only to the second (a charon restarted within it looks
+    the same), so the socket's peer, the process that listens, is part of the name."""
+    path, server = listening  # this process listens: the peer's pid is ours
+
+    def answer() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(4096)
+            payload = bytes([Packet.CMD_RESPONSE]) + Message.serialize(
+                {"uptime": {"running": "5 seconds", "since": "Nov 25 09:06:44 2026"}})
+            conn.sendall(struct.pack("!I", len(payload)) + payload)
+
+    thread = threading.Thread(target=answer)
+    thread.start()
+    try:
+        assert IkeDaemon(path, timeout=2).daemon_id() == \
+            f"pid {os.getpid()}, up since Nov 25 09:06:44 2026"
+    finally:
+        thread.join(5)

@@ -650,3 +650,39 @@ def test_a_new_key_from_a_restarted_controller_replaces_the_live_sa(tmp_path: Pa
     assert world.ikes["h2"].journal.count("reauth") == 0  # one end replaces it
     assert world.part.stats(w)["sa_state"] == "established"
     world.part.stop()
+
+
+def test_a_new_key_refused_at_the_peer_is_a_security_event_over_the_old_sa(
+        tmp_path: Path) -> None:
+    """The replacement of a live SA fails authentication (here the initiator was handed
+    another key than the responder): the old SA still encrypts, so it stays and the weave
+    goes on over it, and the failure is an `ike_failure` security event, once."""
+    world = World(tmp_path)
+    w = weave()
+    name = "nwc-wv-000001-s0"
+    world.part.weave_up(w)
+    world.rounds()
+    old = {h: ike.sa_table[name].ike_id for h, ike in world.ikes.items()}
+    del world.dbs["h1"].ids[RECORD_PREFIX + "wv-000001-s0"]  # the hosts' records disagree
+    world.part = world.new_part()
+    wrong = new_psk()
+    record = world.part._record
+
+    def skewed(leg: Any, end: Any) -> LegRecord:
+        mine = record(leg, end)
+        return dataclasses.replace(mine, psk=wrong) if end.host == "h1" else mine
+
+    world.part._record = skewed  # type: ignore[method-assign]
+    world.part.weave_up(w)
+    world.rounds(10)
+    status = world.status("h1", w)
+    assert status.phase is Phase.AUTH_FAILED and "still carries the traffic" in status.detail
+    for host, ike in world.ikes.items():
+        assert ike.listed(name) == {old[host]}
+    assert world.reports.kinds() == ["ready", "ike_failure"]
+    assert "replacing the SA" in world.reports.log[-1][3]
+    world.clock.advance(60)
+    world.rounds(10)
+    assert world.reports.kinds() == ["ready", "ike_failure"]  # once; and not failed
+    assert world.ikes["h1"].journal.count("reauth") == 1
+    world.part.stop()

@@ -156,6 +156,7 @@ class FakeIke:
     # does; False leaves it for whoever asked to terminate.
     reauth_deletes_old: bool = True
     _next_id: int = 0
+    _run: int = 1  # which run of the daemon this is: a restart is another
 
     def _check(self) -> None:
         if not self.up:
@@ -171,6 +172,7 @@ class FakeIke:
         self.sa_table.clear()
         self.others.clear()
         self._next_id = 0
+        self._run += 1
 
     def load_connection(self, conn: dict[str, Any]) -> None:
         self._check()
@@ -247,18 +249,23 @@ class FakeIke:
         self._new_sa(name, keep_old=False)
         return InitiateResult(True)
 
-    def reauthenticate(self, ike_id: str) -> None:
+    def reauthenticate(self, name: str, ike_id: str, timeout_s: float = 10.0
+                       ) -> InitiateResult:
         """charon's make-before-break reauthentication: a new IKE SA with the key held now;
         if the peer refuses it, the old one stays."""
         self._check()
         self.journal.add("reauth", ike_id)
-        name = next((n for n, sa in self.sa_table.items() if sa.ike_id == ike_id), None)
-        if name is None:
+        if name not in self.sa_table or self.sa_table[name].ike_id != ike_id:
             raise IkeError("rekeying IKE_SA failed: no matching IKE_SA")
-        if self._negotiated(name) == "ok":
-            self._new_sa(name, keep_old=True)
-            if self.reauth_deletes_old:
-                self._drop(ike_id)
+        outcome = self._negotiated(name)
+        if outcome == "auth":
+            return InitiateResult(False, True, "received AUTHENTICATION_FAILED notify error")
+        if outcome == "timeout":
+            return InitiateResult(False, False, "no new IKE SA within 10 s")
+        self._new_sa(name, keep_old=True)
+        if self.reauth_deletes_old:
+            self._drop(ike_id)
+        return InitiateResult(True)
 
     def terminate_sa(self, ike_id: str, timeout_s: float = 0.5) -> None:
         self._check()
@@ -292,6 +299,10 @@ class FakeIke:
     def sas(self) -> dict[str, SaInfo]:
         self._check()
         return dict(self.sa_table)
+
+    def daemon_id(self) -> str | None:
+        self._check()
+        return f"fake charon, run {self._run}"
 
 
 @dataclass
