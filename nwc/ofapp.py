@@ -924,8 +924,6 @@ class FlowsPart:
             if key_dpid != dpid or (stats.numbers is not None and number not in stats.numbers):
                 continue
             self.delivered.observe(key, stats.delivered.get((number, direction), (0, 0)))
-            # A meter restarts when it is made afresh (and, on some datapaths, when it is
-            # modified): a lower reading tells.
             self.dropped.observe(key, (stats.dropped.get(meter_id(number, direction), 0),))
 
     def _count_batch(self, dpid: int, batch: Batch) -> None:
@@ -933,7 +931,9 @@ class FlowsPart:
         for number in batch.restarts:
             for d in DIRECTIONS:
                 self.delivered.restart((dpid, number, d))
-                self.dropped.track((dpid, number, d))
+                # Its meters were added or modified too, and OVS 3.1 (userspace) starts a
+                # modified meter's counters from 0 as well.
+                self.dropped.restart((dpid, number, d))
         if batch.ends:
             ended = set(batch.ends)
             for counters in (self.delivered, self.dropped):
