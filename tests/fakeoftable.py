@@ -7,10 +7,10 @@ tables and goto, priorities (two overlapping flows at one priority are an error,
 order is undefined on a real switch), masked matches with OVS's prerequisites, apply-actions
 (output, set-field, Nicira reg_move, dec_ttl), write-metadata, meters (a token bucket per
 meter against a fake clock: packets over the rate are dropped and counted; a modify restarts
-its counters, as OVS 3.1 does), cookies (delete
-by cookie and mask, per-flow counters, kept when an identical ADD replaces a flow), hard
-timeouts against the fake clock (restarted by such an ADD), and ONF bundles
-(all or nothing; a meter mod inside a bundle fails it, as OVS 3.1 does).
+the counters, as OVS 3.1 does), cookies (delete by cookie and mask, per-flow counters, kept
+when an identical ADD replaces a flow), hard timeouts against the fake clock (restarted by
+such an ADD), and ONF bundles (all or nothing; a meter mod inside a bundle fails it, as OVS
+3.1 does).
 
 The network carries the base overlay (VXLAN by tunnel id to a host's underlay address) and
 weave legs (port nwv<slot> between the leg's endpoint addresses) through the fabric switches'
