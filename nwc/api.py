@@ -1002,9 +1002,15 @@ def checked(outcome: Weave | ApiError) -> Weave:
     return outcome
 
 
+# How deep a part's measurements may nest. The deepest documented value (docs/design.md,
+# per-weave measurements) is a leg end's counter: measured -> tunnel_legs -> one leg -> its
+# ends -> one end -> the value, level 5. Deeper is a part's bug (or a cycle), cut off as None.
+MEASURED_MAX_DEPTH = 5
+
+
 def json_safe(value: Any, depth: int = 0) -> Any:
     """Keep only what JSON can carry from a part's measurements (and not too deep)."""
-    if depth > 4:
+    if depth > MEASURED_MAX_DEPTH:
         return None
     if value is None or isinstance(value, bool | int | str):
         return value

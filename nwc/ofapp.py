@@ -45,6 +45,7 @@ from os_ken.ofproto import ofproto_v1_3 as ofp
 from os_ken.ofproto import ofproto_v1_3_parser as parser
 
 from nwc import ofguard, oftls
+from nwc.counters import CarriedCounters
 from nwc.ofmessages import (
     install_messages,
     refresh_messages,
@@ -59,6 +60,7 @@ from nwc.pipeline import (
     KIND_WEAVE,
     MAX_HARD_TIMEOUT_S,
     METER_SPACE,
+    OWNER_MASK,
     DesiredState,
     Flow,
     Meter,
@@ -240,6 +242,12 @@ class Batch:
     # live weaves that moved off this switch, whose flows this batch removes (a removal, or a
     # resync leaving them out) -> generation
     moved_off: dict[str, int] = field(default_factory=dict)
+    # Weave numbers whose flows this batch deletes and adds again, so their counters start
+    # from 0 (FlowsPart.delivered carries them over at its barrier); and those whose flows
+    # it removes for good (a teardown: what they counted here is no longer anyone's).
+    restarts: tuple[int, ...] = ()
+    ends: tuple[int, ...] = ()
+    reads: tuple[int, ...] = ()  # xids of the statistics read just before this batch
 
 
 @dataclass
@@ -263,6 +271,7 @@ class SwitchStats:
     done: threading.Event = field(default_factory=threading.Event)
     complete: bool = False
     fresh_until: float | None = None  # clock.monotonic(); None while the requests run
+    numbers: frozenset[int] | None = None  # the weaves it reads (None: every one)
 
     def add(self, kind: str, entries: Iterable[Any]) -> None:
         for entry in entries:
@@ -298,6 +307,7 @@ class SwitchConn:
     xids: itertools.count = field(default_factory=lambda: itertools.count(0x4E570000))
     bundles: itertools.count = field(default_factory=lambda: itertools.count(1))
     stats: SwitchStats | None = None  # the latest statistics request and its answer
+    reads: dict[int, SwitchStats] = field(default_factory=dict)  # xid -> a read before a batch
     # The base program (everything but weaves) of the last resync, so that a fabric link
     # change resyncs only the switches whose base it changes.
     base: tuple[tuple[Flow, ...], tuple[Meter, ...]] | None = None
@@ -330,6 +340,13 @@ class FlowsPart:
         # weave's flows (fail_mode=secure) until it reconnects and its resync removes them,
         # so a drop never confirms; the weaver's teardown timeout bounds the wait. Loop only.
         self.removing: dict[str, Removal] = {}
+        # What each weave's flows delivered on each switch, (dpid, weave number, direction) ->
+        # bytes and packets, and what its meters dropped there -> bytes: totals since the weave
+        # came up, carried across every re-install (which restarts the flows' counters). Fed
+        # in the order the switch answered (statistics replies, then the barrier of the batch
+        # that re-installed), on os-ken's thread; guarded by `lock`.
+        self.delivered = CarriedCounters(2)
+        self.dropped = CarriedCounters(1)
         self._stop = threading.Event()
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -396,6 +413,7 @@ class FlowsPart:
             self._remove_from(dpid, old, meters)
 
     def weave_down(self, weave: Weave) -> None:
+        self._forget_counts(weave.number)
         self.pending.pop(weave.id, None)
         self.generation.pop(weave.id, None)
         self.capped.pop(weave.id, None)
@@ -457,7 +475,8 @@ class FlowsPart:
                                 next(conn.bundles))
         self.placed.setdefault(weave.id, set()).add(conn.dpid)  # even if it drops at once
         if self._send(conn, "weave", msgs, {weave.id: self.generation.get(weave.id, 0)},
-                      conn.meters | {m.meter_id for m in program.meters}):
+                      conn.meters | {m.meter_id for m in program.meters},
+                      restarts=(weave.number,)):
             self._installed(weave, conn.dpid, now)
 
     def _own_meters(self, weave: Weave) -> set[int]:
@@ -481,7 +500,8 @@ class FlowsPart:
         msgs = remove_messages(conn.datapath, weave_cookie(weave.number), ids,
                                next(conn.bundles))
         if teardown:
-            return self._send(conn, "remove", msgs, {}, conn.meters - ids, removes=(weave.id,))
+            return self._send(conn, "remove", msgs, {}, conn.meters - ids, removes=(weave.id,),
+                              ends=(weave.number,))
         # The weave moved off this switch: once its barrier is back, the switch holds none of
         # its flows, and a teardown need not wait for it.
         return self._send(conn, "remove", msgs, {}, conn.meters - ids,
@@ -596,7 +616,9 @@ class FlowsPart:
         # The sync replaces every weave flow with live weaves' only: its barrier confirms the
         # removal of every terminated weave still waiting on this switch.
         if self._send(conn, "sync", msgs, confirms, {m.meter_id for m in program.meters},
-                      removes=tuple(r.weave.id for r in removals), moved_off=left_out):
+                      removes=tuple(r.weave.id for r in removals), moved_off=left_out,
+                      restarts=tuple(w.number for w in kept),
+                      ends=tuple(r.weave.number for r in removals)):
             for weave in kept:
                 self._installed(weave, dpid, state.now)
         log.info("switch %s (%#x): resync with %d flows, %d meters%s", conn.name, dpid,
@@ -632,23 +654,35 @@ class FlowsPart:
 
     def _send(self, conn: SwitchConn, kind: str, msgs: list[Any], weaves: dict[str, int],
               meters_after: set[int], removes: tuple[str, ...] = (),
-              moved_off: dict[str, int] | None = None) -> bool:
+              moved_off: dict[str, int] | None = None, restarts: tuple[int, ...] = (),
+              ends: tuple[int, ...] = ()) -> bool:
         """Queue a batch and its barrier for one switch; never waits for the switch. False:
-        the connection is gone (or was just dropped for not reading)."""
+        the connection is gone (or was just dropped for not reading). A batch that restarts
+        the counters of weaves counted here already is preceded by a reading of them, so
+        what is carried over misses only what passes while the switch goes from answering
+        it to applying the batch."""
         dp = conn.datapath
         xids = set()
         barrier = parser.OFPBarrierRequest(dp)
         with self.lock:
+            counted = {n for n in restarts
+                       if (conn.dpid, n, DIRECTIONS[0]) in self.delivered}
+            reads: list[Any] = []
+            if counted:
+                # A resync reads every weave on the switch: it restarts them all.
+                reads = self._reading(conn, None if kind == "sync" else frozenset(counted))
             for msg in msgs:
                 msg.set_xid(conn.next_xid())
                 xids.add(msg.xid)
             barrier.set_xid(conn.next_xid())
             conn.batches[barrier.xid] = Batch(kind, xids, dict(weaves), removes=removes,
-                                              moved_off=dict(moved_off or {}))
+                                              moved_off=dict(moved_off or {}),
+                                              restarts=restarts, ends=ends,
+                                              reads=tuple(m.xid for m in reads))
             # The switch applies messages in order, so what it will hold after these is
             # known now; the next change (maybe sent before this barrier returns) builds on it.
             conn.meters = set(meters_after)
-        if conn.outbox.put([*msgs, barrier]):
+        if conn.outbox.put([*reads, *msgs, barrier]):
             return True
         log.warning("switch %s (%#x) went away while being programmed", conn.name, conn.dpid)
         self._forget(conn)
@@ -782,6 +816,11 @@ class FlowsPart:
             if conn is None or conn.datapath is not datapath:
                 return
             batch = conn.batches.pop(xid, None)
+            if batch is not None:
+                for read in batch.reads:
+                    conn.reads.pop(read, None)  # answered before the barrier, or never
+                if not batch.errors:
+                    self._count_batch(conn.dpid, batch)
         if batch is None:
             return
         if batch.errors:
@@ -833,20 +872,78 @@ class FlowsPart:
     def on_stats_reply(self, datapath: Any, msg: Any) -> None:
         with self.lock:
             conn = self.switches.get(datapath.id)
-            if conn is None or conn.datapath is not datapath or conn.stats is None:
+            if conn is None or conn.datapath is not datapath:
                 return
             stats = conn.stats
-            kind = stats.xids.get(msg.xid)
-            if kind is None:
+            if stats is None or msg.xid not in stats.xids:
+                stats = conn.reads.get(msg.xid)  # a read before a batch
+            kind = stats.xids.get(msg.xid) if stats is not None else None
+            if stats is None or kind is None:
                 return  # not asked for, or given up on
             stats.add(kind, msg.body)
             if msg.flags & ofp.OFPMPF_REPLY_MORE:
                 return
             del stats.xids[msg.xid]
+            conn.reads.pop(msg.xid, None)
             if not stats.xids:
                 stats.complete = True
+                self._observe(conn.dpid, stats)
                 stats.fresh_until = self.weaver.clock.monotonic() + STATS_CACHE_S
                 stats.done.set()
+
+    # -- counters carried across re-installs (under `lock`) --------------------------------------
+
+    def _reading(self, conn: SwitchConn, numbers: frozenset[int] | None) -> list[Any]:
+        """Statistics requests (their xids set) for these weaves on one switch (None: every
+        weave), registered so that their answer feeds the carried counters."""
+        dp = conn.datapath
+        if numbers is not None and len(numbers) == 1:
+            (number,) = numbers
+            flows = parser.OFPFlowStatsRequest(dp, 0, ofp.OFPTT_ALL, ofp.OFPP_ANY, ofp.OFPG_ANY,
+                                               weave_cookie(number), OWNER_MASK,
+                                               parser.OFPMatch())
+            # Only meters the switch holds: asking for a missing one is an OpenFlow error.
+            ids = [mid for mid in (meter_id(number, d) for d in DIRECTIONS) if mid in conn.meters]
+        else:
+            flows = parser.OFPFlowStatsRequest(dp, 0, ofp.OFPTT_ALL, ofp.OFPP_ANY, ofp.OFPG_ANY,
+                                               KIND_WEAVE << KIND_SHIFT, 0xFF << KIND_SHIFT,
+                                               parser.OFPMatch())
+            ids = [ofp.OFPM_ALL]
+        msgs = [flows, *(parser.OFPMeterStatsRequest(dp, 0, mid) for mid in ids)]
+        for msg in msgs:
+            msg.set_xid(conn.next_xid())
+        stats = SwitchStats({m.xid: "flows" if m is flows else "meters" for m in msgs},
+                            numbers=numbers)
+        conn.reads.update({m.xid: stats for m in msgs})
+        return msgs
+
+    def _observe(self, dpid: int, stats: SwitchStats) -> None:
+        """A complete reading of one switch: every weave counted there that it covers."""
+        for key in self.delivered.tracked():
+            key_dpid, number, direction = key  # type: ignore[misc]
+            if key_dpid != dpid or (stats.numbers is not None and number not in stats.numbers):
+                continue
+            self.delivered.observe(key, stats.delivered.get((number, direction), (0, 0)))
+            self.dropped.observe(key, (stats.dropped.get(meter_id(number, direction), 0),))
+
+    def _count_batch(self, dpid: int, batch: Batch) -> None:
+        """A batch's barrier is back: its weaves' flows on `dpid` count from 0 again."""
+        for number in batch.restarts:
+            for d in DIRECTIONS:
+                self.delivered.restart((dpid, number, d))
+                # Its meters were added or modified too, and OVS 3.1 (userspace) starts a
+                # modified meter's counters from 0 as well.
+                self.dropped.restart((dpid, number, d))
+        if batch.ends:
+            ended = set(batch.ends)
+            for counters in (self.delivered, self.dropped):
+                counters.forget(lambda k: k[0] == dpid and k[1] in ended)  # type: ignore[index]
+
+    def _forget_counts(self, number: int) -> None:
+        """A weave went down: nobody asks for its totals again, and its number may be reused."""
+        with self.lock:
+            for counters in (self.delivered, self.dropped):
+                counters.forget(lambda k: k[1] == number)  # type: ignore[index]
 
     # -- statistics (any thread) -----------------------------------------------------------------
 
@@ -910,15 +1007,13 @@ class FlowsPart:
         if not per_switch or any(stats is None for stats in per_switch.values()):
             return {}
         out: dict[str, Any] = {}
-        for d in DIRECTIONS:
-            mid = meter_id(weave.number, d)
-            delivered = [st.delivered.get((weave.number, d), [0, 0])
-                         for st in per_switch.values() if st is not None]
-            out[f"bytes_{d}"] = sum(c[0] for c in delivered)
-            out[f"packets_{d}"] = sum(c[1] for c in delivered)
-            out[f"meter_dropped_bytes_{d}"] = sum(st.dropped.get(mid, 0)
-                                                 for st in per_switch.values()
-                                                 if st is not None)
+        with self.lock:  # totals carried across re-installs, fed by those readings
+            for d in DIRECTIONS:
+                delivered = [self.delivered.total((dpid, weave.number, d)) for dpid in per_switch]
+                out[f"bytes_{d}"] = sum(c[0] for c in delivered)
+                out[f"packets_{d}"] = sum(c[1] for c in delivered)
+                out[f"meter_dropped_bytes_{d}"] = sum(
+                    self.dropped.total((dpid, weave.number, d))[0] for dpid in per_switch)
         return out
 
 

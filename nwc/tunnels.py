@@ -37,6 +37,7 @@ from typing import Any, Protocol
 
 # Imported here, never first from the part's thread: ovsdbapp pulls in python-ovs, which
 # imports eventlet, and a thread that imported eventlet first never finishes exiting.
+from nwc.counters import CarriedCounters
 from nwc.hostdb import HostDb, OvsdbConfigError, ServerIdentityError, configure_targets
 from nwc.ovsdbtls import ServerIdentity
 from nwc.pipeline import INTEGRATION_BRIDGE
@@ -63,6 +64,9 @@ log = logging.getLogger(__name__)
 
 PART_NAME = "tunnels"
 RECONNECT_S = 2.0
+# CHILD SA ids remembered per leg end: an agent listing an SA a rekey already replaced (the
+# old one lingers a moment) must not count it as new again.
+MAX_CHILDREN_KEPT = 4
 # How long one pass waits for a host's OVSDB job before going on without that host. A healthy
 # host answers in milliseconds (reads come from the IDL's cache); a host that keeps a pass
 # waiting is not waited for again until it answers.
@@ -310,6 +314,13 @@ class Tunnels:
         # then): the leg is gone once the agent's ack reaches it and its status is gone.
         self._removing: dict[str, dict[str, int | None]] = {}
         self._tearing: dict[str, set[tuple[str, str]]] = {}  # weave id -> (host, leg key)
+        # Per leg end, (weave id, leg key, host): the bytes its SAs carried each way and its
+        # rekeys, as totals. An SA's counters are its own (every CHILD SA, a rekey's too,
+        # starts from 0) and an agent that lost its state counts rekeys from 0 again; the
+        # totals carry each over. `_children`: the CHILD SA ids seen per end, newest last.
+        self._sa_bytes = CarriedCounters(2)
+        self._rekeys = CarriedCounters(1)
+        self._children: dict[tuple[str, str, str], list[str | None]] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -329,6 +340,10 @@ class Tunnels:
 
     def weave_down(self, weave: Weave) -> None:
         with self._lock:
+            for counters in (self._sa_bytes, self._rekeys):
+                counters.forget(lambda k: k[0] == weave.id)  # type: ignore[index]
+            for key in [k for k in self._children if k[0] == weave.id]:
+                del self._children[key]
             held = self._weaves.pop(weave.id, None)
             if held is not None:
                 ends = {(end.host, leg.key) for leg in held.legs.values() for end in leg.ends()}
@@ -362,6 +377,23 @@ class Tunnels:
                     held.legs[key] = leg
         self._wake.set()
 
+    def _count(self, weave_id: str, leg_key: str, host: str, status: LegStatus) -> None:
+        """Take an end's counters into its totals (under `_lock`)."""
+        key = (weave_id, leg_key, host)
+        self._rekeys.track(key)
+        self._rekeys.observe(key, (status.rekeys,))
+        sa = status.sa
+        if sa is None or status.phase is not Phase.INSTALLED:
+            return  # no SA of this leg's: its totals stay as they were
+        children = self._children.setdefault(key, [])
+        if sa.child_id != (children[-1] if children else None):
+            if sa.child_id in children:
+                return  # an SA already replaced, listed once more: its bytes were counted
+            # A new CHILD SA (a rekey, a new negotiation) counts from 0: carry the last.
+            self._sa_bytes.restart(key)
+            children[:] = [*children[-(MAX_CHILDREN_KEPT - 1):], sa.child_id]
+        self._sa_bytes.observe(key, (sa.bytes_in, sa.bytes_out))
+
     def _plan(self, weave: Weave) -> dict[str, _Leg]:
         profile = self.policy().profiles.get(weave.profile)
         if profile is None:
@@ -391,6 +423,8 @@ class Tunnels:
                 for end in leg.ends():
                     st = leg.statuses.get(end.host)
                     sa = st.sa if st else None
+                    counted = (weave.id, leg.key, end.host)
+                    bytes_in, bytes_out = self._sa_bytes.total(counted)
                     ends[end.host] = {
                         "phase": st.phase.value if st else "pending",
                         "ike_state": sa.ike_state if sa else None,
@@ -398,9 +432,9 @@ class Tunnels:
                         "encryption": sa.encryption if sa else None,
                         "key_bits": sa.key_bits if sa else None,
                         "dh_group": sa.dh_group if sa else None,
-                        "bytes_in": sa.bytes_in if sa else 0,
-                        "bytes_out": sa.bytes_out if sa else 0,
-                        "rekeys": st.rekeys if st else 0}
+                        "bytes_in": bytes_in,
+                        "bytes_out": bytes_out,
+                        "rekeys": self._rekeys.total(counted)[0]}
                 legs.append({"slot": leg.requester.slot, "device": leg.requester.device,
                              "requester_host": leg.requester.host,
                              "target_host": leg.target.host, "auth": leg.requester.auth,
@@ -617,6 +651,7 @@ class Tunnels:
                     status, phase=Phase.DELEGATED if end.backend == "ovs-ipsec"
                     else Phase.CONNECTING, detail="the installed SA is of another tunnel")
             leg.statuses[end.host] = status
+            self._count(weave.id, leg.key, end.host, status)
             if (status.phase is Phase.WAITING_CERT and status.csr_pem
                     and leg.csrs.get(end.host) != status.csr_pem):
                 try:

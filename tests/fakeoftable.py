@@ -6,10 +6,11 @@ parsed back by os-ken first, so a message the wire cannot carry fails here too. 
 tables and goto, priorities (two overlapping flows at one priority are an error, as their
 order is undefined on a real switch), masked matches with OVS's prerequisites, apply-actions
 (output, set-field, Nicira reg_move, dec_ttl), write-metadata, meters (a token bucket per
-meter against a fake clock: packets over the rate are dropped and counted), cookies (delete
-by cookie and mask, per-flow counters, kept when an identical ADD replaces a flow), hard
-timeouts against the fake clock (restarted by such an ADD), and ONF bundles
-(all or nothing; a meter mod inside a bundle fails it, as OVS 3.1 does).
+meter against a fake clock: packets over the rate are dropped and counted; a modify restarts
+the counters, as OVS 3.1 does), cookies (delete by cookie and mask, per-flow counters, kept
+when an identical ADD replaces a flow), hard timeouts against the fake clock (restarted by
+such an ADD), and ONF bundles (all or nothing; a meter mod inside a bundle fails it, as OVS
+3.1 does).
 
 The network carries the base overlay (VXLAN by tunnel id to a host's underlay address) and
 weave legs (port nwv<slot> between the leg's endpoint addresses) through the fabric switches'
@@ -285,13 +286,10 @@ class FakeSwitch:
         (band,) = msg.bands
         if band.type != ofp.OFPMBT_DROP or not msg.flags & ofp.OFPMF_KBPS:
             raise FakeOFError("OFPMMFC_BAD_BAND: userspace OVS meters drop, in kbps")
-        old = self.meters.get(msg.meter_id)
+        # A modified meter counts from 0 again, as OVS 3.1's userspace datapath does (seen:
+        # packet_in_count 7 before an OFPMC_MODIFY, 0 after).
         self.meters[msg.meter_id] = FakeMeter(msg.meter_id, band.rate, band.burst_size,
                                               band.burst_size * 1000.0, self.clock())
-        if old is not None:
-            new = self.meters[msg.meter_id]
-            new.packets_in, new.bytes_in = old.packets_in, old.bytes_in
-            new.packets_dropped, new.bytes_dropped = old.packets_dropped, old.bytes_dropped
 
     # -- queries --------------------------------------------------------------------------
 

@@ -84,6 +84,12 @@ class PrivateCharon:
     def log_path(self) -> Path:
         return self.directory / "charon.log"
 
+    @property
+    def pid(self) -> int | None:
+        """charon's own pid while it runs (to pause it: a peer that does not answer)."""
+        return self._proc.pid if self._proc is not None and self._proc.poll() is None \
+            else None
+
     def start(self, timeout: float = 10.0) -> PrivateCharon:
         if self._proc is not None and self._proc.poll() is None:
             return self

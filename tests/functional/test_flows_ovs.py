@@ -12,6 +12,7 @@ from datetime import timedelta
 import pytest
 from conftest import Nwc
 
+from nwc import ofapp
 from nwc.admission import WeaveRequest
 from nwc.lab.netns import wait_for
 from nwc.ofapp import _close
@@ -202,6 +203,39 @@ def test_a_refresh_restarts_hard_timeouts_without_losing_counters(nwc: Nwc) -> N
     # elapsed - 1.5 however slow the machine is.
     assert younger < age + elapsed - 1.0
     assert nwc.net.ping("web1", "192.0.2.70")
+
+
+def test_an_extend_keeps_the_weaves_counters_counting(
+        nwc: Nwc, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Found in acceptance: an extend re-adds the weave's flows, OVS starts their counters
+    from 0, and the weave's stats (and its Prometheus counters) fell back to 0 with them."""
+    monkeypatch.setattr(ofapp, "STATS_CACHE_S", 0.0)  # every call reads the switches afresh
+    weave = nwc.weave("acme-web", "globex-db")
+    key = "packets_requester_to_target"
+    h2 = nwc.net.hosts["h2"].ovs
+    cookie = f"cookie={weave.number << 8 | 3 | 2 << 56:#x}/-1"  # delivered to db1
+
+    def on_switch() -> int:
+        out = h2.ofctl("dump-flows", "br-int", "-O", "OpenFlow13", cookie)
+        m = re.search(r"n_packets=(\d+)", out)
+        assert m, out
+        return int(m.group(1))
+    assert nwc.net.ping("web1", "192.0.2.70", count=5)
+    before = nwc.controller.weave_stats(nwc.live(weave.id))[key]
+    assert before > 0
+    assert nwc.net.ping("web1", "192.0.2.70", count=2)  # after that reading, before the extend
+    counted = on_switch()
+    assert counted > before
+    extended = nwc.controller.call(nwc.controller.weaver.extend, weave.id, 60)
+    assert extended is not None and extended.expires_at > weave.expires_at
+    nwc.wait_connected()
+    assert on_switch() < counted  # what the tester saw: OVS counts the re-added flows anew
+    after = nwc.controller.weave_stats(nwc.live(weave.id))[key]
+    assert after >= counted  # the pings before the extend were read just before it
+    assert nwc.net.ping("web1", "192.0.2.70", count=2)
+    assert nwc.controller.weave_stats(nwc.live(weave.id))[key] > after
+    # The reads before the re-install are answered, never refused.
+    assert not [r for r in caplog.records if "OpenFlow error" in r.getMessage()]
 
 
 def test_ovs_bundle_replies_pass_the_guard_with_spec_padded_properties(

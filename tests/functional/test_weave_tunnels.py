@@ -223,6 +223,39 @@ def test_an_sa_that_goes_away_leaves_nothing_in_clear(world: World) -> None:
     world.assert_pristine()
 
 
+def test_a_teardown_whose_delete_the_peer_never_answers_logs_no_error(world: World) -> None:
+    """h2's charon (and agent) stand still while h1 tears its end down: charon's DELETE times
+    out and it answers "terminating SA failed", though `force` deleted the SA. That is a
+    normal teardown: h1's agent reports its leg removed without an error, and so does h2's
+    once it goes on (its DELETE meets an h1 that no longer knows the SA)."""
+    tl = world.tl
+    weave = world.up()
+    h1, h2 = tl.hosts["h1"], tl.hosts["h2"]
+    paused = [h2.charon.pid, h2.agent_pid]
+    assert all(pid is not None for pid in paused)
+    logs = {name: world.lab.directory("logs") / f"agent-{name}.log" for name in ("h1", "h2")}
+    removed = f"leg {weave.id}-s{weave.legs[0].slot}: removed"
+    c = world.controller
+    for pid in paused:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        c.call(c.weaver.terminate, weave.id)
+        tl.disconnect(weave.legs[0].slot)
+        wait_for(lambda: removed in logs["h1"].read_text(), 20, "h1 to remove its end")
+        assert not h1.ike.sas()
+    finally:
+        for pid in paused:
+            os.kill(pid, signal.SIGCONT)
+    wait_for(world.part.drained, 30, "h2 to remove its end")
+    world.wait_state(weave.id, State.TERMINATED, timeout=10)
+    world.assert_pristine()
+    for name, path in logs.items():
+        text = path.read_text()
+        assert removed in text
+        errors = [line for line in text.splitlines() if " ERROR " in line]
+        assert not errors, f"the agent of {name} logged errors: {errors}"
+
+
 def test_a_wrong_key_gives_no_tunnel_and_a_security_event(world: World) -> None:
     tl = world.tl
     h1, h2 = tl.hosts["h1"], tl.hosts["h2"]

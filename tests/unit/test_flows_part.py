@@ -865,3 +865,89 @@ def test_a_vm_port_status_is_reported_once_per_change(fsim: FlowsSim) -> None:
     assert [(e["vm"], e["host"], e["up"]) for e in events] == [
         ("db1", "h2", False), ("db1", "h2", True), ("db1", "h2", False), ("db1", "h2", True),
         ("db1", "h2", False)]
+
+
+def _counted(fsim: FlowsSim, weave: Weave) -> dict[str, Any]:
+    """The weave's statistics as a later scrape sees them (the cached reading has expired)."""
+    fsim.advance(ofapp.STATS_CACHE_S + 1)
+    return fsim.part.weave_stats(fsim.weaver.live[weave.id])
+
+
+def _hosts(weave: Weave) -> set[str]:
+    return {h for leg in weave.legs for h in (leg.requester_host, leg.target_host)}
+
+
+def test_a_weaves_counters_keep_counting_across_every_reinstall(fsim: FlowsSim) -> None:
+    """Found in acceptance: an extend re-adds the weave's flows, whose counters start from 0
+    on the switch, and the weave's totals (and Prometheus counters) fell back with them."""
+    fsim.connect_all()
+    weave = fsim.weave("acme-web", "globex-db")
+    packets, size = "packets_requester_to_target", "bytes_requester_to_target"
+    for _ in range(5):
+        assert fsim.reaches("web1", "db2")
+    assert _counted(fsim, weave)[packets] == 5
+    for _ in range(2):  # after the last reading: read just before the re-install
+        assert fsim.reaches("web1", "db2")
+    fsim.loop.call(fsim.weaver.extend, weave.id, 60)
+    fsim.settle()
+    restarted = [f for h in _hosts(weave) for f in _weave_flows(fsim, h, weave)]
+    assert restarted and all(f.packets == 0 for f in restarted)  # the switches' own counters
+    assert _counted(fsim, weave)[packets] == 7
+    assert fsim.reaches("web1", "db2")
+    assert _counted(fsim, weave)[packets] == 8
+    # A switch that reconnects is resynced (every flow replaced); what it counted while it
+    # was away from the controller (its flows stay: fail_mode=secure) is kept too.
+    fsim.dps["h1"].hang_up()
+    fsim.settle()
+    assert fsim.reaches("web1", "db2")
+    fsim.connect("h1")
+    counted = _counted(fsim, weave)
+    assert counted[packets] == 9 and counted[size] == 900
+    # Counters that restarted without NWC knowing (a switch restarted, flows re-added by
+    # someone else): a lower reading is carried over, not reported.
+    for f in _weave_flows(fsim, "h1", weave):
+        f.packets = f.bytes = 0
+    assert _counted(fsim, weave)[packets] == 9
+    assert fsim.reaches("web1", "db2")
+    assert _counted(fsim, weave)[packets] == 10
+
+
+def test_meter_drops_keep_counting_across_a_reinstall(fsim: FlowsSim) -> None:
+    """A re-install modifies the weave's meters, which start counting from 0 again (OVS 3.1,
+    and the fake): the drops counted before are carried, and a meter made afresh behind
+    NWC's back (a lower reading) loses nothing either."""
+    fsim.connect_all()
+    weave = fsim.weave("acme-web", "globex-db", mbps=1)
+    key = "meter_dropped_bytes_requester_to_target"
+    packet = fsim.net.vm_ip_packet("web1", str(fsim.topology.vms["db2"].ip))
+    fsim.net.send("web1", dict(packet, len=10**7))  # far over the rate and the burst
+    dropped = _counted(fsim, weave)[key]
+    assert dropped > 0
+    fsim.loop.call(fsim.weaver.extend, weave.id, 60)
+    fsim.settle()
+    meters = [m for h in _hosts(weave) for m in fsim.net.switches[h].meters.values()]
+    assert meters and all(m.bytes_dropped == 0 for m in meters)  # the switches restarted
+    for _ in range(2):  # more than before, unread: no lower reading would tell the restart
+        fsim.net.send("web1", dict(packet, len=10**7))
+    more = _counted(fsim, weave)[key]
+    assert more == 3 * dropped
+    for meter in meters:
+        meter.bytes_dropped = 0
+    assert _counted(fsim, weave)[key] == more
+
+
+def test_an_ended_weaves_carried_counters_are_dropped(fsim: FlowsSim) -> None:
+    """Totals are kept per live weave only: what the part carries does not grow with every
+    weave that ever ran."""
+    fsim.connect_all()
+    first = fsim.weave("acme-web", "globex-db")
+    second = fsim.weave("acme-web", "initech-app", profile="silver")
+    assert fsim.reaches("web1", "db2")
+    fsim.loop.call(fsim.weaver.extend, first.id, 60)  # one re-install: counts carried
+    fsim.settle()
+    assert _counted(fsim, first)["packets_requester_to_target"] == 1
+    fsim.loop.call(fsim.weaver.terminate, first.id)
+    fsim.settle()
+    for counters in (fsim.part.delivered, fsim.part.dropped):
+        numbers = {k[1] for k in counters.tracked()}  # type: ignore[index]
+        assert numbers == {second.number}

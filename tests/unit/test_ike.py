@@ -144,11 +144,13 @@ class _Requests(IkeDaemon):
     """An IkeDaemon whose charon records each command it is sent and answers as told."""
 
     def __init__(self, refusal: str | None = None,
-                 events: list[tuple[str, dict[str, Any]]] | None = None) -> None:
+                 events: list[tuple[str, dict[str, Any]]] | None = None,
+                 sa_remains: bool = True) -> None:
         super().__init__("unused.vici")
         self.sent: list[tuple[str, dict[str, Any]]] = []
         self.refusal = refusal
         self.events = events or []  # what charon reports once a command is sent
+        self.sa_remains = sa_remains  # whether list-sas still shows the SA after a refusal
 
     @contextmanager
     def _session(self, timeout: float | None = None) -> Iterator[Any]:
@@ -174,6 +176,11 @@ class _Requests(IkeDaemon):
                     raise CommandException(daemon.refusal)
                 yield {}
 
+            def list_sas(self, filters: dict[str, Any]) -> Iterator[dict[str, Any]]:
+                daemon.sent.append(("list-sas", filters))
+                if daemon.sa_remains:
+                    yield {b"nwc-x": {"state": b"DELETING", "uniqueid": b"7", "child-sas": {}}}
+
         try:
             yield Session()
         except CommandException as exc:
@@ -193,6 +200,21 @@ def test_terminating_an_ike_sa_already_gone_is_no_error() -> None:
     _Requests("no matching SAs found").terminate_sa("7")
     with pytest.raises(IkeError):
         _Requests("terminating IKE_SA failed: busy").terminate_sa("7")
+
+
+@pytest.mark.parametrize(("terminate", "which"), [
+    (lambda d: d.terminate_sa("7"), {"ike-id": "7"}),
+    (lambda d: d.terminate("nwc-x"), {"ike": "nwc-x"})])
+def test_a_terminate_charon_calls_failed_is_no_error_once_the_sa_is_gone(
+        terminate: Any, which: dict[str, str]) -> None:
+    """charon answers "terminating SA failed" when the peer did not confirm the DELETE within
+    the timeout, and `force` deletes the SA anyway: gone is success, whatever it said."""
+    daemon = _Requests("terminating SA failed", sa_remains=False)
+    terminate(daemon)
+    assert daemon.sent[-1] == ("list-sas", which)  # asked about that SA, after the terminate
+    still = _Requests("terminating SA failed", sa_remains=True)
+    with pytest.raises(IkeError, match="terminating SA failed"):
+        terminate(still)  # an SA that really stayed is still reported
 
 
 def test_a_reauthentication_is_asked_of_one_ike_sa_and_its_new_sa_waited_for() -> None:

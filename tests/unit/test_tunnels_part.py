@@ -428,6 +428,37 @@ def test_a_child_sa_rekey_is_no_sa_down(world: World) -> None:
     assert world.reports.kinds() == ["ready"]
 
 
+def test_an_ends_bytes_and_rekeys_keep_counting_across_new_sas(world: World) -> None:
+    """Every CHILD SA counts its bytes from 0, and an agent that lost its state counts rekeys
+    from 0: the totals the controller reports carry each over and never go down."""
+    w = weave()
+    world.part.weave_up(w)
+    world.rounds()
+    name, h1 = "nwc-wv-000001-s0", world.ikes["h1"]
+
+    def carried(sa: SaInfo) -> dict[str, Any]:
+        h1.sa_table[name] = sa
+        world.clock.advance(3)  # counters are reported every few seconds
+        world.rounds(2)
+        return world.part.stats(w)["tunnel_legs"][0]["ends"]["h1"]
+
+    old = h1.sa_table[name]
+    end = carried(dataclasses.replace(old, bytes_in=1000, bytes_out=800))
+    assert (end["bytes_in"], end["bytes_out"]) == (1000, 800)
+    new = SaInfo("ESTABLISHED", "INSTALLED", "98", old.ike_id, bytes_in=50, bytes_out=20)
+    end = carried(new)  # a CHILD SA rekey: the new SA starts from 0
+    assert (end["bytes_in"], end["bytes_out"], end["rekeys"]) == (1050, 820, 1)
+    # The old SA listed once more (it lingers a moment): its bytes are in already.
+    assert carried(dataclasses.replace(old, bytes_in=1001))["bytes_in"] == 1050
+    end = carried(dataclasses.replace(new, bytes_in=60))
+    assert end["bytes_in"] == 1060
+    rekeys = end["rekeys"]  # the agent took each switch of SA for a rekey: its own count
+    world.agents["h1"].legs[f"{w.id}-s0"].rekeys = 0  # an agent that lost its count
+    end = carried(dataclasses.replace(new, bytes_in=70))
+    assert (end["bytes_in"], end["rekeys"]) == (1070, rekeys)
+    assert world.part.stats(w)["rekeys"] >= rekeys
+
+
 def test_a_weave_inside_one_host_reports_no_tunnel_measurements(world: World) -> None:
     local = Weave(id="wv-000009", requester="acme-web", target="globex-db",
                   requester_tenant="acme", target_tenant="globex",

@@ -366,6 +366,26 @@ def test_stats_carry_what_the_data_plane_reports(harness: Harness) -> None:
     assert harness.request("GET", "/v1/weaves/wv-000404/stats").status_code == 404
 
 
+def test_stats_show_each_tunnel_leg_ends_values(harness: Harness) -> None:
+    """The deepest documented measurement (a leg end's counters, docs/design.md) comes through
+    as the part reported it; only what nests deeper than that is cut off."""
+    wid = harness.create().json()["id"]
+    end = {"phase": "installed", "ike_state": "ESTABLISHED", "child_state": "INSTALLED",
+           "encryption": "AES_GCM_16", "key_bits": 256, "dh_group": "CURVE_25519",
+           "bytes_in": 4200, "bytes_out": 3100, "rekeys": 2}
+    harness.stats[wid] = {"sa_state": "established", "rekeys": 2, "tunnel_legs": [
+        {"slot": 7, "device": "nwv7", "requester_host": "h1", "target_host": "h2",
+         "auth": "psk", "installed": True, "rekeying": False,
+         "ends": {"h1": dict(end), "h2": dict(end, bytes_in=3100, bytes_out=4200)}}],
+        "deeper": [[[[[["level 6"]]]]]]}
+    measured = harness.request("GET", f"/v1/weaves/{wid}/stats").json()["measured"]
+    leg = measured["tunnel_legs"][0]
+    assert leg["ends"]["h1"] == end
+    assert leg["ends"]["h2"]["bytes_in"] == 3100 and leg["ends"]["h2"]["key_bits"] == 256
+    assert leg["slot"] == 7 and leg["installed"] is True
+    assert measured["deeper"] == [[[[[None]]]]]  # still bounded against a runaway part
+
+
 # -- GET /v1/ivns, /v1/fabric, /v1/health ---------------------------------------------------
 
 def test_ivns_show_own_networks_in_full_and_partners_by_name(harness: Harness) -> None:
