@@ -187,7 +187,9 @@ class _Leg:
     loaded: LegRecord | None = None  # the material now in the IKE daemon
     loaded_tunnel: str | None = None  # loaded.tunnel_id(), reported as an installed SA's sa_of
     # The fingerprint of the material last loaded: the SAs charon holds were built from it.
-    # Unlike `loaded`, kept while charon does not answer (a busy one still holds them).
+    # Unlike `loaded`, kept while charon does not answer (a busy one still holds them), and
+    # in the status as `sa_material`, which is never dropped either: a restarted agent
+    # must know it to see that new material has to replace those SAs.
     sa_material: str | None = None
     swap: _Swap | None = None
     key: LegKey | None = None
@@ -220,6 +222,14 @@ class _Leg:
         csr = self.csr if self.phase is Phase.WAITING_CERT else None
         return LegStatus(self.phase, self.detail, self.sa, self.rekeys, csr, self.spec,
                          dict(self.extra))
+
+
+def _adopted_material(extra: Mapping[str, Any]) -> str | None:
+    """What a status says the leg's SAs were built from. `material` goes whenever charon
+    does not answer (it says what charon listens with, and a restarted charon holds
+    nothing), so only `sa_material` outlives a timeout; statuses of agents older than it
+    have `material` alone. (LegStatus.from_json checked both are text.)"""
+    return extra.get("sa_material", extra.get("material"))
 
 
 class Agent:
@@ -422,7 +432,7 @@ class Agent:
                     old_sas = _OldSas()
             leg = _Leg(status.applied, phase=status.phase, rekeys=status.rekeys,
                        port_since=self.clock(), extra=dict(status.extra), old_sas=old_sas,
-                       swap=swap, sa_material=status.extra.get("material"))
+                       swap=swap, sa_material=_adopted_material(status.extra))
             self.legs[raw_key[len(STATUS_PREFIX):]] = leg
             self._ovs_keys_set.update(status.extra.get("ovs_keys", []))
 
@@ -584,7 +594,7 @@ class Agent:
                      "one (IKE SA %s)", spec.key, sa.ike_id)
             leg.swap = leg.swap or _Swap()
             leg.swap.take(sa)
-        leg.sa_material = material
+        leg.sa_material = leg.extra["sa_material"] = material
 
     def _observe(self, leg: _Leg, sa: SaInfo | None, now: float) -> None:
         spec, record = leg.spec, leg.record

@@ -558,7 +558,7 @@ class LegStatus:
             raise TunnelError("a tunnel status's extra is not a JSON object")
         if "key_id" in extra and not isinstance(extra["key_id"], str):
             raise TunnelError("a tunnel status's key_id is not text")
-        for name in ("material", "sa_of"):
+        for name in ("material", "sa_material", "sa_of"):
             if name in extra and not isinstance(extra[name], str):
                 raise TunnelError(f"a tunnel status's {name} is not text")
         if "ovs_keys" in extra and not (isinstance(extra["ovs_keys"], list) and all(

@@ -882,6 +882,29 @@ def test_an_agent_restarted_during_a_swap_still_knows_the_old_sa() -> None:
     assert status.extra["sa_of"] == LegRecord(req, fresh).tunnel_id()
 
 
+def test_an_agent_restarted_after_charon_timed_out_still_replaces_the_old_sa() -> None:
+    """Found in review: a pass on which charon timed out dropped the status's `material`,
+    and a restarted agent knew what its SAs were built from only by that field. After a new
+    key from a restarted controller it started no swap: the SA built from the old key was
+    `installed` for the new record."""
+    host, req = psk_leg_installed()
+    name = req.connection_name
+    old = host.ike.sa_table[name]
+    host.ike.busy = True  # it still holds the SA, but does not answer
+    host.steps(2)
+    assert host.status(req).phase is Phase.IKE_DOWN
+    host.agent = host.new_agent()
+    fresh = new_psk()
+    host.want(LegRecord(req, fresh, start=True))
+    host.ike.busy = False
+    host.steps(3)
+    assert host.journal.count("reauth", old.ike_id) == 1
+    assert old.ike_id not in host.ike.listed(name)
+    status = host.status(req)
+    assert status.phase is Phase.INSTALLED
+    assert status.extra["sa_of"] == LegRecord(req, fresh).tunnel_id()
+
+
 def test_a_charon_restarted_during_a_swap_holds_nothing_old_though_its_ids_repeat() -> None:
     _, res = specs()
     host = Host()
