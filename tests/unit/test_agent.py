@@ -457,6 +457,36 @@ def test_ovs_ipsec_an_interface_written_while_charon_is_down_takes_the_next_sa()
     assert host.status(record.spec).phase is Phase.INSTALLED
 
 
+def test_ovs_ipsec_an_interface_is_not_written_while_charon_does_not_answer() -> None:
+    """Found in review: an interface written on a pass where charon timed out (busy, still
+    holding the earlier tunnel's SAs) had nothing noted, so the first listing after was
+    taken as all old, and with it the SA ovs-monitor-ipsec negotiated for the interface
+    meanwhile: the leg stayed `delegated` through that SA and its rekeys."""
+    host, record = ovs_leg_after_an_earlier_one({
+        "nwv0-in-1": SaInfo("ESTABLISHED", "INSTALLED", "2", "1")}, written=False)
+    add_port = host.db.add_port
+
+    def monitor_negotiates(bridge: str, columns: dict[str, object]) -> None:
+        # ovs-monitor-ipsec takes the earlier tunnel's SA down and negotiates the new one
+        # as soon as the interface is written, whether the agent's VICI calls answer or not.
+        add_port(bridge, columns)
+        host.ike.sa_table = {"nwv0-in-1": SaInfo("ESTABLISHED", "INSTALLED", "4", "3")}
+
+    host.db.add_port = monitor_negotiates  # type: ignore[method-assign]
+    host.ike.busy = True
+    host.want(record)
+    host.steps(2)
+    status = host.status(record.spec)
+    assert status.phase is Phase.BUILDING and "waiting for the IKE daemon" in status.detail
+    host.ike.busy = False
+    host.steps(2)
+    status = host.status(record.spec)
+    assert status.phase is Phase.INSTALLED and status.extra["sa_of"] == record.tunnel_id()
+    host.ike.sa_table = {"nwv0-in-1": SaInfo("ESTABLISHED", "INSTALLED", "5", "3")}  # rekey
+    host.steps(1)
+    assert host.status(record.spec).phase is Phase.INSTALLED
+
+
 def test_ovs_ipsec_a_restarted_agent_does_not_trust_an_earlier_tunnels_sa() -> None:
     """Found in review: the SAs up when a leg's interface is written were noted in memory
     only, so an agent restarted while the earlier tunnel's SA was still up took it for the
