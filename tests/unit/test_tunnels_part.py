@@ -448,8 +448,10 @@ def test_an_ends_bytes_and_rekeys_keep_counting_across_new_sas(world: World) -> 
     new = SaInfo("ESTABLISHED", "INSTALLED", "98", old.ike_id, bytes_in=50, bytes_out=20)
     end = carried(new)  # a CHILD SA rekey: the new SA starts from 0
     assert (end["bytes_in"], end["bytes_out"], end["rekeys"]) == (1050, 820, 1)
-    # The old SA listed once more (it lingers a moment): its bytes are in already.
-    assert carried(dataclasses.replace(old, bytes_in=1001))["bytes_in"] == 1050
+    # The old SA listed once more (it lingers a moment): its bytes are in already. (Its
+    # counters never go down: lower ones would be another SA with its id.)
+    lingering = dataclasses.replace(old, bytes_in=1001, bytes_out=800)
+    assert carried(lingering)["bytes_in"] == 1050
     end = carried(dataclasses.replace(new, bytes_in=60))
     assert end["bytes_in"] == 1060
     rekeys = end["rekeys"]  # the agent took each switch of SA for a rekey: its own count
@@ -457,6 +459,37 @@ def test_an_ends_bytes_and_rekeys_keep_counting_across_new_sas(world: World) -> 
     end = carried(dataclasses.replace(new, bytes_in=70))
     assert (end["bytes_in"], end["rekeys"]) == (1070, rekeys)
     assert world.part.stats(w)["rekeys"] >= rekeys
+
+
+@pytest.mark.parametrize("first_reading", [(10, 2), (1200, 5)],
+                         ids=["fewer-bytes", "more-bytes-but-younger"])
+def test_bytes_keep_counting_after_charon_restarts_and_repeats_an_sas_id(
+        world: World, first_reading: tuple[int, int]) -> None:
+    """Found in review: a restarted charon numbers its SAs from 1 again, and its new SA,
+    with an id the end had seen before, was taken for a replaced SA listed once more: its
+    bytes were never counted. An id seen before is the same SA only if nothing in its
+    reading went down (bytes, or its age, when the new SA already carried more)."""
+    w = weave()
+    world.part.weave_up(w)
+    world.rounds()
+    name, h1 = "nwc-wv-000001-s0", world.ikes["h1"]
+
+    def carried(sa: SaInfo) -> int:
+        h1.sa_table[name] = sa
+        world.clock.advance(3)  # counters are reported every few seconds
+        world.rounds(2)
+        return world.part.stats(w)["tunnel_legs"][0]["ends"]["h1"]["bytes_in"]
+
+    old = h1.sa_table[name]
+    assert carried(dataclasses.replace(old, bytes_in=1000, installed_s=300)) == 1000
+    rekeyed = SaInfo("ESTABLISHED", "INSTALLED", "2", old.ike_id, bytes_in=500, installed_s=9)
+    assert carried(rekeyed) == 1500
+    assert old.child_id == "1"  # the new charon's first SA repeats it
+    bytes_in, age = first_reading
+    assert carried(SaInfo("ESTABLISHED", "INSTALLED", "1", "1", bytes_in=bytes_in,
+                          installed_s=age)) == 1500 + bytes_in
+    assert carried(SaInfo("ESTABLISHED", "INSTALLED", "1", "1", bytes_in=bytes_in + 900,
+                          installed_s=age + 3)) == 1500 + bytes_in + 900
 
 
 def test_a_weave_inside_one_host_reports_no_tunnel_measurements(world: World) -> None:
