@@ -483,6 +483,7 @@ class Agent:
         spec, record = leg.spec, leg.record
         assert record is not None
         now = self.clock()
+        leg.extra.pop("carrying", None)  # said again by _observe while it holds
         try:
             # Every pass, not only when building: anything may remove the blackhole
             # (systemd-networkd, `ip route flush`), and without it, whenever no CHILD SA
@@ -617,6 +618,12 @@ class Agent:
         if leg.swap is not None and self._replacing(leg, sa, now):
             leg.extra.pop("sa_of", None)
             leg.extra["old_sas"] = leg.swap.to_json()  # read back by a restarted agent
+            if sa is not None and sa.installed:
+                # Not `installed` for the record (the SA is not built from its material),
+                # but the leg's traffic goes through it, encrypted: the controller counts
+                # its bytes and takes the end as up (found in review: bytes stopped and
+                # the weave read `connecting` for the whole lease when a key was refused).
+                leg.extra["carrying"] = True
             return
         leg.extra.pop("old_sas", None)
         if sa is not None and sa.installed:

@@ -144,6 +144,11 @@ class _Leg:
         return all(self.statuses.get(s.host) is not None
                    and self.statuses[s.host].phase is Phase.INSTALLED for s in self.ends())
 
+    def up(self) -> bool:
+        """Whether both ends' SAs carry the leg's traffic: installed for the record, or one
+        built from earlier material while it is replaced (for readiness and sa_down)."""
+        return all(_end_up(self.statuses.get(s.host)) for s in self.ends())
+
 
 @dataclass
 class _WeaveTunnels:
@@ -385,8 +390,8 @@ class Tunnels:
         self._rekeys.track(key)
         self._rekeys.observe(key, (status.rekeys,))
         sa = status.sa
-        if sa is None or status.phase is not Phase.INSTALLED:
-            return  # no SA of this leg's: its totals stay as they were
+        if sa is None or not _end_up(status):
+            return  # no SA carries this leg's traffic: its totals stay as they were
         children = self._children.setdefault(key, {})
         reading = _reading(sa)
         seen = children.get(sa.child_id)
@@ -456,9 +461,11 @@ class Tunnels:
                              "rekeying": any(_rekeying(leg.statuses.get(e.host))
                                              for e in leg.ends()),
                              "ends": ends})
+            # Not `installed`: an SA being replaced still carries the traffic, encrypted.
+            up = all(leg.up() for leg in held.legs.values())
         if not legs:
             return {}  # every leg inside one host: nothing to measure, so nothing reported
-        if not all(leg["installed"] for leg in legs):
+        if not up:
             state = "down" if held.ready else "connecting"
         elif any(leg["rekeying"] for leg in legs):
             state = "rekeying"
@@ -757,14 +764,14 @@ class Tunnels:
                     reports.append(lambda d=detail: self.reports.failed(weave.id, d))
                     return
         if not held.ready:
-            if all(leg.installed() for leg in held.legs.values()):
+            if all(leg.up() for leg in held.legs.values()):
                 held.ready = True
                 reports.append(lambda: self.reports.ready(weave.id))
             return
         for leg in held.legs.values():
             for end in leg.ends():
                 st = leg.statuses.get(end.host)
-                up = st is not None and st.phase is Phase.INSTALLED
+                up = _end_up(st)
                 where = f"leg {end.host}-{end.peer_host} (slot {end.slot}) on {end.host}"
                 if not up and end.host not in leg.down_reported:
                     leg.down_reported.add(end.host)
@@ -796,6 +803,11 @@ class Tunnels:
 def _reading(sa: SaInfo) -> tuple[int, ...]:
     """What only grows while one CHILD SA lives: its byte counters and its age."""
     return sa.bytes_in, sa.bytes_out, sa.installed_s
+
+
+def _end_up(status: LegStatus | None) -> bool:
+    """Whether an SA carries the end's traffic (its counters are the end's)."""
+    return status is not None and (status.phase is Phase.INSTALLED or status.carrying)
 
 
 def _rekeying(status: LegStatus | None) -> bool:

@@ -817,7 +817,7 @@ def test_new_key_material_replaces_the_sa_make_before_break() -> None:
     status = host.status(req)
     assert status.phase is Phase.CONNECTING and "waiting for the peer" in status.detail
     assert status.sa is not None and status.sa.installed  # the old SA still carries it
-    assert "sa_of" not in status.extra
+    assert "sa_of" not in status.extra and status.carrying
     assert host.journal.count("reauth") == 0
     host.want(LegRecord(req, fresh, start=True))
     host.steps(3)
@@ -825,7 +825,7 @@ def test_new_key_material_replaces_the_sa_make_before_break() -> None:
     assert j.index("reauth", old.ike_id) < j.index("terminate_sa", old.ike_id)
     assert host.ike.listed(name) == {host.ike.sa_table[name].ike_id} != {old.ike_id}
     status = host.status(req)
-    assert status.phase is Phase.INSTALLED
+    assert status.phase is Phase.INSTALLED and "carrying" not in status.extra
     assert status.extra["sa_of"] == LegRecord(req, fresh).tunnel_id()
     assert host.ike.initiations == 1  # the first one: nothing was torn down to swap
     assert j.count("remove_vxlan") == 0 and j.count("remove_blackhole") == 0
@@ -845,6 +845,7 @@ def test_a_new_key_the_peer_refuses_is_reported_and_the_old_sa_kept() -> None:
     assert status.phase is Phase.AUTH_FAILED and "AUTHENTICATION_FAILED" in status.detail
     assert "still carries the traffic" in status.detail
     assert status.sa is not None and status.sa.installed and "sa_of" not in status.extra
+    assert status.carrying  # the controller counts it, and takes the end as up
     assert host.ike.listed(name) == {old.ike_id}  # it still encrypts: kept
     for _ in range(5):
         host.clock.advance(host.agent.initiate_timeout_s)
