@@ -187,7 +187,9 @@ class _Leg:
     loaded: LegRecord | None = None  # the material now in the IKE daemon
     loaded_tunnel: str | None = None  # loaded.tunnel_id(), reported as an installed SA's sa_of
     # The fingerprint of the material last loaded: the SAs charon holds were built from it.
-    # Unlike `loaded`, kept while charon does not answer (a busy one still holds them).
+    # Unlike `loaded`, kept while charon does not answer (a busy one still holds them), and
+    # in the status as `sa_material`, which is never dropped either: a restarted agent
+    # must know it to see that new material has to replace those SAs.
     sa_material: str | None = None
     swap: _Swap | None = None
     key: LegKey | None = None
@@ -220,6 +222,14 @@ class _Leg:
         csr = self.csr if self.phase is Phase.WAITING_CERT else None
         return LegStatus(self.phase, self.detail, self.sa, self.rekeys, csr, self.spec,
                          dict(self.extra))
+
+
+def _adopted_material(extra: Mapping[str, Any]) -> str | None:
+    """What a status says the leg's SAs were built from. `material` goes whenever charon
+    does not answer (it says what charon listens with, and a restarted charon holds
+    nothing), so only `sa_material` outlives a timeout; statuses of agents older than it
+    have `material` alone. (LegStatus.from_json checked both are text.)"""
+    return extra.get("sa_material", extra.get("material"))
 
 
 class Agent:
@@ -422,7 +432,7 @@ class Agent:
                     old_sas = _OldSas()
             leg = _Leg(status.applied, phase=status.phase, rekeys=status.rekeys,
                        port_since=self.clock(), extra=dict(status.extra), old_sas=old_sas,
-                       swap=swap, sa_material=status.extra.get("material"))
+                       swap=swap, sa_material=_adopted_material(status.extra))
             self.legs[raw_key[len(STATUS_PREFIX):]] = leg
             self._ovs_keys_set.update(status.extra.get("ovs_keys", []))
 
@@ -473,6 +483,7 @@ class Agent:
         spec, record = leg.spec, leg.record
         assert record is not None
         now = self.clock()
+        leg.extra.pop("carrying", None)  # said again by _observe while it holds
         try:
             # Every pass, not only when building: anything may remove the blackhole
             # (systemd-networkd, `ip route flush`), and without it, whenever no CHILD SA
@@ -584,7 +595,7 @@ class Agent:
                      "one (IKE SA %s)", spec.key, sa.ike_id)
             leg.swap = leg.swap or _Swap()
             leg.swap.take(sa)
-        leg.sa_material = material
+        leg.sa_material = leg.extra["sa_material"] = material
 
     def _observe(self, leg: _Leg, sa: SaInfo | None, now: float) -> None:
         spec, record = leg.spec, leg.record
@@ -607,6 +618,12 @@ class Agent:
         if leg.swap is not None and self._replacing(leg, sa, now):
             leg.extra.pop("sa_of", None)
             leg.extra["old_sas"] = leg.swap.to_json()  # read back by a restarted agent
+            if sa is not None and sa.installed:
+                # Not `installed` for the record (the SA is not built from its material),
+                # but the leg's traffic goes through it, encrypted: the controller counts
+                # its bytes and takes the end as up (found in review: bytes stopped and
+                # the weave read `connecting` for the whole lease when a key was refused).
+                leg.extra["carrying"] = True
             return
         leg.extra.pop("old_sas", None)
         if sa is not None and sa.installed:
@@ -784,6 +801,18 @@ class Agent:
             have = self.db.interface(spec.device)
             if have is None or have["options"] != want["options"] \
                     or have["ofport_request"] != want["ofport_request"]:
+                if sas is None and charon != CHARON_NOT_RUNNING:
+                    # A charon that does not answer may still hold the earlier tunnel's
+                    # SAs: written now, the first listing after would be taken as all old,
+                    # and with it the SA ovs-monitor-ipsec negotiates for this interface
+                    # meanwhile (found in review: held back for good). Written once they
+                    # can be noted.
+                    leg.phase = Phase.BUILDING
+                    leg.detail = "waiting for the IKE daemon: the SAs up on the port are " \
+                                 "noted before the interface is written"
+                    leg.extra.pop("sa_of", None)
+                    leg.extra["ovs_keys"] = sorted(self._ovs_keys_set)
+                    return
                 # What is up now was negotiated for other options: noted, and in this
                 # leg's status, before the interface is written, so that an agent that
                 # stops right after writing it still knows them when it is back.

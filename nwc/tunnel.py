@@ -519,6 +519,14 @@ class LegStatus:
     applied: TunnelSpec | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. which OVS keys NWC set
 
+    @property
+    def carrying(self) -> bool:
+        """The leg's traffic goes, encrypted, through the SA reported, though the end is not
+        `installed` for its record: an SA built from earlier key material, being replaced
+        (or kept because the peer refused the new material)."""
+        return self.extra.get("carrying") is True and self.sa is not None \
+            and self.sa.installed
+
     def to_json(self) -> str:
         d: dict[str, Any] = {"v": RECORD_VERSION, "phase": self.phase.value,
                              "detail": self.detail, "rekeys": self.rekeys}
@@ -558,9 +566,11 @@ class LegStatus:
             raise TunnelError("a tunnel status's extra is not a JSON object")
         if "key_id" in extra and not isinstance(extra["key_id"], str):
             raise TunnelError("a tunnel status's key_id is not text")
-        for name in ("material", "sa_of"):
+        for name in ("material", "sa_material", "sa_of"):
             if name in extra and not isinstance(extra[name], str):
                 raise TunnelError(f"a tunnel status's {name} is not text")
+        if "carrying" in extra and not isinstance(extra["carrying"], bool):
+            raise TunnelError("a tunnel status's carrying is not true or false")
         if "ovs_keys" in extra and not (isinstance(extra["ovs_keys"], list) and all(
                 isinstance(k, str) for k in extra["ovs_keys"])):
             raise TunnelError("a tunnel status's ovs_keys is not a list of names")

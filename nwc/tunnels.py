@@ -52,6 +52,7 @@ from nwc.tunnel import (
     LegRecord,
     LegStatus,
     Phase,
+    SaInfo,
     TunnelError,
     TunnelSpec,
     leg_key,
@@ -64,7 +65,7 @@ log = logging.getLogger(__name__)
 
 PART_NAME = "tunnels"
 RECONNECT_S = 2.0
-# CHILD SA ids remembered per leg end: an agent listing an SA a rekey already replaced (the
+# CHILD SAs remembered per leg end: an agent listing an SA a rekey already replaced (the
 # old one lingers a moment) must not count it as new again.
 MAX_CHILDREN_KEPT = 4
 # How long one pass waits for a host's OVSDB job before going on without that host. A healthy
@@ -142,6 +143,11 @@ class _Leg:
     def installed(self) -> bool:
         return all(self.statuses.get(s.host) is not None
                    and self.statuses[s.host].phase is Phase.INSTALLED for s in self.ends())
+
+    def up(self) -> bool:
+        """Whether both ends' SAs carry the leg's traffic: installed for the record, or one
+        built from earlier material while it is replaced (for readiness and sa_down)."""
+        return all(_end_up(self.statuses.get(s.host)) for s in self.ends())
 
 
 @dataclass
@@ -317,10 +323,11 @@ class Tunnels:
         # Per leg end, (weave id, leg key, host): the bytes its SAs carried each way and its
         # rekeys, as totals. An SA's counters are its own (every CHILD SA, a rekey's too,
         # starts from 0) and an agent that lost its state counts rekeys from 0 again; the
-        # totals carry each over. `_children`: the CHILD SA ids seen per end, newest last.
+        # totals carry each over. `_children`: the CHILD SAs seen per end, newest last, by
+        # id, each with its last reading (`_reading`).
         self._sa_bytes = CarriedCounters(2)
         self._rekeys = CarriedCounters(1)
-        self._children: dict[tuple[str, str, str], list[str | None]] = {}
+        self._children: dict[tuple[str, str, str], dict[str | None, tuple[int, ...]]] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -383,15 +390,27 @@ class Tunnels:
         self._rekeys.track(key)
         self._rekeys.observe(key, (status.rekeys,))
         sa = status.sa
-        if sa is None or status.phase is not Phase.INSTALLED:
-            return  # no SA of this leg's: its totals stay as they were
-        children = self._children.setdefault(key, [])
-        if sa.child_id != (children[-1] if children else None):
-            if sa.child_id in children:
-                return  # an SA already replaced, listed once more: its bytes were counted
+        if sa is None or not _end_up(status):
+            return  # no SA carries this leg's traffic: its totals stay as they were
+        children = self._children.setdefault(key, {})
+        reading = _reading(sa)
+        seen = children.get(sa.child_id)
+        # An id seen before with lower counters or a shorter life than its last reading is
+        # another SA: a restarted charon numbers its SAs from 1 again (found in review: the
+        # new SA was taken for a replaced one, and the totals froze).
+        same = seen is not None and all(now >= then for now, then in zip(reading, seen,
+                                                                        strict=True))
+        latest = next(reversed(children), None)
+        if same and sa.child_id != latest:
+            children[sa.child_id] = reading
+            return  # an SA already replaced, listed once more: its bytes were counted
+        if not same:
             # A new CHILD SA (a rekey, a new negotiation) counts from 0: carry the last.
             self._sa_bytes.restart(key)
-            children[:] = [*children[-(MAX_CHILDREN_KEPT - 1):], sa.child_id]
+            children.pop(sa.child_id, None)
+            while len(children) >= MAX_CHILDREN_KEPT:
+                del children[next(iter(children))]
+        children[sa.child_id] = reading
         self._sa_bytes.observe(key, (sa.bytes_in, sa.bytes_out))
 
     def _plan(self, weave: Weave) -> dict[str, _Leg]:
@@ -442,9 +461,11 @@ class Tunnels:
                              "rekeying": any(_rekeying(leg.statuses.get(e.host))
                                              for e in leg.ends()),
                              "ends": ends})
+            # Not `installed`: an SA being replaced still carries the traffic, encrypted.
+            up = all(leg.up() for leg in held.legs.values())
         if not legs:
             return {}  # every leg inside one host: nothing to measure, so nothing reported
-        if not all(leg["installed"] for leg in legs):
+        if not up:
             state = "down" if held.ready else "connecting"
         elif any(leg["rekeying"] for leg in legs):
             state = "rekeying"
@@ -743,14 +764,14 @@ class Tunnels:
                     reports.append(lambda d=detail: self.reports.failed(weave.id, d))
                     return
         if not held.ready:
-            if all(leg.installed() for leg in held.legs.values()):
+            if all(leg.up() for leg in held.legs.values()):
                 held.ready = True
                 reports.append(lambda: self.reports.ready(weave.id))
             return
         for leg in held.legs.values():
             for end in leg.ends():
                 st = leg.statuses.get(end.host)
-                up = st is not None and st.phase is Phase.INSTALLED
+                up = _end_up(st)
                 where = f"leg {end.host}-{end.peer_host} (slot {end.slot}) on {end.host}"
                 if not up and end.host not in leg.down_reported:
                     leg.down_reported.add(end.host)
@@ -777,6 +798,16 @@ class Tunnels:
                     want.setdefault(end.host, {})[RECORD_PREFIX + leg.key] = \
                         self._record(leg, end).to_json()
         return want
+
+
+def _reading(sa: SaInfo) -> tuple[int, ...]:
+    """What only grows while one CHILD SA lives: its byte counters and its age."""
+    return sa.bytes_in, sa.bytes_out, sa.installed_s
+
+
+def _end_up(status: LegStatus | None) -> bool:
+    """Whether an SA carries the end's traffic (its counters are the end's)."""
+    return status is not None and (status.phase is Phase.INSTALLED or status.carrying)
 
 
 def _rekeying(status: LegStatus | None) -> bool:

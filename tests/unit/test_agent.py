@@ -457,6 +457,36 @@ def test_ovs_ipsec_an_interface_written_while_charon_is_down_takes_the_next_sa()
     assert host.status(record.spec).phase is Phase.INSTALLED
 
 
+def test_ovs_ipsec_an_interface_is_not_written_while_charon_does_not_answer() -> None:
+    """Found in review: an interface written on a pass where charon timed out (busy, still
+    holding the earlier tunnel's SAs) had nothing noted, so the first listing after was
+    taken as all old, and with it the SA ovs-monitor-ipsec negotiated for the interface
+    meanwhile: the leg stayed `delegated` through that SA and its rekeys."""
+    host, record = ovs_leg_after_an_earlier_one({
+        "nwv0-in-1": SaInfo("ESTABLISHED", "INSTALLED", "2", "1")}, written=False)
+    add_port = host.db.add_port
+
+    def monitor_negotiates(bridge: str, columns: dict[str, object]) -> None:
+        # ovs-monitor-ipsec takes the earlier tunnel's SA down and negotiates the new one
+        # as soon as the interface is written, whether the agent's VICI calls answer or not.
+        add_port(bridge, columns)
+        host.ike.sa_table = {"nwv0-in-1": SaInfo("ESTABLISHED", "INSTALLED", "4", "3")}
+
+    host.db.add_port = monitor_negotiates  # type: ignore[method-assign]
+    host.ike.busy = True
+    host.want(record)
+    host.steps(2)
+    status = host.status(record.spec)
+    assert status.phase is Phase.BUILDING and "waiting for the IKE daemon" in status.detail
+    host.ike.busy = False
+    host.steps(2)
+    status = host.status(record.spec)
+    assert status.phase is Phase.INSTALLED and status.extra["sa_of"] == record.tunnel_id()
+    host.ike.sa_table = {"nwv0-in-1": SaInfo("ESTABLISHED", "INSTALLED", "5", "3")}  # rekey
+    host.steps(1)
+    assert host.status(record.spec).phase is Phase.INSTALLED
+
+
 def test_ovs_ipsec_a_restarted_agent_does_not_trust_an_earlier_tunnels_sa() -> None:
     """Found in review: the SAs up when a leg's interface is written were noted in memory
     only, so an agent restarted while the earlier tunnel's SA was still up took it for the
@@ -787,7 +817,7 @@ def test_new_key_material_replaces_the_sa_make_before_break() -> None:
     status = host.status(req)
     assert status.phase is Phase.CONNECTING and "waiting for the peer" in status.detail
     assert status.sa is not None and status.sa.installed  # the old SA still carries it
-    assert "sa_of" not in status.extra
+    assert "sa_of" not in status.extra and status.carrying
     assert host.journal.count("reauth") == 0
     host.want(LegRecord(req, fresh, start=True))
     host.steps(3)
@@ -795,7 +825,7 @@ def test_new_key_material_replaces_the_sa_make_before_break() -> None:
     assert j.index("reauth", old.ike_id) < j.index("terminate_sa", old.ike_id)
     assert host.ike.listed(name) == {host.ike.sa_table[name].ike_id} != {old.ike_id}
     status = host.status(req)
-    assert status.phase is Phase.INSTALLED
+    assert status.phase is Phase.INSTALLED and "carrying" not in status.extra
     assert status.extra["sa_of"] == LegRecord(req, fresh).tunnel_id()
     assert host.ike.initiations == 1  # the first one: nothing was torn down to swap
     assert j.count("remove_vxlan") == 0 and j.count("remove_blackhole") == 0
@@ -815,6 +845,7 @@ def test_a_new_key_the_peer_refuses_is_reported_and_the_old_sa_kept() -> None:
     assert status.phase is Phase.AUTH_FAILED and "AUTHENTICATION_FAILED" in status.detail
     assert "still carries the traffic" in status.detail
     assert status.sa is not None and status.sa.installed and "sa_of" not in status.extra
+    assert status.carrying  # the controller counts it, and takes the end as up
     assert host.ike.listed(name) == {old.ike_id}  # it still encrypts: kept
     for _ in range(5):
         host.clock.advance(host.agent.initiate_timeout_s)
@@ -879,6 +910,29 @@ def test_an_agent_restarted_during_a_swap_still_knows_the_old_sa() -> None:
                                                                          old.ike_id)
     status = host.status(req)
     assert status.phase is Phase.INSTALLED and "old_sas" not in status.extra
+    assert status.extra["sa_of"] == LegRecord(req, fresh).tunnel_id()
+
+
+def test_an_agent_restarted_after_charon_timed_out_still_replaces_the_old_sa() -> None:
+    """Found in review: a pass on which charon timed out dropped the status's `material`,
+    and a restarted agent knew what its SAs were built from only by that field. After a new
+    key from a restarted controller it started no swap: the SA built from the old key was
+    `installed` for the new record."""
+    host, req = psk_leg_installed()
+    name = req.connection_name
+    old = host.ike.sa_table[name]
+    host.ike.busy = True  # it still holds the SA, but does not answer
+    host.steps(2)
+    assert host.status(req).phase is Phase.IKE_DOWN
+    host.agent = host.new_agent()
+    fresh = new_psk()
+    host.want(LegRecord(req, fresh, start=True))
+    host.ike.busy = False
+    host.steps(3)
+    assert host.journal.count("reauth", old.ike_id) == 1
+    assert old.ike_id not in host.ike.listed(name)
+    status = host.status(req)
+    assert status.phase is Phase.INSTALLED
     assert status.extra["sa_of"] == LegRecord(req, fresh).tunnel_id()
 
 

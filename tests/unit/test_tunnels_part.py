@@ -448,8 +448,10 @@ def test_an_ends_bytes_and_rekeys_keep_counting_across_new_sas(world: World) -> 
     new = SaInfo("ESTABLISHED", "INSTALLED", "98", old.ike_id, bytes_in=50, bytes_out=20)
     end = carried(new)  # a CHILD SA rekey: the new SA starts from 0
     assert (end["bytes_in"], end["bytes_out"], end["rekeys"]) == (1050, 820, 1)
-    # The old SA listed once more (it lingers a moment): its bytes are in already.
-    assert carried(dataclasses.replace(old, bytes_in=1001))["bytes_in"] == 1050
+    # The old SA listed once more (it lingers a moment): its bytes are in already. (Its
+    # counters never go down: lower ones would be another SA with its id.)
+    lingering = dataclasses.replace(old, bytes_in=1001, bytes_out=800)
+    assert carried(lingering)["bytes_in"] == 1050
     end = carried(dataclasses.replace(new, bytes_in=60))
     assert end["bytes_in"] == 1060
     rekeys = end["rekeys"]  # the agent took each switch of SA for a rekey: its own count
@@ -457,6 +459,37 @@ def test_an_ends_bytes_and_rekeys_keep_counting_across_new_sas(world: World) -> 
     end = carried(dataclasses.replace(new, bytes_in=70))
     assert (end["bytes_in"], end["rekeys"]) == (1070, rekeys)
     assert world.part.stats(w)["rekeys"] >= rekeys
+
+
+@pytest.mark.parametrize("first_reading", [(10, 2), (1200, 5)],
+                         ids=["fewer-bytes", "more-bytes-but-younger"])
+def test_bytes_keep_counting_after_charon_restarts_and_repeats_an_sas_id(
+        world: World, first_reading: tuple[int, int]) -> None:
+    """Found in review: a restarted charon numbers its SAs from 1 again, and its new SA,
+    with an id the end had seen before, was taken for a replaced SA listed once more: its
+    bytes were never counted. An id seen before is the same SA only if nothing in its
+    reading went down (bytes, or its age, when the new SA already carried more)."""
+    w = weave()
+    world.part.weave_up(w)
+    world.rounds()
+    name, h1 = "nwc-wv-000001-s0", world.ikes["h1"]
+
+    def carried(sa: SaInfo) -> int:
+        h1.sa_table[name] = sa
+        world.clock.advance(3)  # counters are reported every few seconds
+        world.rounds(2)
+        return world.part.stats(w)["tunnel_legs"][0]["ends"]["h1"]["bytes_in"]
+
+    old = h1.sa_table[name]
+    assert carried(dataclasses.replace(old, bytes_in=1000, installed_s=300)) == 1000
+    rekeyed = SaInfo("ESTABLISHED", "INSTALLED", "2", old.ike_id, bytes_in=500, installed_s=9)
+    assert carried(rekeyed) == 1500
+    assert old.child_id == "1"  # the new charon's first SA repeats it
+    bytes_in, age = first_reading
+    assert carried(SaInfo("ESTABLISHED", "INSTALLED", "1", "1", bytes_in=bytes_in,
+                          installed_s=age)) == 1500 + bytes_in
+    assert carried(SaInfo("ESTABLISHED", "INSTALLED", "1", "1", bytes_in=bytes_in + 900,
+                          installed_s=age + 3)) == 1500 + bytes_in + 900
 
 
 def test_a_weave_inside_one_host_reports_no_tunnel_measurements(world: World) -> None:
@@ -683,19 +716,19 @@ def test_a_new_key_from_a_restarted_controller_replaces_the_live_sa(tmp_path: Pa
     world.part.stop()
 
 
-def test_a_new_key_refused_at_the_peer_is_a_security_event_over_the_old_sa(
-        tmp_path: Path) -> None:
-    """The replacement of a live SA fails authentication (here the initiator was handed
-    another key than the responder): the old SA still encrypts, so it stays and the weave
-    goes on over it, and the failure is an `ike_failure` security event, once."""
+def refused_new_key(tmp_path: Path) -> tuple[World, Weave, dict[str, str]]:
+    """A live weave whose controller restarted and drew a new key, and the replacement of
+    its SA failed authentication (the initiator was handed another key than the responder):
+    the world, the weave, and each host's old IKE SA. Reports start empty after the restart."""
     world = World(tmp_path)
     w = weave()
     name = "nwc-wv-000001-s0"
     world.part.weave_up(w)
     world.rounds()
-    old = {h: ike.sa_table[name].ike_id for h, ike in world.ikes.items()}
+    old = {h: ike.sa_table[name].ike_id or "" for h, ike in world.ikes.items()}
     del world.dbs["h1"].ids[RECORD_PREFIX + "wv-000001-s0"]  # the hosts' records disagree
     world.part = world.new_part()
+    world.reports.log.clear()
     wrong = new_psk()
     record = world.part._record
 
@@ -708,12 +741,47 @@ def test_a_new_key_refused_at_the_peer_is_a_security_event_over_the_old_sa(
     world.rounds(10)
     status = world.status("h1", w)
     assert status.phase is Phase.AUTH_FAILED and "still carries the traffic" in status.detail
+    return world, w, old
+
+
+def test_a_new_key_refused_at_the_peer_is_a_security_event_over_the_old_sa(
+        tmp_path: Path) -> None:
+    """The replacement of a live SA fails authentication: the old SA still encrypts, so it
+    stays and the weave goes on over it, and the failure is an `ike_failure` security
+    event, once."""
+    world, _, old = refused_new_key(tmp_path)
+    name = "nwc-wv-000001-s0"
     for host, ike in world.ikes.items():
         assert ike.listed(name) == {old[host]}
-    assert world.reports.kinds() == ["ready", "ike_failure"]
-    assert "replacing the SA" in world.reports.log[-1][3]
+    assert sorted(world.reports.kinds()) == ["ike_failure", "ready"]
+    failure, = [e for e in world.reports.log if e[0] == "security"]
+    assert "replacing the SA" in failure[3]
     world.clock.advance(60)
     world.rounds(10)
-    assert world.reports.kinds() == ["ready", "ike_failure"]  # once; and not failed
+    assert sorted(world.reports.kinds()) == ["ike_failure", "ready"]  # once; and not failed
     assert world.ikes["h1"].journal.count("reauth") == 1
+    world.part.stop()
+
+
+def test_an_sa_kept_after_a_refused_key_counts_and_keeps_the_weave_up(tmp_path: Path) -> None:
+    """Found in review: while an end's SA built from earlier key material still carried the
+    traffic (a swap under way, or refused), the controller counted none of its bytes and
+    took the end as not up: the weave read `connecting` for the whole lease, and a restarted
+    controller never reported it ready. It is up, and counted, but still not `installed`
+    for the new record."""
+    world, w, _ = refused_new_key(tmp_path)
+    name = "nwc-wv-000001-s0"
+    assert ("ready", w.id) in world.reports.log
+    stats = world.part.stats(w)
+    assert stats["sa_state"] == "established"
+    leg, = stats["tunnel_legs"]
+    assert not leg["installed"] and leg["ends"]["h1"]["phase"] == "auth_failed"
+    assert "sa_of" not in world.status("h1", w).extra
+    before = leg["ends"]["h1"]["bytes_in"]
+    h1 = world.ikes["h1"]
+    h1.sa_table[name] = dataclasses.replace(h1.sa_table[name], bytes_in=before + 5000)
+    world.clock.advance(3)  # counters are reported every few seconds
+    world.rounds(2)
+    assert world.part.stats(w)["tunnel_legs"][0]["ends"]["h1"]["bytes_in"] == before + 5000
+    assert "sa_down" not in world.reports.kinds()
     world.part.stop()
