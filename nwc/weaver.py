@@ -347,8 +347,15 @@ class Weaver:
 
     def parts_attached(self) -> None:
         """Every part that will attach has: from now on a weave's teardown waits only for
-        the parts that are there."""
+        the parts that are there, and an inherited teardown every attached part confirmed
+        (kept open for the parts still to come) finishes now."""
         self._parts_to_attach = False
+        for weave_id, (_, waiting, _) in list(self._tearing.items()):
+            if weave_id in self._inherited and not waiting:
+                try:
+                    self._finish_teardown(weave_id)
+                except Exception:  # it stays in _tearing: its deadline finishes it
+                    log.exception("finishing the teardown of %s failed", weave_id)
 
     def start_parts(self) -> None:
         """Hand every live weave to the parts (after a restart, or when parts attach)."""
@@ -846,7 +853,12 @@ class Weaver:
         if entry is None:
             return
         entry[1].discard(part)
-        if not entry[1]:
+        # A teardown inherited from the previous run stays open while parts are still to
+        # attach, even once those attached have confirmed: one attaching later (tunnels
+        # attaches after flows in `nwc run`) must still be told, and the weave's slots held
+        # until it confirms (found in review: a new weave got the slot of a leg an
+        # unreachable host still held). parts_attached() finishes it if nobody else comes.
+        if not entry[1] and not (self._parts_to_attach and weave_id in self._inherited):
             self._finish_teardown(weave_id)
 
     def _finish_teardown(self, weave_id: str) -> Weave | None:
@@ -863,6 +875,10 @@ class Weaver:
         elif weave_id in self._unattended:
             detail = (f"teardown not confirmed: no part that confirms teardowns attached "
                       f"within {timeout:g} s")
+            log.warning("weave %s: %s", weave_id, detail)
+        elif self._parts_to_attach and weave_id in self._inherited:
+            detail = (f"teardown confirmed only by the parts that attached within "
+                      f"{timeout:g} s (others were still to attach)")
             log.warning("weave %s: %s", weave_id, detail)
         terminating = record.state is State.TERMINATING  # else failed: already final
         if terminating:

@@ -268,3 +268,60 @@ def test_a_recovered_teardown_no_part_attaches_for_ends_at_its_deadline(
     assert "no part that confirms teardowns attached" in last["detail"]
     assert all(map(_free(weaver), _slots(weave)))
     weaver.store.close()
+
+
+def test_an_inherited_teardown_stays_open_for_a_part_that_attaches_after_another_confirmed(
+        before_restart: Weaver, tmp_path: Path, clock: ManualClock, shipped_policy: Policy,
+        two_hosts: Topology) -> None:
+    """Found in review: flows attaches and resyncs its switches (confirming the teardown)
+    before tunnels attaches, as in `nwc run`. The teardown must not finish then: tunnels
+    has not been told, and a host it cannot reach may still hold the old leg, whose slot a
+    new weave would get."""
+    weave = before_restart.create(WeaveRequest("acme-web", "globex-db", 600, 5))
+    assert isinstance(weave, Weave)
+    before_restart.terminate(weave.id)
+    before_restart.store.close()
+    weaver, events = _restarted(tmp_path, clock, shipped_policy, two_hosts)
+    flows = RecordingPart("flows", confirms_teardown=True)
+    weaver.attach_part(flows)
+    weaver.part_down(weave.id, "flows")
+    assert weaver.tearing_down(weave.id)
+    assert weaver.store.weave(weave.id).state is State.TERMINATING
+    tunnels = RecordingPart("tunnels", confirms_teardown=True)
+    weaver.attach_part(tunnels)
+    weaver.parts_attached()
+    assert tunnels.down == [weave.id]
+    other = weaver.create(WeaveRequest("acme-web", "globex-db", 600, 5))
+    assert isinstance(other, Weave)
+    assert not _slots(other) & _slots(weave)  # the old leg may still be up on a host
+    weaver.part_down(weave.id, "tunnels")
+    done = weaver.store.weave(weave.id)
+    assert (done.state, done.reason) == (State.TERMINATED, "requested")
+    assert all(map(_free(weaver), _slots(weave)))
+    assert [e["weave"]["state"] for e in events
+            if e["type"] == "weave.state" and e["weave"]["id"] == weave.id] == ["terminated"]
+    weaver.store.close()
+
+
+def test_parts_attached_finishes_an_inherited_teardown_its_parts_all_confirmed(
+        before_restart: Weaver, tmp_path: Path, clock: ManualClock, shipped_policy: Policy,
+        two_hosts: Topology) -> None:
+    """The teardown kept open for parts still to attach ends once they are all there and
+    none of them is left to confirm (here the later part does not confirm teardowns)."""
+    weave = before_restart.create(WeaveRequest("acme-web", "globex-db", 600, 5))
+    assert isinstance(weave, Weave)
+    before_restart.terminate(weave.id)
+    before_restart.store.close()
+    weaver, _ = _restarted(tmp_path, clock, shipped_policy, two_hosts)
+    weaver.attach_part(RecordingPart("flows", confirms_teardown=True))
+    weaver.part_down(weave.id, "flows")
+    silent = RecordingPart("tunnels")
+    weaver.attach_part(silent)
+    assert silent.down == [weave.id] and weaver.tearing_down(weave.id)
+    weaver.parts_attached()
+    assert not weaver.tearing_down(weave.id)
+    last = weaver.store.audit_records()[-1]
+    assert (last["weave_id"], last["outcome"]) == (weave.id, "terminated")
+    assert "detail" not in last  # every part there confirmed: nothing to warn about
+    assert all(map(_free(weaver), _slots(weave)))
+    weaver.store.close()
