@@ -908,6 +908,15 @@ class FlowsPart:
     def _reading(self, conn: SwitchConn, numbers: frozenset[int] | None) -> list[Any]:
         """Statistics requests (their xids set) for these weaves on one switch (None: every
         weave), registered so that their answer feeds the carried counters."""
+        msgs, stats = self._stats_requests(conn, numbers)
+        conn.reads.update({xid: stats for xid in stats.xids})
+        return msgs
+
+    @staticmethod
+    def _stats_requests(conn: SwitchConn,
+                        numbers: frozenset[int] | None) -> tuple[list[Any], SwitchStats]:
+        """One flow-stats and the meter-stats requests (their xids set) that read these
+        weaves on one switch (None: every weave), and the SwitchStats their answers fill."""
         dp = conn.datapath
         if numbers is not None and len(numbers) == 1:
             (number,) = numbers
@@ -926,8 +935,7 @@ class FlowsPart:
             msg.set_xid(conn.next_xid())
         stats = SwitchStats({m.xid: "flows" if m is flows else "meters" for m in msgs},
                             numbers=numbers)
-        conn.reads.update({m.xid: stats for m in msgs})
-        return msgs
+        return msgs, stats
 
     def _observe(self, dpid: int, stats: SwitchStats) -> None:
         """A complete reading of one switch: every weave counted there that it covers."""
@@ -983,15 +991,9 @@ class FlowsPart:
                     continue
                 stats = conn.stats
                 if stats is None or (stats.fresh_until is not None and stats.fresh_until <= now):
-                    dp = conn.datapath
-                    flows = parser.OFPFlowStatsRequest(
-                        dp, 0, ofp.OFPTT_ALL, ofp.OFPP_ANY, ofp.OFPG_ANY,
-                        KIND_WEAVE << KIND_SHIFT, 0xFF << KIND_SHIFT, parser.OFPMatch())
-                    meters = parser.OFPMeterStatsRequest(dp, 0, ofp.OFPM_ALL)
-                    flows.set_xid(conn.next_xid())
-                    meters.set_xid(conn.next_xid())
-                    stats = conn.stats = SwitchStats({flows.xid: "flows", meters.xid: "meters"})
-                    asked.append((conn, stats, [flows, meters]))
+                    msgs, stats = self._stats_requests(conn, None)
+                    conn.stats = stats
+                    asked.append((conn, stats, msgs))
                 found[dpid] = (conn, stats)
         for conn, stats, msgs in asked:
             if not conn.outbox.put(msgs):
