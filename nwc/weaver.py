@@ -291,14 +291,17 @@ class Weaver:
         self._parts_to_attach = parts_to_attach
         reservations = self.store.reservations()
         confirming = {p.name for p in self.parts if getattr(p, "confirms_teardown", False)}
-        for weave in self.store.weaves(states=[State.TERMINATING]):
+        # Left terminating, or failed with its teardown not confirmed (the store keeps that
+        # apart: the state alone would have the failed weave's slots reused at once).
+        for weave in self.store.unconfirmed_teardowns():
             if not (confirming or parts_to_attach):  # no data plane to wait for
                 self._finish_at_restart(weave)
                 continue
             # Released before the stop, but a switch or host that has not come back since
             # may still hold it (fail_mode=secure keeps flows): its teardown goes on as it
-            # would have, terminating until the parts confirm (those attached now, and those
-            # that attach later) or the teardown timeout, its slots held until then.
+            # would have, terminating (or failed) until the parts confirm (those attached
+            # now, and those that attach later) or the teardown timeout, its slots held
+            # until then.
             self._inherited.add(weave.id)
             self._tearing[weave.id] = (weave, set(confirming),
                                        self._after(self.teardown_timeout))
@@ -339,6 +342,10 @@ class Weaver:
         return list(self.live.values())
 
     def _finish_at_restart(self, weave: Weave) -> None:
+        if weave.state is not State.TERMINATING:  # failed: already final, only the flag goes
+            with self.store.transaction():
+                self.store.save_weave(weave)
+            return
         done = weave.with_(state=State.TERMINATED)
         with self.store.transaction():
             self.store.save_weave(done)
@@ -796,7 +803,9 @@ class Weaver:
         ended = weave.with_(state=State.TERMINATING if tearing else state, reason=reason,
                             ended_at=now, ended_by=_ended_by(actor))
         with self.store.transaction():
-            self.store.save_weave(ended)
+            # Recorded, so that a restart before the parts confirm goes on holding its slots
+            # (a failed weave's state cannot say so, a terminating one's already does).
+            self.store.save_weave(ended, teardown_pending=holding)
             self.store.delete_reservation(weave.id)
             outcome = {EndReason.EXPIRED.value: "expired",
                        EndReason.REQUESTED.value: "released"}.get(reason, "failed")
@@ -881,11 +890,13 @@ class Weaver:
                       f"{timeout:g} s (others were still to attach)")
             log.warning("weave %s: %s", weave_id, detail)
         terminating = record.state is State.TERMINATING  # else failed: already final
-        if terminating:
-            with self.store.transaction():
+        with self.store.transaction():
+            if terminating:
                 self.store.save_weave(done)
                 self._audit("weave.state", "terminated", weave=done, actor=SYSTEM,
                             detail=detail)
+            else:  # only the flag: a restart from now on has nothing to wait for
+                self.store.save_weave(record)
         del self._tearing[weave_id]
         self._unattended.discard(weave_id)
         self._inherited.discard(weave_id)
