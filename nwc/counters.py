@@ -78,6 +78,10 @@ class CarriedCounters:
             return (0,) * self.width
         return tuple(b + v for b, v in zip(entry.base, entry.last, strict=True))
 
+    def discard(self, key: Hashable) -> None:
+        """Stop tracking `key`, if it is tracked."""
+        self._keys.pop(key, None)
+
     def forget(self, which: Callable[[Hashable], bool]) -> None:
         """Stop tracking the keys `which` selects (what they counted ended with them)."""
         for key in [k for k in self._keys if which(k)]:

@@ -294,6 +294,16 @@ class SwitchStats:
 
 
 @dataclass
+class HostCounters:
+    """One host switch's weave counters carried across re-installs, keyed (weave number,
+    direction): what the weave's flows delivered there (bytes, packets) and what its meters
+    dropped (bytes)."""
+
+    delivered: CarriedCounters = field(default_factory=lambda: CarriedCounters(2))
+    dropped: CarriedCounters = field(default_factory=lambda: CarriedCounters(1))
+
+
+@dataclass
 class SwitchConn:
     datapath: Any
     dpid: int
@@ -340,13 +350,14 @@ class FlowsPart:
         # weave's flows (fail_mode=secure) until it reconnects and its resync removes them,
         # so a drop never confirms; the weaver's teardown timeout bounds the wait. Loop only.
         self.removing: dict[str, Removal] = {}
-        # What each weave's flows delivered on each switch, (dpid, weave number, direction) ->
-        # bytes and packets, and what its meters dropped there -> bytes: totals since the weave
-        # came up, carried across every re-install (which restarts the flows' counters). Fed
-        # in the order the switch answered (statistics replies, then the barrier of the batch
-        # that re-installed), on os-ken's thread; guarded by `lock`.
-        self.delivered = CarriedCounters(2)
-        self.dropped = CarriedCounters(1)
+        # Host switch dpid -> what each weave's flows delivered there and its meters dropped:
+        # totals since the weave came up, carried across every re-install (which restarts the
+        # flows' counters). Host switches only: weave_stats sums those, and a fabric switch's
+        # counters would only cost a statistics read before each of its re-installs. Per
+        # switch, so that a reading touches only its own switch's keys. Fed in the order the
+        # switch answered (statistics replies, then the barrier of the batch that
+        # re-installed), on os-ken's thread; guarded by `lock`.
+        self.counters: dict[int, HostCounters] = {}
         self._stop = threading.Event()
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -665,8 +676,9 @@ class FlowsPart:
         xids = set()
         barrier = parser.OFPBarrierRequest(dp)
         with self.lock:
+            counts = self.counters.get(conn.dpid)
             counted = {n for n in restarts
-                       if (conn.dpid, n, DIRECTIONS[0]) in self.delivered}
+                       if counts is not None and (n, DIRECTIONS[0]) in counts.delivered}
             reads: list[Any] = []
             if counted:
                 # A resync reads every weave on the switch: it restarts them all.
@@ -820,7 +832,7 @@ class FlowsPart:
                 for read in batch.reads:
                     conn.reads.pop(read, None)  # answered before the barrier, or never
                 if not batch.errors:
-                    self._count_batch(conn.dpid, batch)
+                    self._count_batch(conn, batch)
         if batch is None:
             return
         if batch.errors:
@@ -896,6 +908,15 @@ class FlowsPart:
     def _reading(self, conn: SwitchConn, numbers: frozenset[int] | None) -> list[Any]:
         """Statistics requests (their xids set) for these weaves on one switch (None: every
         weave), registered so that their answer feeds the carried counters."""
+        msgs, stats = self._stats_requests(conn, numbers)
+        conn.reads.update({xid: stats for xid in stats.xids})
+        return msgs
+
+    @staticmethod
+    def _stats_requests(conn: SwitchConn,
+                        numbers: frozenset[int] | None) -> tuple[list[Any], SwitchStats]:
+        """One flow-stats and the meter-stats requests (their xids set) that read these
+        weaves on one switch (None: every weave), and the SwitchStats their answers fill."""
         dp = conn.datapath
         if numbers is not None and len(numbers) == 1:
             (number,) = numbers
@@ -914,36 +935,44 @@ class FlowsPart:
             msg.set_xid(conn.next_xid())
         stats = SwitchStats({m.xid: "flows" if m is flows else "meters" for m in msgs},
                             numbers=numbers)
-        conn.reads.update({m.xid: stats for m in msgs})
-        return msgs
+        return msgs, stats
 
     def _observe(self, dpid: int, stats: SwitchStats) -> None:
         """A complete reading of one switch: every weave counted there that it covers."""
-        for key in self.delivered.tracked():
-            key_dpid, number, direction = key  # type: ignore[misc]
-            if key_dpid != dpid or (stats.numbers is not None and number not in stats.numbers):
-                continue
-            self.delivered.observe(key, stats.delivered.get((number, direction), (0, 0)))
-            self.dropped.observe(key, (stats.dropped.get(meter_id(number, direction), 0),))
+        counts = self.counters.get(dpid)
+        if counts is None:
+            return
+        keys: list[Any] = counts.delivered.tracked() if stats.numbers is None else \
+            [(n, d) for n in stats.numbers for d in DIRECTIONS]
+        for number, direction in keys:
+            key = (number, direction)
+            if counts.delivered.observe(key, stats.delivered.get(key, (0, 0))):
+                counts.dropped.observe(key,
+                                       (stats.dropped.get(meter_id(number, direction), 0),))
 
-    def _count_batch(self, dpid: int, batch: Batch) -> None:
-        """A batch's barrier is back: its weaves' flows on `dpid` count from 0 again."""
+    def _count_batch(self, conn: SwitchConn, batch: Batch) -> None:
+        """A batch's barrier is back: its weaves' flows on a host switch count from 0 again."""
+        if conn.kind != "host":
+            return  # nobody asks for a fabric switch's counters
+        counts = self.counters.setdefault(conn.dpid, HostCounters())
         for number in batch.restarts:
             for d in DIRECTIONS:
-                self.delivered.restart((dpid, number, d))
+                counts.delivered.restart((number, d))
                 # Its meters were added or modified too, and OVS 3.1 (userspace) starts a
                 # modified meter's counters from 0 as well.
-                self.dropped.restart((dpid, number, d))
-        if batch.ends:
-            ended = set(batch.ends)
-            for counters in (self.delivered, self.dropped):
-                counters.forget(lambda k: k[0] == dpid and k[1] in ended)  # type: ignore[index]
+                counts.dropped.restart((number, d))
+        for number in batch.ends:
+            for d in DIRECTIONS:
+                counts.delivered.discard((number, d))
+                counts.dropped.discard((number, d))
 
     def _forget_counts(self, number: int) -> None:
         """A weave went down: nobody asks for its totals again, and its number may be reused."""
         with self.lock:
-            for counters in (self.delivered, self.dropped):
-                counters.forget(lambda k: k[1] == number)  # type: ignore[index]
+            for counts in self.counters.values():
+                for d in DIRECTIONS:
+                    counts.delivered.discard((number, d))
+                    counts.dropped.discard((number, d))
 
     # -- statistics (any thread) -----------------------------------------------------------------
 
@@ -962,15 +991,9 @@ class FlowsPart:
                     continue
                 stats = conn.stats
                 if stats is None or (stats.fresh_until is not None and stats.fresh_until <= now):
-                    dp = conn.datapath
-                    flows = parser.OFPFlowStatsRequest(
-                        dp, 0, ofp.OFPTT_ALL, ofp.OFPP_ANY, ofp.OFPG_ANY,
-                        KIND_WEAVE << KIND_SHIFT, 0xFF << KIND_SHIFT, parser.OFPMatch())
-                    meters = parser.OFPMeterStatsRequest(dp, 0, ofp.OFPM_ALL)
-                    flows.set_xid(conn.next_xid())
-                    meters.set_xid(conn.next_xid())
-                    stats = conn.stats = SwitchStats({flows.xid: "flows", meters.xid: "meters"})
-                    asked.append((conn, stats, [flows, meters]))
+                    msgs, stats = self._stats_requests(conn, None)
+                    conn.stats = stats
+                    asked.append((conn, stats, msgs))
                 found[dpid] = (conn, stats)
         for conn, stats, msgs in asked:
             if not conn.outbox.put(msgs):
@@ -1008,12 +1031,13 @@ class FlowsPart:
             return {}
         out: dict[str, Any] = {}
         with self.lock:  # totals carried across re-installs, fed by those readings
+            counts = [self.counters.get(dpid, HostCounters()) for dpid in per_switch]
             for d in DIRECTIONS:
-                delivered = [self.delivered.total((dpid, weave.number, d)) for dpid in per_switch]
+                key = (weave.number, d)
+                delivered = [c.delivered.total(key) for c in counts]
                 out[f"bytes_{d}"] = sum(c[0] for c in delivered)
                 out[f"packets_{d}"] = sum(c[1] for c in delivered)
-                out[f"meter_dropped_bytes_{d}"] = sum(
-                    self.dropped.total((dpid, weave.number, d))[0] for dpid in per_switch)
+                out[f"meter_dropped_bytes_{d}"] = sum(c.dropped.total(key)[0] for c in counts)
         return out
 
 

@@ -37,7 +37,8 @@ CREATE TABLE IF NOT EXISTS weaves (
     expires_at TEXT NOT NULL,
     record TEXT NOT NULL,
     requester_tenant TEXT NOT NULL DEFAULT '',
-    target_tenant TEXT NOT NULL DEFAULT ''
+    target_tenant TEXT NOT NULL DEFAULT '',
+    teardown_pending INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS weaves_state ON weaves(state);
 CREATE TABLE IF NOT EXISTS reservations (
@@ -97,6 +98,7 @@ class Store:
         # Catch the file up with records committed before a crash.
         self.mirror.append(self._audit_texts(after=self.mirror.last_seq))
         self._add_tenant_columns()
+        self._add_teardown_column()
 
     def _add_tenant_columns(self) -> None:
         """Databases made before the tenant columns get them, filled from the records."""
@@ -119,6 +121,19 @@ class Store:
                         "ON weaves(requester_tenant)")
         self.db.execute("CREATE INDEX IF NOT EXISTS weaves_target_tenant "
                         "ON weaves(target_tenant)")
+
+    def _add_teardown_column(self) -> None:
+        """Databases made before it get the teardown_pending column: 0 for every weave, as
+        nothing recorded whether an ended weave's teardown was confirmed (those left
+        terminating still say so by their state)."""
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(weaves)")}
+        if "teardown_pending" not in columns:
+            with self.transaction():
+                self.db.execute("ALTER TABLE weaves ADD COLUMN teardown_pending INTEGER "
+                                "NOT NULL DEFAULT 0")
+        # A start looks for the few pending teardowns among a long history of ended weaves.
+        self.db.execute("CREATE INDEX IF NOT EXISTS weaves_teardown_pending "
+                        "ON weaves(teardown_pending) WHERE teardown_pending = 1")
 
     def close(self) -> None:
         self.db.close()
@@ -201,17 +216,22 @@ class Store:
         row = self.db.execute("SELECT COALESCE(MAX(number), 0) + 1 FROM weaves").fetchone()
         return int(row[0])
 
-    def save_weave(self, weave: Weave, record: dict[str, Any] | None = None) -> None:
-        """Insert or update a weave; `record` is its `to_dict()` when the caller has it."""
+    def save_weave(self, weave: Weave, record: dict[str, Any] | None = None, *,
+                   teardown_pending: bool = False) -> None:
+        """Insert or update a weave; `record` is its `to_dict()` when the caller has it.
+        `teardown_pending`: the weave ended but its data plane is not confirmed gone yet (a
+        failed weave's state cannot say so), so that a restart goes on waiting for it."""
         record = weave.to_dict() if record is None else record
         self.db.execute(
             "INSERT INTO weaves (id, number, state, requester, target, expires_at, record, "
-            "requester_tenant, target_tenant) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "requester_tenant, target_tenant, teardown_pending) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT(id) DO UPDATE SET state=excluded.state, "
-            "expires_at=excluded.expires_at, record=excluded.record",
+            "expires_at=excluded.expires_at, record=excluded.record, "
+            "teardown_pending=excluded.teardown_pending",
             (weave.id, weave.number, weave.state.value, weave.requester, weave.target,
              record["expires_at"], json.dumps(record),
-             weave.requester_tenant, weave.target_tenant))
+             weave.requester_tenant, weave.target_tenant, int(teardown_pending)))
 
     def weave(self, weave_id: str) -> Weave | None:
         row = self.db.execute("SELECT record FROM weaves WHERE id=?", (weave_id,)).fetchone()
@@ -226,6 +246,14 @@ class Store:
             marks = ",".join("?" * len(values))
             rows = self.db.execute(f"SELECT record FROM weaves WHERE state IN ({marks}) "
                                    "ORDER BY number", values)
+        return [Weave.from_dict(json.loads(r[0])) for r in rows]
+
+    def unconfirmed_teardowns(self) -> list[Weave]:
+        """Ended weaves whose teardown was not confirmed (left terminating, or failed with
+        teardown_pending), oldest first."""
+        rows = self.db.execute("SELECT record FROM weaves WHERE state = ? OR "
+                               "teardown_pending = 1 ORDER BY number",
+                               (State.TERMINATING.value,))
         return [Weave.from_dict(json.loads(r[0])) for r in rows]
 
     def newest_weaves(self, *, tenant: str | None = None, state: str | None = None,

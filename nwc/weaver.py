@@ -291,14 +291,17 @@ class Weaver:
         self._parts_to_attach = parts_to_attach
         reservations = self.store.reservations()
         confirming = {p.name for p in self.parts if getattr(p, "confirms_teardown", False)}
-        for weave in self.store.weaves(states=[State.TERMINATING]):
+        # Left terminating, or failed with its teardown not confirmed (the store keeps that
+        # apart: the state alone would have the failed weave's slots reused at once).
+        for weave in self.store.unconfirmed_teardowns():
             if not (confirming or parts_to_attach):  # no data plane to wait for
                 self._finish_at_restart(weave)
                 continue
             # Released before the stop, but a switch or host that has not come back since
             # may still hold it (fail_mode=secure keeps flows): its teardown goes on as it
-            # would have, terminating until the parts confirm (those attached now, and those
-            # that attach later) or the teardown timeout, its slots held until then.
+            # would have, terminating (or failed) until the parts confirm (those attached
+            # now, and those that attach later) or the teardown timeout, its slots held
+            # until then.
             self._inherited.add(weave.id)
             self._tearing[weave.id] = (weave, set(confirming),
                                        self._after(self.teardown_timeout))
@@ -339,6 +342,10 @@ class Weaver:
         return list(self.live.values())
 
     def _finish_at_restart(self, weave: Weave) -> None:
+        if weave.state is not State.TERMINATING:  # failed: already final, only the flag goes
+            with self.store.transaction():
+                self.store.save_weave(weave)
+            return
         done = weave.with_(state=State.TERMINATED)
         with self.store.transaction():
             self.store.save_weave(done)
@@ -347,8 +354,15 @@ class Weaver:
 
     def parts_attached(self) -> None:
         """Every part that will attach has: from now on a weave's teardown waits only for
-        the parts that are there."""
+        the parts that are there, and an inherited teardown every attached part confirmed
+        (kept open for the parts still to come) finishes now."""
         self._parts_to_attach = False
+        for weave_id, (_, waiting, _) in list(self._tearing.items()):
+            if weave_id in self._inherited and not waiting:
+                try:
+                    self._finish_teardown(weave_id)
+                except Exception:  # it stays in _tearing: its deadline finishes it
+                    log.exception("finishing the teardown of %s failed", weave_id)
 
     def start_parts(self) -> None:
         """Hand every live weave to the parts (after a restart, or when parts attach)."""
@@ -789,7 +803,9 @@ class Weaver:
         ended = weave.with_(state=State.TERMINATING if tearing else state, reason=reason,
                             ended_at=now, ended_by=_ended_by(actor))
         with self.store.transaction():
-            self.store.save_weave(ended)
+            # Recorded, so that a restart before the parts confirm goes on holding its slots
+            # (a failed weave's state cannot say so, a terminating one's already does).
+            self.store.save_weave(ended, teardown_pending=holding)
             self.store.delete_reservation(weave.id)
             outcome = {EndReason.EXPIRED.value: "expired",
                        EndReason.REQUESTED.value: "released"}.get(reason, "failed")
@@ -846,7 +862,12 @@ class Weaver:
         if entry is None:
             return
         entry[1].discard(part)
-        if not entry[1]:
+        # A teardown inherited from the previous run stays open while parts are still to
+        # attach, even once those attached have confirmed: one attaching later (tunnels
+        # attaches after flows in `nwc run`) must still be told, and the weave's slots held
+        # until it confirms (found in review: a new weave got the slot of a leg an
+        # unreachable host still held). parts_attached() finishes it if nobody else comes.
+        if not entry[1] and not (self._parts_to_attach and weave_id in self._inherited):
             self._finish_teardown(weave_id)
 
     def _finish_teardown(self, weave_id: str) -> Weave | None:
@@ -864,12 +885,18 @@ class Weaver:
             detail = (f"teardown not confirmed: no part that confirms teardowns attached "
                       f"within {timeout:g} s")
             log.warning("weave %s: %s", weave_id, detail)
+        elif self._parts_to_attach and weave_id in self._inherited:
+            detail = (f"teardown confirmed only by the parts that attached within "
+                      f"{timeout:g} s (others were still to attach)")
+            log.warning("weave %s: %s", weave_id, detail)
         terminating = record.state is State.TERMINATING  # else failed: already final
-        if terminating:
-            with self.store.transaction():
+        with self.store.transaction():
+            if terminating:
                 self.store.save_weave(done)
                 self._audit("weave.state", "terminated", weave=done, actor=SYSTEM,
                             detail=detail)
+            else:  # only the flag: a restart from now on has nothing to wait for
+                self.store.save_weave(record)
         del self._tearing[weave_id]
         self._unattended.discard(weave_id)
         self._inherited.discard(weave_id)

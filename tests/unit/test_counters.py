@@ -52,3 +52,14 @@ def test_forgotten_keys_count_nothing() -> None:
     assert c.tracked() == ["b"] and c.total("a") == (0,) and c.total("b") == (4,)
     with pytest.raises(ValueError):
         c.observe("b", (1, 2))
+
+
+def test_a_discarded_key_counts_nothing_and_others_keep_theirs() -> None:
+    c = CarriedCounters(1)
+    for key in ("a", "b"):
+        c.track(key)
+        c.observe(key, (4,))
+    c.discard("a")
+    c.discard("never")  # not tracked: nothing to do
+    assert c.tracked() == ["b"] and c.total("a") == (0,) and c.total("b") == (4,)
+    assert not c.observe("a", (9,))

@@ -373,3 +373,25 @@ def test_a_failed_weaves_slots_wait_for_its_tunnels_to_go(make_weaver, small, cl
     assert sorted(weaver._free_slots) == sorted(held + [leg.slot for leg in second.legs])
     assert events[-1] == {"type": "weave.teardown_unconfirmed", "weave_id": second.id,
                           "parts": ["flows"], "ts": events[-1]["ts"]}
+
+
+def test_an_older_database_gets_the_teardown_pending_column(tmp_path: Path, make_weaver,
+                                                            small) -> None:
+    weaver = make_weaver(small, parts=[RecordingPart("flows", confirms_teardown=True)])
+    weave = weaver.create(REQ)
+    weaver.part_failed(weave.id, "flows", "refused")
+    weaver.store.close()
+    db = sqlite3.connect(tmp_path / "state" / "nwc.db")
+    db.execute("DROP INDEX weaves_teardown_pending")
+    db.execute("ALTER TABLE weaves DROP COLUMN teardown_pending")
+    db.commit()
+    db.close()
+    store = Store(tmp_path / "state")
+    try:
+        # Nothing recorded whether its teardown was confirmed: taken as it was before.
+        assert store.unconfirmed_teardowns() == []
+        with store.transaction():
+            store.save_weave(store.weave(weave.id), teardown_pending=True)
+        assert [w.id for w in store.unconfirmed_teardowns()] == [weave.id]
+    finally:
+        store.close()

@@ -268,3 +268,127 @@ def test_a_recovered_teardown_no_part_attaches_for_ends_at_its_deadline(
     assert "no part that confirms teardowns attached" in last["detail"]
     assert all(map(_free(weaver), _slots(weave)))
     weaver.store.close()
+
+
+def test_an_inherited_teardown_stays_open_for_a_part_that_attaches_after_another_confirmed(
+        before_restart: Weaver, tmp_path: Path, clock: ManualClock, shipped_policy: Policy,
+        two_hosts: Topology) -> None:
+    """Found in review: flows attaches and resyncs its switches (confirming the teardown)
+    before tunnels attaches, as in `nwc run`. The teardown must not finish then: tunnels
+    has not been told, and a host it cannot reach may still hold the old leg, whose slot a
+    new weave would get."""
+    weave = before_restart.create(WeaveRequest("acme-web", "globex-db", 600, 5))
+    assert isinstance(weave, Weave)
+    before_restart.terminate(weave.id)
+    before_restart.store.close()
+    weaver, events = _restarted(tmp_path, clock, shipped_policy, two_hosts)
+    flows = RecordingPart("flows", confirms_teardown=True)
+    weaver.attach_part(flows)
+    weaver.part_down(weave.id, "flows")
+    assert weaver.tearing_down(weave.id)
+    assert weaver.store.weave(weave.id).state is State.TERMINATING
+    tunnels = RecordingPart("tunnels", confirms_teardown=True)
+    weaver.attach_part(tunnels)
+    weaver.parts_attached()
+    assert tunnels.down == [weave.id]
+    other = weaver.create(WeaveRequest("acme-web", "globex-db", 600, 5))
+    assert isinstance(other, Weave)
+    assert not _slots(other) & _slots(weave)  # the old leg may still be up on a host
+    weaver.part_down(weave.id, "tunnels")
+    done = weaver.store.weave(weave.id)
+    assert (done.state, done.reason) == (State.TERMINATED, "requested")
+    assert all(map(_free(weaver), _slots(weave)))
+    assert [e["weave"]["state"] for e in events
+            if e["type"] == "weave.state" and e["weave"]["id"] == weave.id] == ["terminated"]
+    weaver.store.close()
+
+
+def test_parts_attached_finishes_an_inherited_teardown_its_parts_all_confirmed(
+        before_restart: Weaver, tmp_path: Path, clock: ManualClock, shipped_policy: Policy,
+        two_hosts: Topology) -> None:
+    """The teardown kept open for parts still to attach ends once they are all there and
+    none of them is left to confirm (here the later part does not confirm teardowns)."""
+    weave = before_restart.create(WeaveRequest("acme-web", "globex-db", 600, 5))
+    assert isinstance(weave, Weave)
+    before_restart.terminate(weave.id)
+    before_restart.store.close()
+    weaver, _ = _restarted(tmp_path, clock, shipped_policy, two_hosts)
+    weaver.attach_part(RecordingPart("flows", confirms_teardown=True))
+    weaver.part_down(weave.id, "flows")
+    silent = RecordingPart("tunnels")
+    weaver.attach_part(silent)
+    assert silent.down == [weave.id] and weaver.tearing_down(weave.id)
+    weaver.parts_attached()
+    assert not weaver.tearing_down(weave.id)
+    last = weaver.store.audit_records()[-1]
+    assert (last["weave_id"], last["outcome"]) == (weave.id, "terminated")
+    assert "detail" not in last  # every part there confirmed: nothing to warn about
+    assert all(map(_free(weaver), _slots(weave)))
+    weaver.store.close()
+
+
+def _failed_before_restart(before_restart: Weaver) -> Weave:
+    """A weave that failed in the previous run, its teardown not confirmed by its stop."""
+    weave = before_restart.create(WeaveRequest("acme-web", "globex-db", 600, 5))
+    assert isinstance(weave, Weave)
+    before_restart.part_failed(weave.id, "flows", "switch h1 refused a change")
+    assert before_restart.store.weave(weave.id).state is State.FAILED
+    assert before_restart.tearing_down(weave.id)
+    before_restart.store.close()
+    return weave
+
+
+def test_a_failed_weave_whose_teardown_was_unconfirmed_holds_its_slots_after_a_restart(
+        before_restart: Weaver, tmp_path: Path, clock: ManualClock, shipped_policy: Policy,
+        two_hosts: Topology) -> None:
+    """Found in review: a failed weave is just `failed` in the store, so a restart could not
+    tell it from one whose data plane is gone, and gave its slots to the next weave while a
+    host not back since may still hold its leg. It is now told down again and waited for,
+    as a weave left terminating is, and stays failed."""
+    weave = _failed_before_restart(before_restart)
+    weaver, events = _restarted(tmp_path, clock, shipped_policy, two_hosts)
+    assert weaver.tearing_down(weave.id)
+    assert [w.id for w in weaver.inherited_teardowns()] == [weave.id]
+    other = weaver.create(WeaveRequest("acme-web", "globex-db", 600, 5))
+    assert isinstance(other, Weave)
+    assert not _slots(other) & _slots(weave)
+    flows, tunnels = _attach_parts(weaver)
+    assert (flows.down, tunnels.down) == ([weave.id], [weave.id])
+    weaver.part_down(weave.id, "flows")
+    weaver.part_down(weave.id, "tunnels")
+    assert not weaver.tearing_down(weave.id)
+    assert all(map(_free(weaver), _slots(weave)))
+    failed = weaver.store.weave(weave.id)
+    assert (failed.state, failed.reason) == (State.FAILED, "provision_failed")
+    assert not [e for e in events if e.get("weave", {}).get("id") == weave.id]
+    weaver.store.close()
+    again, _ = _restarted(tmp_path, clock, shipped_policy, two_hosts)  # confirmed: recorded
+    assert not again.tearing_down(weave.id)
+    again.store.close()
+
+
+def test_a_failed_weaves_inherited_teardown_is_bounded_by_the_teardown_timeout(
+        before_restart: Weaver, tmp_path: Path, clock: ManualClock, shipped_policy: Policy,
+        two_hosts: Topology) -> None:
+    weave = _failed_before_restart(before_restart)
+    weaver, events = _restarted(tmp_path, clock, shipped_policy, two_hosts)
+    flows, _ = _attach_parts(weaver)
+    assert flows.down == [weave.id]
+    clock.advance(weaver.teardown_timeout.total_seconds())
+    weaver.tick()
+    assert not weaver.tearing_down(weave.id)
+    assert all(map(_free(weaver), _slots(weave)))
+    (unconfirmed,) = [e for e in events if e["type"] == "weave.teardown_unconfirmed"]
+    assert (unconfirmed["weave_id"], unconfirmed["parts"]) == (weave.id, ["flows", "tunnels"])
+    assert weaver.store.weave(weave.id).state is State.FAILED
+    weaver.store.close()
+
+
+def test_without_parts_a_restart_forgets_a_failed_weaves_pending_teardown(
+        before_restart: Weaver, make_weaver: Callable[..., Weaver],
+        two_hosts: Topology) -> None:
+    weave = _failed_before_restart(before_restart)
+    again = make_weaver(two_hosts)
+    assert not again.tearing_down(weave.id) and all(map(_free(again), _slots(weave)))
+    assert again.store.weave(weave.id).state is State.FAILED
+    assert again.store.unconfirmed_teardowns() == []
