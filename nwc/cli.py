@@ -4,11 +4,14 @@ so this file only holds the commands that belong to no other module."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
 import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any, TextIO
 
 from nwc.config import SHIPPED_POLICIES, SHIPPED_TOPOLOGIES, default_state_dir
 from nwc.policy import load_policy
@@ -160,20 +163,72 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def silence_stdout() -> None:
+    """After the reader of stdout left: later writes (and the interpreter's flush at exit)
+    go nowhere instead of failing again."""
+    with contextlib.suppress(OSError, ValueError):  # ValueError: stdout has no file (tests)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, sys.stdout.fileno())
+        finally:
+            os.close(devnull)
+
+
+class WatchedStdout:
+    """sys.stdout, remembering the BrokenPipeError a write to it raised, so that `main` can
+    tell a reader of our output that left (`| head`) from a broken socket or subprocess pipe,
+    which is a real failure and must not be hidden."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.broken: BrokenPipeError | None = None
+
+    def _watch(self, call: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return call(*args)
+        except BrokenPipeError as exc:
+            self.broken = exc
+            raise
+
+    def write(self, text: str) -> int:
+        return int(self._watch(self.stream.write, text))
+
+    def writelines(self, lines: Iterable[str]) -> None:
+        self._watch(self.stream.writelines, lines)
+
+    def flush(self) -> None:
+        self._watch(self.stream.flush)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
+def stdout_reader_left(exc: BaseException) -> bool:
+    """Whether `exc` is a write to stdout finding its reader gone (not a socket's or a
+    subprocess pipe's broken pipe): only that one `main` ends quietly on."""
+    return isinstance(sys.stdout, WatchedStdout) and exc is sys.stdout.broken
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
+    stdout = WatchedStdout(sys.stdout)
+    sys.stdout = stdout  # type: ignore[assignment]  # a TextIO in all but name
     try:
         code = int(args.func(args) or 0)
         sys.stdout.flush()  # here, so a reader gone early is caught below, not at exit
-    except BrokenPipeError:
+    except BrokenPipeError as exc:
+        if not stdout_reader_left(exc):
+            raise  # a socket or a subprocess's pipe: a failure to report
         # The reader of our output has gone (`nwc weave show X | head -3`): not a problem to
-        # report. stdout now goes nowhere, so the interpreter's last flush cannot fail too.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        # report.
+        silence_stdout()
         return EXIT_BROKEN_PIPE
+    finally:
+        sys.stdout = stdout.stream
     return code
 
 

@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from nwc.cli import silence_stdout
 from nwc.lab.provider import ClientError, ProviderLab
 
 RATE_MBPS = 10
@@ -49,7 +50,7 @@ class Story:
         try:
             print(line, file=self.out, flush=True)
         except (BrokenPipeError, ValueError):
-            _silence_stdout()
+            silence_stdout()
             self.out = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the story
 
     def check(self, ok: bool, claim: str) -> bool:
@@ -57,14 +58,6 @@ class Story:
         if not ok:
             self.failures.append(claim)
         return ok
-
-
-def _silence_stdout() -> None:
-    """After the reader of stdout left: later writes (and the flush at exit) go nowhere."""
-    with contextlib.suppress(OSError):
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
 
 
 @contextlib.contextmanager
