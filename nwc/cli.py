@@ -105,24 +105,30 @@ def print_wiring(topo: Topology) -> None:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    from nwc.audit import check_tail, database_head, intact, read_jsonl, verify_chain
+    from nwc.audit import compare_with_database, intact, read_jsonl, verify_chain
 
     path = args.file or state_dir(args) / "audit.jsonl"
     if not path.exists():
         print(f"audit verify: {path} does not exist", file=sys.stderr)
         return EXIT_ERROR
-    records = list(read_jsonl(path))
-    breaks = verify_chain(records)
     # A file given alone may come from anywhere: only a state directory named with it (or
     # the one it is in) is its database.
     database = state_dir(args) / "nwc.db"
     checked = (args.file is None or args.state_dir is not None) and database.exists()
     if checked:
-        tail = check_tail(records, database_head(database))
-        if tail is not None:
-            breaks.append(tail)
+        records, tail = compare_with_database(path, database)
+    else:
+        records, tail = list(read_jsonl(path)), None
+    breaks = verify_chain(records)
+    if tail is not None:
+        breaks.append(tail)
     for b in breaks:
         print(f"{path}: {b}", file=sys.stderr)
+    if breaks and all(b.behind for b in breaks):
+        # Nothing is wrong with what the file holds; it lacks the database's newest records.
+        print(f"audit verify: the file is behind the database ({len(records)} records, "
+              "chain intact up to there)", file=sys.stderr)
+        return EXIT_ERROR
     if breaks:
         print(f"audit verify: chain broken ({len(breaks)} problem(s) in {len(records)} records)",
               file=sys.stderr)
