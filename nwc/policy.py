@@ -189,8 +189,7 @@ def load_policy(paths: Iterable[Path]) -> Policy:
     problems: list[Problem] = []
     docs: list[Document] = []
     if not files:
-        given = list(paths)
-        empty = [p for p in given if p.is_dir()]
+        empty = [p for p in paths if p.is_dir()]
         raise ConfigError([Problem(str(d), 0, "(directory)", "holds no *.yaml or *.yml files")
                            for d in empty] or
                           [Problem("(policy)", 0, "", "no policy files given")])
