@@ -53,6 +53,18 @@ def add_state_dir(parser: argparse.ArgumentParser) -> None:
                              f"(default: $NWC_STATE_DIR or {default_state_dir()})")
 
 
+def tcp_port(text: str) -> int:
+    """An argparse type: a TCP port, 1-65535 (a larger number crashed the socket call with
+    an OverflowError instead of a usage message)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 1 to 65535, not {value}")
+    return value
+
+
 def state_dir(args: argparse.Namespace) -> Path:
     return args.state_dir or default_state_dir()
 

@@ -117,3 +117,15 @@ def test_lab_refuses_a_keep_state_directory_that_holds_something(
     code = story_module.cmd_lab(argparse.Namespace(topology="small", keep_state=tmp_path,
                                                    api_port=None))
     assert code == 1 and "not empty" in capsys.readouterr().err
+
+
+def test_lab_refuses_a_keep_state_that_is_a_file(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Found in review: a NotADirectoryError traceback.
+    kept = tmp_path / "kept"
+    kept.write_text("")
+    code = story_module.cmd_lab(argparse.Namespace(topology="small", keep_state=kept,
+                                                   api_port=None))
+    assert code == 1
+    assert f"lab: {kept} is not a directory: give --keep-state a new or empty directory" in \
+        capsys.readouterr().err
