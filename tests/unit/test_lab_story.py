@@ -96,7 +96,10 @@ def test_stop_keeps_the_state_and_audit_log_when_asked(tmp_path: Path) -> None:
     lab = ProviderLab("small", lab=Lab(prefix="nw-unit-test"))
     lab.state_dir = tmp_path / "state"
     lab.logs = tmp_path / "logs"
-    lab.state_dir.mkdir(mode=0o700)
+    lab.state_dir.mkdir()
+    # Open, so the test sees whether copytree's copy of this mode onto the kept directory
+    # is undone (found in review: with 0700 here it could not tell).
+    lab.state_dir.chmod(0o755)
     lab.logs.mkdir()
     (lab.state_dir / "audit.jsonl").write_text('{"seq":1}\n')
     secret = lab.state_dir / "weave-ca.key"
