@@ -23,7 +23,8 @@ from enum import StrEnum
 from typing import Literal
 
 from nwc.fabric import Arc, Fabric, mbps_to_kbps, path_arcs
-from nwc.policy import Ivn, Policy
+from nwc.lease import iso
+from nwc.policy import MAX_LEASE_S, Ivn, Policy
 from nwc.topology import Topology
 
 Side = Literal["requester", "target"]
@@ -394,14 +395,30 @@ def prefixes_withdrawn(weave: LiveWeave, policy: Policy) -> Denial | None:
     return None
 
 
+def life_ends_at(created_at: datetime) -> datetime:
+    """The latest a weave created at `created_at` may live, extensions included: its x509 leaf
+    certificates are signed to last until then (`nwc.tunnels`), so no lease may outrun them."""
+    return created_at + timedelta(seconds=MAX_LEASE_S)
+
+
 def evaluate_extension(weave: LiveWeave, *, profile: str, new_expires_at: datetime,
-                       paths: Iterable[tuple[str, ...]], policy: Policy, fabric: Fabric,
-                       live: Iterable[LiveWeave], now: datetime,
-                       extension_s: int | None = None) -> Denial | None:
-    """An extension is admitted again: both policies as they are now, and the fabric.
-    `extension_s` (what the tenant asked for) only words a duration refusal."""
+                       created_at: datetime, paths: Iterable[tuple[str, ...]],
+                       policy: Policy, fabric: Fabric, live: Iterable[LiveWeave],
+                       now: datetime, extension_s: int | None = None) -> Denial | None:
+    """An extension is admitted again: both policies as they are now, and the fabric, within
+    the weave's whole-life cap (`life_ends_at(created_at)`). `extension_s` (what the tenant
+    asked for) only words a duration refusal."""
     if new_expires_at <= now:
         return _deny(Reason.INVALID_REQUEST, "the new expiry is not in the future")
+    cap = life_ends_at(created_at)
+    if new_expires_at > cap:
+        # Not an IVN's policy but a limit of every weave, so no side or rule: the same text
+        # for both tenants, as it reveals nothing of either policy.
+        return _deny(Reason.INVALID_REQUEST,
+                     f"a weave lives at most {MAX_LEASE_S} s ({MAX_LEASE_S // 86400} days) "
+                     f"from its creation, extensions included: this one must end by "
+                     f"{iso(cap)}, and the extension would end it at {iso(new_expires_at)}; "
+                     "create a new weave to go on")
     for role in ("requester", "target"):
         name = getattr(weave, role)
         if name not in policy.ivns:

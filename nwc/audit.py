@@ -48,6 +48,9 @@ class ChainBreak:
     # About what should follow the file's last line (`line`, 0 for an empty file): records
     # cut from its end. There is no line to name, so none is invented.
     at_end: bool = False
+    # The file is a clean prefix of the database's chain that lacks its newest records: not
+    # (yet) mirrored rather than proven deleted (see `check_tail`).
+    behind: bool = False
 
     def __str__(self) -> str:
         if self.at_end:
@@ -108,6 +111,16 @@ def database_head(db_path: Path) -> tuple[int, str] | None:
     return (int(row[0]), str(row[1])) if row else None
 
 
+def database_hash(db_path: Path, seq: int) -> str | None:
+    """The hash of the database's audit record `seq` (None if it holds none), read-only."""
+    db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    try:
+        row = db.execute("SELECT hash FROM audit WHERE seq = ?", (seq,)).fetchone()
+    finally:
+        db.close()
+    return str(row[0]) if row else None
+
+
 def last_seq(records: list[dict[str, Any]]) -> int:
     """The sequence number of the file's last record (0 if it has none)."""
     last = next((r for r in reversed(records)
@@ -115,15 +128,26 @@ def last_seq(records: list[dict[str, Any]]) -> int:
     return int(last["seq"]) if last else 0
 
 
-def check_tail(records: list[dict[str, Any]], head: tuple[int, str] | None) -> ChainBreak | None:
-    """Compare the file's end with the database's (see `database_head`): records cut from the
-    end of the file, a last record that differs, or records the database never held."""
+def check_tail(records: list[dict[str, Any]], head: tuple[int, str] | None,
+               hash_at_file_end: str | None = None) -> ChainBreak | None:
+    """Compare the file's end with the database's (see `database_head`): records the file
+    lacks, a last record that differs, or records the database never held.
+    `hash_at_file_end` is the database's hash of the file's last record's seq (`database_hash`):
+    the controller commits a record to the database before appending it to the file, and a
+    failed append (a full disk) catches up only at its next commit, so a file that ends
+    exactly where the database's chain passes is `behind`, not proven cut."""
     db_seq, db_hash = head if head is not None else (0, "")
     seq = last_seq(records)
     if db_seq > seq:
         gap = f"record {db_seq} is" if db_seq == seq + 1 else f"records {seq + 1}..{db_seq} are"
+        if seq == 0 or _last_hash(records, seq) == hash_at_file_end:
+            return ChainBreak(len(records), seq + 1, f"{gap} in the database but not yet in "
+                              "the file (the controller appends after each commit, and after "
+                              "a failed append, at its next one), or cut from its end",
+                              at_end=True, behind=True)
         return ChainBreak(len(records), seq + 1, f"{gap} missing from the end of the file "
-                          "(deleted): the database holds them", at_end=True)
+                          "(deleted): the database holds them, and the file's last record "
+                          "differs from the database's", at_end=True)
     if seq > db_seq:
         # The file is a mirror written after each commit: it never runs ahead of the
         # database, so these were added to it (or the database is older than the file).
@@ -132,11 +156,37 @@ def check_tail(records: list[dict[str, Any]], head: tuple[int, str] | None) -> C
                     and r["seq"] > db_seq)
         return ChainBreak(line, db_seq + 1, f"not in the database, whose last record is "
                           f"{db_seq} (added to the file, or the database is older than it)")
-    last = next((r for r in reversed(records) if isinstance(r, dict) and r.get("seq") == seq),
-                None)
-    if last is not None and last.get("hash") != db_hash:
+    last = _last_hash(records, seq)
+    if last is not None and last != db_hash:
         return ChainBreak(len(records), seq, "differs from the database's last record")
     return None
+
+
+def _last_hash(records: list[dict[str, Any]], seq: int) -> Any:
+    """The hash of the file's last record numbered `seq` (None if there is none)."""
+    last = next((r for r in reversed(records) if isinstance(r, dict) and r.get("seq") == seq),
+                None)
+    return None if last is None else last.get("hash")
+
+
+def compare_with_database(path: Path, db_path: Path) -> tuple[list[dict[str, Any]],
+                                                               ChainBreak | None]:
+    """Read the audit file and compare its end with the database (`check_tail`), while a
+    controller may be writing both. The file is read before the database, so a record
+    committed between the two reads is only ever missing from the file: when the file is
+    behind, both are read once more, which such a record has reached by then."""
+    records, tail = _read_and_check(path, db_path)
+    if tail is not None and tail.behind:
+        records, tail = _read_and_check(path, db_path)
+    return records, tail
+
+
+def _read_and_check(path: Path, db_path: Path) -> tuple[list[dict[str, Any]],
+                                                        ChainBreak | None]:
+    records = list(read_jsonl(path))  # first: see compare_with_database
+    seq = last_seq(records)
+    return records, check_tail(records, database_head(db_path),
+                               database_hash(db_path, seq) if seq else None)
 
 
 def intact(records: list[dict[str, Any]], *, database_checked: bool) -> str:

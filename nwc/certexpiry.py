@@ -12,9 +12,10 @@ NWC presents or trusts certificates in several places, each named by a *use*:
 | `weave-ca` | `<state-dir>/pki/ca.crt` | NWC's weave CA, signing leaf certificates for x509 legs |
 
 The weave CA's leaves are not watched one by one: each is signed for one leg of one weave and
-is valid until at least the end of that weave's longest possible lease (`nwc.pki`,
-`nwc.tunnels`), so a leaf never expires under a live weave; what can break them is the CA they
-chain to expiring, and that is watched.
+is valid until the weave's whole-life cap, created_at + 366 days (`nwc.tunnels`), and no
+extension carries a weave past that cap (`nwc.admission.life_ends_at`), so a leaf never
+expires under a live weave; what can break them is the CA they chain to expiring, and that is
+watched.
 
 The pure part (`certificate_facts`, `notices`, `line`) takes PEM bytes and `now`. The shell
 reads the files `nwc run` would (`certificate_files`), logs a notice once per change of a

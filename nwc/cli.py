@@ -4,11 +4,14 @@ so this file only holds the commands that belong to no other module."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
 import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any, TextIO
 
 from nwc.config import SHIPPED_POLICIES, SHIPPED_TOPOLOGIES, default_state_dir
 from nwc.policy import load_policy
@@ -48,6 +51,18 @@ def add_state_dir(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--state-dir", type=Path, default=None,
                         help="where the controller keeps SQLite, keys and the audit log "
                              f"(default: $NWC_STATE_DIR or {default_state_dir()})")
+
+
+def tcp_port(text: str) -> int:
+    """An argparse type: a TCP port, 1-65535 (a larger number crashed the socket call with
+    an OverflowError instead of a usage message)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 1 to 65535, not {value}")
+    return value
 
 
 def state_dir(args: argparse.Namespace) -> Path:
@@ -102,24 +117,30 @@ def print_wiring(topo: Topology) -> None:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    from nwc.audit import check_tail, database_head, intact, read_jsonl, verify_chain
+    from nwc.audit import compare_with_database, intact, read_jsonl, verify_chain
 
     path = args.file or state_dir(args) / "audit.jsonl"
     if not path.exists():
         print(f"audit verify: {path} does not exist", file=sys.stderr)
         return EXIT_ERROR
-    records = list(read_jsonl(path))
-    breaks = verify_chain(records)
     # A file given alone may come from anywhere: only a state directory named with it (or
     # the one it is in) is its database.
     database = state_dir(args) / "nwc.db"
     checked = (args.file is None or args.state_dir is not None) and database.exists()
     if checked:
-        tail = check_tail(records, database_head(database))
-        if tail is not None:
-            breaks.append(tail)
+        records, tail = compare_with_database(path, database)
+    else:
+        records, tail = list(read_jsonl(path)), None
+    breaks = verify_chain(records)
+    if tail is not None:
+        breaks.append(tail)
     for b in breaks:
         print(f"{path}: {b}", file=sys.stderr)
+    if breaks and all(b.behind for b in breaks):
+        # Nothing is wrong with what the file holds; it lacks the database's newest records.
+        print(f"audit verify: the file is behind the database ({len(records)} records, "
+              "chain intact up to there)", file=sys.stderr)
+        return EXIT_ERROR
     if breaks:
         print(f"audit verify: chain broken ({len(breaks)} problem(s) in {len(records)} records)",
               file=sys.stderr)
@@ -160,20 +181,72 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def silence_stdout() -> None:
+    """After the reader of stdout left: later writes (and the interpreter's flush at exit)
+    go nowhere instead of failing again."""
+    with contextlib.suppress(OSError, ValueError):  # ValueError: stdout has no file (tests)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, sys.stdout.fileno())
+        finally:
+            os.close(devnull)
+
+
+class WatchedStdout:
+    """sys.stdout, remembering the BrokenPipeError a write to it raised, so that `main` can
+    tell a reader of our output that left (`| head`) from a broken socket or subprocess pipe,
+    which is a real failure and must not be hidden."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.broken: BrokenPipeError | None = None
+
+    def _watch(self, call: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return call(*args)
+        except BrokenPipeError as exc:
+            self.broken = exc
+            raise
+
+    def write(self, text: str) -> int:
+        return int(self._watch(self.stream.write, text))
+
+    def writelines(self, lines: Iterable[str]) -> None:
+        self._watch(self.stream.writelines, lines)
+
+    def flush(self) -> None:
+        self._watch(self.stream.flush)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
+def stdout_reader_left(exc: BaseException) -> bool:
+    """Whether `exc` is a write to stdout finding its reader gone (not a socket's or a
+    subprocess pipe's broken pipe): only that one `main` ends quietly on."""
+    return isinstance(sys.stdout, WatchedStdout) and exc is sys.stdout.broken
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
+    stdout = WatchedStdout(sys.stdout)
+    sys.stdout = stdout  # type: ignore[assignment]  # a TextIO in all but name
     try:
         code = int(args.func(args) or 0)
         sys.stdout.flush()  # here, so a reader gone early is caught below, not at exit
-    except BrokenPipeError:
+    except BrokenPipeError as exc:
+        if not stdout_reader_left(exc):
+            raise  # a socket or a subprocess's pipe: a failure to report
         # The reader of our output has gone (`nwc weave show X | head -3`): not a problem to
-        # report. stdout now goes nowhere, so the interpreter's last flush cannot fail too.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        # report.
+        silence_stdout()
         return EXIT_BROKEN_PIPE
+    finally:
+        sys.stdout = stdout.stream
     return code
 
 

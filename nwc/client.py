@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from nwc.cli import EXIT_ERROR, EXIT_OK, counted
+from nwc.cli import EXIT_ERROR, EXIT_OK, counted, stdout_reader_left
 from nwc.weave import TRANSIENT_STATES
 
 EXIT_DENIED = 3
@@ -523,9 +523,9 @@ def _run(func: Any) -> Any:
         except Unreachable as exc:
             print(f"nwc: unreachable: {exc}", file=sys.stderr)
             return EXIT_UNREACHABLE
-        except BrokenPipeError:
-            raise  # the reader of stdout has gone (`| head`): nwc.cli.main ends quietly
         except (ValueError, OSError) as exc:
+            if stdout_reader_left(exc):
+                raise  # the reader of stdout has gone (`| head`): nwc.cli.main ends quietly
             print(f"nwc: {exc}", file=sys.stderr)
             return EXIT_ERROR
     return wrapped

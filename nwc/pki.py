@@ -35,8 +35,9 @@ log = logging.getLogger(__name__)
 PSK_BYTES = 32  # 256 bits: as strong as the strongest cipher a profile may pick
 CA_KEY_FILE = "ca.key"
 CA_CERT_FILE = "ca.crt"
-# A leaf outlives no lease: a weave's lease is at most policy.MAX_LEASE_S long (extensions
-# included), and a leaf is only ever used by one leg of one weave.
+# A leaf need not outlive 366 days: a weave lives at most policy.MAX_LEASE_S from its creation
+# (extensions included: admission.life_ends_at), and a leaf is only ever used by one leg of
+# one weave.
 MAX_LEAF_DAYS = 367
 CLOCK_SKEW = dt.timedelta(minutes=5)  # hosts' clocks may trail the controller's
 

@@ -100,6 +100,9 @@ class PartnerRule:
     ivn: str | None = None
     tenant: str | None = None
     prefixes: tuple[ipaddress.IPv4Network, ...] = ()
+    # Where the entry stands in the YAML list, for naming it in a problem: entries dropped
+    # as invalid shift the others, and a name may be listed twice. Not part of the rule.
+    yaml_index: int = field(default=0, compare=False, repr=False)
 
     def matches(self, partner: Ivn) -> bool:
         return partner.name == self.ivn or (self.ivn is None and partner.tenant == self.tenant)
@@ -186,8 +189,7 @@ def load_policy(paths: Iterable[Path]) -> Policy:
     problems: list[Problem] = []
     docs: list[Document] = []
     if not files:
-        given = list(paths)
-        empty = [p for p in given if p.is_dir()]
+        empty = [p for p in paths if p.is_dir()]
         raise ConfigError([Problem(str(d), 0, "(directory)", "holds no *.yaml or *.yml files")
                            for d in empty] or
                           [Problem("(policy)", 0, "", "no policy files given")])
@@ -515,7 +517,7 @@ def _weaving(c: Cursor) -> WeavingPolicy | None:
                        "put all its prefixes in one entry")
         elif target:
             listed[key, target] = i
-            partners.append(PartnerRule(**{key: target}, prefixes=prefixes))
+            partners.append(PartnerRule(**{key: target}, prefixes=prefixes, yaml_index=i))
     per_weave = fields["max_weave_mbps"].number(minimum=0, exclusive_minimum=True,
                                                 maximum=MAX_BANDWIDTH_MBPS, unit="Mbit/s")
     total = fields["max_total_mbps"].number(minimum=0, exclusive_minimum=True,
@@ -547,24 +549,12 @@ class Defined:
     ivn_tenants: Mapping[str, str | None]
 
 
-def _partner_index(rule: PartnerRule, raw: object) -> int:
-    """Where `rule` stands in the YAML list: entries dropped as invalid shift the others, so
-    the rule's position among the kept ones is not its line."""
-    key, name = ("ivn", rule.ivn) if rule.ivn is not None else ("tenant", rule.tenant)
-    for i, item in enumerate(raw if isinstance(raw, list) else []):
-        if isinstance(item, dict) and item.get(key) == name:
-            return i  # the first: a later entry for the same partner is refused
-    return 0
-
-
 def _check_weaving_refs(name: str, weaving: WeavingPolicy, c: Cursor, ivns: Mapping[str, Ivn],
                         tenants: Mapping[str, Tenant], defined: Defined) -> None:
     """Dangling references: partners, profiles and QoS classes that are not defined."""
     wc = c.child("weaving", None)
-    raw = c.value.get("weaving") if isinstance(c.value, dict) else None
-    raw_partners = raw.get("partners") if isinstance(raw, dict) else None
     for rule in weaving.partners:
-        rc = wc.child("partners", None).child(_partner_index(rule, raw_partners), None)
+        rc = wc.child("partners", None).child(rule.yaml_index, None)
         if rule.ivn is not None:
             partner = ivns.get(rule.ivn)
             if rule.ivn == name:

@@ -22,7 +22,7 @@ import threading
 from pathlib import Path
 from typing import Any, NoReturn
 
-from nwc.cli import EXIT_ERROR, EXIT_OK, add_state_dir, counted, state_dir
+from nwc.cli import EXIT_ERROR, EXIT_OK, add_state_dir, counted, state_dir, tcp_port
 from nwc.config import DEFAULT_TOPOLOGY, SHIPPED_POLICIES
 from nwc.controller import Controller
 from nwc.ofguard import parse_networks
@@ -81,7 +81,7 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                    help=f"topology file or shipped name (default {DEFAULT_TOPOLOGY.stem})")
     p.add_argument("--ofp-listen-host", default="0.0.0.0",
                    help="address for OpenFlow connections from switches")
-    p.add_argument("--ofp-tcp-listen-port", type=int, default=6653)
+    p.add_argument("--ofp-tcp-listen-port", type=tcp_port, default=6653)
     p.add_argument("--ofp-allowed-peers", default=None, metavar="CIDR[,CIDR...]",
                    help="accept OpenFlow connections only from these networks (closed before "
                         "anything is read); default: from anywhere. Hosts with a "
@@ -95,7 +95,7 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                         "CA that signs only switches)")
     p.add_argument("--api-host", default="127.0.0.1",
                    help="address for the REST API (loopback unless you mean otherwise)")
-    p.add_argument("--api-port", type=int, default=8181)
+    p.add_argument("--api-port", type=tcp_port, default=8181)
     p.add_argument("--api-ssl-key", default=None,
                    help="private key (PEM) for serving the REST API over https")
     p.add_argument("--api-ssl-cert", default=None,
@@ -120,7 +120,7 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                         "to; ssl: targets are refused without these three")
     p.add_argument("--cert-warn-days", type=int, default=30, metavar="DAYS",
                    help="warn (log, /metrics, nwc check-certs) when a certificate expires "
-                        "within this many days (default 30)")
+                        "within this many days (default 30, at most 3650)")
     add_state_dir(p)
 
 
@@ -185,6 +185,11 @@ def apply_config_file(args: argparse.Namespace, parser: argparse.ArgumentParser)
         setattr(args, dest, value)
 
 
+# Ten years, as long as NWC's weave CA lives: a longer warning would warn of every
+# certificate from the day it is made.
+MAX_CERT_WARN_DAYS = 3650
+
+
 def check_run_options(args: argparse.Namespace,
                       parser: argparse.ArgumentParser) -> None:
     """Refuse option values the shells would only trip over after the state is open."""
@@ -200,6 +205,9 @@ def check_run_options(args: argparse.Namespace,
             parser.error(f"--{option.replace('_', '-')} must be positive")
     if args.cert_warn_days < 0:
         parser.error("--cert-warn-days must be 0 or more")
+    if args.cert_warn_days > MAX_CERT_WARN_DAYS:
+        # A billion days overflowed the date arithmetic (OverflowError, found in review).
+        parser.error(f"--cert-warn-days must be at most {MAX_CERT_WARN_DAYS} (ten years)")
     if args.ofp_allowed_peers is not None:
         try:
             parse_networks(args.ofp_allowed_peers)

@@ -37,12 +37,13 @@ from typing import Any, Protocol
 
 # Imported here, never first from the part's thread: ovsdbapp pulls in python-ovs, which
 # imports eventlet, and a thread that imported eventlet first never finishes exiting.
+from nwc.admission import life_ends_at
 from nwc.counters import CarriedCounters
 from nwc.hostdb import HostDb, OvsdbConfigError, ServerIdentityError, configure_targets
 from nwc.ovsdbtls import ServerIdentity
 from nwc.pipeline import INTEGRATION_BRIDGE
 from nwc.pki import CaExpired, CertificateAuthority, CsrRejected, Secret, new_psk
-from nwc.policy import MAX_LEASE_S, Policy
+from nwc.policy import Policy
 from nwc.topology import Topology
 from nwc.tunnel import (
     AGENT_ACK_KEY,
@@ -676,9 +677,11 @@ class Tunnels:
             if (status.phase is Phase.WAITING_CERT and status.csr_pem
                     and leg.csrs.get(end.host) != status.csr_pem):
                 try:
-                    not_after = weave.created_at + dt.timedelta(seconds=MAX_LEASE_S)
+                    # Extensions never go past life_ends_at (admission), so neither does
+                    # a lease past this certificate.
                     leg.certs[end.host] = self.ca.sign_request(
-                        status.csr_pem, end.local_id, now=self.now(), not_after=not_after)
+                        status.csr_pem, end.local_id, now=self.now(),
+                        not_after=life_ends_at(weave.created_at))
                     leg.csrs[end.host] = status.csr_pem
                     log.info("weave %s: signed %s's certificate for %s", weave.id, end.host,
                              end.local_id)

@@ -515,7 +515,8 @@ class Weaver:
         else:
             new_expiry = max(weave.expires_at, now) + timedelta(seconds=duration_s)
             denial = evaluate_extension(weave.as_live(), profile=weave.profile,
-                                        new_expires_at=new_expiry, paths=weave.paths,
+                                        new_expires_at=new_expiry,
+                                        created_at=weave.created_at, paths=weave.paths,
                                         policy=self.policy, fabric=self.fabric,
                                         live=self.live_view(weave.requester, weave.target),
                                         now=now, extension_s=duration_s)

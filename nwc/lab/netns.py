@@ -129,6 +129,26 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _start_time(pid: int) -> int | None:
+    """When `pid` started, which tells a process from a later one given the same pid; None
+    if it cannot be read (gone)."""
+    try:
+        return stat_start_time(Path(f"/proc/{pid}/stat").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def stat_start_time(stat: str) -> int:
+    """Field 22 of a /proc/PID/stat line (starttime, clock ticks after boot); ValueError if
+    the line has none."""
+    # The fields after the command name, which may hold spaces and ") ": field 3 on.
+    _, sep, rest = stat.rpartition(") ")
+    fields = rest.split()
+    if not sep or len(fields) < 22 - 2:
+        raise ValueError("not a /proc/PID/stat line")
+    return int(fields[22 - 3])
+
+
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str,
              interval: float = 0.05) -> None:
     deadline = time.monotonic() + timeout
@@ -145,8 +165,9 @@ class Lab:
     prefix: str = field(default_factory=unique_prefix)
     _undo: list[tuple[str, Callable[[], None]]] = field(default_factory=list)
     # What `remains` checks besides the prefix: processes (ours and those others start for
-    # the lab, such as Mininet's node shells) and links in the root namespace.
-    _pids: dict[int, str] = field(default_factory=dict)
+    # the lab, such as Mininet's node shells), each with its start time so that another
+    # process given the same pid later is not blamed, and links in the root namespace.
+    _pids: dict[int, tuple[str, int | None]] = field(default_factory=dict)
     _links: set[str] = field(default_factory=set)
     _dirs: set[Path] = field(default_factory=set)
 
@@ -176,7 +197,7 @@ class Lab:
 
     def watch_pid(self, pid: int, what: str) -> None:
         """A process someone else starts and stops for the lab: `remains` checks it is gone."""
-        self._pids[pid] = what
+        self._pids[pid] = (what, _start_time(pid))
 
     def own_link(self, name: str) -> None:
         """A link made in the root namespace (removed by an `on_close` of the caller's)."""
@@ -196,8 +217,8 @@ class Lab:
         left += [f"directory {path}" for path in sorted(Path("/tmp").glob(f"{self.prefix}-*"))]
         named = _processes_naming(f"/tmp/{self.prefix}-")
         left += [f"process {pid} ({what})" for pid, what in sorted(named.items())]
-        left += [f"process {pid} ({what})" for pid, what in sorted(self._pids.items())
-                 if pid not in named and _alive(pid)]
+        left += [f"process {pid} ({what})" for pid, (what, started) in sorted(self._pids.items())
+                 if pid not in named and _alive(pid) and _start_time(pid) == started]
         return left
 
     def netns(self, suffix: str) -> Netns:
@@ -242,7 +263,7 @@ class Lab:
 
     def process(self, proc: subprocess.Popen[Any], what: str, *,
                 timeout: float = 5.0) -> subprocess.Popen[Any]:
-        self._pids[proc.pid] = what
+        self._pids[proc.pid] = (what, _start_time(proc.pid))
         self.on_close(what, lambda: kill_pid(proc.pid, timeout=timeout))
         return proc
 

@@ -198,8 +198,11 @@ class ProviderLab:
         import shutil
 
         keep.mkdir(mode=0o700, parents=True, exist_ok=True)
-        keep.chmod(0o700)
+        keep.chmod(0o700)  # before the copy too: pki/ca.key must never sit in an open dir
         shutil.copytree(self.state_dir, keep, dirs_exist_ok=True)  # file modes kept
+        # copytree gives `keep` the state directory's own mode (0755 would expose the
+        # keys' names and any file not 0600): make it private again.
+        keep.chmod(0o700)
         if self.logs.exists():
             shutil.copytree(self.logs, keep / "logs", dirs_exist_ok=True)
 

@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from nwc.cli import silence_stdout, tcp_port
 from nwc.lab.provider import ClientError, ProviderLab
 
 RATE_MBPS = 10
@@ -49,7 +50,7 @@ class Story:
         try:
             print(line, file=self.out, flush=True)
         except (BrokenPipeError, ValueError):
-            _silence_stdout()
+            silence_stdout()
             self.out = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the story
 
     def check(self, ok: bool, claim: str) -> bool:
@@ -57,14 +58,6 @@ class Story:
         if not ok:
             self.failures.append(claim)
         return ok
-
-
-def _silence_stdout() -> None:
-    """After the reader of stdout left: later writes (and the flush at exit) go nowhere."""
-    with contextlib.suppress(OSError):
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
 
 
 @contextlib.contextmanager
@@ -289,6 +282,10 @@ def removal_summary(removed: list[str]) -> str:
 
 def cmd_lab(args: argparse.Namespace) -> int:
     keep: Path | None = args.keep_state
+    if keep is not None and keep.exists() and not keep.is_dir():
+        print(f"lab: {keep} is not a directory: give --keep-state a new or empty directory",
+              file=sys.stderr)
+        return 1
     if keep is not None and keep.exists() and any(keep.iterdir()):
         print(f"lab: {keep} is not empty: give --keep-state a new or empty directory",
               file=sys.stderr)
@@ -345,6 +342,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keep-state", type=Path, default=None, metavar="DIR",
                    help="on exit, copy the controller's state (nwc.db, audit.jsonl, logs) to "
                         "DIR (new or empty; made mode 0700) before the lab is removed")
-    p.add_argument("--api-port", type=int, default=None,
+    p.add_argument("--api-port", type=tcp_port, default=None,
                    help="the REST API's port on 127.0.0.1 (default: a free one)")
     p.set_defaults(func=cmd_lab)

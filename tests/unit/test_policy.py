@@ -290,6 +290,17 @@ def test_a_dangling_partner_is_located_after_a_dropped_entry() -> None:
                for p in found), found
 
 
+def test_a_dangling_partner_named_by_a_dropped_entry_too_is_located_at_its_own() -> None:
+    # Found in review: the dropped first entry names the same IVN, and the rule was located
+    # by the first entry naming its partner.
+    found = problems(BASE.replace("partners: [{ivn: db}]",
+                                  "partners: [{ivn: nosuch, tenant: globex}, {ivn: nosuch}]"))
+    assert found == [
+        "p.yaml:19: ivns.web.weaving.partners[0]: a partner names exactly one of `ivn` or "
+        "`tenant`",
+        "p.yaml:19: ivns.web.weaving.partners[1]: unknown partner IVN 'nosuch'"]
+
+
 def test_check_policy_on_a_directory_without_policy_files_says_so(tmp_path: Path,
                                                                   capsys) -> None:
     assert main(["check-policy", str(tmp_path)]) == 1

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from nwc.cli import build_parser
+from nwc.cli import build_parser, main
 from nwc.run import apply_config_file, check_run_options
 
 pytestmark = pytest.mark.unit
@@ -83,3 +83,28 @@ def test_the_certificate_warning_threshold_comes_from_the_file_and_is_checked(
     with pytest.raises(SystemExit):
         check_run_options(args, args._parser)
     assert "--cert-warn-days must be 0 or more" in capsys.readouterr().err
+
+
+def test_a_huge_certificate_warning_is_a_usage_error_not_an_overflow(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Found in review: check-certs and run raised OverflowError on a billion days.
+    with pytest.raises(SystemExit) as exc:
+        main(["check-certs", "--state-dir", str(tmp_path), "--cert-warn-days", "1000000000"])
+    assert exc.value.code == 2
+    assert "--cert-warn-days must be at most 3650 (ten years)" in capsys.readouterr().err
+    args = configured(tmp_path, "[nwc]\ncert-warn-days = 3650\n")
+    check_run_options(args, args._parser)  # ten years is still a warning NWC can give
+
+
+@pytest.mark.parametrize("port", ["0", "70000", "-1"])
+def test_a_port_out_of_range_is_a_usage_error(tmp_path: Path, port: str,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    for argv in (["run", "--api-port", port], ["run", "--ofp-tcp-listen-port", port],
+                 ["lab", "small", "--api-port", port]):
+        with pytest.raises(SystemExit) as exc:
+            build_parser().parse_args(argv)
+        assert exc.value.code == 2
+        assert f"a port is 1 to 65535, not {port}" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        configured(tmp_path, f"[nwc]\napi-port = {port}\n")
+    assert f"api-port = '{port}' is not valid" in capsys.readouterr().err

@@ -18,8 +18,8 @@ from nwc.admission import Denial, Reason, WeaveRequest
 from nwc.audit import read_jsonl, verify_chain
 from nwc.config import SHIPPED_TOPOLOGIES
 from nwc.controller import Controller
-from nwc.lease import SystemClock
-from nwc.policy import parse_policy_text
+from nwc.lease import SystemClock, iso
+from nwc.policy import MAX_LEASE_S, parse_policy_text
 from nwc.store import Store
 from nwc.weave import State, Weave
 from nwc.weaver import Actor, WeaverLoop
@@ -128,6 +128,32 @@ def test_extend_rejects_bad_duration_and_unknown_weave(make_weaver, small) -> No
     weave = weaver.create(REQ)
     assert weaver.extend(weave.id, 0).reason is Reason.INVALID_REQUEST
     assert weaver.extend("wv-999999", 10) is None
+
+
+def test_extensions_never_carry_a_weave_past_its_whole_life_cap(make_weaver, small,
+                                                                 clock) -> None:
+    # Found in review: each extension only checked the time left, so a weave extended again
+    # and again outlived its x509 leaves (signed until created_at + MAX_LEASE_S).
+    year = parse_policy_text(shipped_text({"max_duration_s: 86400": "max_duration_s: 31622400",
+                                           "max_duration_s: 3600": "max_duration_s: 31622400"}))
+    weaver = make_weaver(small, year)
+    day = 86400
+    weave = weaver.create(WeaveRequest("acme-web", "globex-db", 300 * day, 20), ACME)
+    cap = weave.created_at + timedelta(seconds=MAX_LEASE_S)
+    clock.advance(200 * day)
+    # 100 days left + 200 asked is within both IVNs' caps, but past the weave's whole life.
+    denial = weaver.extend(weave.id, 200 * day, ACME)
+    assert isinstance(denial, Denial) and denial.reason is Reason.INVALID_REQUEST
+    assert f"at most {MAX_LEASE_S} s (366 days) from its creation" in denial.detail
+    assert iso(cap) in denial.detail and "create a new weave" in denial.detail
+    assert denial.detail_for(operator=False) == denial.detail
+    assert weaver.live[weave.id].expires_at == weave.expires_at
+    assert audit_trail(weaver)[-1] == ("weave.extend", "denied", "invalid_request")
+    # Up to the cap exactly is allowed: the leaves are valid until then.
+    extended = weaver.extend(weave.id, int((cap - weave.expires_at).total_seconds()), ACME)
+    assert isinstance(extended, Weave) and extended.expires_at == cap
+    denial = weaver.extend(weave.id, 1, ACME)
+    assert isinstance(denial, Denial) and denial.reason is Reason.INVALID_REQUEST
 
 
 def test_restart_finds_live_weaves_and_releases_those_expired_meanwhile(

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from api_harness import Harness
 
+from nwc import audit as audit_module
 from nwc.auth import TOKEN_SHAPE, TokenStore
 from nwc.cli import main
 from nwc.store import Store
@@ -81,13 +82,57 @@ def test_reordered_records_are_named(tmp_path: Path, audit_lines: list[str],
 
 def test_records_cut_from_the_end_are_named_against_the_database(
         harness: Harness, audit_lines: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """A file that ends where the database's chain passes may only lag behind it (a full
+    disk: the controller appends at its next commit): it is not called "deleted"."""
     path = harness.state_dir / "audit.jsonl"
     path.write_text("\n".join(audit_lines[:-2]) + "\n")
     n = len(audit_lines)
     code, out = verify(capsys, "--state-dir", str(harness.state_dir))
     assert code == 1
+    assert (f"after line {n - 2} (the last): records {n - 1}..{n} are in the database but not "
+            "yet in the file") in out
+    assert "deleted" not in out and "chain broken" not in out
+    assert f"the file is behind the database ({n - 2} records, chain intact" in out
+
+
+def test_records_cut_from_a_file_that_disagrees_with_the_database_are_deleted(
+        harness: Harness, audit_lines: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """The file's last record, forged with a valid hash and link, is not the database's."""
+    from nwc.audit import seal
+
+    last = json.loads(audit_lines[-3])
+    _, forged = seal({**last, "outcome": "forged"}, last["prev"])
+    path = harness.state_dir / "audit.jsonl"
+    path.write_text("\n".join([*audit_lines[:-3], forged]) + "\n")
+    n = len(audit_lines)
+    code, out = verify(capsys, "--state-dir", str(harness.state_dir))
+    assert code == 1
     assert (f"after line {n - 2} (the last): records {n - 1}..{n} are missing from the end "
-            "of the file (deleted)") in out
+            "of the file (deleted): the database holds them, and the file's last record "
+            "differs") in out
+    assert "chain broken" in out
+
+
+def test_a_record_committed_between_the_two_reads_is_no_problem(
+        harness: Harness, audit_lines: list[str], monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Found in review: verify reads the file, then the database; a running controller that
+    commits (database first, file next) in between made it report the record deleted."""
+    path = harness.state_dir / "audit.jsonl"
+    path.write_text("\n".join(audit_lines[:-1]) + "\n")
+    read_head = audit_module.database_head
+
+    def controller_appends_meanwhile(db_path: Path) -> tuple[int, str] | None:
+        head = read_head(db_path)
+        if len(path.read_text().splitlines()) < len(audit_lines):
+            path.write_text("\n".join(audit_lines) + "\n")  # its append, after the commit
+        return head
+
+    monkeypatch.setattr(audit_module, "database_head", controller_appends_meanwhile)
+    n = len(audit_lines)
+    code, out = verify(capsys, "--state-dir", str(harness.state_dir))
+    assert (code, out.strip()) == (0, f"audit verify: {n} records, chain intact, up to the "
+                                      f"database's last record ({n})")
 
 
 def test_a_cut_last_line_names_no_line_past_the_end(
@@ -98,7 +143,7 @@ def test_a_cut_last_line_names_no_line_past_the_end(
     n = len(audit_lines)
     code, out = verify(capsys, "--state-dir", str(harness.state_dir))
     assert code == 1
-    assert f"after line {n - 1} (the last): record {n} is missing from the end" in out
+    assert f"after line {n - 1} (the last): record {n} is in the database but not yet" in out
     assert f"line {n}:" not in out and f"line {n + 1}" not in out
 
 
@@ -115,7 +160,7 @@ def test_a_cut_file_checked_alone_is_intact_only_up_to_its_last_record(
             "records cut from its end") in out
     # With the controller's database named, the cut is found.
     code, out = verify(capsys, "--file", copy, "--state-dir", str(harness.state_dir))
-    assert code == 1 and f"record {n} is missing from the end of the file" in out
+    assert code == 1 and f"record {n} is in the database but not yet in the file" in out
     # And with the database gone, the state directory's own file is checked alone too.
     (harness.state_dir / "audit.jsonl").write_text("\n".join(audit_lines[:-1]) + "\n")
     (harness.state_dir / "nwc.db").rename(tmp_path / "nwc.db")
