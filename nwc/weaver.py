@@ -310,9 +310,13 @@ class Weaver:
             self._tell(weave, "weave_down")
             log.info("weave %s: its teardown was under way at the stop; waiting for the data "
                      "plane again", weave.id)
+        now = self.clock.now()
         for weave in self.store.weaves(states=LIVE_STATES):
             self._inherited.add(weave.id)
             self.live[weave.id] = weave
+            if weave.expires_at <= now:
+                self._expire_at_restart(weave, now)
+                continue
             held = reservations.get(weave.id)
             try:
                 pool = self.topology.underlay.weave_slots
@@ -340,6 +344,16 @@ class Weaver:
         self.tick()
         log.info("recovered %d live weaves", len(self.live))
         return list(self.live.values())
+
+    def _expire_at_restart(self, weave: Weave, now: datetime) -> None:
+        """End a weave whose lease ran out while the controller was down. It ended at its
+        lease end, not now: the flows' hard timeouts stopped its traffic then (what is left,
+        tunnels and records, is torn down now, as any ending's)."""
+        self._end(weave, State.TERMINATED, EndReason.EXPIRED.value, SYSTEM,
+                  ended_at=weave.expires_at,
+                  detail=f"the lease ran out at {iso(weave.expires_at)} while the controller "
+                         f"was down; NWC noticed at its restart, at {iso(now)}, and tears "
+                         "the rest down now (the flows had stopped at the lease end)")
 
     def _finish_at_restart(self, weave: Weave) -> None:
         if weave.state is not State.TERMINATING:  # failed: already final, only the flag goes
@@ -778,10 +792,12 @@ class Weaver:
 
     def _end(self, weave: Weave, state: State, reason: str, actor: Actor, *,
              detail: str | None = None, request_id: str | None = None,
-             tell_parts: bool = True, tenant_detail: str | None = None) -> Weave:
+             tell_parts: bool = True, tenant_detail: str | None = None,
+             ended_at: datetime | None = None) -> Weave:
         """Release everything a weave holds: durable record first, then the data plane. A
         terminated weave stays `terminating` until the parts that confirm teardown have; a
-        failed one is failed at once, but its slots too wait for those confirmations."""
+        failed one is failed at once, but its slots too wait for those confirmations.
+        `ended_at`: when it ended, if not now (a lease that ran out while NWC was down)."""
         if self._batch is not None:
             raise RuntimeError("a weave cannot end inside an admission batch (it could not "
                                "be undone if the batch's commit failed)")
@@ -802,7 +818,8 @@ class Weaver:
         holding = bool(confirming) or unattended
         tearing = state is State.TERMINATED and holding
         ended = weave.with_(state=State.TERMINATING if tearing else state, reason=reason,
-                            ended_at=now, ended_by=_ended_by(actor))
+                            ended_at=now if ended_at is None else ended_at,
+                            ended_by=_ended_by(actor))
         with self.store.transaction():
             # Recorded, so that a restart before the parts confirm goes on holding its slots
             # (a failed weave's state cannot say so, a terminating one's already does).
