@@ -481,6 +481,12 @@ class Weaver:
         self.leases.set(weave.id, weave.expires_at)
         if self._batch is not None:
             self._batch.admitted.append(weave)
+        # The admission hot path: one call, formatted only if INFO is on, and only once the
+        # batch it belongs to is durable (an undone admission was never created).
+        self.store.after_commit(partial(
+            log.info, "weave %s created for tenant %s: %s > %s, %s Mbit/s, profile %s, "
+            "until %s, %s", weave.id, weave.requester_tenant, weave.requester, weave.target,
+            weave.bandwidth_mbps, weave.profile, weave.expires_at, weave.state.value))
         self.emit({"type": "weave.state", "weave": record})
         if self.parts:
             self._waiting[weave.id] = {p.name for p in self.parts}
@@ -579,6 +585,7 @@ class Weaver:
         del self._waiting[weave_id]
         self._provision_deadline.pop(weave_id, None)
         if active is not None:
+            log.info("weave %s active: every part built it", weave_id)
             self.live[weave_id] = active
             self.emit({"type": "weave.state", "weave": active.to_dict()})
 
@@ -724,6 +731,7 @@ class Weaver:
             self._audit("weave.reroute", "rerouted", weave=moved, actor=SYSTEM,
                         detail=self._describe(moved))
         self.live[weave.id] = moved
+        log.info("weave %s rerouted: %s (was %s)", weave.id, moved.paths, weave.paths)
         self.emit({"type": "weave.rerouted", "weave": moved.to_dict(),
                    "old_paths": [list(p) for p in weave.paths]})
         self._tell_moved(moved, weave)
@@ -831,6 +839,9 @@ class Weaver:
                         "weave.terminate" if outcome == "released" else "weave.fail",
                         outcome, weave=ended, actor=actor, request_id=request_id,
                         reason=reason, detail=detail)
+        # Who ended it as its parties may read it (never the name of a token).
+        log.info("weave %s %s (%s) by %s%s%s", weave.id, ended.state.value, reason,
+                 ended.ended_by, ": " if detail else "", detail or "")
         self.fabric.release(weave.id)
         self.leases.remove(weave.id)
         self._waiting.pop(weave.id, None)
@@ -920,6 +931,8 @@ class Weaver:
         self._inherited.discard(weave_id)
         self._give_slots(record)
         if terminating:
+            log.info("weave %s terminated: its data plane is gone%s", weave_id,
+                     " (not confirmed by every part)" if detail else "")
             self.emit({"type": "weave.state", "weave": done.to_dict(), "detail": detail})
         if waiting:
             self.emit({"type": "weave.teardown_unconfirmed", "weave_id": weave_id,

@@ -4,16 +4,19 @@ and announced; every weave lifecycle change is one log line."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
 from fake_parts import RecordingPart
+from policy_edits import shipped_text
 
 from nwc.admission import WeaveRequest
 from nwc.lease import iso
+from nwc.policy import parse_policy_text
 from nwc.store import Store
 from nwc.weave import State
-from nwc.weaver import Weaver
+from nwc.weaver import Actor, Weaver
 
 pytestmark = pytest.mark.unit
 
@@ -72,3 +75,59 @@ def test_a_lease_that_runs_out_while_running_still_ends_when_noticed(
     assert (ended.id, ended.ended_at) == (weave.id, clock.now())
     (expire,) = [r for r in weaver.store.audit_records() if r["action"] == "weave.expire"]
     assert "detail" not in expire
+
+
+def lifecycle_lines(caplog: pytest.LogCaptureFixture, weave_id: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name == "nwc.weaver" and r.levelno == logging.INFO
+            and r.getMessage().startswith(f"weave {weave_id} ")]
+
+
+def test_every_lifecycle_change_is_one_log_line(make_weaver, leaf_spine, clock,
+                                                 caplog) -> None:
+    caplog.set_level(logging.INFO, logger="nwc.weaver")
+    part = RecordingPart()
+    weaver = make_weaver(leaf_spine, parts=[part])
+    alice = Actor("alice-laptop-token", "initech")
+    moved = weaver.create(WeaveRequest("initech-app", "acme-web", 600, 10), alice)
+    weaver.part_ready(moved.id, part.name)
+    weaver.link_changed("leaf4", "spine1", up=False)  # rerouted over spine2
+    weaver.link_changed("leaf4", "spine2", up=False)  # no path left
+    created, active, rerouted, no_path = lifecycle_lines(caplog, moved.id)
+    assert created.startswith(f"weave {moved.id} created for tenant initech: initech-app > "
+                              "acme-web, 10.0 Mbit/s")
+    assert active == f"weave {moved.id} active: every part built it"
+    assert rerouted.startswith(f"weave {moved.id} rerouted: ") and "spine2" in rerouted
+    assert no_path.startswith(f"weave {moved.id} failed (no_path) by nwc: ")
+
+    weaver.link_changed("leaf4", "spine1", up=True)
+    expired = weaver.create(WeaveRequest("acme-web", "globex-db", 60, 5))
+    released = weaver.create(WeaveRequest("initech-app", "acme-web", 600, 5), alice)
+    weaver.terminate(released.id, alice)
+    clock.advance(61)
+    weaver.tick()
+    assert lifecycle_lines(caplog, released.id)[1:] == [
+        f"weave {released.id} terminated (requested) by initech"]
+    assert lifecycle_lines(caplog, expired.id)[1:] == [
+        f"weave {expired.id} terminated (expired) by nwc"]
+    # Who asked is the tenant, never the name of the token it used.
+    assert not any("alice-laptop-token" in r.getMessage() for r in caplog.records)
+
+
+def test_a_weave_withdrawn_by_a_reload_and_a_confirmed_teardown_are_logged(
+        make_weaver, small, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="nwc.weaver")
+    part = RecordingPart(confirms_teardown=True)
+    weaver = make_weaver(small, parts=[part])
+    ended = weaver.create(SHORT)
+    weaver.terminate(ended.id, Actor("ops-token"))
+    weaver.part_down(ended.id, part.name)
+    withdrawn = weaver.create(SHORT)  # one weave per pair of IVNs at a time
+    weaver.reload_policy(parse_policy_text(shipped_text(
+        {"prefixes: [192.0.2.0/27]    # only this part":
+         "prefixes: [192.0.2.0/28]    # only"})))
+    assert lifecycle_lines(caplog, ended.id)[1:] == [
+        f"weave {ended.id} terminating (requested) by operator",
+        f"weave {ended.id} terminated: its data plane is gone"]
+    (_, line) = lifecycle_lines(caplog, withdrawn.id)
+    assert line.startswith(f"weave {withdrawn.id} failed (policy_withdrawn) by nwc: ")
