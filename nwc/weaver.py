@@ -56,6 +56,11 @@ DEFAULT_PROVISION_TIMEOUT_S = 30.0
 # gone; past it the weave is recorded `terminated` anyway (the release itself is durable and a
 # switch or host that lags is resynced to the live set), with an event saying who did not say.
 DEFAULT_TEARDOWN_TIMEOUT_S = 10.0
+# A refused policy reload's audit record and event carry its problems, but a policy set with a
+# thousand errors must not make one record (and every event client's queue) that large: the
+# log has them all.
+MAX_RECORDED_PROBLEMS = 20
+MAX_PROBLEM_CHARS = 300
 
 
 @dataclass(frozen=True)
@@ -743,9 +748,9 @@ class Weaver:
         """Switch to a new (already validated) policy. Weaves that either side no longer
         allows end now (policy_withdrawn); caps apply from the next request or extension."""
         self.policy = policy
+        loaded = f"{len(policy.ivns)} IVNs from {', '.join(policy.sources)}"
         with self.store.transaction():
-            self._audit("policy.reload", "applied", actor=actor,
-                        detail=f"{len(policy.ivns)} IVNs from {', '.join(policy.sources)}")
+            self._audit("policy.reload", "applied", actor=actor, detail=loaded)
         ended = []
         for weave in list(self.live.values()):
             withdrawn = self._end_if_withdrawn(weave, actor)
@@ -762,7 +767,26 @@ class Weaver:
                     changed()
                 except Exception:
                     log.exception("part %s.policy_changed() raised", part.name)
+        withdrawn = [w.id for w in ended]
+        log.info("policy reload applied: %s; %s", loaded,
+                 f"withdrew {', '.join(withdrawn)}" if withdrawn else "no weave withdrawn")
+        self.emit({"type": "policy.reload", "outcome": "applied", "detail": loaded,
+                   "withdrawn": withdrawn})
         return ended
+
+    def policy_refused(self, problems: list[str], actor: Actor = SYSTEM) -> None:
+        """Record a policy reload that was refused (the running policy stays): an audit
+        record and an event with its problems, at most MAX_RECORDED_PROBLEMS of them, each
+        cut to MAX_PROBLEM_CHARS (the caller logs them all)."""
+        kept = recorded_problems(problems)
+        detail = (f"{len(problems)} problem{'' if len(problems) == 1 else 's'}, the running "
+                  "policy stays" + (f" (the first {len(kept)} recorded)"
+                                    if len(kept) < len(problems) else ""))
+        with self.store.transaction():
+            self._audit("policy.reload", "refused", actor=actor, detail=detail,
+                        problems=kept)
+        self.emit({"type": "policy.reload", "outcome": "refused", "detail": detail,
+                   "problems": kept})
 
     def _end_if_withdrawn(self, weave: Weave, actor: Actor) -> Weave | None:
         """End a live weave the policy no longer allows (policy_withdrawn); None if allowed."""
@@ -985,6 +1009,13 @@ class Weaver:
             if value is not None:
                 body[key] = value
         self.store.audit(body)
+
+
+def recorded_problems(problems: list[str]) -> list[str]:
+    """The problems of a refused reload as recorded: the first MAX_RECORDED_PROBLEMS, each
+    cut to MAX_PROBLEM_CHARS."""
+    return [p if len(p) <= MAX_PROBLEM_CHARS else p[:MAX_PROBLEM_CHARS - 1] + "…"
+            for p in problems[:MAX_RECORDED_PROBLEMS]]
 
 
 def _ended_by(actor: Actor) -> str:

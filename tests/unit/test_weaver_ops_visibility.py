@@ -9,14 +9,16 @@ from pathlib import Path
 
 import pytest
 from fake_parts import RecordingPart
-from policy_edits import shipped_text
+from policy_edits import copy_shipped_policies, shipped_text
 
 from nwc.admission import WeaveRequest
+from nwc.config import SHIPPED_TOPOLOGIES
+from nwc.controller import Controller
 from nwc.lease import iso
 from nwc.policy import parse_policy_text
 from nwc.store import Store
 from nwc.weave import State
-from nwc.weaver import Actor, Weaver
+from nwc.weaver import MAX_PROBLEM_CHARS, MAX_RECORDED_PROBLEMS, Actor, Weaver
 
 pytestmark = pytest.mark.unit
 
@@ -131,3 +133,63 @@ def test_a_weave_withdrawn_by_a_reload_and_a_confirmed_teardown_are_logged(
         f"weave {ended.id} terminated: its data plane is gone"]
     (_, line) = lifecycle_lines(caplog, withdrawn.id)
     assert line.startswith(f"weave {withdrawn.id} failed (policy_withdrawn) by nwc: ")
+
+
+NARROWED = {"prefixes: [192.0.2.0/27]    # only this part": "prefixes: [192.0.2.0/28]    # only"}
+
+
+def test_an_applied_reload_is_logged_with_the_weaves_it_withdrew(make_weaver, small,
+                                                                 caplog) -> None:
+    caplog.set_level(logging.INFO, logger="nwc.weaver")
+    weaver = make_weaver(small)
+    events: list[dict] = []
+    weaver.subscribe(events.append)
+    weave = weaver.create(SHORT)
+    weaver.reload_policy(parse_policy_text(shipped_text(NARROWED)))
+    (line,) = [r.getMessage() for r in caplog.records if "policy reload" in r.getMessage()]
+    assert line.startswith("policy reload applied: ") and line.endswith(f"withdrew {weave.id}")
+    reload = events[-1]
+    assert (reload["type"], reload["outcome"], reload["withdrawn"]) == (
+        "policy.reload", "applied", [weave.id])
+    weaver.reload_policy(weaver.policy)
+    assert events[-1]["withdrawn"] == []
+
+
+@pytest.mark.parametrize("ivns", ["ivns: [unclosed\n",  # a YAML syntax error
+                                  "version: 1\nivns: {}\n"],  # the topology's VMs orphaned
+                         ids=["syntax", "no-ivns"])
+def test_a_refused_reload_is_audited_and_announced_with_its_problems(tmp_path: Path,
+                                                                      ivns: str) -> None:
+    policy_dir = copy_shipped_policies(tmp_path / "policies")
+    controller = Controller.from_paths(tmp_path / "state", [policy_dir],
+                                       SHIPPED_TOPOLOGIES / "small.yaml")
+    controller.start()
+    events: list[dict] = []
+    controller.weaver.subscribe(events.append)
+    try:
+        (policy_dir / "20-ivns.yaml").write_text(ivns)
+        problems = controller.reload_policy(Actor("ops-token"))
+        assert problems
+        records = controller.call(controller.store.audit_records)
+        refused = records[-1]
+        assert (refused["action"], refused["outcome"], refused["actor"]) == (
+            "policy.reload", "refused", "ops-token")
+        assert refused["problems"] == problems
+        assert events[-1]["type"] == "policy.reload" and events[-1]["outcome"] == "refused"
+        assert events[-1]["problems"] == problems
+    finally:
+        controller.stop()
+
+
+def test_a_refused_reloads_record_is_bounded(make_weaver, small) -> None:
+    weaver = make_weaver(small)
+    events: list[dict] = []
+    weaver.subscribe(events.append)
+    many = [f"20-ivns.yaml:{n}: {'x' * 1000}" for n in range(1000)]
+    weaver.policy_refused(many)
+    (record,) = weaver.store.audit_records()
+    assert len(record["problems"]) == MAX_RECORDED_PROBLEMS
+    assert all(len(p) <= MAX_PROBLEM_CHARS for p in record["problems"])
+    assert record["problems"][0].startswith("20-ivns.yaml:0: xxx")
+    assert record["detail"].startswith("1000 problems")
+    assert events[-1]["problems"] == record["problems"]
