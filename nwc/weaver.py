@@ -316,11 +316,14 @@ class Weaver:
             log.info("weave %s: its teardown was under way at the stop; waiting for the data "
                      "plane again", weave.id)
         now = self.clock.now()
+        # Leases that ran out while NWC was down: those weaves ended then, whatever else
+        # changed since (they reserve nothing, and no policy withdraws them).
+        lapsed = []
         for weave in self.store.weaves(states=LIVE_STATES):
             self._inherited.add(weave.id)
             self.live[weave.id] = weave
             if weave.expires_at <= now:
-                self._expire_at_restart(weave, now)
+                lapsed.append(weave)
                 continue
             held = reservations.get(weave.id)
             try:
@@ -344,7 +347,10 @@ class Weaver:
         # The policy may have changed while the controller was down: a weave it no longer
         # allows ends now, as a reload would have ended it (and is torn down as it would be).
         for weave in list(self.live.values()):
-            self._end_if_withdrawn(weave, SYSTEM)
+            if weave.expires_at > now:
+                self._end_if_withdrawn(weave, SYSTEM)
+        for weave in lapsed:
+            self._expire_at_restart(weave, now)
         self._rebuild_slots()
         self.tick()
         log.info("recovered %d live weaves", len(self.live))

@@ -23,6 +23,7 @@ from nwc.weaver import MAX_PROBLEM_CHARS, MAX_RECORDED_PROBLEMS, Actor, Weaver
 pytestmark = pytest.mark.unit
 
 SHORT = WeaveRequest("acme-web", "globex-db", 60, 5)
+NARROWED = {"prefixes: [192.0.2.0/27]    # only this part": "prefixes: [192.0.2.0/28]    # only"}
 
 
 def test_a_lease_that_ran_out_while_the_controller_was_down_ended_at_its_lease_end(
@@ -40,6 +41,20 @@ def test_a_lease_that_ran_out_while_the_controller_was_down_ended_at_its_lease_e
     assert expire["ts"] == iso(restarted_at)  # when it was recorded...
     assert "while the controller was down" in expire["detail"]  # ...and why that is late
     assert iso(weave.expires_at) in expire["detail"] and iso(restarted_at) in expire["detail"]
+
+
+def test_a_lease_that_ran_out_while_down_is_not_withdrawn_by_a_policy_changed_since(
+        make_weaver, small, clock) -> None:
+    weaver = make_weaver(small)
+    weave = weaver.create(SHORT)
+    weaver.store.close()
+    clock.advance(120)
+    again = make_weaver(small, parse_policy_text(shipped_text(NARROWED)))
+    record = again.store.weave(weave.id)
+    assert (record.state, record.reason, record.ended_at) == (State.TERMINATED, "expired",
+                                                              weave.expires_at)
+    assert [r["action"] for r in again.store.audit_records()
+            if r.get("weave_id") == weave.id] == ["weave.create", "weave.expire"]
 
 
 def test_a_lease_that_ran_out_while_down_is_still_torn_down_at_the_restart(
@@ -133,9 +148,6 @@ def test_a_weave_withdrawn_by_a_reload_and_a_confirmed_teardown_are_logged(
         f"weave {ended.id} terminated: its data plane is gone"]
     (_, line) = lifecycle_lines(caplog, withdrawn.id)
     assert line.startswith(f"weave {withdrawn.id} failed (policy_withdrawn) by nwc: ")
-
-
-NARROWED = {"prefixes: [192.0.2.0/27]    # only this part": "prefixes: [192.0.2.0/28]    # only"}
 
 
 def test_an_applied_reload_is_logged_with_the_weaves_it_withdrew(make_weaver, small,
