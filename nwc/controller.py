@@ -117,7 +117,7 @@ class Controller:
             policy = load_policy(self.config.policy_paths)
         except ConfigError as exc:
             log.error("policy reload refused, keeping the last good policy:\n%s", exc)
-            return [str(p) for p in exc.problems]
+            return self._refused([str(p) for p in exc.problems], actor)
         # The running topology (not its file, which may have been edited for the next start)
         # must still fit: a VM of an IVN the new policy drops, or an address outside its new
         # prefixes, would leave a host impossible to program.
@@ -130,8 +130,16 @@ class Controller:
         if misfits:
             log.error("policy reload refused, keeping the last good policy: the running "
                       "topology does not fit it:\n%s", "\n".join(misfits))
-            return misfits
+            return self._refused(misfits, actor)
         self.call(self.weaver.reload_policy, policy, actor)
         self.config = Config(policy, self.config.topology, self.config.policy_paths,
                              self.config.topology_path)
         return []
+
+    def _refused(self, problems: list[str], actor: Actor) -> list[str]:
+        """Audit and announce a refused reload (logged by the caller); returns `problems`."""
+        try:
+            self.call(self.weaver.policy_refused, problems, actor)
+        except Exception:  # the refusal stands, and the log has it
+            log.exception("the refused policy reload could not be recorded")
+        return problems

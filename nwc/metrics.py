@@ -285,6 +285,19 @@ class Metrics:
         self.event_overflows = Counter("nwc_event_stream_overflows",
                                        "Event streams closed because the client fell behind",
                                        registry=r)
+        self.policy_reloads = Counter("nwc_policy_reloads", "Policy reloads (SIGHUP), applied "
+                                      "or refused (the running policy stays)", ["outcome"],
+                                      registry=r)
+        for outcome in ("applied", "refused"):
+            self.policy_reloads.labels(outcome)  # both series exist from the start
+        self.policy_last_reload_success = Gauge(
+            "nwc_policy_last_reload_success", "1 if the last policy reload was applied (or "
+            "none was tried: the running policy is the one loaded at the start), 0 if it was "
+            "refused", registry=r)
+        self.policy_last_reload_success.set(1)
+        self.policy_last_reload_time = Gauge(
+            "nwc_policy_last_reload_timestamp_seconds", "When the last policy reload, applied "
+            "or refused, was decided (Unix time; 0: none since the start)", registry=r)
         self._provisioning: set[str] = set()
         if controller is not None:
             r.register(ControllerCollector(controller))
@@ -297,6 +310,8 @@ class Metrics:
             self.security_events.labels(str(event.get("kind", "unknown"))).inc()
         elif kind == "weave.part_failed":
             self.security_events.labels("part_failed").inc()
+        elif kind == "policy.reload":
+            self._policy_reloaded(event)
         if kind != "weave.state" or not isinstance(event.get("weave"), dict):
             return
         weave = event["weave"]
@@ -314,6 +329,15 @@ class Metrics:
                 self.provisioning_latency.labels(
                     "active" if state == State.ACTIVE.value else "failed").observe(
                     max(0.0, took.total_seconds()))
+
+    def _policy_reloaded(self, event: dict[str, Any]) -> None:
+        applied = event.get("outcome") == "applied"
+        self.policy_reloads.labels("applied" if applied else "refused").inc()
+        self.policy_last_reload_success.set(1 if applied else 0)
+        try:
+            self.policy_last_reload_time.set(parse_iso(event["ts"]).timestamp())
+        except (KeyError, TypeError, ValueError):
+            log.warning("metrics: a policy.reload event without a valid ts")
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -56,6 +56,11 @@ DEFAULT_PROVISION_TIMEOUT_S = 30.0
 # gone; past it the weave is recorded `terminated` anyway (the release itself is durable and a
 # switch or host that lags is resynced to the live set), with an event saying who did not say.
 DEFAULT_TEARDOWN_TIMEOUT_S = 10.0
+# A refused policy reload's audit record and event carry its problems, but a policy set with a
+# thousand errors must not make one record (and every event client's queue) that large: the
+# log has them all.
+MAX_RECORDED_PROBLEMS = 20
+MAX_PROBLEM_CHARS = 300
 
 
 @dataclass(frozen=True)
@@ -310,9 +315,16 @@ class Weaver:
             self._tell(weave, "weave_down")
             log.info("weave %s: its teardown was under way at the stop; waiting for the data "
                      "plane again", weave.id)
+        now = self.clock.now()
+        # Leases that ran out while NWC was down: those weaves ended then, whatever else
+        # changed since (they reserve nothing, and no policy withdraws them).
+        lapsed = []
         for weave in self.store.weaves(states=LIVE_STATES):
             self._inherited.add(weave.id)
             self.live[weave.id] = weave
+            if weave.expires_at <= now:
+                lapsed.append(weave)
+                continue
             held = reservations.get(weave.id)
             try:
                 pool = self.topology.underlay.weave_slots
@@ -335,11 +347,24 @@ class Weaver:
         # The policy may have changed while the controller was down: a weave it no longer
         # allows ends now, as a reload would have ended it (and is torn down as it would be).
         for weave in list(self.live.values()):
-            self._end_if_withdrawn(weave, SYSTEM)
+            if weave.expires_at > now:
+                self._end_if_withdrawn(weave, SYSTEM)
+        for weave in lapsed:
+            self._expire_at_restart(weave, now)
         self._rebuild_slots()
         self.tick()
         log.info("recovered %d live weaves", len(self.live))
         return list(self.live.values())
+
+    def _expire_at_restart(self, weave: Weave, now: datetime) -> None:
+        """End a weave whose lease ran out while the controller was down. It ended at its
+        lease end, not now: the flows' hard timeouts stopped its traffic then (what is left,
+        tunnels and records, is torn down now, as any ending's)."""
+        self._end(weave, State.TERMINATED, EndReason.EXPIRED.value, SYSTEM,
+                  ended_at=weave.expires_at,
+                  detail=f"the lease ran out at {iso(weave.expires_at)} while the controller "
+                         f"was down; NWC noticed at its restart, at {iso(now)}, and tears "
+                         "the rest down now (the flows had stopped at the lease end)")
 
     def _finish_at_restart(self, weave: Weave) -> None:
         if weave.state is not State.TERMINATING:  # failed: already final, only the flag goes
@@ -467,6 +492,12 @@ class Weaver:
         self.leases.set(weave.id, weave.expires_at)
         if self._batch is not None:
             self._batch.admitted.append(weave)
+        # The admission hot path: one call, formatted only if INFO is on, and only once the
+        # batch it belongs to is durable (an undone admission was never created).
+        self.store.after_commit(partial(
+            log.info, "weave %s created for tenant %s: %s > %s, %s Mbit/s, profile %s, "
+            "until %s, %s", weave.id, weave.requester_tenant, weave.requester, weave.target,
+            weave.bandwidth_mbps, weave.profile, weave.expires_at, weave.state.value))
         self.emit({"type": "weave.state", "weave": record})
         if self.parts:
             self._waiting[weave.id] = {p.name for p in self.parts}
@@ -565,6 +596,7 @@ class Weaver:
         del self._waiting[weave_id]
         self._provision_deadline.pop(weave_id, None)
         if active is not None:
+            log.info("weave %s active: every part built it", weave_id)
             self.live[weave_id] = active
             self.emit({"type": "weave.state", "weave": active.to_dict()})
 
@@ -710,6 +742,7 @@ class Weaver:
             self._audit("weave.reroute", "rerouted", weave=moved, actor=SYSTEM,
                         detail=self._describe(moved))
         self.live[weave.id] = moved
+        log.info("weave %s rerouted: %s (was %s)", weave.id, moved.paths, weave.paths)
         self.emit({"type": "weave.rerouted", "weave": moved.to_dict(),
                    "old_paths": [list(p) for p in weave.paths]})
         self._tell_moved(moved, weave)
@@ -721,9 +754,9 @@ class Weaver:
         """Switch to a new (already validated) policy. Weaves that either side no longer
         allows end now (policy_withdrawn); caps apply from the next request or extension."""
         self.policy = policy
+        loaded = f"{len(policy.ivns)} IVNs from {', '.join(policy.sources)}"
         with self.store.transaction():
-            self._audit("policy.reload", "applied", actor=actor,
-                        detail=f"{len(policy.ivns)} IVNs from {', '.join(policy.sources)}")
+            self._audit("policy.reload", "applied", actor=actor, detail=loaded)
         ended = []
         for weave in list(self.live.values()):
             withdrawn = self._end_if_withdrawn(weave, actor)
@@ -740,7 +773,26 @@ class Weaver:
                     changed()
                 except Exception:
                     log.exception("part %s.policy_changed() raised", part.name)
+        withdrawn = [w.id for w in ended]
+        log.info("policy reload applied: %s; %s", loaded,
+                 f"withdrew {', '.join(withdrawn)}" if withdrawn else "no weave withdrawn")
+        self.emit({"type": "policy.reload", "outcome": "applied", "detail": loaded,
+                   "withdrawn": withdrawn})
         return ended
+
+    def policy_refused(self, problems: list[str], actor: Actor = SYSTEM) -> None:
+        """Record a policy reload that was refused (the running policy stays): an audit
+        record and an event with its problems, at most MAX_RECORDED_PROBLEMS of them, each
+        cut to MAX_PROBLEM_CHARS (the caller logs them all)."""
+        kept = recorded_problems(problems)
+        detail = (f"{len(problems)} problem{'' if len(problems) == 1 else 's'}, the running "
+                  "policy stays" + (f" (the first {len(kept)} recorded)"
+                                    if len(kept) < len(problems) else ""))
+        with self.store.transaction():
+            self._audit("policy.reload", "refused", actor=actor, detail=detail,
+                        problems=kept)
+        self.emit({"type": "policy.reload", "outcome": "refused", "detail": detail,
+                   "problems": kept})
 
     def _end_if_withdrawn(self, weave: Weave, actor: Actor) -> Weave | None:
         """End a live weave the policy no longer allows (policy_withdrawn); None if allowed."""
@@ -778,10 +830,12 @@ class Weaver:
 
     def _end(self, weave: Weave, state: State, reason: str, actor: Actor, *,
              detail: str | None = None, request_id: str | None = None,
-             tell_parts: bool = True, tenant_detail: str | None = None) -> Weave:
+             tell_parts: bool = True, tenant_detail: str | None = None,
+             ended_at: datetime | None = None) -> Weave:
         """Release everything a weave holds: durable record first, then the data plane. A
         terminated weave stays `terminating` until the parts that confirm teardown have; a
-        failed one is failed at once, but its slots too wait for those confirmations."""
+        failed one is failed at once, but its slots too wait for those confirmations.
+        `ended_at`: when it ended, if not now (a lease that ran out while NWC was down)."""
         if self._batch is not None:
             raise RuntimeError("a weave cannot end inside an admission batch (it could not "
                                "be undone if the batch's commit failed)")
@@ -802,7 +856,8 @@ class Weaver:
         holding = bool(confirming) or unattended
         tearing = state is State.TERMINATED and holding
         ended = weave.with_(state=State.TERMINATING if tearing else state, reason=reason,
-                            ended_at=now, ended_by=_ended_by(actor))
+                            ended_at=now if ended_at is None else ended_at,
+                            ended_by=_ended_by(actor))
         with self.store.transaction():
             # Recorded, so that a restart before the parts confirm goes on holding its slots
             # (a failed weave's state cannot say so, a terminating one's already does).
@@ -814,6 +869,9 @@ class Weaver:
                         "weave.terminate" if outcome == "released" else "weave.fail",
                         outcome, weave=ended, actor=actor, request_id=request_id,
                         reason=reason, detail=detail)
+        # Who ended it as its parties may read it (never the name of a token).
+        log.info("weave %s %s (%s) by %s%s%s", weave.id, ended.state.value, reason,
+                 ended.ended_by, ": " if detail else "", detail or "")
         self.fabric.release(weave.id)
         self.leases.remove(weave.id)
         self._waiting.pop(weave.id, None)
@@ -903,6 +961,8 @@ class Weaver:
         self._inherited.discard(weave_id)
         self._give_slots(record)
         if terminating:
+            log.info("weave %s terminated: its data plane is gone%s", weave_id,
+                     " (not confirmed by every part)" if detail else "")
             self.emit({"type": "weave.state", "weave": done.to_dict(), "detail": detail})
         if waiting:
             self.emit({"type": "weave.teardown_unconfirmed", "weave_id": weave_id,
@@ -955,6 +1015,13 @@ class Weaver:
             if value is not None:
                 body[key] = value
         self.store.audit(body)
+
+
+def recorded_problems(problems: list[str]) -> list[str]:
+    """The problems of a refused reload as recorded: the first MAX_RECORDED_PROBLEMS, each
+    cut to MAX_PROBLEM_CHARS."""
+    return [p if len(p) <= MAX_PROBLEM_CHARS else p[:MAX_PROBLEM_CHARS - 1] + "…"
+            for p in problems[:MAX_RECORDED_PROBLEMS]]
 
 
 def _ended_by(actor: Actor) -> str:

@@ -26,7 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from nwc.cli import silence_stdout, tcp_port
+from nwc.config import SHIPPED_POLICIES
 from nwc.lab.provider import ClientError, ProviderLab
+from nwc.topology import Topology
+from nwc.yamlsource import ConfigError
 
 RATE_MBPS = 10
 LEASE_S = 50  # long enough for the traffic of steps 4-6 (about 30 s) with room to spare
@@ -208,15 +211,58 @@ def _settle(read: Callable[[], dict], timeout: float = 10) -> dict:
 
 
 def cli(lab: ProviderLab) -> None:
-    from mininet.cli import CLI
-
     tokens = {who: lab.token(who) for who in (*sorted(lab.policy.tenants), "admin")}
     for line in connection_help(lab.api_url, lab.state_dir, tokens):
         print(line)
-    print("Mininet CLI: VMs are " + ", ".join(sorted(lab.topo.vms)) + "; compute hosts "
-          + ", ".join(sorted(lab.topo.hosts)) + " (e.g. `web1 ping 192.0.2.70`, "
-          "`h1 ovs-ofctl -O OpenFlow13 dump-flows br-int`). exit tears the lab down.")
-    CLI(lab.net)
+    print(cli_banner(lab.topo))
+    lab_cli_class(lab)(lab.net)
+
+
+def cli_banner(topo: Topology) -> str:
+    """What the Mininet CLI of the lab offers, named from the topology."""
+    a, b = next(((link.a, link.b) for link in sorted(topo.links, key=lambda k: k.key)
+                 if link.a in topo.switches and link.b in topo.switches),
+                next((link.a, link.b) for link in topo.links))
+    return ("Mininet CLI: VMs are " + ", ".join(sorted(topo.vms)) + "; compute hosts "
+            + ", ".join(sorted(topo.hosts)) + " (e.g. `web1 ping 192.0.2.70`, "
+            "`h1 ovs-ofctl -O OpenFlow13 dump-flows br-int`); fabric switches "
+            + ", ".join(sorted(topo.switches)) + f", not Mininet nodes: `fabric-link {a} {b} "
+            "down` (or up) cuts a fabric link at both ends. exit tears the lab down.")
+
+
+def lab_cli_class(lab: ProviderLab) -> type:
+    """Mininet's CLI with `fabric-link` for the lab's fabric (Mininet is imported here: the
+    unit tier must not need it)."""
+    from mininet.cli import CLI
+    from mininet.log import error, output
+
+    from nwc.lab import fabriclink
+    from nwc.lab.netns import run
+
+    def fabric_link(line: str) -> str:
+        return fabriclink.fabric_link(line, lab.topo, lab.fabric.ns.name,
+                                      {name: h.ns.name for name, h in lab.hosts.items()}, run)
+
+    class LabCli(CLI):  # type: ignore[misc]
+        def precmd(self, line: str) -> str:
+            return fabriclink.command_line(super().precmd(line))
+
+        def do_fabric_link(self, line: str) -> None:
+            """Take a fabric link down (or up) at both ends, as a cut cable would.
+            Usage: fabric-link NODE NODE down|up (switches, or a switch and a compute host)"""
+            try:
+                output(fabric_link(line) + "\n")
+            except (ValueError, RuntimeError) as exc:  # a bad line, a command that failed
+                error(f"{exc}\n")
+
+        def do_link(self, line: str) -> None:
+            hint = fabriclink.mininet_link_hint(line, lab.topo)
+            if hint is None:
+                super().do_link(line)
+            else:
+                error(hint + "\n")
+
+    return LabCli
 
 
 EXAMPLE_TENANT = "acme"  # owns acme-web, the requester in the example command
@@ -294,7 +340,14 @@ def cmd_lab(args: argparse.Namespace) -> int:
         print(f"lab: 127.0.0.1:{args.api_port} is in use: choose another --api-port",
               file=sys.stderr)
         return 1
-    lab = ProviderLab(args.topology, api_port=args.api_port)
+    # Checked as `nwc run` checks them, before anything is built.
+    policy = [p.resolve() for p in args.policy] if args.policy else [SHIPPED_POLICIES]
+    lab = ProviderLab(args.topology, policy_paths=policy, api_port=args.api_port)
+    try:
+        lab.load()
+    except ConfigError as exc:
+        print(f"lab: configuration refused:\n{exc}", file=sys.stderr)
+        return 1
     story = Story()
     with ended_cleanly_on_signals():
         try:
@@ -344,4 +397,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "DIR (new or empty; made mode 0700) before the lab is removed")
     p.add_argument("--api-port", type=tcp_port, default=None,
                    help="the REST API's port on 127.0.0.1 (default: a free one)")
+    p.add_argument("--policy", type=Path, action="append", default=None,
+                   help=f"policy file or directory for the lab's NWC, checked as nwc run "
+                        f"checks it (repeatable; default {SHIPPED_POLICIES})")
     p.set_defaults(func=cmd_lab)

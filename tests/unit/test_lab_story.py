@@ -13,9 +13,12 @@ import pytest
 
 import nwc.lab.story as story_module
 from nwc.audit import describe
+from nwc.cli import build_parser
+from nwc.lab.fabriclink import FabricLinkUsage, command_line, fabric_link, mininet_link_hint
 from nwc.lab.netns import Lab
 from nwc.lab.provider import ProviderLab
 from nwc.lab.story import (
+    cli_banner,
     connection_help,
     frame_counts,
     lab_heading,
@@ -132,3 +135,59 @@ def test_lab_refuses_a_keep_state_that_is_a_file(
     assert code == 1
     assert f"lab: {kept} is not a directory: give --keep-state a new or empty directory" in \
         capsys.readouterr().err
+def test_fabric_link_takes_both_ends_of_a_link_down_or_up(leaf_spine) -> None:
+    ran: list[list[str]] = []
+    hosts = {name: f"nw1-{name}" for name in leaf_spine.hosts}
+    said = fabric_link("leaf1 spine1 down", leaf_spine, "nw1-fabric", hosts, ran.append)
+    assert ran == [["ip", "netns", "exec", "nw1-fabric", "ip", "link", "set", "dev",
+                    "leaf1-spine1", "down"],
+                   ["ip", "netns", "exec", "nw1-fabric", "ip", "link", "set", "dev",
+                    "spine1-leaf1", "down"]]
+    assert said.startswith("link leaf1-spine1 down at both ends")
+    # A compute host's end is its uplink, in its own namespace.
+    host, switch = next((link.a, link.b) if link.a in leaf_spine.hosts else (link.b, link.a)
+                        for link in leaf_spine.links
+                        if link.a in leaf_spine.hosts or link.b in leaf_spine.hosts)
+    ran.clear()
+    fabric_link(f"{host} {switch} up", leaf_spine, "nw1-fabric", hosts, ran.append)
+    assert ran == [["ip", "netns", "exec", f"nw1-{host}", "ip", "link", "set", "dev", "ul0",
+                    "up"],
+                   ["ip", "netns", "exec", "nw1-fabric", "ip", "link", "set", "dev",
+                    f"{switch}-{host}"[:15], "up"]]
+
+
+@pytest.mark.parametrize(("line", "says"), [
+    ("leaf1 spine1", "usage: fabric-link"),
+    ("leaf1 spine1 sideways", "usage: fabric-link"),
+    ("leaf1 spine1 down now", "usage: fabric-link"),
+    ("leaf1 nosuch down", "nosuch is not a fabric switch or compute host"),
+    ("web1 leaf1 down", "web1 is a VM"),
+    ("leaf1 leaf2 down", "no link between leaf1 and leaf2"),
+])
+def test_fabric_link_refuses_what_is_not_a_fabric_link_and_runs_nothing(
+        leaf_spine, line: str, says: str) -> None:
+    ran: list[list[str]] = []
+    with pytest.raises(FabricLinkUsage, match=says):
+        fabric_link(line, leaf_spine, "nw1-fabric", {}, ran.append)
+    assert ran == []
+
+
+def test_the_cli_reads_fabric_link_and_points_mininets_link_to_it(small) -> None:
+    assert command_line("fabric-link s1 s2 down") == "fabric_link s1 s2 down"
+    assert command_line("web1 ping -c1 fabric-link") == "web1 ping -c1 fabric-link"
+    assert "fabric-link s1 s2 down" in mininet_link_hint("s1 s2 down", small)
+    assert mininet_link_hint("web1 h1 down", small) is None  # a Mininet link: Mininet's
+    assert "`fabric-link s1 s2 down`" in cli_banner(small)
+
+
+def test_lab_refuses_a_policy_nwc_run_would_refuse_before_building_anything(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
+    def must_not_start(*_: Any, **__: Any) -> None:
+        raise AssertionError("the lab was started")
+
+    monkeypatch.setattr(ProviderLab, "start", must_not_start)
+    (tmp_path / "ivns.yaml").write_text("version: 1\nivns: [unclosed\n")
+    args = build_parser().parse_args(["lab", "small", "--policy", str(tmp_path)])
+    assert args.func(args) == 1
+    err = capsys.readouterr().err
+    assert "lab: configuration refused" in err and "ivns.yaml" in err
