@@ -16,6 +16,8 @@ import schemathesis
 from api_harness import Harness
 from hypothesis import HealthCheck, settings
 from schemathesis.config import SchemathesisConfig
+from schemathesis.generation.meta import ParameterLocation
+from schemathesis.specs.openapi.checks import negative_data_rejection
 
 from nwc.api import ApiSettings, create_app
 from nwc.audit import verify_chain
@@ -81,7 +83,13 @@ def fuzzed(make_harness: Callable[..., Harness]) -> Iterator[Harness]:
 @settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None,
           suppress_health_check=list(HealthCheck))
 def test_no_server_errors_and_answers_match_the_schema(case: Any, fuzzed: Harness) -> None:
-    response = case.call_and_validate(headers=fuzzed.auth("admin"))
+    # The only header the schema has is Authorization, and this test always sends it: a case
+    # generated without it (to see it refused) is not invalid as sent, and judging it as
+    # invalid data the API accepted failed the test now and then. Missing and bad tokens have
+    # their own tests (test_api_authorization.py).
+    excluded = [negative_data_rejection] if case.meta is not None and \
+        case.meta.is_negative_at(ParameterLocation.HEADER) else []
+    response = case.call_and_validate(headers=fuzzed.auth("admin"), excluded_checks=excluded)
     assert response.status_code < 500
 
 
