@@ -37,6 +37,8 @@ from nwc.ike import IkeError, IkeNoAnswer, IkeUnavailable, InitiateResult, is_ha
 from nwc.pki import LegKey, Secret, write_private
 from nwc.tunnel import (
     AGENT_ACK_KEY,
+    AGENT_ALIVE_KEY,
+    AGENT_HEARTBEAT_S,
     NO_ACK_YET,
     RECORD_PREFIX,
     RECORDS_VERSION_KEY,
@@ -237,7 +239,8 @@ class Agent:
                  underlay_device: str, state_dir: Path | None = None,
                  submit: Submit | None = None, clock: Callable[[], float] = time.monotonic,
                  initiate_timeout_s: float = 10.0,
-                 compact_db: Callable[[], None] | None = None) -> None:
+                 compact_db: Callable[[], None] | None = None,
+                 heartbeat_s: float = AGENT_HEARTBEAT_S) -> None:
         if backend not in ("strongswan", "ovs-ipsec"):
             raise ValueError(f"unknown backend {backend!r}")
         self.db, self.ike, self.net = db, ike, net
@@ -259,6 +262,9 @@ class Agent:
         self._host_key: LegKey | None = None  # ovs-ipsec x509: one key per host
         self._host_files: tuple[bytes, bytes, bytes] | None = None  # what is on disk for it
         self._ovs_keys_set: set[str] = set()  # other_config keys this agent added
+        self.heartbeat_s = heartbeat_s
+        self._beat = 0  # the heartbeat counter last written
+        self._next_beat = float("-inf")  # when (self.clock) the next one is due
 
     def _thread_submit(self, fn: Callable[[], InitiateResult]
                        ) -> concurrent.futures.Future[InitiateResult]:
@@ -397,6 +403,7 @@ class Agent:
             # In the same transaction as this pass's statuses: the controller reads "acted on
             # this version, and here is what came of it" at once, never the ack alone.
             writes[AGENT_ACK_KEY] = str(version)
+        writes.update(self._heartbeat(ids))
         if writes or deletes:
             self.db.update_external_ids(writes, [d for d in deletes if d not in writes])
         if removed and self.compact_db is not None:
@@ -404,6 +411,18 @@ class Agent:
                 self.compact_db()
             except Exception as exc:
                 log.warning("could not compact the OVSDB log: %s", exc)
+
+    def _heartbeat(self, ids: Mapping[str, str]) -> dict[str, str]:
+        """The heartbeat to write with this pass, when one is due: written at the end of a
+        pass, it says the passes go on (one stuck on charon or the kernel stops it too). The
+        count goes on from what the host holds, so a restarted agent's first beat is a change
+        as well."""
+        now = self.clock()
+        if now < self._next_beat:
+            return {}
+        self._next_beat = now + self.heartbeat_s
+        self._beat = max(self._beat, parse_version(ids.get(AGENT_ALIVE_KEY)) or 0) + 1
+        return {AGENT_ALIVE_KEY: str(self._beat)}
 
     def _adopt(self, statuses: Mapping[str, str]) -> None:
         """After a restart: take back the legs this agent had built (their status keys carry

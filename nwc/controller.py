@@ -49,6 +49,9 @@ class Controller:
     # the tunnel part: IKE/CHILD SA state and rekeys). Sources must not block for long.
     stats_sources: list[Callable[[Weave], dict[str, Any]]] = field(default_factory=list,
                                                                    init=False)
+    # Each host's OVSDB and agent as the tunnel part judged them last (host -> an object with
+    # `ovsdb_up` and `agent_up`, None while not known: nwc.hostwatch.HostHealth), for metrics.
+    host_sources: list[Callable[[], dict[str, Any]]] = field(default_factory=list, init=False)
     # The TLS certificates `nwc run` was given (nwc.certexpiry), read again at each scrape.
     cert_watch: CertWatch | None = field(default=None, init=False)
 

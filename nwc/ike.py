@@ -328,7 +328,10 @@ def _sa_info(ike: dict[str, Any]) -> SaInfo:
         encryption=_text(child.get("encr-alg")) if child and "encr-alg" in child else None,
         key_bits=num("encr-keysize") or None,
         integrity=_text(child.get("integ-alg")) if child and "integ-alg" in child else None,
-        dh_group=_text(child.get("dh-group")) if child and "dh-group" in child else None,
+        # A CHILD SA lists a group only when it was made with PFS; the key exchange of an
+        # SA without is the IKE SA's (charon's list-sas puts it there).
+        dh_group=_text(child["dh-group"]) if child and "dh-group" in child
+        else _text(ike["dh-group"]) if "dh-group" in ike else None,
         bytes_in=num("bytes-in"), bytes_out=num("bytes-out"),
         packets_in=num("packets-in"), packets_out=num("packets-out"),
         installed_s=num("install-time"),

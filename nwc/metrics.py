@@ -11,6 +11,8 @@ process, or a test, may build many apps. Three kinds of metric:
 - read at scrape time from the data-plane parts through `controller.weave_stats` (keys are
   the contract in docs/design.md, "Per-weave measurements"): bytes, packets and meter drops
   each way, IKE SA state and rekeys. A key a part does not report is simply not exported;
+- read at scrape time from the tunnel part (`controller.host_sources`): whether each host's
+  OVSDB answers and its agent's heartbeat goes on;
 - read at scrape time from disk: the expiry of each TLS certificate `nwc run` was given
   (`nwc.certexpiry`), so a renewed file shows at the next scrape.
 """
@@ -42,7 +44,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # The two directions of a weave, as label values and as the suffixes of the stats keys.
 DIRECTIONS = ("requester_to_target", "target_to_requester")
 # IKE SA states a tunnel part reports (`sa_state`); anything else is exported as "unknown".
-SA_STATES = ("established", "connecting", "rekeying", "down")
+SA_STATES = ("established", "connecting", "rekeying", "down", "unknown")
 _LABEL_SAFE = re.compile(r"[a-z][a-z0-9_]{0,31}")
 
 ADMISSION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -124,6 +126,25 @@ class ControllerCollector(Collector):
         yield from self._weaves(snap)
         yield from self._links(snap.links)
         yield from self._measurements(snap.live)
+        yield from self._hosts()
+
+    def _hosts(self) -> Iterator[Metric]:
+        ovsdb = GaugeMetricFamily("nwc_host_ovsdb_up", "1 if the controller reads the host's "
+                                  "OVSDB", labels=["host"])
+        agent = GaugeMetricFamily("nwc_host_agent_up", "1 if the host's agent's heartbeat "
+                                  "goes on, 0 if it stopped; absent while the host's OVSDB "
+                                  "cannot be read (not known)", labels=["host"])
+        for source in self.controller.host_sources:
+            try:
+                hosts = source()
+            except Exception:
+                log.exception("metrics: host source %s failed", source)
+                continue
+            for host, health in sorted(hosts.items()):
+                ovsdb.add_metric([host], 1 if health.ovsdb_up else 0)
+                if health.agent_up is not None:
+                    agent.add_metric([host], 1 if health.agent_up else 0)
+        yield from (ovsdb, agent)
 
     @staticmethod
     def _weaves(snap: ControllerSnapshot) -> Iterator[Metric]:

@@ -54,6 +54,12 @@ STATUS_PREFIX = "nwc-status-"
 RECORDS_VERSION_KEY = "nwc-records-version"
 AGENT_ACK_KEY = "nwc-agent-ack"
 NO_ACK_YET = -1
+# The agent proves it is alive: it raises the counter under AGENT_ALIVE_KEY every
+# AGENT_HEARTBEAT_S, in the transaction of the pass that is then under way (one small write
+# per interval, not per pass). The controller judges only whether the value changes, on its
+# own clock (nwc.hostwatch): the host's clock is never compared with the controller's.
+AGENT_ALIVE_KEY = "nwc-agent-alive"
+AGENT_HEARTBEAT_S = 3.0
 # Records and statuses come from another machine's OVSDB. A real one is a few kB (a CSR or two
 # certificates at most); anything far larger is refused before parsing.
 MAX_JSON_CHARS = 65536
@@ -61,7 +67,8 @@ MAX_JSON_CHARS = 65536
 UNDERLAY = "@underlay"
 
 def parse_version(text: str | None) -> int | None:
-    """A records version or an agent's ack as written in OVSDB (None: absent or not one)."""
+    """A records version, an agent's ack or its heartbeat counter as written in OVSDB (None:
+    absent or not one)."""
     if text is None or not re.fullmatch(r"-?\d{1,18}", text):
         return None
     value = int(text)

@@ -40,6 +40,7 @@ from typing import Any, Protocol
 from nwc.admission import life_ends_at
 from nwc.counters import CarriedCounters
 from nwc.hostdb import HostDb, OvsdbConfigError, ServerIdentityError, configure_targets
+from nwc.hostwatch import AGENT_SILENT_S, HostHealth, HostWatch
 from nwc.ovsdbtls import ServerIdentity
 from nwc.pipeline import INTEGRATION_BRIDGE
 from nwc.pki import CaExpired, CertificateAuthority, CsrRejected, Secret, new_psk
@@ -84,6 +85,7 @@ class Reports(Protocol):
     def failed(self, weave_id: str, detail: str) -> None: ...
     def security(self, weave_id: str, kind: str, detail: str) -> None: ...
     def down(self, weave_id: str) -> None: ...
+    def host(self, host: str, kind: str, up: bool, detail: str) -> None: ...
 
 
 class HostDbLike(Protocol):
@@ -115,6 +117,13 @@ class WeaverReports:
     def down(self, weave_id: str) -> None:
         c = self.controller
         c.loop.post(c.weaver.part_down, weave_id, PART_NAME)
+
+    def host(self, host: str, kind: str, up: bool, detail: str) -> None:
+        """A host's agent (`host.agent`) or OVSDB (`host.ovsdb`) stopped answering or
+        answers again: an event for operators (it concerns no tenant), on a change only."""
+        c = self.controller
+        c.loop.post(c.weaver.emit, {"type": f"host.{kind}", "host": host, "up": up,
+                                    "detail": detail})
 
 
 @dataclass
@@ -296,7 +305,9 @@ class Tunnels:
                  db_factory: Callable[[str], HostDbLike] | None = None,
                  poll_interval: float = 0.1, bridge: str = INTEGRATION_BRIDGE,
                  now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
-                 io_wait_s: float = IO_WAIT_S) -> None:
+                 io_wait_s: float = IO_WAIT_S,
+                 monotonic: Callable[[], float] = time.monotonic,
+                 agent_silent_s: float = AGENT_SILENT_S) -> None:
         self.topology = topology
         self.policy = policy
         self.ca = ca
@@ -306,6 +317,11 @@ class Tunnels:
         self.bridge = bridge
         self.now = now
         self.io_wait_s = io_wait_s
+        self.monotonic = monotonic
+        # Whether each host's OVSDB answers and its agent's heartbeat goes on: judged on the
+        # part's thread, read by `stats` and `waiting_on` from others (under `_lock`).
+        self._watch = HostWatch(agent_silent_s)
+        self._health: dict[str, HostHealth] = {}
         # Whose certificate each ssl: server must present (nwc.ovsdbtls has the rule).
         self._identities = {
             target: ServerIdentity.of_host(
@@ -438,6 +454,7 @@ class Tunnels:
             if held is None:
                 return {}
             legs = []
+            fresh_down = stale = False
             for leg in held.legs.values():
                 ends = {}
                 for end in leg.ends():
@@ -445,8 +462,17 @@ class Tunnels:
                     sa = st.sa if st else None
                     counted = (weave.id, leg.key, end.host)
                     bytes_in, bytes_out = self._sa_bytes.total(counted)
+                    # What a host reported while its agent or OVSDB no longer answers is
+                    # the past: shown, and said to be.
+                    health = self._health.get(end.host)
+                    problem = health.problem() if health is not None else None
+                    stale = stale or problem is not None
+                    # Not `installed`: an SA being replaced still carries the traffic.
+                    fresh_down = fresh_down or (problem is None and not _end_up(st))
                     ends[end.host] = {
                         "phase": st.phase.value if st else "pending",
+                        "stale": problem is not None,
+                        "stale_reason": problem,
                         "ike_state": sa.ike_state if sa else None,
                         "child_state": sa.child_state if sa else None,
                         "encryption": sa.encryption if sa else None,
@@ -462,12 +488,12 @@ class Tunnels:
                              "rekeying": any(_rekeying(leg.statuses.get(e.host))
                                              for e in leg.ends()),
                              "ends": ends})
-            # Not `installed`: an SA being replaced still carries the traffic, encrypted.
-            up = all(leg.up() for leg in held.legs.values())
         if not legs:
             return {}  # every leg inside one host: nothing to measure, so nothing reported
-        if not up:
+        if fresh_down:
             state = "down" if held.ready else "connecting"
+        elif stale:
+            state = "unknown"  # the ends that answer are up; the others may be, or not
         elif any(leg["rekeying"] for leg in legs):
             state = "rekeying"
         else:
@@ -475,6 +501,36 @@ class Tunnels:
         return {"sa_state": state,
                 "rekeys": sum(e["rekeys"] for leg in legs for e in leg["ends"].values()),
                 "tunnel_legs": legs}
+
+    def waiting_on(self, weave_id: str) -> str | None:
+        """What the part still waits for with a weave, host by host, and why where known
+        (the weaver puts it in its timeout details): a weave being built waits for leg ends
+        without their SA installed, one being torn down for its hosts to confirm legs gone.
+        None when it waits for nothing."""
+        waits: dict[str, list[str]] = {}
+        with self._lock:
+            held = self._weaves.get(weave_id)
+            if held is not None:
+                for leg in held.legs.values():
+                    for end in leg.ends():
+                        st = leg.statuses.get(end.host)
+                        if not _end_up(st):
+                            phase = st.phase.value if st else "not reported yet"
+                            waits.setdefault(end.host, []).append(f"leg {leg.key} {phase}")
+            else:
+                for host, key in sorted(self._tearing.get(weave_id, ())):
+                    waits.setdefault(host, []).append(f"leg {key} not confirmed removed")
+            health = dict(self._health)
+        said = []
+        for host, what in sorted(waits.items()):
+            problem = health[host].problem() if host in health else None
+            said.append(f"{host}{', ' + problem if problem else ''}: {', '.join(what)}")
+        return "; ".join(said) or None
+
+    def host_health(self) -> dict[str, HostHealth]:
+        """Each host's OVSDB and agent as last judged (hosts not read yet are left out)."""
+        with self._lock:
+            return dict(self._health)
 
     def drained(self) -> bool:
         """Whether every torn-down leg is confirmed gone by its hosts' agents."""
@@ -525,6 +581,7 @@ class Tunnels:
         current: dict[str, dict[str, str]] = {
             host: ids for host, ids in self._collect(reads).items() if ids is not None}
         reports: list[Callable[[], None]] = []
+        self._judge_hosts(hosts, current, reports)
         with self._lock:
             for held in weaves:
                 if held.weave.id not in self._weaves:
@@ -570,6 +627,28 @@ class Tunnels:
         self._collect(writes)  # a write that did not land is redone from the next read
         for report in reports:
             report()
+
+    def _judge_hosts(self, hosts: set[str], current: Mapping[str, Mapping[str, str]],
+                     reports: list[Callable[[], None]]) -> None:
+        """Whether each host's OVSDB answered and its agent's heartbeat goes on (on this
+        part's clock): said once per change, in the log and as a report."""
+        mono, wall = self.monotonic(), self.now()
+        health = {}
+        for host in sorted(hosts):
+            for change in self._watch.observe(host, current.get(host), mono, wall):
+                what = "agent" if change.kind == "agent" else "OVSDB"
+                if change.up:
+                    log.info("host %s: %s answers again: %s", host, what, change.detail)
+                else:
+                    log.warning("host %s: %s not answering: %s; what it last reported is "
+                                "shown as stale", host, what, change.detail)
+                reports.append(lambda c=change: self.reports.host(c.host, c.kind, c.up,
+                                                                  c.detail))
+            known = self._watch.health(host)
+            if known is not None:
+                health[host] = known
+        with self._lock:
+            self._health = health
 
     def _link(self, host: str) -> _HostLink | None:
         link = self._links.get(host)
@@ -830,6 +909,7 @@ def tunnels_for(controller: Any, ovsdb_targets: Mapping[str, str] | None = None,
     part = Tunnels(topology=topology, policy=lambda: controller.weaver.policy, ca=ca,
                    reports=WeaverReports(controller), ovsdb_targets=targets, **kwargs)
     controller.stats_sources.append(part.stats)
+    controller.host_sources.append(part.host_health)
     return part
 
 

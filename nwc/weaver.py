@@ -83,7 +83,10 @@ class Part(Protocol):
     long; a part reports a built weave with `Weaver.part_ready` (posted to the loop). A part
     whose `confirms_teardown` is true also reports, with `Weaver.part_down` (posted to the
     loop), when a terminated weave is gone from everything it programs; until every such part
-    has, the weave is `terminating`."""
+    has, the weave is `terminating`. A part may also say what it still waits for with a
+    weave (`waiting_on(weave_id) -> str | None`, optional, called on the loop: it must not
+    block), which the weaver puts in the details of a provision timeout and of a teardown
+    nobody confirmed."""
 
     name: str
 
@@ -642,7 +645,7 @@ class Weaver:
         for weave_id, deadline in list(self._provision_deadline.items()):
             weave = self.live.get(weave_id)
             if weave is not None and deadline <= mono:
-                missing = ", ".join(sorted(self._waiting.get(weave_id, ())))
+                missing = self._waiting_on(weave_id, self._waiting.get(weave_id, ()))
                 try:
                     ended.append(self._end(
                         weave, State.FAILED, EndReason.PROVISION_TIMEOUT.value, SYSTEM,
@@ -938,7 +941,7 @@ class Weaver:
         timeout = self.teardown_timeout.total_seconds()
         if waiting:
             detail = (f"teardown not confirmed within {timeout:g} s by: "
-                      f"{', '.join(sorted(waiting))} (resynced when they answer)")
+                      f"{self._waiting_on(weave_id, waiting)} (resynced when they answer)")
             log.warning("weave %s: %s", weave_id, detail)
         elif weave_id in self._unattended:
             detail = (f"teardown not confirmed: no part that confirms teardowns attached "
@@ -966,8 +969,24 @@ class Weaver:
             self.emit({"type": "weave.state", "weave": done.to_dict(), "detail": detail})
         if waiting:
             self.emit({"type": "weave.teardown_unconfirmed", "weave_id": weave_id,
-                       "parts": sorted(waiting)})
+                       "parts": sorted(waiting), "detail": detail})
         return done if terminating else None
+
+    def _waiting_on(self, weave_id: str, names: Iterable[str]) -> str:
+        """The parts named, each with what it says it still waits for (`waiting_on`), so a
+        timeout names the host or switch at fault, not only the part."""
+        said = []
+        for name in sorted(names):
+            part = next((p for p in self.parts if p.name == name), None)
+            describe = getattr(part, "waiting_on", None)
+            what = None
+            if describe is not None:
+                try:
+                    what = describe(weave_id)
+                except Exception:  # the timeout goes on, less precise
+                    log.exception("part %s could not say what it waits for", name)
+            said.append(f"{name} ({what})" if what else name)
+        return ", ".join(said)
 
     def _tell(self, weave: Weave, method: str, parts: Iterable[Part] | None = None) -> None:
         # The data plane follows the durable record: inside a transaction, after its commit.

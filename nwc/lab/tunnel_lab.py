@@ -30,7 +30,7 @@ from nwc.lab.ovs import PrivateOvs
 from nwc.lab.strongswan import PrivateCharon, start_agent
 from nwc.pipeline import INTEGRATION_BRIDGE, leg_ofport
 from nwc.topology import Topology
-from nwc.tunnel import AGENT_ACK_KEY, RECORDS_VERSION_KEY
+from nwc.tunnel import AGENT_ACK_KEY, AGENT_ALIVE_KEY, RECORDS_VERSION_KEY
 
 UNDERLAY_DEV = "ul0"
 
@@ -102,12 +102,14 @@ class EmulatedHost:
         return state
 
     def _external_ids(self) -> dict[str, str]:
-        """The Open_vSwitch row's external_ids, less the records version and the agent's ack:
-        those stay once written (versions only grow), and name nothing of any weave."""
+        """The Open_vSwitch row's external_ids, less the records version, the agent's ack
+        and its heartbeat: those stay once written (they only grow), and name nothing of any
+        weave."""
         table = json.loads(self.ovs.vsctl("--format=json", "--columns=external_ids", "list",
                                           "open_vswitch"))
         (_, pairs), = table["data"][0]
-        return {k: v for k, v in pairs if k not in (RECORDS_VERSION_KEY, AGENT_ACK_KEY)}
+        return {k: v for k, v in pairs
+                if k not in (RECORDS_VERSION_KEY, AGENT_ACK_KEY, AGENT_ALIVE_KEY)}
 
 
 @dataclass

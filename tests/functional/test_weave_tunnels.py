@@ -36,6 +36,7 @@ from nwc.pki import CertificateAuthority, LegKey, Secret
 from nwc.topology import parse_topology_text
 from nwc.tunnel import (
     AGENT_ACK_KEY,
+    AGENT_ALIVE_KEY,
     RECORD_PREFIX,
     RECORDS_VERSION_KEY,
     STATUS_PREFIX,
@@ -256,6 +257,41 @@ def test_a_teardown_whose_delete_the_peer_never_answers_logs_no_error(world: Wor
         assert not errors, f"the agent of {name} logged errors: {errors}"
 
 
+def test_a_stopped_agent_is_noticed_and_its_ends_shown_stale(world: World) -> None:
+    """Found by a resilience tester: with h1's agent gone, no event, log line or metric said
+    so, and the weave's stats kept showing h1's last status as current."""
+    from nwc.metrics import Metrics
+
+    weave = world.up()
+    c = world.controller
+    pid = world.tl.hosts["h1"].agent_pid
+    assert pid is not None
+    seen = len(world.events)
+
+    def agent_events() -> list[tuple[str, bool]]:
+        return [(e["host"], e["up"]) for e in list(world.events)[seen:]
+                if e.get("type") == "host.agent"]
+
+    os.kill(pid, signal.SIGSTOP)  # as good as dead to the controller, and can go on after
+    try:
+        wait_for(lambda: agent_events() == [("h1", False)], 30,
+                 "the controller to notice h1's agent stopped")
+        end = c.weave_stats(weave)["tunnel_legs"][0]["ends"]
+        assert end["h1"]["stale"] and end["h1"]["stale_reason"].startswith(
+            "agent unresponsive since")
+        assert not end["h2"]["stale"]
+        metrics = Metrics(c).exposition().decode()
+        assert 'nwc_host_agent_up{host="h1"} 0.0' in metrics
+        assert 'nwc_host_agent_up{host="h2"} 1.0' in metrics
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    wait_for(lambda: agent_events() == [("h1", False), ("h1", True)], 30,
+             "the controller to see h1's agent back")
+    assert not c.weave_stats(weave)["tunnel_legs"][0]["ends"]["h1"]["stale"]
+    world.end(weave)
+    world.assert_pristine()
+
+
 def test_a_wrong_key_gives_no_tunnel_and_a_security_event(world: World) -> None:
     tl = world.tl
     h1, h2 = tl.hosts["h1"], tl.hosts["h2"]
@@ -386,8 +422,8 @@ def _check_ovs_ipsec(controller: Controller, part: Tunnels, dbs: dict[str, Any],
     for ovs in dbs.values():
         assert ovs.vsctl("list-ports", "br-int") == ""
         assert ovs.vsctl("get", "open_vswitch", ".", "other_config") == "{}"
-        # Only the records version and the agent's ack stay: they must only grow.
-        assert set(external_ids(ovs)) == {RECORDS_VERSION_KEY, AGENT_ACK_KEY}
+        # Only the records version, the agent's ack and heartbeat stay: they only grow.
+        assert set(external_ids(ovs)) == {RECORDS_VERSION_KEY, AGENT_ACK_KEY, AGENT_ALIVE_KEY}
 
     silver = controller.call(controller.weaver.create,
                              WeaveRequest("acme-web", "initech-app", 600, 5, "silver"))
@@ -492,6 +528,9 @@ def test_the_tunnel_part_writes_records_over_ssl(tmp_path: Path) -> None:
 
             def down(self, weave_id: str) -> None:
                 events.append(("down", weave_id))
+
+            def host(self, host: str, kind: str, up: bool, detail: str) -> None:
+                events.append(("host", host, kind))
 
         configure_ssl(ssl_files(client_key, client_cert, ca_file))
         part = Tunnels(topology=topo, policy=lambda: POLICY,

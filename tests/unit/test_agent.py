@@ -29,6 +29,7 @@ from nwc.agent import MAX_BUILDS_PER_PASS, Agent
 from nwc.pki import CertificateAuthority, LegKey, new_psk
 from nwc.tunnel import (
     AGENT_ACK_KEY,
+    AGENT_ALIVE_KEY,
     RECORD_PREFIX,
     RECORDS_VERSION_KEY,
     STATUS_PREFIX,
@@ -138,12 +139,34 @@ def test_the_agent_acknowledges_a_records_version_with_what_its_pass_made_of_it(
     # First the mark that this agent acknowledges, before it does anything...
     assert written[0] == (0, {AGENT_ACK_KEY: "-1"})
     # ...then the version, in the one write that also carries what the pass did with it.
-    assert written[1][1] == {AGENT_ACK_KEY: "7", STATUS_PREFIX + req.key: ANY}
+    # (With the first heartbeat, due at once.)
+    assert written[1][1] == {AGENT_ACK_KEY: "7", STATUS_PREFIX + req.key: ANY,
+                             AGENT_ALIVE_KEY: "1"}
     host.steps(3)
     assert len(written) == 2  # acknowledged once per version, not once per pass
     host.db.ids[RECORDS_VERSION_KEY] = "8"
     host.steps(1)
     assert written[2][1] == {AGENT_ACK_KEY: "8"}
+
+
+def test_the_agent_beats_once_per_interval_with_the_pass_under_way() -> None:
+    """The proof of life the controller watches: a counter raised every heartbeat interval,
+    not every pass, in the pass's own transaction; a restarted agent counts on from what
+    the host holds, so its first beat is a change too."""
+    host = Host()
+    host.steps(1)
+    assert host.db.ids[AGENT_ALIVE_KEY] == "1"
+    writes = host.db.writes
+    for _ in range(29):  # 2.9 s of passes with nothing else to say
+        host.clock.advance(0.1)
+        host.steps(1)
+    assert host.db.writes == writes and host.db.ids[AGENT_ALIVE_KEY] == "1"
+    host.clock.advance(0.1)
+    host.steps(1)
+    assert host.db.writes == writes + 1 and host.db.ids[AGENT_ALIVE_KEY] == "2"
+    host.agent = host.new_agent()  # restarted
+    host.steps(1)
+    assert host.db.ids[AGENT_ALIVE_KEY] == "3"
 
 
 def test_the_responder_never_initiates() -> None:

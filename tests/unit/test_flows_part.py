@@ -548,8 +548,9 @@ def test_a_dropped_switch_holds_a_teardown_no_longer_than_the_teardown_timeout(
     fsim.advance(fsim.weaver.teardown_timeout.total_seconds() + 1)
     fsim.loop.call(fsim.weaver.tick)
     assert _state(fsim, weave.id) is State.TERMINATED
-    assert {"type": "weave.teardown_unconfirmed", "weave_id": weave.id,
-            "parts": ["flows"]} in [{k: v for k, v in e.items() if k != "ts"} for e in events]
+    assert {"type": "weave.teardown_unconfirmed", "weave_id": weave.id, "parts": ["flows"],
+            "detail": "teardown not confirmed within 10 s by: flows (resynced when they "
+            "answer)"} in [{k: v for k, v in e.items() if k != "ts"} for e in events]
     # The part forgets it at the next teardown rather than keep it for a switch that may
     # never come back; h1 loses the weave's flows on its resync all the same.
     other = fsim.weave("acme-web", "initech-app", profile="silver")

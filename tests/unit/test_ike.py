@@ -264,3 +264,19 @@ def test_a_run_of_the_daemon_is_named_by_its_pid_and_start(
             f"pid {os.getpid()}, up since Nov 25 09:06:44 2026"
     finally:
         thread.join(5)
+
+
+def test_the_dh_group_of_an_sa_without_pfs_is_the_ike_sas() -> None:
+    """Found by a tester: the gold profile's legs (x25519, no PFS) showed no group at all.
+    charon lists a CHILD SA's group only when it was made with PFS; the IKE SA's is listed
+    with the IKE SA."""
+    ike = {"state": b"ESTABLISHED", "uniqueid": b"3", "encr-alg": b"AES_GCM_16",
+           "encr-keysize": b"256", "prf-alg": b"PRF_HMAC_SHA2_384",
+           "dh-group": b"CURVE_25519"}
+    plain = _sa_info({**ike, "child-sas": {"nwc-x-7": {
+        **child("INSTALLED", "7"), "encr-alg": b"AES_GCM_16", "encr-keysize": b"256"}}})
+    assert plain.dh_group == "CURVE_25519"
+    with_pfs = _sa_info({**ike, "child-sas": {"nwc-x-7": {
+        **child("INSTALLED", "7"), "dh-group": b"ECP_384"}}})
+    assert with_pfs.dh_group == "ECP_384"  # the CHILD SA's own exchange, when it had one
+    assert _sa_info({"state": b"CONNECTING", "uniqueid": b"3"}).dh_group is None

@@ -372,7 +372,9 @@ def test_a_failed_weaves_slots_wait_for_its_tunnels_to_go(make_weaver, small, cl
     assert weaver.tick() == []
     assert sorted(weaver._free_slots) == sorted(held + [leg.slot for leg in second.legs])
     assert events[-1] == {"type": "weave.teardown_unconfirmed", "weave_id": second.id,
-                          "parts": ["flows"], "ts": events[-1]["ts"]}
+                          "parts": ["flows"], "ts": events[-1]["ts"],
+                          "detail": "teardown not confirmed within 10 s by: flows "
+                                    "(resynced when they answer)"}
 
 
 def test_an_older_database_gets_the_teardown_pending_column(tmp_path: Path, make_weaver,

@@ -68,6 +68,12 @@ class Reports:
     def down(self, weave_id: str) -> None:
         self.log.append(("down", weave_id))
 
+    def host(self, host: str, kind: str, up: bool, detail: str) -> None:
+        self.log.append(("host", host, kind, up, detail))
+
+    def hosts(self) -> list[tuple[str, str, bool]]:
+        return [e[1:4] for e in self.log if e[0] == "host"]
+
     def kinds(self) -> list[str]:
         return [e[2] if e[0] == "security" else e[0] for e in self.log]
 
@@ -77,6 +83,10 @@ class World:
     tmp: Path
     backend: str = "strongswan"
     clock: FakeClock = field(default_factory=FakeClock)
+    # The part's own monotonic clock: still unless a test lets time pass for it (`elapse`).
+    part_clock: FakeClock = field(default_factory=FakeClock)
+    # Hosts whose agent has stopped (killed): rounds pass them by.
+    stopped: set[str] = field(default_factory=set)
     reports: Reports = field(default_factory=Reports)
     dbs: dict[str, FakeHostDb] = field(default_factory=dict)
     ikes: dict[str, FakeIke] = field(default_factory=dict)
@@ -107,15 +117,24 @@ class World:
         return Tunnels(topology=topology, policy=lambda: POLICY, ca=self.ca, reports=self.reports,
                        ovsdb_targets={"h1": "unix:h1", "h2": "unix:h2"},
                        db_factory=lambda target: self.dbs[target.split(":")[1]],
-                       now=lambda: T0, io_wait_s=10)
+                       now=lambda: T0 + dt.timedelta(seconds=self.part_clock.t - 1000.0),
+                       io_wait_s=10, monotonic=self.part_clock)
 
     def rounds(self, n: int = 6) -> None:
         """Controller and agents taking turns, as their threads would."""
         for _ in range(n):
             self.part.sync()
-            for agent in self.agents.values():
-                agent.step()
+            for host, agent in self.agents.items():
+                if host not in self.stopped:
+                    agent.step()
             self.clock.advance(0.1)
+
+    def elapse(self, seconds: float) -> None:
+        """Time passing for everyone, a round a second."""
+        for _ in range(int(seconds)):
+            self.clock.advance(0.9)
+            self.part_clock.advance(1.0)
+            self.rounds(1)
 
     def ovs_monitor_negotiates(self, first_id: int) -> None:
         """What ovs-monitor-ipsec does on both hosts (these agents only hand it the port):
@@ -785,3 +804,115 @@ def test_an_sa_kept_after_a_refused_key_counts_and_keeps_the_weave_up(tmp_path: 
     assert world.part.stats(w)["tunnel_legs"][0]["ends"]["h1"]["bytes_in"] == before + 5000
     assert "sa_down" not in world.reports.kinds()
     world.part.stop()
+
+
+# -- is the agent alive? ---------------------------------------------------------------------
+
+@dataclass
+class CutLink:
+    """The controller's connection to one host's OVSDB, which a test can cut (the host's own
+    agent still reaches it: a management network down, not the host)."""
+
+    db: FakeHostDb
+    cut: bool = False
+
+    def _check(self) -> None:
+        if self.cut:
+            raise ConnectionError("connection lost")
+
+    def open(self) -> CutLink:
+        self._check()
+        return self
+
+    def close(self) -> None:
+        pass
+
+    def external_ids(self, prefix: str = "nwc-") -> dict[str, str]:
+        self._check()
+        return self.db.external_ids(prefix)
+
+    def update_external_ids(self, set_keys: Any = None, delete_keys: Any = ()) -> None:
+        self._check()
+        self.db.update_external_ids(set_keys, delete_keys)
+
+
+def test_a_killed_agent_is_said_once_and_its_ends_shown_stale(world: World) -> None:
+    """Found by a resilience tester: with h1's agent killed (and then its charon), nothing
+    said so and the weave's stats kept h1's last status, `installed`, as if current."""
+    w = weave()
+    world.part.weave_up(w)
+    world.rounds()
+    world.elapse(30)
+    assert world.reports.hosts() == []  # agents that beat are never reported
+    world.stopped.add("h1")
+    world.ikes["h1"].sa_table.clear()  # its charon killed too: nobody says so any more
+    world.elapse(12)
+    assert world.reports.hosts() == []  # within the bound: not yet
+    world.elapse(2)
+    assert world.reports.hosts() == [("h1", "agent", False)]
+    assert "has not changed for more than 12 s" in world.reports.log[-1][4]
+    health = world.part.host_health()
+    assert (health["h1"].ovsdb_up, health["h1"].agent_up) == (True, False)
+    assert health["h2"].agent_up
+    stats = world.part.stats(w)
+    ends = stats["tunnel_legs"][0]["ends"]
+    assert ends["h1"]["phase"] == "installed"  # what it last said...
+    assert ends["h1"]["stale"] and ends["h1"]["stale_reason"].startswith(
+        "agent unresponsive since 2026-11-24T12:00:")  # ...shown as the past
+    assert not ends["h2"]["stale"] and ends["h2"]["stale_reason"] is None
+    assert stats["sa_state"] == "unknown"  # not `established` on h1's word of before
+    world.elapse(30)
+    assert world.reports.hosts() == [("h1", "agent", False)]  # on a change only
+    world.stopped.discard("h1")  # restarted
+    world.elapse(2)
+    assert world.reports.hosts() == [("h1", "agent", False), ("h1", "agent", True)]
+    assert not world.part.stats(w)["tunnel_legs"][0]["ends"]["h1"]["stale"]
+
+
+def test_an_unreachable_ovsdb_is_not_a_dead_agent(world: World) -> None:
+    links = {host: CutLink(db) for host, db in world.dbs.items()}
+    world.part.stop()
+    world.part = Tunnels(topology=TOPO, policy=lambda: POLICY, ca=world.ca,
+                         reports=world.reports, ovsdb_targets={"h1": "unix:h1", "h2": "unix:h2"},
+                         db_factory=lambda target: links[target.split(":")[1]],
+                         now=lambda: T0, io_wait_s=10, monotonic=world.part_clock)
+    w = weave()
+    world.part.weave_up(w)
+    world.rounds()
+    links["h1"].cut = True
+    world.elapse(14)
+    assert world.reports.hosts() == [("h1", "ovsdb", False)]
+    health = world.part.host_health()["h1"]
+    assert (health.ovsdb_up, health.agent_up) == (False, None)  # its agent: not known
+    end = world.part.stats(w)["tunnel_legs"][0]["ends"]["h1"]
+    assert end["stale"] and end["stale_reason"].startswith("OVSDB unreachable since")
+    assert world.reports.log[0] == ("ready", w.id)
+    assert world.part.waiting_on(w.id) is None  # built: it waits for nothing
+    links["h1"].cut = False
+    world.part._links["h1"].retry_at = 0  # reconnect now (it waits RECONNECT_S, real time)
+    world.elapse(20)
+    # The agent went on beating all along: only the OVSDB was ever in question.
+    assert world.reports.hosts() == [("h1", "ovsdb", False), ("h1", "ovsdb", True)]
+    assert not world.part.stats(w)["tunnel_legs"][0]["ends"]["h1"]["stale"]
+
+
+def test_what_a_weave_waits_for_names_the_host_and_why(world: World) -> None:
+    """Found by the tester: a weave needing h1, whose agent was dead, failed with "not ready
+    after 30 s: tunnels" and its teardown with parts ["tunnels"]: neither named h1."""
+    world.rounds()  # both agents ran: they acknowledge what they do
+    world.stopped.add("h1")
+    world.elapse(14)
+    w = weave()
+    world.part.weave_up(w)
+    world.elapse(3)
+    assert world.part.waiting_on(w.id) == (
+        "h1, agent unresponsive since 2026-11-24T12:00:00.000000Z: leg wv-000001-s0 not "
+        "reported yet; h2: leg wv-000001-s0 listening")
+    world.part.weave_down(w)  # the provision timeout
+    world.elapse(3)
+    assert world.part.waiting_on(w.id) == (
+        "h1, agent unresponsive since 2026-11-24T12:00:00.000000Z: leg wv-000001-s0 not "
+        "confirmed removed")
+    world.stopped.discard("h1")
+    world.elapse(3)
+    assert world.part.waiting_on(w.id) is None and world.part.drained()

@@ -227,6 +227,40 @@ def test_provisioning_timeout_fails_and_releases(make_weaver, small, clock) -> N
     assert weaver.fabric.reserved[("s1", "s2")] == 0
 
 
+class WaitingPart(SlowPart):
+    """A part that says what it still waits for, as the tunnel part does."""
+
+    name = "tunnels"
+    confirms_teardown = True
+
+    def waiting_on(self, weave_id: str) -> str | None:
+        return f"h1, agent unresponsive since T: leg {weave_id}-s0"
+
+
+def test_timeouts_say_what_each_part_waits_for(make_weaver, small, clock) -> None:
+    """Found by a tester: "not ready after 30 s: tunnels", and a teardown not confirmed by
+    ["tunnels"], named no host."""
+    tunnels, quiet = WaitingPart(), SlowPart()
+    weaver = make_weaver(small, parts=[tunnels, quiet], provision_timeout_s=5)
+    events: list[dict] = []
+    weaver.subscribe(events.append)
+    weave = weaver.create(REQ)
+    clock.advance(5)
+    (failed,) = weaver.tick()
+    assert (failed.id, failed.reason) == (weave.id, "provision_timeout")
+    (ended,) = [e for e in events if e["type"] == "weave.state"
+                and e["weave"]["state"] == "failed"]
+    assert ended["detail"] == (f"not ready after 5 s: flows, tunnels (h1, agent unresponsive "
+                               f"since T: leg {weave.id}-s0)")
+    clock.advance(11)
+    weaver.tick()
+    (unconfirmed,) = [e for e in events if e["type"] == "weave.teardown_unconfirmed"]
+    assert unconfirmed["parts"] == ["tunnels"]
+    assert unconfirmed["detail"] == (
+        f"teardown not confirmed within 10 s by: tunnels (h1, agent unresponsive since T: "
+        f"leg {weave.id}-s0) (resynced when they answer)")
+
+
 def test_part_failure_fails_the_weave(make_weaver, small) -> None:
     weaver = make_weaver(small, parts=[SlowPart()])
     weave = weaver.create(REQ)

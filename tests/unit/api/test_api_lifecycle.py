@@ -264,3 +264,37 @@ def test_a_tenants_forbidden_requests_are_always_recorded(
     forbidden = [r for r in h.audit() if r.get("tenant") == "acme"
                  and r.get("reason") == "forbidden"]
     assert len(forbidden) == 5
+
+
+def test_each_hosts_agent_and_ovsdb_are_metrics(make_harness: Callable[..., Harness]) -> None:
+    """nwc_host_agent_up for alerting on a dead agent; an agent behind an OVSDB that cannot
+    be read is not known, so not exported (nwc_host_ovsdb_up says why)."""
+    from nwc.hostwatch import HostHealth
+
+    h = make_harness()
+    assert h.metric("nwc_host_agent_up", host="h1") is None  # no tunnel part: no hosts
+    health = {"h1": HostHealth(True, False), "h2": HostHealth(True, True),
+              "h3": HostHealth(False, None)}
+    h.controller.host_sources.append(lambda: dict(health))
+    assert h.metric("nwc_host_agent_up", host="h1") == 0
+    assert h.metric("nwc_host_agent_up", host="h2") == 1
+    assert h.metric("nwc_host_agent_up", host="h3") is None
+    assert [h.metric("nwc_host_ovsdb_up", host=n) for n in ("h1", "h2", "h3")] == [1, 1, 0]
+
+
+def test_a_hosts_agent_change_is_an_event_for_operators_only(
+        make_harness: Callable[..., Harness]) -> None:
+    from nwc.events import EventHub
+    from nwc.tunnels import WeaverReports
+
+    h = make_harness()
+    events: list[dict[str, Any]] = []
+    h.controller.call(h.controller.weaver.subscribe, events.append)
+    WeaverReports(h.controller).host("h1", "agent", False, "its heartbeat stopped")
+    h.controller.call(lambda: None)  # the posted report has been handled
+    (event,) = events
+    assert {k: v for k, v in event.items() if k != "ts"} == {
+        "type": "host.agent", "host": "h1", "up": False, "detail": "its heartbeat stopped"}
+    hub = EventHub()
+    hub.attach(h.controller.weaver)
+    assert hub._audience(event) == frozenset()  # no tenant: admins only
