@@ -144,6 +144,14 @@ class _OldSas:
         self.ike_ids.update(i for i in (sa.ike_id,) if i)
         self.child_ids.update(i for i in (sa.child_id,) if i)
 
+    def claims(self, sa: SaInfo) -> bool:
+        """Whether `sa` is one of these SAs or a rekey of one, which keeps one of the two
+        ids: as old as it, so its new id is taken too."""
+        if not self.holds(sa):
+            return False
+        self.take(sa)
+        return True
+
     def keep_listed(self, listed: Iterable[SaInfo]) -> None:
         """Forget the ids no SA in `listed` has: those SAs are gone (charon never reuses an
         id while it runs)."""
@@ -689,8 +697,7 @@ class Agent:
             # counting unique ids from 1 again, would give a new SA an old one's id).
             leg.swap = None
             return False
-        if swap.holds(sa):
-            swap.take(sa)  # a rekey of an old SA: as old as it
+        if swap.claims(sa):
             if leg.auth_failed_for is not None and leg.auth_failed_for.same_material(record):
                 # The peer refused the new key. The old SA stays (it still encrypts), and
                 # this key is not tried again: it would fail again, each time an
@@ -905,9 +912,7 @@ class Agent:
                 leg.old_sas.take(sa)
         old, own = leg.old_sas, []
         for sa in on_port:
-            if old.holds(sa):
-                old.take(sa)  # a rekey of an earlier tunnel's SA: as old as it
-            else:
+            if not old.claims(sa):  # an earlier tunnel's SA, or a rekey of one
                 own.append(sa)
         # A listing caught mid IKE SA rekey shows an old IKE SA without the CHILD SAs it
         # handed on: those are not gone, so their ids must not be forgotten (the successor

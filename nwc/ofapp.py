@@ -302,6 +302,18 @@ class HostCounters:
     delivered: CarriedCounters = field(default_factory=lambda: CarriedCounters(2))
     dropped: CarriedCounters = field(default_factory=lambda: CarriedCounters(1))
 
+    def restart(self, number: int) -> None:
+        """The weave's flows and meters were installed afresh: both count from 0 again."""
+        for d in DIRECTIONS:
+            self.delivered.restart((number, d))
+            self.dropped.restart((number, d))
+
+    def discard(self, number: int) -> None:
+        """The weave's flows are gone from this switch: what they counted is nobody's."""
+        for d in DIRECTIONS:
+            self.delivered.discard((number, d))
+            self.dropped.discard((number, d))
+
 
 @dataclass
 class SwitchConn:
@@ -956,23 +968,17 @@ class FlowsPart:
             return  # nobody asks for a fabric switch's counters
         counts = self.counters.setdefault(conn.dpid, HostCounters())
         for number in batch.restarts:
-            for d in DIRECTIONS:
-                counts.delivered.restart((number, d))
-                # Its meters were added or modified too, and OVS 3.1 (userspace) starts a
-                # modified meter's counters from 0 as well.
-                counts.dropped.restart((number, d))
+            # Its meters were added or modified too, and OVS 3.1 (userspace) starts a
+            # modified meter's counters from 0 as well.
+            counts.restart(number)
         for number in batch.ends:
-            for d in DIRECTIONS:
-                counts.delivered.discard((number, d))
-                counts.dropped.discard((number, d))
+            counts.discard(number)
 
     def _forget_counts(self, number: int) -> None:
         """A weave went down: nobody asks for its totals again, and its number may be reused."""
         with self.lock:
             for counts in self.counters.values():
-                for d in DIRECTIONS:
-                    counts.delivered.discard((number, d))
-                    counts.dropped.discard((number, d))
+                counts.discard(number)
 
     # -- statistics (any thread) -----------------------------------------------------------------
 

@@ -282,23 +282,52 @@ def test_ovs_bundle_replies_pass_the_guard_with_spec_padded_properties(
         assert [(p.type, p.length) for p in msg.properties] == [(0xFFFF, 12), (7, 5)]
 
 
+class _AwayHost:
+    """h1's OVS, which can lose NWC and come back, and the weave's flows it holds."""
+
+    def __init__(self, nwc: Nwc, weave: Weave) -> None:
+        self.nwc = nwc
+        self.ovs = nwc.net.hosts["h1"].ovs
+        self.dpid = nwc.controller.config.topology.hosts["h1"].dpid
+        self.target = self.ovs.vsctl("get-controller", "br-int").strip()
+        self.cookie = f"cookie={weave.number << 8 | 2 << 56:#x}/0xffffffffffffff00"
+
+    def weave_flows(self) -> int:
+        out = self.ovs.ofctl("dump-flows", "br-int", "-O", "OpenFlow13", self.cookie)
+        return sum(1 for line in out.splitlines() if "cookie=" in line)
+
+    def away(self) -> None:
+        # Point h1 at a port nobody listens on: it drops NWC but keeps a controller (an empty
+        # controller set would make OVS flush its tables).
+        self.ovs.vsctl("set-controller", "br-int", "tcp:127.0.0.1:9")
+        wait_for(lambda: self.dpid not in self.nwc.part.switches, 15,
+                 "NWC to notice h1 is gone")
+
+    def back(self) -> None:
+        self.ovs.vsctl("set-controller", "br-int", self.target)
+
+
+def _wait_removal_waits_only_for(nwc: Nwc, weave_id: str, dpid: int) -> None:
+    def waits_for_it_only() -> bool:
+        removal = nwc.controller.call(lambda: nwc.part.removing.get(weave_id))
+        return removal is not None and removal.waiting == {dpid}
+    wait_for(waits_for_it_only, 15, "every switch but h1 to confirm the removal")
+
+
+def _wait_terminated_by_resync(nwc: Nwc, weave_id: str) -> None:
+    def terminated() -> bool:
+        weaver = nwc.controller.weaver
+        return nwc.controller.call(weaver.store.weave, weave_id).state is State.TERMINATED
+    wait_for(terminated, 30, "the teardown to be confirmed by h1's resync")
+
+
 def test_a_switch_away_during_teardown_keeps_it_terminating_until_resynced(nwc: Nwc) -> None:
     """Real OVS with fail_mode=secure keeps a weave's flows while its controller is away: the
     teardown is confirmed only once it is back and its resync removed them."""
     weave = nwc.weave("acme-web", "globex-db")
-    h1 = nwc.net.hosts["h1"].ovs
-    dpid = nwc.controller.config.topology.hosts["h1"].dpid
-    target = h1.vsctl("get-controller", "br-int").strip()
-    cookie = f"cookie={weave.number << 8 | 2 << 56:#x}/0xffffffffffffff00"
-
-    def weave_flows() -> int:
-        out = h1.ofctl("dump-flows", "br-int", "-O", "OpenFlow13", cookie)
-        return sum(1 for line in out.splitlines() if "cookie=" in line)
-    assert weave_flows() > 0
-    # Point h1 at a port nobody listens on: it drops NWC but keeps a controller (an empty
-    # controller set would make OVS flush its tables).
-    h1.vsctl("set-controller", "br-int", "tcp:127.0.0.1:9")
-    wait_for(lambda: dpid not in nwc.part.switches, 15, "NWC to notice h1 is gone")
+    h1 = _AwayHost(nwc, weave)
+    assert h1.weave_flows() > 0
+    h1.away()
     # Longer than this test waits: TERMINATED below can only come from a confirmation.
     nwc.controller.call(setattr, nwc.controller.weaver, "teardown_timeout",
                         timedelta(seconds=120))
@@ -306,14 +335,10 @@ def test_a_switch_away_during_teardown_keeps_it_terminating_until_resynced(nwc: 
     time.sleep(1)
     record = nwc.controller.call(nwc.controller.weaver.store.weave, weave.id)
     assert record.state is State.TERMINATING
-    assert weave_flows() > 0  # h1 still forwards with them
-    h1.vsctl("set-controller", "br-int", target)
-
-    def terminated() -> bool:
-        done = nwc.controller.call(nwc.controller.weaver.store.weave, weave.id)
-        return done.state is State.TERMINATED
-    wait_for(terminated, 30, "the teardown to be confirmed by h1's resync")
-    assert weave_flows() == 0
+    assert h1.weave_flows() > 0  # h1 still forwards with them
+    h1.back()
+    _wait_terminated_by_resync(nwc, weave.id)
+    assert h1.weave_flows() == 0
     assert not nwc.controller.call(nwc.controller.weaver.tearing_down, weave.id)
 
 
@@ -322,21 +347,13 @@ def test_a_switch_away_across_a_restart_holds_a_recovered_weaves_teardown(nwc: N
     the new run never programmed h1, but h1 kept the flows the old run installed, so the
     teardown is confirmed only by h1's resync."""
     weave = nwc.weave("acme-web", "globex-db")
-    h1 = nwc.net.hosts["h1"].ovs
-    dpid = nwc.controller.config.topology.hosts["h1"].dpid
-    target = h1.vsctl("get-controller", "br-int").strip()
-    cookie = f"cookie={weave.number << 8 | 2 << 56:#x}/0xffffffffffffff00"
-
-    def weave_flows() -> int:
-        out = h1.ofctl("dump-flows", "br-int", "-O", "OpenFlow13", cookie)
-        return sum(1 for line in out.splitlines() if "cookie=" in line)
-    assert weave_flows() > 0
-    h1.vsctl("set-controller", "br-int", "tcp:127.0.0.1:9")  # as in the test above
-    wait_for(lambda: dpid not in nwc.part.switches, 15, "NWC to notice h1 is gone")
+    h1 = _AwayHost(nwc, weave)
+    assert h1.weave_flows() > 0
+    h1.away()
     nwc.restart_controller()
     topo = nwc.controller.config.topology
     others = {h.dpid for h in topo.hosts.values()} | {s.dpid for s in topo.switches.values()}
-    others.discard(dpid)
+    others.discard(h1.dpid)
 
     def others_synced() -> bool:
         with nwc.part.lock:
@@ -345,19 +362,12 @@ def test_a_switch_away_across_a_restart_holds_a_recovered_weaves_teardown(nwc: N
     weaver = nwc.controller.weaver
     nwc.controller.call(setattr, weaver, "teardown_timeout", timedelta(seconds=120))
     nwc.controller.call(weaver.terminate, weave.id)
-
-    def waits_for_h1_only() -> bool:
-        removal = nwc.controller.call(lambda: nwc.part.removing.get(weave.id))
-        return removal is not None and removal.waiting == {dpid}
-    wait_for(waits_for_h1_only, 15, "every switch but h1 to confirm the removal")
+    _wait_removal_waits_only_for(nwc, weave.id, h1.dpid)
     assert nwc.controller.call(weaver.store.weave, weave.id).state is State.TERMINATING
-    assert weave_flows() > 0  # h1 still forwards with them
-    h1.vsctl("set-controller", "br-int", target)
-
-    def terminated() -> bool:
-        return nwc.controller.call(weaver.store.weave, weave.id).state is State.TERMINATED
-    wait_for(terminated, 30, "the teardown to be confirmed by h1's resync")
-    assert weave_flows() == 0
+    assert h1.weave_flows() > 0  # h1 still forwards with them
+    h1.back()
+    _wait_terminated_by_resync(nwc, weave.id)
+    assert h1.weave_flows() == 0
 
 
 def test_a_teardown_under_way_at_a_stop_waits_after_the_restart_for_a_switch_still_away(
@@ -366,41 +376,26 @@ def test_a_teardown_under_way_at_a_stop_waits_after_the_restart_for_a_switch_sti
     still away after the restart: the weave stays terminating, its slot not given to a new
     weave, until h1's resync removes the flows; then it is terminated, confirmed."""
     weave = nwc.weave("acme-web", "globex-db")
-    h1 = nwc.net.hosts["h1"].ovs
-    dpid = nwc.controller.config.topology.hosts["h1"].dpid
-    target = h1.vsctl("get-controller", "br-int").strip()
-    cookie = f"cookie={weave.number << 8 | 2 << 56:#x}/0xffffffffffffff00"
-
-    def weave_flows() -> int:
-        out = h1.ofctl("dump-flows", "br-int", "-O", "OpenFlow13", cookie)
-        return sum(1 for line in out.splitlines() if "cookie=" in line)
-    assert weave_flows() > 0
-    h1.vsctl("set-controller", "br-int", "tcp:127.0.0.1:9")  # as in the tests above
-    wait_for(lambda: dpid not in nwc.part.switches, 15, "NWC to notice h1 is gone")
+    h1 = _AwayHost(nwc, weave)
+    assert h1.weave_flows() > 0
+    h1.away()
     nwc.controller.call(setattr, nwc.controller.weaver, "teardown_timeout",
                         timedelta(seconds=120))
     nwc.controller.call(nwc.controller.weaver.terminate, weave.id)
-
-    def waits_for_h1_only() -> bool:
-        removal = nwc.controller.call(lambda: nwc.part.removing.get(weave.id))
-        return removal is not None and removal.waiting == {dpid}
-    wait_for(waits_for_h1_only, 15, "every switch but h1 to confirm the removal")
+    _wait_removal_waits_only_for(nwc, weave.id, h1.dpid)
     # Longer than this test waits: TERMINATED below can only come from a confirmation.
     nwc.restart_controller(teardown_timeout_s=120)
     weaver = nwc.controller.weaver
     assert nwc.controller.call(weaver.store.weave, weave.id).state is State.TERMINATING
     assert nwc.controller.call(weaver.tearing_down, weave.id)
-    assert weave_flows() > 0  # h1 still forwards with them
+    assert h1.weave_flows() > 0  # h1 still forwards with them
     other = nwc.controller.call(weaver.create, WeaveRequest("acme-web", "globex-db", 600, 5))
     assert isinstance(other, Weave)
     slots = {leg.slot for leg in weave.legs if leg.slot is not None}
     assert not slots & {leg.slot for leg in other.legs if leg.slot is not None}
-    h1.vsctl("set-controller", "br-int", target)
-
-    def terminated() -> bool:
-        return nwc.controller.call(weaver.store.weave, weave.id).state is State.TERMINATED
-    wait_for(terminated, 30, "the teardown to be confirmed by h1's resync")
-    assert weave_flows() == 0
+    h1.back()
+    _wait_terminated_by_resync(nwc, weave.id)
+    assert h1.weave_flows() == 0
     (last,) = [r for r in nwc.controller.call(weaver.store.audit_records)
                if r.get("weave_id") == weave.id and r["outcome"] == "terminated"]
     assert "detail" not in last  # confirmed, not given up on at the teardown timeout

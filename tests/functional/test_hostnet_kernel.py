@@ -8,12 +8,24 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 
 from nwc.lab.netns import Lab, unique_prefix
 
 pytestmark = pytest.mark.functional
+
+
+def _run_in_netns(prefix: str, script: str) -> dict[str, Any]:
+    """What `script` prints (JSON), run by Python in a network namespace of its own."""
+    with Lab(unique_prefix(prefix)) as lab:
+        ns = lab.netns("net")
+        done = subprocess.run(ns.cmd(sys.executable, "-c", script), capture_output=True,
+                              text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
 
 # Runs inside the namespace: each step's answer, and how many dumps it took.
 INSIDE = r"""
@@ -55,12 +67,7 @@ print(json.dumps(out))
 
 
 def test_a_kept_view_of_the_kernel_follows_outside_changes() -> None:
-    with Lab(unique_prefix("hn")) as lab:
-        ns = lab.netns("net")
-        done = subprocess.run(ns.cmd(sys.executable, "-c", INSIDE), capture_output=True,
-                              text=True, timeout=60, check=False)
-    assert done.returncode == 0, done.stderr
-    out = json.loads(done.stdout)
+    out = _run_in_netns("hn", INSIDE)
     assert out["make"] == [True, 2]  # the first read, and the read after its own change
     assert out["after_own_change"] == [True, 1]  # its own change noticed: read again
     # A dump just after a notification may not show all of what it announced (a route's
@@ -124,12 +131,7 @@ print(json.dumps(out))
 
 
 def test_the_reads_see_what_full_dumps_see_with_the_kernels_filters_and_without() -> None:
-    with Lab(unique_prefix("hf")) as lab:
-        ns = lab.netns("net")
-        done = subprocess.run(ns.cmd(sys.executable, "-c", FILTERS), capture_output=True,
-                              text=True, timeout=60, check=False)
-    assert done.returncode == 0, done.stderr
-    out = json.loads(done.stdout)
+    out = _run_in_netns("hf", FILTERS)
     full = out["full"]
     # Sanity: table 220's route to the peer's VTEP is not the main table's.
     assert [r for r in full["routes"] if r[0] == "100.100.7.2"] == [["100.100.7.2", 6, None, None]]

@@ -351,70 +351,6 @@ def test_ovs_ipsec_backend_writes_the_interface_and_cleans_up() -> None:
     assert not host.db.ports and not host.db.other and not host.db.leg_keys() and host.net.empty()
 
 
-def test_ovs_ipsec_a_reused_slot_is_not_installed_on_the_earlier_tunnels_sa() -> None:
-    """Found in review: ovs-monitor-ipsec names SAs after the port, and a slot reused after
-    its weave ended repeats the port and the endpoints: the new leg reported installed on the
-    earlier tunnel's SA, before ovs-monitor-ipsec had even taken it down."""
-    host = Host(backend="ovs-ipsec")
-    first, _ = specs(topo=OVS_TOPO)
-    host.want(LegRecord(first, new_psk()))
-    host.steps(1)
-    host.ike.sa_table["nwv0-in-1"] = SaInfo("ESTABLISHED", "INSTALLED", "2", "1")
-    host.ike.sa_table["nwv0-out-1"] = SaInfo("ESTABLISHED", "INSTALLED", "3", "1")
-    host.steps(1)
-    assert host.status(first).phase is Phase.INSTALLED
-    host.drop(first)
-    host.steps(1)  # the leg is gone; ovs-monitor-ipsec has not taken its SAs down yet
-    w = one_leg_weave(8, 0)
-    second, _ = leg_specs(w, w.legs[0], POLICY.profiles["gold"], OVS_TOPO)
-    record = LegRecord(second, new_psk())
-    host.want(record)
-    host.steps(2)
-    status = host.status(second)
-    assert status.phase is Phase.DELEGATED and status.sa is None and "sa_of" not in status.extra
-    host.ike.sa_table["nwv0-in-1"] = SaInfo("ESTABLISHED", "INSTALLED", "4", "1")  # its rekey
-    host.steps(1)
-    assert host.status(second).phase is Phase.DELEGATED
-    host.ike.sa_table = {  # ovs-monitor-ipsec negotiates the tunnel the port asks for now
-        "nwv0-in-1": SaInfo("ESTABLISHED", "INSTALLED", "6", "5"),
-        "nwv0-out-1": SaInfo("ESTABLISHED", "INSTALLED", "7", "5")}
-    host.steps(1)
-    status = host.status(second)
-    assert status.phase is Phase.INSTALLED and status.extra["sa_of"] == record.tunnel_id()
-
-
-def test_ovs_ipsec_an_earlier_tunnels_sa_stays_stale_across_a_listing_mid_ike_rekey() -> None:
-    """list-sas is no atomic snapshot: mid IKE SA rekey it can show only the old IKE SA,
-    its CHILD SA already handed on (nwc.ike lists again, at most SA_LISTINGS times, so such
-    a listing can still reach the agent). That listing must not make the agent forget the
-    earlier tunnel's CHILD SA, or its successor IKE SA, which holds that CHILD SA, would be
-    taken as the new leg's: the new weave ready on its predecessor's SA."""
-    host = Host(backend="ovs-ipsec")
-    first, _ = specs(topo=OVS_TOPO)
-    host.want(LegRecord(first, new_psk()))
-    host.steps(1)
-    host.ike.sa_table = {"nwv0-in-1": SaInfo("ESTABLISHED", "INSTALLED", "2", "1"),
-                         "nwv0-out-1": SaInfo("ESTABLISHED", "INSTALLED", "3", "1")}
-    host.steps(1)
-    host.drop(first)
-    host.steps(1)  # the leg is gone; ovs-monitor-ipsec has not taken its SAs down yet
-    w = one_leg_weave(8, 0)
-    second, _ = leg_specs(w, w.legs[0], POLICY.profiles["gold"], OVS_TOPO)
-    host.want(LegRecord(second, new_psk()))
-    host.steps(2)
-    assert host.status(second).phase is Phase.DELEGATED
-    # The earlier tunnel's IKE SA is rekeyed: a listing shows only the old one, handed over.
-    host.ike.sa_table = {"nwv0-in-1": SaInfo("DELETING", None, None, "1"),
-                         "nwv0-out-1": SaInfo("DELETING", None, None, "1")}
-    host.steps(1)
-    # Then its successor, holding the same (earlier tunnel's) CHILD SAs.
-    host.ike.sa_table = {"nwv0-in-1": SaInfo("ESTABLISHED", "INSTALLED", "2", "4"),
-                         "nwv0-out-1": SaInfo("ESTABLISHED", "INSTALLED", "3", "4")}
-    host.steps(1)
-    status = host.status(second)
-    assert status.phase is Phase.DELEGATED and "sa_of" not in status.extra
-
-
 def ovs_leg_after_an_earlier_one(earlier: dict[str, SaInfo],
                                  written: bool = True) -> tuple[Host, LegRecord]:
     """An ovs-ipsec host whose slot 0 carried a leg whose SAs (`earlier`) are still up when
@@ -437,6 +373,49 @@ def ovs_leg_after_an_earlier_one(earlier: dict[str, SaInfo],
         host.steps(2)
         assert host.status(second).phase is Phase.DELEGATED
     return host, record
+
+
+def test_ovs_ipsec_a_reused_slot_is_not_installed_on_the_earlier_tunnels_sa() -> None:
+    """Found in review: ovs-monitor-ipsec names SAs after the port, and a slot reused after
+    its weave ended repeats the port and the endpoints: the new leg reported installed on the
+    earlier tunnel's SA, before ovs-monitor-ipsec had even taken it down."""
+    host, record = ovs_leg_after_an_earlier_one({
+        "nwv0-in-1": SaInfo("ESTABLISHED", "INSTALLED", "2", "1"),
+        "nwv0-out-1": SaInfo("ESTABLISHED", "INSTALLED", "3", "1")})
+    second = record.spec
+    status = host.status(second)
+    assert status.phase is Phase.DELEGATED and status.sa is None and "sa_of" not in status.extra
+    host.ike.sa_table["nwv0-in-1"] = SaInfo("ESTABLISHED", "INSTALLED", "4", "1")  # its rekey
+    host.steps(1)
+    assert host.status(second).phase is Phase.DELEGATED
+    host.ike.sa_table = {  # ovs-monitor-ipsec negotiates the tunnel the port asks for now
+        "nwv0-in-1": SaInfo("ESTABLISHED", "INSTALLED", "6", "5"),
+        "nwv0-out-1": SaInfo("ESTABLISHED", "INSTALLED", "7", "5")}
+    host.steps(1)
+    status = host.status(second)
+    assert status.phase is Phase.INSTALLED and status.extra["sa_of"] == record.tunnel_id()
+
+
+def test_ovs_ipsec_an_earlier_tunnels_sa_stays_stale_across_a_listing_mid_ike_rekey() -> None:
+    """list-sas is no atomic snapshot: mid IKE SA rekey it can show only the old IKE SA,
+    its CHILD SA already handed on (nwc.ike lists again, at most SA_LISTINGS times, so such
+    a listing can still reach the agent). That listing must not make the agent forget the
+    earlier tunnel's CHILD SA, or its successor IKE SA, which holds that CHILD SA, would be
+    taken as the new leg's: the new weave ready on its predecessor's SA."""
+    host, record = ovs_leg_after_an_earlier_one({
+        "nwv0-in-1": SaInfo("ESTABLISHED", "INSTALLED", "2", "1"),
+        "nwv0-out-1": SaInfo("ESTABLISHED", "INSTALLED", "3", "1")})
+    second = record.spec
+    # The earlier tunnel's IKE SA is rekeyed: a listing shows only the old one, handed over.
+    host.ike.sa_table = {"nwv0-in-1": SaInfo("DELETING", None, None, "1"),
+                         "nwv0-out-1": SaInfo("DELETING", None, None, "1")}
+    host.steps(1)
+    # Then its successor, holding the same (earlier tunnel's) CHILD SAs.
+    host.ike.sa_table = {"nwv0-in-1": SaInfo("ESTABLISHED", "INSTALLED", "2", "4"),
+                         "nwv0-out-1": SaInfo("ESTABLISHED", "INSTALLED", "3", "4")}
+    host.steps(1)
+    status = host.status(second)
+    assert status.phase is Phase.DELEGATED and "sa_of" not in status.extra
 
 
 def test_ovs_ipsec_a_new_sa_whose_ike_id_is_an_old_child_id_is_the_legs() -> None:

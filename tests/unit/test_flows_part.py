@@ -653,19 +653,34 @@ def _link(fsim: FlowsSim, a: str, b: str, *, up: bool) -> None:
     fsim.settle()
 
 
-def test_a_switch_a_weave_moved_off_does_not_hold_its_teardown(tmp_path: Path) -> None:
+@pytest.fixture
+def one_remote_leg(tmp_path: Path) -> Iterator[FlowsSim]:
+    """The triangle with globex-db on h2 only: the weave's one remote leg is h1-s1-s2-h2,
+    and h1-s1-s3-s2-h2 when s1-s2 is down."""
+    sim = FlowsSim.build(tmp_path, TRIANGLE.replace("db2: {host: h3", "db2: {host: h2"))
+    try:
+        yield sim
+    finally:
+        sim.close()
+
+
+def _ends_while_s3_is_away(fsim: FlowsSim, weave: Weave) -> None:
+    """s3 holds none of the weave's flows, goes away, and the weave ends: s3 must not keep it
+    terminating until the teardown timeout."""
+    assert _weave_flows(fsim, "s3", weave) == []
+    fsim.dps["s3"].hang_up()
+    fsim.settle()
+    fsim.loop.call(fsim.weaver.terminate, weave.id)
+    fsim.settle()
+    assert _state(fsim, weave.id) is State.TERMINATED
+
+
+def test_a_switch_a_weave_moved_off_does_not_hold_its_teardown(one_remote_leg: FlowsSim
+                                                                ) -> None:
     """A switch whose removal of a moved weave's flows was confirmed (barrier) holds none of
     them: that it is away when the weave ends later must not keep the weave terminating
     until the teardown timeout."""
-    # globex-db on h2 only: the weave's one remote leg is h1-s1-s2-h2.
-    fsim = FlowsSim.build(tmp_path, TRIANGLE.replace("db2: {host: h3", "db2: {host: h2"))
-    try:
-        _moved_off_and_away(fsim)
-    finally:
-        fsim.close()
-
-
-def _moved_off_and_away(fsim: FlowsSim) -> None:
+    fsim = one_remote_leg
     fsim.connect_all()
     weave = fsim.weave("acme-web", "globex-db")
     _link(fsim, "s1", "s2", up=False)  # moves onto s3
@@ -673,12 +688,7 @@ def _moved_off_and_away(fsim: FlowsSim) -> None:
     _link(fsim, "s1", "s3", up=False)  # moves off s3 again: s3 removes its flows
     path = next(leg.path for leg in fsim.weaver.live[weave.id].legs if leg.slot is not None)
     assert "s3" not in path
-    assert _weave_flows(fsim, "s3", weave) == []
-    fsim.dps["s3"].hang_up()
-    fsim.settle()
-    fsim.loop.call(fsim.weaver.terminate, weave.id)
-    fsim.settle()
-    assert _state(fsim, weave.id) is State.TERMINATED
+    _ends_while_s3_is_away(fsim, weave)
 
 
 def _restart_without(fsim: FlowsSim, *away: str) -> None:
@@ -784,28 +794,20 @@ def test_a_weave_whose_host_left_the_topology_is_torn_down_from_the_others(
 
 
 def test_a_recovered_weave_that_moved_off_a_resynced_switch_does_not_wait_for_it(
-        tmp_path: Path) -> None:
+        one_remote_leg: FlowsSim) -> None:
     """A switch that was resynced after the weave moved off it holds none of its flows: that
     it is away again when the weave ends must not hold the teardown."""
-    fsim = FlowsSim.build(tmp_path, TRIANGLE.replace("db2: {host: h3", "db2: {host: h2"))
-    try:
-        fsim.connect_all()
-        weave = fsim.weave("acme-web", "globex-db")
-        _link(fsim, "s1", "s2", up=False)  # h1-s1-s3-s2-h2
-        _restart_without(fsim, "s1", "s3")
-        fsim.connect("s1")  # says s1-s2 is up again (the weave stays on s3)...
-        _link(fsim, "s1", "s3", up=False)  # ...and moves back while s3 is away
-        path = next(leg.path for leg in fsim.weaver.live[weave.id].legs if leg.slot is not None)
-        assert "s3" not in path
-        fsim.connect("s3")  # its resync leaves the weave out
-        assert _weave_flows(fsim, "s3", weave) == []
-        fsim.dps["s3"].hang_up()
-        fsim.settle()
-        fsim.loop.call(fsim.weaver.terminate, weave.id)
-        fsim.settle()
-        assert _state(fsim, weave.id) is State.TERMINATED
-    finally:
-        fsim.close()
+    fsim = one_remote_leg
+    fsim.connect_all()
+    weave = fsim.weave("acme-web", "globex-db")
+    _link(fsim, "s1", "s2", up=False)  # h1-s1-s3-s2-h2
+    _restart_without(fsim, "s1", "s3")
+    fsim.connect("s1")  # says s1-s2 is up again (the weave stays on s3)...
+    _link(fsim, "s1", "s3", up=False)  # ...and moves back while s3 is away
+    path = next(leg.path for leg in fsim.weaver.live[weave.id].legs if leg.slot is not None)
+    assert "s3" not in path
+    fsim.connect("s3")  # its resync leaves the weave out
+    _ends_while_s3_is_away(fsim, weave)
 
 
 def test_a_resync_that_keeps_the_table_removes_a_weave_the_teardown_stopped_waiting_for(

@@ -6,6 +6,8 @@ tenant's policy in a refusal, and listing weaves is done in SQL."""
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -236,24 +238,32 @@ def test_listing_is_newest_first_per_tenant_and_state(tmp_path: Path, make_weave
     assert [w.id for w in store.newest_weaves(limit=1)] == [b.id]
 
 
+@contextmanager
+def _older_database(state: Path, *undo: str) -> Iterator[Store]:
+    """The state database in `state` as an older NWC left it (`undo`: the SQL that takes out
+    what came since), opened by this one."""
+    db = sqlite3.connect(state / "nwc.db")
+    for statement in undo:
+        db.execute(statement)
+    db.commit()
+    db.close()
+    store = Store(state)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
 def test_an_older_database_gets_the_tenant_columns(tmp_path: Path, make_weaver, small) -> None:
     weaver = make_weaver(small)
     weave = weaver.create(REQ)
     weaver.store.close()
-    import sqlite3
-
-    db = sqlite3.connect(tmp_path / "state" / "nwc.db")
-    db.execute("DROP INDEX weaves_requester_tenant")
-    db.execute("DROP INDEX weaves_target_tenant")
-    db.execute("ALTER TABLE weaves DROP COLUMN requester_tenant")
-    db.execute("ALTER TABLE weaves DROP COLUMN target_tenant")
-    db.commit()
-    db.close()
-    store = Store(tmp_path / "state")
-    try:
+    with _older_database(tmp_path / "state",
+                         "DROP INDEX weaves_requester_tenant",
+                         "DROP INDEX weaves_target_tenant",
+                         "ALTER TABLE weaves DROP COLUMN requester_tenant",
+                         "ALTER TABLE weaves DROP COLUMN target_tenant") as store:
         assert [w.id for w in store.newest_weaves(tenant="globex")] == [weave.id]
-    finally:
-        store.close()
 
 
 def test_watchers_see_terminating_while_the_data_plane_is_told(make_weaver, small) -> None:
@@ -383,17 +393,11 @@ def test_an_older_database_gets_the_teardown_pending_column(tmp_path: Path, make
     weave = weaver.create(REQ)
     weaver.part_failed(weave.id, "flows", "refused")
     weaver.store.close()
-    db = sqlite3.connect(tmp_path / "state" / "nwc.db")
-    db.execute("DROP INDEX weaves_teardown_pending")
-    db.execute("ALTER TABLE weaves DROP COLUMN teardown_pending")
-    db.commit()
-    db.close()
-    store = Store(tmp_path / "state")
-    try:
+    with _older_database(tmp_path / "state",
+                         "DROP INDEX weaves_teardown_pending",
+                         "ALTER TABLE weaves DROP COLUMN teardown_pending") as store:
         # Nothing recorded whether its teardown was confirmed: taken as it was before.
         assert store.unconfirmed_teardowns() == []
         with store.transaction():
             store.save_weave(store.weave(weave.id), teardown_pending=True)
         assert [w.id for w in store.unconfirmed_teardowns()] == [weave.id]
-    finally:
-        store.close()

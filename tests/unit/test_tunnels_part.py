@@ -553,6 +553,19 @@ def test_one_garbled_status_does_not_stop_the_other_weaves(world: World, garbage
         RECORD_PREFIX + f"{fresh.id}-s1"}
 
 
+def _the_x509_weave_fails_alone(world: World, ca: object) -> str:
+    """With `ca` signing, an x509 weave and a PSK weave come up: the PSK one is ready, the
+    x509 one has failed, alone. What it failed with."""
+    world.part.ca = ca  # type: ignore[assignment]
+    x509, psk = weave(1, 0, profile="silver"), weave(2, 1)
+    world.part.weave_up(x509)
+    world.part.weave_up(psk)
+    world.rounds()
+    assert ("ready", psk.id) in world.reports.log
+    failed = [e for e in world.reports.log if e[0] == "failed"]
+    assert [e[1] for e in failed] == [x509.id]
+    return failed[0][2]
+
 
 def test_a_weave_whose_handling_breaks_fails_alone(world: World) -> None:
     class BrokenCa:  # stands for any bug met while handling one weave
@@ -561,14 +574,7 @@ def test_a_weave_whose_handling_breaks_fails_alone(world: World) -> None:
         def sign_request(self, *args: object, **kwargs: object) -> bytes:
             raise RuntimeError("a bug")
 
-    world.part.ca = BrokenCa()  # type: ignore[assignment]
-    x509, psk = weave(1, 0, profile="silver"), weave(2, 1)
-    world.part.weave_up(x509)
-    world.part.weave_up(psk)
-    world.rounds()
-    assert ("ready", psk.id) in world.reports.log
-    failed = [e for e in world.reports.log if e[0] == "failed"]
-    assert [e[1] for e in failed] == [x509.id] and "a bug" in failed[0][2]
+    assert "a bug" in _the_x509_weave_fails_alone(world, BrokenCa())
 
 
 THREE_HOSTS = parse_topology_text(TWO_HOSTS.replace(
@@ -682,15 +688,9 @@ def test_a_restarted_controller_waits_for_the_responder_to_load_a_new_key(
 
 def test_an_expired_weave_ca_fails_x509_weaves_without_blaming_the_hosts(world: World) -> None:
     # A CA made ten years and a day before now: past its end, it must sign nothing.
-    world.part.ca = CertificateAuthority.load_or_create(
-        world.tmp / "old-pki", now=T0 - dt.timedelta(days=3651))
-    x509, psk = weave(1, 0, profile="silver"), weave(2, 1)
-    world.part.weave_up(x509)
-    world.part.weave_up(psk)
-    world.rounds()
-    assert ("ready", psk.id) in world.reports.log
-    failed = [e for e in world.reports.log if e[0] == "failed"]
-    assert [e[1] for e in failed] == [x509.id] and "weave CA expired" in failed[0][2]
+    expired = CertificateAuthority.load_or_create(world.tmp / "old-pki",
+                                                  now=T0 - dt.timedelta(days=3651))
+    assert "weave CA expired" in _the_x509_weave_fails_alone(world, expired)
     assert "csr_rejected" not in world.reports.kinds()  # the hosts did nothing wrong
 
 

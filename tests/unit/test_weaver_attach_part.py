@@ -187,14 +187,24 @@ def before_restart(make_weaver: Callable[..., Weaver], two_hosts: Topology) -> W
     return make_weaver(two_hosts, parts=[RecordingPart("flows", confirms_teardown=True)])
 
 
+def _terminated_across_a_restart(before: Weaver, tmp_path: Path, clock: ManualClock,
+                                 policy: Policy, topo: Topology
+                                 ) -> tuple[Weave, Weaver, list[dict]]:
+    """A weave `before` created and terminated (its teardown not confirmed) before it stopped,
+    and the weaver that recovered it, with the events it sent."""
+    weave = before.create(WeaveRequest("acme-web", "globex-db", 600, 5))
+    assert isinstance(weave, Weave)
+    before.terminate(weave.id)
+    before.store.close()
+    weaver, events = _restarted(tmp_path, clock, policy, topo)
+    return weave, weaver, events
+
+
 def test_a_weave_left_terminating_waits_for_the_parts_that_attach_after_recovery(
         before_restart: Weaver, tmp_path: Path, clock: ManualClock, shipped_policy: Policy,
         two_hosts: Topology) -> None:
-    weave = before_restart.create(WeaveRequest("acme-web", "globex-db", 600, 5))
-    assert isinstance(weave, Weave)
-    before_restart.terminate(weave.id)
-    before_restart.store.close()
-    weaver, _ = _restarted(tmp_path, clock, shipped_policy, two_hosts)
+    weave, weaver, _ = _terminated_across_a_restart(
+        before_restart, tmp_path, clock, shipped_policy, two_hosts)
     clock.advance(9)  # the parts take their time to attach: the wait starts when they do
     weaver.tick()
     assert weaver.store.weave(weave.id).state is State.TERMINATING
@@ -255,11 +265,8 @@ def test_weaves_ended_at_recovery_wait_for_the_parts_that_attach_after(
 def test_a_recovered_teardown_no_part_attaches_for_ends_at_its_deadline(
         before_restart: Weaver, tmp_path: Path, clock: ManualClock, shipped_policy: Policy,
         two_hosts: Topology) -> None:
-    weave = before_restart.create(WeaveRequest("acme-web", "globex-db", 600, 5))
-    assert isinstance(weave, Weave)
-    before_restart.terminate(weave.id)
-    before_restart.store.close()
-    weaver, _ = _restarted(tmp_path, clock, shipped_policy, two_hosts)
+    weave, weaver, _ = _terminated_across_a_restart(
+        before_restart, tmp_path, clock, shipped_policy, two_hosts)
     clock.advance(weaver.teardown_timeout.total_seconds())
     weaver.tick()
     assert weaver.store.weave(weave.id).state is State.TERMINATED
@@ -277,11 +284,8 @@ def test_an_inherited_teardown_stays_open_for_a_part_that_attaches_after_another
     before tunnels attaches, as in `nwc run`. The teardown must not finish then: tunnels
     has not been told, and a host it cannot reach may still hold the old leg, whose slot a
     new weave would get."""
-    weave = before_restart.create(WeaveRequest("acme-web", "globex-db", 600, 5))
-    assert isinstance(weave, Weave)
-    before_restart.terminate(weave.id)
-    before_restart.store.close()
-    weaver, events = _restarted(tmp_path, clock, shipped_policy, two_hosts)
+    weave, weaver, events = _terminated_across_a_restart(
+        before_restart, tmp_path, clock, shipped_policy, two_hosts)
     flows = RecordingPart("flows", confirms_teardown=True)
     weaver.attach_part(flows)
     weaver.part_down(weave.id, "flows")
@@ -308,11 +312,8 @@ def test_parts_attached_finishes_an_inherited_teardown_its_parts_all_confirmed(
         two_hosts: Topology) -> None:
     """The teardown kept open for parts still to attach ends once they are all there and
     none of them is left to confirm (here the later part does not confirm teardowns)."""
-    weave = before_restart.create(WeaveRequest("acme-web", "globex-db", 600, 5))
-    assert isinstance(weave, Weave)
-    before_restart.terminate(weave.id)
-    before_restart.store.close()
-    weaver, _ = _restarted(tmp_path, clock, shipped_policy, two_hosts)
+    weave, weaver, _ = _terminated_across_a_restart(
+        before_restart, tmp_path, clock, shipped_policy, two_hosts)
     weaver.attach_part(RecordingPart("flows", confirms_teardown=True))
     weaver.part_down(weave.id, "flows")
     silent = RecordingPart("tunnels")
