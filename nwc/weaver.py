@@ -497,10 +497,11 @@ class Weaver:
             self._batch.admitted.append(weave)
         # The admission hot path: one call, formatted only if INFO is on, and only once the
         # batch it belongs to is durable (an undone admission was never created).
-        self.store.after_commit(partial(
-            log.info, "weave %s created for tenant %s: %s > %s, %s Mbit/s, profile %s, "
-            "until %s, %s", weave.id, weave.requester_tenant, weave.requester, weave.target,
-            weave.bandwidth_mbps, weave.profile, weave.expires_at, weave.state.value))
+        if log.isEnabledFor(logging.INFO):  # else not even the callback is built
+            self.store.after_commit(partial(
+                log.info, "weave %s created for tenant %s: %s > %s, %s Mbit/s, profile %s, "
+                "until %s, %s", weave.id, weave.requester_tenant, weave.requester, weave.target,
+                weave.bandwidth_mbps, weave.profile, weave.expires_at, weave.state.value))
         self.emit({"type": "weave.state", "weave": record})
         if self.parts:
             self._waiting[weave.id] = {p.name for p in self.parts}
