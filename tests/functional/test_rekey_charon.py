@@ -30,7 +30,7 @@ from weave_world import PING_PATTERN, World, external_ids, ping
 from nwc.ike import IkeNoAnswer, IkeUnavailable
 from nwc.lab.capture import Capture, cleartext, contains, summarize
 from nwc.lab.netns import wait_for
-from nwc.pki import new_psk
+from nwc.pki import CertificateAuthority, new_psk
 from nwc.tunnel import RECORD_PREFIX, STATUS_PREFIX, LegRecord, LegStatus, Phase, SaInfo
 from nwc.weave import State
 
@@ -385,5 +385,86 @@ def test_a_new_key_refused_at_the_peer_keeps_the_old_sa_and_is_reported(world: W
              and not ike_ids(world, initiator.name, name) & old[initiator.name], 30,
              "the SA replaced once the initiator has the responder's key")
     assert ping(tl.vm("web1"), db1, count=2), "no traffic over the new SA"
+    world.end(weave)
+    world.assert_pristine()
+
+
+@pytest.mark.parametrize("ca", ["same CA", "new CA"])
+def test_new_certificates_under_a_live_x509_leg_replace_its_sa_and_nothing_leaves_in_clear(
+        world: World, ca: str) -> None:
+    """The certificate counterpart of the key change above. A restarted controller keeps no
+    certificate it finds in records that disagree (`_materialize`), nor one from a CA other
+    than its own (its pki directory lost: a new CA): it writes records without a leaf, each
+    agent asks again with the CSR of the key it already holds, and the controller signs anew.
+    The agent replaces the SA break-before-make (its old IKE SA terminated first, then one
+    negotiated with the new certificates): both charons end up with one IKE SA, not the old
+    one, both agents report it `installed` for the new record, traffic flows again, and the
+    underlay sees only IKE and ESP meanwhile (the gap is dropped, never sent in clear)."""
+    tl = world.tl
+    weave = world.up(dst_vm="app1", target="initech-app", profile="silver")
+    key = f"{weave.id}-s{weave.legs[0].slot}"
+    name = f"nwc-{key}"
+    app1 = str(tl.topology.vms["app1"].ip)
+    assert ping(tl.vm("web1"), app1, count=2)
+    old = {h: ike_ids(world, h, name) for h in tl.hosts}
+    assert all(len(ids) == 1 for ids in old.values()), old
+    part = world.part
+    with part._lock:
+        (leg,) = part._weaves[weave.id].legs.values()
+        old_certs = dict(leg.certs)
+    assert set(old_certs) == set(tl.hosts), old_certs
+    capture = Capture(world.lab, tl.hosts["h1"].ns, "ul0", "new-certs").start()
+    ping_log = world.lab.directory("logs") / f"new-certs-ping-{weave.id}.out"
+    pinger = tl.vm("web1").popen(["ping", "-n", "-i", "0.05", "-w", "30", "-p", PING_PATTERN,
+                                  app1], log=ping_log)
+    world.lab.process(pinger, "ping during the certificate change")
+    try:
+        # What the restarted controller holds (certificates, like keys, in memory only):
+        # no leaf, no CSR signed yet, no start until the responder reports the new material.
+        with part._lock:
+            if ca == "new CA":
+                part.ca = CertificateAuthority.load_or_create(
+                    world.lab.directory(f"pki-{weave.id}"))
+            leg.certs.clear()
+            leg.csrs.clear()
+            leg.start = False
+        part._wake.set()
+
+        def replaced() -> bool:
+            for h in tl.hosts:
+                ids = ike_ids(world, h, name)
+                sa = tl.hosts[h].ike.sas().get(name)
+                if ids & old[h] or len(ids) != 1 or sa is None or not sa.installed:
+                    return False
+            return True
+
+        wait_for(replaced, 40, "both charons to hold only an SA made with the new certificates")
+        for h, host in tl.hosts.items():
+            record = LegRecord.from_json(external_ids(host.ovs)[RECORD_PREFIX + key])
+            assert record.cert_pem is not None and record.cert_pem != old_certs[h], h
+            assert record.ca_pem == part.ca.cert_pem
+            wait_for(lambda h=h, r=record: (lambda s: s.phase is Phase.INSTALLED
+                                            and s.extra.get("sa_of") == r.tunnel_id())(
+                LegStatus.from_json(external_ids(tl.hosts[h].ovs)[STATUS_PREFIX + key])),
+                10, f"{h}'s agent to report the new SA installed")
+        assert ping(tl.vm("web1"), app1, count=2), "no traffic over the new SA"
+    finally:
+        pinger.terminate()
+        pinger.wait(10)
+        frames = capture.stop()
+    # The path under test was taken: each agent took its SA as built from earlier material
+    # and saw it replaced.
+    for h in tl.hosts:
+        text = (world.lab.directory("logs") / f"agent-{h}.log").read_text()
+        log.info("agent on %s: %s", h, [line for line in text.splitlines() if key in line])
+        assert f"leg {key}: key material changed; replacing" in text, h
+    replies = ping_log.read_text()
+    log.info("pings during the certificate change: %d replies, last %s",
+             replies.count(" bytes from "), re.findall(r"icmp_seq=(\d+)", replies)[-1:])
+    kinds = summarize(frames)
+    assert not cleartext(frames), f"cleartext on the underlay: {kinds}"
+    assert kinds["esp-in-udp"] > 0 and kinds["ike"] > 0, kinds
+    assert contains(frames, bytes.fromhex(PING_PATTERN)) == 0
+    assert world.weave(weave.id).state is State.ACTIVE
     world.end(weave)
     world.assert_pristine()
