@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from nwc.cli import silence_stdout, tcp_port
+from nwc.cli import counted, silence_stdout, tcp_port
 from nwc.config import SHIPPED_POLICIES
 from nwc.lab.provider import ClientError, ProviderLab
 from nwc.topology import Topology
@@ -326,10 +326,11 @@ def tear_down(lab: ProviderLab, story: Story) -> None:
 
 def removal_summary(removed: list[str]) -> str:
     """`Lab.close`'s list, counted: `7 namespaces, 3 links, 9 directories, 15 processes`."""
-    kinds = Counter({"netns": "namespaces", "link": "links", "dir": "directories"}
-                    .get(what.split(" ", 1)[0], "processes") for what in removed)
-    return ", ".join(f"{kinds[k]} {k}" for k in ("namespaces", "links", "directories",
-                                                 "processes") if kinds[k])
+    kinds = Counter({"netns": "namespace", "link": "link", "dir": "directory"}
+                    .get(what.split(" ", 1)[0], "process") for what in removed)
+    plurals = {"namespace": None, "link": None, "directory": "directories",
+               "process": "processes"}
+    return ", ".join(counted(kinds[k], k, plural) for k, plural in plurals.items() if kinds[k])
 
 
 def cmd_lab(args: argparse.Namespace) -> int:

@@ -51,7 +51,7 @@ def test_the_demo_fails_when_its_lab_leaves_something_running(
     assert code == 1
     assert "nothing left running" not in out
     assert "FAIL left behind by lab" in out and "process 4242 (/usr/lib/ipsec/charon)" in out
-    assert "removed 1 namespaces, 1 processes" in out
+    assert "removed 1 namespace, 1 process" in out
 
 
 def test_the_demo_heading_counts_from_the_files() -> None:
@@ -80,7 +80,7 @@ def test_a_capture_summary_reads_as_counts_not_a_dict() -> None:
 def test_removal_summary_counts_what_the_lab_removed() -> None:
     removed = ["tcpdump demo-fabric", "dir /tmp/nw1-logs", "netns nw1-h1", "netns nw1-h2",
                "link nw1m", "nwc run", "charon of h1"]
-    assert removal_summary(removed) == "2 namespaces, 1 links, 1 directories, 3 processes"
+    assert removal_summary(removed) == "2 namespaces, 1 link, 1 directory, 3 processes"
 
 
 def test_the_lab_prints_one_token_per_line_and_one_export() -> None:
