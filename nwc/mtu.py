@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
 
 # A VM keeps MTU 1500. Its frame crosses the weave inside VXLAN (outer IPv4 20 + UDP 8 + VXLAN
 # 8 + the inner Ethernet header 14 = 50 bytes) inside ESP in tunnel mode, UDP-encapsulated
@@ -98,22 +97,6 @@ class MtuPlan:
     def fits_underlay(self) -> bool:
         """No ESP packet is ever fragmented on the underlay (kernel ESP or kernel-libipsec)."""
         return self.underlay_mtu_needed <= self.underlay_mtu
-
-    def problem(self) -> str | None:
-        if self.fits_underlay:
-            return None
-        return (f"underlay MTU {self.underlay_mtu} is below the {self.underlay_mtu_needed} bytes "
-                f"an encrypted full-size VM frame takes ({self.vm_mtu} + {VXLAN_OVERHEAD} "
-                f"VXLAN + {self.esp_overhead} ESP); set it to at least "
-                f"{self.underlay_mtu_needed}")
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"vm_mtu": self.vm_mtu, "vxlan_packet": self.vxlan_packet,
-                "esp_overhead": self.esp_overhead, "underlay_mtu": self.underlay_mtu,
-                "kernel_esp_packet": self.kernel_esp_packet,
-                "libipsec_tun_mtu": LIBIPSEC_TUN_MTU,
-                "libipsec_fragments_inside_esp": self.libipsec_fragments,
-                "fits_underlay": self.fits_underlay}
 
 
 def mtu_plan(esp_proposals: tuple[str, ...], underlay_mtu: int, vm_mtu: int = VM_MTU) -> MtuPlan:

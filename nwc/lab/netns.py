@@ -263,7 +263,7 @@ class Lab:
 
     def process(self, proc: subprocess.Popen[Any], what: str, *,
                 timeout: float = 5.0) -> subprocess.Popen[Any]:
-        self._pids[proc.pid] = (what, _start_time(proc.pid))
+        self.watch_pid(proc.pid, what)
         self.on_close(what, lambda: kill_pid(proc.pid, timeout=timeout))
         return proc
 

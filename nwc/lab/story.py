@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import signal
 import socket
@@ -25,7 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from nwc.cli import silence_stdout, tcp_port
+from nwc.cli import counted, silence_stdout, tcp_port
 from nwc.config import SHIPPED_POLICIES
 from nwc.lab.provider import ClientError, ProviderLab
 from nwc.topology import Topology
@@ -169,21 +168,28 @@ def tell(lab: ProviderLab, story: Story) -> None:
                 + (f": left {left}" if left else ""))
 
     story.step("8. The audit trail")
-    records = [json.loads(line) for line in
-               (lab.state_dir / "audit.jsonl").read_text().splitlines() if line.strip()]
-    from nwc.audit import check_tail, database_head, describe, intact, verify_chain
+    from nwc.audit import describe, intact
 
-    breaks = verify_chain(records)
-    tail = check_tail(records, database_head(lab.state_dir / "nwc.db"))
-    story.check(not breaks and tail is None,
-                f"hash-chained audit: {intact(records, database_checked=True)}"
-                if not breaks and tail is None else
-                f"audit chain: {'; '.join(str(b) for b in [*breaks, tail] if b)}")
+    records, broken = audit_trail(lab.state_dir)
+    story.check(broken is None, f"hash-chained audit: {intact(records, database_checked=True)}"
+                if broken is None else f"audit chain: {broken}")
     decisions = {"weave.create", "weave.extend", "weave.terminate", "weave.expire",
                  "weave.fail", "weave.state", "weave.reroute"}
     for r in records:
-        if r["action"] in decisions:
+        if r.get("action") in decisions:
             story.say(f"  {describe(r)}")
+
+
+def audit_trail(state_dir: Path) -> tuple[list[dict[str, Any]], str | None]:
+    """The controller's audit records, and what is wrong with their chain or with the file's
+    end as the database has it (None: nothing), as `nwc audit verify` reads them: the
+    controller is still running and may commit a record between the two reads."""
+    from nwc.audit import compare_with_database, verify_chain
+    from nwc.store import DATABASE_FILE
+
+    records, tail = compare_with_database(state_dir / "audit.jsonl", state_dir / DATABASE_FILE)
+    breaks = [*verify_chain(records), *([tail] if tail is not None else [])]
+    return records, "; ".join(map(str, breaks)) or None
 
 
 def frame_counts(kinds: Counter[str]) -> str:
@@ -320,10 +326,11 @@ def tear_down(lab: ProviderLab, story: Story) -> None:
 
 def removal_summary(removed: list[str]) -> str:
     """`Lab.close`'s list, counted: `7 namespaces, 3 links, 9 directories, 15 processes`."""
-    kinds = Counter({"netns": "namespaces", "link": "links", "dir": "directories"}
-                    .get(what.split(" ", 1)[0], "processes") for what in removed)
-    return ", ".join(f"{kinds[k]} {k}" for k in ("namespaces", "links", "directories",
-                                                 "processes") if kinds[k])
+    kinds = Counter({"netns": "namespace", "link": "link", "dir": "directory"}
+                    .get(what.split(" ", 1)[0], "process") for what in removed)
+    plurals = {"namespace": None, "link": None, "directory": "directories",
+               "process": "processes"}
+    return ", ".join(counted(kinds[k], k, plural) for k, plural in plurals.items() if kinds[k])
 
 
 def cmd_lab(args: argparse.Namespace) -> int:

@@ -51,7 +51,7 @@ def test_the_demo_fails_when_its_lab_leaves_something_running(
     assert code == 1
     assert "nothing left running" not in out
     assert "FAIL left behind by lab" in out and "process 4242 (/usr/lib/ipsec/charon)" in out
-    assert "removed 1 namespaces, 1 processes" in out
+    assert "removed 1 namespace, 1 process" in out
 
 
 def test_the_demo_heading_counts_from_the_files() -> None:
@@ -80,7 +80,7 @@ def test_a_capture_summary_reads_as_counts_not_a_dict() -> None:
 def test_removal_summary_counts_what_the_lab_removed() -> None:
     removed = ["tcpdump demo-fabric", "dir /tmp/nw1-logs", "netns nw1-h1", "netns nw1-h2",
                "link nw1m", "nwc run", "charon of h1"]
-    assert removal_summary(removed) == "2 namespaces, 1 links, 1 directories, 3 processes"
+    assert removal_summary(removed) == "2 namespaces, 1 link, 1 directory, 3 processes"
 
 
 def test_the_lab_prints_one_token_per_line_and_one_export() -> None:
@@ -191,3 +191,44 @@ def test_lab_refuses_a_policy_nwc_run_would_refuse_before_building_anything(
     assert args.func(args) == 1
     err = capsys.readouterr().err
     assert "lab: configuration refused" in err and "ivns.yaml" in err
+
+
+def test_the_demos_audit_claim_holds_when_a_record_is_committed_between_the_reads(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The demo checks the audit trail with its controller still running: read by hand, a
+    record committed (database first, file next) between its two reads was called deleted."""
+    import nwc.audit as audit_module
+    from nwc.admission_demo import run
+
+    assert run("small", tmp_path) == 0
+    capsys.readouterr()
+    path = tmp_path / "audit.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:-1]) + "\n")
+    read_head = audit_module.database_head
+
+    def controller_appends_meanwhile(db_path: Path) -> tuple[int, str] | None:
+        head = read_head(db_path)
+        path.write_text("\n".join(lines) + "\n")  # its append, after the commit
+        return head
+
+    monkeypatch.setattr(audit_module, "database_head", controller_appends_meanwhile)
+    records, broken = story_module.audit_trail(tmp_path)
+    assert (len(records), broken) == (len(lines), None)
+
+
+def test_the_demos_audit_claim_names_records_cut_from_the_file(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]
+                                                               ) -> None:
+    from nwc.admission_demo import run
+
+    assert run("small", tmp_path) == 0
+    capsys.readouterr()
+    path = tmp_path / "audit.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:-1]) + "\n")
+    records, broken = story_module.audit_trail(tmp_path)
+    assert len(records) == len(lines) - 1
+    assert broken is not None and f"record {len(lines)} is in the database but not yet in " \
+        "the file" in broken
