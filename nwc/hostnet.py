@@ -22,6 +22,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from nwc.rtnetlink import (
+    NETLINK_ROUTE,
     RT_TABLE_MAIN,
     AddressDump,
     Link,
@@ -35,7 +36,6 @@ log = logging.getLogger(__name__)
 
 RTN_UNICAST = 1
 RTN_BLACKHOLE = 6
-NETLINK_ROUTE = 0
 RTMGRP_LINK, RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE = 0x1, 0x10, 0x40
 LINKS, ADDRESSES, ROUTES = "links", "addresses", "routes"
 ALL_TABLES = frozenset({LINKS, ADDRESSES, ROUTES})

@@ -126,6 +126,3 @@ class HostWatch:
         if not h.agent_up:
             return HostHealth(True, False, h.beat_wall)
         return HostHealth(True, True)
-
-    def forget(self, host: str) -> None:
-        self._hosts.pop(host, None)

@@ -30,8 +30,9 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal
 
-# The leg's port on br-int (name, ofport) is a contract with the flows: one definition.
 from nwc.mtu import MtuPlan, mtu_plan
+
+# The leg's port on br-int (name, ofport) is a contract with the flows: one definition.
 from nwc.pipeline import INTEGRATION_BRIDGE, LEG_OFPORT_BASE, leg_ofport, leg_port_name
 from nwc.pki import Secret
 from nwc.policy import SecurityProfile

@@ -32,7 +32,7 @@ from nwc.lab.capture import Capture, cleartext, contains, summarize
 from nwc.lab.netns import wait_for
 from nwc.pki import CertificateAuthority, new_psk
 from nwc.tunnel import RECORD_PREFIX, STATUS_PREFIX, LegRecord, LegStatus, Phase, SaInfo
-from nwc.weave import State
+from nwc.weave import State, Weave
 
 pytestmark = pytest.mark.functional
 
@@ -282,61 +282,100 @@ def ike_ids(world: World, host: str, name: str) -> set[str]:
                 for ike in entry.values()}
 
 
+@dataclass
+class LiveLeg:
+    """A weave's leg up between the two real charons, one IKE SA at each end, whose key
+    material the test is about to change under traffic."""
+
+    world: World
+    weave: Weave
+    dst: str  # the address web1 pings over the leg
+    key: str
+    name: str
+    old: dict[str, set[str]]  # each host's IKE SA unique ids before the change
+
+    @classmethod
+    def up(cls, world: World, dst_vm: str, **weave: str) -> LiveLeg:
+        tl = world.tl
+        up = world.up(dst_vm=dst_vm, **weave)
+        key = f"{up.id}-s{up.legs[0].slot}"
+        name = f"nwc-{key}"
+        dst = str(tl.topology.vms[dst_vm].ip)
+        assert ping(tl.vm("web1"), dst, count=2)
+        old = {h: ike_ids(world, h, name) for h in tl.hosts}
+        assert all(len(ids) == 1 for ids in old.values()), old
+        return cls(world, up, dst, key, name, old)
+
+    @contextmanager
+    def under_traffic(self, label: str, what: str, seconds: int) -> Iterator[Path]:
+        """Pings over the leg and a capture of h1's underlay around the block (yields the
+        pings' log); once it is done, the underlay saw IKE and ESP only, no ping in clear."""
+        lab = self.world.lab
+        capture = Capture(lab, self.world.tl.hosts["h1"].ns, "ul0", label).start()
+        ping_log = lab.directory("logs") / f"{label}-ping-{self.weave.id}.out"
+        pinger = self.world.tl.vm("web1").popen(
+            ["ping", "-n", "-i", "0.05", "-w", str(seconds), "-p", PING_PATTERN, self.dst],
+            log=ping_log)
+        lab.process(pinger, f"ping during the {what}")
+        try:
+            yield ping_log
+        finally:
+            pinger.terminate()
+            pinger.wait(10)
+            frames = capture.stop()
+        kinds = summarize(frames)
+        assert not cleartext(frames), f"cleartext on the underlay: {kinds}"
+        assert kinds["esp-in-udp"] > 0 and kinds["ike"] > 0, kinds
+        assert contains(frames, bytes.fromhex(PING_PATTERN)) == 0
+
+    def wait_replaced(self, timeout: float, what: str) -> dict[str, LegRecord]:
+        """Wait until both charons hold one IKE SA, none of the old ones, and both agents
+        report it `installed` for the record they now hold; then traffic must pass. Returns
+        each host's record."""
+        tl = self.world.tl
+
+        def replaced() -> bool:
+            for h in tl.hosts:
+                ids = ike_ids(self.world, h, self.name)
+                sa = tl.hosts[h].ike.sas().get(self.name)
+                if ids & self.old[h] or len(ids) != 1 or sa is None or not sa.installed:
+                    return False
+            return True
+
+        wait_for(replaced, timeout, f"both charons to hold only an SA made with the {what}")
+        records: dict[str, LegRecord] = {}
+        for h, host in tl.hosts.items():
+            record = records[h] = LegRecord.from_json(
+                external_ids(host.ovs)[RECORD_PREFIX + self.key])
+            wait_for(lambda h=h, r=record: (lambda s: s.phase is Phase.INSTALLED
+                                            and s.extra.get("sa_of") == r.tunnel_id())(
+                LegStatus.from_json(external_ids(tl.hosts[h].ovs)[STATUS_PREFIX + self.key])),
+                10, f"{h}'s agent to report the new SA installed")
+        assert ping(tl.vm("web1"), self.dst, count=2), "no traffic over the new SA"
+        return records
+
+
 def test_a_new_key_under_a_live_leg_replaces_its_sa_and_nothing_leaves_in_clear(
         world: World) -> None:
     """A restarted controller that finds the hosts' records disagreeing draws a new key for
     a leg whose SA is up. The SA built from the old key must not go on encrypting: both
     charons end up with one IKE SA, made with the new key, the old one terminated, and the
     underlay sees only IKE and ESP meanwhile."""
-    tl = world.tl
-    weave = world.up()
-    key = f"{weave.id}-s{weave.legs[0].slot}"
-    name = f"nwc-{key}"
-    db1 = str(tl.topology.vms["db1"].ip)
-    assert ping(tl.vm("web1"), db1, count=2)
-    old = {h: ike_ids(world, h, name) for h in tl.hosts}
-    assert all(len(ids) == 1 for ids in old.values()), old
-    capture = Capture(world.lab, tl.hosts["h1"].ns, "ul0", "new-key").start()
-    pinger = tl.vm("web1").popen(["ping", "-n", "-i", "0.05", "-w", "20", "-p", PING_PATTERN,
-                                  db1], log=world.lab.directory("logs") / "new-key-ping.out")
-    world.lab.process(pinger, "ping during the key change")
-    try:
+    leg = LiveLeg.up(world, "db1")
+    with leg.under_traffic("new-key", "key change", 20):
         # What the restarted controller decided (its keys are in memory only): a new key,
         # and no start until the responder reports it loaded.
         part = world.part
         with part._lock:
-            (leg,) = part._weaves[weave.id].legs.values()
-            leg.psk, leg.start = new_psk(), False
-            fresh = part._record(leg, leg.requester)
+            (held,) = part._weaves[leg.weave.id].legs.values()
+            held.psk, held.start = new_psk(), False
+            fresh = part._record(held, held.requester)
         part._wake.set()
-
-        def replaced() -> bool:
-            for h in tl.hosts:
-                ids = ike_ids(world, h, name)
-                sa = tl.hosts[h].ike.sas().get(name)
-                if ids & old[h] or len(ids) != 1 or sa is None or not sa.installed:
-                    return False
-            return True
-
-        wait_for(replaced, 30, "both charons to hold only an SA made with the new key")
-        for h, host in tl.hosts.items():
-            record = LegRecord.from_json(external_ids(host.ovs)[RECORD_PREFIX + key])
-            assert record.psk == fresh.psk
-            wait_for(lambda h=h, r=record: (lambda s: s.phase is Phase.INSTALLED
-                                            and s.extra.get("sa_of") == r.tunnel_id())(
-                LegStatus.from_json(external_ids(tl.hosts[h].ovs)[STATUS_PREFIX + key])),
-                10, f"{h}'s agent to report the new SA installed")
-        assert ping(tl.vm("web1"), db1, count=2), "no traffic over the new SA"
-    finally:
-        pinger.terminate()
-        pinger.wait(10)
-        frames = capture.stop()
-    kinds = summarize(frames)
-    assert not cleartext(frames), f"cleartext on the underlay: {kinds}"
-    assert kinds["esp-in-udp"] > 0 and kinds["ike"] > 0, kinds
-    assert contains(frames, bytes.fromhex(PING_PATTERN)) == 0
-    assert world.weave(weave.id).state is State.ACTIVE
-    world.end(weave)
+        records = leg.wait_replaced(30, "new key")
+    for record in records.values():
+        assert record.psk == fresh.psk
+    assert world.weave(leg.weave.id).state is State.ACTIVE
+    world.end(leg.weave)
     world.assert_pristine()
 
 
@@ -400,71 +439,36 @@ def test_new_certificates_under_a_live_x509_leg_replace_its_sa_and_nothing_leave
     negotiated with the new certificates): both charons end up with one IKE SA, not the old
     one, both agents report it `installed` for the new record, traffic flows again, and the
     underlay sees only IKE and ESP meanwhile (the gap is dropped, never sent in clear)."""
-    tl = world.tl
-    weave = world.up(dst_vm="app1", target="initech-app", profile="silver")
-    key = f"{weave.id}-s{weave.legs[0].slot}"
-    name = f"nwc-{key}"
-    app1 = str(tl.topology.vms["app1"].ip)
-    assert ping(tl.vm("web1"), app1, count=2)
-    old = {h: ike_ids(world, h, name) for h in tl.hosts}
-    assert all(len(ids) == 1 for ids in old.values()), old
+    leg = LiveLeg.up(world, "app1", target="initech-app", profile="silver")
     part = world.part
     with part._lock:
-        (leg,) = part._weaves[weave.id].legs.values()
-        old_certs = dict(leg.certs)
-    assert set(old_certs) == set(tl.hosts), old_certs
-    capture = Capture(world.lab, tl.hosts["h1"].ns, "ul0", "new-certs").start()
-    ping_log = world.lab.directory("logs") / f"new-certs-ping-{weave.id}.out"
-    pinger = tl.vm("web1").popen(["ping", "-n", "-i", "0.05", "-w", "30", "-p", PING_PATTERN,
-                                  app1], log=ping_log)
-    world.lab.process(pinger, "ping during the certificate change")
-    try:
+        (held,) = part._weaves[leg.weave.id].legs.values()
+        old_certs = dict(held.certs)
+    assert set(old_certs) == set(world.tl.hosts), old_certs
+    with leg.under_traffic("new-certs", "certificate change", 30) as ping_log:
         # What the restarted controller holds (certificates, like keys, in memory only):
         # no leaf, no CSR signed yet, no start until the responder reports the new material.
         with part._lock:
             if ca == "new CA":
                 part.ca = CertificateAuthority.load_or_create(
-                    world.lab.directory(f"pki-{weave.id}"))
-            leg.certs.clear()
-            leg.csrs.clear()
-            leg.start = False
+                    world.lab.directory(f"pki-{leg.weave.id}"))
+            held.certs.clear()
+            held.csrs.clear()
+            held.start = False
         part._wake.set()
-
-        def replaced() -> bool:
-            for h in tl.hosts:
-                ids = ike_ids(world, h, name)
-                sa = tl.hosts[h].ike.sas().get(name)
-                if ids & old[h] or len(ids) != 1 or sa is None or not sa.installed:
-                    return False
-            return True
-
-        wait_for(replaced, 40, "both charons to hold only an SA made with the new certificates")
-        for h, host in tl.hosts.items():
-            record = LegRecord.from_json(external_ids(host.ovs)[RECORD_PREFIX + key])
-            assert record.cert_pem is not None and record.cert_pem != old_certs[h], h
-            assert record.ca_pem == part.ca.cert_pem
-            wait_for(lambda h=h, r=record: (lambda s: s.phase is Phase.INSTALLED
-                                            and s.extra.get("sa_of") == r.tunnel_id())(
-                LegStatus.from_json(external_ids(tl.hosts[h].ovs)[STATUS_PREFIX + key])),
-                10, f"{h}'s agent to report the new SA installed")
-        assert ping(tl.vm("web1"), app1, count=2), "no traffic over the new SA"
-    finally:
-        pinger.terminate()
-        pinger.wait(10)
-        frames = capture.stop()
+        records = leg.wait_replaced(40, "new certificates")
+    for h, record in records.items():
+        assert record.cert_pem is not None and record.cert_pem != old_certs[h], h
+        assert record.ca_pem == part.ca.cert_pem
     # The path under test was taken: each agent took its SA as built from earlier material
     # and saw it replaced.
-    for h in tl.hosts:
+    for h in world.tl.hosts:
         text = (world.lab.directory("logs") / f"agent-{h}.log").read_text()
-        log.info("agent on %s: %s", h, [line for line in text.splitlines() if key in line])
-        assert f"leg {key}: key material changed; replacing" in text, h
+        log.info("agent on %s: %s", h, [line for line in text.splitlines() if leg.key in line])
+        assert f"leg {leg.key}: key material changed; replacing" in text, h
     replies = ping_log.read_text()
     log.info("pings during the certificate change: %d replies, last %s",
              replies.count(" bytes from "), re.findall(r"icmp_seq=(\d+)", replies)[-1:])
-    kinds = summarize(frames)
-    assert not cleartext(frames), f"cleartext on the underlay: {kinds}"
-    assert kinds["esp-in-udp"] > 0 and kinds["ike"] > 0, kinds
-    assert contains(frames, bytes.fromhex(PING_PATTERN)) == 0
-    assert world.weave(weave.id).state is State.ACTIVE
-    world.end(weave)
+    assert world.weave(leg.weave.id).state is State.ACTIVE
+    world.end(leg.weave)
     world.assert_pristine()

@@ -688,6 +688,18 @@ def psk_leg_installed() -> tuple[Host, TunnelSpec]:
     return host, req
 
 
+def psk_responder_installed() -> tuple[Host, TunnelSpec]:
+    """A host whose agent holds the responder end of a psk leg, installed once the peer
+    started the SA (IKE and CHILD SA ids "1")."""
+    _, res = specs()
+    host = Host()
+    host.want(LegRecord(res, new_psk()))
+    host.steps(2)
+    host.ike.sa_table[res.connection_name] = SaInfo("ESTABLISHED", "INSTALLED", "1", "1")
+    host.steps(1)
+    return host, res
+
+
 def x509_leg_installed(tmp_path: Path) -> tuple[Host, TunnelSpec, CertificateAuthority]:
     req, _ = specs(profile="silver")
     ca = CertificateAuthority.load_or_create(tmp_path / "pki", now=T0)
@@ -865,13 +877,8 @@ def test_a_new_key_the_peer_refuses_is_reported_and_the_old_sa_kept() -> None:
 
 
 def test_a_responder_waits_for_the_new_sa_and_a_rekey_of_the_old_one_stays_old() -> None:
-    _, res = specs()
-    host = Host()
-    host.want(LegRecord(res, new_psk()))
-    host.steps(2)
+    host, res = psk_responder_installed()
     name = res.connection_name
-    host.ike.sa_table[name] = SaInfo("ESTABLISHED", "INSTALLED", "1", "1")  # peer started
-    host.steps(1)
     assert host.status(res).phase is Phase.INSTALLED
     host.want(LegRecord(res, new_psk()))
     host.steps(2)
@@ -939,13 +946,8 @@ def test_an_agent_restarted_after_charon_timed_out_still_replaces_the_old_sa() -
 
 
 def test_a_charon_restarted_during_a_swap_holds_nothing_old_though_its_ids_repeat() -> None:
-    _, res = specs()
-    host = Host()
-    host.want(LegRecord(res, new_psk()))
-    host.steps(2)
+    host, res = psk_responder_installed()
     name = res.connection_name
-    host.ike.sa_table[name] = SaInfo("ESTABLISHED", "INSTALLED", "1", "1")
-    host.steps(1)
     host.want(LegRecord(res, new_psk()))
     host.steps(1)
     assert host.status(res).phase is Phase.CONNECTING
