@@ -159,6 +159,44 @@ class LiveWeaves(dict[str, Weave]):
         return [self._view[i] for i in sorted(ids)]
 
 
+class Teardowns(dict[str, tuple[Weave, set[str], float]]):
+    """Ended weaves whose data plane is being torn down: weave id -> the record (state
+    terminating, or failed), the parts yet to confirm, and the deadline (monotonic) after
+    which it is recorded terminated anyway. Their meter-id residues are counted as they come
+    and go, like `LiveWeaves`', so that admission's pick of a free number does not scan them
+    (a burst of releases can leave many waiting on a switch that is away)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._residues: Counter[int] = Counter()
+
+    def __setitem__(self, weave_id: str, entry: tuple[Weave, set[str], float]) -> None:
+        if weave_id in self:
+            self._unindex(self[weave_id][0])
+        super().__setitem__(weave_id, entry)
+        self._residues[entry[0].number % METER_SPACE] += 1
+
+    def __delitem__(self, weave_id: str) -> None:
+        self.pop(weave_id)
+
+    def pop(self, weave_id: str, default: Any = None) -> Any:  # type: ignore[override]
+        if weave_id not in self:
+            return default
+        entry = super().pop(weave_id)
+        self._unindex(entry[0])
+        return entry
+
+    def _unindex(self, record: Weave) -> None:
+        residue = record.number % METER_SPACE
+        self._residues[residue] -= 1
+        if self._residues[residue] <= 0:
+            del self._residues[residue]
+
+    def holds_residue(self, number: int) -> bool:
+        """Whether a weave being torn down shares `number`'s meter ids."""
+        return self._residues[number % METER_SPACE] > 0
+
+
 @dataclass
 class _AdmissionBatch:
     """Admissions that commit together (see `Weaver.admission_batch`), and the counters as
@@ -191,10 +229,7 @@ class Weaver:
         # neither fails a weave at once nor keeps a stuck one for an hour (found in review).
         self._provision_deadline: dict[str, float] = {}
         self.teardown_timeout = timedelta(seconds=teardown_timeout_s)
-        # Terminated weaves whose data plane is being torn down: weave id -> the record (state
-        # terminating), the parts yet to confirm, and the deadline (monotonic) after which it
-        # is recorded terminated anyway.
-        self._tearing: dict[str, tuple[Weave, set[str], float]] = {}
+        self._tearing = Teardowns()
         # Weaves a previous run may have built (recovered from the store, live or left
         # terminating): switches and hosts not back since the restart may still hold them, so
         # their teardown waits also for parts that attach after they ended (`nwc run`
@@ -514,8 +549,7 @@ class Weaver:
         modulo METER_SPACE) no live weave holds: a switch cannot have two meters of one id.
         Nor a weave being torn down: a switch that still holds it (away, or not back since a
         restart) would have its meters, and its flows using them, for the new weave's."""
-        tearing = {record.number % METER_SPACE for record, _, _ in self._tearing.values()}
-        while self.live.holds_residue(number) or number % METER_SPACE in tearing:
+        while self.live.holds_residue(number) or self._tearing.holds_residue(number):
             number += 1
         return number
 
