@@ -235,8 +235,6 @@ class Weaver:
         # their teardown waits also for parts that attach after they ended (`nwc run`
         # attaches its parts after recovery).
         self._inherited: set[str] = set()
-        # Teardowns of inherited weaves that no part confirming teardowns was told of yet.
-        self._unattended: set[str] = set()
         # Parts will attach after recovery (`recover(parts_to_attach=True)`, until
         # `parts_attached`): an inherited weave ending before a part that confirms teardowns
         # is there waits for those to come.
@@ -286,7 +284,6 @@ class Weaver:
                 continue  # ended in this run: this part never had it
             if confirms:
                 waiting.add(part.name)
-                self._unattended.discard(weave_id)
                 self._tearing[weave_id] = (record, waiting,
                                            max(deadline, self._after(self.teardown_timeout)))
             self._tell(record, "weave_down", [part])
@@ -333,7 +330,7 @@ class Weaver:
         previous run may have built waits for them even if it ends before they attach."""
         self._parts_to_attach = parts_to_attach
         reservations = self.store.reservations()
-        confirming = {p.name for p in self.parts if getattr(p, "confirms_teardown", False)}
+        confirming = self._confirming()
         # Left terminating, or failed with its teardown not confirmed (the store keeps that
         # apart: the state alone would have the failed weave's slots reused at once).
         for weave in self.store.unconfirmed_teardowns():
@@ -348,8 +345,6 @@ class Weaver:
             self._inherited.add(weave.id)
             self._tearing[weave.id] = (weave, set(confirming),
                                        self._after(self.teardown_timeout))
-            if not confirming:
-                self._unattended.add(weave.id)
             self._tell(weave, "weave_down")
             log.info("weave %s: its teardown was under way at the stop; waiting for the data "
                      "plane again", weave.id)
@@ -881,8 +876,7 @@ class Weaver:
         # Events go to both parties: they read `tenant_detail` where `detail` says more than
         # one of them may know (the hub swaps it in).
         shown = {} if tenant_detail is None else {"tenant_detail": tenant_detail}
-        confirming = {p.name for p in self.parts if getattr(p, "confirms_teardown", False)} \
-            if tell_parts else set()
+        confirming = self._confirming() if tell_parts else set()
         # A weave a previous run may have built that ends before any part confirming
         # teardowns attached (at a start, parts attach after recovery) waits for the parts
         # that attach later (attach_part), or the teardown timeout.
@@ -918,8 +912,6 @@ class Weaver:
             self._give_slots(weave)
         if holding:
             self._tearing[weave.id] = (ended, confirming, self._after(self.teardown_timeout))
-            if unattended:
-                self._unattended.add(weave.id)
         else:
             self._inherited.discard(weave.id)  # nothing left to hand a later part
         if not (tell_parts and self.parts):
@@ -978,7 +970,7 @@ class Weaver:
             detail = (f"teardown not confirmed within {timeout:g} s by: "
                       f"{self._waiting_on(weave_id, waiting)} (resynced when they answer)")
             log.warning("weave %s: %s", weave_id, detail)
-        elif weave_id in self._unattended:
+        elif not self._confirming():  # an inherited teardown no such part was told of
             detail = (f"teardown not confirmed: no part that confirms teardowns attached "
                       f"within {timeout:g} s")
             log.warning("weave %s: %s", weave_id, detail)
@@ -995,7 +987,6 @@ class Weaver:
             else:  # only the flag: a restart from now on has nothing to wait for
                 self.store.save_weave(record)
         del self._tearing[weave_id]
-        self._unattended.discard(weave_id)
         self._inherited.discard(weave_id)
         self._give_slots(record)
         if terminating:
@@ -1006,6 +997,10 @@ class Weaver:
             self.emit({"type": "weave.teardown_unconfirmed", "weave_id": weave_id,
                        "parts": sorted(waiting), "detail": detail})
         return done if terminating else None
+
+    def _confirming(self) -> set[str]:
+        """The names of the attached parts that confirm teardowns."""
+        return {p.name for p in self.parts if getattr(p, "confirms_teardown", False)}
 
     def _waiting_on(self, weave_id: str, names: Iterable[str]) -> str:
         """The parts named, each with what it says it still waits for (`waiting_on`), so a
