@@ -36,9 +36,6 @@ class CarriedCounters:
     def __contains__(self, key: Hashable) -> bool:
         return key in self._keys
 
-    def __len__(self) -> int:
-        return len(self._keys)
-
     def tracked(self) -> list[Hashable]:
         return list(self._keys)
 

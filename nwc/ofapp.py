@@ -243,7 +243,7 @@ class Batch:
     # resync leaving them out) -> generation
     moved_off: dict[str, int] = field(default_factory=dict)
     # Weave numbers whose flows this batch deletes and adds again, so their counters start
-    # from 0 (FlowsPart.delivered carries them over at its barrier); and those whose flows
+    # from 0 (FlowsPart.counters carries them over at its barrier); and those whose flows
     # it removes for good (a teardown: what they counted here is no longer anyone's).
     restarts: tuple[int, ...] = ()
     ends: tuple[int, ...] = ()

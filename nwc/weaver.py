@@ -159,6 +159,44 @@ class LiveWeaves(dict[str, Weave]):
         return [self._view[i] for i in sorted(ids)]
 
 
+class Teardowns(dict[str, tuple[Weave, set[str], float]]):
+    """Ended weaves whose data plane is being torn down: weave id -> the record (state
+    terminating, or failed), the parts yet to confirm, and the deadline (monotonic) after
+    which it is recorded terminated anyway. Their meter-id residues are counted as they come
+    and go, like `LiveWeaves`', so that admission's pick of a free number does not scan them
+    (a burst of releases can leave many waiting on a switch that is away)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._residues: Counter[int] = Counter()
+
+    def __setitem__(self, weave_id: str, entry: tuple[Weave, set[str], float]) -> None:
+        if weave_id in self:
+            self._unindex(self[weave_id][0])
+        super().__setitem__(weave_id, entry)
+        self._residues[entry[0].number % METER_SPACE] += 1
+
+    def __delitem__(self, weave_id: str) -> None:
+        self.pop(weave_id)
+
+    def pop(self, weave_id: str, default: Any = None) -> Any:  # type: ignore[override]
+        if weave_id not in self:
+            return default
+        entry = super().pop(weave_id)
+        self._unindex(entry[0])
+        return entry
+
+    def _unindex(self, record: Weave) -> None:
+        residue = record.number % METER_SPACE
+        self._residues[residue] -= 1
+        if self._residues[residue] <= 0:
+            del self._residues[residue]
+
+    def holds_residue(self, number: int) -> bool:
+        """Whether a weave being torn down shares `number`'s meter ids."""
+        return self._residues[number % METER_SPACE] > 0
+
+
 @dataclass
 class _AdmissionBatch:
     """Admissions that commit together (see `Weaver.admission_batch`), and the counters as
@@ -191,17 +229,12 @@ class Weaver:
         # neither fails a weave at once nor keeps a stuck one for an hour (found in review).
         self._provision_deadline: dict[str, float] = {}
         self.teardown_timeout = timedelta(seconds=teardown_timeout_s)
-        # Terminated weaves whose data plane is being torn down: weave id -> the record (state
-        # terminating), the parts yet to confirm, and the deadline (monotonic) after which it
-        # is recorded terminated anyway.
-        self._tearing: dict[str, tuple[Weave, set[str], float]] = {}
+        self._tearing = Teardowns()
         # Weaves a previous run may have built (recovered from the store, live or left
         # terminating): switches and hosts not back since the restart may still hold them, so
         # their teardown waits also for parts that attach after they ended (`nwc run`
         # attaches its parts after recovery).
         self._inherited: set[str] = set()
-        # Teardowns of inherited weaves that no part confirming teardowns was told of yet.
-        self._unattended: set[str] = set()
         # Parts will attach after recovery (`recover(parts_to_attach=True)`, until
         # `parts_attached`): an inherited weave ending before a part that confirms teardowns
         # is there waits for those to come.
@@ -251,7 +284,6 @@ class Weaver:
                 continue  # ended in this run: this part never had it
             if confirms:
                 waiting.add(part.name)
-                self._unattended.discard(weave_id)
                 self._tearing[weave_id] = (record, waiting,
                                            max(deadline, self._after(self.teardown_timeout)))
             self._tell(record, "weave_down", [part])
@@ -298,7 +330,7 @@ class Weaver:
         previous run may have built waits for them even if it ends before they attach."""
         self._parts_to_attach = parts_to_attach
         reservations = self.store.reservations()
-        confirming = {p.name for p in self.parts if getattr(p, "confirms_teardown", False)}
+        confirming = self._confirming()
         # Left terminating, or failed with its teardown not confirmed (the store keeps that
         # apart: the state alone would have the failed weave's slots reused at once).
         for weave in self.store.unconfirmed_teardowns():
@@ -313,8 +345,6 @@ class Weaver:
             self._inherited.add(weave.id)
             self._tearing[weave.id] = (weave, set(confirming),
                                        self._after(self.teardown_timeout))
-            if not confirming:
-                self._unattended.add(weave.id)
             self._tell(weave, "weave_down")
             log.info("weave %s: its teardown was under way at the stop; waiting for the data "
                      "plane again", weave.id)
@@ -514,8 +544,7 @@ class Weaver:
         modulo METER_SPACE) no live weave holds: a switch cannot have two meters of one id.
         Nor a weave being torn down: a switch that still holds it (away, or not back since a
         restart) would have its meters, and its flows using them, for the new weave's."""
-        tearing = {record.number % METER_SPACE for record, _, _ in self._tearing.values()}
-        while self.live.holds_residue(number) or number % METER_SPACE in tearing:
+        while self.live.holds_residue(number) or self._tearing.holds_residue(number):
             number += 1
         return number
 
@@ -847,8 +876,7 @@ class Weaver:
         # Events go to both parties: they read `tenant_detail` where `detail` says more than
         # one of them may know (the hub swaps it in).
         shown = {} if tenant_detail is None else {"tenant_detail": tenant_detail}
-        confirming = {p.name for p in self.parts if getattr(p, "confirms_teardown", False)} \
-            if tell_parts else set()
+        confirming = self._confirming() if tell_parts else set()
         # A weave a previous run may have built that ends before any part confirming
         # teardowns attached (at a start, parts attach after recovery) waits for the parts
         # that attach later (attach_part), or the teardown timeout.
@@ -884,8 +912,6 @@ class Weaver:
             self._give_slots(weave)
         if holding:
             self._tearing[weave.id] = (ended, confirming, self._after(self.teardown_timeout))
-            if unattended:
-                self._unattended.add(weave.id)
         else:
             self._inherited.discard(weave.id)  # nothing left to hand a later part
         if not (tell_parts and self.parts):
@@ -944,7 +970,7 @@ class Weaver:
             detail = (f"teardown not confirmed within {timeout:g} s by: "
                       f"{self._waiting_on(weave_id, waiting)} (resynced when they answer)")
             log.warning("weave %s: %s", weave_id, detail)
-        elif weave_id in self._unattended:
+        elif not self._confirming():  # an inherited teardown no such part was told of
             detail = (f"teardown not confirmed: no part that confirms teardowns attached "
                       f"within {timeout:g} s")
             log.warning("weave %s: %s", weave_id, detail)
@@ -961,7 +987,6 @@ class Weaver:
             else:  # only the flag: a restart from now on has nothing to wait for
                 self.store.save_weave(record)
         del self._tearing[weave_id]
-        self._unattended.discard(weave_id)
         self._inherited.discard(weave_id)
         self._give_slots(record)
         if terminating:
@@ -972,6 +997,10 @@ class Weaver:
             self.emit({"type": "weave.teardown_unconfirmed", "weave_id": weave_id,
                        "parts": sorted(waiting), "detail": detail})
         return done if terminating else None
+
+    def _confirming(self) -> set[str]:
+        """The names of the attached parts that confirm teardowns."""
+        return {p.name for p in self.parts if getattr(p, "confirms_teardown", False)}
 
     def _waiting_on(self, weave_id: str, names: Iterable[str]) -> str:
         """The parts named, each with what it says it still waits for (`waiting_on`), so a

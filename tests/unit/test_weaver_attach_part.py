@@ -18,7 +18,7 @@ from nwc.policy import Policy, parse_policy_text
 from nwc.store import Store
 from nwc.topology import Topology, parse_topology_text
 from nwc.weave import State, Weave
-from nwc.weaver import Weaver
+from nwc.weaver import Teardowns, Weaver
 
 pytestmark = pytest.mark.unit
 
@@ -90,6 +90,23 @@ def test_a_weave_being_torn_down_keeps_its_meter_ids(
     weaver._next_number = clash
     second = weaver.create(WeaveRequest("acme-web", "globex-db", 600, 5))
     assert isinstance(second, Weave) and second.number == clash  # free once confirmed
+
+
+def test_teardowns_count_meter_ids_through_a_replaced_entry(
+        make_weaver: Callable[..., Weaver], two_hosts: Topology) -> None:
+    """The teardowns' meter-id count follows an entry replaced in place (a late part extends
+    its deadline) and its removal: nothing is left held once it is gone."""
+    weaver, _ = _teardown_weaver(make_weaver, two_hosts)
+    weave = weaver.create(WeaveRequest("acme-web", "globex-db", 600, 5))
+    assert isinstance(weave, Weave)
+    tearing = Teardowns()
+    tearing[weave.id] = (weave, {"flows"}, 1.0)
+    tearing[weave.id] = (weave, {"flows", "tunnels"}, 2.0)
+    assert tearing.holds_residue(weave.number + METER_SPACE)
+    assert not tearing.holds_residue(weave.number + 1)
+    del tearing[weave.id]
+    assert not tearing.holds_residue(weave.number)
+    assert tearing.pop(weave.id) is None
 
 
 def test_an_unconfirmed_teardown_ends_at_its_deadline_with_an_event(
