@@ -50,6 +50,7 @@ from nwc.weave import CONTROLLER, LIVE_STATES, OPERATOR, EndReason, Leg, State, 
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+_Entry = TypeVar("_Entry")
 
 DEFAULT_PROVISION_TIMEOUT_S = 30.0
 # How long a terminated weave may stay `terminating` while parts confirm the data plane is
@@ -97,7 +98,57 @@ class Part(Protocol):
     def weave_moved(self, weave: Weave, old: Weave) -> None: ...
 
 
-class LiveWeaves(dict[str, Weave]):
+class MeterResidues:
+    """How many weaves hold each meter-id residue (weave number modulo METER_SPACE), so that
+    picking the next free number is a lookup, not a scan of every weave (a scan was half of
+    an admission's cost with a thousand live weaves). A count, not a set: a store written
+    before numbers were chosen this way may hold two weaves on one residue."""
+
+    def __init__(self) -> None:
+        self._count: Counter[int] = Counter()
+
+    def add(self, weave: Weave) -> None:
+        self._count[weave.number % METER_SPACE] += 1
+
+    def remove(self, weave: Weave) -> None:
+        residue = weave.number % METER_SPACE
+        self._count[residue] -= 1
+        if self._count[residue] <= 0:
+            del self._count[residue]
+
+    def holds(self, number: int) -> bool:
+        """Whether a counted weave shares `number`'s meter ids."""
+        return self._count[number % METER_SPACE] > 0
+
+
+class _IndexedDict(dict[str, _Entry]):
+    """A dict that keeps indexes of its entries as they are set, replaced and removed
+    (`_index` and `_unindex`, in subclasses)."""
+
+    def __setitem__(self, key: str, entry: _Entry) -> None:
+        if key in self:
+            self._unindex(self[key])
+        super().__setitem__(key, entry)
+        self._index(entry)
+
+    def __delitem__(self, key: str) -> None:
+        self.pop(key)
+
+    def pop(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+        if key not in self:
+            return default
+        entry = super().pop(key)
+        self._unindex(entry)
+        return entry
+
+    def _index(self, entry: _Entry) -> None:
+        raise NotImplementedError
+
+    def _unindex(self, entry: _Entry) -> None:
+        raise NotImplementedError
+
+
+class LiveWeaves(_IndexedDict[Weave]):
     """The live weaves by id, indexed by IVN, so that admission reads only the weaves of the
     two IVNs it decides about (with a thousand live weaves, rebuilding the whole view per
     request was most of an admission's cost)."""
@@ -106,42 +157,21 @@ class LiveWeaves(dict[str, Weave]):
         super().__init__()
         self._by_ivn: dict[str, set[str]] = {}
         self._view: dict[str, LiveWeave] = {}
-        # Meter-id residues (weave number modulo METER_SPACE) held by live weaves, so that
-        # picking the next free number does not scan every live weave (it was half of an
-        # admission's cost with a thousand live weaves).
-        # A count, not a set: a store written before numbers were chosen this way may hold
-        # two live weaves on one residue.
-        self._residues: Counter[int] = Counter()
+        self.residues = MeterResidues()
         self._requested_by: Counter[str] = Counter()  # live weaves per requesting tenant
 
-    def __setitem__(self, weave_id: str, weave: Weave) -> None:
-        if weave_id in self:
-            self._unindex(self[weave_id])
-        super().__setitem__(weave_id, weave)
+    def _index(self, weave: Weave) -> None:
         for ivn in (weave.requester, weave.target):
-            self._by_ivn.setdefault(ivn, set()).add(weave_id)
-        self._view[weave_id] = weave.as_live()
-        self._residues[weave.number % METER_SPACE] += 1
+            self._by_ivn.setdefault(ivn, set()).add(weave.id)
+        self._view[weave.id] = weave.as_live()
+        self.residues.add(weave)
         self._requested_by[weave.requester_tenant] += 1
-
-    def __delitem__(self, weave_id: str) -> None:
-        self.pop(weave_id)
-
-    def pop(self, weave_id: str, default: Any = None) -> Any:  # type: ignore[override]
-        if weave_id not in self:
-            return default
-        weave = super().pop(weave_id)
-        self._unindex(weave)
-        return weave
 
     def _unindex(self, weave: Weave) -> None:
         for ivn in (weave.requester, weave.target):
             self._by_ivn.get(ivn, set()).discard(weave.id)
         self._view.pop(weave.id, None)
-        residue = weave.number % METER_SPACE
-        self._residues[residue] -= 1
-        if self._residues[residue] <= 0:
-            del self._residues[residue]
+        self.residues.remove(weave)
         self._requested_by[weave.requester_tenant] -= 1
         if self._requested_by[weave.requester_tenant] <= 0:
             del self._requested_by[weave.requester_tenant]
@@ -150,51 +180,26 @@ class LiveWeaves(dict[str, Weave]):
         """How many live weaves `tenant` asked for (its quota counts these)."""
         return self._requested_by[tenant]
 
-    def holds_residue(self, number: int) -> bool:
-        """Whether a live weave's number shares `number`'s meter ids."""
-        return self._residues[number % METER_SPACE] > 0
-
     def involving(self, *ivns: str) -> list[LiveWeave]:
         ids = set().union(*(self._by_ivn.get(ivn, ()) for ivn in ivns))
         return [self._view[i] for i in sorted(ids)]
 
 
-class Teardowns(dict[str, tuple[Weave, set[str], float]]):
+class Teardowns(_IndexedDict[tuple[Weave, set[str], float]]):
     """Ended weaves whose data plane is being torn down: weave id -> the record (state
     terminating, or failed), the parts yet to confirm, and the deadline (monotonic) after
-    which it is recorded terminated anyway. Their meter-id residues are counted as they come
-    and go, like `LiveWeaves`', so that admission's pick of a free number does not scan them
-    (a burst of releases can leave many waiting on a switch that is away)."""
+    which it is recorded terminated anyway. Their meter-id residues are counted, as the live
+    weaves' are: a burst of releases can leave many waiting on a switch that is away."""
 
     def __init__(self) -> None:
         super().__init__()
-        self._residues: Counter[int] = Counter()
+        self.residues = MeterResidues()
 
-    def __setitem__(self, weave_id: str, entry: tuple[Weave, set[str], float]) -> None:
-        if weave_id in self:
-            self._unindex(self[weave_id][0])
-        super().__setitem__(weave_id, entry)
-        self._residues[entry[0].number % METER_SPACE] += 1
+    def _index(self, entry: tuple[Weave, set[str], float]) -> None:
+        self.residues.add(entry[0])
 
-    def __delitem__(self, weave_id: str) -> None:
-        self.pop(weave_id)
-
-    def pop(self, weave_id: str, default: Any = None) -> Any:  # type: ignore[override]
-        if weave_id not in self:
-            return default
-        entry = super().pop(weave_id)
-        self._unindex(entry[0])
-        return entry
-
-    def _unindex(self, record: Weave) -> None:
-        residue = record.number % METER_SPACE
-        self._residues[residue] -= 1
-        if self._residues[residue] <= 0:
-            del self._residues[residue]
-
-    def holds_residue(self, number: int) -> bool:
-        """Whether a weave being torn down shares `number`'s meter ids."""
-        return self._residues[number % METER_SPACE] > 0
+    def _unindex(self, entry: tuple[Weave, set[str], float]) -> None:
+        self.residues.remove(entry[0])
 
 
 @dataclass
@@ -544,7 +549,7 @@ class Weaver:
         modulo METER_SPACE) no live weave holds: a switch cannot have two meters of one id.
         Nor a weave being torn down: a switch that still holds it (away, or not back since a
         restart) would have its meters, and its flows using them, for the new weave's."""
-        while self.live.holds_residue(number) or self._tearing.holds_residue(number):
+        while self.live.residues.holds(number) or self._tearing.residues.holds(number):
             number += 1
         return number
 

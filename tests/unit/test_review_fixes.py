@@ -201,10 +201,10 @@ def test_a_shared_residue_stays_held_until_its_last_holder_ends(make_weaver, sma
     twin = replace(first, id=f"wv-{first.number + METER_SPACE:06d}")
     weaver.live[twin.id] = twin  # as recovered from such a store
     weaver.terminate(first.id)
-    assert weaver.live.holds_residue(first.number)
+    assert weaver.live.residues.holds(first.number)
     assert weaver._free_number(first.number) == first.number + 1
     del weaver.live[twin.id]
-    assert not weaver.live.holds_residue(first.number)
+    assert not weaver.live.residues.holds(first.number)
 
 
 def test_target_side_refusals_do_not_reveal_the_targets_policy(small, shipped_policy) -> None:

@@ -102,10 +102,10 @@ def test_teardowns_count_meter_ids_through_a_replaced_entry(
     tearing = Teardowns()
     tearing[weave.id] = (weave, {"flows"}, 1.0)
     tearing[weave.id] = (weave, {"flows", "tunnels"}, 2.0)
-    assert tearing.holds_residue(weave.number + METER_SPACE)
-    assert not tearing.holds_residue(weave.number + 1)
+    assert tearing.residues.holds(weave.number + METER_SPACE)
+    assert not tearing.residues.holds(weave.number + 1)
     del tearing[weave.id]
-    assert not tearing.holds_residue(weave.number)
+    assert not tearing.residues.holds(weave.number)
     assert tearing.pop(weave.id) is None
 
 
