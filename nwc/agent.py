@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -1038,6 +1039,19 @@ class Agent:
 
 # -- the command ------------------------------------------------------------------------------
 
+def heartbeat_interval(text: str) -> float:
+    """An argparse type: seconds between heartbeats, finite and above 0 (nan or inf would
+    never beat, 0 or less would beat every pass and say nothing of the setting)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds above 0, not "
+                                         f"{text}")
+    return value
+
+
 def cmd_agent(args: argparse.Namespace) -> int:
     from nwc.cli import EXIT_ERROR, EXIT_OK
     from nwc.hostdb import (
@@ -1047,6 +1061,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         configure_targets,
     )
     from nwc.hostnet import HostNetwork
+    from nwc.hostwatch import AGENT_SILENT_S
     from nwc.ike import IkeDaemon
     from nwc.ovsdbtls import ServerIdentity
 
@@ -1084,9 +1099,16 @@ def cmd_agent(args: argparse.Namespace) -> int:
                            timeout=10)
     agent = Agent(db=db, ike=IkeDaemon(args.vici), net=net, backend=args.backend,
                   underlay_device=args.underlay_dev, state_dir=args.state_dir,
-                  initiate_timeout_s=args.initiate_timeout, compact_db=compact)
-    log.info("nwc agent up: backend %s, OVSDB %s, VICI %s, underlay %s", args.backend,
-             args.ovsdb, args.vici, args.underlay_dev)
+                  initiate_timeout_s=args.initiate_timeout, compact_db=compact,
+                  heartbeat_s=args.heartbeat_interval)
+    log.info("nwc agent up: backend %s, OVSDB %s, VICI %s, underlay %s, heartbeat every %g s",
+             args.backend, args.ovsdb, args.vici, args.underlay_dev, args.heartbeat_interval)
+    if args.heartbeat_interval * 3 > AGENT_SILENT_S:
+        # The controller cannot learn this interval; its own bound has to be raised to match.
+        log.warning("a heartbeat every %g s needs `nwc run --agent-unresponsive-after %g` (3 "
+                    "beats) or more; with the default %g s this agent would be called "
+                    "unresponsive", args.heartbeat_interval, 3 * args.heartbeat_interval,
+                    AGENT_SILENT_S)
     try:
         agent.run(stop, args.interval)
     finally:
@@ -1127,6 +1149,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "removed, so its key leaves the on-disk log too")
     p.add_argument("--interval", type=float, default=0.1,
                    help="seconds between reconciliations")
+    p.add_argument("--heartbeat-interval", type=heartbeat_interval, default=AGENT_HEARTBEAT_S,
+                   metavar="SECONDS",
+                   help=f"seconds between heartbeats (default {AGENT_HEARTBEAT_S:g}); the "
+                        "controller's --agent-unresponsive-after must be at least 3 times this")
     p.add_argument("--initiate-timeout", type=float, default=10.0,
                    help="seconds one IKE attempt may take")
     p.set_defaults(func=cmd_agent)

@@ -2,14 +2,16 @@
 
 Pure: the tunnel part feeds it what each pass read and the time, and reports what changed.
 
-The agent raises a counter in its host's OVSDB every `AGENT_HEARTBEAT_S` (`AGENT_ALIVE_KEY`).
+The agent raises a counter in its host's OVSDB every `AGENT_HEARTBEAT_S` (`AGENT_ALIVE_KEY`;
+`nwc agent --heartbeat-interval`).
 The controller never compares the host's clock with its own: it notes, on its own monotonic
 clock, when it last saw the value change, and calls the agent unresponsive once it has
 watched the value for `silent_s` without a change. A host whose OVSDB cannot be read is a
 different condition: nothing can be told of its agent then (the agent may be fine and only
 its ovsdb-server down, or the network to the host), so its agent is judged again, with a
 fresh `silent_s`, only once the OVSDB answers again. An agent judged unresponsive is back
-when the value changes.
+when the value changes. An agent from before heartbeats never writes the value: it is judged
+unresponsive all the same, and said to have never beaten, which tells the operator what to do.
 """
 
 from __future__ import annotations
@@ -26,6 +28,16 @@ from nwc.tunnel import AGENT_ALIVE_KEY, AGENT_HEARTBEAT_S
 # inactivity probe after 5 s, dropped 5 s later): a powered-off host is called unreachable
 # before its agent could be called unresponsive from the last contents its cache holds.
 AGENT_SILENT_S = 4 * AGENT_HEARTBEAT_S
+# The least `silent_s` `nwc run --agent-unresponsive-after` takes: the part reads each host
+# every pass (0.1 s), but one slow pass waits up to its IO wait (0.5 s) and a busy host may
+# miss a beat's write by a pass; below a couple of seconds healthy agents would flap. Agents
+# beat every AGENT_HEARTBEAT_S by default, so `silent_s` should be at least 3 of their beats
+# (docs/deploy.md): the controller cannot check that, it never learns the agents' interval.
+MIN_AGENT_SILENT_S = 2.0
+
+# What an agent that has never written a heartbeat is told apart by, in changes and health.
+NEVER_BEAT = ("no heartbeat was ever seen from its agent (it is not running, or it is older "
+              "than this controller: upgrade the agents before the controller)")
 
 Kind = Literal["agent", "ovsdb"]
 
@@ -49,6 +61,8 @@ class HostHealth:
     ovsdb_up: bool
     agent_up: bool | None
     since: dt.datetime | None = None
+    never_beat: bool = False  # judged unresponsive without a heartbeat ever read
+
 
     def problem(self) -> str | None:
         """Why what this host last reported may not be current, or None."""
@@ -56,7 +70,8 @@ class HostHealth:
         if not self.ovsdb_up:
             return f"OVSDB unreachable{when}"
         if self.agent_up is False:
-            return f"agent unresponsive{when}"
+            return f"agent unresponsive, {NEVER_BEAT}" if self.never_beat \
+                else f"agent unresponsive{when}"
         return None
 
 
@@ -68,6 +83,7 @@ class _Host:
     beat: str | None = None
     beat_wall: dt.datetime | None = None  # when the value was first seen or last changed
     seen: bool = False  # whether any read answered yet
+    beat_seen: bool = False  # whether any read held a heartbeat value
     ovsdb_up: bool = True  # both presumed until proved otherwise: a start says nothing
     agent_up: bool = True
 
@@ -94,6 +110,7 @@ class HostWatch:
             if not h.seen or beat != h.beat:
                 changed = h.seen
                 h.seen, h.beat, h.quiet_from, h.beat_wall = True, beat, mono, wall
+                h.beat_seen = h.beat_seen or beat is not None
                 if changed and not h.agent_up:
                     h.agent_up = True
                     changes.append(Change(host, "agent", True,
@@ -107,9 +124,13 @@ class HostWatch:
         # prove nothing about its agent.
         if h.ovsdb_up and h.agent_up and h.read_at - h.quiet_from > self.silent_s:
             h.agent_up = False
-            changes.append(Change(host, "agent", False,
-                                  f"its agent's heartbeat has not changed for more than "
-                                  f"{self.silent_s:g} s{self._seen(h)}"))
+            if h.beat_seen:
+                detail = (f"its agent's heartbeat has not changed for more than "
+                          f"{self.silent_s:g} s{self._seen(h)}")
+            else:
+                detail = (f"{NEVER_BEAT}; {AGENT_ALIVE_KEY} has been absent from its OVSDB "
+                          f"for more than {self.silent_s:g} s")
+            changes.append(Change(host, "agent", False, detail))
         return changes
 
     @staticmethod
@@ -124,5 +145,7 @@ class HostWatch:
         if not h.ovsdb_up:
             return HostHealth(False, None, h.read_wall)
         if not h.agent_up:
+            if not h.beat_seen:  # no heartbeat to date anything by
+                return HostHealth(True, False, never_beat=True)
             return HostHealth(True, False, h.beat_wall)
         return HostHealth(True, True)

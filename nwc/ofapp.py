@@ -358,6 +358,15 @@ class FlowsPart:
         # recovered at a restart, that the previous run may have sent them to: where they may
         # be, whether or not that switch is connected now. Loop thread only.
         self.placed: dict[str, set[int]] = {}
+        # weave id -> the switches off its current paths that it may still be on (`placed`
+        # for a live weave, its removal's `waiting` for an ending one), as last saved to the
+        # store: a restart knows the current paths from the weave's record, but only this
+        # says that a switch of an earlier path never confirmed the removal (it was away when
+        # the weave moved). Saved in one transaction per burst of changes (`_off_path_save`,
+        # posted to the loop), not one per weave moved or barrier. Loop thread only.
+        self._off_path_saved: dict[str, frozenset[int]] = {}
+        self._off_path_changed: set[str] = set()
+        self._off_path_save_posted = False
         # weave id -> its removal still to be confirmed. A switch that drops keeps the
         # weave's flows (fail_mode=secure) until it reconnects and its resync removes them,
         # so a drop never confirms; the weaver's teardown timeout bounds the wait. Loop only.
@@ -379,17 +388,24 @@ class FlowsPart:
         still provisioning wait for "flows"); each switch's resync confirms them."""
         # A previous run may have installed the live weaves (recovered from the store) on
         # their switches, which keep them (fail_mode=secure) until their resync here: a
-        # teardown must wait for those as for a switch that dropped in this run. Only the
-        # current paths are known; on a fabric switch of an older path the previous run
-        # removed them when the weave moved, or that switch's own resync does (fabric flows
-        # steer a slot's outer addresses only, and a weave's hosts never change). The same
+        # teardown must wait for those as for a switch that dropped in this run. They are the
+        # switches of the current paths, and those of earlier paths that the previous run
+        # saved as not confirmed (the weave moved off them while they were away). The same
         # holds for the weaves of the previous run whose teardown is under way (left
         # terminating by its stop, or ended at recovery): attach_part hands them to
-        # weave_down, which then waits for each of those switches' resync.
+        # weave_down, which then waits for each of those switches' resync. A switch no longer
+        # in the topology is not waited for (it can never be resynced here).
         topology = self.weaver.topology
+        saved = self.weaver.store.off_path_flows()
+        self._off_path_saved = {w: frozenset(dpids) for w, dpids in saved.items()}
         for weave in [*self.weaver.live.values(), *self.weaver.inherited_teardowns()]:
-            self.placed[weave.id] = weave_switches(topology, weave)
+            elsewhere = {d for d in saved.get(weave.id, ())
+                         if switch_name(topology, d) is not None}
+            self.placed[weave.id] = weave_switches(topology, weave) | elsewhere
         self.weaver.attach_part(self)
+        # Records of weaves that ended since, or of switches that left the topology, go.
+        self._off_path_changed.update(saved)
+        self._off_path_save()
         timer = threading.Thread(target=self._refresh_timer, name="nwc-flows-refresh",
                                  daemon=True)
         timer.start()
@@ -434,6 +450,7 @@ class FlowsPart:
         meters = self._own_meters(old)
         for dpid in gone:
             self._remove_from(dpid, old, meters)
+        self._off_path_note(weave.id)  # until their barriers confirm, `gone` may hold it
 
     def weave_down(self, weave: Weave) -> None:
         self._forget_counts(weave.number)
@@ -444,6 +461,7 @@ class FlowsPart:
         # for a switch that may never come back; its resync removes their flows all the same.
         for weave_id in [w for w in self.removing if not self.weaver.tearing_down(w)]:
             del self.removing[weave_id]
+            self._off_path_note(weave_id)
         placed = self.placed.pop(weave.id, set())
         meters = self._own_meters(weave)
         sent = {dpid for dpid in sorted(weave_switches(self.weaver.topology, weave) | placed)
@@ -451,6 +469,7 @@ class FlowsPart:
         # A switch that was sent the weave's flows but is away now still holds them: it
         # confirms with its resync when it is back.
         waiting = sent | placed
+        self._off_path_note(weave.id)
         if waiting:
             self.removing[weave.id] = Removal(weave, waiting)
         else:  # never sent anywhere: nothing to wait for (posted: _end is still running)
@@ -463,6 +482,7 @@ class FlowsPart:
             if removal is None:
                 continue
             removal.waiting.discard(dpid)
+            self._off_path_note(weave_id)
             if not removal.waiting:
                 del self.removing[weave_id]
                 self.weaver.part_down(weave_id, self.name)
@@ -476,6 +496,52 @@ class FlowsPart:
             placed = self.placed.get(weave_id)
             if placed is not None and self.generation.get(weave_id) == generation:
                 placed.discard(dpid)
+                self._off_path_note(weave_id)
+
+    def _off_path(self, weave_id: str) -> frozenset[int]:
+        """The switches off the weave's current paths that may still hold its flows."""
+        weave = self.weaver.live.get(weave_id)
+        removal = self.removing.get(weave_id)
+        if weave is not None:
+            holders = self.placed.get(weave_id, set())
+        elif removal is not None:
+            weave, holders = removal.weave, removal.waiting
+        else:
+            return frozenset()
+        return frozenset(holders - weave_switches(self.weaver.topology, weave))
+
+    def _off_path_note(self, weave_id: str) -> None:
+        """What may hold the weave off its paths may have changed: saved with the next burst."""
+        self._off_path_changed.add(weave_id)
+        if not self._off_path_save_posted:
+            self._off_path_save_posted = True
+            self.controller.loop.post(self._off_path_save)
+
+    def _off_path_save(self) -> None:
+        """On the loop: save what changed in `_off_path` since the last save, in one
+        transaction. Written just after the change that caused it (a crash in between forgets
+        only that change); one that fails is logged and retried with the next change."""
+        self._off_path_save_posted = False
+        changed, self._off_path_changed = self._off_path_changed, set()
+        writes = {w: now for w in sorted(changed)
+                  if (now := self._off_path(w)) != self._off_path_saved.get(w, frozenset())}
+        if not writes:
+            return
+        store = self.weaver.store
+        try:
+            with store.transaction():
+                for weave_id, dpids in writes.items():
+                    store.save_off_path_flows(weave_id, dpids)
+        except Exception:
+            log.exception("could not save which switches off their paths may hold weaves "
+                          "%s; retried with the next change", ", ".join(writes))
+            self._off_path_changed.update(writes)
+            return
+        for weave_id, dpids in writes.items():
+            if dpids:
+                self._off_path_saved[weave_id] = dpids
+            else:
+                self._off_path_saved.pop(weave_id, None)
 
     def _removals_at(self, dpid: int) -> list[Removal]:
         return [r for _, r in sorted(self.removing.items()) if dpid in r.waiting]

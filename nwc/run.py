@@ -25,6 +25,7 @@ from typing import Any, NoReturn
 from nwc.cli import EXIT_ERROR, EXIT_OK, add_state_dir, counted, state_dir, tcp_port
 from nwc.config import DEFAULT_TOPOLOGY, SHIPPED_POLICIES
 from nwc.controller import Controller
+from nwc.hostwatch import AGENT_SILENT_S, MIN_AGENT_SILENT_S
 from nwc.ofguard import parse_networks
 from nwc.yamlsource import ConfigError
 
@@ -118,6 +119,13 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ovsdb-ssl-ca", default=None,
                    help="CA certificate (PEM) the hosts' OVSDB server certificates must chain "
                         "to; ssl: targets are refused without these three")
+    p.add_argument("--agent-unresponsive-after", type=float, default=AGENT_SILENT_S,
+                   metavar="SECONDS",
+                   help="call a host's agent unresponsive when its heartbeat has not changed "
+                        "for this long, and a host's OVSDB unreachable when it could not be "
+                        f"read for this long (default {AGENT_SILENT_S:g}, at least "
+                        f"{MIN_AGENT_SILENT_S:g}; give at least 3 times the agents' "
+                        "--heartbeat-interval)")
     p.add_argument("--cert-warn-days", type=int, default=30, metavar="DAYS",
                    help="warn (log, /metrics, nwc check-certs) when a certificate expires "
                         "within this many days (default 30, at most 3650)")
@@ -200,6 +208,13 @@ def check_run_options(args: argparse.Namespace,
     # inf would never fail a stuck weave, nan compares false with every deadline.
     if not (math.isfinite(args.provision_timeout) and args.provision_timeout > 0):
         parser.error("--provision-timeout must be a finite number of seconds above 0")
+    # nan would never call an agent unresponsive, inf likewise; a bound below a couple of
+    # seconds would call healthy agents unresponsive over one slow pass (nwc.hostwatch).
+    silent = args.agent_unresponsive_after
+    if not (math.isfinite(silent) and silent >= MIN_AGENT_SILENT_S):
+        parser.error(f"--agent-unresponsive-after must be a finite number of seconds, at least "
+                     f"{MIN_AGENT_SILENT_S:g} (not {silent:g}); give at least 3 times the "
+                     "agents' --heartbeat-interval")
     for option in ("api_max_live_weaves", "api_rate", "api_rate_burst", "api_max_body"):
         if getattr(args, option) is not None and not getattr(args, option) > 0:
             parser.error(f"--{option.replace('_', '-')} must be positive")

@@ -46,6 +46,13 @@ CREATE TABLE IF NOT EXISTS reservations (
     paths TEXT NOT NULL,
     kbps INTEGER NOT NULL
 );
+-- The flows part's: switches off a weave's current paths that may still hold its flows (it
+-- moved while they were away), a JSON list of datapath ids, so that a restart still waits
+-- for them at teardown. Added without a schema change: older databases get the empty table.
+CREATE TABLE IF NOT EXISTS off_path_flows (
+    weave_id TEXT PRIMARY KEY REFERENCES weaves(id),
+    dpids TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS audit (
     seq INTEGER PRIMARY KEY,
     hash TEXT NOT NULL,
@@ -291,6 +298,23 @@ class Store:
         rows = self.db.execute("SELECT weave_id, paths, kbps FROM reservations")
         return {w: Reservation(w, tuple(tuple(p) for p in json.loads(ps)), k)
                 for w, ps, k in rows}
+
+    # -- switches that may hold a weave's flows off its paths --------------------------------
+
+    def save_off_path_flows(self, weave_id: str, dpids: Iterable[int]) -> None:
+        """Record the switches off the weave's current paths that may still hold its flows
+        (none: the record goes)."""
+        held = sorted(set(dpids))
+        if held:
+            # Text: a datapath id is 64 bits unsigned, beyond SQLite's signed integers.
+            self.db.execute("INSERT OR REPLACE INTO off_path_flows VALUES (?, ?)",
+                            (weave_id, json.dumps([f"{d:x}" for d in held])))
+        else:
+            self.db.execute("DELETE FROM off_path_flows WHERE weave_id=?", (weave_id,))
+
+    def off_path_flows(self) -> dict[str, set[int]]:
+        rows = self.db.execute("SELECT weave_id, dpids FROM off_path_flows")
+        return {w: {int(d, 16) for d in json.loads(ds)} for w, ds in rows}
 
     # -- audit ----------------------------------------------------------------------------
 

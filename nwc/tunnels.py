@@ -320,6 +320,7 @@ class Tunnels:
         self.monotonic = monotonic
         # Whether each host's OVSDB answers and its agent's heartbeat goes on: judged on the
         # part's thread, read by `stats` and `waiting_on` from others (under `_lock`).
+        self.agent_silent_s = agent_silent_s
         self._watch = HostWatch(agent_silent_s)
         self._health: dict[str, HostHealth] = {}
         # Whose certificate each ssl: server must present (nwc.ovsdbtls has the rule).
@@ -930,8 +931,10 @@ def serve(controller: Any, args: argparse.Namespace) -> None:
                           getattr(args, "ovsdb_ssl_ca", None), targets.values())
     except OvsdbConfigError as exc:
         raise StartRefused(str(exc)) from None
-    part = tunnels_for(controller, targets)
+    part = tunnels_for(controller, targets, agent_silent_s=getattr(
+        args, "agent_unresponsive_after", AGENT_SILENT_S))
     controller.call(controller.weaver.attach_part, part)
     part.start()
     controller.on_stop(part.stop)
-    log.info("tunnels: driving %d hosts' OVSDBs", len(part.targets))
+    log.info("tunnels: driving %d hosts' OVSDBs (an agent whose heartbeat stops for %g s is "
+             "called unresponsive)", len(part.targets), part.agent_silent_s)

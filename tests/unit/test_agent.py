@@ -8,6 +8,8 @@ import datetime as dt
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 from unittest.mock import ANY
 
 import pytest
@@ -25,7 +27,11 @@ from tunnel_fakes import (
     run_now,
 )
 
+from nwc import agent as agent_module
+from nwc import hostdb as hostdb_module
+from nwc import hostnet as hostnet_module
 from nwc.agent import MAX_BUILDS_PER_PASS, Agent
+from nwc.cli import build_parser
 from nwc.pki import CertificateAuthority, LegKey, new_psk
 from nwc.tunnel import (
     AGENT_ACK_KEY,
@@ -167,6 +173,55 @@ def test_the_agent_beats_once_per_interval_with_the_pass_under_way() -> None:
     host.agent = host.new_agent()  # restarted
     host.steps(1)
     assert host.db.ids[AGENT_ALIVE_KEY] == "3"
+
+
+@pytest.mark.parametrize("seconds", ["inf", "nan", "0", "-1", "three"])
+def test_a_heartbeat_interval_that_is_not_finite_and_positive_is_a_usage_error(
+        seconds: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["agent", "--underlay-dev", "eth1",
+                                   "--heartbeat-interval", seconds])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --heartbeat-interval:" in err and "Traceback" not in err
+
+
+def test_the_agent_beats_at_the_interval_its_command_line_gives(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """`nwc agent --heartbeat-interval` reaches the agent, and an interval the controller's
+    default bound cannot follow is warned about (the controller never learns it)."""
+    made: dict[str, Any] = {}
+
+    class Made:
+        def __init__(self, **kwargs: Any) -> None:
+            made.update(kwargs)
+
+        def run(self, stop: Any, interval: float) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    # Only the command's wiring runs: no OVSDB, charon or netlink, and the test process's
+    # signal handlers and umask stay as they are.
+    monkeypatch.setattr(agent_module, "Agent", Made)
+    monkeypatch.setattr(hostdb_module, "HostDb", lambda *a, **k: FakeHostDb(Journal()))
+    monkeypatch.setattr(hostnet_module, "HostNetwork", lambda: SimpleNamespace(
+        close=lambda: None))
+    monkeypatch.setattr(agent_module.signal, "signal", lambda *a: None)
+    monkeypatch.setattr(agent_module.os, "umask", lambda mask: 0o022)
+    args = build_parser().parse_args(["agent", "--underlay-dev", "eth1", "--ovsdb",
+                                      "unix:/nonexistent", "--heartbeat-interval", "5"])
+    assert agent_module.cmd_agent(args) == 0
+    assert made["heartbeat_s"] == 5.0
+    assert "needs `nwc run --agent-unresponsive-after 15`" in caplog.text
+    made.clear()
+    caplog.clear()
+    args = build_parser().parse_args(["agent", "--underlay-dev", "eth1", "--ovsdb",
+                                      "unix:/nonexistent"])
+    assert agent_module.cmd_agent(args) == 0
+    assert made["heartbeat_s"] == 3.0
+    assert "agent-unresponsive-after" not in caplog.text
 
 
 def test_the_responder_never_initiates() -> None:

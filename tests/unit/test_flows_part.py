@@ -810,6 +810,83 @@ def test_a_recovered_weave_that_moved_off_a_resynced_switch_does_not_wait_for_it
     _ends_while_s3_is_away(fsim, weave)
 
 
+def _moved_off_s3_while_it_was_away(fsim: FlowsSim) -> Weave:
+    """The weave moves onto s3, s3 loses the controller (keeping the weave's flows:
+    fail_mode=secure), and the weave moves back off s3: no removal could reach s3."""
+    fsim.connect_all()
+    weave = fsim.weave("acme-web", "globex-db")
+    _link(fsim, "s1", "s2", up=False)  # h1-s1-s3-s2-h2
+    fsim.dps["s3"].hang_up()
+    fsim.settle()
+    _link(fsim, "s1", "s2", up=True)
+    _link(fsim, "s1", "s3", up=False)  # back onto h1-s1-s2-h2
+    path = next(leg.path for leg in fsim.weaver.live[weave.id].legs if leg.slot is not None)
+    assert "s3" not in path
+    assert _weave_flows(fsim, "s3", weave)
+    return weave
+
+
+def test_a_recovered_weave_waits_at_teardown_for_a_switch_of_an_earlier_path(
+        one_remote_leg: FlowsSim) -> None:
+    """s3, on a path the weave left while s3 was away, still holds the weave's flows after a
+    restart, and is still away: the teardown waits for s3's resync, as it would have without
+    the restart, rather than call the weave terminated (and free its slot) meanwhile."""
+    fsim = one_remote_leg
+    weave = _moved_off_s3_while_it_was_away(fsim)
+    _restart_without(fsim, "s3")
+    fsim.loop.call(fsim.weaver.terminate, weave.id)
+    fsim.settle()
+    assert _state(fsim, weave.id) is State.TERMINATING
+    assert fsim.loop.call(fsim.weaver.tearing_down, weave.id)
+    fsim.connect("s3")
+    assert _weave_flows(fsim, "s3", weave) == []
+    assert _state(fsim, weave.id) is State.TERMINATED
+    assert not fsim.part.removing
+
+
+def test_a_teardown_left_by_a_stop_waits_for_a_switch_of_an_earlier_path(
+        one_remote_leg: FlowsSim) -> None:
+    """The same with the weave ended before the stop, its removal from s3 still waited for."""
+    fsim = one_remote_leg
+    weave = _moved_off_s3_while_it_was_away(fsim)
+    fsim.loop.call(fsim.weaver.terminate, weave.id)
+    fsim.settle()
+    _restart_without(fsim, "s3")
+    assert _state(fsim, weave.id) is State.TERMINATING
+    fsim.connect("s3")
+    assert _weave_flows(fsim, "s3", weave) == []
+    assert _state(fsim, weave.id) is State.TERMINATED
+
+
+def test_a_switch_of_an_earlier_path_resynced_since_is_not_waited_for_after_a_restart(
+        one_remote_leg: FlowsSim) -> None:
+    """Once s3's resync removed the weave's flows, a later restart does not wait for s3."""
+    fsim = one_remote_leg
+    weave = _moved_off_s3_while_it_was_away(fsim)
+    _restart_without(fsim, "s3")
+    fsim.connect("s3")  # its resync leaves the weave out
+    _restart_without(fsim, "s3")
+    assert _weave_flows(fsim, "s3", weave) == []
+    fsim.loop.call(fsim.weaver.terminate, weave.id)
+    fsim.settle()
+    assert _state(fsim, weave.id) is State.TERMINATED
+
+
+def test_switches_off_a_weaves_paths_are_saved_with_any_datapath_id(tmp_path: Path) -> None:
+    """Datapath ids are 64 bits unsigned: one above SQLite's largest integer is kept too."""
+    fsim = FlowsSim.build(tmp_path)
+    try:
+        weave = fsim.weave("acme-web", "globex-db")
+        store = fsim.weaver.store
+        big = 2**64 - 1
+        fsim.loop.call(store.save_off_path_flows, weave.id, [big, 7])
+        assert fsim.loop.call(store.off_path_flows) == {weave.id: {7, big}}
+        fsim.loop.call(store.save_off_path_flows, weave.id, [])
+        assert fsim.loop.call(store.off_path_flows) == {}
+    finally:
+        fsim.close()
+
+
 def test_a_resync_that_keeps_the_table_removes_a_weave_the_teardown_stopped_waiting_for(
         fsim: FlowsSim, monkeypatch: pytest.MonkeyPatch) -> None:
     """Past the teardown timeout the part forgets a removal; a switch whose base cannot be

@@ -54,3 +54,34 @@ def test_an_agent_unseen_while_its_ovsdb_was_away_gets_a_full_bound_again() -> N
     # Back: the agent is judged only after the bound counted from now, not from its last beat.
     assert run(watch, [beat(2)] * 6, start=12) == [("ovsdb", True)]
     assert run(watch, [beat(2)], start=18) == [("agent", False)]
+
+
+def test_a_bound_other_than_the_default_is_the_one_applied() -> None:
+    watch = HostWatch(silent_s=30)
+    assert run(watch, [beat(1)] * 31) == []  # 30 s unchanged: not more than the bound
+    (change,) = watch.observe("h1", beat(1), 31, T0 + dt.timedelta(seconds=31))
+    assert (change.kind, change.up) == ("agent", False)
+    assert "has not changed for more than 30 s" in change.detail
+
+
+def test_an_agent_that_never_beat_is_said_to_be_older_or_not_running() -> None:
+    """An agent from before heartbeats writes no nwc-agent-alive at all: "unchanged since"
+    the controller's start would send the operator after a hung agent instead of an old one."""
+    watch = HostWatch(silent_s=5)
+    changes = []
+    for t in range(7):
+        changes += watch.observe("h1", {"nwc-agent-ack": "3"}, t, T0 + dt.timedelta(seconds=t))
+    assert [(c.kind, c.up) for c in changes] == [("agent", False)]
+    assert "no heartbeat was ever seen from its agent" in changes[0].detail
+    assert "upgrade the agents before the controller" in changes[0].detail
+    assert "unchanged since" not in changes[0].detail
+    health = watch.health("h1")
+    assert health.never_beat and health.since is None
+    problem = health.problem()
+    assert problem.startswith("agent unresponsive, no heartbeat was ever seen")
+    assert "upgrade the agents before the controller" in problem
+    # Upgraded: its first heartbeat brings it back, and a later silence is dated as usual.
+    assert run(watch, [beat(1)], start=7) == [("agent", True)]
+    assert run(watch, [beat(1)] * 7, start=8) == [("agent", False)]
+    assert not watch.health("h1").never_beat
+    assert watch.health("h1").problem().startswith("agent unresponsive since ")

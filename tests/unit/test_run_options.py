@@ -108,3 +108,29 @@ def test_a_port_out_of_range_is_a_usage_error(tmp_path: Path, port: str,
     with pytest.raises(SystemExit):
         configured(tmp_path, f"[nwc]\napi-port = {port}\n")
     assert f"api-port = '{port}' is not valid" in capsys.readouterr().err
+
+
+def test_the_agent_bound_comes_from_the_command_line_or_the_file(tmp_path: Path) -> None:
+    args, parser = run_args()
+    check_run_options(args, parser)
+    assert args.agent_unresponsive_after == 12.0  # four of the agents' default beats
+    args = configured(tmp_path, "[nwc]\nagent-unresponsive-after = 30\n")
+    check_run_options(args, args._parser)
+    assert args.agent_unresponsive_after == 30.0
+    args = configured(tmp_path, "[nwc]\nagent-unresponsive-after = 30\n",
+                      "--agent-unresponsive-after", "2")
+    check_run_options(args, args._parser)
+    assert args.agent_unresponsive_after == 2.0  # the least taken
+
+
+@pytest.mark.parametrize("seconds", ["inf", "nan", "-5", "0", "1.9"])
+def test_an_agent_bound_that_is_not_finite_or_under_2_s_is_refused(
+        tmp_path: Path, seconds: str, capsys: pytest.CaptureFixture[str]) -> None:
+    for args in (run_args("--agent-unresponsive-after", seconds)[0],
+                 configured(tmp_path, f"[nwc]\nagent-unresponsive-after = {seconds}\n")):
+        with pytest.raises(SystemExit) as exc:
+            check_run_options(args, args._parser)
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert "--agent-unresponsive-after must be a finite number of seconds, at least 2" in err
+        assert "Traceback" not in err

@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -30,7 +31,9 @@ from tunnel_fakes import (
     run_now,
 )
 
+from nwc import tunnels
 from nwc.agent import Agent
+from nwc.cli import build_parser
 from nwc.hostdb import HostDb
 from nwc.lab.tunnel_lab import TWO_HOSTS
 from nwc.pki import CertificateAuthority, LegKey, certificate_identity, new_psk
@@ -867,6 +870,62 @@ def test_a_killed_agent_is_said_once_and_its_ends_shown_stale(world: World) -> N
     world.elapse(2)
     assert world.reports.hosts() == [("h1", "agent", False), ("h1", "agent", True)]
     assert not world.part.stats(w)["tunnel_legs"][0]["ends"]["h1"]["stale"]
+
+
+def test_a_bound_set_for_nwc_run_is_the_one_its_tunnel_part_applies(
+        world: World, tmp_path: Path) -> None:
+    """`nwc run --agent-unresponsive-after 30` reaches the tunnel part, which then calls a
+    killed agent unresponsive after 30 s on its own clock, not after the default 12."""
+    attached: list[Tunnels] = []
+    stops: list[Callable[[], None]] = []
+    # An OVSDB target nobody serves: the part's thread, stopped at once, reads nothing.
+    topology = parse_topology_text(TWO_HOSTS.replace(
+        "underlay_ip: 100.64.0.1}", f"underlay_ip: 100.64.0.1, ovsdb: 'unix:{tmp_path}/h1'}}"),
+        POLICY)
+    controller = SimpleNamespace(
+        config=SimpleNamespace(topology=topology), state_dir=tmp_path / "state",
+        weaver=SimpleNamespace(policy=POLICY, attach_part=attached.append),
+        call=lambda fn, *args: fn(*args), on_stop=stops.append, stats_sources=[],
+        host_sources=[])
+    args = build_parser().parse_args(["run", "--agent-unresponsive-after", "30"])
+    tunnels.serve(controller, args)
+    for stop in stops:
+        stop()
+    (served,) = attached
+    assert served.agent_silent_s == 30.0
+    world.part.stop()
+    world.part = Tunnels(topology=TOPO, policy=lambda: POLICY, ca=world.ca,
+                         reports=world.reports, ovsdb_targets={"h1": "unix:h1", "h2": "unix:h2"},
+                         db_factory=lambda target: world.dbs[target.split(":")[1]],
+                         now=lambda: T0, io_wait_s=10, monotonic=world.part_clock,
+                         agent_silent_s=served.agent_silent_s)
+    world.rounds()
+    world.stopped.add("h1")
+    world.elapse(30)
+    assert world.reports.hosts() == []  # past the default 12 s: not yet
+    world.elapse(2)
+    assert world.reports.hosts() == [("h1", "agent", False)]
+    assert "has not changed for more than 30 s" in world.reports.log[-1][4]
+
+
+def test_an_agent_that_never_beat_is_logged_as_one_to_upgrade(
+        world: World, caplog: pytest.LogCaptureFixture) -> None:
+    """An agent older than heartbeats writes none: the warning and the host.agent event say
+    that no heartbeat was ever seen and that agents must be upgraded before the controller,
+    and a weave's ends there are shown stale for that reason."""
+    world.stopped.add("h1")  # stands for an old agent: it beats no more than a stopped one
+    w = weave()
+    world.part.weave_up(w)
+    world.elapse(14)
+    assert world.reports.hosts() == [("h1", "agent", False)]
+    detail = world.reports.log[-1][4]
+    assert detail.startswith("no heartbeat was ever seen from its agent")
+    assert "upgrade the agents before the controller" in detail
+    assert f"host h1: agent not answering: {detail}" in caplog.text
+    end = world.part.stats(w)["tunnel_legs"][0]["ends"]["h1"]
+    assert end["stale_reason"].startswith("agent unresponsive, no heartbeat was ever seen")
+    assert world.part.waiting_on(w.id).startswith(
+        "h1, agent unresponsive, no heartbeat was ever seen from its agent")
 
 
 def test_an_unreachable_ovsdb_is_not_a_dead_agent(world: World) -> None:
