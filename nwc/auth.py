@@ -243,8 +243,26 @@ def _known_tenants(args: argparse.Namespace) -> set[str]:
     return set(load_policy(args.policy or [SHIPPED_POLICIES]).tenants)
 
 
+def _take_run_config(args: argparse.Namespace) -> None:
+    """`--config-file`: the policy and state directory of the `nwc run` configuration, so a
+    token is checked against the policy that controller runs with and lands where it reads
+    (options given on the command line win, as for `nwc run`)."""
+    # Imported here: nwc.run imports the controller, which a plain `token list` never needs.
+    from nwc.run import add_run_options, apply_config_file
+
+    parser = argparse.ArgumentParser(prog="nwc token issue --config-file")
+    add_run_options(parser)
+    run_args = parser.parse_args([])
+    run_args.config_file = args.config_file
+    apply_config_file(run_args, parser)
+    args.policy = args.policy or run_args.policy
+    args.state_dir = args.state_dir or run_args.state_dir
+
+
 def cmd_token_issue(args: argparse.Namespace) -> int:
     principal = args.principal
+    if args.config_file is not None:
+        _take_run_config(args)
     if principal != ADMIN:
         try:
             tenants = _known_tenants(args)
@@ -252,7 +270,12 @@ def cmd_token_issue(args: argparse.Namespace) -> int:
             print(f"token issue: the policy does not load:\n{exc}", file=sys.stderr)
             return EXIT_ERROR
         if principal not in tenants:
-            print(f"token issue: {principal!r} is neither 'admin' nor a tenant of the policy "
+            # Checked against the shipped examples unless told otherwise: say so, or an
+            # operator with their own policy reads a list of tenants they never wrote.
+            which = ("the policy" if args.policy else
+                     f"the shipped example policy ({SHIPPED_POLICIES}; give the controller's "
+                     "with --policy or --config-file)")
+            print(f"token issue: {principal!r} is neither 'admin' nor a tenant of {which} "
                   f"(tenants: {', '.join(sorted(tenants)) or 'none'})", file=sys.stderr)
             return EXIT_ERROR
     directory = state_dir(args)
@@ -311,6 +334,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a tenant of the policy, or 'admin' for an operator token")
     p.add_argument("--policy", type=Path, action="append", default=None,
                    help="policy files to check the tenant against (default: shipped)")
+    p.add_argument("--config-file", type=Path, default=None,
+                   help="the `nwc run` config file: its policy and state-dir are used unless "
+                        "given here")
     add_state_dir(p)
     p.set_defaults(func=cmd_token_issue)
 

@@ -247,6 +247,33 @@ def test_token_issue_refuses_unknown_tenants(tmp_path: Path,
     out = capsys.readouterr()
     assert out.out == "" and "umbrella" in out.err
     assert not (tmp_path / "tokens").exists()
+    # Checked against the shipped examples by default: the message says so, and how not to.
+    assert "shipped example policy" in out.err and "--policy" in out.err
+
+
+def test_token_issue_takes_policy_and_state_dir_from_the_run_config_file(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A deploy-guide tester's own tenant was refused (checked against the shipped policy)
+    and the shipped tenant acme was issued a token their controller did not know: `--config-
+    file` takes the policy and state directory `nwc run` uses."""
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "red.yaml").write_text(
+        "tenants:\n  red: {}\n"
+        "ivns:\n  red-app:\n    tenant: red\n    vni: 7001\n"
+        "    cidrs: [10.71.0.0/24]\n    gateway: 10.71.0.1\n")
+    state = tmp_path / "state"
+    state.mkdir()
+    config = tmp_path / "nwc.conf"
+    config.write_text(f"[nwc]\npolicy = {policies}\nstate-dir = {state}\n"
+                      "api-port = 8443\n")  # a run-only option is no problem here
+    assert main(["token", "issue", "red", "--config-file", str(config)]) == 0
+    token = capsys.readouterr().out.strip()
+    principal = TokenStore(state).authenticate(token)
+    assert principal is not None and principal.tenant == "red"
+    assert main(["token", "issue", "acme", "--config-file", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert "'acme' is neither 'admin' nor a tenant of the policy (tenants: red)" in err
 
 
 def test_a_loose_tokens_file_is_tightened(tmp_path: Path) -> None:
