@@ -9,6 +9,7 @@ import importlib
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TextIO
@@ -227,7 +228,15 @@ def stdout_reader_left(exc: BaseException) -> bool:
     return isinstance(sys.stdout, WatchedStdout) and exc is sys.stdout.broken
 
 
+def quiet_dependency_warnings() -> None:
+    """The `ovs` library imports eventlet, when installed, only to ask whether `select` is
+    monkey-patched (NWC never patches it); eventlet answers with an eight-line deprecation
+    warning that opened every controller and agent log, addressed to eventlet's users."""
+    warnings.filterwarnings("ignore", message=r"\s*Eventlet is deprecated")
+
+
 def main(argv: list[str] | None = None) -> int:
+    quiet_dependency_warnings()
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import errno
+import importlib.util
 import io
+import subprocess
 import sys
 
 import pytest
@@ -51,3 +53,18 @@ def test_a_reader_of_stdout_that_left_ends_quietly_with_141(monkeypatch) -> None
 def test_a_client_command_reports_a_broken_socket_as_an_error(capsys) -> None:
     assert client._run(socket_broke)(argparse.Namespace()) == cli.EXIT_ERROR
     assert capsys.readouterr().err == "nwc: [Errno 32] Broken pipe\n"
+
+
+def test_no_eventlet_deprecation_block_opens_the_logs() -> None:
+    """A deploy-guide tester found eventlet's eight-line deprecation warning (raised when the
+    `ovs` library probes for eventlet) at the start of every controller and agent log."""
+    probe = ("import sys, nwc.cli as cli\n"
+             "if sys.argv[1] == 'quiet': cli.main(['check-policy'])\n"
+             "import ovs.poller\n")
+    runs = {mode: subprocess.run([sys.executable, "-W", "default", "-c", probe, mode],
+                                 capture_output=True, text=True, check=True).stderr
+            for mode in ("loud", "quiet")}
+    if importlib.util.find_spec("eventlet") is not None:
+        assert "Eventlet is deprecated" in runs["loud"]  # the probe can see the warning
+    assert "Eventlet is deprecated" not in runs["quiet"]
+    assert runs["quiet"] == ""
