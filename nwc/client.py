@@ -68,6 +68,10 @@ class Unreachable(Exception):
     """No answer from the controller (refused, timed out, not HTTP)."""
 
 
+class Untrusted(Unreachable):
+    """The controller's https certificate does not verify: no request was sent."""
+
+
 class ApiClient:
     def __init__(self, base_url: str, token: str | None, timeout_s: float = 30.0,
                  ca_file: Path | None = None) -> None:
@@ -113,6 +117,13 @@ class ApiClient:
         except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
             # HTTPException: something answered, but not in HTTP (BadStatusLine...).
             reason = getattr(exc, "reason", exc)
+            if isinstance(reason, ssl.SSLCertVerificationError):
+                # It did answer: calling that "no answer" sent a deploy-guide tester looking
+                # at the network instead of at --ca-file.
+                raise Untrusted(
+                    f"{self.base_url} answered with a certificate that does not verify "
+                    f"({reason.verify_message}): give the CA that signed it with --ca-file "
+                    "or $NWC_API_CA") from None
             raise Unreachable(f"no answer from {self.base_url}: {reason!r}") from None
 
     def call(self, method: str, path: str, body: Any = None,
@@ -520,6 +531,9 @@ def _run(func: Any) -> Any:
             for line in fields:
                 print(f"  {line}", file=sys.stderr)
             return exc.exit_code
+        except Untrusted as exc:
+            print(f"nwc: not trusted: {exc}", file=sys.stderr)
+            return EXIT_UNREACHABLE
         except Unreachable as exc:
             print(f"nwc: unreachable: {exc}", file=sys.stderr)
             return EXIT_UNREACHABLE

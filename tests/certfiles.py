@@ -18,16 +18,28 @@ def key_pem() -> bytes:
         serialization.NoEncryption())
 
 
-def certificate_pem(common_name: str, not_before: dt.datetime, not_after: dt.datetime,
-                    serial: int | None = None) -> bytes:
+def certificate_and_key_pem(common_name: str, not_before: dt.datetime,
+                            not_after: dt.datetime, serial: int | None = None,
+                            dns_name: str | None = None) -> tuple[bytes, bytes]:
+    """A self-signed certificate (PEM) and its private key (PEM), e.g. for a TLS listener."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    cert = (x509.CertificateBuilder()
-            .subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(serial if serial is not None else x509.random_serial_number())
-            .not_valid_before(not_before).not_valid_after(not_after)
-            .sign(key, hashes.SHA256()))
-    return cert.public_bytes(serialization.Encoding.PEM)
+    builder = (x509.CertificateBuilder()
+               .subject_name(name).issuer_name(name).public_key(key.public_key())
+               .serial_number(serial if serial is not None else x509.random_serial_number())
+               .not_valid_before(not_before).not_valid_after(not_after))
+    if dns_name:
+        builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(dns_name)]),
+                                        critical=False)
+    cert = builder.sign(key, hashes.SHA256())
+    return (cert.public_bytes(serialization.Encoding.PEM),
+            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                              serialization.NoEncryption()))
+
+
+def certificate_pem(common_name: str, not_before: dt.datetime, not_after: dt.datetime,
+                    serial: int | None = None) -> bytes:
+    return certificate_and_key_pem(common_name, not_before, not_after, serial)[0]
 
 
 def valid_for(common_name: str, now: dt.datetime, days: float,

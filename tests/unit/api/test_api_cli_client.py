@@ -5,16 +5,21 @@ NWC_TOKEN, never on a command line."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime as dt
 import json
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 from api_harness import EagerPart, Harness, ManualPart
+from certfiles import certificate_and_key_pem
 
 import nwc.api as api_module
 from nwc.api import ApiServer, ApiSettings, serve
@@ -355,3 +360,32 @@ def test_stats_are_lines_not_a_python_repr() -> None:
     assert lines[4].startswith("  h1: phase up, ike_state ESTABLISHED, child_state INSTALLED,")
     assert lines[5].startswith("  h2: ") and len(lines) == 6
     assert not any("{" in line or "'" in line for line in lines)
+
+
+def test_an_untrusted_api_certificate_is_named_not_called_unreachable(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A deploy-guide tester was told "unreachable: no answer" by a controller that answered
+    with a certificate from a CA they had not given: say that, and what to give."""
+    now = dt.datetime.now(dt.UTC)
+    cert, key = certificate_and_key_pem("nwc-api", now - dt.timedelta(days=1),
+                                        now + dt.timedelta(days=1), dns_name="localhost")
+    (tmp_path / "api.crt").write_bytes(cert)
+    (tmp_path / "api.key").write_bytes(key)
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(tmp_path / "api.crt", tmp_path / "api.key")
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def handshake_once() -> None:
+        with listener:
+            conn, _ = listener.accept()
+            with contextlib.suppress(OSError), tls.wrap_socket(conn, server_side=True):
+                pass  # the client gives up in the handshake
+
+    threading.Thread(target=handshake_once, daemon=True).start()
+    monkeypatch.setenv("NWC_TOKEN", "nwc_" + "a" * 43)
+    monkeypatch.delenv("NWC_API_CA", raising=False)
+    url = f"https://localhost:{listener.getsockname()[1]}"
+    code, _, err = nwc(capsys, "fabric", "--api-url", url)
+    assert code == EXIT_UNREACHABLE
+    assert "not trusted" in err and "--ca-file" in err and "no answer" not in err
