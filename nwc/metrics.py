@@ -201,20 +201,26 @@ class ControllerCollector(Collector):
         rekeys = CounterMetricFamily("nwc_ike_rekeys", "IKE and CHILD SA rekeys of the weave",
                                      labels=["weave"])
         for weave in live:
-            stats = self.controller.weave_stats(weave)
-            for prefix, family in families.items():
-                for direction in DIRECTIONS:
-                    value = _number(stats.get(f"{prefix}_{direction}"))
-                    if value is not None:
-                        family.add_metric([weave.id, direction], value)
-            state = stats.get("sa_state")
-            if isinstance(state, str):
-                label = state if state in SA_STATES or _LABEL_SAFE.fullmatch(state) \
-                    else "unknown"
-                sa_state.add_metric([weave.id, label], 1)
-            count = _number(stats.get("rekeys"))
-            if count is not None:
-                rekeys.add_metric([weave.id], count)
+            # Parts measure what hosts and switches say: an odd value costs its sample
+            # (`_number`), a surprise the rest of that weave's series, never the scrape.
+            try:
+                stats = self.controller.weave_stats(weave)
+                for prefix, family in families.items():
+                    for direction in DIRECTIONS:
+                        value = _number(stats.get(f"{prefix}_{direction}"))
+                        if value is not None:
+                            family.add_metric([weave.id, direction], value)
+                state = stats.get("sa_state")
+                if isinstance(state, str):
+                    label = state if state in SA_STATES or _LABEL_SAFE.fullmatch(state) \
+                        else "unknown"
+                    sa_state.add_metric([weave.id, label], 1)
+                count = _number(stats.get("rekeys"))
+                if count is not None:
+                    rekeys.add_metric([weave.id], count)
+            except Exception:
+                log.exception("metrics: the measurements of %s could not be exported",
+                              weave.id)
         yield from families.values()
         yield from (sa_state, rekeys)
 
@@ -266,9 +272,14 @@ def exported_certificates(facts: Iterable[CertFacts]) -> list[CertFacts]:
 
 
 def _number(value: Any) -> float | None:
+    """A measurement as a sample value, or None (not exported) if it is not a number or too
+    large for one (an integer past a float's range)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:
+        return None
 
 
 class Metrics:

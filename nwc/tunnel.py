@@ -26,6 +26,7 @@ import hashlib
 import ipaddress
 import json
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal
@@ -456,8 +457,24 @@ class Phase(StrEnum):
 # carries anything; CREATED, ROUTED (trap only), RETRYING, DELETING and DELETED carry nothing.
 CHILD_CARRYING_STATES = frozenset({"INSTALLED", "UPDATING", "REKEYING", "REKEYED"})
 
-_SA_COUNTS = frozenset({"key_bits", "bytes_in", "bytes_out", "packets_in", "packets_out",
-                        "installed_s"})
+# What an agent reports reaches the API (both tenants' stats), Prometheus, the log, events and
+# the audit trail, and one host's agent may be compromised or broken: every number has a
+# bound and every text is cleaned where a status is parsed. charon's byte and packet counters
+# are 64-bit; counts and ages fit 32 bits (2**32 s is 136 years, a rekey a second for as
+# long). A number past its bound makes the status unreadable, like any other malformed one.
+MAX_COUNTER = 2**64 - 1
+MAX_COUNT = 2**32 - 1
+_SA_COUNTS = {"key_bits": MAX_COUNT, "bytes_in": MAX_COUNTER, "bytes_out": MAX_COUNTER,
+              "packets_in": MAX_COUNTER, "packets_out": MAX_COUNTER, "installed_s": MAX_COUNT}
+# Text is never refused (a newer charon may name a state or an algorithm this controller does
+# not know): it is cleaned (`host_text`) and cut. A detail is a sentence or an error message;
+# an SA state, id or algorithm name is a word.
+MAX_DETAIL_CHARS = 512
+MAX_NAME_CHARS = 64
+# Control characters (newlines, ESC and the rest of C0/C1), format characters (bidi overrides
+# and isolates, zero-width ones), line and paragraph separators and lone surrogates: each can
+# forge a log line, drive a terminal, reorder what a reader sees, or fail an encoder.
+_UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
 
 
 @dataclass(frozen=True)
@@ -505,9 +522,12 @@ class SaInfo:
             if name == "rekeying":
                 ok = isinstance(value, bool)
             elif name in _SA_COUNTS:
-                ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+                ok = isinstance(value, int) and not isinstance(value, bool)
+                if ok and not 0 <= value <= _SA_COUNTS[name]:
+                    raise TunnelError(f"a tunnel status's sa field {name!r} is out of range")
             else:
                 ok = isinstance(value, str)
+                value = host_text(value, MAX_NAME_CHARS) if ok else value
             if not ok:
                 raise TunnelError(f"a tunnel status's sa field {name!r} has the wrong type")
             values[name] = value
@@ -564,7 +584,8 @@ class LegStatus:
         detail, csr, rekeys = d.get("detail", ""), d.get("csr"), d.get("rekeys", 0)
         if not isinstance(detail, str):
             raise TunnelError("a tunnel status's detail is not text")
-        if isinstance(rekeys, bool) or not isinstance(rekeys, int) or rekeys < 0:
+        if isinstance(rekeys, bool) or not isinstance(rekeys, int) \
+                or not 0 <= rekeys <= MAX_COUNT:
             raise TunnelError("a tunnel status's rekeys is not a count")
         if csr is not None and not isinstance(csr, str):
             raise TunnelError("a tunnel status's csr is not text")
@@ -590,8 +611,30 @@ class LegStatus:
                 applied = TunnelSpec.from_dict(d["applied"])
             except TunnelError:
                 applied = None
-        return cls(phase, detail, sa, rekeys, csr.encode() if csr is not None else None,
-                   applied, extra)
+        return cls(phase, host_text(detail, MAX_DETAIL_CHARS), sa, rekeys,
+                   csr.encode() if csr is not None else None, applied, extra)
+
+
+def host_text(text: str, limit: int = MAX_DETAIL_CHARS) -> str:
+    """Text a host wrote, safe to log, audit and show: every unsafe character (see
+    `_UNSAFE_CATEGORIES`) replaced by its escape (a newline by `\\x0a`, ESC by `\\x1b`, a
+    right-to-left override by `\\u202e`), and at most `limit` characters, a cut one ending
+    with a marker that says how long it was. Cleaning clean text changes nothing."""
+    out: list[str] = []
+    size = 0
+    for ch in text:
+        if unicodedata.category(ch) in _UNSAFE_CATEGORIES:
+            code = ord(ch)
+            ch = f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 \
+                else f"\\U{code:08x}"
+        out.append(ch)
+        size += len(ch)
+        if size > limit:
+            marker = f"... [cut, {len(text)} characters]"
+            while out and size + len(marker) > limit:
+                size -= len(out.pop())  # whole escapes only: the cut text stays unambiguous
+            return "".join(out) + marker
+    return "".join(out)
 
 
 # -- from a weave to its leg ends -------------------------------------------------------------

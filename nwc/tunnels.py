@@ -57,6 +57,7 @@ from nwc.tunnel import (
     SaInfo,
     TunnelError,
     TunnelSpec,
+    host_text,
     leg_key,
     parse_version,
     weave_specs,
@@ -596,8 +597,9 @@ class Tunnels:
                     self._judge(held, reports)
                 except Exception as exc:
                     log.exception("weave %s: tunnel decision failed", held.weave.id)
-                    self._fail_weave(held, f"tunnel part could not handle it: {exc!r}",
-                                     reports)
+                    # The surprise may have been a host's text, quoted in the exception.
+                    self._fail_weave(held, "tunnel part could not handle it: "
+                                     f"{host_text(repr(exc))}", reports)
             desired = self._desired()
             # Legs whose material is not decided yet keep whatever their hosts hold.
             protected = {RECORD_PREFIX + key for held in self._weaves.values()
@@ -771,7 +773,9 @@ class Tunnels:
                         self._fail_weave(held, f"NWC cannot sign {end.host}'s certificate: "
                                          f"{exc}", reports)
                 except CsrRejected as exc:
-                    detail = f"host {end.host} asked for a certificate NWC will not sign: {exc}"
+                    # The reason may quote the request (the name it asks for): host text.
+                    detail = (f"host {end.host} asked for a certificate NWC will not sign: "
+                              f"{host_text(str(exc))}")
                     if not held.failed:
                         reports.append(lambda d=detail: self.reports.security(
                             weave.id, "csr_rejected", d))

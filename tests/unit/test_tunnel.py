@@ -4,6 +4,7 @@ and the MTU arithmetic."""
 from __future__ import annotations
 
 import json
+import unicodedata
 from typing import Any
 
 import pytest
@@ -17,12 +18,17 @@ from nwc.mtu import esp_overhead, mtu_plan
 from nwc.pki import Secret, new_psk
 from nwc.topology import Topology, parse_topology_text
 from nwc.tunnel import (
+    MAX_COUNT,
+    MAX_COUNTER,
+    MAX_DETAIL_CHARS,
+    MAX_NAME_CHARS,
     LegRecord,
     LegStatus,
     Phase,
     SaInfo,
     TunnelError,
     TunnelSpec,
+    host_text,
     leg_specs,
     weave_specs,
 )
@@ -230,6 +236,14 @@ GOOD_STATUS = json.loads(LegStatus(
     json.dumps({**GOOD_STATUS, "extra": {"ovs_keys": 5}}),
     json.dumps({**GOOD_STATUS, "extra": {"key_id": {}}}),
     json.dumps({**GOOD_STATUS, "extra": {"sa_of": 5}}),
+    # Past their bounds (found by a security test: a 400-digit rekeys made /metrics fail).
+    json.dumps({**GOOD_STATUS, "rekeys": int("9" * 400)}),
+    json.dumps({**GOOD_STATUS, "rekeys": MAX_COUNT + 1}),
+    json.dumps({**GOOD_STATUS, "sa": {**GOOD_STATUS["sa"], "bytes_in": MAX_COUNTER + 1}}),
+    json.dumps({**GOOD_STATUS, "sa": {**GOOD_STATUS["sa"], "packets_out": 10**400}}),
+    json.dumps({**GOOD_STATUS, "sa": {**GOOD_STATUS["sa"], "key_bits": MAX_COUNT + 1}}),
+    json.dumps({**GOOD_STATUS, "sa": {**GOOD_STATUS["sa"], "installed_s": MAX_COUNT + 1}}),
+    json.dumps({**GOOD_STATUS, "sa": {**GOOD_STATUS["sa"], "bytes_out": -1}}),
 ])
 def test_a_malformed_status_is_a_tunnel_error_and_nothing_else(text: str) -> None:
     with pytest.raises(TunnelError):
@@ -257,10 +271,67 @@ def test_any_value_in_any_status_field_parses_or_is_refused(field: str, value: o
         status = LegStatus.from_json(json.dumps(d))
     except TunnelError:
         return
-    assert isinstance(status.rekeys, int) and isinstance(status.detail, str)
+    assert isinstance(status.rekeys, int) and 0 <= status.rekeys <= MAX_COUNT
+    assert isinstance(status.detail, str) and host_text(status.detail) == status.detail
     if status.sa is not None:
         assert all(isinstance(getattr(status.sa, k), int | None) for k in
                    ("key_bits", "bytes_in", "bytes_out", "packets_in", "packets_out"))
+        assert all(0 <= getattr(status.sa, k) <= MAX_COUNTER for k in
+                   ("bytes_in", "bytes_out", "packets_in", "packets_out"))
+
+
+def test_the_largest_counters_an_sa_can_have_are_read() -> None:
+    """charon's counters are 64-bit: the bounds refuse only what no agent reports."""
+    sa = {**GOOD_STATUS["sa"], "bytes_in": MAX_COUNTER, "packets_in": MAX_COUNTER,
+          "installed_s": MAX_COUNT}
+    status = LegStatus.from_json(json.dumps({**GOOD_STATUS, "rekeys": MAX_COUNT, "sa": sa}))
+    assert status.rekeys == MAX_COUNT and status.sa is not None
+    assert (status.sa.bytes_in, status.sa.packets_in) == (MAX_COUNTER, MAX_COUNTER)
+
+
+FORGED = "x\n2026-01-01 00:00:00,000 INFO nwc.weaver: weave wv-000099: active\x1b[2J\u202eok"
+
+
+def test_a_statuss_text_is_cleaned_where_it_is_read() -> None:
+    """An agent's text reaches the log, events and audit: a newline there forged a log line
+    and ESC drove the reader's terminal (found by a security test)."""
+    sa = {**GOOD_STATUS["sa"], "encryption": "AES\nGCM", "ike_state": "ESTABLISHED\u2028"}
+    status = LegStatus.from_json(json.dumps({**GOOD_STATUS, "detail": FORGED, "sa": sa}))
+    assert status.detail == ("x\\x0a2026-01-01 00:00:00,000 INFO nwc.weaver: weave wv-000099: "
+                             "active\\x1b[2J\\u202eok")
+    assert status.sa is not None and status.sa.encryption == "AES\\x0aGCM"
+    assert status.sa.ike_state == "ESTABLISHED\\u2028" and not status.sa.installed
+
+
+def test_a_statuss_text_is_cut_short_saying_so() -> None:
+    """65,000 characters of detail made a 65 kB audit record (found by a security test)."""
+    sa = {**GOOD_STATUS["sa"], "dh_group": "G" * 1000}
+    status = LegStatus.from_json(json.dumps({**GOOD_STATUS, "detail": "A" * 63_000, "sa": sa}))
+    assert len(status.detail) == MAX_DETAIL_CHARS
+    assert status.detail.startswith("AAAA") and status.detail.endswith(
+        "... [cut, 63000 characters]")
+    assert status.sa is not None and status.sa.dh_group is not None
+    assert len(status.sa.dh_group) == MAX_NAME_CHARS
+    assert status.sa.dh_group.endswith("... [cut, 1000 characters]")
+    # An escape is cut whole or not at all, and escapes count towards the limit.
+    escaped = LegStatus.from_json(json.dumps({**GOOD_STATUS, "detail": "\x1b" * 600}))
+    assert len(escaped.detail) <= MAX_DETAIL_CHARS
+    assert escaped.detail.split("...")[0].replace("\\x1b", "") == ""
+
+
+def test_ordinary_text_passes_unchanged() -> None:
+    for text in ("", "charon: IKE_SA_INIT failed: NO_PROPOSAL_CHOSEN", "Grüße, 日本 — ok",
+                 "a" * MAX_DETAIL_CHARS):
+        assert host_text(text) == text
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(max_size=700), limit=st.integers(min_value=40, max_value=600))
+def test_host_text_is_short_safe_and_stable(text: str, limit: int) -> None:
+    clean = host_text(text, limit)
+    assert len(clean) <= limit
+    assert not {unicodedata.category(ch) for ch in clean} & {"Cc", "Cf", "Cs", "Zl", "Zp"}
+    assert host_text(clean, limit) == clean
 
 
 def test_a_deeply_nested_record_is_a_tunnel_error() -> None:

@@ -8,6 +8,7 @@ import dataclasses
 import datetime as dt
 import ipaddress
 import json
+import logging
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -17,6 +18,10 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from tunnel_fakes import (
     OVS_TOPO,
     POLICY,
@@ -32,6 +37,7 @@ from tunnel_fakes import (
 )
 
 from nwc import tunnels
+from nwc.admission import WeaveRequest
 from nwc.agent import Agent
 from nwc.cli import build_parser
 from nwc.hostdb import HostDb
@@ -48,7 +54,8 @@ from nwc.tunnel import (
     TunnelError,
 )
 from nwc.tunnels import Tunnels
-from nwc.weave import Leg, Weave
+from nwc.weave import Leg, State, Weave
+from nwc.weaver import Weaver
 
 pytestmark = pytest.mark.unit
 
@@ -975,3 +982,93 @@ def test_what_a_weave_waits_for_names_the_host_and_why(world: World) -> None:
     world.stopped.discard("h1")
     world.elapse(3)
     assert world.part.waiting_on(w.id) is None and world.part.drained()
+
+
+# -- what a host writes reaches people only checked, bounded and cleaned ---------------------
+# Found by a security test: an agent (compromised, or broken) writes its own status keys,
+# and the controller copied what they said into /metrics, both tenants' stats and events,
+# the log and the audit trail.
+
+FORGED_LINE = "2026-01-01 00:00:00,000 INFO nwc.weaver: weave wv-000099 active (forged)"
+
+
+def test_an_absurd_count_from_an_agent_fails_its_weave_and_is_never_shown(
+        world: World) -> None:
+    w = weave()
+    world.part.weave_up(w)
+    world.rounds()
+    good = json.loads(world.dbs["h2"].ids[STATUS_PREFIX + f"{w.id}-s0"])
+    world.dbs["h2"].ids[STATUS_PREFIX + f"{w.id}-s0"] = json.dumps(
+        {**good, "rekeys": int("9" * 400)})
+    world.part.sync()
+    failed = [e for e in world.reports.log if e[0] == "failed"]
+    assert [e[1] for e in failed] == [w.id]
+    assert "unreadable status from the agent" in failed[0][2] and "rekeys" in failed[0][2]
+    assert world.part.stats(w)["rekeys"] < 2**32
+
+
+def test_an_agents_error_text_reaches_the_weaver_clean_and_short(world: World) -> None:
+    w = weave()
+    world.part.weave_up(w)
+    world.rounds()
+    world.dbs["h2"].ids[STATUS_PREFIX + f"{w.id}-s0"] = LegStatus(
+        Phase.ERROR, "x\n" + FORGED_LINE + "\x1b[2J\u202e" + "A" * 60_000,
+        applied=world.record("h2", w).spec).to_json()
+    world.part.sync()
+    (detail,) = [e[2] for e in world.reports.log if e[0] == "failed"]
+    assert "\n" not in detail and "\x1b" not in detail and "\u202e" not in detail
+    assert "x\\x0a" + FORGED_LINE + "\\x1b[2J\\u202eAAA" in detail
+    assert len(detail) < 600 and detail.endswith("characters]")
+
+
+def test_a_rejected_requests_names_are_quoted_short(world: World) -> None:
+    """The rejection quotes the names a CSR asks for: hundreds of them were all copied."""
+    w = weave(profile="silver")
+    world.part.weave_up(w)
+    world.part.sync()
+    spec = world.record("h2", w).spec
+    key = ec.generate_private_key(ec.SECP256R1())
+    names = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"n{i:03d}\n" + "a" * 58)
+                       for i in range(300)])
+    csr = x509.CertificateSigningRequestBuilder().subject_name(names).sign(
+        key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+    world.dbs["h2"].ids[STATUS_PREFIX + spec.key] = LegStatus(
+        Phase.WAITING_CERT, csr_pem=csr, applied=spec).to_json()
+    world.part.sync()
+    assert world.reports.kinds() == ["csr_rejected", "failed"]
+    detail = world.reports.log[0][3]
+    assert detail.startswith("host h2 asked for a certificate NWC will not sign: ")
+    assert "n000" in detail and len(detail) < 600 and detail.endswith("characters]")
+
+
+def test_an_agents_text_reaches_the_log_audit_and_events_as_one_short_line(
+        tmp_path: Path, make_weaver: Callable[..., Weaver],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The whole way, as the security test went: agent status -> tunnel part -> weaver (its
+    log, its audit records, both tenants' events)."""
+    shell = SimpleNamespace(loop=SimpleNamespace(post=lambda fn, *args: fn(*args)), weaver=None)
+    world = World(tmp_path / "world", reports=tunnels.WeaverReports(shell))  # type: ignore[arg-type]
+    weaver = shell.weaver = make_weaver(TOPO, policy=POLICY, parts=[world.part])
+    events: list[dict[str, Any]] = []
+    weaver.subscribe(events.append)
+    w = weaver.create(WeaveRequest("acme-web", "globex-db", 600, 5))
+    assert isinstance(w, Weave)
+    world.rounds()
+    assert weaver.live[w.id].state is State.ACTIVE
+    caplog.set_level(logging.INFO)
+    world.dbs["h2"].ids[STATUS_PREFIX + f"{w.id}-s0"] = LegStatus(
+        Phase.ERROR, "x\n" + FORGED_LINE + "\x1b[2J" + "A" * 60_000,
+        applied=world.record("h2", w).spec).to_json()
+    world.part.sync()
+    assert weaver.store.weave(w.id).state is State.FAILED
+    said = [r.getMessage() for r in caplog.records if "forged" in r.getMessage()]
+    assert said and not any("\n" in m or "\x1b" in m or len(m) > 1000 for m in said)
+    records = [r for r in weaver.store.audit_records() if "forged" in json.dumps(r)]
+    assert records and max(len(json.dumps(r)) for r in records) < 2000
+    shown = [e for e in events if "forged" in json.dumps(e)]
+    assert {e["type"] for e in shown} >= {"weave.part_failed", "weave.state"}
+    for e in shown:
+        texts = [e[k] for k in ("detail", "tenant_detail") if isinstance(e.get(k), str)]
+        assert texts and not any("\n" in t or "\x1b" in t for t in texts)
+        assert len(json.dumps(e)) < 3000
+    world.part.stop()

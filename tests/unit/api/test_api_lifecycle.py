@@ -298,3 +298,29 @@ def test_a_hosts_agent_change_is_an_event_for_operators_only(
     hub = EventHub()
     hub.attach(h.controller.weaver)
     assert hub._audience(event) == frozenset()  # no tenant: admins only
+
+
+class _Unconvertible(int):
+    """A measurement a part got wrong in a way nobody foresaw."""
+
+    def __float__(self) -> float:
+        raise ValueError("not a sample")
+
+
+def test_one_unexportable_measurement_never_fails_the_scrape(
+        make_harness: Callable[..., Harness]) -> None:
+    """Found by a security test: one host's agent reported a 400-digit rekey count, and
+    /metrics answered 500 (float() overflowed) for as long as the weave lived, for every
+    weave. The status parser bounds it now; the scrape must not depend on that."""
+    h = make_harness(topology="leaf-spine")
+    odd, broken = (h.create(target=t, bandwidth_mbps=5).json()["id"]
+                   for t in ("globex-db", "initech-app"))
+    h.stats[odd] = {"rekeys": int("9" * 400), "bytes_requester_to_target": 5}
+    h.stats[broken] = {"bytes_requester_to_target": _Unconvertible(7)}
+    assert h.request("GET", "/metrics", "admin").status_code == 200
+    assert h.metric("nwc_ike_rekeys_total", weave=odd) is None  # that sample only
+    assert h.metric("nwc_weave_bytes_total", weave=odd, direction="requester_to_target") == 5
+    assert h.metric("nwc_weave_bytes_total", weave=broken,
+                    direction="requester_to_target") is None
+    assert h.metric("nwc_weave_info", weave=broken) == 1
+    assert h.metric("nwc_weaver_responsive") == 1
