@@ -112,9 +112,10 @@ def bundle(datapath: Any, bundle_id: int, messages: Sequence[Any]) -> list[Any]:
 
 # -- ovs-ofctl text ----------------------------------------------------------------------------
 
-OFCTL_FIELD = {"tun_ipv4_dst": "tun_dst", "icmpv4_type": "icmp_type", "ipv4_src": "nw_src",
-               "ipv4_dst": "nw_dst", "eth_type": "dl_type", "eth_src": "dl_src",
-               "eth_dst": "dl_dst", "ip_proto": "nw_proto", "tunnel_id": "tun_id"}
+OFCTL_FIELD = {"tun_ipv4_dst": "tun_dst", "tun_ipv4_src": "tun_src", "icmpv4_type": "icmp_type",
+               "ipv4_src": "nw_src", "ipv4_dst": "nw_dst", "eth_type": "dl_type",
+               "eth_src": "dl_src", "eth_dst": "dl_dst", "ip_proto": "nw_proto",
+               "tunnel_id": "tun_id"}
 
 
 def _value(value: Any) -> str:

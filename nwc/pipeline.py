@@ -331,6 +331,23 @@ def echo_responder(gateway_mac_: str, gateway_ip: str) -> tuple[Action, ...]:
             SetField("icmpv4_type", ICMP_ECHO_REPLY), Output(OFPP_IN_PORT))
 
 
+def overlay_sources(topology: Topology, ivn: Ivn, host: str, members: Sequence[Vm]) -> list[Flow]:
+    """Which base-overlay packets of `ivn` a host's br-int takes: the IVN's VNI from the
+    underlay address of another host with VMs of the IVN (OVS's `tun_src`: the outer source,
+    which OVS sends from), nothing else. `ivn-vxlan` takes VXLAN from anyone (remote_ip=flow)
+    and the IVN VXLAN is cleartext on the underlay, so the VNI alone would let root on any
+    compute host inject into any IVN. The rest with the IVN's VNI meets a drop of the IVN's
+    own, whose counter says how much was refused."""
+    cookie = ivn_cookie(ivn.vni)
+    senders = sorted({topology.hosts[vm.host].underlay_ip for vm in members if vm.host != host})
+    flows = [Flow(T_CLASSIFY, 200, match(in_port=IVN_TUNNEL_OFPORT, tunnel_id=ivn.vni,
+                                         tun_ipv4_src=str(ip)),
+                  goto=T_OVERLAY_IN, metadata=ivn.vni, cookie=cookie) for ip in senders]
+    flows.append(Flow(T_CLASSIFY, 100, match(in_port=IVN_TUNNEL_OFPORT, tunnel_id=ivn.vni),
+                      cookie=cookie))
+    return flows
+
+
 def host_base(policy: Policy, topology: Topology, host: str,
               ports: Mapping[str, int]) -> Program:
     flows: list[Flow] = [Flow(t, 0, ()) for t in HOST_TABLES]  # table miss: drop
@@ -343,8 +360,7 @@ def host_base(policy: Policy, topology: Topology, host: str,
         gw_mac = gateway_mac(ivn)
         members = sorted((vm for vm in topology.vms.values() if vm.ivn == ivn_name),
                          key=lambda v: v.name)
-        flows.append(Flow(T_CLASSIFY, 200, match(in_port=IVN_TUNNEL_OFPORT, tunnel_id=ivn.vni),
-                          goto=T_OVERLAY_IN, metadata=ivn.vni, cookie=cookie))
+        flows += overlay_sources(topology, ivn, host, members)
         flows.append(Flow(T_L3_IN, 300, match(metadata=ivn.vni, eth_type=ETH_ARP, arp_op=1,
                                               arp_tpa=str(ivn.gateway)),
                           arp_responder(gw_mac, str(ivn.gateway)), cookie=cookie))

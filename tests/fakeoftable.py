@@ -12,7 +12,9 @@ when an identical ADD replaces a flow), hard timeouts against the fake clock (re
 such an ADD), and ONF bundles (all or nothing; a meter mod inside a bundle fails it, as OVS
 3.1 does).
 
-The network carries the base overlay (VXLAN by tunnel id to a host's underlay address) and
+The network carries the base overlay (VXLAN by tunnel id to a host's underlay address, arriving
+with the sender's underlay address as the tunnel source; `forge_overlay` sends such VXLAN built by
+hand on a host, as root there could) and
 weave legs (port nwv<slot> between the leg's endpoint addresses) through the fabric switches'
 own flows, and records which switches every tunnelled packet crossed.
 """
@@ -469,6 +471,15 @@ class FakeNetwork:
                 out += self._leg(host, port - LEG_OFPORT_BASE, sent, paths)
         return out
 
+    def forge_overlay(self, host: str, to_host: str, tunnel_id: int,
+                      inner: dict[str, int]) -> list[Delivery]:
+        """VXLAN that root on `host` builds by hand (not its br-int's flows), with any VNI, to
+        `to_host`'s underlay address: carried by the fabric's own flows, it reaches the far
+        br-int's `ivn-vxlan` port like the host's own overlay traffic would."""
+        packet = {**inner, "tunnel_id": tunnel_id,
+                  "tun_ipv4_dst": int(self.topology.hosts[to_host].underlay_ip)}
+        return self._overlay(host, packet, [])
+
     def _overlay(self, host: str, inner: dict[str, int],
                  paths: list[tuple[str, ...]]) -> list[Delivery]:
         src = int(self.topology.hosts[host].underlay_ip)
@@ -477,6 +488,9 @@ class FakeNetwork:
                                                     "ipv4_dst": dst})
         if arrived is None or int(self.topology.hosts[arrived].underlay_ip) != dst:
             return []
+        # OVS's tunnel port hands the outer source to the pipeline as tun_src: here, the
+        # sending host's underlay address (OVS sends from it, the route's source).
+        inner["tun_ipv4_src"] = src
         return self._into_host(arrived, IVN_TUNNEL_OFPORT, inner, [*paths, path])
 
     def _leg(self, host: str, slot: int, inner: dict[str, int],

@@ -8,6 +8,7 @@ import socket
 import struct
 import time
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from conftest import Nwc
@@ -16,6 +17,7 @@ from nwc import ofapp
 from nwc.admission import WeaveRequest
 from nwc.lab.netns import wait_for
 from nwc.ofapp import _close
+from nwc.pipeline import ivn_cookie
 from nwc.weave import State, Weave
 
 pytestmark = pytest.mark.functional
@@ -41,6 +43,61 @@ def test_ivn_base_connects_an_ivn_across_hosts_and_isolates_the_rest(nwc: Nwc) -
     spoofed = web1.run("ping", "-c1", "-W1", "-I", "192.0.2.12", "192.0.2.11", check=False)
     assert spoofed.returncode != 0
     assert net.ping("web1", "192.0.2.11")
+
+
+def _flow_lines(ovs: Any, match: str) -> list[str]:
+    out = ovs.ofctl("dump-flows", "br-int", "-O", "OpenFlow13", match)
+    return [line for line in out.splitlines() if "n_packets=" in line]
+
+
+def _packets(line: str) -> int:
+    m = re.search(r"n_packets=(\d+)", line)
+    assert m, line
+    return int(m.group(1))
+
+
+def test_ivn_vxlan_from_a_host_without_vms_of_the_ivn_is_dropped_and_counted(nwc: Nwc) -> None:
+    """The tester's injection, on real OVS: root on h1 (no globex-db VM there) sends VXLAN
+    with globex-db's VNI to h2's underlay address, where db1 is. OVS takes the tun_src flows,
+    the forged packets reach br-int's table 0 and meet the IVN's counting drop there, and
+    none of them gets to overlay-in; the IVN base across hosts keeps working."""
+    net = nwc.net
+    wait_for(lambda: net.ping("web1", "192.0.2.11"), 15, "web1 reaches web2 across hosts")
+    h1, h2 = net.hosts["h1"], net.hosts["h2"]
+    # h2 takes acme-web's VNI from h1's underlay address only (which OVS sends from: the
+    # ping above crossed).
+    acme = nwc.controller.config.policy.ivns["acme-web"].vni
+    (accept,) = [line for line in _flow_lines(h2.ovs, f"table=0,in_port=9000,tun_id={acme}")
+                 if "goto_table" in line]
+    assert "tun_src=100.64.0.1" in accept and _packets(accept) > 0, accept
+    ivn = nwc.controller.config.policy.ivns["globex-db"]
+    cookie = f"cookie={ivn_cookie(ivn.vni):#x}/-1"
+    db1 = nwc.controller.config.topology.vms["db1"]
+    # The device lives in h1's namespace, which the lab made and removes with all in it. No
+    # IPv6 on it and a permanent neighbour: only the forged echo requests cross it.
+    dev = "fvx0"
+    h1.ns.ip("link", "add", dev, "type", "vxlan", "id", str(ivn.vni), "remote", "100.64.0.2",
+             "local", "100.64.0.1", "dstport", "4789", "dev", "br-ul")
+    h1.ns.run("sysctl", "-q", "-w", f"net.ipv6.conf.{dev}.disable_ipv6=1")
+    h1.ns.ip("link", "set", dev, "address", "02:dd:00:00:01:99", "up")
+    h1.ns.no_offload(dev)
+    h1.ns.ip("addr", "add", "192.0.2.99/26", "dev", dev)
+    h1.ns.ip("neigh", "replace", str(db1.ip), "lladdr", db1.mac, "dev", dev, "nud", "permanent")
+    try:
+        def dropped() -> int:
+            return sum(_packets(line) for line in _flow_lines(h2.ovs, f"{cookie},table=0")
+                       if "in_port=9000" in line and line.endswith("actions=drop"))
+
+        def forged_and_dropped() -> bool:
+            h1.ns.run("ping", "-n", "-c", "1", "-W", "1", str(db1.ip), check=False, timeout=10)
+            return dropped() > 0
+        # The first packets may go while h1 resolves h2's underlay MAC: bounded retries.
+        wait_for(forged_and_dropped, 20, "h2 counts the forged VXLAN as dropped")
+        overlay_in = _flow_lines(h2.ovs, f"{cookie},table=4")
+        assert overlay_in and not any(_packets(line) for line in overlay_in), overlay_in
+    finally:
+        h1.ns.ip("link", "del", dev, check=False)
+    assert net.ping("web1", "192.0.2.11", count=2)
 
 
 def test_weave_carries_traffic_only_while_active(nwc: Nwc) -> None:

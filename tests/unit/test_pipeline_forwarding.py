@@ -8,7 +8,7 @@ import pytest
 from fakeoftable import ip, mac
 from netsim import Sim
 
-from nwc.pipeline import gateway_mac, weave_switches
+from nwc.pipeline import OWNER_MASK, T_CLASSIFY, gateway_mac, ivn_cookie, weave_switches
 
 pytestmark = pytest.mark.unit
 
@@ -94,6 +94,47 @@ def test_spoofed_source_mac_or_ip_is_dropped(sim: Sim) -> None:
     arp = net.vm_arp_request("web1", "192.0.2.1")
     arp["arp_spa"] = ip("192.0.2.11")
     assert net.send("web1", arp) == []
+
+
+def _forged_echo(sim: Sim, dst: str, src_ip: str = "192.0.2.99") -> dict[str, int]:
+    """The inner frame of hand-built VXLAN: an echo request straight to a VM's MAC."""
+    vm = sim.topology.vms[dst]
+    return {"eth_src": mac("02:dd:00:00:01:99"), "eth_dst": mac(vm.mac), "eth_type": 0x0800,
+            "ipv4_src": ip(src_ip), "ipv4_dst": int(vm.ip), "ip_proto": 1, "icmpv4_type": 8,
+            "nw_ttl": 64, "len": 100}
+
+
+def test_ivn_overlay_takes_a_vni_only_from_hosts_with_vms_of_that_ivn(sim: Sim) -> None:
+    # globex-db has db1 on h2 and db2 on h3; h1 has none of its VMs. Root on h1 sends VXLAN
+    # with globex-db's VNI to h3's underlay address (the tester's injection).
+    vni = sim.policy.ivns["globex-db"].vni
+    forged = _forged_echo(sim, "db2")
+    assert sim.net.forge_overlay("h1", "h3", vni, forged) == []
+    # Dropped by a flow of the IVN's own, which counts it.
+    drops = [f for f in sim.net.switches["h3"].flow_stats(ivn_cookie(vni), OWNER_MASK)
+             if f.table == T_CLASSIFY and "tunnel_id" in f.match and not f.instructions]
+    assert [f.packets for f in drops] == [1]
+    # From h2, which has a globex-db VM, the same frame is the IVN's own overlay traffic and
+    # is delivered (the documented limit: such a host can inject into that IVN).
+    assert [d.vm for d in sim.net.forge_overlay("h2", "h3", vni, forged)] == ["db2"]
+    assert sim.reaches("db1", "db2") and sim.reaches("db2", "db1")
+    # Nor does h3 take acme-web's VNI at all: none of its VMs is acme-web's.
+    acme = sim.policy.ivns["acme-web"].vni
+    assert sim.net.forge_overlay("h2", "h3", acme, _forged_echo(sim, "db2")) == []
+
+
+def test_a_weave_vni_is_never_taken_from_the_ivn_overlay_port(sim: Sim) -> None:
+    # Weave traffic enters br-int only through its leg's port; VXLAN with a leg's VNI that
+    # arrives at ivn-vxlan instead (from the leg's far end or any other host) goes nowhere,
+    # even with a source the weave's ACL allows.
+    weave = sim.weave("acme-web", "globex-db")
+    leg = next(leg for leg in weave.legs if (leg.requester_host, leg.target_host) == ("h1", "h3"))
+    assert leg.slot is not None
+    vni = sim.topology.weave_addresses(leg.slot).vni
+    forged = _forged_echo(sim, "db2", src_ip=str(sim.topology.vms["web1"].ip))
+    for sender in ("h1", "h2"):
+        assert sim.net.forge_overlay(sender, "h3", vni, forged) == [], sender
+    assert sim.reaches("web1", "db2")
 
 
 def test_weave_joins_two_ivns_only_while_active(sim: Sim) -> None:
