@@ -58,7 +58,9 @@ class PrivateOvs:
         managers."""
         db = self.rundir / "conf.db"
         self.ns.run("ovsdb-tool", "create", str(db), str(SCHEMA), env=self.env)
-        db.chmod(0o600)  # the tunnel backends keep pre-shared keys in here
+        # The tunnel backends keep pre-shared keys in here. OVS writes it 0640, and again at
+        # every compaction (the agent compacts after each leg removal), so a chmod would not
+        # last: the run directory, 0700, is what keeps it private.
         remotes = [f"--remote=punix:{self.db_sock}", "--remote=db:Open_vSwitch,Open_vSwitch,"
                    "manager_options"]
         if self.ovsdb_tcp:

@@ -142,3 +142,20 @@ def test_a_bridge_that_cannot_be_read_does_not_stop_the_tunnel_work(
         assert any("bridge br-int checked again" in r.getMessage() for r in caplog.records)
     finally:
         part.stop()
+
+
+def set_controller_commands(markdown: str) -> list[str]:
+    """Each `ovs-vsctl set-controller` in the guide's code, continuation lines joined."""
+    joined = markdown.replace("\\\n", " ")
+    return [line.strip() for line in joined.splitlines()
+            if line.strip().startswith("ovs-vsctl set-controller")]
+
+
+def test_every_set_controller_in_the_deploy_guide_is_out_of_band() -> None:
+    """In the same command: a moment in-band is enough for OVS to add its flows."""
+    guide = (Path(__file__).resolve().parents[2] / "docs" / "deploy.md").read_text()
+    commands = set_controller_commands(guide)
+    assert len(commands) >= 2  # the host's br-int and a fabric switch
+    for command in commands:
+        bridge = command.split()[2]
+        assert f"-- set controller {bridge} connection_mode=out-of-band" in command, command
