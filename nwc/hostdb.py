@@ -49,11 +49,19 @@ from ovsdbapp.backend.ovs_idl import connection, idlutils, transaction
 from ovsdbapp.schema.open_vswitch import impl_idl
 
 from nwc import ovsdbtls
+from nwc.bridgeguard import BridgeRows, Fix, RemoteRow
 from nwc.ovsdbtls import ServerIdentity
 
 log = logging.getLogger(__name__)
 
-CONTROLLER_TABLES = ("Open_vSwitch",)
+# Table -> the columns monitored (empty: all). The controller reads the integration bridge's
+# safety settings (nwc.bridgeguard) but not its ports: only those columns of Bridge.
+CONTROLLER_TABLES: Mapping[str, tuple[str, ...]] = {
+    "Open_vSwitch": (),
+    "Bridge": ("name", "fail_mode", "controller"),
+    "Controller": ("target", "connection_mode"),
+    "Manager": ("target", "connection_mode"),
+}
 AGENT_TABLES = ("Open_vSwitch", "Bridge", "Port", "Interface")
 
 
@@ -309,10 +317,14 @@ class HostDb:
     present a certificate naming `server_identity` (without one, every ssl: server is
     refused: NWC could not tell whose it is)."""
 
-    def __init__(self, target: str, tables: Iterable[str] = CONTROLLER_TABLES,
+    def __init__(self, target: str,
+                 tables: Iterable[str] | Mapping[str, Iterable[str]] = CONTROLLER_TABLES,
                  timeout: float = 10.0, server_identity: ServerIdentity | None = None) -> None:
         self.target = target
-        self.tables = tuple(tables)
+        # Table -> columns monitored; a plain list of tables monitors all their columns.
+        self.tables: dict[str, tuple[str, ...]] = (
+            {t: tuple(c) for t, c in tables.items()} if isinstance(tables, Mapping)
+            else {t: () for t in tables})
         self.timeout = timeout
         self.server_identity = server_identity
         self._ssl_remotes = [r for r in idlutils.parse_connection(target)
@@ -357,8 +369,11 @@ class HostDb:
             error = ServerIdentityError if refused else ConnectionError
             raise error(f"OVSDB {self.target} unreachable: " + "; ".join(problems))
         helper = idlutils.create_schema_helper(schema)
-        for table in self.tables:
-            helper.register_table(table)
+        for table, columns in self.tables.items():
+            if columns:
+                helper.register_columns(table, list(columns))
+            else:
+                helper.register_table(table)
         idl = connection.OvsdbIdl(self.target, helper)
         # Connecting again and the first contents get what is left of the deadline.
         conn = connection.Connection(idl=idl, timeout=max(0.5, deadline - time.monotonic()))
@@ -447,6 +462,24 @@ class HostDb:
         _UpdateMap(self.api, "Open_vSwitch", ".", "other_config", dict(set_keys or {}),
                    list(delete_keys)).execute(check_error=True)
 
+    # -- the integration bridge's safety (nwc.bridgeguard) ---------------------------------
+
+    def bridge_rows(self, bridge: str) -> BridgeRows:
+        """The bridge's fail_mode and controllers, and the host's managers, from the cache."""
+        with self._cache() as api:
+            managers = tuple(_remote(row) for row in api.tables["Manager"].rows.values())
+            br = idlutils.row_by_value(api.idl, "Bridge", "name", bridge, None)
+            if br is None:
+                return BridgeRows(bridge, None, (), managers, exists=False)
+            return BridgeRows(bridge, br.fail_mode[0] if br.fail_mode else None,
+                              tuple(_remote(row) for row in br.controller), managers)
+
+    def apply_fixes(self, fixes: Iterable[Fix]) -> None:
+        """Set every column of `fixes` in one transaction."""
+        with self.api.transaction(check_error=True) as txn:
+            for fix in fixes:
+                txn.add(self.api.db_set(fix.table, fix.record, (fix.column, fix.new)))
+
     # -- ports (the agent) ------------------------------------------------------------------
 
     def add_port(self, bridge: str, columns: Mapping[str, Any]) -> None:
@@ -475,3 +508,9 @@ class HostDb:
         with self._cache() as api:
             br = idlutils.row_by_value(api.idl, "Bridge", "name", bridge, None)
             return None if br is None else br.datapath_type
+
+
+def _remote(row: Any) -> RemoteRow:
+    """A Controller or Manager row as the bridge guard sees it."""
+    return RemoteRow(str(row.uuid), row.target,
+                     row.connection_mode[0] if row.connection_mode else None)

@@ -37,7 +37,9 @@ from typing import Any, Protocol
 
 # Imported here, never first from the part's thread: ovsdbapp pulls in python-ovs, which
 # imports eventlet, and a thread that imported eventlet first never finishes exiting.
+from nwc import bridgeguard
 from nwc.admission import life_ends_at
+from nwc.bridgeguard import Fix
 from nwc.counters import CarriedCounters
 from nwc.hostdb import HostDb, OvsdbConfigError, ServerIdentityError, configure_targets
 from nwc.hostwatch import AGENT_SILENT_S, HostHealth, HostWatch
@@ -87,6 +89,7 @@ class Reports(Protocol):
     def security(self, weave_id: str, kind: str, detail: str) -> None: ...
     def down(self, weave_id: str) -> None: ...
     def host(self, host: str, kind: str, up: bool, detail: str) -> None: ...
+    def bridge(self, host: str, bridge: str, fixed: list[Fix], detail: str) -> None: ...
 
 
 class HostDbLike(Protocol):
@@ -95,6 +98,8 @@ class HostDbLike(Protocol):
     def external_ids(self, prefix: str = ...) -> dict[str, str]: ...
     def update_external_ids(self, set_keys: Mapping[str, str] | None = ...,
                             delete_keys: Any = ...) -> None: ...
+    def bridge_rows(self, bridge: str) -> bridgeguard.BridgeRows: ...
+    def apply_fixes(self, fixes: Any) -> None: ...
 
 
 class WeaverReports:
@@ -125,6 +130,14 @@ class WeaverReports:
         c = self.controller
         c.loop.post(c.weaver.emit, {"type": f"host.{kind}", "host": host, "up": up,
                                     "detail": detail})
+
+    def bridge(self, host: str, bridge: str, fixed: list[Fix], detail: str) -> None:
+        """NWC set a host's integration bridge back to safe values (`host.bridge`)."""
+        c = self.controller
+        c.loop.post(c.weaver.emit, {
+            "type": "host.bridge", "host": host, "bridge": bridge, "detail": detail,
+            "fixed": [{"table": f.table, "column": f.column, "target": f.target,
+                       "old": f.old, "new": f.new} for f in fixed]})
 
 
 @dataclass
@@ -174,9 +187,13 @@ class _HostLink:
     that host does (not answer, answer slowly, hang mid-transaction) stalls this thread, never
     the part's pass or another host's."""
 
-    def __init__(self, host: str, target: str, factory: Callable[[str], HostDbLike]) -> None:
+    def __init__(self, host: str, target: str, factory: Callable[[str], HostDbLike],
+                 guard: Callable[[str, HostDbLike], None] | None = None) -> None:
         self.host, self.target = host, target
         self._factory = factory
+        # Run after every read that answered (from the cache, so cheap): a wrong value is
+        # found within a pass of being set, and again after every reconnection.
+        self._guard = guard
         self.db: HostDbLike | None = None
         self.retry_at = 0.0
         self.job: concurrent.futures.Future[Any] | None = None
@@ -238,6 +255,8 @@ class _HostLink:
             self._drop()
             return None
         self.suspect = False
+        if self._guard is not None:
+            self._guard(self.host, db)
         return ids
 
     def write(self, set_keys: Mapping[str, str], delete_keys: list[str]) -> None:
@@ -333,6 +352,9 @@ class Tunnels:
             if (host := topology.hosts.get(name)) is not None}
         self._db_factory = db_factory or self._open_hostdb
         self._links: dict[str, _HostLink] = {}  # used by the part's thread only
+        # Why a host's bridge could not be guarded, as last logged (each entry is used only
+        # by that host's link thread).
+        self._guard_problems: dict[str, str] = {}
         self._lock = threading.Lock()
         self._weaves: dict[str, _WeaveTunnels] = {}
         # host -> leg key -> the first records version seen without its record (None until
@@ -656,8 +678,25 @@ class Tunnels:
     def _link(self, host: str) -> _HostLink | None:
         link = self._links.get(host)
         if link is None and host in self.targets:
-            link = self._links[host] = _HostLink(host, self.targets[host], self._db_factory)
+            link = self._links[host] = _HostLink(host, self.targets[host], self._db_factory,
+                                                 self._guard_bridge)
         return link
+
+    def _guard_bridge(self, host: str, db: HostDbLike) -> None:
+        """On the host's link thread: fail_mode and connection_mode of its integration
+        bridge (nwc.bridgeguard). A failure never stops the tunnel work: the next pass
+        looks again."""
+        try:
+            bridgeguard.enforce(db, host, self.bridge, self.reports.bridge)
+        except Exception as exc:
+            problem = f"{type(exc).__name__}: {exc}"
+            if self._guard_problems.get(host) != problem:  # once, not every pass
+                log.error("host %s: cannot check or correct bridge %s (%s); retrying every "
+                          "pass", host, self.bridge, problem)
+            self._guard_problems[host] = problem
+            return
+        if self._guard_problems.pop(host, None) is not None:
+            log.info("host %s: bridge %s checked again", host, self.bridge)
 
     def _collect(self, jobs: Mapping[str, concurrent.futures.Future[Any]]) -> dict[str, Any]:
         """The results of this pass's jobs that are done, after waiting (at most io_wait_s,

@@ -58,7 +58,9 @@ class PrivateOvs:
         managers."""
         db = self.rundir / "conf.db"
         self.ns.run("ovsdb-tool", "create", str(db), str(SCHEMA), env=self.env)
-        db.chmod(0o600)  # the tunnel backends keep pre-shared keys in here
+        # The tunnel backends keep pre-shared keys in here. OVS writes it 0640, and again at
+        # every compaction (the agent compacts after each leg removal), so a chmod would not
+        # last: the run directory, 0700, is what keeps it private.
         remotes = [f"--remote=punix:{self.db_sock}", "--remote=db:Open_vSwitch,Open_vSwitch,"
                    "manager_options"]
         if self.ovsdb_tcp:
@@ -109,14 +111,19 @@ class PrivateOvs:
     def add_bridge(self, bridge: str, *, dpid: int | None = None,
                    controller: str | None = None, fail_mode: str = "secure") -> None:
         """A userspace-datapath bridge speaking only OpenFlow 1.3, secure by default: with
-        no controller it forwards nothing rather than learning MACs across tenants."""
+        no controller it forwards nothing rather than learning MACs across tenants. Its
+        controller is out-of-band: in-band (OVS's default) adds hidden NORMAL flows for the
+        controller's address above every OpenFlow flow, which carry traffic between tenants
+        (nwc.bridgeguard)."""
         args = ["--may-exist", "add-br", bridge, "--", "set", "bridge", bridge,
                 "datapath_type=netdev", "protocols=OpenFlow13", f"fail_mode={fail_mode}"]
         if dpid is not None:
             args.append(f"other_config:datapath-id={dpid:016x}")
         self.vsctl(*args)
         if controller:
-            self.vsctl("set-controller", bridge, controller)
+            # One transaction: a moment in-band is enough for OVS to add its flows.
+            self.vsctl("set-controller", bridge, controller, "--", "set", "controller", bridge,
+                       "connection_mode=out-of-band")
 
     def add_port(self, bridge: str, port: str, ofport: int | None = None,
                  **interface: str) -> None:

@@ -5,6 +5,7 @@ tests can check what happened before what."""
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import datetime as dt
 import hashlib
 import ipaddress
@@ -13,6 +14,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
+from nwc.bridgeguard import BridgeRows, Fix, RemoteRow
 from nwc.config import SHIPPED_POLICIES
 from nwc.ike import IkeError, IkeNoAnswer, IkeUnavailable, InitiateResult
 from nwc.lab.tunnel_lab import TWO_HOSTS
@@ -71,6 +73,11 @@ class FakeHostDb:
     opened: bool = False
     failing: set[str] = field(default_factory=set)  # names of methods that raise
     datapath_types: dict[str, str] = field(default_factory=lambda: {"br-int": ""})
+    # The integration bridge as the controller's bridge guard reads it: safe unless a test
+    # says otherwise (nwc.bridgeguard).
+    bridges: dict[str, BridgeRows] = field(default_factory=lambda: {
+        "br-int": BridgeRows("br-int", "secure", (), ())})
+    managers: tuple[RemoteRow, ...] = ()
     # Runs once, right after the next read has been answered: whatever it does happens
     # between that reader's read and what the reader does with it (another writer's turn).
     after_next_read: Callable[[], None] | None = None
@@ -123,6 +130,29 @@ class FakeHostDb:
 
     def bridge_datapath_type(self, bridge: str) -> str | None:
         return self.datapath_types.get(bridge)
+
+    def bridge_rows(self, bridge: str) -> BridgeRows:
+        if "bridge_rows" in self.failing:
+            raise TimeoutError("OVSDB h1: a transaction has not come back")
+        rows = self.bridges.get(bridge)
+        return dataclasses.replace(rows, managers=self.managers) if rows is not None else \
+            BridgeRows(bridge, None, (), self.managers, exists=False)
+
+    def apply_fixes(self, fixes: Iterable[Fix]) -> None:
+        """As OVSDB would: each fix sets its column of its row."""
+        for fix in fixes:
+            self.journal.add("fix", fix.table, fix.record, fix.column, fix.new)
+            if fix.table == "Bridge":
+                self.bridges[fix.record] = dataclasses.replace(self.bridges[fix.record],
+                                                               fail_mode=fix.new)
+                continue
+            def set_mode(rows: tuple[RemoteRow, ...], f: Fix = fix) -> tuple[RemoteRow, ...]:
+                return tuple(dataclasses.replace(r, connection_mode=f.new) if r.uuid == f.record
+                             else r for r in rows)
+            self.managers = set_mode(self.managers)
+            for name, rows in self.bridges.items():
+                self.bridges[name] = dataclasses.replace(rows,
+                                                         controllers=set_mode(rows.controllers))
 
     def interface(self, name: str) -> dict[str, Any] | None:
         port = self.ports.get(name)
