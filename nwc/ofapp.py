@@ -12,7 +12,9 @@ Two pieces:
   then a barrier) and reports `part_ready` once every switch a weave uses confirmed it.
 
 Every accepted connection is wrapped by `nwc.ofguard.GuardedSocket`, so malformed or
-unexpected OpenFlow never reaches os-ken's parser (which can loop forever on some). Nothing
+unexpected OpenFlow never reaches os-ken's parser (which can loop forever on some). Over TLS,
+a switch is taken for the topology switch whose datapath id it announces only if its
+certificate names that switch (`switch_identity`; `--ofp-cert-names`). Nothing
 NWC sends waits on a switch's socket: messages go into the connection's `Outbox`, which a
 thread of its own writes out (see there).
 """
@@ -45,6 +47,7 @@ from os_ken.ofproto import ofproto_v1_3 as ofp
 from os_ken.ofproto import ofproto_v1_3_parser as parser
 
 from nwc import ofguard, oftls
+from nwc.certnames import CertIdentity
 from nwc.counters import CarriedCounters
 from nwc.ofmessages import (
     install_messages,
@@ -75,7 +78,7 @@ from nwc.pipeline import (
     weave_cookie,
     weave_switches,
 )
-from nwc.topology import Vm
+from nwc.topology import Topology, Vm
 from nwc.weave import Weave
 
 log = logging.getLogger(__name__)
@@ -230,6 +233,24 @@ def _dpid_text(datapath: Any) -> str:
     return f"{dpid:#x}" if isinstance(dpid, int) else "?"
 
 
+CERT_NAMES_MATCH = "match"  # --ofp-cert-names (the other value, "any", turns the check off)
+
+
+def switch_identity(topology: Topology, kind: str, name: str) -> CertIdentity:
+    """Whose certificate a connection announcing this topology switch's dpid must present.
+
+    A host's br-int: the host's certificate, as its OVSDB server's (one key pair serves both,
+    `ovs-vsctl set-ssl`): its name or `ovsdb_cert_name`, or one of its addresses. A fabric
+    switch: its name or `cert_name` (one certificate serves every bridge of an OVS). Without
+    this, any holder of a switch-CA certificate (every compute host) could claim a fabric
+    switch's dpid and be given its program."""
+    if kind == "host":
+        host = topology.hosts[name]
+        return CertIdentity.of_host(name, host.ovsdb or "", management_ip=host.management_ip,
+                                    cert_name=host.ovsdb_cert_name, peer="switch")
+    return CertIdentity.of_switch(name, topology.switches[name].cert_name)
+
+
 @dataclass
 class Batch:
     """Messages sent to one switch, confirmed by the barrier that follows them."""
@@ -344,9 +365,15 @@ class FlowsPart:
     name = "flows"
     confirms_teardown = True  # a terminated weave is terminating until its flows are gone
 
-    def __init__(self, controller: Any) -> None:
+    def __init__(self, controller: Any, cert_names: str = CERT_NAMES_MATCH) -> None:
         self.controller = controller
         self.weaver = controller.weaver
+        # CERT_NAMES_MATCH: a TLS switch's certificate must name the switch it claims to be.
+        self.check_cert_names = cert_names == CERT_NAMES_MATCH
+        # dpid -> why its last claimant was refused for its certificate: a claimant retrying
+        # with the same certificate raises one security event, not one per reconnect.
+        # Bounded by the topology's switches. Loop thread only.
+        self._identity_refused: dict[int, str] = {}
         self.lock = threading.Lock()  # guards `switches`, their batches and statistics
         self.switches: dict[int, SwitchConn] = {}
         self.pending: dict[str, set[int]] = {}  # weave id -> dpids not yet confirmed
@@ -788,6 +815,8 @@ class FlowsPart:
                         "drops everything)", datapath.id, self.weaver.topology.name)
             return
         kind, name = what
+        if not self._certificate_names(datapath, kind, name):
+            return
         if kind == "host":
             pinned = self.weaver.topology.hosts[name].management_ip
             if pinned is not None and ofguard.peer_ip(datapath.address) != pinned:
@@ -804,9 +833,10 @@ class FlowsPart:
             if not refuse:
                 self.switches[datapath.id] = conn
         if refuse:
-            # Switches are not authenticated (TLS aside): a newcomer claiming a connected
-            # switch's DPID would otherwise take over its program and its port events. A dead
-            # old connection is dropped by the echo/idle checks; the switch's retry then wins.
+            # Over plain TCP (or --ofp-cert-names any) switches are not authenticated: a
+            # newcomer claiming a connected switch's DPID would otherwise take over its program
+            # and its port events. A dead old connection is dropped by the echo/idle checks;
+            # the switch's retry then wins.
             log.warning("refusing a second connection for switch %s (%#x) from %s: the one "
                         "from %s is alive", name, datapath.id, _peer(datapath), _peer(other))
             _close(datapath)
@@ -832,6 +862,30 @@ class FlowsPart:
             # the controller is reported by nothing else.
             for port_no, up in sorted(port_state.items()):
                 self.port_changed(datapath, "", port_no, up=up, present=True)
+
+    def _certificate_names(self, datapath: Any, kind: str, name: str) -> bool:
+        """Does this connection's TLS certificate name the switch whose dpid it announced?
+        Checked before the connection can take the switch's place (or be refused as its
+        second connection, which would lock the real one out once the impostor got there
+        first), and before anything is sent. Plain TCP has no certificate: any peer may
+        claim any dpid there (--ofp-allowed-peers and management_ip are all that holds)."""
+        der = getattr(datapath.socket, "certificate", None)
+        if der is None or not self.check_cert_names:
+            return True
+        why = switch_identity(self.weaver.topology, kind, name).problem(der)
+        if why is None:
+            self._identity_refused.pop(datapath.id, None)
+            return True
+        log.warning("refusing switch %s (%#x) from %s: %s", name, datapath.id, _peer(datapath),
+                    why)
+        _close(datapath)
+        if self._identity_refused.get(datapath.id) != why:
+            self._identity_refused[datapath.id] = why
+            self.weaver.security_event(
+                None, "switch_identity",
+                f"a connection from {_peer(datapath)} claimed {kind} {name}'s datapath id "
+                f"{datapath.id:#x} and was refused: {why}")
+        return False
 
     def switch_gone(self, datapath: Any) -> None:
         with self.lock:
@@ -1335,13 +1389,19 @@ def _guarded_factory(original: Callable[[Any, Any], None]) -> Callable[[Any, Any
                 tls = oftls.TlsSocket(sock, _tls_context)
                 try:
                     tls.handshake()
+                    certificate = tls.peer_certificate_der()
                 except (OSError, ssl.SSLError) as exc:
                     log.warning("refusing OpenFlow connection from %s: TLS handshake failed "
                                 "(%s)", address, exc)
                     sock.close()
                     return
-                sock = tls
-            original(ofguard.GuardedSocket(sock, address), address)
+                if certificate is None:  # CERT_REQUIRED makes this unreachable; be sure
+                    log.warning("refusing OpenFlow connection from %s: no certificate", address)
+                    sock.close()
+                    return
+                original(ofguard.GuardedSocket(tls, address, certificate), address)
+            else:
+                original(ofguard.GuardedSocket(sock, address), address)
         except Exception:
             log.warning("OpenFlow connection from %s ended with an error", address,
                         exc_info=True)
@@ -1401,7 +1461,8 @@ def serve(controller: Any, args: Any) -> FlowsPart:
         from nwc.run import StartRefused
         raise StartRefused(str(exc)) from None
     app = start_osken(args.ofp_listen_host, args.ofp_tcp_listen_port)
-    part = FlowsPart(controller)
+    cert_names = getattr(args, "ofp_cert_names", None) or CERT_NAMES_MATCH
+    part = FlowsPart(controller, cert_names)
     controller.loop.call(part.attach)
     app.attach(part)
     controller.stats_sources.append(part.weave_stats)
@@ -1411,10 +1472,16 @@ def serve(controller: Any, args: Any) -> FlowsPart:
             app.attach(None)
         part.stop()
     controller.on_stop(stop)
+    if not files:
+        mode = "plain TCP: any peer may claim any switch; see --ctl-privkey/--ctl-cert/--ca-certs"
+    elif part.check_cert_names:
+        mode = "TLS, switch certificates required, naming the switch they claim to be"
+    else:
+        mode = ("TLS, switch certificates required; --ofp-cert-names any: any of them may "
+                "claim any switch")
     log.info("OpenFlow 1.3 listening on %s:%d (%s)", args.ofp_listen_host,
-             args.ofp_tcp_listen_port, "TLS, switch certificates required" if files else
-             "plain TCP: see --ctl-privkey/--ctl-cert/--ca-certs")
+             args.ofp_tcp_listen_port, mode)
     return part
 
 
-__all__ = ["FlowsApp", "FlowsPart", "Program", "serve", "start_osken"]
+__all__ = ["FlowsApp", "FlowsPart", "Program", "serve", "start_osken", "switch_identity"]

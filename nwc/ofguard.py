@@ -316,9 +316,12 @@ class GuardedSocket:
     """Wraps an accepted socket: `recv` returns only bytes of whole, checked messages, and
     end-of-stream as soon as the peer sends something rejected (os-ken then closes)."""
 
-    def __init__(self, sock: socket.socket, peer: Any) -> None:
+    def __init__(self, sock: socket.socket, peer: Any, certificate: bytes | None = None) -> None:
         self._sock = sock
         self._peer = peer
+        # The peer's TLS certificate (DER), None over plain TCP: the flows part checks that
+        # it names the switch whose datapath id the peer announces.
+        self.certificate = certificate
         self._raw = bytearray()
         self._ready = bytearray()
         self.rejected: str | None = None

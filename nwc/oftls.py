@@ -8,7 +8,9 @@ it takes to encrypt or decrypt; the socket itself is read and written outside th
 reader waiting for the switch never stops the controller from writing to it.
 
 Switches authenticate with certificates from the CA given to `nwc run` (`--ca-certs`); NWC
-presents `--ctl-cert`. OVS configures its side with `ovs-vsctl set-ssl` and an `ssl:` target.
+presents `--ctl-cert`. Whose certificate it is (it must name the switch whose datapath id the
+connection announces) is checked later, by `nwc.ofapp`, once the switch said which it is.
+OVS configures its side with `ovs-vsctl set-ssl` and an `ssl:` target.
 """
 
 from __future__ import annotations
@@ -105,6 +107,11 @@ class TlsSocket:
     def peer_certificate(self) -> dict[str, Any] | None:
         with self._state:
             return self._tls.getpeercert()
+
+    def peer_certificate_der(self) -> bytes | None:
+        """The peer's certificate as DER (after the handshake), for the name check."""
+        with self._state:
+            return self._tls.getpeercert(binary_form=True)
 
     def recv(self, size: int, *flags: int) -> bytes:
         while True:

@@ -6,7 +6,8 @@ every host and switch, as `ovs-pki` has it, any certificate holder able to inter
 management network could pose as any host's OVSDB server and be sent that host's tunnel
 records, pre-shared keys included. So NWC also checks the name.
 
-**The rule** (`ServerIdentity.problem`). The server's certificate must name the host:
+**The rule** (`ServerIdentity.problem`, from `nwc.certnames`, which OpenFlow switches share).
+The server's certificate must name the host:
 - its subjectAltName DNS names and IP addresses, or, only when it has neither, its
   commonName(s);
 - a name matches when it equals the expected name (the topology's host name, or
@@ -33,106 +34,19 @@ only thing python-ovs gives a stream; `HostDb` enters its target while it is ope
 from __future__ import annotations
 
 import errno
-import ipaddress
 import threading
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 
-from cryptography import x509
-from cryptography.x509.oid import NameOID
-from ovs import socket_util, stream
+from ovs import stream
 
-IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-OVS_PKI_SUFFIX = " id:"  # ovs-pki req+sign: CN and DNS name "NAME id:<uuid or date>"
+from nwc.certnames import CertIdentity, remote_address
+
+# The OVSDB side's name for the shared identity (hostdb, tunnels and the agent use it).
+ServerIdentity = CertIdentity
 REFUSED = errno.EACCES
 
-
-def remote_address(remote: str) -> IpAddress | None:
-    """The literal IP address of a tcp:/ssl: remote, else None (a unix: path, a DNS name)."""
-    kind, _, rest = remote.strip().partition(":")
-    if kind not in ("tcp", "ssl") or not rest:
-        return None
-    try:
-        host, _port = socket_util.inet_parse_active(rest, 0, raises=False)
-        return ipaddress.ip_address(host)
-    except (ValueError, TypeError):
-        return None
-
-
-def _addresses(target: str) -> set[IpAddress]:
-    return {a for r in target.split(",") if (a := remote_address(r)) is not None}
-
-
-@dataclass(frozen=True)
-class ServerIdentity:
-    """Who an OVSDB server must be: a certificate naming one of `names` or `addresses`."""
-
-    label: str  # for messages: the host (or "the agent's --ovsdb")
-    names: frozenset[str] = frozenset()  # compared case-insensitively
-    addresses: frozenset[IpAddress] = frozenset()
-    hint: str = field(default="", compare=False)  # what to set when refused
-
-    @classmethod
-    def of_host(cls, host: str, target: str, *, management_ip: IpAddress | None = None,
-                cert_name: str | None = None) -> ServerIdentity:
-        """A topology host: its name (or its explicit certificate name) or its addresses."""
-        addresses = _addresses(target)
-        if management_ip is not None:
-            addresses.add(management_ip)
-        name = cert_name or host
-        return cls(f"host {host}", frozenset({name.casefold()}), frozenset(addresses),
-                   hint=("hosts.NAME.ovsdb_cert_name" if cert_name
-                         else "the host's name, management_ip or OVSDB address"))
-
-    @classmethod
-    def of_target(cls, target: str, name: str | None = None) -> ServerIdentity:
-        """The agent's own OVSDB: `name` (--ovsdb-server-name) or the target's address."""
-        return cls("the agent's --ovsdb", frozenset({name.casefold()} if name else ()),
-                   frozenset(_addresses(target)), hint="--ovsdb-server-name")
-
-    def expected(self) -> str:
-        shown = sorted(self.names) + sorted(str(a) for a in self.addresses)
-        return " or ".join(shown) if shown else "(nothing: no name given)"
-
-    def problem(self, der: bytes) -> str | None:
-        """None if this DER certificate (already verified against the CA) names this
-        server; else why not, naming what it presents."""
-        try:
-            cert = x509.load_der_x509_certificate(der)
-            names, addresses, where = presented(cert)
-        except Exception as exc:  # a certificate we cannot read names nobody
-            return f"unreadable server certificate ({exc})"
-        if any(self._name_matches(n) for n in names) or \
-                any(a in self.addresses for a in addresses):
-            return None
-        shown = [f"DNS:{n}" if where == "subjectAltName" else f"CN={n}" for n in names]
-        shown += [f"IP:{a}" for a in addresses]
-        return (f"the server's certificate ({where} {', '.join(shown) or 'empty'}) is not "
-                f"{self.label}'s: expected {self.expected()} ({self.hint})")
-
-    def _name_matches(self, name: str) -> bool:
-        base = name.split(OVS_PKI_SUFFIX, 1)[0]
-        if base.casefold() in self.names:
-            return True
-        try:
-            return ipaddress.ip_address(base) in self.addresses
-        except ValueError:
-            return False
-
-
-def presented(cert: x509.Certificate) -> tuple[list[str], list[IpAddress], str]:
-    """The names a certificate claims: its subjectAltName DNS names and addresses, or, when
-    it has neither, its commonNames (as RFC 6125 has it)."""
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        dns = [str(n) for n in san.get_values_for_type(x509.DNSName)]
-        ips = list(san.get_values_for_type(x509.IPAddress))
-    except x509.ExtensionNotFound:
-        dns, ips = [], []
-    if dns or ips:
-        return dns, ips, "subjectAltName"
-    cns = [str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
-    return cns, [], "commonName"
+__all__ = ["REFUSED", "IdentifiedSSLStream", "IdentityConflict", "ServerIdentity", "expect",
+           "forget", "install", "last_refusal", "remote_address"]
 
 
 # -- who is expected where, and what the last refusal was --------------------------------------

@@ -67,6 +67,14 @@ def given_on_command_line(args: argparse.Namespace) -> set[str]:
     return set(getattr(args, GIVEN_ON_COMMAND_LINE, None) or ())
 
 
+def ofp_cert_names(text: str) -> str:
+    """`--ofp-cert-names`, checked the same from the command line and the config file (which
+    argparse's `choices` would not cover)."""
+    if text not in ("match", "any"):
+        raise argparse.ArgumentTypeError(f"expected match or any, not {text!r}")
+    return text
+
+
 def add_run_options(p: argparse.ArgumentParser) -> None:
     # Comparing a value with its default cannot tell `--api-host 127.0.0.1` from no option
     # at all: these actions record which options were given.
@@ -94,6 +102,12 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ca-certs", default=None,
                    help="CA certificate(s) (PEM) that switch certificates must chain to (use a "
                         "CA that signs only switches)")
+    p.add_argument("--ofp-cert-names", type=ofp_cert_names, default="match",
+                   metavar="{match,any}",
+                   help="with TLS: 'match' (default) accepts a switch only if its certificate "
+                        "names the topology switch whose datapath id it announces "
+                        "(switches.NAME.cert_name, hosts.NAME.ovsdb_cert_name); 'any' lets "
+                        "every certificate from --ca-certs claim any switch")
     p.add_argument("--api-host", default="127.0.0.1",
                    help="address for the REST API (loopback unless you mean otherwise)")
     p.add_argument("--api-port", type=tcp_port, default=8181)

@@ -45,6 +45,9 @@ def derived_mac(name: str) -> str:
 class Switch:
     name: str
     dpid: int
+    # The name the switch's TLS certificate must carry instead of the switch's name, for an
+    # OVS whose one certificate serves several fabric bridges (nwc.certnames has the rule).
+    cert_name: str | None = None
 
 
 @dataclass(frozen=True)
@@ -172,7 +175,9 @@ UNDERLAY_KEYS = {"hosts", "weave_endpoints", "weave_vteps", "mtu"}
 LINK_KEYS = {"between", "capacity_mbps", "reservable_share"}
 HOST_KEYS = {"switch", "uplink_mbps", "uplink_share", "underlay_ip", "dpid", "backend",
              "management_ip", "ovsdb", "ovsdb_cert_name"}
+SWITCH_KEYS = {"dpid", "cert_name"}
 VM_KEYS = {"host", "ivn", "ip", "mac", "port"}
+CERT_NAME_WHAT = "a DNS name (letters, digits, '.', '-'; no wildcards)"
 
 
 def vm_problems(topology: Topology, policy: Policy) -> list[str]:
@@ -294,10 +299,12 @@ def build_topology(doc: Document, policy: Policy | None = None) -> Topology:
         if not NAME.fullmatch(sname):
             sc.problem(f"{sname!r} is not {NAME_WHAT}")
             continue
-        sf = sc.mapping({"dpid"}) or {}
+        sf = sc.mapping(SWITCH_KEYS) or {}
         dpid = _dpid(sf["dpid"]) if "dpid" in sf else derived_dpid("switch", sname)
+        switch_cert = sf["cert_name"].string(pattern=CERT_NAME, what=CERT_NAME_WHAT) \
+            if "cert_name" in sf else None
         if dpid is not None:
-            switches[sname] = Switch(sname, dpid)
+            switches[sname] = Switch(sname, dpid, switch_cert)
 
     hosts: dict[str, ComputeHost] = {}
     links: list[Link] = []
@@ -333,8 +340,7 @@ def build_topology(doc: Document, policy: Policy | None = None) -> Topology:
         ovsdb = hf["ovsdb"].string(pattern=re.compile(r"(tcp|ssl|unix):.+"),
                                    what="an OVSDB target (tcp:IP:PORT, ssl:..., unix:PATH)") \
             if "ovsdb" in hf else None
-        cert_name = hf["ovsdb_cert_name"].string(
-            pattern=CERT_NAME, what="a DNS name (letters, digits, '.', '-'; no wildcards)") \
+        cert_name = hf["ovsdb_cert_name"].string(pattern=CERT_NAME, what=CERT_NAME_WHAT) \
             if "ovsdb_cert_name" in hf else None
         if None in (switch, mbps, share, ip, dpid, backend):
             continue

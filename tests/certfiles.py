@@ -4,6 +4,7 @@ exactly the validity window the test asks for (relative to its fake clock)."""
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -49,3 +50,24 @@ def valid_for(common_name: str, now: dt.datetime, days: float,
     not_after = now + dt.timedelta(days=days)
     return certificate_pem(common_name, min(now, not_after) - dt.timedelta(days=1), not_after,
                            serial)
+
+
+def named_der(common_name: str | None, dns: tuple[str, ...] = (),
+              ips: tuple[str, ...] = ()) -> bytes:
+    """A certificate (DER) carrying these names, for the name rule (which reads names only,
+    after the CA check): a commonName, subjectAltName DNS names and IP addresses."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
+                     if common_name else [])
+    now = dt.datetime.now(dt.UTC)
+    builder = (x509.CertificateBuilder()
+               .subject_name(name)
+               .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")]))
+               .public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - dt.timedelta(days=1))
+               .not_valid_after(now + dt.timedelta(days=1)))
+    sans = [x509.DNSName(d) for d in dns] + [x509.IPAddress(ipaddress.ip_address(i))
+                                             for i in ips]
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)

@@ -142,9 +142,10 @@ class ProviderLab:
         for name in sorted(self.topo.hosts):
             emulated = EmulatedHost(
                 self.lab, self.topo, self.policy, name, target, self.mgmt,
-                switch_tls=self.openflow_ca.issue(f"{name}-switch"),
-                # NWC accepts a host's OVSDB server only with a certificate naming that
-                # host (nwc.ovsdbtls): here its CN is the host's name, as ovs-pki's would be.
+                # NWC accepts a host's switch and its OVSDB server only with a certificate
+                # naming that host (nwc.certnames): here the CN is the host's name, as
+                # ovs-pki's would be.
+                switch_tls=self.openflow_ca.issue(name),
                 ovsdb_tls=self.ovsdb_ca.issue(name))
             emulated.build()
             emulated.ns.no_ipv6()
@@ -265,6 +266,10 @@ class ProviderLab:
             doc["hosts"][name]["ovsdb"] = f"ssl:{host.management_ip}:{OVSDB_PORT}"
             # NWC accepts this host's switch only from its management address.
             doc["hosts"][name]["management_ip"] = host.management_ip
+        # One OVS holds every fabric bridge, with one certificate ("fabric", issued above):
+        # each fabric switch is accepted under that name (switches.NAME.cert_name).
+        for name in doc["switches"]:
+            doc["switches"][name] = {**(doc["switches"][name] or {}), "cert_name": "fabric"}
         lab_topology = self.lab.directory("config") / f"{self.topo.name}.yaml"
         lab_topology.write_text(yaml.safe_dump(doc, sort_keys=False))
         api_port = self.api_port or free_port()

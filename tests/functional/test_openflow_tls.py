@@ -1,6 +1,7 @@
 """OpenFlow over TLS: `nwc run --ctl-privkey/--ctl-cert/--ca-certs` programs a real private
 ovs-vswitchd that connects with an `ssl:` target and its own certificate, and refuses peers
-that speak plain TCP or hold a certificate from another CA."""
+that speak plain TCP, hold a certificate from another CA, or hold one from the right CA that
+names another switch than the one whose datapath id they announce."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import pytest
 
 from nwc.config import load_config
 from nwc.lab.host import ManagementNet
-from nwc.lab.labpki import LabCa
+from nwc.lab.labpki import LabCa, TlsFilePaths
 from nwc.lab.netns import Lab, free_port, unique_prefix, wait_for
 from nwc.lab.ovs import PrivateOvs
 
@@ -32,10 +33,39 @@ def _first_bytes(sock: socket.socket) -> bytes:
         return b""
 
 
+def _start_nwc(lab: Lab, tmp_path: Path, host: str, port: int, ctl: TlsFilePaths) -> Path:
+    """`nwc run` with OpenFlow over TLS on host:port (the shipped small topology); its log."""
+    log_path = tmp_path / "run.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "nwc", "run", "--state-dir", str(tmp_path / "state"),
+             "--api-host", "127.0.0.1", "--api-port", str(free_port("127.0.0.1")),
+             "--ofp-listen-host", host, "--ofp-tcp-listen-port", str(port),
+             *ctl.options(("--ctl-privkey", "--ctl-cert", "--ca-certs"))],
+            stdout=log, stderr=subprocess.STDOUT)
+    lab.process(proc, "nwc run")
+    wait_for(lambda: "OpenFlow 1.3 listening" in log_path.read_text(), 60, "nwc run to listen")
+    return log_path
+
+
+def _switch(lab: Lab, mgmt: ManagementNet, name: str, tls: TlsFilePaths, dpid: int,
+            target: str) -> PrivateOvs:
+    """A private ovs-vswitchd in a namespace of its own, presenting `tls`, with one bridge
+    claiming `dpid` and connecting to `target`."""
+    ns = lab.netns(name)
+    mgmt.attach(ns)
+    ovs = PrivateOvs(lab, ns, name).start(tls=tls)
+    ovs.vsctl("add-br", "br0", "--", "set", "bridge", "br0", "datapath_type=netdev",
+              "fail_mode=secure", "protocols=OpenFlow13", f"other_config:datapath-id={dpid:016x}")
+    ovs.vsctl("set-controller", "br0", target)
+    return ovs
+
+
 def test_openflow_over_tls_with_a_real_switch_and_only_trusted_peers(tmp_path: Path) -> None:
     switch_ca = LabCa(tmp_path / "pki", "switch-ca")
-    ctl_key, ctl_cert, ca_cert = switch_ca.issue("nwc-controller").as_tuple()
-    sw = switch_ca.issue("h1-switch")
+    ctl = switch_ca.issue("nwc-controller")
+    ca_cert = ctl.ca_certificate
+    sw = switch_ca.issue("h1")  # a host's br-int presents the host's certificate
     sw_key, sw_cert = sw.private_key, sw.certificate
     rogue = LabCa(tmp_path / "rogue", "rogue-ca").issue("rogue")
     rogue_key, rogue_cert = rogue.private_key, rogue.certificate
@@ -45,18 +75,7 @@ def test_openflow_over_tls_with_a_real_switch_and_only_trusted_peers(tmp_path: P
         mgmt = ManagementNet(lab)
         host = str(mgmt.controller_ip)
         port = free_port(host)
-        log_path = tmp_path / "run.log"
-        with log_path.open("wb") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "nwc", "run", "--state-dir", str(tmp_path / "state"),
-                 "--api-host", "127.0.0.1", "--api-port", str(free_port("127.0.0.1")),
-                 "--ofp-listen-host", host, "--ofp-tcp-listen-port", str(port),
-                 "--ctl-privkey", str(ctl_key), "--ctl-cert", str(ctl_cert),
-                 "--ca-certs", str(ca_cert)],
-                stdout=log, stderr=subprocess.STDOUT)
-        lab.process(proc, "nwc run")
-        wait_for(lambda: "OpenFlow 1.3 listening" in log_path.read_text(), 60,
-                 "nwc run to listen")
+        log_path = _start_nwc(lab, tmp_path, host, port, ctl)
 
         # A real switch: its own certificate, NWC's CA to check the controller's.
         ns = lab.netns("sw")
@@ -107,6 +126,49 @@ def test_openflow_over_tls_with_a_real_switch_and_only_trusted_peers(tmp_path: P
         text = log_path.read_text()
         assert "TLS handshake failed" in text
         assert "switch h1" in text and "connected" in text
+
+
+def ovs_connected(ovs: PrivateOvs) -> bool:
+    return ovs.vsctl("--columns=is_connected", "--bare", "list", "controller") == "true"
+
+
+def _flows(ovs: PrivateOvs) -> list[str]:
+    return [line for line in ovs.ofctl("dump-flows", "br0").splitlines() if "cookie=" in line]
+
+
+def test_a_certificate_for_another_name_cannot_claim_a_fabric_switch(tmp_path: Path) -> None:
+    """The tester's case (a compute host, holding a switch-CA certificate as deploy.md has it,
+    adds a bridge with fabric switch s1's dpid while s1 is away): refused before any flow,
+    and the real s1 is taken when it connects."""
+    switch_ca = LabCa(tmp_path / "pki", "switch-ca")
+    ctl = switch_ca.issue("nwc-controller")
+    s1 = load_config().topology.switches["s1"]
+
+    with Lab(unique_prefix("tlsid")) as lab:
+        mgmt = ManagementNet(lab)
+        host = str(mgmt.controller_ip)
+        port = free_port(host)
+        log_path = _start_nwc(lab, tmp_path, host, port, ctl)
+        target = f"ssl:{host}:{port}"
+
+        fake = _switch(lab, mgmt, "h2", switch_ca.issue("h2"), s1.dpid, target)
+        wait_for(lambda: "refusing switch s1" in log_path.read_text(), 30,
+                 "NWC to refuse h2's certificate for s1")
+        refusal = next(line for line in log_path.read_text().splitlines()
+                       if "refusing switch s1" in line)
+        assert "CN=h2" in refusal and "expected s1" in refusal  # both names
+        audit = tmp_path / "state" / "audit.jsonl"
+        wait_for(lambda: audit.exists() and "switch_identity" in audit.read_text(), 10,
+                 "the security event in the audit log")
+
+        real = _switch(lab, mgmt, "s1", switch_ca.issue("s1"), s1.dpid, target)
+        wait_for(lambda: f"switch s1 ({s1.dpid:#x}) connected" in log_path.read_text(), 30,
+                 "the real s1 to be taken")
+        wait_for(lambda: bool(_flows(real)), 20, "NWC's flows on the real s1")
+        # ovs-vswitchd writes is_connected to its database every few seconds.
+        wait_for(lambda: ovs_connected(real), 30, "the real s1's controller status")
+        assert not _flows(fake)  # the impostor never got s1's program
+        assert "refusing a second connection" not in log_path.read_text()
 
 
 def test_nwc_run_refuses_part_of_a_tls_configuration(tmp_path: Path) -> None:

@@ -73,7 +73,7 @@ def vm_config(lab: ProviderLab) -> dict[str, str]:
 
 def test_the_management_plane_is_tls(lab: ProviderLab) -> None:
     """Every switch reaches NWC over OpenFlow on TLS and is connected; every host's OVSDB
-    listens only with TLS; NWC says it requires switch certificates."""
+    listens only with TLS; NWC says it requires switch certificates naming the switch."""
     instances = [h.emulated.ovs for h in lab.hosts.values()] + [lab.fabric.ovs]
     for ovs in instances:
         targets = ovs.vsctl("--columns=target", "--bare", "list", "controller").split()
@@ -84,9 +84,10 @@ def test_the_management_plane_is_tls(lab: ProviderLab) -> None:
         managers = host.emulated.ovs.vsctl("get-manager").split()
         assert managers and all(m.startswith("pssl:") for m in managers)
     log = (lab.logs / "nwc-run.log").read_text()
-    assert "TLS, switch certificates required" in log
+    assert "TLS, switch certificates required, naming the switch" in log
     assert "is not encrypted" not in log  # what NWC warns for a tcp: OVSDB target
     assert "refusing the OVSDB server" not in log  # each host's certificate names it
+    assert "refusing switch" not in log  # each switch's certificate names the switch it is
 
 
 def test_isolation_before_and_after_a_weave(lab: ProviderLab) -> None:

@@ -46,6 +46,7 @@ class FakeSocket:
     def __init__(self, dp: FakeDatapath) -> None:
         self._dp = dp
         self.idle = 0.0
+        self.certificate: bytes | None = None
 
     def idle_s(self) -> float:
         return self.idle
@@ -173,11 +174,11 @@ class FakeDatapath(ofproto_protocol.ProtocolDesc):
         self.part.on_stats_reply(self, SimpleNamespace(xid=xid, flags=0, body=body))
 
 
-def _start(weaver: Weaver) -> tuple[WeaverLoop, FlowsPart]:
+def _start(weaver: Weaver, cert_names: str = "match") -> tuple[WeaverLoop, FlowsPart]:
     loop = WeaverLoop(weaver)
     loop.start()
     controller = SimpleNamespace(weaver=weaver, loop=loop, stats_sources=[])
-    part = FlowsPart(controller)
+    part = FlowsPart(controller, cert_names)
     loop.call(part.attach)
     return loop, part
 
@@ -199,14 +200,14 @@ class FlowsSim:
 
     @classmethod
     def build(cls, tmp_path: Path, topology_text: str = TRIANGLE,
-              policy: Policy | None = None) -> FlowsSim:
+              policy: Policy | None = None, cert_names: str = "match") -> FlowsSim:
         policy = policy or load_policy([SHIPPED_POLICIES])
         topology = parse_topology_text(topology_text, policy)
         clock = ManualClock()
         weaver = Weaver(policy=policy, topology=topology, store=Store(tmp_path), clock=clock)
         fake_clock = FakeClock()
         net = FakeNetwork(topology, policy, fake_clock)
-        loop, part = _start(weaver)
+        loop, part = _start(weaver, cert_names)
         return cls(policy, topology, weaver, clock, fake_clock, net, loop, part, tmp_path)
 
     def close(self) -> None:
@@ -240,10 +241,13 @@ class FlowsSim:
 
     def connect(self, name: str, *, address: tuple[str, int] = ("100.64.255.1", 40000),
                 block: threading.Event | None = None, settle: bool = True,
-                down: tuple[str, ...] = ()) -> FakeDatapath:
+                down: tuple[str, ...] = (), certificate: bytes | None = None) -> FakeDatapath:
         """A switch (or something claiming to be it) finishes its handshake; the ports named
-        in `down` are link-down in its port description."""
+        in `down` are link-down in its port description. `certificate` (DER): it connected
+        over TLS with that certificate (`GuardedSocket.certificate`); None: plain TCP."""
         dp = FakeDatapath(self.dpid(name), self.net, name, address, block)
+        if certificate is not None:
+            dp.socket.certificate = certificate
         dp.part = self.part
         # As os-ken does: a closed connection ends in DEAD_DISPATCHER -> switch_gone.
         dp.on_close.append(lambda d: self.loop.post(self.part.switch_gone, d))

@@ -134,3 +134,15 @@ def test_an_agent_bound_that_is_not_finite_or_under_2_s_is_refused(
         err = capsys.readouterr().err
         assert "--agent-unresponsive-after must be a finite number of seconds, at least 2" in err
         assert "Traceback" not in err
+
+
+def test_the_switch_certificate_binding_is_on_unless_turned_off(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_args()[0].ofp_cert_names == "match"
+    assert run_args("--ofp-cert-names", "any")[0].ofp_cert_names == "any"
+    assert configured(tmp_path, "[nwc]\nofp-cert-names = any\n").ofp_cert_names == "any"
+    with pytest.raises(SystemExit):  # the file is checked as the command line is
+        configured(tmp_path, "[nwc]\nofp-cert-names = off\n")
+    assert "ofp-cert-names = 'off' is not valid" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run_args("--ofp-cert-names", "no")
