@@ -32,12 +32,14 @@ all unauthenticated requests; an authenticated 403 and any 5xx are always writte
 
 import argparse
 import ipaddress
+import json
 import logging
 import re
 import secrets
 import ssl
 import threading
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from dataclasses import dataclass, field, replace
 from typing import Annotated, Any, Literal
@@ -70,7 +72,9 @@ API_PREFIX = "/v1"
 # Answered without a token: liveness probes and the API's own description.
 PUBLIC_PATHS = frozenset({f"{API_PREFIX}/health", "/openapi.json"})
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
-WEAVE_ID = re.compile(r"wv-\d{6,12}")
+# ASCII digits only: \d would also take other scripts' digits, and an answer quotes an id
+# only when it has exactly this shape.
+WEAVE_ID = re.compile(r"wv-[0-9]{6,12}")
 NAME_PATTERN = r"^[a-z][a-z0-9-]{0,31}$"
 CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 # The audit budget key of requests no valid token speaks for (principal names are tenants
@@ -610,7 +614,10 @@ class NorthboundApi:
         if WEAVE_ID.fullmatch(weave_id):
             weave = weaver.live.get(weave_id) or weaver.store.weave(weave_id)
         if weave is None or not visible(weave, principal):
-            return ApiError(404, "unknown_weave", f"no weave {weave_id[:40]!r}")
+            # Quoted only when it is a weave id: anything else in the path is the client's
+            # text (markup, bidi controls), never echoed.
+            return ApiError(404, "unknown_weave", f"no weave {weave_id}"
+                            if WEAVE_ID.fullmatch(weave_id) else "no weave has that id")
         return weave
 
     def _create_on_loop(self, request: WeaveRequest, principal: Principal,
@@ -962,10 +969,24 @@ class EventStreamResponse(StreamingResponse):
 
 
 _QUERY_NAMES: dict[int, frozenset[str]] = {}
-# Unknown query parameter and body field names are the client's text: answers and audit records
-# name at most this many, each cut to this length.
+# Unknown, repeated query parameter and body field names are the client's text: answers name
+# at most this many, and each only if it has the shape of NWC's own field names.
 MAX_ECHOED_NAMES = 5
-MAX_ECHOED_NAME = 40
+FIELD_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
+NAME_NOT_SHOWN = "(name not shown)"
+
+
+def shown_name(name: str) -> str:
+    """A client's field or parameter name as an answer may quote it: as it is when it could be
+    one of NWC's field names, else a placeholder (it may hold markup or bidi controls)."""
+    return name if FIELD_NAME.fullmatch(name) else NAME_NOT_SHOWN
+
+
+def _named(names: list[str]) -> str:
+    """At most MAX_ECHOED_NAMES names (as shown_name shows them) and how many more."""
+    shown = ", ".join(shown_name(n) for n in names[:MAX_ECHOED_NAMES])
+    more = len(names) - MAX_ECHOED_NAMES
+    return shown + (f" and {more} more" if more > 0 else "")
 
 
 def _query_names(dependant: Any) -> Iterator[str]:
@@ -976,7 +997,8 @@ def _query_names(dependant: Any) -> Iterator[str]:
 
 def reject_unknown_query(request: Request) -> None:
     """Unknown query parameters answer 400, as unknown body fields do: a typo such as
-    `?wiat=true` must not be silently ignored."""
+    `?wiat=true` must not be silently ignored. So does a parameter given twice
+    (`?state=active&state=failed`): the framework would silently keep the last one."""
     route = request.scope.get("route")
     dependant = getattr(route, "dependant", None)
     if dependant is None:
@@ -984,12 +1006,47 @@ def reject_unknown_query(request: Request) -> None:
     allowed = _QUERY_NAMES.get(id(route))
     if allowed is None:
         allowed = _QUERY_NAMES[id(route)] = frozenset(_query_names(dependant))
-    unknown = sorted(set(request.query_params) - allowed)
+    counts = Counter(name for name, _ in request.query_params.multi_items())
+    unknown = sorted(set(counts) - allowed)
     if unknown:
-        shown = [u[:MAX_ECHOED_NAME] for u in unknown[:MAX_ECHOED_NAMES]]
-        raise ApiError(400, "unknown_field", "unknown query parameter(s): " + ", ".join(shown),
-                       fields=[{"field": f"query.{u}", "problem": "unknown field"}
-                               for u in shown])
+        raise ApiError(400, "unknown_field", f"unknown query parameter(s): {_named(unknown)}",
+                       fields=[{"field": f"query.{shown_name(u)}", "problem": "unknown field"}
+                               for u in unknown[:MAX_ECHOED_NAMES]])
+    repeated = sorted(name for name, n in counts.items() if n > 1)
+    if repeated:
+        raise ApiError(400, "duplicate_field",
+                       f"query parameter(s) given more than once: {_named(repeated)}",
+                       fields=[{"field": f"query.{name}", "problem": "given more than once"}
+                               for name in repeated[:MAX_ECHOED_NAMES]])
+
+
+class _Keys:
+    """json.loads' object_pairs_hook that notes the keys an object repeats (json keeps the
+    last silently: `{"requester": "x", "requester": "acme-web"}` would be acme-web)."""
+
+    def __init__(self) -> None:
+        self.repeated: list[str] = []
+
+    def __call__(self, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out = dict(pairs)
+        if len(out) < len(pairs):
+            seen: set[str] = set()
+            for key, _ in pairs:
+                if key in seen and key not in self.repeated:
+                    self.repeated.append(key)
+                seen.add(key)
+        return out
+
+
+def repeated_keys(body: bytes) -> list[str]:
+    """The keys some object of a JSON body repeats, in order; [] for a body that is not JSON
+    (the framework's own parse answers that, as it always has)."""
+    keys = _Keys()
+    try:
+        json.loads(body, object_pairs_hook=keys)
+    except (ValueError, RecursionError):
+        return []
+    return keys.repeated
 
 
 def _noop() -> None:
@@ -1037,10 +1094,10 @@ def validation_answer(errors: Any) -> tuple[int, str, str, list[dict[str, str]]]
             fields.append({"field": "body", "problem": "not valid JSON"})
             continue
         if kind == "extra_forbidden":
-            # Names a client made up: bounded, as unknown query parameters are.
+            # Names a client made up: bounded and shown as unknown query parameters are.
             unknown += 1
             if unknown <= MAX_ECHOED_NAMES:
-                fields.append({"field": ".".join(p[:MAX_ECHOED_NAME] for p in loc),
+                fields.append({"field": ".".join([*loc[:1], *map(shown_name, loc[1:])]),
                                "problem": "unknown field"})
             continue
         if kind in ("model_attributes_type", "dict_type") and loc == ["body"]:
@@ -1112,6 +1169,15 @@ class RequestGate:
         if body and not _is_json(headers.get("content-type", "")):
             await self.refuse(scope, receive, send_wrapper, ctx, 415, limit)
             return
+        # Parsed once more here (at most max_body_bytes) only to find repeated keys, which
+        # the framework's parse hides by keeping the last.
+        repeated = repeated_keys(body) if body else []
+        if repeated:
+            await self.answer(scope, receive, send_wrapper, ctx, ApiError(
+                400, "duplicate_field", f"field(s) given more than once: {_named(repeated)}",
+                fields=[{"field": f"body.{shown_name(k)}", "problem": "given more than once"}
+                        for k in repeated[:MAX_ECHOED_NAMES]]))
+            return
         replayed = False
 
         async def replay() -> Message:
@@ -1143,9 +1209,11 @@ class RequestGate:
     async def answer(scope: Scope, receive: Receive, send: Send, ctx: RequestContext,
                      error: ApiError) -> None:
         ctx.error, ctx.detail = error.error, error.detail
-        response = JSONResponse({"error": error.error, "detail": error.detail,
-                                 "request_id": ctx.request_id}, status_code=error.status,
-                                headers=error.headers)
+        body: dict[str, Any] = {"error": error.error, "detail": error.detail,
+                                "request_id": ctx.request_id}
+        if error.fields is not None:
+            body["fields"] = error.fields
+        response = JSONResponse(body, status_code=error.status, headers=error.headers)
         await response(scope, receive, send)
 
 
