@@ -9,7 +9,7 @@ Who may do what (tenant = the tenant a bearer token was issued to; admin = opera
 
 | | tenant | admin |
 | --- | --- | --- |
-| create | from its own IVNs only (403 `forbidden` otherwise) | any IVN |
+| create | its own IVNs only (403 `forbidden`; 404 for an IVN it may not see) | any IVN |
 | list, show, stats | weaves it is party to (requester or target); others answer 404 | all |
 | delete (terminate) | either party: consent to a weave can be withdrawn by either side | all |
 | extend | the requester's tenant (it holds the lease); the target may terminate instead | all |
@@ -56,14 +56,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from nwc import __version__
-from nwc.admission import Denial, Reason, WeaveRequest
+from nwc.admission import Denial, Reason, WeaveRequest, check_request
 from nwc.auth import Principal, TokenStore
 from nwc.controller import Controller
 from nwc.events import EventHub, stream
 from nwc.fabric import CapacityError
 from nwc.lease import iso
 from nwc.metrics import CONTENT_TYPE, Metrics, link_loads
-from nwc.policy import MAX_LEASE_S, Ivn, Policy
+from nwc.policy import MAX_LEASE_S, Policy
 from nwc.weave import TRANSIENT_STATES, State, Weave
 
 log = logging.getLogger(__name__)
@@ -278,10 +278,12 @@ DENIAL_STATUS = {
 
 def denial_error(denial: Denial, principal: Principal) -> ApiError:
     """A refusal as the caller may read it: tenants get the tenant-safe detail, which never
-    reveals the other tenant's policy or weaves; admins get everything."""
-    body = denial.as_dict(operator=principal.is_admin)
+    reveals the other tenant's policy or weaves, nor that an IVN they may not see exists
+    (then they get the very answer for one that does not); admins get everything."""
+    shown = denial.seen_by(operator=principal.is_admin)
+    body = shown.as_dict(operator=principal.is_admin)
     extra = {k: v for k, v in body.items() if k not in ("error", "detail")}
-    return ApiError(DENIAL_STATUS[denial.reason], denial.reason.value, str(body["detail"]),
+    return ApiError(DENIAL_STATUS[shown.reason], shown.reason.value, str(body["detail"]),
                     extra=extra)
 
 
@@ -384,10 +386,6 @@ def visible(weave: Weave, principal: Principal) -> bool:
     return principal.is_admin or principal.tenant in weave.tenants
 
 
-def _mutual(a: Ivn, b: Ivn) -> bool:
-    return a.weaving.partner_rule(b) is not None and b.weaving.partner_rule(a) is not None
-
-
 def ivn_views(policy: Policy, hosts_of: Callable[[str], list[str]],
               principal: Principal) -> list[dict[str, Any]]:
     """A tenant sees its own IVNs in full and, of other tenants' IVNs, only the names of
@@ -400,7 +398,7 @@ def ivn_views(policy: Policy, hosts_of: Callable[[str], list[str]],
         out.append({
             "name": ivn.name, "tenant": ivn.tenant, "own": True,
             "can_weave_with": sorted(o.name for o in ivns.values()
-                                     if o.name != ivn.name and _mutual(ivn, o)),
+                                     if o.name != ivn.name and ivn.mutual(o)),
             "vni": ivn.vni, "cidrs": [str(c) for c in ivn.cidrs], "gateway": str(ivn.gateway),
             "hosts": hosts_of(ivn.name),
             "weaving": {"partners": [p.describe() for p in w.partners],
@@ -408,12 +406,12 @@ def ivn_views(policy: Policy, hosts_of: Callable[[str], list[str]],
                         "max_duration_s": w.max_duration_s, "profiles": list(w.profiles),
                         "qos_class": w.qos_class},
         })
-    if not principal.is_admin:
+    if principal.tenant is not None:
         mine = {i.name for i in own}
         for other in sorted(ivns.values(), key=lambda i: i.name):
-            if other.name in mine:
+            if other.name in mine or not policy.visible_to(principal.tenant, other.name):
                 continue
-            partners = sorted(i.name for i in own if _mutual(i, other))
+            partners = sorted(i.name for i in own if i.mutual(other))
             if partners:
                 out.append({"name": other.name, "tenant": other.tenant, "own": False,
                             "can_weave_with": partners})
@@ -624,8 +622,16 @@ class NorthboundApi:
                         ctx: RequestContext) -> Weave | Denial | ApiError:
         weaver = self.controller.weaver
         requester = weaver.policy.ivns.get(request.requester)
-        if requester is not None and not principal.is_admin \
+        if requester is not None and principal.tenant is not None \
                 and requester.tenant != principal.tenant:
+            if not weaver.policy.visible_to(principal.tenant, requester.name):
+                # Answered as for an IVN that does not exist (docs/api.md); the record of
+                # this request keeps what it really was.
+                ctx.note = f"requester IVN {requester.name} is tenant {requester.tenant}'s, " \
+                           "which this tenant may not see: answered as unknown"
+                seen_as = check_request(request, weaver.policy, {requester.name})
+                assert seen_as is not None  # the requester at least is unknown to it
+                return denial_error(seen_as, principal)
             return ApiError(403, "forbidden", f"IVN {request.requester} is not yours: a tenant "
                             "asks for weaves from its own IVNs only")
         if requester is not None:
