@@ -16,8 +16,8 @@ from __future__ import annotations
 import ipaddress
 import itertools
 import math
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Literal
@@ -58,8 +58,18 @@ class Denial:
     # (partners, profiles, caps, usage) or weaves the asker is not party to. Operators and
     # the audit trail get `detail`.
     tenant_detail: str | None = None
+    # The whole refusal the asking tenant gets instead, when this one is about an IVN that
+    # tenant may not know exists (Policy.visible_to): the very refusal for an IVN that does
+    # not exist, so its answers cannot tell the two apart. Operators and the audit get this.
+    tenant_view: Denial | None = None
+
+    def seen_by(self, operator: bool) -> Denial:
+        """The refusal as the operator, or else the asking tenant, may read it."""
+        return self if operator or self.tenant_view is None else self.tenant_view
 
     def detail_for(self, operator: bool) -> str:
+        if not operator and self.tenant_view is not None:
+            return self.tenant_view.detail_for(operator)
         return self.detail if operator or self.tenant_detail is None else self.tenant_detail
 
     @property
@@ -67,6 +77,8 @@ class Denial:
         return False
 
     def as_dict(self, operator: bool = True) -> dict[str, object]:
+        if not operator and self.tenant_view is not None:
+            return self.tenant_view.as_dict(operator)
         out: dict[str, object] = {"error": self.reason.value,
                                   "detail": self.detail_for(operator)}
         if self.side:
@@ -131,8 +143,10 @@ def _deny(reason: Reason, detail: str, **kw: object) -> Denial:
     return Denial(reason, detail, **kw)  # type: ignore[arg-type]
 
 
-def check_request(request: WeaveRequest, policy: Policy) -> Denial | None:
-    """Shape checks that need no fabric: types, ranges, names."""
+def check_request(request: WeaveRequest, policy: Policy,
+                  unseen: Collection[str] = ()) -> Denial | None:
+    """Shape checks that need no fabric: types, ranges, names. IVNs named in `unseen` are
+    taken for ones that do not exist (how a tenant that may not see them is answered)."""
     if not isinstance(request.duration_s, int) or isinstance(request.duration_s, bool) \
             or request.duration_s < 1:
         return _deny(Reason.INVALID_REQUEST, "duration_s must be a whole number of seconds >= 1")
@@ -149,7 +163,7 @@ def check_request(request: WeaveRequest, policy: Policy) -> Denial | None:
                      f"no security profile named {request.security_profile!r}")
     for role in ("requester", "target"):
         name = getattr(request, role)
-        if name not in policy.ivns:
+        if name not in policy.ivns or name in unseen:
             return _deny(Reason.UNKNOWN_IVN, f"{role} IVN {name!r} does not exist")
     return None
 
@@ -333,10 +347,26 @@ def _mutual_partners(requester: Ivn, target: Ivn) -> Denial | tuple[Prefixes, Pr
 
 
 def evaluate(request: WeaveRequest, *, policy: Policy, topology: Topology, fabric: Fabric,
-             live: Iterable[LiveWeave], now: datetime) -> Decision:
+             live: Iterable[LiveWeave], now: datetime, asker: str | None = None) -> Decision:
     """Decide a weave request. Pure: nothing is reserved until the caller applies the result.
-    `live` needs to hold at least the live weaves of the two IVNs (others are ignored)."""
-    live = list(live)
+    `live` needs to hold at least the live weaves of the two IVNs (others are ignored).
+    `asker`: the tenant asking (None: an operator). A refusal of a request naming an IVN it
+    may not see carries, as its `tenant_view`, the refusal for an IVN that does not exist:
+    otherwise its precise reasons (policy_violation naming the IVN and its tenant) would let
+    a tenant learn which IVNs exist."""
+    decision = _decide(request, policy=policy, topology=topology, fabric=fabric,
+                       live=list(live), now=now)
+    if isinstance(decision, Denial) and asker is not None:
+        unseen = {n for n in (request.requester, request.target)
+                  if n in policy.ivns and not policy.visible_to(asker, n)}
+        seen_as = check_request(request, policy, unseen) if unseen else None
+        if seen_as is not None and seen_as != decision:  # not already refused as invalid
+            return replace(decision, tenant_view=seen_as)
+    return decision
+
+
+def _decide(request: WeaveRequest, *, policy: Policy, topology: Topology, fabric: Fabric,
+            live: list[LiveWeave], now: datetime) -> Decision:
     denial = check_request(request, policy)
     if denial:
         return denial

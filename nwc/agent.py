@@ -1039,9 +1039,9 @@ class Agent:
 
 # -- the command ------------------------------------------------------------------------------
 
-def heartbeat_interval(text: str) -> float:
-    """An argparse type: seconds between heartbeats, finite and above 0 (nan or inf would
-    never beat, 0 or less would beat every pass and say nothing of the setting)."""
+def positive_seconds(text: str) -> float:
+    """An argparse type: a duration in seconds, finite and above 0. nan or inf would never
+    beat, reconcile or give up an IKE attempt; 0 or less would spin (or time out at once)."""
     try:
         value = float(text)
     except ValueError:
@@ -1147,12 +1147,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ovsdb-server-ctl", type=Path, default=None,
                    help="ovsdb-server's control socket: compact the database after a leg is "
                         "removed, so its key leaves the on-disk log too")
-    p.add_argument("--interval", type=float, default=0.1,
+    p.add_argument("--interval", type=positive_seconds, default=0.1, metavar="SECONDS",
                    help="seconds between reconciliations")
-    p.add_argument("--heartbeat-interval", type=heartbeat_interval, default=AGENT_HEARTBEAT_S,
+    p.add_argument("--heartbeat-interval", type=positive_seconds, default=AGENT_HEARTBEAT_S,
                    metavar="SECONDS",
                    help=f"seconds between heartbeats (default {AGENT_HEARTBEAT_S:g}); the "
                         "controller's --agent-unresponsive-after must be at least 3 times this")
-    p.add_argument("--initiate-timeout", type=float, default=10.0,
+    p.add_argument("--initiate-timeout", type=positive_seconds, default=10.0,
+                   metavar="SECONDS",
                    help="seconds one IKE attempt may take")
     p.set_defaults(func=cmd_agent)

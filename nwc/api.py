@@ -9,7 +9,7 @@ Who may do what (tenant = the tenant a bearer token was issued to; admin = opera
 
 | | tenant | admin |
 | --- | --- | --- |
-| create | from its own IVNs only (403 `forbidden` otherwise) | any IVN |
+| create | its own IVNs only (403 `forbidden`; 404 for an IVN it may not see) | any IVN |
 | list, show, stats | weaves it is party to (requester or target); others answer 404 | all |
 | delete (terminate) | either party: consent to a weave can be withdrawn by either side | all |
 | extend | the requester's tenant (it holds the lease); the target may terminate instead | all |
@@ -32,12 +32,14 @@ all unauthenticated requests; an authenticated 403 and any 5xx are always writte
 
 import argparse
 import ipaddress
+import json
 import logging
 import re
 import secrets
 import ssl
 import threading
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from dataclasses import dataclass, field, replace
 from typing import Annotated, Any, Literal
@@ -54,14 +56,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from nwc import __version__
-from nwc.admission import Denial, Reason, WeaveRequest
+from nwc.admission import Denial, Reason, WeaveRequest, check_request
 from nwc.auth import Principal, TokenStore
 from nwc.controller import Controller
 from nwc.events import EventHub, stream
 from nwc.fabric import CapacityError
 from nwc.lease import iso
 from nwc.metrics import CONTENT_TYPE, Metrics, link_loads
-from nwc.policy import MAX_LEASE_S, Ivn, Policy
+from nwc.policy import MAX_LEASE_S, Policy
 from nwc.weave import TRANSIENT_STATES, State, Weave
 
 log = logging.getLogger(__name__)
@@ -70,7 +72,9 @@ API_PREFIX = "/v1"
 # Answered without a token: liveness probes and the API's own description.
 PUBLIC_PATHS = frozenset({f"{API_PREFIX}/health", "/openapi.json"})
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
-WEAVE_ID = re.compile(r"wv-\d{6,12}")
+# ASCII digits only: \d would also take other scripts' digits, and an answer quotes an id
+# only when it has exactly this shape.
+WEAVE_ID = re.compile(r"wv-[0-9]{6,12}")
 NAME_PATTERN = r"^[a-z][a-z0-9-]{0,31}$"
 CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 # The audit budget key of requests no valid token speaks for (principal names are tenants
@@ -274,10 +278,12 @@ DENIAL_STATUS = {
 
 def denial_error(denial: Denial, principal: Principal) -> ApiError:
     """A refusal as the caller may read it: tenants get the tenant-safe detail, which never
-    reveals the other tenant's policy or weaves; admins get everything."""
-    body = denial.as_dict(operator=principal.is_admin)
+    reveals the other tenant's policy or weaves, nor that an IVN they may not see exists
+    (then they get the very answer for one that does not); admins get everything."""
+    shown = denial.seen_by(operator=principal.is_admin)
+    body = shown.as_dict(operator=principal.is_admin)
     extra = {k: v for k, v in body.items() if k not in ("error", "detail")}
-    return ApiError(DENIAL_STATUS[denial.reason], denial.reason.value, str(body["detail"]),
+    return ApiError(DENIAL_STATUS[shown.reason], shown.reason.value, str(body["detail"]),
                     extra=extra)
 
 
@@ -380,10 +386,6 @@ def visible(weave: Weave, principal: Principal) -> bool:
     return principal.is_admin or principal.tenant in weave.tenants
 
 
-def _mutual(a: Ivn, b: Ivn) -> bool:
-    return a.weaving.partner_rule(b) is not None and b.weaving.partner_rule(a) is not None
-
-
 def ivn_views(policy: Policy, hosts_of: Callable[[str], list[str]],
               principal: Principal) -> list[dict[str, Any]]:
     """A tenant sees its own IVNs in full and, of other tenants' IVNs, only the names of
@@ -396,7 +398,7 @@ def ivn_views(policy: Policy, hosts_of: Callable[[str], list[str]],
         out.append({
             "name": ivn.name, "tenant": ivn.tenant, "own": True,
             "can_weave_with": sorted(o.name for o in ivns.values()
-                                     if o.name != ivn.name and _mutual(ivn, o)),
+                                     if o.name != ivn.name and ivn.mutual(o)),
             "vni": ivn.vni, "cidrs": [str(c) for c in ivn.cidrs], "gateway": str(ivn.gateway),
             "hosts": hosts_of(ivn.name),
             "weaving": {"partners": [p.describe() for p in w.partners],
@@ -404,12 +406,12 @@ def ivn_views(policy: Policy, hosts_of: Callable[[str], list[str]],
                         "max_duration_s": w.max_duration_s, "profiles": list(w.profiles),
                         "qos_class": w.qos_class},
         })
-    if not principal.is_admin:
+    if principal.tenant is not None:
         mine = {i.name for i in own}
         for other in sorted(ivns.values(), key=lambda i: i.name):
-            if other.name in mine:
+            if other.name in mine or not policy.visible_to(principal.tenant, other.name):
                 continue
-            partners = sorted(i.name for i in own if _mutual(i, other))
+            partners = sorted(i.name for i in own if i.mutual(other))
             if partners:
                 out.append({"name": other.name, "tenant": other.tenant, "own": False,
                             "can_weave_with": partners})
@@ -610,15 +612,26 @@ class NorthboundApi:
         if WEAVE_ID.fullmatch(weave_id):
             weave = weaver.live.get(weave_id) or weaver.store.weave(weave_id)
         if weave is None or not visible(weave, principal):
-            return ApiError(404, "unknown_weave", f"no weave {weave_id[:40]!r}")
+            # Quoted only when it is a weave id: anything else in the path is the client's
+            # text (markup, bidi controls), never echoed.
+            return ApiError(404, "unknown_weave", f"no weave {weave_id}"
+                            if WEAVE_ID.fullmatch(weave_id) else "no weave has that id")
         return weave
 
     def _create_on_loop(self, request: WeaveRequest, principal: Principal,
                         ctx: RequestContext) -> Weave | Denial | ApiError:
         weaver = self.controller.weaver
         requester = weaver.policy.ivns.get(request.requester)
-        if requester is not None and not principal.is_admin \
+        if requester is not None and principal.tenant is not None \
                 and requester.tenant != principal.tenant:
+            if not weaver.policy.visible_to(principal.tenant, requester.name):
+                # Answered as for an IVN that does not exist (docs/api.md); the record of
+                # this request keeps what it really was.
+                ctx.note = f"requester IVN {requester.name} is tenant {requester.tenant}'s, " \
+                           "which this tenant may not see: answered as unknown"
+                seen_as = check_request(request, weaver.policy, {requester.name})
+                assert seen_as is not None  # the requester at least is unknown to it
+                return denial_error(seen_as, principal)
             return ApiError(403, "forbidden", f"IVN {request.requester} is not yours: a tenant "
                             "asks for weaves from its own IVNs only")
         if requester is not None:
@@ -962,10 +975,24 @@ class EventStreamResponse(StreamingResponse):
 
 
 _QUERY_NAMES: dict[int, frozenset[str]] = {}
-# Unknown query parameter and body field names are the client's text: answers and audit records
-# name at most this many, each cut to this length.
+# Unknown, repeated query parameter and body field names are the client's text: answers name
+# at most this many, and each only if it has the shape of NWC's own field names.
 MAX_ECHOED_NAMES = 5
-MAX_ECHOED_NAME = 40
+FIELD_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
+NAME_NOT_SHOWN = "(name not shown)"
+
+
+def shown_name(name: str) -> str:
+    """A client's field or parameter name as an answer may quote it: as it is when it could be
+    one of NWC's field names, else a placeholder (it may hold markup or bidi controls)."""
+    return name if FIELD_NAME.fullmatch(name) else NAME_NOT_SHOWN
+
+
+def _named(names: list[str]) -> str:
+    """At most MAX_ECHOED_NAMES names (as shown_name shows them) and how many more."""
+    shown = ", ".join(shown_name(n) for n in names[:MAX_ECHOED_NAMES])
+    more = len(names) - MAX_ECHOED_NAMES
+    return shown + (f" and {more} more" if more > 0 else "")
 
 
 def _query_names(dependant: Any) -> Iterator[str]:
@@ -976,7 +1003,8 @@ def _query_names(dependant: Any) -> Iterator[str]:
 
 def reject_unknown_query(request: Request) -> None:
     """Unknown query parameters answer 400, as unknown body fields do: a typo such as
-    `?wiat=true` must not be silently ignored."""
+    `?wiat=true` must not be silently ignored. So does a parameter given twice
+    (`?state=active&state=failed`): the framework would silently keep the last one."""
     route = request.scope.get("route")
     dependant = getattr(route, "dependant", None)
     if dependant is None:
@@ -984,12 +1012,47 @@ def reject_unknown_query(request: Request) -> None:
     allowed = _QUERY_NAMES.get(id(route))
     if allowed is None:
         allowed = _QUERY_NAMES[id(route)] = frozenset(_query_names(dependant))
-    unknown = sorted(set(request.query_params) - allowed)
+    counts = Counter(name for name, _ in request.query_params.multi_items())
+    unknown = sorted(set(counts) - allowed)
     if unknown:
-        shown = [u[:MAX_ECHOED_NAME] for u in unknown[:MAX_ECHOED_NAMES]]
-        raise ApiError(400, "unknown_field", "unknown query parameter(s): " + ", ".join(shown),
-                       fields=[{"field": f"query.{u}", "problem": "unknown field"}
-                               for u in shown])
+        raise ApiError(400, "unknown_field", f"unknown query parameter(s): {_named(unknown)}",
+                       fields=[{"field": f"query.{shown_name(u)}", "problem": "unknown field"}
+                               for u in unknown[:MAX_ECHOED_NAMES]])
+    repeated = sorted(name for name, n in counts.items() if n > 1)
+    if repeated:
+        raise ApiError(400, "duplicate_field",
+                       f"query parameter(s) given more than once: {_named(repeated)}",
+                       fields=[{"field": f"query.{name}", "problem": "given more than once"}
+                               for name in repeated[:MAX_ECHOED_NAMES]])
+
+
+class _Keys:
+    """json.loads' object_pairs_hook that notes the keys an object repeats (json keeps the
+    last silently: `{"requester": "x", "requester": "acme-web"}` would be acme-web)."""
+
+    def __init__(self) -> None:
+        self.repeated: list[str] = []
+
+    def __call__(self, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out = dict(pairs)
+        if len(out) < len(pairs):
+            seen: set[str] = set()
+            for key, _ in pairs:
+                if key in seen and key not in self.repeated:
+                    self.repeated.append(key)
+                seen.add(key)
+        return out
+
+
+def repeated_keys(body: bytes) -> list[str]:
+    """The keys some object of a JSON body repeats, in order; [] for a body that is not JSON
+    (the framework's own parse answers that, as it always has)."""
+    keys = _Keys()
+    try:
+        json.loads(body, object_pairs_hook=keys)
+    except (ValueError, RecursionError):
+        return []
+    return keys.repeated
 
 
 def _noop() -> None:
@@ -1037,10 +1100,10 @@ def validation_answer(errors: Any) -> tuple[int, str, str, list[dict[str, str]]]
             fields.append({"field": "body", "problem": "not valid JSON"})
             continue
         if kind == "extra_forbidden":
-            # Names a client made up: bounded, as unknown query parameters are.
+            # Names a client made up: bounded and shown as unknown query parameters are.
             unknown += 1
             if unknown <= MAX_ECHOED_NAMES:
-                fields.append({"field": ".".join(p[:MAX_ECHOED_NAME] for p in loc),
+                fields.append({"field": ".".join([*loc[:1], *map(shown_name, loc[1:])]),
                                "problem": "unknown field"})
             continue
         if kind in ("model_attributes_type", "dict_type") and loc == ["body"]:
@@ -1112,6 +1175,15 @@ class RequestGate:
         if body and not _is_json(headers.get("content-type", "")):
             await self.refuse(scope, receive, send_wrapper, ctx, 415, limit)
             return
+        # Parsed once more here (at most max_body_bytes) only to find repeated keys, which
+        # the framework's parse hides by keeping the last.
+        repeated = repeated_keys(body) if body else []
+        if repeated:
+            await self.answer(scope, receive, send_wrapper, ctx, ApiError(
+                400, "duplicate_field", f"field(s) given more than once: {_named(repeated)}",
+                fields=[{"field": f"body.{shown_name(k)}", "problem": "given more than once"}
+                        for k in repeated[:MAX_ECHOED_NAMES]]))
+            return
         replayed = False
 
         async def replay() -> Message:
@@ -1143,9 +1215,11 @@ class RequestGate:
     async def answer(scope: Scope, receive: Receive, send: Send, ctx: RequestContext,
                      error: ApiError) -> None:
         ctx.error, ctx.detail = error.error, error.detail
-        response = JSONResponse({"error": error.error, "detail": error.detail,
-                                 "request_id": ctx.request_id}, status_code=error.status,
-                                headers=error.headers)
+        body: dict[str, Any] = {"error": error.error, "detail": error.detail,
+                                "request_id": ctx.request_id}
+        if error.fields is not None:
+            body["fields"] = error.fields
+        response = JSONResponse(body, status_code=error.status, headers=error.headers)
         await response(scope, receive, send)
 
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from nwc.config import Config, load_config
 from nwc.lease import Clock, SystemClock
-from nwc.policy import load_policy
+from nwc.policy import Policy, load_policy
 from nwc.store import Store, private_dir
 from nwc.topology import underlay_mtu_problem, vm_problems
 from nwc.weave import Weave
@@ -115,21 +115,22 @@ class Controller:
 
     def reload_policy(self, actor: Actor = SYSTEM) -> list[str]:
         """Re-read the policy files. On any problem the running policy stays; returns the
-        problems (empty on success)."""
+        problems (empty on success). Never raises for what loading finds: SIGHUP runs this on
+        a thread of its own, and an exception would end it with the refusal unrecorded."""
         try:
             policy = load_policy(self.config.policy_paths)
+            misfits = self._misfits(policy)
         except ConfigError as exc:
             log.error("policy reload refused, keeping the last good policy:\n%s", exc)
             return self._refused([str(p) for p in exc.problems], actor)
-        # The running topology (not its file, which may have been edited for the next start)
-        # must still fit: a VM of an IVN the new policy drops, or an address outside its new
-        # prefixes, would leave a host impossible to program.
-        misfits = vm_problems(self.config.topology, policy)
-        # A profile whose legs would not fit the running underlay is refused as a whole (not
-        # per weave): check-policy and the next start would refuse this policy too.
-        short = underlay_mtu_problem(self.config.topology.underlay.mtu, policy)
-        if short:
-            misfits.append(f"underlay.mtu of {self.config.topology.source}: {short}")
+        except Exception as exc:
+            # A bug (or MemoryError) is refused like any problem, with the traceback in the
+            # log; the record names only the exception's type, as its text could quote the
+            # files at length.
+            log.exception("policy reload refused, keeping the last good policy: loading it "
+                          "failed")
+            return self._refused([f"loading the policy failed: {type(exc).__name__} "
+                                  "(the controller's log has the traceback)"], actor)
         if misfits:
             log.error("policy reload refused, keeping the last good policy: the running "
                       "topology does not fit it:\n%s", "\n".join(misfits))
@@ -138,6 +139,18 @@ class Controller:
         self.config = Config(policy, self.config.topology, self.config.policy_paths,
                              self.config.topology_path)
         return []
+
+    def _misfits(self, policy: Policy) -> list[str]:
+        """Why the running topology (not its file, which may have been edited for the next
+        start) does not fit a new policy: a VM of an IVN the new policy drops, or an address
+        outside its new prefixes, would leave a host impossible to program."""
+        misfits = vm_problems(self.config.topology, policy)
+        # A profile whose legs would not fit the running underlay is refused as a whole (not
+        # per weave): check-policy and the next start would refuse this policy too.
+        short = underlay_mtu_problem(self.config.topology.underlay.mtu, policy)
+        if short:
+            misfits.append(f"underlay.mtu of {self.config.topology.source}: {short}")
+        return misfits
 
     def _refused(self, problems: list[str], actor: Actor) -> list[str]:
         """Audit and announce a refused reload (logged by the caller); returns `problems`."""

@@ -111,13 +111,20 @@ class EventHub:
         audience = frozenset(audience)
         # A denial may carry a `tenant_detail`: tenants read that, not the operator's detail
         # (which can name the other tenant's partners, caps or weaves).
-        operator_view = {k: v for k, v in event.items() if k != "tenant_detail"}
+        # A `tenant_view` replaces the whole denial (error, detail, side, rule, link) for
+        # tenants: one about an IVN the tenant may not know exists reads as "unknown".
+        operator_view = {k: v for k, v in event.items()
+                         if k not in ("tenant_detail", "tenant_view")}
         # Every event has a `detail`, null when there is nothing to add: clients need not
         # tell a missing key from an empty one.
         operator_view.setdefault("detail", None)
         tenant_view = dict(operator_view)
         if "tenant_detail" in event:
             tenant_view["detail"] = event["tenant_detail"]
+        if isinstance(event.get("tenant_view"), dict):
+            for key in ("error", "detail", "side", "rule", "link"):
+                tenant_view.pop(key, None)
+            tenant_view.update(event["tenant_view"])
         with self._lock:
             if self.closed:
                 return

@@ -147,6 +147,11 @@ class Ivn:
         """Whether `prefix` lies inside one of this IVN's prefixes."""
         return any(prefix.subnet_of(net) for net in self.cidrs)
 
+    def mutual(self, other: Ivn) -> bool:
+        """Whether this IVN and `other` may weave: each side's partners admit the other."""
+        return self.weaving.partner_rule(other) is not None and \
+            other.weaving.partner_rule(self) is not None
+
 
 @dataclass(frozen=True)
 class Policy:
@@ -155,6 +160,16 @@ class Policy:
     profiles: Mapping[str, SecurityProfile]
     qos_classes: Mapping[str, QosClass]
     sources: tuple[str, ...] = ()
+
+    def visible_to(self, tenant: str, name: str) -> bool:
+        """Whether `tenant` may know that IVN `name` exists: its own IVNs, and other tenants'
+        that one of its own may weave with (both sides allow it). GET /v1/ivns lists exactly
+        these; about any other IVN a tenant is answered as if it did not exist."""
+        ivn = self.ivns.get(name)
+        if ivn is None:
+            return False
+        return ivn.tenant == tenant or any(own.tenant == tenant and own.mutual(ivn)
+                                           for own in self.ivns.values())
 
 
 # ------------------------------------------------------------------------------------------

@@ -443,7 +443,8 @@ class Weaver:
         now = self.clock.now()
         decision = evaluate(request, policy=self.policy, topology=self.topology,
                             fabric=self.fabric,
-                            live=self.live_view(request.requester, request.target), now=now)
+                            live=self.live_view(request.requester, request.target), now=now,
+                            asker=actor.tenant)
         if isinstance(decision, Denial):
             self._record_denial("weave.create", request, decision, actor, request_id)
             return decision
@@ -1049,9 +1050,12 @@ class Weaver:
     def _record_denial(self, action: str, request: WeaveRequest, denial: Denial, actor: Actor,
                        request_id: str | None) -> None:
         with self.store.transaction():
+            # The true reason, and what the tenant was told when that differs.
+            told = denial.seen_by(operator=False)
             self._audit(action, "denied", actor=actor, request_id=request_id,
                         reason=denial.reason.value, detail=denial.detail,
-                        requester=request.requester, target=request.target)
+                        requester=request.requester, target=request.target,
+                        tenant_told=told.reason.value if told is not denial else None)
         self.emit({"type": "weave.denied", "action": action, "requester": request.requester,
                    "target": request.target, **_denial_event(denial)})
 
@@ -1091,7 +1095,9 @@ def _denial_event(denial: Denial) -> dict[str, Any]:
     """A denial as an event: the operator's detail, plus what a tenant may read (the event
     hub gives tenants that instead)."""
     out = denial.as_dict()
-    if denial.tenant_detail is not None:
+    if denial.tenant_view is not None:
+        out["tenant_view"] = denial.as_dict(operator=False)
+    elif denial.tenant_detail is not None:
         out["tenant_detail"] = denial.tenant_detail
     return out
 

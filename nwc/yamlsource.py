@@ -12,8 +12,10 @@ They collect every `Problem` instead of stopping at the first one, so one run of
 from __future__ import annotations
 
 import math
+import os
+import stat
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +64,9 @@ class Document:
     file: str
     root: Any
     lines: dict[PathKey, int]
+    # Values that could not be read at all (already a Problem each): a validator that finds
+    # nothing there must not add "expected an integer, got nothing" about the same value.
+    unreadable: set[PathKey] = field(default_factory=set)
 
     def line_of(self, path: PathKey) -> int:
         # Fall back to the nearest enclosing node that has a position.
@@ -150,6 +155,7 @@ def _plain(loader: yaml.SafeLoader, node: yaml.Node, path: PathKey, doc: Documen
         message = (f"an integer of {len(node.value)} characters is too large"
                    if node.tag == "tag:yaml.org,2002:int" else f"cannot read this value: {exc}")
         problems.append(Problem(doc.file, node.start_mark.line + 1, format_path(path), message))
+        doc.unreadable.add(path)
         return None
 
 
@@ -157,8 +163,10 @@ def parse_yaml(text: str, file: str) -> tuple[Document, list[Problem]]:
     """Parse one YAML document strictly; syntax errors and duplicate keys become Problems."""
     doc = Document(file=file, root=None, lines={(): 1})
     problems: list[Problem] = []
-    loader = _StrictLoader(text)
+    loader = None
     try:
+        # The reader checks every character as it is constructed: inside the try.
+        loader = _StrictLoader(text)
         node = loader.get_single_node()
         if node is not None:
             doc.root = _plain(loader, node, (), doc, problems)
@@ -167,6 +175,12 @@ def parse_yaml(text: str, file: str) -> tuple[Document, list[Problem]]:
     except RecursionError:
         # MAX_NESTING should stop this first; a traceback must never be the answer.
         problems.append(Problem(file, 0, "", f"nested too deeply (the limit is {MAX_NESTING})"))
+    except yaml.reader.ReaderError as exc:
+        # A control character (NUL, ESC...) YAML does not allow; not a MarkedYAMLError, so
+        # its line is counted here. Named by code point: printing it would be the problem.
+        problems.append(Problem(file, text.count("\n", 0, exc.position) + 1, "",
+                                f"character U+{exc.character:04X} may not appear in YAML "
+                                "(of the control characters, only tab and line breaks may)"))
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else 0
@@ -174,17 +188,70 @@ def parse_yaml(text: str, file: str) -> tuple[Document, list[Problem]]:
     except yaml.YAMLError as exc:
         problems.append(Problem(file, 0, "", f"YAML error: {exc}"))
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     return doc, problems
 
 
+# The largest file read as policy or topology. Hand-written configuration is kilobytes (the
+# shipped policy set is under 10 KiB; ten thousand IVNs would be about 3 MiB); parsing 8 MiB
+# takes seconds and a few hundred MB, so a runaway file is refused instead of taking the
+# controller's memory, or its reload thread, with it.
+MAX_FILE_BYTES = 8 * 1024 * 1024
+
+
 def read_yaml(path: Path) -> tuple[Document, list[Problem]]:
+    """Read and parse one file. Only a regular file (or a symlink to one) of at most
+    MAX_FILE_BYTES is read: a FIFO would block the reader (and a reload) forever, and
+    /dev/zero or /dev/urandom never end."""
+    def unread(line: int, message: str) -> tuple[Document, list[Problem]]:
+        return Document(str(path), None, {(): 0}), [Problem(str(path), line, "", message)]
+
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        problem = Problem(str(path), 0, "", f"cannot read: {exc}")
-        return Document(str(path), None, {(): 0}), [problem]
+        data = _read_regular_file(path)
+    except OSError as exc:
+        return unread(0, f"cannot read: {exc}")
+    except _NotReadable as exc:
+        return unread(0, str(exc))
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return unread(data.count(b"\n", 0, exc.start) + 1,
+                      f"not UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start})")
     return parse_yaml(text, str(path))
+
+
+class _NotReadable(Exception):
+    """A file that is not read as configuration, for the reason given."""
+
+
+def _read_regular_file(path: Path) -> bytes:
+    # O_NONBLOCK: opening a FIFO for reading would wait for a writer; it is refused below
+    # once fstat() says what the open file is (no window between a check and the open).
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise _NotReadable(f"not a regular file ({_file_kind(mode)}); only regular files "
+                               "(or symlinks to them) are read")
+        # Read one byte past the limit: the size fstat() gave may change while reading.
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(MAX_FILE_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(data) > MAX_FILE_BYTES:
+        raise _NotReadable(f"larger than {MAX_FILE_BYTES // (1024 * 1024)} MiB, the limit "
+                           "for a configuration file")
+    return data
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "not a file"
 
 
 class Cursor:
@@ -214,6 +281,8 @@ class Cursor:
         return str(self.path[-1]) if self.path else ""
 
     def problem(self, message: str) -> None:
+        if self.path in self.doc.unreadable:
+            return  # said once already, where it was read
         self.problems.append(Problem(self.doc.file, self.line, self.field, message))
 
     def child(self, key: str | int, value: Any) -> Cursor:

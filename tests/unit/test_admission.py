@@ -337,3 +337,86 @@ def test_a_tenant_rules_prefixes_apply_only_to_the_ivn_that_holds_them() -> None
     admitted = decide(policy, topology, WeaveRequest("x", "y", 60, 1))
     assert isinstance(admitted, Admission)
     assert admitted.target_prefixes == (ipaddress.IPv4Network("192.0.2.64/28"),)
+
+
+# -- IVNs a tenant may not see ------------------------------------------------------------
+
+SEEN_THROUGH_ANOTHER = """\
+tenants: {acme: {}, globex: {}}
+security_profiles:
+  p1: {ike: [aes256gcm16-prfsha256-x25519], esp: [aes256gcm16], auth: psk,
+       acl: [{from: either, protocol: any}]}
+ivns:
+  a1:  # weaves with nobody
+    {tenant: acme, vni: 1, cidrs: [192.0.2.0/26], gateway: 192.0.2.1}
+  a2:
+    tenant: acme
+    vni: 2
+    cidrs: [192.0.2.64/26]
+    gateway: 192.0.2.65
+    weaving: {partners: [{ivn: g1}], max_weave_mbps: 10, max_total_mbps: 10,
+              max_duration_s: 60, profiles: [p1]}
+  g1:
+    tenant: globex
+    vni: 3
+    cidrs: [198.51.100.0/26]
+    gateway: 198.51.100.1
+    weaving: {partners: [{tenant: acme}], max_weave_mbps: 10, max_total_mbps: 10,
+              max_duration_s: 60, profiles: [p1]}
+  g2:  # weaves with nobody: no IVN of acme may see it
+    {tenant: globex, vni: 4, cidrs: [198.51.100.64/26], gateway: 198.51.100.65}
+"""
+
+
+def decide_as(policy: Policy, topology: Topology, request: WeaveRequest, asker: str | None):
+    return evaluate(request, policy=policy, topology=topology, fabric=Fabric(topology),
+                    live=[], now=NOW, asker=asker)
+
+
+@pytest.mark.parametrize("request_", [
+    WeaveRequest("acme-web", "globex-lab", 60, 1),  # globex-lab refuses (and acme-web too)
+    WeaveRequest("acme-web", "globex-lab", 60, 1000),  # would also be over the caps
+])
+def test_a_refusal_about_an_ivn_the_tenant_may_not_see_reads_as_unknown(
+        shipped_policy, small, request_) -> None:
+    hidden = denied(decide_as(shipped_policy, small, request_, "acme"), Reason.POLICY_VIOLATION)
+    missing = denied(decide_as(shipped_policy, small, WeaveRequest(
+        request_.requester, "nosuch", request_.duration_s, request_.bandwidth_mbps), "acme"),
+        Reason.UNKNOWN_IVN)
+    # The operator's view keeps the true reason; the tenant's is that of a missing IVN.
+    assert "globex-lab" in hidden.detail and hidden.seen_by(operator=True) is hidden
+    told = hidden.seen_by(operator=False)
+    assert told.as_dict(operator=False) == {
+        "error": "unknown_ivn", "detail": "target IVN 'globex-lab' does not exist"}
+    assert hidden.as_dict(operator=False) == told.as_dict(operator=False)
+    assert {**missing.as_dict(operator=False), "detail": "X"} == \
+        {**told.as_dict(operator=False), "detail": "X"}
+    assert missing.detail.replace("nosuch", "globex-lab") == told.detail
+    # An operator asking is told the truth.
+    assert decide_as(shipped_policy, small, request_, None).tenant_view is None
+
+
+def test_refusals_about_visible_ivns_keep_their_precise_reasons(small) -> None:
+    policy = parse_policy_text(SEEN_THROUGH_ANOTHER)
+    # g1 is visible to acme (a2 and g1 weave with each other): a1's own refusal is precise.
+    own_side = denied(decide_as(policy, small, WeaveRequest("a1", "g1", 60, 1), "acme"),
+                      Reason.POLICY_VIOLATION)
+    assert own_side.tenant_view is None and own_side.side == "requester"
+    assert own_side.as_dict(operator=False)["detail"].startswith(
+        "requester IVN a1 (tenant acme) does not allow weaving with IVN g1 of tenant globex")
+    # g2 is no partner of any IVN of acme: even a1's own-side refusal reads as unknown.
+    hidden = denied(decide_as(policy, small, WeaveRequest("a1", "g2", 60, 1), "acme"),
+                    Reason.POLICY_VIOLATION)
+    assert hidden.as_dict(operator=False) == {"error": "unknown_ivn",
+                                              "detail": "target IVN 'g2' does not exist"}
+    assert policy.visible_to("acme", "g1") and not policy.visible_to("acme", "g2")
+    assert policy.visible_to("globex", "a2") and not policy.visible_to("globex", "a1")
+
+
+def test_invalid_requests_come_before_hidden_ivns_as_before_missing_ones(shipped_policy,
+                                                                           small) -> None:
+    for target in ("globex-lab", "nosuch"):
+        d = denied(decide_as(shipped_policy, small, WeaveRequest("acme-web", target, 60, 1,
+                                                                 "platinum"), "acme"),
+                   Reason.INVALID_REQUEST)
+        assert d.tenant_view is None and "no security profile" in d.detail

@@ -175,15 +175,23 @@ def test_the_agent_beats_once_per_interval_with_the_pass_under_way() -> None:
     assert host.db.ids[AGENT_ALIVE_KEY] == "3"
 
 
+@pytest.mark.parametrize("option", ["--heartbeat-interval", "--interval",
+                                    "--initiate-timeout"])
 @pytest.mark.parametrize("seconds", ["inf", "nan", "0", "-1", "three"])
-def test_a_heartbeat_interval_that_is_not_finite_and_positive_is_a_usage_error(
-        seconds: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_duration_option_that_is_not_finite_and_positive_is_a_usage_error(
+        option: str, seconds: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
-        build_parser().parse_args(["agent", "--underlay-dev", "eth1",
-                                   "--heartbeat-interval", seconds])
+        build_parser().parse_args(["agent", "--underlay-dev", "eth1", f"{option}={seconds}"])
     assert exc.value.code == 2
     err = capsys.readouterr().err
-    assert "argument --heartbeat-interval:" in err and "Traceback" not in err
+    assert f"argument {option}:" in err and "Traceback" not in err
+    assert "finite number of seconds above 0" in err or "expected a number of seconds" in err
+
+
+def test_duration_options_take_fractions_of_a_second() -> None:
+    args = build_parser().parse_args(["agent", "--underlay-dev", "eth1", "--interval", "0.05",
+                                      "--initiate-timeout", "2.5"])
+    assert (args.interval, args.initiate_timeout) == (0.05, 2.5)
 
 
 def test_the_agent_beats_at_the_interval_its_command_line_gives(

@@ -192,6 +192,78 @@ def test_huge_or_unreadable_numbers_are_problems_not_tracebacks(find: str, repla
     assert all(p.startswith("p.yaml:") and len(p) < 300 for p in found), found
 
 
+def test_an_integer_too_long_to_read_is_one_problem() -> None:
+    # Not also "expected an integer, got nothing" about the value it could not read.
+    assert problems(BASE.replace("vni: 10", f"vni: {TOO_MANY_DIGITS}", 1)) == [
+        "p.yaml:15: ivns.web.vni: an integer of 5000 characters is too large"]
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    pytest.param("version: 1\nivns: {}\x00\n", "p.yaml:2: (document): character U+0000 may "
+                 "not appear in YAML", id="nul"),
+    pytest.param("version: 1\n\ntenants: {}  # \x1b[31m\n", "p.yaml:3: (document): "
+                 "character U+001B may not appear in YAML", id="esc"),
+])
+def test_a_control_character_is_a_problem_with_its_line(text: str, expected: str) -> None:
+    (msg,) = problems(text)
+    assert msg.startswith(expected), msg
+    assert "\x1b" not in msg and "\x00" not in msg
+
+
+def test_a_file_not_in_utf8_is_a_problem_with_its_line(tmp_path: Path) -> None:
+    (tmp_path / "p.yaml").write_bytes(b"version: 1\ntenants:\n  caf\xe9: {}\n")
+    with pytest.raises(ConfigError) as exc:
+        load_policy([tmp_path])
+    assert [str(p) for p in exc.value.problems] == [
+        f"{tmp_path / 'p.yaml'}:3: (document): not UTF-8 (byte 0xe9 at offset 25)"]
+
+
+def test_check_policy_reports_a_control_character_as_file_and_line(tmp_path: Path,
+                                                                    capsys) -> None:
+    bad = tmp_path / "p.yaml"
+    bad.write_bytes(BASE.encode() + b"# \x1b[31m\n")
+    assert main(["check-policy", str(bad)]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"{bad}:29: (document): character U+001B may not appear in YAML (of the control "
+        "characters, only tab and line breaks may)",
+        "check-policy: 1 problem"]
+
+
+@pytest.mark.parametrize("make", [
+    pytest.param(lambda p: os.mkfifo(p), id="fifo"),  # opening it would wait for a writer
+    pytest.param(lambda p: p.symlink_to("/dev/zero"), id="dev-zero"),  # never ends
+    pytest.param(lambda p: p.symlink_to("/dev/urandom"), id="dev-urandom"),
+    pytest.param(lambda p: p.mkdir(), id="directory"),
+])
+def test_only_regular_files_are_read(tmp_path: Path, make) -> None:
+    (tmp_path / "a.yaml").write_text(BASE)
+    odd = tmp_path / "b.yaml"
+    make(odd)
+    with pytest.raises(ConfigError) as exc:
+        load_policy([tmp_path])
+    (msg,) = [str(p) for p in exc.value.problems]
+    assert msg.startswith(f"{odd}: (document): not a regular file ("), msg
+
+
+def test_a_symlink_to_a_regular_file_is_read(tmp_path: Path) -> None:
+    (tmp_path / "real.txt").write_text(BASE)
+    (tmp_path / "p.yaml").symlink_to(tmp_path / "real.txt")
+    assert set(load_policy([tmp_path]).tenants) == {"acme", "globex"}
+
+
+def test_a_file_over_the_size_limit_is_refused(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    padded = BASE + "#" * 100 + "\n"
+    monkeypatch.setattr(yamlsource, "MAX_FILE_BYTES", len(padded))
+    (tmp_path / "p.yaml").write_text(padded)
+    assert set(load_policy([tmp_path]).tenants) == {"acme", "globex"}  # at the limit: read
+    (tmp_path / "p.yaml").write_text(padded + "\n")
+    with pytest.raises(ConfigError) as exc:
+        load_policy([tmp_path])
+    (msg,) = [str(p) for p in exc.value.problems]
+    assert msg.startswith(f"{tmp_path / 'p.yaml'}: (document): larger than "), msg
+
+
 def billion_laughs(levels: int) -> str:
     """Each level an alias list of ten of the one before: 10**levels values from ~60 bytes a
     level (seven levels took 17 s to expand)."""

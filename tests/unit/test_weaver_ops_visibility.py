@@ -168,8 +168,10 @@ def test_an_applied_reload_is_logged_with_the_weaves_it_withdrew(make_weaver, sm
 
 
 @pytest.mark.parametrize("ivns", ["ivns: [unclosed\n",  # a YAML syntax error
-                                  "version: 1\nivns: {}\n"],  # the topology's VMs orphaned
-                         ids=["syntax", "no-ivns"])
+                                  "version: 1\nivns: {}\n",  # the topology's VMs orphaned
+                                  "version: 1\nivns: {}\x00\n",  # a character YAML refuses
+                                  "version: 1\nivns: {}  # \x1b[31m\n"],
+                         ids=["syntax", "no-ivns", "nul", "esc"])
 def test_a_refused_reload_is_audited_and_announced_with_its_problems(tmp_path: Path,
                                                                       ivns: str) -> None:
     policy_dir = copy_shipped_policies(tmp_path / "policies")

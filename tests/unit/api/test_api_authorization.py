@@ -4,6 +4,7 @@ NWC never issued, and nobody. The weave under test is acme-web -> globex-db (wv-
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 import pytest
@@ -116,3 +117,81 @@ def test_tokens_never_appear_in_answers_or_the_audit_log(woven: Harness) -> None
     for token in woven.tokens.values():
         assert token not in log and token not in tokens_file
     assert "x" * 43 not in log  # nor a token someone tried
+
+
+def without_request_id(r: object) -> dict:
+    body = dict(r.json())  # type: ignore[attr-defined]
+    body.pop("request_id")
+    return body
+
+
+@pytest.mark.parametrize(("hidden", "missing", "role"), [
+    ({"target": "globex-lab"}, {"target": "nosuch"}, "target"),  # weaves with nobody
+    ({"requester": "globex-lab"}, {"requester": "nosuch"}, "requester"),
+])
+def test_an_ivn_the_tenant_may_not_see_is_answered_as_one_that_does_not_exist(
+        woven: Harness, hidden: dict, missing: dict, role: str) -> None:
+    seen = {i["name"] for i in woven.request("GET", "/v1/ivns", "acme").json()["ivns"]}
+    assert "globex-lab" not in seen
+    r_hidden = woven.create("acme", **hidden)
+    r_missing = woven.create("acme", **missing)
+    assert r_hidden.status_code == r_missing.status_code == 404
+    body = without_request_id(r_hidden)
+    assert body == {"error": "unknown_ivn",
+                    "detail": f"{role} IVN 'globex-lab' does not exist"}
+    assert body["detail"].replace("globex-lab", "nosuch") == without_request_id(r_missing)[
+        "detail"]
+    assert set(r_hidden.headers) == set(r_missing.headers)
+
+
+def test_the_audit_keeps_the_true_reason_of_an_answer_given_as_unknown(woven: Harness
+                                                                      ) -> None:
+    target = woven.create("acme", target="globex-lab").json()["request_id"]
+    requester = woven.create("acme", requester="globex-lab").json()["request_id"]
+    records = {a.get("request_id"): a for a in woven.audit()}
+    assert records[target]["reason"] == "policy_violation"
+    assert "globex-lab" in records[target]["detail"]
+    assert records[target]["tenant_told"] == "unknown_ivn"
+    assert "tenant globex's, which this tenant may not see" in records[requester]["note"]
+    # The operator is told the truth as well.
+    r = woven.create("admin", target="globex-lab")
+    assert r.status_code == 403 and r.json()["error"] == "policy_violation"
+
+
+def test_refusals_about_visible_ivns_stay_precise(woven: Harness) -> None:
+    # globex-db is acme's partner: its caps refuse, and acme learns which rule did.
+    r = woven.create("acme", target="globex-db", bandwidth_mbps=22)  # 2 legs: 44 > 40
+    assert r.status_code == 403 and r.json()["error"] == "policy_violation"
+    assert (r.json()["side"], r.json()["rule"]) == ("target", "bandwidth")
+    assert "globex-db" in r.json()["detail"]
+    # acme-web is visible to globex (its partner): using it is forbidden, not unknown.
+    r = woven.create("globex", requester="acme-web", target="globex-db")
+    assert r.status_code == 403 and r.json()["error"] == "forbidden"
+    # globex-db is no partner of any of initech's IVNs: to initech it does not exist.
+    r = woven.create("initech", requester="globex-db", target="initech-app")
+    assert r.status_code == 404 and r.json()["detail"] == \
+        "requester IVN 'globex-db' does not exist"
+
+
+def test_a_tenants_event_stream_reads_a_hidden_ivn_as_unknown(woven: Harness) -> None:
+    hub = woven.api.hub
+
+    async def heard(tenant: str | None, target: str) -> dict:
+        sub = hub.subscribe(tenant)
+        try:
+            await asyncio.to_thread(woven.create, "acme", target=target)
+            return (await asyncio.wait_for(sub.queue.get(), timeout=5))[1]
+        finally:
+            hub.unsubscribe(sub)
+
+    def strip(event: dict) -> dict:
+        return {k: v for k, v in event.items() if k not in ("ts", "request_id", "target",
+                                                            "detail")}
+
+    hidden = asyncio.run(heard("acme", "globex-lab"))
+    missing = asyncio.run(heard("acme", "nosuch"))
+    assert hidden["type"] == "weave.denied" and hidden["error"] == "unknown_ivn"
+    assert hidden["detail"] == "target IVN 'globex-lab' does not exist"
+    assert strip(hidden) == strip(missing)
+    operator = asyncio.run(heard(None, "globex-lab"))
+    assert operator["error"] == "policy_violation" and "tenant_view" not in operator

@@ -107,9 +107,13 @@ def test_denied_exits_3_with_the_reason(served: Served,
                          "600", "--bandwidth", "35")
     assert code == EXIT_DENIED
     assert out == "" and "denied: insufficient_bandwidth: link s1-s2" in err
+    code, _, err = nwc(capsys, "weave", "create", "acme-web", "globex-db", "--duration",
+                       "600", "--bandwidth", "5", "--profile", "silver")
+    assert code == EXIT_DENIED and "policy_violation" in err
+    # An IVN the tenant may not see is denied as one that does not exist.
     code, _, err = nwc(capsys, "weave", "create", "acme-web", "globex-lab", "--duration",
                        "600", "--bandwidth", "5")
-    assert code == EXIT_DENIED and "policy_violation" in err
+    assert code == EXIT_DENIED and "unknown_ivn: target IVN 'globex-lab' does not exist" in err
 
 
 def test_failed_exits_4(make_served: Callable[..., Served],

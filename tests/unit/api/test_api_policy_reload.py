@@ -78,3 +78,25 @@ def test_admins_alone_hear_of_a_reload(harness: Harness, tmp_path: Path) -> None
     assert seen[0]["problems"] and seen[0]["detail"]
     assert seen[1]["withdrawn"] == []
     assert not tenant_heard
+
+
+def test_a_policy_that_cannot_even_be_loaded_is_a_counted_refusal(
+        harness: Harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Whatever loading raises, SIGHUP's thread records a refusal instead of dying."""
+    reloadable(harness, tmp_path)
+
+    def fails(paths: object) -> None:
+        raise MemoryError
+
+    monkeypatch.setattr("nwc.controller.load_policy", fails)
+    before = harness.controller.weaver.policy
+    problems = harness.controller.reload_policy()
+    assert problems == ["loading the policy failed: MemoryError (the controller's log has the "
+                        "traceback)"]
+    assert harness.controller.weaver.policy is before
+    assert harness.metric("nwc_policy_reloads_total", outcome="refused") == 1
+    assert harness.metric("nwc_policy_last_reload_success") == 0
+    refused = harness.audit()[-1]
+    assert (refused["action"], refused["outcome"]) == ("policy.reload", "refused")
+    assert "MemoryError" in caplog.text and "Traceback" in caplog.text
