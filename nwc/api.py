@@ -164,6 +164,9 @@ class WeaveOut(BaseModel):
     ended_at: str | None
     ended_by: str | None = Field(description="who ended it: a party's tenant name, "
                                              "`operator` or `nwc` (the controller)")
+    end_detail: str | None = Field(default=None,
+                                   description="once ended: why, in a sentence (e.g. which "
+                                               "host a provision timeout waited for)")
 
 
 class WeaveList(BaseModel):

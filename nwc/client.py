@@ -244,7 +244,8 @@ def describe_weave(w: dict[str, Any]) -> str:
         " > ".join(w.get("path", []))
     rows = [
         ("id", w["id"]),
-        ("state", w["state"] + (f" ({w['reason']})" if w.get("reason") else "")),
+        ("state", w["state"] + (f" ({w['reason']})" if w.get("reason") else "")
+                  + (f": {w['end_detail']}" if w.get("end_detail") else "")),
         ("requester", f"{w['requester']} (tenant {w['requester_tenant']})"),
         ("target", f"{w['target']} (tenant {w['target_tenant']})"),
         ("bandwidth", f"{w['bandwidth_mbps']:g} Mbit/s reserved each way, per host pair"),
@@ -425,7 +426,9 @@ def cmd_weave_create(args: argparse.Namespace) -> int:
         weave = _wait_for(client, weave, args.wait_timeout, quiet=args.json)
     _print(args, weave, describe_weave(weave))
     if weave["state"] == "failed":
-        print(f"{weave['id']} failed: {weave.get('reason')}", file=sys.stderr)
+        print(f"{weave['id']} failed: {weave.get('reason')}"
+              + (f": {weave['end_detail']}" if weave.get("end_detail") else ""),
+              file=sys.stderr)
         return EXIT_FAILED
     if weave["state"] == "provisioning" and not args.no_wait:
         print(f"{weave['id']} is still provisioning after {args.wait_timeout:g} s",

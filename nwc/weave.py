@@ -87,6 +87,9 @@ class Weave:
     # Who ended it, as both parties may read it: a party's tenant name, OPERATOR or
     # CONTROLLER; never a token (whose name is its owner's business alone).
     ended_by: str | None = None
+    # Once ended: the sentence saying why (the end event's `detail`), as both parties may
+    # read it. The operator's fuller one is in the audit record and the log.
+    end_detail: str | None = None
 
     @property
     def live(self) -> bool:
@@ -135,7 +138,7 @@ class Weave:
             "target_prefixes": [str(p) for p in self.target_prefixes],
             "created_at": iso(self.created_at), "expires_at": iso(self.expires_at),
             "ended_at": iso(self.ended_at) if self.ended_at else None,
-            "ended_by": self.ended_by,
+            "ended_by": self.ended_by, "end_detail": self.end_detail,
         }
 
     @classmethod
@@ -150,4 +153,4 @@ class Weave:
             created_at=parse_iso(d["created_at"]), expires_at=parse_iso(d["expires_at"]),
             state=State(d["state"]), reason=d.get("reason"),
             ended_at=parse_iso(d["ended_at"]) if d.get("ended_at") else None,
-            ended_by=d.get("ended_by"))
+            ended_by=d.get("ended_by"), end_detail=d.get("end_detail"))

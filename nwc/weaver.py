@@ -895,7 +895,8 @@ class Weaver:
         tearing = state is State.TERMINATED and holding
         ended = weave.with_(state=State.TERMINATING if tearing else state, reason=reason,
                             ended_at=now if ended_at is None else ended_at,
-                            ended_by=_ended_by(actor))
+                            ended_by=_ended_by(actor),
+                            end_detail=detail if tenant_detail is None else tenant_detail)
         with self.store.transaction():
             # Recorded, so that a restart before the parts confirm goes on holding its slots
             # (a failed weave's state cannot say so, a terminating one's already does).

@@ -122,7 +122,11 @@ def test_failed_exits_4(make_served: Callable[..., Served],
     code, out, err = nwc(capsys, "weave", "create", "acme-web", "globex-db", "--duration",
                          "600", "--bandwidth", "5")
     assert code == EXIT_FAILED
-    assert "failed (provision_failed)" in out and "wv-000001 failed" in err
+    assert "failed (provision_failed)" in out
+    # Which part failed and why, not only the reason's name (a deploy-guide tester had to
+    # read the controller's log for it).
+    assert "wv-000001 failed: provision_failed: eager: IKE_SA_INIT refused" in err
+    assert "IKE_SA_INIT refused" in out  # `weave show`'s state line says it too
 
 
 def test_still_provisioning_after_the_wait_exits_4(make_served: Callable[..., Served],

@@ -310,6 +310,10 @@ def test_a_weave_no_host_builds_fails_after_the_provision_timeout(make_harness: 
     h.tick(2)
     failed = h.request("GET", f"/v1/weaves/{weave['id']}").json()
     assert failed["state"] == "failed" and failed["reason"] == "provision_timeout"
+    # Which part it waited for is in the weave itself, not only in the log and the audit (a
+    # deploy-guide tester's CLI said only "failed: provision_timeout").
+    assert failed["end_detail"].startswith("not ready after 5 s: ")
+    assert part.name in failed["end_detail"]
     assert s1_s2_reserved(h) == 0
     assert part.down == [weave["id"]]
 
