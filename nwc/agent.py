@@ -100,6 +100,7 @@ class IkePort(Protocol):
     def reauthenticate(self, name: str, ike_id: str, timeout_s: float = ...
                        ) -> InitiateResult: ...
     def sas(self) -> dict[str, SaInfo]: ...
+    def ike_sa_ids(self, name: str) -> set[str]: ...
     def daemon_id(self) -> str | None: ...
 
 
@@ -183,6 +184,9 @@ class _Swap(_OldSas):
     new key, or signed new certificates), while they are replaced."""
 
     next_ask: float = 0.0  # when to ask charon again if no new SA came of it
+    # The responder's end: when it stops waiting for the peer to delete the old IKE SAs
+    # (see Agent._replacing) and deletes them itself; None until the new SA is up here.
+    peer_deletes_by: float | None = None
     asked: int = 0
     refused: str = ""  # what charon said when the peer refused the new material
 
@@ -688,8 +692,9 @@ class Agent:
     def _replacing(self, leg: _Leg, sa: SaInfo | None, now: float) -> bool:
         """Replace the SAs built from earlier key material (`leg.swap`) with one built from
         the material loaded now: True while that is under way, the phase set. Make before
-        break where charon can: the old SA carries the traffic until the new one is up, and
-        then goes, terminated by its unique id. The leg is `installed` again only then."""
+        break: the old SA carries the traffic until the new one is installed at both ends,
+        and then goes, terminated by its unique id (by the initiator; see
+        _peer_deleted_old). The leg is `installed` again only then."""
         swap, spec, record = leg.swap, leg.spec, leg.record
         assert swap is not None and record is not None
         if sa is None:
@@ -724,6 +729,8 @@ class Agent:
         if not sa.installed:
             leg.detail = "key material changed: negotiating the SA built from it"
             return True
+        if not spec.initiator and not self._peer_deleted_old(leg, swap, now):
+            return True
         for ike_id in sorted(swap.ike_ids):
             try:
                 self.ike.terminate_sa(ike_id)
@@ -737,6 +744,27 @@ class Agent:
         log.info("leg %s: the SA built from the earlier key material is replaced (now IKE SA "
                  "%s)", spec.key, sa.ike_id)
         leg.swap = None
+        return False
+
+    def _peer_deleted_old(self, leg: _Leg, swap: _Swap, now: float) -> bool:
+        """The responder's end, once the new SA is installed here: whether the old IKE SAs
+        are gone, or it is time to delete them from this end. Its CHILD SA is installed
+        before the initiator has the answer that installs the other end's, so a DELETE
+        from here could reach the initiator first and leave it without an SA for that
+        moment (its trap would even start another). The initiator deletes them once its
+        end is installed; this end only if that does not happen within a timeout."""
+        if swap.peer_deletes_by is None:
+            swap.peer_deletes_by = now + self.initiate_timeout_s
+        try:
+            swap.ike_ids &= self.ike.ike_sa_ids(leg.spec.connection_name)
+        except (IkeUnavailable, IkeNoAnswer, IkeError) as exc:
+            leg.detail = f"the SA built from the new key material is up; listing the IKE " \
+                         f"SAs built from the earlier one failed: {exc}"
+            return False
+        if not swap.ike_ids or now >= swap.peer_deletes_by:
+            return True
+        leg.detail = "the SA built from the new key material is up; waiting for the peer " \
+                     "to delete the one built from the earlier material"
         return False
 
     def _ask_replacement(self, leg: _Leg, sa: SaInfo, now: float) -> None:

@@ -837,7 +837,7 @@ def test_new_key_material_replaces_the_sa_make_before_break() -> None:
     host.steps(3)
     j = host.journal
     assert j.index("reauth", old.ike_id) < j.index("terminate_sa", old.ike_id)
-    assert host.ike.listed(name) == {host.ike.sa_table[name].ike_id} != {old.ike_id}
+    assert host.ike.ike_sa_ids(name) == {host.ike.sa_table[name].ike_id} != {old.ike_id}
     status = host.status(req)
     assert status.phase is Phase.INSTALLED and "carrying" not in status.extra
     assert status.extra["sa_of"] == LegRecord(req, fresh).tunnel_id()
@@ -860,7 +860,7 @@ def test_a_new_key_the_peer_refuses_is_reported_and_the_old_sa_kept() -> None:
     assert "still carries the traffic" in status.detail
     assert status.sa is not None and status.sa.installed and "sa_of" not in status.extra
     assert status.carrying  # the controller counts it, and takes the end as up
-    assert host.ike.listed(name) == {old.ike_id}  # it still encrypts: kept
+    assert host.ike.ike_sa_ids(name) == {old.ike_id}  # it still encrypts: kept
     for _ in range(5):
         host.clock.advance(host.agent.initiate_timeout_s)
         host.steps(1)
@@ -873,27 +873,57 @@ def test_a_new_key_the_peer_refuses_is_reported_and_the_old_sa_kept() -> None:
     status = host.status(req)
     assert status.phase is Phase.INSTALLED
     assert status.extra["sa_of"] == LegRecord(req, fresh).tunnel_id()
-    assert old.ike_id not in host.ike.listed(name)
+    assert old.ike_id not in host.ike.ike_sa_ids(name)
 
 
-def test_a_responder_waits_for_the_new_sa_and_a_rekey_of_the_old_one_stays_old() -> None:
+def responder_with_a_new_sa_beside_the_old() -> tuple[Host, TunnelSpec]:
+    """A psk leg's responder end whose peer made an SA with new key material: the old IKE
+    SA, rekeyed meanwhile (no new authentication: a new IKE id, the same CHILD SA, still
+    old), and the new one ("3"), both up."""
     host, res = psk_responder_installed()
     name = res.connection_name
     assert host.status(res).phase is Phase.INSTALLED
     host.want(LegRecord(res, new_psk()))
     host.steps(2)
     assert host.status(res).phase is Phase.CONNECTING
-    # The old IKE SA is rekeyed (no new authentication): a new IKE id, the same CHILD SA.
     host.ike.sa_table[name] = SaInfo("ESTABLISHED", "INSTALLED", "1", "2")
     host.steps(2)
     assert host.status(res).phase is Phase.CONNECTING
     assert host.ike.initiations == 0 and host.journal.count("reauth") == 0
-    # The peer's new IKE SA, made with the new key; the rekeyed old one is still there.
     host.ike.others[name] = [host.ike.sa_table[name]]
     host.ike.sa_table[name] = SaInfo("ESTABLISHED", "INSTALLED", "3", "3")
+    return host, res
+
+
+def test_a_responder_leaves_the_old_sa_to_the_peer_and_a_rekey_of_it_stays_old() -> None:
+    """The responder's new CHILD SA is installed before the initiator has the answer that
+    installs its own: a DELETE of the old SA from the responder could reach the initiator
+    first and leave it without an SA. So the initiator deletes it; the responder is
+    `installed` once it is gone."""
+    host, res = responder_with_a_new_sa_beside_the_old()
+    name = res.connection_name
+    for _ in range(3):
+        host.clock.advance(1)
+        host.steps(1)
+        status = host.status(res)
+        assert status.phase is Phase.CONNECTING and "waiting for the peer" in status.detail
+        assert status.carrying and "sa_of" not in status.extra
+    assert host.journal.count("terminate_sa") == 0
+    host.ike.others[name] = []  # the peer's DELETE of the old IKE SA
+    host.steps(1)
+    assert host.status(res).phase is Phase.INSTALLED
+    assert host.journal.count("terminate_sa") == 0 and host.ike.ike_sa_ids(name) == {"3"}
+
+
+def test_a_responder_deletes_the_old_sa_itself_if_the_peer_does_not() -> None:
+    host, res = responder_with_a_new_sa_beside_the_old()
+    name = res.connection_name
+    host.steps(1)
+    assert host.status(res).phase is Phase.CONNECTING
+    host.clock.advance(host.agent.initiate_timeout_s)
     host.steps(1)
     assert host.journal.count("terminate_sa", "2") == 1
-    assert host.ike.listed(name) == {"3"}
+    assert host.ike.ike_sa_ids(name) == {"3"}
     assert host.status(res).phase is Phase.INSTALLED
 
 
@@ -939,7 +969,7 @@ def test_an_agent_restarted_after_charon_timed_out_still_replaces_the_old_sa() -
     host.ike.busy = False
     host.steps(3)
     assert host.journal.count("reauth", old.ike_id) == 1
-    assert old.ike_id not in host.ike.listed(name)
+    assert old.ike_id not in host.ike.ike_sa_ids(name)
     status = host.status(req)
     assert status.phase is Phase.INSTALLED
     assert status.extra["sa_of"] == LegRecord(req, fresh).tunnel_id()
@@ -977,6 +1007,6 @@ def test_new_certificates_replace_the_sa_old_one_first(tmp_path: Path) -> None:
     assert j.index("terminate_sa", old.ike_id) < len(j.entries) - 1 - \
         j.entries[::-1].index(("initiate", name))
     assert host.ike.conns[name]["local-nwc"]["certs"] == [again]
-    assert host.ike.listed(name) == {host.ike.sa_table[name].ike_id} != {old.ike_id}
+    assert host.ike.ike_sa_ids(name) == {host.ike.sa_table[name].ike_id} != {old.ike_id}
     assert host.status(req).phase is Phase.INSTALLED
     assert host.net.blackholes and j.count("remove_vxlan") == 0

@@ -720,13 +720,13 @@ def test_a_new_key_from_a_restarted_controller_replaces_the_live_sa(tmp_path: Pa
         for host in ("h1", "h2"):
             status = world.status(host, w)
             if status.phase is Phase.INSTALLED:
-                assert old not in world.ikes[host].listed(name), (host, status)
+                assert old not in world.ikes[host].ike_sa_ids(name), (host, status)
                 assert status.extra["sa_of"] == world.record(host, w).tunnel_id()
             assert world.nets[host].blackholes == blackholes[host]  # never in clear
     for host in ("h1", "h2"):
         ike = world.ikes[host]
         assert ike.shared[name][0] == fresh.psk
-        assert ike.listed(name) == {ike.sa_table[name].ike_id} != {old}
+        assert ike.ike_sa_ids(name) == {ike.sa_table[name].ike_id} != {old}
         assert world.status(host, w).phase is Phase.INSTALLED
         assert ike.journal.count("remove_vxlan") == 0
     assert world.ikes["h1"].journal.count("reauth", old) == 1
@@ -771,7 +771,7 @@ def test_a_new_key_refused_at_the_peer_is_a_security_event_over_the_old_sa(
     world, _, old = refused_new_key(tmp_path)
     name = "nwc-wv-000001-s0"
     for host, ike in world.ikes.items():
-        assert ike.listed(name) == {old[host]}
+        assert ike.ike_sa_ids(name) == {old[host]}
     assert sorted(world.reports.kinds()) == ["ike_failure", "ready"]
     failure, = [e for e in world.reports.log if e[0] == "security"]
     assert "replacing the SA" in failure[3]

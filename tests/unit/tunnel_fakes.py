@@ -283,8 +283,9 @@ class FakeIke:
                     if side.others[name]:
                         side.sa_table[name] = side.others[name].pop()
 
-    def listed(self, name: str) -> set[str]:
+    def ike_sa_ids(self, name: str) -> set[str]:
         """The unique ids of every IKE SA charon holds for a connection."""
+        self._check()
         return {sa.ike_id or "" for sa in [*self.others.get(name, []),
                                             *([self.sa_table[name]] if name in self.sa_table
                                               else [])]}
