@@ -768,39 +768,42 @@ class Agent:
         return False
 
     def _ask_replacement(self, leg: _Leg, sa: SaInfo, now: float) -> None:
+        """Have charon negotiate an SA from the material loaded now beside the old one,
+        which carries the traffic until then (deleted by _replacing once the new one is
+        installed). Waited for elsewhere, like an initiation: it takes a round trip to the
+        peer or a timeout, and its outcome tells refused material from a transient failure.
+        A refused one leaves the old SA as it was."""
         swap = leg.swap
         assert swap is not None and sa.ike_id is not None
         swap.asked += 1
         swap.next_ask = now + self.initiate_timeout_s  # asked again if nothing came of it
+        name, ike_id, timeout = leg.spec.connection_name, sa.ike_id, self.initiate_timeout_s
         if leg.spec.auth == "psk":
-            # charon makes the new IKE SA with the key it holds now, and (with
-            # make_before_break) its CHILD SA, before deleting the old one. Waited for
-            # elsewhere, like an initiation: it takes a round trip to the peer or a timeout,
-            # and its outcome tells a refused key from a transient failure.
-            name, ike_id, timeout = leg.spec.connection_name, sa.ike_id, self.initiate_timeout_s
+            # The connection is as it was, so an initiation would reuse the old IKE SA. A
+            # reauthentication makes a new one with the key charon holds now and (with
+            # make_before_break) its CHILD SA, then deletes the old one.
+            def make() -> InitiateResult:
+                return self.ike.reauthenticate(name, ike_id, timeout)
+            how = "reauthenticating the SA built from the earlier one"
+        else:
+            # A reauthentication would present the certificate the old IKE SA was made with
+            # (it keeps its connection as loaded then). The connection loaded now, with the
+            # new certificates, is another one to charon: an initiation makes a new IKE SA
+            # and CHILD SA beside the old ones (`unique = replace` deletes only a duplicate
+            # of the same connection; seen with 5.9.8 in test_rekey_charon).
+            def make() -> InitiateResult:
+                return self.ike.initiate(name, timeout)
+            how = "negotiating an SA with the new certificates beside the one built from " \
+                  "the earlier ones"
 
-            def reauthenticate() -> InitiateResult:
-                try:
-                    return self.ike.reauthenticate(name, ike_id, timeout)
-                except (IkeUnavailable, IkeNoAnswer, IkeError) as exc:
-                    return InitiateResult(False, False, str(exc))
+        def replacement() -> InitiateResult:
+            try:
+                return make()
+            except (IkeUnavailable, IkeNoAnswer, IkeError) as exc:
+                return InitiateResult(False, False, str(exc))
 
-            leg.pending = self._submit(reauthenticate)
-            leg.detail = "key material changed: reauthenticating the SA built from the " \
-                         f"earlier one (attempt {swap.asked})"
-            return
-        try:
-            # A reauthentication would present the certificate the old IKE SA was made with,
-            # and a new initiation reuses the old IKE SA: it goes first. Until the new SA is
-            # up (the initiator's trap, or this agent, starts it) the leg's traffic is
-            # dropped, never sent in clear.
-            for old_id in sorted(swap.ike_ids):
-                self.ike.terminate_sa(old_id)
-            leg.detail = "key material changed: terminated the SA built from the earlier " \
-                         "certificates; negotiating one with the new ones"
-        except (IkeUnavailable, IkeNoAnswer, IkeError) as exc:
-            leg.detail = f"key material changed: replacing the SA built from the earlier " \
-                         f"one failed (attempt {swap.asked}): {exc}"
+        leg.pending = self._submit(replacement)
+        leg.detail = f"key material changed: {how} (attempt {swap.asked})"
 
     def _port_problem(self, spec: TunnelSpec, age_s: float) -> str | None:
         iface = self.db.interface(spec.device)

@@ -989,24 +989,63 @@ def test_a_charon_restarted_during_a_swap_holds_nothing_old_though_its_ids_repea
     assert host.journal.count("terminate_sa") == 0
 
 
-def test_new_certificates_replace_the_sa_old_one_first(tmp_path: Path) -> None:
-    """charon's reauthentication would present the old certificate: an x509 leg's old SA
-    goes first, and the new one is negotiated with the new certificate."""
+def new_certificate(host: Host, req: TunnelSpec, ca: CertificateAuthority) -> bytes:
+    """What a restarted controller signs for the key the agent already holds: another
+    certificate than the one its SA was made with."""
+    record = LegRecord.from_json(host.db.ids[RECORD_PREFIX + req.key])
+    key = host.agent.legs[req.key].key
+    assert key is not None
+    again = sign(ca, dataclasses.replace(host.status(req), csr_pem=key.csr_pem()), req)
+    assert again != record.cert_pem
+    return again
+
+
+def test_new_certificates_replace_the_sa_make_before_break(tmp_path: Path) -> None:
+    """charon's reauthentication would present the old certificate. The connection loaded
+    with the new one is another connection to charon: initiated, it makes a new IKE SA
+    beside the old one, which carries the traffic until the new one is installed and is
+    then terminated by its id. The leg is `installed` for the new record only then."""
     host, req, ca = x509_leg_installed(tmp_path)
     name = req.connection_name
     old = host.ike.sa_table[name]
-    record = LegRecord.from_json(host.db.ids[RECORD_PREFIX + req.key])
-    assert record.cert_pem is not None
-    again = sign(ca, dataclasses.replace(host.status(req), csr_pem=host.agent.legs[
-        req.key].key.csr_pem()), req)  # type: ignore[union-attr]
-    assert again != record.cert_pem
+    again = new_certificate(host, req, ca)
     host.want(LegRecord(req, None, ca.cert_pem, again, start=True))
-    host.steps(4)
     j = host.journal
-    assert j.index("load_conn", name) < j.index("terminate_sa", old.ike_id)
-    assert j.index("terminate_sa", old.ike_id) < len(j.entries) - 1 - \
-        j.entries[::-1].index(("initiate", name))
+    for _ in range(4):
+        host.steps(1)
+        if j.count("initiate", name) == 2:
+            break
+    new = host.ike.sa_table[name]
+    assert j.index("load_conn", name) < len(j.entries) - 1 - j.entries[::-1].index(
+        ("initiate", name))
     assert host.ike.conns[name]["local-nwc"]["certs"] == [again]
-    assert host.ike.ike_sa_ids(name) == {host.ike.sa_table[name].ike_id} != {old.ike_id}
-    assert host.status(req).phase is Phase.INSTALLED
+    # The new SA came up while the old one still carried the traffic.
+    assert host.ike.ike_sa_ids(name) == {old.ike_id, new.ike_id} and new.ike_id != old.ike_id
+    assert j.count("terminate_sa") == 0
+    assert host.status(req).phase is Phase.CONNECTING and host.status(req).carrying
+    host.steps(1)
+    assert j.entries[-1] == ("terminate_sa", old.ike_id)
+    assert host.ike.ike_sa_ids(name) == {new.ike_id}
+    status = host.status(req)
+    assert status.phase is Phase.INSTALLED
+    assert status.extra["sa_of"] == LegRecord(req, None, ca.cert_pem, again).tunnel_id()
     assert host.net.blackholes and j.count("remove_vxlan") == 0
+
+
+def test_new_certificates_the_peer_refuses_keep_the_old_sa_and_are_reported(
+        tmp_path: Path) -> None:
+    host, req, ca = x509_leg_installed(tmp_path)
+    name = req.connection_name
+    old = host.ike.sa_table[name]
+    host.ike.outcome = "auth"  # e.g. the peer does not trust the new certificate's CA
+    host.want(LegRecord(req, None, ca.cert_pem, new_certificate(host, req, ca), start=True))
+    host.steps(3)
+    status = host.status(req)
+    assert status.phase is Phase.AUTH_FAILED and "AUTHENTICATION_FAILED" in status.detail
+    assert "still carries the traffic" in status.detail
+    assert status.carrying and "sa_of" not in status.extra
+    assert host.ike.ike_sa_ids(name) == {old.ike_id} and host.journal.count("terminate_sa") == 0
+    for _ in range(3):
+        host.clock.advance(host.agent.initiate_timeout_s)
+        host.steps(1)
+    assert host.journal.count("initiate", name) == 2  # the first SA's, and this one's, once

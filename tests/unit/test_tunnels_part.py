@@ -735,6 +735,42 @@ def test_a_new_key_from_a_restarted_controller_replaces_the_live_sa(tmp_path: Pa
     world.part.stop()
 
 
+def test_new_certificates_from_a_restarted_controller_replace_the_live_sa_make_before_break(
+        tmp_path: Path) -> None:
+    """A restarted controller signs an x509 leg's certificates anew under its live SA. At
+    no moment is either end without an installed SA: the initiator negotiates one with the
+    new certificates beside the old one and deletes the old one once it is installed (its
+    answer came from the responder, installed first); the responder leaves that to it."""
+    world = World(tmp_path)
+    w = weave(profile="silver")
+    name = "nwc-wv-000001-s0"
+    world.part.weave_up(w)
+    world.rounds(8)
+    assert world.reports.log == [("ready", w.id)]
+    old = {h: ike.sa_table[name].ike_id for h, ike in world.ikes.items()}
+    certs = {h: world.record(h, w).cert_pem for h in world.ikes}
+    del world.dbs["h1"].ids[RECORD_PREFIX + "wv-000001-s0"]  # the hosts' records disagree
+    world.part = world.new_part()
+    world.part.weave_up(w)
+    for _ in range(15):
+        world.rounds(1)
+        for host, ike in world.ikes.items():
+            assert name in ike.sa_table and ike.sa_table[name].installed, host
+            status = world.status(host, w)
+            if status.phase is Phase.INSTALLED:
+                assert old[host] not in ike.ike_sa_ids(name), (host, status)
+    for host, ike in world.ikes.items():
+        record = world.record(host, w)
+        assert record.cert_pem not in (None, certs[host])
+        assert ike.ike_sa_ids(name) == {ike.sa_table[name].ike_id} != {old[host]}
+        assert world.status(host, w).phase is Phase.INSTALLED
+        assert world.status(host, w).extra["sa_of"] == record.tunnel_id()
+    assert world.ikes["h1"].journal.count("terminate_sa", old["h1"]) == 1
+    assert world.ikes["h2"].journal.count("terminate_sa") == 0
+    assert world.part.stats(w)["sa_state"] == "established"
+    world.part.stop()
+
+
 def refused_new_key(tmp_path: Path) -> tuple[World, Weave, dict[str, str]]:
     """A live weave whose controller restarted and drew a new key, and the replacement of
     its SA failed authentication (the initiator was handed another key than the responder):
