@@ -101,6 +101,7 @@ class IkePort(Protocol):
     def reauthenticate(self, name: str, ike_id: str, timeout_s: float = ...
                        ) -> InitiateResult: ...
     def sas(self) -> dict[str, SaInfo]: ...
+    def ike_sa_ids(self, name: str) -> set[str]: ...
     def daemon_id(self) -> str | None: ...
 
 
@@ -184,6 +185,9 @@ class _Swap(_OldSas):
     new key, or signed new certificates), while they are replaced."""
 
     next_ask: float = 0.0  # when to ask charon again if no new SA came of it
+    # The responder's end: when it stops waiting for the peer to delete the old IKE SAs
+    # (see Agent._replacing) and deletes them itself; None until the new SA is up here.
+    peer_deletes_by: float | None = None
     asked: int = 0
     refused: str = ""  # what charon said when the peer refused the new material
 
@@ -689,8 +693,9 @@ class Agent:
     def _replacing(self, leg: _Leg, sa: SaInfo | None, now: float) -> bool:
         """Replace the SAs built from earlier key material (`leg.swap`) with one built from
         the material loaded now: True while that is under way, the phase set. Make before
-        break where charon can: the old SA carries the traffic until the new one is up, and
-        then goes, terminated by its unique id. The leg is `installed` again only then."""
+        break: the old SA carries the traffic until the new one is installed at both ends,
+        and then goes, terminated by its unique id (by the initiator; see
+        _peer_deleted_old). The leg is `installed` again only then."""
         swap, spec, record = leg.swap, leg.spec, leg.record
         assert swap is not None and record is not None
         if sa is None:
@@ -725,6 +730,8 @@ class Agent:
         if not sa.installed:
             leg.detail = "key material changed: negotiating the SA built from it"
             return True
+        if not spec.initiator and not self._peer_deleted_old(leg, swap, now):
+            return True
         for ike_id in sorted(swap.ike_ids):
             try:
                 self.ike.terminate_sa(ike_id)
@@ -740,40 +747,64 @@ class Agent:
         leg.swap = None
         return False
 
+    def _peer_deleted_old(self, leg: _Leg, swap: _Swap, now: float) -> bool:
+        """The responder's end, once the new SA is installed here: whether the old IKE SAs
+        are gone, or it is time to delete them from this end. Its CHILD SA is installed
+        before the initiator has the answer that installs the other end's, so a DELETE
+        from here could reach the initiator first and leave it without an SA for that
+        moment (its trap would even start another). The initiator deletes them once its
+        end is installed; this end only if that does not happen within a timeout."""
+        if swap.peer_deletes_by is None:
+            swap.peer_deletes_by = now + self.initiate_timeout_s
+        try:
+            swap.ike_ids &= self.ike.ike_sa_ids(leg.spec.connection_name)
+        except (IkeUnavailable, IkeNoAnswer, IkeError) as exc:
+            leg.detail = f"the SA built from the new key material is up; listing the IKE " \
+                         f"SAs built from the earlier one failed: {exc}"
+            return False
+        if not swap.ike_ids or now >= swap.peer_deletes_by:
+            return True
+        leg.detail = "the SA built from the new key material is up; waiting for the peer " \
+                     "to delete the one built from the earlier material"
+        return False
+
     def _ask_replacement(self, leg: _Leg, sa: SaInfo, now: float) -> None:
+        """Have charon negotiate an SA from the material loaded now beside the old one,
+        which carries the traffic until then (deleted by _replacing once the new one is
+        installed). Waited for elsewhere, like an initiation: it takes a round trip to the
+        peer or a timeout, and its outcome tells refused material from a transient failure.
+        A refused one leaves the old SA as it was."""
         swap = leg.swap
         assert swap is not None and sa.ike_id is not None
         swap.asked += 1
         swap.next_ask = now + self.initiate_timeout_s  # asked again if nothing came of it
+        name, ike_id, timeout = leg.spec.connection_name, sa.ike_id, self.initiate_timeout_s
         if leg.spec.auth == "psk":
-            # charon makes the new IKE SA with the key it holds now, and (with
-            # make_before_break) its CHILD SA, before deleting the old one. Waited for
-            # elsewhere, like an initiation: it takes a round trip to the peer or a timeout,
-            # and its outcome tells a refused key from a transient failure.
-            name, ike_id, timeout = leg.spec.connection_name, sa.ike_id, self.initiate_timeout_s
+            # The connection is as it was, so an initiation would reuse the old IKE SA. A
+            # reauthentication makes a new one with the key charon holds now and (with
+            # make_before_break) its CHILD SA, then deletes the old one.
+            def make() -> InitiateResult:
+                return self.ike.reauthenticate(name, ike_id, timeout)
+            how = "reauthenticating the SA built from the earlier one"
+        else:
+            # A reauthentication would present the certificate the old IKE SA was made with
+            # (it keeps its connection as loaded then). The connection loaded now, with the
+            # new certificates, is another one to charon: an initiation makes a new IKE SA
+            # and CHILD SA beside the old ones (`unique = replace` deletes only a duplicate
+            # of the same connection; seen with 5.9.8 in test_rekey_charon).
+            def make() -> InitiateResult:
+                return self.ike.initiate(name, timeout)
+            how = "negotiating an SA with the new certificates beside the one built from " \
+                  "the earlier ones"
 
-            def reauthenticate() -> InitiateResult:
-                try:
-                    return self.ike.reauthenticate(name, ike_id, timeout)
-                except (IkeUnavailable, IkeNoAnswer, IkeError) as exc:
-                    return InitiateResult(False, False, str(exc))
+        def replacement() -> InitiateResult:
+            try:
+                return make()
+            except (IkeUnavailable, IkeNoAnswer, IkeError) as exc:
+                return InitiateResult(False, False, str(exc))
 
-            leg.pending = self._submit(reauthenticate)
-            leg.detail = "key material changed: reauthenticating the SA built from the " \
-                         f"earlier one (attempt {swap.asked})"
-            return
-        try:
-            # A reauthentication would present the certificate the old IKE SA was made with,
-            # and a new initiation reuses the old IKE SA: it goes first. Until the new SA is
-            # up (the initiator's trap, or this agent, starts it) the leg's traffic is
-            # dropped, never sent in clear.
-            for old_id in sorted(swap.ike_ids):
-                self.ike.terminate_sa(old_id)
-            leg.detail = "key material changed: terminated the SA built from the earlier " \
-                         "certificates; negotiating one with the new ones"
-        except (IkeUnavailable, IkeNoAnswer, IkeError) as exc:
-            leg.detail = f"key material changed: replacing the SA built from the earlier " \
-                         f"one failed (attempt {swap.asked}): {exc}"
+        leg.pending = self._submit(replacement)
+        leg.detail = f"key material changed: {how} (attempt {swap.asked})"
 
     def _port_problem(self, spec: TunnelSpec, age_s: float) -> str | None:
         iface = self.db.interface(spec.device)

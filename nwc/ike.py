@@ -250,6 +250,13 @@ class IkeDaemon:
                     break
         return InitiateResult(False, False, f"no new IKE SA within {timeout_s:g} s")
 
+    def ike_sa_ids(self, name: str) -> set[str]:
+        """The unique ids of every IKE SA charon holds for connection `name` (`sas` gives
+        one per name): while an SA is replaced, the old and the new one are both up."""
+        with self._session() as s:
+            return {_text(ike.get("uniqueid", b"")) for entry in s.list_sas({"ike": name})
+                    for ike in entry.values()}
+
     def sas(self) -> dict[str, SaInfo]:
         """Every IKE SA by connection name (the best one where a name has several: one
         with an installed CHILD SA, then the newest). A listing caught in the middle of an

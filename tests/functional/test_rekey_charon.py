@@ -328,6 +328,9 @@ class LiveLeg:
         assert kinds["esp-in-udp"] > 0 and kinds["ike"] > 0, kinds
         assert contains(frames, bytes.fromhex(PING_PATTERN)) == 0
 
+    def ike_ids(self) -> dict[str, set[str]]:
+        return {h: ike_ids(self.world, h, self.name) for h in self.world.tl.hosts}
+
     def wait_replaced(self, timeout: float, what: str) -> dict[str, LegRecord]:
         """Wait until both charons hold one IKE SA, none of the old ones, and both agents
         report it `installed` for the record they now hold; then traffic must pass. Returns
@@ -353,6 +356,11 @@ class LiveLeg:
                 10, f"{h}'s agent to report the new SA installed")
         assert ping(tl.vm("web1"), self.dst, count=2), "no traffic over the new SA"
         return records
+
+
+def replies(ping_log: Path) -> set[int]:
+    """The sequence numbers of the echo requests a `ping -n` log shows answered."""
+    return {int(n) for n in re.findall(r" bytes from .*icmp_seq=(\d+)", ping_log.read_text())}
 
 
 def test_a_new_key_under_a_live_leg_replaces_its_sa_and_nothing_leaves_in_clear(
@@ -435,17 +443,20 @@ def test_new_certificates_under_a_live_x509_leg_replace_its_sa_and_nothing_leave
     certificate it finds in records that disagree (`_materialize`), nor one from a CA other
     than its own (its pki directory lost: a new CA): it writes records without a leaf, each
     agent asks again with the CSR of the key it already holds, and the controller signs anew.
-    The agent replaces the SA break-before-make (its old IKE SA terminated first, then one
-    negotiated with the new certificates): both charons end up with one IKE SA, not the old
-    one, both agents report it `installed` for the new record, traffic flows again, and the
-    underlay sees only IKE and ESP meanwhile (the gap is dropped, never sent in clear)."""
+    The agent replaces the SA make-before-break (a new IKE SA negotiated with the new
+    certificates beside the old one, which carries the traffic until the new one is
+    installed at both ends, then is deleted): both charons end up with one IKE SA, not the
+    old one, both agents report it `installed` for the new record, pings sent every 50 ms
+    through the whole replacement are all answered, and the underlay sees only IKE and ESP
+    meanwhile."""
     leg = LiveLeg.up(world, "app1", target="initech-app", profile="silver")
     part = world.part
     with part._lock:
         (held,) = part._weaves[leg.weave.id].legs.values()
         old_certs = dict(held.certs)
     assert set(old_certs) == set(world.tl.hosts), old_certs
-    with leg.under_traffic("new-certs", "certificate change", 30) as ping_log:
+    with leg.under_traffic("new-certs", "certificate change", 60) as ping_log:
+        wait_for(lambda: replies(ping_log), 10, "the first pings over the old SA")
         # What the restarted controller holds (certificates, like keys, in memory only):
         # no leaf, no CSR signed yet, no start until the responder reports the new material.
         with part._lock:
@@ -457,6 +468,17 @@ def test_new_certificates_under_a_live_x509_leg_replace_its_sa_and_nothing_leave
             held.start = False
         part._wake.set()
         records = leg.wait_replaced(40, "new certificates")
+        # The pings go on over the new SA: so they spanned the whole replacement.
+        after = max(replies(ping_log))
+        wait_for(lambda: max(replies(ping_log)) > after + 5, 10, "pings after the replacement")
+    answered = replies(ping_log)
+    lost = sorted(set(range(1, max(answered) + 1)) - answered)
+    log.info("pings during the certificate change: %d answered, lost %s", len(answered), lost)
+    assert not lost, f"{len(lost)} pings lost across the replacement: icmp_seq {lost}"
+    # Only the new IKE SA is left at both ends, once both agents report it installed.
+    now = leg.ike_ids()
+    assert all(len(ids) == 1 and not ids & leg.old[h] for h, ids in now.items()), \
+        (leg.old, now)
     for h, record in records.items():
         assert record.cert_pem is not None and record.cert_pem != old_certs[h], h
         assert record.ca_pem == part.ca.cert_pem
@@ -466,9 +488,6 @@ def test_new_certificates_under_a_live_x509_leg_replace_its_sa_and_nothing_leave
         text = (world.lab.directory("logs") / f"agent-{h}.log").read_text()
         log.info("agent on %s: %s", h, [line for line in text.splitlines() if leg.key in line])
         assert f"leg {leg.key}: key material changed; replacing" in text, h
-    replies = ping_log.read_text()
-    log.info("pings during the certificate change: %d replies, last %s",
-             replies.count(" bytes from "), re.findall(r"icmp_seq=(\d+)", replies)[-1:])
     assert world.weave(leg.weave.id).state is State.ACTIVE
     world.end(leg.weave)
     world.assert_pristine()

@@ -900,7 +900,7 @@ def test_new_key_material_replaces_the_sa_make_before_break() -> None:
     host.steps(3)
     j = host.journal
     assert j.index("reauth", old.ike_id) < j.index("terminate_sa", old.ike_id)
-    assert host.ike.listed(name) == {host.ike.sa_table[name].ike_id} != {old.ike_id}
+    assert host.ike.ike_sa_ids(name) == {host.ike.sa_table[name].ike_id} != {old.ike_id}
     status = host.status(req)
     assert status.phase is Phase.INSTALLED and "carrying" not in status.extra
     assert status.extra["sa_of"] == LegRecord(req, fresh).tunnel_id()
@@ -923,7 +923,7 @@ def test_a_new_key_the_peer_refuses_is_reported_and_the_old_sa_kept() -> None:
     assert "still carries the traffic" in status.detail
     assert status.sa is not None and status.sa.installed and "sa_of" not in status.extra
     assert status.carrying  # the controller counts it, and takes the end as up
-    assert host.ike.listed(name) == {old.ike_id}  # it still encrypts: kept
+    assert host.ike.ike_sa_ids(name) == {old.ike_id}  # it still encrypts: kept
     for _ in range(5):
         host.clock.advance(host.agent.initiate_timeout_s)
         host.steps(1)
@@ -936,27 +936,57 @@ def test_a_new_key_the_peer_refuses_is_reported_and_the_old_sa_kept() -> None:
     status = host.status(req)
     assert status.phase is Phase.INSTALLED
     assert status.extra["sa_of"] == LegRecord(req, fresh).tunnel_id()
-    assert old.ike_id not in host.ike.listed(name)
+    assert old.ike_id not in host.ike.ike_sa_ids(name)
 
 
-def test_a_responder_waits_for_the_new_sa_and_a_rekey_of_the_old_one_stays_old() -> None:
+def responder_with_a_new_sa_beside_the_old() -> tuple[Host, TunnelSpec]:
+    """A psk leg's responder end whose peer made an SA with new key material: the old IKE
+    SA, rekeyed meanwhile (no new authentication: a new IKE id, the same CHILD SA, still
+    old), and the new one ("3"), both up."""
     host, res = psk_responder_installed()
     name = res.connection_name
     assert host.status(res).phase is Phase.INSTALLED
     host.want(LegRecord(res, new_psk()))
     host.steps(2)
     assert host.status(res).phase is Phase.CONNECTING
-    # The old IKE SA is rekeyed (no new authentication): a new IKE id, the same CHILD SA.
     host.ike.sa_table[name] = SaInfo("ESTABLISHED", "INSTALLED", "1", "2")
     host.steps(2)
     assert host.status(res).phase is Phase.CONNECTING
     assert host.ike.initiations == 0 and host.journal.count("reauth") == 0
-    # The peer's new IKE SA, made with the new key; the rekeyed old one is still there.
     host.ike.others[name] = [host.ike.sa_table[name]]
     host.ike.sa_table[name] = SaInfo("ESTABLISHED", "INSTALLED", "3", "3")
+    return host, res
+
+
+def test_a_responder_leaves_the_old_sa_to_the_peer_and_a_rekey_of_it_stays_old() -> None:
+    """The responder's new CHILD SA is installed before the initiator has the answer that
+    installs its own: a DELETE of the old SA from the responder could reach the initiator
+    first and leave it without an SA. So the initiator deletes it; the responder is
+    `installed` once it is gone."""
+    host, res = responder_with_a_new_sa_beside_the_old()
+    name = res.connection_name
+    for _ in range(3):
+        host.clock.advance(1)
+        host.steps(1)
+        status = host.status(res)
+        assert status.phase is Phase.CONNECTING and "waiting for the peer" in status.detail
+        assert status.carrying and "sa_of" not in status.extra
+    assert host.journal.count("terminate_sa") == 0
+    host.ike.others[name] = []  # the peer's DELETE of the old IKE SA
+    host.steps(1)
+    assert host.status(res).phase is Phase.INSTALLED
+    assert host.journal.count("terminate_sa") == 0 and host.ike.ike_sa_ids(name) == {"3"}
+
+
+def test_a_responder_deletes_the_old_sa_itself_if_the_peer_does_not() -> None:
+    host, res = responder_with_a_new_sa_beside_the_old()
+    name = res.connection_name
+    host.steps(1)
+    assert host.status(res).phase is Phase.CONNECTING
+    host.clock.advance(host.agent.initiate_timeout_s)
     host.steps(1)
     assert host.journal.count("terminate_sa", "2") == 1
-    assert host.ike.listed(name) == {"3"}
+    assert host.ike.ike_sa_ids(name) == {"3"}
     assert host.status(res).phase is Phase.INSTALLED
 
 
@@ -1002,7 +1032,7 @@ def test_an_agent_restarted_after_charon_timed_out_still_replaces_the_old_sa() -
     host.ike.busy = False
     host.steps(3)
     assert host.journal.count("reauth", old.ike_id) == 1
-    assert old.ike_id not in host.ike.listed(name)
+    assert old.ike_id not in host.ike.ike_sa_ids(name)
     status = host.status(req)
     assert status.phase is Phase.INSTALLED
     assert status.extra["sa_of"] == LegRecord(req, fresh).tunnel_id()
@@ -1022,24 +1052,63 @@ def test_a_charon_restarted_during_a_swap_holds_nothing_old_though_its_ids_repea
     assert host.journal.count("terminate_sa") == 0
 
 
-def test_new_certificates_replace_the_sa_old_one_first(tmp_path: Path) -> None:
-    """charon's reauthentication would present the old certificate: an x509 leg's old SA
-    goes first, and the new one is negotiated with the new certificate."""
+def new_certificate(host: Host, req: TunnelSpec, ca: CertificateAuthority) -> bytes:
+    """What a restarted controller signs for the key the agent already holds: another
+    certificate than the one its SA was made with."""
+    record = LegRecord.from_json(host.db.ids[RECORD_PREFIX + req.key])
+    key = host.agent.legs[req.key].key
+    assert key is not None
+    again = sign(ca, dataclasses.replace(host.status(req), csr_pem=key.csr_pem()), req)
+    assert again != record.cert_pem
+    return again
+
+
+def test_new_certificates_replace_the_sa_make_before_break(tmp_path: Path) -> None:
+    """charon's reauthentication would present the old certificate. The connection loaded
+    with the new one is another connection to charon: initiated, it makes a new IKE SA
+    beside the old one, which carries the traffic until the new one is installed and is
+    then terminated by its id. The leg is `installed` for the new record only then."""
     host, req, ca = x509_leg_installed(tmp_path)
     name = req.connection_name
     old = host.ike.sa_table[name]
-    record = LegRecord.from_json(host.db.ids[RECORD_PREFIX + req.key])
-    assert record.cert_pem is not None
-    again = sign(ca, dataclasses.replace(host.status(req), csr_pem=host.agent.legs[
-        req.key].key.csr_pem()), req)  # type: ignore[union-attr]
-    assert again != record.cert_pem
+    again = new_certificate(host, req, ca)
     host.want(LegRecord(req, None, ca.cert_pem, again, start=True))
-    host.steps(4)
     j = host.journal
-    assert j.index("load_conn", name) < j.index("terminate_sa", old.ike_id)
-    assert j.index("terminate_sa", old.ike_id) < len(j.entries) - 1 - \
-        j.entries[::-1].index(("initiate", name))
+    for _ in range(4):
+        host.steps(1)
+        if j.count("initiate", name) == 2:
+            break
+    new = host.ike.sa_table[name]
+    assert j.index("load_conn", name) < len(j.entries) - 1 - j.entries[::-1].index(
+        ("initiate", name))
     assert host.ike.conns[name]["local-nwc"]["certs"] == [again]
-    assert host.ike.listed(name) == {host.ike.sa_table[name].ike_id} != {old.ike_id}
-    assert host.status(req).phase is Phase.INSTALLED
+    # The new SA came up while the old one still carried the traffic.
+    assert host.ike.ike_sa_ids(name) == {old.ike_id, new.ike_id} and new.ike_id != old.ike_id
+    assert j.count("terminate_sa") == 0
+    assert host.status(req).phase is Phase.CONNECTING and host.status(req).carrying
+    host.steps(1)
+    assert j.entries[-1] == ("terminate_sa", old.ike_id)
+    assert host.ike.ike_sa_ids(name) == {new.ike_id}
+    status = host.status(req)
+    assert status.phase is Phase.INSTALLED
+    assert status.extra["sa_of"] == LegRecord(req, None, ca.cert_pem, again).tunnel_id()
     assert host.net.blackholes and j.count("remove_vxlan") == 0
+
+
+def test_new_certificates_the_peer_refuses_keep_the_old_sa_and_are_reported(
+        tmp_path: Path) -> None:
+    host, req, ca = x509_leg_installed(tmp_path)
+    name = req.connection_name
+    old = host.ike.sa_table[name]
+    host.ike.outcome = "auth"  # e.g. the peer does not trust the new certificate's CA
+    host.want(LegRecord(req, None, ca.cert_pem, new_certificate(host, req, ca), start=True))
+    host.steps(3)
+    status = host.status(req)
+    assert status.phase is Phase.AUTH_FAILED and "AUTHENTICATION_FAILED" in status.detail
+    assert "still carries the traffic" in status.detail
+    assert status.carrying and "sa_of" not in status.extra
+    assert host.ike.ike_sa_ids(name) == {old.ike_id} and host.journal.count("terminate_sa") == 0
+    for _ in range(3):
+        host.clock.advance(host.agent.initiate_timeout_s)
+        host.steps(1)
+    assert host.journal.count("initiate", name) == 2  # the first SA's, and this one's, once

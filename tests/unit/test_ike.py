@@ -217,6 +217,14 @@ def test_a_terminate_charon_calls_failed_is_no_error_once_the_sa_is_gone(
         terminate(still)  # an SA that really stayed is still reported
 
 
+def test_the_ike_sas_of_a_connection_are_listed_by_its_name() -> None:
+    """While an SA is replaced both IKE SAs are up: their ids, not only the best one's."""
+    daemon = _Requests()
+    assert daemon.ike_sa_ids("nwc-x") == {"7"}
+    assert daemon.sent == [("list-sas", {"ike": "nwc-x"})]
+    assert _Requests(sa_remains=False).ike_sa_ids("nwc-x") == set()
+
+
 def test_a_reauthentication_is_asked_of_one_ike_sa_and_its_new_sa_waited_for() -> None:
     daemon = _Requests(events=[
         ("ike-updown", {"up": b"yes", "nwc-y": {"uniqueid": b"8"}}),  # another connection

@@ -730,17 +730,53 @@ def test_a_new_key_from_a_restarted_controller_replaces_the_live_sa(tmp_path: Pa
         for host in ("h1", "h2"):
             status = world.status(host, w)
             if status.phase is Phase.INSTALLED:
-                assert old not in world.ikes[host].listed(name), (host, status)
+                assert old not in world.ikes[host].ike_sa_ids(name), (host, status)
                 assert status.extra["sa_of"] == world.record(host, w).tunnel_id()
             assert world.nets[host].blackholes == blackholes[host]  # never in clear
     for host in ("h1", "h2"):
         ike = world.ikes[host]
         assert ike.shared[name][0] == fresh.psk
-        assert ike.listed(name) == {ike.sa_table[name].ike_id} != {old}
+        assert ike.ike_sa_ids(name) == {ike.sa_table[name].ike_id} != {old}
         assert world.status(host, w).phase is Phase.INSTALLED
         assert ike.journal.count("remove_vxlan") == 0
     assert world.ikes["h1"].journal.count("reauth", old) == 1
     assert world.ikes["h2"].journal.count("reauth") == 0  # one end replaces it
+    assert world.part.stats(w)["sa_state"] == "established"
+    world.part.stop()
+
+
+def test_new_certificates_from_a_restarted_controller_replace_the_live_sa_make_before_break(
+        tmp_path: Path) -> None:
+    """A restarted controller signs an x509 leg's certificates anew under its live SA. At
+    no moment is either end without an installed SA: the initiator negotiates one with the
+    new certificates beside the old one and deletes the old one once it is installed (its
+    answer came from the responder, installed first); the responder leaves that to it."""
+    world = World(tmp_path)
+    w = weave(profile="silver")
+    name = "nwc-wv-000001-s0"
+    world.part.weave_up(w)
+    world.rounds(8)
+    assert world.reports.log == [("ready", w.id)]
+    old = {h: ike.sa_table[name].ike_id for h, ike in world.ikes.items()}
+    certs = {h: world.record(h, w).cert_pem for h in world.ikes}
+    del world.dbs["h1"].ids[RECORD_PREFIX + "wv-000001-s0"]  # the hosts' records disagree
+    world.part = world.new_part()
+    world.part.weave_up(w)
+    for _ in range(15):
+        world.rounds(1)
+        for host, ike in world.ikes.items():
+            assert name in ike.sa_table and ike.sa_table[name].installed, host
+            status = world.status(host, w)
+            if status.phase is Phase.INSTALLED:
+                assert old[host] not in ike.ike_sa_ids(name), (host, status)
+    for host, ike in world.ikes.items():
+        record = world.record(host, w)
+        assert record.cert_pem not in (None, certs[host])
+        assert ike.ike_sa_ids(name) == {ike.sa_table[name].ike_id} != {old[host]}
+        assert world.status(host, w).phase is Phase.INSTALLED
+        assert world.status(host, w).extra["sa_of"] == record.tunnel_id()
+    assert world.ikes["h1"].journal.count("terminate_sa", old["h1"]) == 1
+    assert world.ikes["h2"].journal.count("terminate_sa") == 0
     assert world.part.stats(w)["sa_state"] == "established"
     world.part.stop()
 
@@ -781,7 +817,7 @@ def test_a_new_key_refused_at_the_peer_is_a_security_event_over_the_old_sa(
     world, _, old = refused_new_key(tmp_path)
     name = "nwc-wv-000001-s0"
     for host, ike in world.ikes.items():
-        assert ike.listed(name) == {old[host]}
+        assert ike.ike_sa_ids(name) == {old[host]}
     assert sorted(world.reports.kinds()) == ["ike_failure", "ready"]
     failure, = [e for e in world.reports.log if e[0] == "security"]
     assert "replacing the SA" in failure[3]

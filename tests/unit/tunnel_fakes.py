@@ -185,6 +185,9 @@ class FakeIke:
     # Whether a reauthentication deletes the old IKE SA once the new one is up, as charon's
     # does; False leaves it for whoever asked to terminate.
     reauth_deletes_old: bool = True
+    # The connection each IKE SA was made with, by its id: charon's initiate reuses an IKE
+    # SA only of the connection as loaded now.
+    made_with: dict[str, dict[str, Any]] = field(default_factory=dict)
     _next_id: int = 0
     _run: int = 1  # which run of the daemon this is: a restart is another
 
@@ -201,6 +204,7 @@ class FakeIke:
         self.keys.clear()
         self.sa_table.clear()
         self.others.clear()
+        self.made_with.clear()
         self._next_id = 0
         self._run += 1
 
@@ -265,6 +269,8 @@ class FakeIke:
                 side.others.setdefault(name, []).append(old)
             side.sa_table[name] = SaInfo("ESTABLISHED", "INSTALLED", child_id=str(number),
                                          ike_id=str(number), encryption="AES_GCM_16")
+            if name in side.conns:
+                side.made_with[str(number)] = side.conns[name]
         return str(number)
 
     def initiate(self, name: str, timeout_s: float = 10.0) -> InitiateResult:
@@ -276,7 +282,12 @@ class FakeIke:
             return InitiateResult(False, True, "received AUTHENTICATION_FAILED notify error")
         if outcome == "timeout":
             return InitiateResult(False, False, "establishing IKE_SA failed, peer not responding")
-        self._new_sa(name, keep_old=False)
+        # An IKE SA of a connection loaded again since (a new certificate) is another
+        # connection's to charon: the new one comes up beside it, which stays until deleted.
+        up = self.sa_table.get(name)
+        beside = up is not None and up.ike_id in self.made_with \
+            and self.made_with[up.ike_id] != self.conns.get(name)
+        self._new_sa(name, keep_old=beside)
         return InitiateResult(True)
 
     def reauthenticate(self, name: str, ike_id: str, timeout_s: float = 10.0
@@ -313,8 +324,9 @@ class FakeIke:
                     if side.others[name]:
                         side.sa_table[name] = side.others[name].pop()
 
-    def listed(self, name: str) -> set[str]:
+    def ike_sa_ids(self, name: str) -> set[str]:
         """The unique ids of every IKE SA charon holds for a connection."""
+        self._check()
         return {sa.ike_id or "" for sa in [*self.others.get(name, []),
                                             *([self.sa_table[name]] if name in self.sa_table
                                               else [])]}
