@@ -8,9 +8,10 @@ OpenFlow table (`tests/fakeoftable.py`) and assert forwarding. docs/design.md de
 tables, the cookie scheme and the IVN base realisation.
 
 Every flow has exactly one owner, written in its cookie: NWC's own scaffolding (table-miss
-drops), an IVN's base network, the fabric's host routes, or a weave (`weave_cookie`). A weave's
-flows on every switch share the weave's cookie above the low byte, so they are deleted and
-counted as a unit; the low byte says which direction and end a flow serves (for statistics).
+drops), an IVN's base network, the fabric's host routes and edge checks, or a weave
+(`weave_cookie`). A weave's flows on every switch share the weave's cookie above the low byte,
+so they are deleted and counted as a unit; the low byte says which direction and end a flow
+serves (for statistics).
 """
 
 from __future__ import annotations
