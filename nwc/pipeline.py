@@ -8,9 +8,10 @@ OpenFlow table (`tests/fakeoftable.py`) and assert forwarding. docs/design.md de
 tables, the cookie scheme and the IVN base realisation.
 
 Every flow has exactly one owner, written in its cookie: NWC's own scaffolding (table-miss
-drops), an IVN's base network, the fabric's host routes, or a weave (`weave_cookie`). A weave's
-flows on every switch share the weave's cookie above the low byte, so they are deleted and
-counted as a unit; the low byte says which direction and end a flow serves (for statistics).
+drops), an IVN's base network, the fabric's host routes and edge checks, or a weave
+(`weave_cookie`). A weave's flows on every switch share the weave's cookie above the low byte,
+so they are deleted and counted as a unit; the low byte says which direction and end a flow
+serves (for statistics).
 """
 
 from __future__ import annotations
@@ -629,8 +630,20 @@ def _unique(flows: list[Flow]) -> list[Flow]:
 
 # -- provider fabric ---------------------------------------------------------------------------
 
+# Tables of a fabric switch. Edge first: routing is by destination only, so without it a host
+# could send with any source address (another host's underlay address, a leg endpoint of a
+# weave it is no end of) and whatever trusts that address downstream (br-int's tun_src check,
+# IKE peers by address) would take it.
+F_EDGE = 0  # by in_port: a host's port passes only the addresses that host may use
+F_ROUTE = 1  # by destination address: host routes, leg steering
+FABRIC_TABLES = (F_EDGE, F_ROUTE)
+
+EDGE_PASS_PRIORITY = 100  # a fabric-to-fabric port, or a host port with a permitted source
+EDGE_DROP_PRIORITY = 10  # the rest of a host port: dropped by a flow of its own, which counts
 HOST_ROUTE_PRIORITY = 100
 LEG_ROUTE_PRIORITY = 200
+# Its own role byte, so `dump-flows cookie=...` shows exactly the refusals.
+FABRIC_EDGE_DROP_COOKIE = FABRIC_COOKIE | 1
 
 
 def host_route_next_hops(topology: Topology,
@@ -663,25 +676,50 @@ def host_route_next_hops(topology: Topology,
     return trees
 
 
+def edge_permits(in_port: int, address: str, cookie: int, hard_timeout: int = 0) -> list[Flow]:
+    """A host port may send IPv4 from `address` and ARP that claims it (arp_spa), on to routing."""
+    return [Flow(F_EDGE, EDGE_PASS_PRIORITY, match(in_port=in_port, eth_type=ETH_IP,
+                                                   ipv4_src=address),
+                 goto=F_ROUTE, cookie=cookie, hard_timeout=hard_timeout),
+            Flow(F_EDGE, EDGE_PASS_PRIORITY, match(in_port=in_port, eth_type=ETH_ARP,
+                                                   arp_spa=address),
+                 goto=F_ROUTE, cookie=cookie, hard_timeout=hard_timeout)]
+
+
 def fabric_base(topology: Topology, switch: str,
                 down: frozenset[tuple[str, str]] = frozenset()) -> Program:
     ports = topology.ports(switch)
-    flows = [Flow(0, 0, ())]  # table miss: drop
+    flows = [Flow(F_EDGE, 0, ()), Flow(F_ROUTE, 0, ())]  # table misses: drop
+    for neighbour, port in sorted(ports.items()):
+        host = topology.hosts.get(neighbour)
+        if host is None:
+            # Fabric-to-fabric: every switch checks its own hosts, so what comes from another
+            # switch was checked where it entered.
+            flows.append(Flow(F_EDGE, EDGE_PASS_PRIORITY, match(in_port=port), goto=F_ROUTE,
+                              cookie=FABRIC_COOKIE))
+            continue
+        # The host's underlay address; its legs' endpoint addresses come with each weave's
+        # flows (fabric_weave), so they pass exactly while the weave's routes exist. IPv6
+        # and anything else from the host's port (ARP probes from 0.0.0.0 too) is dropped.
+        flows += edge_permits(port, str(host.underlay_ip), FABRIC_COOKIE)
+        flows.append(Flow(F_EDGE, EDGE_DROP_PRIORITY, match(in_port=port),
+                          cookie=FABRIC_EDGE_DROP_COOKIE))
     for host, parents in host_route_next_hops(topology, down).items():
         nxt = parents.get(switch)
         if nxt is None:
             continue
         out = (Output(ports[nxt]),)
         ip = str(topology.hosts[host].underlay_ip)
-        flows.append(Flow(0, HOST_ROUTE_PRIORITY, match(eth_type=ETH_IP, ipv4_dst=ip), out,
-                          cookie=FABRIC_COOKIE))
-        flows.append(Flow(0, HOST_ROUTE_PRIORITY, match(eth_type=ETH_ARP, arp_tpa=ip), out,
-                          cookie=FABRIC_COOKIE))
+        flows.append(Flow(F_ROUTE, HOST_ROUTE_PRIORITY, match(eth_type=ETH_IP, ipv4_dst=ip),
+                          out, cookie=FABRIC_COOKIE))
+        flows.append(Flow(F_ROUTE, HOST_ROUTE_PRIORITY, match(eth_type=ETH_ARP, arp_tpa=ip),
+                          out, cookie=FABRIC_COOKIE))
     return Program(flows)
 
 
 def fabric_weave(topology: Topology, weave: Weave, switch: str, hard_timeout: int) -> Program:
-    """Each leg's endpoint addresses follow the leg's reserved path (both directions)."""
+    """Each leg's endpoint addresses follow the leg's reserved path (both directions), and
+    the switch a leg's host hangs off lets that host send from its end's endpoint address."""
     ports = topology.ports(switch)
     flows = []
     cookie = weave_cookie(weave.number)
@@ -694,10 +732,14 @@ def fabric_weave(topology: Topology, weave: Weave, switch: str, hard_timeout: in
                    (str(addresses.requester_endpoint), leg.path[i - 1]))
         for ip, nxt in towards:
             out = (Output(ports[nxt]),)
-            flows.append(Flow(0, LEG_ROUTE_PRIORITY, match(eth_type=ETH_IP, ipv4_dst=ip), out,
-                              cookie=cookie, hard_timeout=hard_timeout))
-            flows.append(Flow(0, LEG_ROUTE_PRIORITY, match(eth_type=ETH_ARP, arp_tpa=ip), out,
-                              cookie=cookie, hard_timeout=hard_timeout))
+            flows.append(Flow(F_ROUTE, LEG_ROUTE_PRIORITY, match(eth_type=ETH_IP, ipv4_dst=ip),
+                              out, cookie=cookie, hard_timeout=hard_timeout))
+            flows.append(Flow(F_ROUTE, LEG_ROUTE_PRIORITY, match(eth_type=ETH_ARP, arp_tpa=ip),
+                              out, cookie=cookie, hard_timeout=hard_timeout))
+            # An endpoint is routed towards the host that owns it: where that next hop is the
+            # host itself, this is its edge switch, and the host may send from it.
+            if nxt in topology.hosts:
+                flows += edge_permits(ports[nxt], ip, cookie, hard_timeout)
     return Program(flows)
 
 

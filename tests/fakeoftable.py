@@ -14,7 +14,8 @@ such an ADD), and ONF bundles (all or nothing; a meter mod inside a bundle fails
 
 The network carries the base overlay (VXLAN by tunnel id to a host's underlay address, arriving
 with the sender's underlay address as the tunnel source; `forge_overlay` sends such VXLAN built by
-hand on a host, as root there could) and
+hand on a host, as root there could, with any outer source; `underlay` sends any frame out of a
+host's uplink) and
 weave legs (port nwv<slot> between the leg's endpoint addresses) through the fabric switches'
 own flows, and records which switches every tunnelled packet crossed.
 """
@@ -472,24 +473,31 @@ class FakeNetwork:
         return out
 
     def forge_overlay(self, host: str, to_host: str, tunnel_id: int,
-                      inner: dict[str, int]) -> list[Delivery]:
+                      inner: dict[str, int], outer_src: str | None = None) -> list[Delivery]:
         """VXLAN that root on `host` builds by hand (not its br-int's flows), with any VNI, to
-        `to_host`'s underlay address: carried by the fabric's own flows, it reaches the far
-        br-int's `ivn-vxlan` port like the host's own overlay traffic would."""
+        `to_host`'s underlay address, from `host`'s underlay address or any `outer_src` it
+        writes: carried by the fabric's own flows, it reaches the far br-int's `ivn-vxlan`
+        port like the host's own overlay traffic would."""
         packet = {**inner, "tunnel_id": tunnel_id,
                   "tun_ipv4_dst": int(self.topology.hosts[to_host].underlay_ip)}
-        return self._overlay(host, packet, [])
+        return self._overlay(host, packet, [], None if outer_src is None else ip(outer_src))
+
+    def underlay(self, host: str, outer: dict[str, int]) -> tuple[str | None, tuple[str, ...]]:
+        """Any frame root on `host` sends out of its uplink (IPv4, ARP, IPv6...): the host it
+        reached through the fabric's flows (or None) and the nodes it crossed."""
+        return self._through_fabric(host, outer)
 
     def _overlay(self, host: str, inner: dict[str, int],
-                 paths: list[tuple[str, ...]]) -> list[Delivery]:
-        src = int(self.topology.hosts[host].underlay_ip)
+                 paths: list[tuple[str, ...]], forged_src: int | None = None) -> list[Delivery]:
+        src = int(self.topology.hosts[host].underlay_ip) if forged_src is None else forged_src
         dst = inner.pop("tun_ipv4_dst")
         arrived, path = self._through_fabric(host, {"eth_type": 0x0800, "ipv4_src": src,
                                                     "ipv4_dst": dst})
         if arrived is None or int(self.topology.hosts[arrived].underlay_ip) != dst:
             return []
         # OVS's tunnel port hands the outer source to the pipeline as tun_src: here, the
-        # sending host's underlay address (OVS sends from it, the route's source).
+        # sending host's underlay address (OVS sends from it, the route's source), or the
+        # forged one.
         inner["tun_ipv4_src"] = src
         return self._into_host(arrived, IVN_TUNNEL_OFPORT, inner, [*paths, path])
 

@@ -17,7 +17,7 @@ from nwc import ofapp
 from nwc.admission import WeaveRequest
 from nwc.lab.netns import wait_for
 from nwc.ofapp import _close
-from nwc.pipeline import ivn_cookie
+from nwc.pipeline import FABRIC_EDGE_DROP_COOKIE, ivn_cookie
 from nwc.weave import State, Weave
 
 pytestmark = pytest.mark.functional
@@ -98,6 +98,46 @@ def test_ivn_vxlan_from_a_host_without_vms_of_the_ivn_is_dropped_and_counted(nwc
     finally:
         h1.ns.ip("link", "del", dev, check=False)
     assert net.ping("web1", "192.0.2.11", count=2)
+
+
+def _echo_requests_in(ns: Any) -> int:
+    """ICMP echo requests the namespace's kernel took in (its own /proc/net/snmp)."""
+    lines = [line.split() for line in ns.run("cat", "/proc/net/snmp").stdout.splitlines()
+             if line.startswith("Icmp:")]
+    names, values = lines[0], lines[1]
+    return int(values[names.index("InEchos")])
+
+
+def test_a_host_sending_from_an_address_it_does_not_own_is_dropped_at_its_edge(
+        nwc: Nwc) -> None:
+    """Root on h1 sends from an address that is not h1's (a weave endpoint of no weave of
+    h1's): s1, the switch h1 hangs off, drops it and counts it; h2 never sees it. From h1's
+    own underlay address the same ping crosses."""
+    h1, h2 = nwc.net.hosts["h1"], nwc.net.hosts["h2"]
+    fabric = nwc.net.fabric.ovs
+    h2_mac = h2.ns.run("cat", "/sys/class/net/br-ul/address").stdout.strip()
+    # A permanent neighbour: the forged packets go out as IPv4 at once (no ARP first, which
+    # the edge would refuse too, but then nothing forged would ever be sent).
+    h1.ns.ip("neigh", "replace", "100.64.0.2", "lladdr", h2_mac, "dev", "br-ul",
+             "nud", "permanent")
+    forged = "100.64.128.2"  # slot 0's requester endpoint; no weave holds it
+    h1.ns.ip("addr", "add", f"{forged}/32", "dev", "lo")
+
+    def refused() -> int:
+        out = fabric.ofctl("dump-flows", "s1",
+                           f"cookie={FABRIC_EDGE_DROP_COOKIE:#x}/-1")
+        return sum(_packets(line) for line in out.splitlines() if "n_packets=" in line)
+
+    before, echoes = refused(), _echo_requests_in(h2.ns)
+    sent = h1.ns.run("ping", "-n", "-c", "3", "-i", "0.2", "-W", "1", "-I", forged,
+                     "100.64.0.2", check=False, timeout=15)
+    assert sent.returncode != 0, sent.stdout
+    assert _echo_requests_in(h2.ns) == echoes
+    assert refused() >= before + 3
+    wait_for(lambda: h1.ns.run("ping", "-n", "-c", "1", "-W", "1", "100.64.0.2",
+                               check=False, timeout=10).returncode == 0,
+             10, "h1 reaches h2 from its own underlay address")
+    assert _echo_requests_in(h2.ns) > echoes
 
 
 def test_weave_carries_traffic_only_while_active(nwc: Nwc) -> None:

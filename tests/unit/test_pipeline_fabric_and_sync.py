@@ -65,9 +65,14 @@ def test_every_host_reaches_every_host_on_any_small_fabric(graph: nx.Graph) -> N
         for dst, host in topology.hosts.items():
             if src == dst:
                 continue
-            arrived, path = net._through_fabric(src, {"eth_type": 0x0800,
-                                                      "ipv4_dst": int(host.underlay_ip)})
+            # From the sender's own underlay address: the edge drops any other source.
+            sender = int(topology.hosts[src].underlay_ip)
+            arrived, path = net.underlay(src, {"eth_type": 0x0800, "ipv4_src": sender,
+                                               "ipv4_dst": int(host.underlay_ip)})
             assert arrived == dst, (src, dst, path)
+            arp = {"eth_type": 0x0806, "arp_op": 1, "arp_spa": sender,
+                   "arp_tpa": int(host.underlay_ip)}
+            assert net.underlay(src, arp)[0] == dst, (src, dst)
             # Shortest: as many switches as the graph distance says.
             sa, sb = int(src[1:]), int(dst[1:])
             assert len(path) - 3 == nx.shortest_path_length(graph, sa, sb)
