@@ -552,6 +552,10 @@ class Agent:
             leg.pending = None
             leg.restarted = True
             return
+        if leg.phase is Phase.IKE_DOWN:
+            # What follows may not say anything new (an initiation under way): the reason
+            # it went down must not be read as the state it is in now.
+            leg.detail = "the IKE daemon answers again: setting the leg up again"
         if spec.auth == "x509":
             if leg.key is None:
                 leg.key = LegKey.generate(spec.local_id)
