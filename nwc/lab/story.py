@@ -90,12 +90,16 @@ def tell(lab: ProviderLab, story: Story) -> None:
                 "db1 cannot reach web1 either")
 
     story.step("2. Requests that break a policy or exceed the fabric are refused")
-    for label, kw in (("acme asks to weave acme-web with globex-lab",
-                       {"target": "globex-lab", "bandwidth_mbps": 5}),
+    for label, kw in (("acme asks globex-db for 2 hours (globex-db allows 1)",
+                       {"target": "globex-db", "bandwidth_mbps": 5, "duration_s": 7200}),
+                      ("acme asks for globex-lab, which nobody may weave with (so acme is not "
+                       "told it exists)",
+                       {"target": "globex-lab", "bandwidth_mbps": 5, "duration_s": 60}),
                       ("acme asks for 35 Mbit/s to globex-db",
-                       {"target": "globex-db", "bandwidth_mbps": 35})):
+                       {"target": "globex-db", "bandwidth_mbps": 35, "duration_s": 60})):
         try:
-            lab.weave("acme", "acme-web", kw["target"], duration_s=60,  # type: ignore[arg-type]
+            lab.weave("acme", "acme-web", kw["target"],  # type: ignore[arg-type]
+                      duration_s=kw["duration_s"],  # type: ignore[arg-type]
                       bandwidth_mbps=kw["bandwidth_mbps"])  # type: ignore[arg-type]
             story.check(False, f"{label}: refused")
         except ClientError as exc:

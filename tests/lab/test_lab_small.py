@@ -185,10 +185,15 @@ def test_explicit_termination_stops_traffic_within_2s(lab: ProviderLab) -> None:
 
 def test_denials_say_why(lab: ProviderLab) -> None:
     with pytest.raises(ClientError) as exc:
-        lab.weave("acme", "acme-web", "globex-lab", duration_s=60, bandwidth_mbps=5)
+        weave(lab, duration_s=7200)  # globex-db allows at most 3600 s
     assert exc.value.status == 403
     assert exc.value.body["error"] == "policy_violation"
-    assert exc.value.body["side"] == "requester" and exc.value.body["rule"] == "partner"
+    assert exc.value.body["side"] == "target" and exc.value.body["rule"] == "duration"
+    # An IVN acme may not see (nobody may weave with globex-lab) reads as one that does not
+    # exist: a tenant cannot learn other tenants' IVNs by trying names.
+    with pytest.raises(ClientError) as exc:
+        lab.weave("acme", "acme-web", "globex-lab", duration_s=60, bandwidth_mbps=5)
+    assert exc.value.status == 404 and exc.value.body["error"] == "unknown_ivn"
     with pytest.raises(ClientError) as exc:
         weave(lab, bandwidth_mbps=35)
     assert exc.value.status == 409
