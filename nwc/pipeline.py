@@ -771,6 +771,12 @@ def fabric_link_of_port(topology: Topology, switch: str, port_no: int) -> tuple[
 # -- counting drops, as metrics ----------------------------------------------------------------
 
 
+# Which kind of owner each counting drop has: a cookie with the drop bit set and another
+# owner kind is not one of NWC's drops.
+_DROP_OWNER_KINDS = {DROP_FABRIC_EDGE: KIND_FABRIC, DROP_OVERLAY_SOURCE: KIND_IVN,
+                     DROP_VM_SPOOF: KIND_IVN, DROP_DEFAULT_DENY: KIND_INFRA}
+
+
 @dataclass(frozen=True, order=True)
 class DropLabels:
     """What a counting drop refused: its reason, the IVN it guards and the port it watches
@@ -803,9 +809,9 @@ def drop_labels(policy: Policy, topology: Topology, switch: str, ports: Mapping[
     by a reload, until the resync that follows it)."""
     role = cookie & 0xFF
     reason = DROP_REASONS.get(role)
-    if reason is None:
-        return None
     kind, owner = cookie_owner(cookie)
+    if reason is None or _DROP_OWNER_KINDS[role] != kind:
+        return None  # not NWC's (flows someone else put on the bridge may set the bit)
     ivn = ""
     if kind == KIND_IVN:
         ivn = next((i.name for i in policy.ivns.values() if i.vni == owner), "")

@@ -12,14 +12,20 @@ from typing import Any
 import pytest
 from fakeoftable import ip, mac
 from flowsim import FlowsSim
+from netsim import TRIANGLE
 from prometheus_client.parser import text_string_to_metric_families
 
 from nwc import ofapp
+from nwc.config import SHIPPED_POLICIES
 from nwc.metrics import Metrics
+from nwc.pipeline import FABRIC_EDGE_DROP_COOKIE, DropLabels, drop_labels
+from nwc.policy import load_policy
+from nwc.topology import parse_topology_text
 
 pytestmark = pytest.mark.unit
 
 Labels = tuple[str, str, str, str]  # switch, reason, ivn, port
+POLICY = load_policy([SHIPPED_POLICIES])
 
 
 @pytest.fixture
@@ -163,3 +169,13 @@ def test_a_switch_that_does_not_answer_exports_no_drops(
     packets: dict[Labels, Any] = _scrape(fsim, metrics)["packets"]
     assert not any(k[0] == "h2" for k in packets)
     assert any(k[0] == "h1" for k in packets)
+
+
+def test_a_cookie_with_the_drop_bit_that_nwc_did_not_give_is_no_drop() -> None:
+    """Flows another tool puts on br-int (the tunnel lab's, `0x7e<slot>`) may have the drop
+    bit in their low byte; the flow-stats request finds them, their owner kind tells them
+    apart from NWC's own drops."""
+    topology = parse_topology_text(TRIANGLE, POLICY)
+    assert drop_labels(POLICY, topology, "h1", {}, 0x7E0081, 3) is None
+    assert drop_labels(POLICY, topology, "s1", {}, FABRIC_EDGE_DROP_COOKIE, 1) \
+        == DropLabels("fabric_edge_source", "", "h1")
