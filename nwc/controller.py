@@ -28,6 +28,7 @@ from nwc.yamlsource import ConfigError
 
 if TYPE_CHECKING:
     from nwc.certexpiry import CertWatch
+    from nwc.pipeline import DroppedTraffic
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -52,6 +53,10 @@ class Controller:
     # Each host's OVSDB and agent as the tunnel part judged them last (host -> an object with
     # `ovsdb_up` and `agent_up`, None while not known: nwc.hostwatch.HostHealth), for metrics.
     host_sources: list[Callable[[], dict[str, Any]]] = field(default_factory=list, init=False)
+    # What the data plane's counting drops refused, per switch (the OpenFlow app:
+    # nwc.pipeline.DroppedTraffic, carried across re-installs), for metrics.
+    drop_sources: list[Callable[[], list[DroppedTraffic]]] = field(default_factory=list,
+                                                                   init=False)
     # The TLS certificates `nwc run` was given (nwc.certexpiry), read again at each scrape.
     cert_watch: CertWatch | None = field(default=None, init=False)
 

@@ -11,6 +11,8 @@ process, or a test, may build many apps. Three kinds of metric:
 - read at scrape time from the data-plane parts through `controller.weave_stats` (keys are
   the contract in docs/design.md, "Per-weave measurements"): bytes, packets and meter drops
   each way, IKE SA state and rekeys. A key a part does not report is simply not exported;
+- read at scrape time from the flows part (`controller.drop_sources`): what each switch's
+  counting drops refused (fabric edge sources, forged overlay, VM spoofing, default deny);
 - read at scrape time from the tunnel part (`controller.host_sources`): whether each host's
   OVSDB answers and its agent's heartbeat goes on;
 - read at scrape time from disk: the expiry of each TLS certificate `nwc run` was given
@@ -125,6 +127,9 @@ class ControllerCollector(Collector):
         yield responsive
         yield from self._weaves(snap)
         yield from self._links(snap.links)
+        # Drops first: they ask every connected switch in one round, which the weaves'
+        # measurements then find cached instead of asking their hosts one weave at a time.
+        yield from self._drops()
         yield from self._measurements(snap.live)
         yield from self._hosts()
 
@@ -145,6 +150,25 @@ class ControllerCollector(Collector):
                 if health.agent_up is not None:
                     agent.add_metric([host], 1 if health.agent_up else 0)
         yield from (ovsdb, agent)
+
+    def _drops(self) -> Iterator[Metric]:
+        labels = ["switch", "reason", "ivn", "port"]
+        packets = CounterMetricFamily(
+            "nwc_dropped_packets", "Packets NWC's counting drops refused, by switch and "
+            "reason (fabric_edge_source, overlay_source, vm_spoof, default_deny); ivn and port "
+            "where the drop has one", labels=labels)
+        octets = CounterMetricFamily("nwc_dropped_bytes", "Bytes of the same", labels=labels)
+        for source in self.controller.drop_sources:
+            try:
+                dropped = source()
+            except Exception:
+                log.exception("metrics: drop source %s failed", source)
+                continue
+            for d in dropped:
+                values = [d.switch, d.labels.reason, d.labels.ivn, d.labels.port]
+                packets.add_metric(values, d.packets)
+                octets.add_metric(values, d.bytes)
+        yield from (packets, octets)
 
     @staticmethod
     def _weaves(snap: ControllerSnapshot) -> Iterator[Metric]:

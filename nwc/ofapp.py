@@ -64,13 +64,16 @@ from nwc.pipeline import (
     MAX_HARD_TIMEOUT_S,
     METER_SPACE,
     OWNER_MASK,
+    ROLE_DROP,
     DesiredState,
+    DroppedTraffic,
     Flow,
     Meter,
     Program,
     compile_base,
     compile_weave,
     cookie_owner,
+    drop_labels,
     fabric_link_of_port,
     meter_collisions,
     meter_id,
@@ -90,12 +93,13 @@ ECHO_INTERVAL_S = 5
 ECHO_UNANSWERED = 3
 LIVE_PEER_S = 15.0
 # Statistics: one flow-stats and one meter-stats request per switch answers for every weave
-# on it and is reused for STATS_CACHE_S (so a scrape of N weaves asks each switch once); a
+# on it, one more flow-stats request for its counting drops, and the answer is reused for
+# STATS_CACHE_S (so a scrape of N weaves asks each switch once); a
 # caller waits at most STATS_TIMEOUT_S for all its switches together, and a switch that did
 # not answer in time is not asked again (nor waited for) until STATS_CACHE_S later.
 STATS_TIMEOUT_S = 2.0
 STATS_CACHE_S = 5.0
-MAX_STATS_KEYS = 2**17  # (weave, direction) and meter counters kept from one switch's reply
+MAX_STATS_KEYS = 2**17  # (weave, direction), meter and drop counters kept from one reply
 MAX_METERS = 2**18  # userspace OVS holds at most 262,144 meters: a switch reporting more lies
 # Bytes that may wait for one switch. A full resync of a large host is a few MB; a switch this
 # far behind is not reading, and is dropped (it gets a full resync when it reconnects).
@@ -269,6 +273,9 @@ class Batch:
     restarts: tuple[int, ...] = ()
     ends: tuple[int, ...] = ()
     reads: tuple[int, ...] = ()  # xids of the statistics read just before this batch
+    # It replaces the switch's base flows (deletes every flow first): the counting drops
+    # among them start from 0 again (FlowsPart.drop_counters carries them at its barrier).
+    base: bool = False
 
 
 @dataclass
@@ -284,11 +291,15 @@ class Removal:
 @dataclass
 class SwitchStats:
     """One switch's counters for every weave on it, from one flow-stats and one meter-stats
-    request. Filled by os-ken's thread; `done` once both replies ended or NWC gave up."""
+    request, and (when `xids` asks for "drops") those of its counting drops. Filled by
+    os-ken's thread; `done` once every reply ended or NWC gave up."""
 
-    xids: dict[int, str]  # request xid -> "flows" or "meters", while its reply runs
+    xids: dict[int, str]  # request xid -> "flows", "meters" or "drops", while its reply runs
     delivered: dict[tuple[int, str], list[int]] = field(default_factory=dict)
     dropped: dict[int, int] = field(default_factory=dict)  # meter id -> bytes its bands dropped
+    # (cookie, in_port or None) -> [bytes, packets] of each counting drop flow
+    drops: dict[tuple[int, int | None], list[int]] = field(default_factory=dict)
+    reads_drops: bool = False
     done: threading.Event = field(default_factory=threading.Event)
     complete: bool = False
     fresh_until: float | None = None  # clock.monotonic(); None while the requests run
@@ -300,6 +311,13 @@ class SwitchStats:
                 if entry.meter_id in self.dropped or len(self.dropped) < MAX_STATS_KEYS:
                     self.dropped[entry.meter_id] = sum(b.byte_band_count
                                                        for b in entry.band_stats)
+                continue
+            if kind == "drops":
+                # One flow per key (a drop per port, per IVN, per switch), so a key's
+                # counters are one flow's and restart together (CarriedCounters).
+                drop_key = (entry.cookie, entry.match.get("in_port"))
+                if drop_key in self.drops or len(self.drops) < MAX_STATS_KEYS:
+                    self.drops[drop_key] = [entry.byte_count, entry.packet_count]
                 continue
             kind_of, number = cookie_owner(entry.cookie)
             role = entry.cookie & 0xFF
@@ -406,6 +424,14 @@ class FlowsPart:
         # switch answered (statistics replies, then the barrier of the batch that
         # re-installed), on os-ken's thread; guarded by `lock`.
         self.counters: dict[int, HostCounters] = {}
+        # Switch dpid -> what each of its counting drops refused, keyed (cookie, in_port),
+        # carried like the weave counters: a resync deletes every flow and adds them again
+        # (a reconnect, a fabric link change, a VM plugged, a policy reload), which would
+        # otherwise take an exported counter back to 0 with the controller still running,
+        # and Prometheus' rate() would read that as one more reset among real ones. Every
+        # switch (fabric ones too); keys bounded by its drop flows, themselves by the
+        # topology. Kept across reconnects. Guarded by `lock`.
+        self.drop_counters: dict[int, CarriedCounters] = {}
         self._stop = threading.Event()
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -734,7 +760,7 @@ class FlowsPart:
         if self._send(conn, "sync", msgs, confirms, {m.meter_id for m in program.meters},
                       removes=tuple(r.weave.id for r in removals), moved_off=left_out,
                       restarts=tuple(w.number for w in kept),
-                      ends=tuple(r.weave.number for r in removals)):
+                      ends=tuple(r.weave.number for r in removals), base=base is not None):
             for weave in kept:
                 self._installed(weave, dpid, state.now)
         log.info("switch %s (%#x): resync with %d flows, %d meters%s", conn.name, dpid,
@@ -771,12 +797,12 @@ class FlowsPart:
     def _send(self, conn: SwitchConn, kind: str, msgs: list[Any], weaves: dict[str, int],
               meters_after: set[int], removes: tuple[str, ...] = (),
               moved_off: dict[str, int] | None = None, restarts: tuple[int, ...] = (),
-              ends: tuple[int, ...] = ()) -> bool:
+              ends: tuple[int, ...] = (), base: bool = False) -> bool:
         """Queue a batch and its barrier for one switch; never waits for the switch. False:
         the connection is gone (or was just dropped for not reading). A batch that restarts
-        the counters of weaves counted here already is preceded by a reading of them, so
-        what is carried over misses only what passes while the switch goes from answering
-        it to applying the batch."""
+        the counters of weaves counted here already (or, replacing the `base`, of its
+        counting drops) is preceded by a reading of them, so what is carried over misses
+        only what passes while the switch goes from answering it to applying the batch."""
         dp = conn.datapath
         xids = set()
         barrier = parser.OFPBarrierRequest(dp)
@@ -784,9 +810,12 @@ class FlowsPart:
             counts = self.counters.get(conn.dpid)
             counted = {n for n in restarts
                        if counts is not None and (n, DIRECTIONS[0]) in counts.delivered}
+            drops = self.drop_counters.get(conn.dpid)
+            drops_counted = base and drops is not None and bool(drops.tracked())
             reads: list[Any] = []
-            if counted:
-                # A resync reads every weave on the switch: it restarts them all.
+            if counted or drops_counted:
+                # A resync reads every weave on the switch (and its drops): it restarts
+                # them all.
                 reads = self._reading(conn, None if kind == "sync" else frozenset(counted))
             for msg in msgs:
                 msg.set_xid(conn.next_xid())
@@ -795,7 +824,7 @@ class FlowsPart:
             conn.batches[barrier.xid] = Batch(kind, xids, dict(weaves), removes=removes,
                                               moved_off=dict(moved_off or {}),
                                               restarts=restarts, ends=ends,
-                                              reads=tuple(m.xid for m in reads))
+                                              reads=tuple(m.xid for m in reads), base=base)
             # The switch applies messages in order, so what it will hold after these is
             # known now; the next change (maybe sent before this barrier returns) builds on it.
             conn.meters = set(meters_after)
@@ -1048,8 +1077,20 @@ class FlowsPart:
     def _stats_requests(conn: SwitchConn,
                         numbers: frozenset[int] | None) -> tuple[list[Any], SwitchStats]:
         """One flow-stats and the meter-stats requests (their xids set) that read these
-        weaves on one switch (None: every weave), and the SwitchStats their answers fill."""
+        weaves on one switch (None: every weave, and then its counting drops too: one more
+        flow-stats request), and the SwitchStats their answers fill. A fabric switch is
+        asked for its drops only: nobody sums its weave counters."""
         dp = conn.datapath
+        kinds: dict[int, str] = {}
+        msgs: list[Any] = []
+        if numbers is None:
+            drops = parser.OFPFlowStatsRequest(dp, 0, ofp.OFPTT_ALL, ofp.OFPP_ANY, ofp.OFPG_ANY,
+                                               ROLE_DROP, ROLE_DROP, parser.OFPMatch())
+            drops.set_xid(conn.next_xid())
+            kinds[drops.xid] = "drops"
+            msgs.append(drops)
+        if conn.kind != "host" and numbers is None:
+            return msgs, SwitchStats(kinds, numbers=numbers, reads_drops=True)
         if numbers is not None and len(numbers) == 1:
             (number,) = numbers
             flows = parser.OFPFlowStatsRequest(dp, 0, ofp.OFPTT_ALL, ofp.OFPP_ANY, ofp.OFPG_ANY,
@@ -1062,15 +1103,21 @@ class FlowsPart:
                                                KIND_WEAVE << KIND_SHIFT, 0xFF << KIND_SHIFT,
                                                parser.OFPMatch())
             ids = [ofp.OFPM_ALL]
-        msgs = [flows, *(parser.OFPMeterStatsRequest(dp, 0, mid) for mid in ids)]
-        for msg in msgs:
+        weave_msgs = [flows, *(parser.OFPMeterStatsRequest(dp, 0, mid) for mid in ids)]
+        for msg in weave_msgs:
             msg.set_xid(conn.next_xid())
-        stats = SwitchStats({m.xid: "flows" if m is flows else "meters" for m in msgs},
-                            numbers=numbers)
-        return msgs, stats
+            kinds[msg.xid] = "flows" if msg is flows else "meters"
+        stats = SwitchStats(kinds, numbers=numbers, reads_drops=numbers is None)
+        return [*msgs, *weave_msgs], stats
 
     def _observe(self, dpid: int, stats: SwitchStats) -> None:
-        """A complete reading of one switch: every weave counted there that it covers."""
+        """A complete reading of one switch: every weave counted there that it covers, and
+        its counting drops if it read them."""
+        if stats.reads_drops:
+            carried = self.drop_counters.setdefault(dpid, CarriedCounters(2))
+            for key, values in stats.drops.items():
+                carried.track(key)
+                carried.observe(key, values)
         counts = self.counters.get(dpid)
         if counts is None:
             return
@@ -1083,7 +1130,12 @@ class FlowsPart:
                                        (stats.dropped.get(meter_id(number, direction), 0),))
 
     def _count_batch(self, conn: SwitchConn, batch: Batch) -> None:
-        """A batch's barrier is back: its weaves' flows on a host switch count from 0 again."""
+        """A batch's barrier is back: its weaves' flows on a host switch count from 0 again,
+        and so do the switch's counting drops if it replaced the base."""
+        drops = self.drop_counters.get(conn.dpid)
+        if batch.base and drops is not None:
+            for key in drops.tracked():
+                drops.restart(key)
         if conn.kind != "host":
             return  # nobody asks for a fabric switch's counters
         counts = self.counters.setdefault(conn.dpid, HostCounters())
@@ -1144,6 +1196,34 @@ class FlowsPart:
                     stats.fresh_until = self.weaver.clock.monotonic() + STATS_CACHE_S
                 out[dpid] = stats if stats.complete else None
         return out
+
+    def drop_stats(self) -> list[DroppedTraffic]:
+        """What the counting drops of every connected switch refused, carried across
+        re-installs, from the same cached statistics round as `weave_stats`. A switch that
+        is not connected, or did not answer in time, has no entry (not zeros); a drop flow
+        a switch no longer holds (a VM unplugged) is not reported, its count kept in case
+        it comes back."""
+        with self.lock:
+            dpids = list(self.switches)
+        per_switch = self._switch_stats(dpids)
+        topology, policy = self.weaver.topology, self.weaver.policy
+        sums: dict[tuple[str, Any], list[int]] = {}
+        with self.lock:
+            for dpid, stats in per_switch.items():
+                conn = self.switches.get(dpid)
+                carried = self.drop_counters.get(dpid)
+                if stats is None or conn is None or carried is None:
+                    continue
+                for key in stats.drops:
+                    labels = drop_labels(policy, topology, conn.name, conn.ports, *key)
+                    if labels is None:
+                        continue
+                    total = carried.total(key)
+                    acc = sums.setdefault((conn.name, labels), [0, 0])
+                    acc[0] += total[0]
+                    acc[1] += total[1]
+        return [DroppedTraffic(name, labels, b, p)
+                for (name, labels), (b, p) in sorted(sums.items())]
 
     def weave_stats(self, weave: Weave) -> dict[str, Any]:
         """Bytes and packets each weave direction delivered (flow counters by cookie) and
@@ -1466,6 +1546,7 @@ def serve(controller: Any, args: Any) -> FlowsPart:
     controller.loop.call(part.attach)
     app.attach(part)
     controller.stats_sources.append(part.weave_stats)
+    controller.drop_sources.append(part.drop_stats)
 
     def stop() -> None:
         if app.part is part:

@@ -11,7 +11,8 @@ Every flow has exactly one owner, written in its cookie: NWC's own scaffolding (
 drops), an IVN's base network, the fabric's host routes and edge checks, or a weave
 (`weave_cookie`). A weave's flows on every switch share the weave's cookie above the low byte,
 so they are deleted and counted as a unit; the low byte says which direction and end a flow
-serves (for statistics).
+serves (for statistics). A low byte with its top bit set (`ROLE_DROP`) marks a counting drop:
+a flow that refuses what it matches, whose counters are exported as dropped traffic.
 """
 
 from __future__ import annotations
@@ -70,12 +71,24 @@ ROLE_LOCAL_RT, ROLE_LOCAL_TR = 5, 6  # both ends on one host
 DELIVERED_ROLES = {"requester_to_target": (ROLE_RECV_RT, ROLE_LOCAL_RT),
                    "target_to_requester": (ROLE_RECV_TR, ROLE_LOCAL_TR)}
 
+# Counting drops, whatever their owner: the role byte's top bit, so that one flow-stats
+# request (this bit as cookie and as mask) finds every one on a switch. The other roles stay
+# below it. Each drop's role names why it refuses (`DROP_REASONS`, the metrics' `reason`).
+ROLE_DROP = 0x80
+DROP_FABRIC_EDGE = ROLE_DROP | 1  # a fabric port facing a host: a source not the host's
+DROP_OVERLAY_SOURCE = ROLE_DROP | 2  # br-int: an IVN's VNI from a host without its VMs
+DROP_VM_SPOOF = ROLE_DROP | 3  # br-int: a VM port, not the VM's own MAC and address
+DROP_DEFAULT_DENY = ROLE_DROP | 4  # br-int route miss: no route nor weave for it
+DROP_REASONS = {DROP_FABRIC_EDGE: "fabric_edge_source", DROP_OVERLAY_SOURCE: "overlay_source",
+                DROP_VM_SPOOF: "vm_spoof", DROP_DEFAULT_DENY: "default_deny"}
+
 INFRA_COOKIE = KIND_INFRA << KIND_SHIFT
 FABRIC_COOKIE = KIND_FABRIC << KIND_SHIFT
+DEFAULT_DENY_COOKIE = INFRA_COOKIE | DROP_DEFAULT_DENY
 
 
-def ivn_cookie(vni: int) -> int:
-    return (KIND_IVN << KIND_SHIFT) | (vni << 8)
+def ivn_cookie(vni: int, role: int = ROLE_CONTROL) -> int:
+    return (KIND_IVN << KIND_SHIFT) | (vni << 8) | role
 
 
 def weave_cookie(number: int, role: int = ROLE_CONTROL) -> int:
@@ -345,13 +358,16 @@ def overlay_sources(topology: Topology, ivn: Ivn, host: str, members: Sequence[V
                                          tun_ipv4_src=str(ip)),
                   goto=T_OVERLAY_IN, metadata=ivn.vni, cookie=cookie) for ip in senders]
     flows.append(Flow(T_CLASSIFY, 100, match(in_port=IVN_TUNNEL_OFPORT, tunnel_id=ivn.vni),
-                      cookie=cookie))
+                      cookie=ivn_cookie(ivn.vni, DROP_OVERLAY_SOURCE)))
     return flows
 
 
 def host_base(policy: Policy, topology: Topology, host: str,
               ports: Mapping[str, int]) -> Program:
-    flows: list[Flow] = [Flow(t, 0, ()) for t in HOST_TABLES]  # table miss: drop
+    # Table misses drop. Route's counts what no route of the VM's IVN nor any weave took:
+    # the default deny between IVNs.
+    flows: list[Flow] = [Flow(t, 0, (), cookie=DEFAULT_DENY_COOKIE if t == T_ROUTE
+                              else INFRA_COOKIE) for t in HOST_TABLES]
     flows.append(Flow(T_L3_IN, 100, match(eth_type=ETH_IP), goto=T_ROUTE))
     local = sorted((vm for vm in topology.vms.values() if vm.host == host), key=lambda v: v.name)
     ivns = sorted({vm.ivn for vm in local})
@@ -404,7 +420,8 @@ def host_base(policy: Policy, topology: Topology, host: str,
             if port is None or port < 0:
                 continue
             # Anti-spoofing: only the VM's own MAC and IP get a tag; the rest is dropped.
-            flows.append(Flow(T_CLASSIFY, 100, match(in_port=port), cookie=cookie))
+            flows.append(Flow(T_CLASSIFY, 100, match(in_port=port),
+                              cookie=ivn_cookie(ivn.vni, DROP_VM_SPOOF)))
             flows.append(Flow(T_CLASSIFY, 200, match(in_port=port, eth_src=vm.mac,
                                                      eth_type=ETH_IP, ipv4_src=str(vm.ip)),
                               goto=T_L3_IN, metadata=ivn.vni, cookie=cookie))
@@ -643,7 +660,7 @@ EDGE_DROP_PRIORITY = 10  # the rest of a host port: dropped by a flow of its own
 HOST_ROUTE_PRIORITY = 100
 LEG_ROUTE_PRIORITY = 200
 # Its own role byte, so `dump-flows cookie=...` shows exactly the refusals.
-FABRIC_EDGE_DROP_COOKIE = FABRIC_COOKIE | 1
+FABRIC_EDGE_DROP_COOKIE = FABRIC_COOKIE | DROP_FABRIC_EDGE
 
 
 def host_route_next_hops(topology: Topology,
@@ -749,3 +766,61 @@ def fabric_link_of_port(topology: Topology, switch: str, port_no: int) -> tuple[
         if number == port_no:
             return link_key(switch, neighbour)
     return None
+
+
+# -- counting drops, as metrics ----------------------------------------------------------------
+
+
+# Which kind of owner each counting drop has: a cookie with the drop bit set and another
+# owner kind is not one of NWC's drops.
+_DROP_OWNER_KINDS = {DROP_FABRIC_EDGE: KIND_FABRIC, DROP_OVERLAY_SOURCE: KIND_IVN,
+                     DROP_VM_SPOOF: KIND_IVN, DROP_DEFAULT_DENY: KIND_INFRA}
+
+
+@dataclass(frozen=True, order=True)
+class DropLabels:
+    """What a counting drop refused: its reason, the IVN it guards and the port it watches
+    ("" where the drop has none). Every value comes from the policy and the topology, so
+    the series a switch can have are bounded by them, never by traffic."""
+
+    reason: str
+    ivn: str = ""
+    port: str = ""
+
+
+@dataclass(frozen=True)
+class DroppedTraffic:
+    """What the counting drops of one switch with these labels refused since NWC started
+    counting them (carried across re-installs: never lower than an earlier reading)."""
+
+    switch: str
+    labels: DropLabels
+    bytes: int
+    packets: int
+
+
+def drop_labels(policy: Policy, topology: Topology, switch: str, ports: Mapping[str, int],
+                cookie: int, in_port: int | None) -> DropLabels | None:
+    """The labels of a counting drop found on `switch` (a host's br-int by the host's name,
+    or a fabric switch; `ports`: the port numbers it reported, by name) by its cookie and the
+    `in_port` it matches. The port is named as the topology names it: on br-int the VM's
+    port, on a fabric switch the compute host the port leads to (the one that sent what was
+    refused). None: not a counting drop, or one of an IVN the policy no longer has (removed
+    by a reload, until the resync that follows it)."""
+    role = cookie & 0xFF
+    reason = DROP_REASONS.get(role)
+    kind, owner = cookie_owner(cookie)
+    if reason is None or _DROP_OWNER_KINDS[role] != kind:
+        return None  # not NWC's (flows someone else put on the bridge may set the bit)
+    ivn = ""
+    if kind == KIND_IVN:
+        ivn = next((i.name for i in policy.ivns.values() if i.vni == owner), "")
+        if not ivn:
+            return None
+    port = ""
+    if in_port is not None and role == DROP_FABRIC_EDGE and switch in topology.switches:
+        port = next((n for n, p in topology.ports(switch).items() if p == in_port), "")
+    elif in_port is not None and role == DROP_VM_SPOOF:
+        port = next((vm.port for vm in topology.vms.values()
+                     if vm.host == switch and ports.get(vm.port) == in_port), "")
+    return DropLabels(reason, ivn, port)

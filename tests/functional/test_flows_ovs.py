@@ -12,12 +12,14 @@ from typing import Any
 
 import pytest
 from conftest import Nwc
+from prometheus_client.parser import text_string_to_metric_families
 
 from nwc import ofapp
 from nwc.admission import WeaveRequest
 from nwc.lab.netns import wait_for
+from nwc.metrics import Metrics
 from nwc.ofapp import _close
-from nwc.pipeline import FABRIC_EDGE_DROP_COOKIE, ivn_cookie
+from nwc.pipeline import DROP_OVERLAY_SOURCE, FABRIC_EDGE_DROP_COOKIE, ivn_cookie
 from nwc.weave import State, Weave
 
 pytestmark = pytest.mark.functional
@@ -72,6 +74,7 @@ def test_ivn_vxlan_from_a_host_without_vms_of_the_ivn_is_dropped_and_counted(nwc
     assert "tun_src=100.64.0.1" in accept and _packets(accept) > 0, accept
     ivn = nwc.controller.config.policy.ivns["globex-db"]
     cookie = f"cookie={ivn_cookie(ivn.vni):#x}/-1"
+    drop_cookie = f"cookie={ivn_cookie(ivn.vni, DROP_OVERLAY_SOURCE):#x}/-1"
     db1 = nwc.controller.config.topology.vms["db1"]
     # The device lives in h1's namespace, which the lab made and removes with all in it. No
     # IPv6 on it and a permanent neighbour: only the forged echo requests cross it.
@@ -85,7 +88,7 @@ def test_ivn_vxlan_from_a_host_without_vms_of_the_ivn_is_dropped_and_counted(nwc
     h1.ns.ip("neigh", "replace", str(db1.ip), "lladdr", db1.mac, "dev", dev, "nud", "permanent")
     try:
         def dropped() -> int:
-            return sum(_packets(line) for line in _flow_lines(h2.ovs, f"{cookie},table=0")
+            return sum(_packets(line) for line in _flow_lines(h2.ovs, f"{drop_cookie},table=0")
                        if "in_port=9000" in line and line.endswith("actions=drop"))
 
         def forged_and_dropped() -> bool:
@@ -108,6 +111,13 @@ def _echo_requests_in(ns: Any) -> int:
     return int(values[names.index("InEchos")])
 
 
+def _dropped_packets(metrics: Metrics) -> dict[tuple[str, str, str, str], float]:
+    """nwc_dropped_packets_total of one scrape, by (switch, reason, ivn, port)."""
+    return {(s.labels["switch"], s.labels["reason"], s.labels["ivn"], s.labels["port"]): s.value
+            for family in text_string_to_metric_families(metrics.exposition().decode())
+            for s in family.samples if s.name == "nwc_dropped_packets_total"}
+
+
 def test_a_host_sending_from_an_address_it_does_not_own_is_dropped_at_its_edge(
         nwc: Nwc) -> None:
     """Root on h1 sends from an address that is not h1's (a weave endpoint of no weave of
@@ -128,12 +138,18 @@ def test_a_host_sending_from_an_address_it_does_not_own_is_dropped_at_its_edge(
                            f"cookie={FABRIC_EDGE_DROP_COOKIE:#x}/-1")
         return sum(_packets(line) for line in out.splitlines() if "n_packets=" in line)
 
+    metrics = Metrics(nwc.controller)
+    series = ("s1", "fabric_edge_source", "", "h1")
     before, echoes = refused(), _echo_requests_in(h2.ns)
+    exported = _dropped_packets(metrics)[series]
     sent = h1.ns.run("ping", "-n", "-c", "3", "-i", "0.2", "-W", "1", "-I", forged,
                      "100.64.0.2", check=False, timeout=15)
     assert sent.returncode != 0, sent.stdout
     assert _echo_requests_in(h2.ns) == echoes
     assert refused() >= before + 3
+    # /metrics says the same once its statistics cache (STATS_CACHE_S) has expired.
+    wait_for(lambda: _dropped_packets(metrics)[series] >= exported + 3, 20,
+             "nwc_dropped_packets_total counts what s1 refused from h1")
     wait_for(lambda: h1.ns.run("ping", "-n", "-c", "1", "-W", "1", "100.64.0.2",
                                check=False, timeout=10).returncode == 0,
              10, "h1 reaches h2 from its own underlay address")

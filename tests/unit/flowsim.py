@@ -160,8 +160,10 @@ class FakeDatapath(ofproto_protocol.ProtocolDesc):
             return  # the meter list is FlowsApp's question; tests answer it themselves
         if mp_type == ofp.OFPMP_FLOW:
             cookie, mask = struct.unpack_from("!QQ", buf, 32)
+            # The match as os-ken's OFPMatch.get gives it: an unmasked field's value.
             body = [SimpleNamespace(cookie=f.cookie, byte_count=f.bytes,
-                                    packet_count=f.packets)
+                                    packet_count=f.packets,
+                                    match={k: v for k, (v, _mask) in f.match.items()})
                     for f in self.switch.flow_stats(cookie, mask)]
         elif mp_type == ofp.OFPMP_METER:
             (meter_id,) = struct.unpack_from("!I", buf, 16)
