@@ -40,6 +40,9 @@ class Controller:
     clock: Clock = field(default_factory=SystemClock)
     provision_timeout_s: float = DEFAULT_PROVISION_TIMEOUT_S
     teardown_timeout_s: float = DEFAULT_TEARDOWN_TIMEOUT_S
+    # How long a reload waits for the weaver's loop before leaving the reload to it (it is
+    # then applied, or refused, and audited and announced, when the loop gets to it).
+    reload_wait_s: float = 30.0
     store: Store = field(init=False)
     weaver: Weaver = field(init=False)
     loop: WeaverLoop = field(init=False)
@@ -115,8 +118,10 @@ class Controller:
 
     def reload_policy(self, actor: Actor = SYSTEM) -> list[str]:
         """Re-read the policy files. On any problem the running policy stays; returns the
-        problems (empty on success). Never raises for what loading finds: SIGHUP runs this on
-        a thread of its own, and an exception would end it with the refusal unrecorded."""
+        problems (empty on success, and when the weaver's loop is too busy to apply it within
+        `reload_wait_s`: it applies it later, and records the outcome then). Never raises:
+        SIGHUP runs this on a thread of its own, and an exception would end it with the
+        refusal unrecorded."""
         try:
             policy = load_policy(self.config.policy_paths)
             misfits = self._misfits(policy)
@@ -135,7 +140,35 @@ class Controller:
             log.error("policy reload refused, keeping the last good policy: the running "
                       "topology does not fit it:\n%s", "\n".join(misfits))
             return self._refused(misfits, actor)
-        self.call(self.weaver.reload_policy, policy, actor)
+        try:
+            return self.call(self._apply_policy, policy, actor, timeout=self.reload_wait_s)
+        except TimeoutError:
+            # Not a refusal: the call stays queued, and _apply_policy records its outcome.
+            log.warning("policy reload: the weaver's loop did not take it within %g s; it is "
+                        "applied (or refused) when the loop gets to it, and audited then",
+                        self.reload_wait_s)
+            return []
+        except Exception:  # the loop is stopping: nothing was applied, nor can be recorded
+            log.exception("policy reload refused, keeping the last good policy: the weaver's "
+                          "loop did not take it")
+            return ["the weaver's loop did not take the policy (the controller's log has "
+                    "the traceback)"]
+
+    def _apply_policy(self, policy: Policy, actor: Actor) -> list[str]:
+        """On the weaver's loop: switch to `policy`, or record the refusal if that fails (the
+        weaver leaves the running policy in force when the switch cannot be audited). Here,
+        not in the waiting thread, so the outcome is recorded even when nobody waits."""
+        try:
+            self.weaver.reload_policy(policy, actor)
+        except Exception as exc:
+            if self.weaver.policy is not policy:
+                log.exception("policy reload refused, keeping the last good policy: applying "
+                              "it failed")
+                return self._refused_on_loop(
+                    [f"applying the policy failed: {type(exc).__name__} (the controller's log "
+                     "has the traceback)"], actor)
+            # Audited and in force; what failed after (told in the log) does not undo it.
+            log.exception("policy reload applied, but a step after the switch failed")
         self.config = Config(policy, self.config.topology, self.config.policy_paths,
                              self.config.topology_path)
         return []
@@ -155,7 +188,15 @@ class Controller:
     def _refused(self, problems: list[str], actor: Actor) -> list[str]:
         """Audit and announce a refused reload (logged by the caller); returns `problems`."""
         try:
-            self.call(self.weaver.policy_refused, problems, actor)
+            self.call(self._refused_on_loop, problems, actor)
         except Exception:  # the refusal stands, and the log has it
             log.exception("the refused policy reload could not be recorded")
         return problems
+
+    def _refused_on_loop(self, problems: list[str], actor: Actor) -> list[str]:
+        try:
+            self.weaver.policy_refused(problems, actor)
+        except Exception:  # the refusal stands, and the log has it
+            log.exception("the refused policy reload could not be recorded")
+        return problems
+

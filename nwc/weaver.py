@@ -814,14 +814,22 @@ class Weaver:
 
     def reload_policy(self, policy: Policy, actor: Actor = SYSTEM) -> list[Weave]:
         """Switch to a new (already validated) policy. Weaves that either side no longer
-        allows end now (policy_withdrawn); caps apply from the next request or extension."""
-        self.policy = policy
+        allows end now (policy_withdrawn); caps apply from the next request or extension.
+        If its record cannot be committed (a full disk, a lock), this raises and the running
+        policy stays in force: nothing is applied that the audit does not say."""
         loaded = f"{len(policy.ivns)} IVNs from {', '.join(policy.sources)}"
         with self.store.transaction():
             self._audit("policy.reload", "applied", actor=actor, detail=loaded)
+        self.policy = policy
         ended = []
         for weave in list(self.live.values()):
-            withdrawn = self._end_if_withdrawn(weave, actor)
+            try:
+                withdrawn = self._end_if_withdrawn(weave, actor)
+            except Exception:
+                # The policy is in force now: one weave whose end could not be recorded
+                # must not keep the others it disallows, or the parts, from hearing of it.
+                log.exception("withdrawing weave %s after the policy reload failed", weave.id)
+                continue
             if withdrawn is not None:
                 ended.append(withdrawn)
             else:
