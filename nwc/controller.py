@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,7 +123,8 @@ class Controller:
         problems (empty on success, and when the weaver's loop is too busy to apply it within
         `reload_wait_s`: it applies it later, and records the outcome then). Never raises:
         SIGHUP runs this on a thread of its own, and an exception would end it with the
-        refusal unrecorded."""
+        refusal unrecorded. Run one at a time (`PolicyReloads`): the loop applies reloads
+        in the order they were read."""
         try:
             policy = load_policy(self.config.policy_paths)
             misfits = self._misfits(policy)
@@ -200,3 +203,44 @@ class Controller:
             log.exception("the refused policy reload could not be recorded")
         return problems
 
+
+class PolicyReloads:
+    """SIGHUP's policy reloads, one at a time on a thread of their own. A signal while one
+    runs asks for one more after it, however many came: each reload reads the files when it
+    starts, so the one read last is the one applied last (two reloads at once could apply
+    the older file last), and a burst of signals costs at most two reloads."""
+
+    def __init__(self, reload: Callable[[], object]) -> None:
+        self._reload = reload
+        # SimpleQueue.put is reentrant: safe in a signal handler, which may interrupt the
+        # main thread anywhere, even inside an earlier call of `request`.
+        self._asked: queue.SimpleQueue[bool] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="nwc-reload", daemon=True)
+        self._thread.start()
+
+    def request(self) -> None:
+        """Ask for a reload (from a signal handler): never blocks."""
+        self._asked.put(True)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """End the thread once the reload running, if any, and those asked before are done."""
+        self._asked.put(False)
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        going = True
+        while going:
+            wanted = self._asked.get()
+            going = wanted
+            while True:  # every request that came meanwhile is served by this one reload
+                try:
+                    more = self._asked.get_nowait()
+                except queue.Empty:
+                    break
+                wanted = wanted or more
+                going = going and more
+            if wanted:
+                try:
+                    self._reload()
+                except Exception:  # never the end of this thread: the next SIGHUP retries
+                    log.exception("policy reload failed")

@@ -1,6 +1,7 @@
 """A policy reload that fails while the weaver applies it is a refusal, never half applied:
 the switch is audited before it takes effect, a failure leaves the running policy in force
-and is recorded, and a busy loop applies it later instead of killing SIGHUP's thread."""
+and is recorded, a busy loop applies it later instead of killing SIGHUP's thread, and
+SIGHUPs in a row reload one at a time, the file read last applied last."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from policy_edits import copy_shipped_policies, shipped_text
 from nwc import controller as controller_module
 from nwc.admission import WeaveRequest
 from nwc.config import SHIPPED_TOPOLOGIES
-from nwc.controller import Controller
+from nwc.controller import Controller, PolicyReloads
 from nwc.policy import Policy, parse_policy_text
 from nwc.weave import Weave
 
@@ -118,3 +119,46 @@ def test_a_reload_the_busy_loop_takes_late_is_applied_then(controller: Controlle
     assert controller.config.policy is controller.weaver.policy is not before
     assert weave.id not in controller.weaver.live  # withdrawn by the late reload
 
+
+class FakeLoader:
+    """A reload that reads a 'file' (a version number) when it starts; the first one blocks
+    until the test lets it go, so signals can come in while it runs."""
+
+    def __init__(self) -> None:
+        self.file = 1
+        self.read: list[int] = []
+        self.applied: list[int] = []
+        self.running = 0
+        self.most_at_once = 0
+        self.first_started, self.let_go = threading.Event(), threading.Event()
+        self.lock = threading.Lock()
+
+    def __call__(self) -> list[str]:
+        with self.lock:
+            self.running += 1
+            self.most_at_once = max(self.most_at_once, self.running)
+            version = self.file
+            self.read.append(version)
+        if len(self.read) == 1:
+            self.first_started.set()
+            self.let_go.wait(HANG_GUARD_S)
+        with self.lock:
+            self.applied.append(version)
+            self.running -= 1
+        return []
+
+
+def test_sighups_in_a_row_reload_one_at_a_time_the_last_file_last() -> None:
+    loader = FakeLoader()
+    reloads = PolicyReloads(loader)
+    try:
+        reloads.request()
+        assert loader.first_started.wait(HANG_GUARD_S)
+        for version in (2, 3, 4):  # the file is edited and signalled again, three times
+            loader.file = version
+            reloads.request()
+        loader.let_go.set()
+    finally:
+        reloads.stop(HANG_GUARD_S)
+    assert loader.most_at_once == 1
+    assert loader.applied == [1, 4]  # the three signals that came meanwhile: one reload
