@@ -5,12 +5,15 @@ SIGHUPs in a row reload one at a time, the file read last applied last."""
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from db_faults import CommitFails
+from loop_control import held
 from policy_edits import copy_shipped_policies, shipped_text
 
 from nwc import controller as controller_module
@@ -33,23 +36,6 @@ def revoked_policy() -> Policy:
     return parse_policy_text(shipped_text(REVOKED))
 
 
-class DiskFull:
-    """Store.audit that fails for the records `failing` picks (a full disk, a lock)."""
-
-    def __init__(self, audit: Any, failing: Any) -> None:
-        self.audit, self.failing, self.failed = audit, failing, 0
-
-    def __call__(self, body: dict[str, Any]) -> None:
-        if self.failing(body):
-            self.failed += 1
-            raise OSError(28, "No space left on device")
-        self.audit(body)
-
-
-def applied(body: dict[str, Any]) -> bool:
-    return (body["action"], body["outcome"]) == ("policy.reload", "applied")
-
-
 @pytest.fixture
 def controller(tmp_path: Path) -> Iterator[Controller]:
     policy_dir = copy_shipped_policies(tmp_path / "policies")
@@ -68,8 +54,8 @@ def test_a_reload_whose_record_cannot_be_committed_leaves_the_old_policy(make_we
     weave = weaver.create(REQ)
     assert isinstance(weave, Weave)
     before = weaver.policy
-    weaver.store.audit = DiskFull(weaver.store.audit, applied)
-    with pytest.raises(OSError):
+    weaver.store.db = CommitFails(weaver.store.db, times=1)  # type: ignore[assignment]
+    with pytest.raises(sqlite3.OperationalError):
         weaver.reload_policy(revoked_policy())
     # Not in force: the weave it would withdraw is live, and admission reads the old one.
     assert weaver.policy is before
@@ -85,14 +71,14 @@ def test_a_failure_applying_a_reload_is_a_recorded_refusal(controller: Controlle
     controller.call(controller.weaver.subscribe, events.append)
     monkeypatch.setattr(controller_module, "load_policy", lambda paths: revoked_policy())
     store = controller.store
-    monkeypatch.setattr(store, "audit", DiskFull(store.audit, applied))
+    store.db = CommitFails(store.db, times=1)  # type: ignore[assignment]
     problems = controller.reload_policy()  # returns: SIGHUP's thread lives on
-    assert problems and "applying the policy failed: OSError" in problems[0]
+    assert problems and "applying the policy failed: OperationalError" in problems[0]
     assert controller.weaver.policy is before and controller.config.policy is before
     assert weave.id in controller.weaver.live
     (event,) = [e for e in events if e["type"] == "policy.reload"]
     assert event["outcome"] == "refused" and event["problems"] == problems
-    records = controller.call(controller.store.audit_records)
+    records = controller.call(store.audit_records)
     assert [r["outcome"] for r in records if r["action"] == "policy.reload"] == ["refused"]
 
 
@@ -101,20 +87,11 @@ def test_a_reload_the_busy_loop_takes_late_is_applied_then(controller: Controlle
     weave = controller.call(controller.weaver.create, REQ)
     assert isinstance(weave, Weave)
     monkeypatch.setattr(controller_module, "load_policy", lambda paths: revoked_policy())
-    busy, release = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        busy.set()
-        release.wait(HANG_GUARD_S)
-
     before = controller.config.policy
-    controller.loop.post(hold)
-    assert busy.wait(HANG_GUARD_S)
     controller.reload_wait_s = 0  # the loop is held: the wait ends at once, deterministically
-    try:
+    with held(controller.loop):
         assert controller.reload_policy() == []  # not refused: left to the loop
-    finally:
-        release.set()
+        assert controller.weaver.policy is before
     controller.call(lambda: None)  # the loop has run everything queued before
     assert controller.config.policy is controller.weaver.policy is not before
     assert weave.id not in controller.weaver.live  # withdrawn by the late reload
