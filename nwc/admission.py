@@ -36,6 +36,9 @@ class Reason(StrEnum):
     POLICY_VIOLATION = "policy_violation"
     CIDR_OVERLAP = "cidr_overlap"
     INSUFFICIENT_BANDWIDTH = "insufficient_bandwidth"
+    # Never admission's: the API's, for a tenant naming another tenant's IVN as requester
+    # (the true reason the audit keeps, when that tenant is told the IVN does not exist).
+    FORBIDDEN = "forbidden"
 
 
 @dataclass(frozen=True)

@@ -276,6 +276,7 @@ DENIAL_STATUS = {
     Reason.POLICY_VIOLATION: 403,
     Reason.CIDR_OVERLAP: 409,
     Reason.INSUFFICIENT_BANDWIDTH: 409,
+    Reason.FORBIDDEN: 403,
 }
 
 
@@ -412,8 +413,10 @@ def ivn_views(policy: Policy, hosts_of: Callable[[str], list[str]],
     if principal.tenant is not None:
         mine = {i.name for i in own}
         for other in sorted(ivns.values(), key=lambda i: i.name):
-            if other.name in mine or not policy.visible_to(principal.tenant, other.name):
+            if other.name in mine:
                 continue
+            # Having a partner among the tenant's own IVNs is what Policy.visible_to means
+            # for another tenant's IVN; asking it too would loop over every IVN again.
             partners = sorted(i.name for i in own if i.mutual(other))
             if partners:
                 out.append({"name": other.name, "tenant": other.tenant, "own": False,
@@ -628,13 +631,16 @@ class NorthboundApi:
         if requester is not None and principal.tenant is not None \
                 and requester.tenant != principal.tenant:
             if not weaver.policy.visible_to(principal.tenant, requester.name):
-                # Answered as for an IVN that does not exist (docs/api.md); the record of
-                # this request keeps what it really was.
-                ctx.note = f"requester IVN {requester.name} is tenant {requester.tenant}'s, " \
-                           "which this tenant may not see: answered as unknown"
+                # Answered as for an IVN that does not exist (docs/api.md), and through the
+                # weaver like one: the same durable record (never charged to the refusal
+                # budget), the same path. The record keeps what it really was.
                 seen_as = check_request(request, weaver.policy, {requester.name})
                 assert seen_as is not None  # the requester at least is unknown to it
-                return denial_error(seen_as, principal)
+                denial = seen_as if seen_as.reason is not Reason.UNKNOWN_IVN else Denial(
+                    Reason.FORBIDDEN, f"requester IVN {requester.name} is tenant "
+                    f"{requester.tenant}'s, which tenant {principal.tenant} may not see: "
+                    "answered as unknown", tenant_view=seen_as)
+                return weaver.refuse(request, denial, principal.actor(), ctx.request_id)
             return ApiError(403, "forbidden", f"IVN {request.requester} is not yours: a tenant "
                             "asks for weaves from its own IVNs only")
         if requester is not None:

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +43,9 @@ class Controller:
     clock: Clock = field(default_factory=SystemClock)
     provision_timeout_s: float = DEFAULT_PROVISION_TIMEOUT_S
     teardown_timeout_s: float = DEFAULT_TEARDOWN_TIMEOUT_S
+    # How long a reload waits for the weaver's loop before leaving the reload to it (it is
+    # then applied, or refused, and audited and announced, when the loop gets to it).
+    reload_wait_s: float = 30.0
     store: Store = field(init=False)
     weaver: Weaver = field(init=False)
     loop: WeaverLoop = field(init=False)
@@ -120,8 +125,11 @@ class Controller:
 
     def reload_policy(self, actor: Actor = SYSTEM) -> list[str]:
         """Re-read the policy files. On any problem the running policy stays; returns the
-        problems (empty on success). Never raises for what loading finds: SIGHUP runs this on
-        a thread of its own, and an exception would end it with the refusal unrecorded."""
+        problems (empty on success, and when the weaver's loop is too busy to apply it within
+        `reload_wait_s`: it applies it later, and records the outcome then). Never raises:
+        SIGHUP runs this on a thread of its own, and an exception would end it with the
+        refusal unrecorded. Run one at a time (`PolicyReloads`): the loop applies reloads
+        in the order they were read."""
         try:
             policy = load_policy(self.config.policy_paths)
             misfits = self._misfits(policy)
@@ -140,7 +148,35 @@ class Controller:
             log.error("policy reload refused, keeping the last good policy: the running "
                       "topology does not fit it:\n%s", "\n".join(misfits))
             return self._refused(misfits, actor)
-        self.call(self.weaver.reload_policy, policy, actor)
+        try:
+            return self.call(self._apply_policy, policy, actor, timeout=self.reload_wait_s)
+        except TimeoutError:
+            # Not a refusal: the call stays queued, and _apply_policy records its outcome.
+            log.warning("policy reload: the weaver's loop did not take it within %g s; it is "
+                        "applied (or refused) when the loop gets to it, and audited then",
+                        self.reload_wait_s)
+            return []
+        except Exception:  # the loop is stopping: nothing was applied, nor can be recorded
+            log.exception("policy reload refused, keeping the last good policy: the weaver's "
+                          "loop did not take it")
+            return ["the weaver's loop did not take the policy (the controller's log has "
+                    "the traceback)"]
+
+    def _apply_policy(self, policy: Policy, actor: Actor) -> list[str]:
+        """On the weaver's loop: switch to `policy`, or record the refusal if that fails (the
+        weaver leaves the running policy in force when the switch cannot be audited). Here,
+        not in the waiting thread, so the outcome is recorded even when nobody waits."""
+        try:
+            self.weaver.reload_policy(policy, actor)
+        except Exception as exc:
+            if self.weaver.policy is not policy:
+                log.exception("policy reload refused, keeping the last good policy: applying "
+                              "it failed")
+                return self._refused_on_loop(
+                    [f"applying the policy failed: {type(exc).__name__} (the controller's log "
+                     "has the traceback)"], actor)
+            # Audited and in force; what failed after (told in the log) does not undo it.
+            log.exception("policy reload applied, but a step after the switch failed")
         self.config = Config(policy, self.config.topology, self.config.policy_paths,
                              self.config.topology_path)
         return []
@@ -160,7 +196,56 @@ class Controller:
     def _refused(self, problems: list[str], actor: Actor) -> list[str]:
         """Audit and announce a refused reload (logged by the caller); returns `problems`."""
         try:
-            self.call(self.weaver.policy_refused, problems, actor)
+            self.call(self._refused_on_loop, problems, actor)
         except Exception:  # the refusal stands, and the log has it
             log.exception("the refused policy reload could not be recorded")
         return problems
+
+    def _refused_on_loop(self, problems: list[str], actor: Actor) -> list[str]:
+        try:
+            self.weaver.policy_refused(problems, actor)
+        except Exception:  # the refusal stands, and the log has it
+            log.exception("the refused policy reload could not be recorded")
+        return problems
+
+
+class PolicyReloads:
+    """SIGHUP's policy reloads, one at a time on a thread of their own. A signal while one
+    runs asks for one more after it, however many came: each reload reads the files when it
+    starts, so the one read last is the one applied last (two reloads at once could apply
+    the older file last), and a burst of signals costs at most two reloads."""
+
+    def __init__(self, reload: Callable[[], object]) -> None:
+        self._reload = reload
+        # SimpleQueue.put is reentrant: safe in a signal handler, which may interrupt the
+        # main thread anywhere, even inside an earlier call of `request`.
+        self._asked: queue.SimpleQueue[bool] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="nwc-reload", daemon=True)
+        self._thread.start()
+
+    def request(self) -> None:
+        """Ask for a reload (from a signal handler): never blocks."""
+        self._asked.put(True)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """End the thread once the reload running, if any, and those asked before are done."""
+        self._asked.put(False)
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        going = True
+        while going:
+            wanted = self._asked.get()
+            going = wanted
+            while True:  # every request that came meanwhile is served by this one reload
+                try:
+                    more = self._asked.get_nowait()
+                except queue.Empty:
+                    break
+                wanted = wanted or more
+                going = going and more
+            if wanted:
+                try:
+                    self._reload()
+                except Exception:  # never the end of this thread: the next SIGHUP retries
+                    log.exception("policy reload failed")

@@ -90,14 +90,15 @@ class EventHub:
         if isinstance(weave, dict):
             return frozenset(t for t in (weave.get("requester_tenant"),
                                          weave.get("target_tenant")) if t)
+        audience = event.get("audience")
+        if isinstance(audience, list):
+            # A refusal names its own: the weaver worded it for those tenants (an IVN one of
+            # them may not see reads as missing), and its text may quote that tenant's own
+            # policy, which the other party may not read.
+            return frozenset(t for t in audience if isinstance(t, str))
         weaver = self._weaver
         if weaver is None:
             return frozenset()
-        requester = event.get("requester")
-        if isinstance(requester, str) and requester in weaver.policy.ivns:
-            # A refusal (create or extend): the tenant who asked, whose IVN the requester is.
-            # Its text may quote that tenant's own policy, which the other party may not read.
-            return frozenset({weaver.policy.ivns[requester].tenant})
         weave_id = event.get("weave_id")
         if isinstance(weave_id, str):
             # Safe: this runs on the weaver's thread, the only one that touches these.
@@ -113,8 +114,9 @@ class EventHub:
         # (which can name the other tenant's partners, caps or weaves).
         # A `tenant_view` replaces the whole denial (error, detail, side, rule, link) for
         # tenants: one about an IVN the tenant may not know exists reads as "unknown".
+        # `audience` is the hub's to read, not a field of the event.
         operator_view = {k: v for k, v in event.items()
-                         if k not in ("tenant_detail", "tenant_view")}
+                         if k not in ("tenant_detail", "tenant_view", "audience")}
         # Every event has a `detail`, null when there is nothing to add: clients need not
         # tell a missing key from an empty one.
         operator_view.setdefault("detail", None)

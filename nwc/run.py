@@ -24,7 +24,7 @@ from typing import Any, NoReturn
 
 from nwc.cli import EXIT_ERROR, EXIT_OK, add_state_dir, counted, state_dir, tcp_port
 from nwc.config import DEFAULT_TOPOLOGY, SHIPPED_POLICIES
-from nwc.controller import Controller
+from nwc.controller import Controller, PolicyReloads
 from nwc.hostwatch import AGENT_SILENT_S, MIN_AGENT_SILENT_S
 from nwc.ofguard import parse_networks
 from nwc.yamlsource import ConfigError
@@ -258,8 +258,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    signal.signal(signal.SIGHUP, lambda *_: threading.Thread(
-        target=controller.reload_policy, name="nwc-reload", daemon=True).start())
+    reloads = PolicyReloads(controller.reload_policy)
+    signal.signal(signal.SIGHUP, lambda *_: reloads.request())
     controller.start(parts_to_attach=True)
     topo = controller.config.topology
     log.info("NWC controller up: topology %s (%s, %s), %s, state in %s", topo.name,

@@ -441,14 +441,36 @@ class Weaver:
     def create(self, request: WeaveRequest, actor: Actor = SYSTEM,
                request_id: str | None = None) -> Weave | Denial:
         now = self.clock.now()
+        # A refusal is worded for each tenant told of it: the one asking, or, when an
+        # operator asks, the one whose event stream hears of it.
+        asker = actor.tenant if actor.tenant is not None else self._told(request, actor)
         decision = evaluate(request, policy=self.policy, topology=self.topology,
                             fabric=self.fabric,
                             live=self.live_view(request.requester, request.target), now=now,
-                            asker=actor.tenant)
+                            asker=asker)
         if isinstance(decision, Denial):
             self._record_denial("weave.create", request, decision, actor, request_id)
             return decision
         return self._admit(decision, now, actor, request_id)
+
+    def refuse(self, request: WeaveRequest, denial: Denial, actor: Actor = SYSTEM,
+               request_id: str | None = None) -> Denial:
+        """Refuse a create request decided before admission (the API's: a tenant naming
+        another tenant's IVN it may not see as requester), recorded and announced exactly as
+        `create` records its own refusals, so that such a probe leaves the same durable
+        record as one naming a missing IVN, and takes the same path to its answer."""
+        self._record_denial("weave.create", request, denial, actor, request_id)
+        return denial
+
+    def _told(self, request: WeaveRequest, actor: Actor) -> str | None:
+        """The tenant whose event stream hears of a refusal of `request`: the requester
+        IVN's, when that tenant asked or an operator did (on its behalf). None (operators
+        only) when no such IVN exists, or when another tenant asked: it asked for no weave
+        of that tenant's, and its own stream must hear of it as of a missing IVN (nothing)."""
+        owner = self.policy.ivns.get(request.requester)
+        if owner is None or actor.tenant not in (None, owner.tenant):
+            return None
+        return owner.tenant
 
     @contextmanager
     def admission_batch(self) -> Iterator[None]:
@@ -597,6 +619,7 @@ class Weaver:
                             detail=denial.detail)
             self.emit({"type": "weave.denied", "action": "extend", "weave_id": weave.id,
                        "requester": weave.requester,
+                       "audience": [weave.requester_tenant],  # the only one that may extend
                        **_denial_event(denial)})
             return denial
         extended = weave.with_(expires_at=new_expiry)
@@ -791,14 +814,22 @@ class Weaver:
 
     def reload_policy(self, policy: Policy, actor: Actor = SYSTEM) -> list[Weave]:
         """Switch to a new (already validated) policy. Weaves that either side no longer
-        allows end now (policy_withdrawn); caps apply from the next request or extension."""
-        self.policy = policy
+        allows end now (policy_withdrawn); caps apply from the next request or extension.
+        If its record cannot be committed (a full disk, a lock), this raises and the running
+        policy stays in force: nothing is applied that the audit does not say."""
         loaded = f"{len(policy.ivns)} IVNs from {', '.join(policy.sources)}"
         with self.store.transaction():
             self._audit("policy.reload", "applied", actor=actor, detail=loaded)
+        self.policy = policy
         ended = []
         for weave in list(self.live.values()):
-            withdrawn = self._end_if_withdrawn(weave, actor)
+            try:
+                withdrawn = self._end_if_withdrawn(weave, actor)
+            except Exception:
+                # The policy is in force now: one weave whose end could not be recorded
+                # must not keep the others it disallows, or the parts, from hearing of it.
+                log.exception("withdrawing weave %s after the policy reload failed", weave.id)
+                continue
             if withdrawn is not None:
                 ended.append(withdrawn)
             else:
@@ -1057,8 +1088,11 @@ class Weaver:
                         reason=denial.reason.value, detail=denial.detail,
                         requester=request.requester, target=request.target,
                         tenant_told=told.reason.value if told is not denial else None)
+        told = self._told(request, actor)
+        # The audience is named here, where the refusal was worded for it (`create`).
         self.emit({"type": "weave.denied", "action": action, "requester": request.requester,
-                   "target": request.target, **_denial_event(denial)})
+                   "target": request.target, "audience": [told] if told else [],
+                   **_denial_event(denial)})
 
     def _audit(self, action: str, outcome: str, *, weave: Weave | None = None,
                actor: Actor = SYSTEM, request_id: str | None = None,

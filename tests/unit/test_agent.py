@@ -33,6 +33,7 @@ from nwc import hostdb as hostdb_module
 from nwc import hostnet as hostnet_module
 from nwc.agent import MAX_BUILDS_PER_PASS, Agent
 from nwc.cli import build_parser
+from nwc.ike import IkeError
 from nwc.pki import CertificateAuthority, LegKey, new_psk
 from nwc.tunnel import (
     AGENT_ACK_KEY,
@@ -993,6 +994,27 @@ def test_a_responder_deletes_the_old_sa_itself_if_the_peer_does_not() -> None:
     host.steps(1)
     assert host.journal.count("terminate_sa", "2") == 1
     assert host.ike.ike_sa_ids(name) == {"3"}
+    assert host.status(res).phase is Phase.INSTALLED
+
+
+def test_a_responder_deletes_the_old_sa_at_the_deadline_even_if_listing_sas_fails() -> None:
+    """Found in review: a failed listing of the IKE SAs returned before the deadline was
+    looked at, so a charon that kept failing it kept both SAs for ever."""
+    host, res = responder_with_a_new_sa_beside_the_old()
+    name = res.connection_name
+    listing = host.ike.ike_sa_ids
+
+    def failing(conn: str) -> set[str]:
+        raise IkeError("fake charon: listing the SAs failed")
+
+    host.ike.ike_sa_ids = failing  # type: ignore[method-assign]
+    host.steps(1)
+    status = host.status(res)
+    assert status.phase is Phase.CONNECTING and "listing the IKE SAs" in status.detail
+    host.clock.advance(host.agent.initiate_timeout_s)
+    host.steps(1)
+    assert host.journal.count("terminate_sa", "2") == 1
+    assert listing(name) == {"3"}
     assert host.status(res).phase is Phase.INSTALLED
 
 

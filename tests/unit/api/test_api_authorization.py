@@ -5,6 +5,7 @@ NWC never issued, and nobody. The weave under test is acme-web -> globex-db (wv-
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 
 import pytest
@@ -152,7 +153,9 @@ def test_the_audit_keeps_the_true_reason_of_an_answer_given_as_unknown(woven: Ha
     assert records[target]["reason"] == "policy_violation"
     assert "globex-lab" in records[target]["detail"]
     assert records[target]["tenant_told"] == "unknown_ivn"
-    assert "tenant globex's, which this tenant may not see" in records[requester]["note"]
+    assert records[requester]["reason"] == "forbidden"
+    assert "tenant globex's, which tenant acme may not see" in records[requester]["detail"]
+    assert records[requester]["tenant_told"] == "unknown_ivn"
     # The operator is told the truth as well.
     r = woven.create("admin", target="globex-lab")
     assert r.status_code == 403 and r.json()["error"] == "policy_violation"
@@ -195,3 +198,64 @@ def test_a_tenants_event_stream_reads_a_hidden_ivn_as_unknown(woven: Harness) ->
     assert strip(hidden) == strip(missing)
     operator = asyncio.run(heard(None, "globex-lab"))
     assert operator["error"] == "policy_violation" and "tenant_view" not in operator
+
+
+def test_probes_with_a_hidden_requester_are_audited_as_missing_ones_are(
+        make_harness: Callable[..., Harness]) -> None:
+    """Found in review: naming another tenant's hidden IVN as requester was answered by the
+    API itself, an ordinary 404 charged to the tenant's refusal budget, while a missing one
+    went through the weaver, which always writes its record: five probes of each left two
+    records against five (a gap in the audit, and a durable write or none to time)."""
+    from nwc.api import ApiSettings
+
+    h = make_harness(topology="leaf-spine",
+                     settings=ApiSettings(audit_refusals_per_s=0.001, audit_refusals_burst=2))
+    events: list[dict] = []
+    h.controller.call(h.controller.weaver.subscribe, events.append)
+    ids: dict[str, list[str]] = {}
+    for requester in ("globex-lab", "nosuch"):
+        answers = [h.create("acme", requester=requester, target="acme-db") for _ in range(5)]
+        assert {r.status_code for r in answers} == {404}
+        ids[requester] = [r.json()["request_id"] for r in answers]
+    records = {r.get("request_id"): r for r in h.audit()}
+    for requester, reason in (("globex-lab", "forbidden"), ("nosuch", "unknown_ivn")):
+        mine = [records.get(i) for i in ids[requester]]
+        assert all(r is not None for r in mine), requester
+        assert {(r["action"], r["outcome"], r["reason"], r.get("via")) for r in mine} == \
+            {("weave.create", "denied", reason, None)}
+    assert h.metric("nwc_audit_records_suppressed_total") == 0
+    # Neither is any tenant's to hear of: operators' streams only, like a missing IVN's.
+    denied = [e for e in events if e["type"] == "weave.denied"]
+    assert len(denied) == 10 and all(h.api.hub._audience(e) == frozenset() for e in denied)
+
+
+def test_an_operators_refusal_reads_a_hidden_ivn_as_missing_in_the_tenants_stream(
+        woven: Harness) -> None:
+    """Found in review: the tenant view was built only for a tenant asking, but an
+    operator's refusal goes to the requester IVN's tenant too: acme's stream read
+    policy_violation naming globex-lab and its tenant, for admin's acme-web -> globex-lab."""
+    hub = woven.api.hub
+
+    async def heard(tenant: str | None, target: str) -> tuple[int, dict]:
+        sub = hub.subscribe(tenant)
+        try:
+            r = await asyncio.to_thread(woven.create, "admin", target=target)
+            return r.status_code, (await asyncio.wait_for(sub.queue.get(), timeout=5))[1]
+        finally:
+            hub.unsubscribe(sub)
+
+    def strip(event: dict) -> dict:
+        return {k: v for k, v in event.items() if k not in ("ts", "request_id", "target",
+                                                            "detail")}
+
+    status, hidden = asyncio.run(heard("acme", "globex-lab"))
+    assert status == 403  # the operator's own answer stays precise
+    _, missing = asyncio.run(heard("acme", "nosuch"))
+    assert hidden["type"] == "weave.denied" and hidden["error"] == "unknown_ivn"
+    assert hidden["detail"] == "target IVN 'globex-lab' does not exist"
+    assert "globex" not in json.dumps({k: v for k, v in hidden.items() if k != "target"}) \
+        .replace("globex-lab", "")
+    assert strip(hidden) == strip(missing)
+    _, operator = asyncio.run(heard(None, "globex-lab"))
+    assert operator["error"] == "policy_violation" and "globex-lab" in operator["detail"]
+    assert "tenant_view" not in operator and "audience" not in operator
