@@ -168,3 +168,76 @@ def test_nwc_run_refuses_half_a_tls_configuration(tmp_path: Path) -> None:
     key, _, _ = _api_certificate(tmp_path)
     refused = nwc("run", "--state-dir", str(tmp_path / "state"), "--api-ssl-key", str(key))
     assert refused.returncode == 2 and "go together" in refused.stderr
+
+
+def test_sighup_reloads_withdraw_what_the_new_policy_forbids_and_refuse_a_broken_one(
+        tmp_path: Path) -> None:
+    """SIGHUP against the real process, as operators send it (`systemctl reload nwc`): a
+    policy that no longer lets acme-web weave with globex-db withdraws that weave, several
+    signals at once reload one after another (never two at a time), and a file with a NUL
+    in it is refused with the running policy kept and the process alive."""
+    policies = tmp_path / "policies"
+    shipped = Path(__file__).resolve().parents[2] / "policies"
+    policies.mkdir()
+    for source in shipped.glob("*.yaml"):
+        (policies / source.name).write_text(source.read_text())
+    ivns = policies / "20-ivns.yaml"
+    with running(tmp_path, "--policy", str(policies)) as (state, url, proc):
+        admin = nwc("token", "issue", "admin", "--state-dir", str(state)).stdout.strip()
+        acme = nwc("token", "issue", "acme", "--state-dir", str(state)).stdout.strip()
+        env = {**os.environ, "NWC_TOKEN": acme, "NWC_API_URL": url}
+        created = nwc("weave", "create", "acme-web", "globex-db", "--duration", "600",
+                      "--bandwidth", "10", "--no-wait", "--json", env=env)
+        assert created.returncode == 0, created.stderr
+        weave_id = json.loads(created.stdout)["id"]
+
+        text = ivns.read_text()
+        assert "        - ivn: globex-db" in text
+        ivns.write_text(text.replace("        - ivn: globex-db", "        - ivn: globex-lab"))
+        for _ in range(3):  # coalesced: the last one read is the file as it is now
+            proc.send_signal(signal.SIGHUP)
+
+        def shown() -> dict:
+            out = nwc("weave", "show", weave_id, "--json", env=env)
+            assert out.returncode in (0, 4), out.stderr  # 4: the weave failed
+            return json.loads(out.stdout)
+
+        deadline = time.monotonic() + 60  # bounds a broken reload; nothing asserts on time
+        while shown()["state"] not in ("failed", "terminated"):
+            assert time.monotonic() < deadline, "the reload did not withdraw the weave"
+            time.sleep(0.3)
+        ended = shown()
+        assert ended["state"] == "failed" and ended["reason"] == "policy_withdrawn", ended
+        assert ended["end_detail"]
+
+        ivns.write_bytes(ivns.read_bytes().replace(b"tenant: acme", b"tenant: ac\x00me", 1))
+        proc.send_signal(signal.SIGHUP)
+        log_path = tmp_path / "nwc-run.log"
+        deadline = time.monotonic() + 60
+        while "policy reload refused" not in log_path.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.3)
+        request = urllib.request.Request(f"{url}/metrics",
+                                         headers={"Authorization": f"Bearer {admin}"})
+        with urllib.request.urlopen(request, timeout=10) as r:
+            metrics = r.read().decode()
+        assert 'nwc_policy_reloads_total{outcome="refused"} 1.0' in metrics, metrics
+        assert "nwc_policy_last_reload_success 0.0" in metrics
+        # The running policy is the one applied before the broken file: acme-web's own side
+        # refuses globex-db (an operator reads the precise reason).
+        again = nwc("weave", "create", "acme-web", "globex-db", "--duration", "60",
+                    "--bandwidth", "1", "--no-wait", env={**env, "NWC_TOKEN": admin})
+        assert again.returncode == 3 and "policy_violation" in again.stderr, again.stderr
+        assert "requester IVN acme-web" in again.stderr, again.stderr
+
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    log = log_path.read_text()
+    assert "Traceback" not in log, log
+    applied = [ln for ln in log.splitlines() if "policy reload applied" in ln]
+    assert 1 <= len(applied) <= 2, applied  # three signals, at most one coalesced reload more
+    verified = nwc("audit", "verify", "--state-dir", str(state))
+    assert verified.returncode == 0, verified.stderr
+    actions = [json.loads(line) for line in (state / "audit.jsonl").read_text().splitlines()]
+    outcomes = [a["outcome"] for a in actions if a["action"] == "policy.reload"]
+    assert outcomes.count("refused") == 1 and "applied" in outcomes
