@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
-from ovs import socket_util
 
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 OVS_PKI_SUFFIX = " id:"  # ovs-pki req+sign: CN and DNS name "NAME id:<uuid or date>"
@@ -36,6 +35,11 @@ def remote_address(remote: str) -> IpAddress | None:
     kind, _, rest = remote.strip().partition(":")
     if kind not in ("tcp", "ssl") or not rest:
         return None
+    # Here, not at the top: the topology check (`nwc check-policy`) uses this, and importing
+    # python-ovs imports eventlet, whose deprecation warning would print before the CLI can
+    # quiet it (nwc.cli.quiet_dependency_warnings).
+    from ovs import socket_util
+
     try:
         host, _port = socket_util.inet_parse_active(rest, 0, raises=False)
         return ipaddress.ip_address(host)
