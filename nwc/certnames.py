@@ -8,7 +8,10 @@ a host's OVSDB server (`nwc.ovsdbtls`) and an OpenFlow switch claiming a topolog
 
 - the names a certificate presents are its subjectAltName DNS names and IP addresses, or, only
   when it has neither, its commonName(s) (as RFC 6125 has it);
-- a name matches when it equals an expected name, ignoring case; `ovs-pki req+sign NAME` writes
+- a name matches when it equals an expected name, ignoring ASCII case (a name with any other
+  character matches nothing: Unicode case folding maps some letters onto ASCII ones, the
+  long s onto `s`, the Kelvin sign onto `k`, so `CN=ſ1` would pass for `s1`); `ovs-pki
+  req+sign NAME` writes
   "NAME id:<uuid>" (or a date instead of the uuid) as both CN and DNS name, and the part from
   " id:" on is ignored; no wildcards;
 - an IP address (a SAN IP, or a name that is an address) matches when it is one of the
@@ -22,7 +25,6 @@ from dataclasses import dataclass, field
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
-from ovs import socket_util
 
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 OVS_PKI_SUFFIX = " id:"  # ovs-pki req+sign: CN and DNS name "NAME id:<uuid or date>"
@@ -33,6 +35,11 @@ def remote_address(remote: str) -> IpAddress | None:
     kind, _, rest = remote.strip().partition(":")
     if kind not in ("tcp", "ssl") or not rest:
         return None
+    # Here, not at the top: the topology check (`nwc check-policy`) uses this, and importing
+    # python-ovs imports eventlet, whose deprecation warning would print before the CLI can
+    # quiet it (nwc.cli.quiet_dependency_warnings).
+    from ovs import socket_util
+
     try:
         host, _port = socket_util.inet_parse_active(rest, 0, raises=False)
         return ipaddress.ip_address(host)
@@ -49,7 +56,7 @@ class CertIdentity:
     """Who a peer must be: a certificate naming one of `names` or `addresses`."""
 
     label: str  # for messages: whose it must be ("host h1", "switch s1")
-    names: frozenset[str] = frozenset()  # compared case-insensitively
+    names: frozenset[str] = frozenset()  # lower case; compared ignoring ASCII case
     addresses: frozenset[IpAddress] = frozenset()
     hint: str = field(default="", compare=False)  # what to set when refused
     peer: str = field(default="server", compare=False)  # what the peer is, for messages
@@ -64,7 +71,7 @@ class CertIdentity:
         if management_ip is not None:
             addresses.add(management_ip)
         name = cert_name or host
-        return cls(f"host {host}", frozenset({name.casefold()}), frozenset(addresses),
+        return cls(f"host {host}", frozenset({name.lower()}), frozenset(addresses),
                    hint=("hosts.NAME.ovsdb_cert_name" if cert_name
                          else "the host's name, management_ip or OVSDB address"), peer=peer)
 
@@ -73,14 +80,14 @@ class CertIdentity:
                   peer: str = "switch") -> CertIdentity:
         """A topology fabric switch: its name, or the name its OVS's certificate carries
         (`switches.NAME.cert_name`: several bridges of one OVS share one certificate)."""
-        return cls(f"switch {switch}", frozenset({(cert_name or switch).casefold()}),
+        return cls(f"switch {switch}", frozenset({(cert_name or switch).lower()}),
                    hint=("switches.NAME.cert_name" if cert_name else
                          "the switch's name, or switches.NAME.cert_name"), peer=peer)
 
     @classmethod
     def of_target(cls, target: str, name: str | None = None) -> CertIdentity:
         """The agent's own OVSDB: `name` (--ovsdb-server-name) or the target's address."""
-        return cls("the agent's --ovsdb", frozenset({name.casefold()} if name else ()),
+        return cls("the agent's --ovsdb", frozenset({name.lower()} if name else ()),
                    frozenset(_addresses(target)), hint="--ovsdb-server-name")
 
     def expected(self) -> str:
@@ -104,8 +111,10 @@ class CertIdentity:
                 f"{self.label}'s: expected {self.expected()} ({self.hint})")
 
     def _name_matches(self, name: str) -> bool:
+        if not name.isascii():
+            return False
         base = name.split(OVS_PKI_SUFFIX, 1)[0]
-        if base.casefold() in self.names:
+        if base.lower() in self.names:
             return True
         try:
             return ipaddress.ip_address(base) in self.addresses

@@ -18,6 +18,7 @@ from typing import Literal
 
 import networkx as nx
 
+from nwc.certnames import remote_address
 from nwc.mtu import VM_MTU, VXLAN_OVERHEAD, mtu_plan
 from nwc.policy import MAX_BANDWIDTH_MBPS, MAX_IVN_VNI, NAME, NAME_WHAT, Ivn, Policy
 from nwc.yamlsource import ConfigError, Cursor, Document, Problem, parse_yaml, read_yaml, shown
@@ -224,6 +225,35 @@ def _address_misfit(ip: ipaddress.IPv4Address, ivn: Ivn) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class _Claim:
+    """A certificate name (lower case) or address that names `owner` ("host h1", "switch
+    s1"), from its `field` at `cursor`."""
+
+    key: str
+    owner: str
+    field: str
+    cursor: Cursor
+
+
+def _refuse_shared_identities(claims: list[_Claim]) -> None:
+    """A certificate that names two machines passes as either (nwc.certnames): with
+    h1.ovsdb_cert_name h2, h2's certificate passes as h1's OVSDB server, which is given h1's
+    pre-shared keys, and as h1's br-int. So each name or address belongs to one host or
+    switch; only fabric switches may share one (several bridges of one OVS, one
+    certificate). The first claim owns it; each later one by someone else is one error,
+    where it is written."""
+    owners: dict[str, _Claim] = {}
+    for claim in claims:
+        first = owners.setdefault(claim.key, claim)
+        if first.owner == claim.owner or (first.owner.startswith("switch ")
+                                           and claim.owner.startswith("switch ")):
+            continue
+        claim.cursor.problem(f"{claim.field} {claim.key} also names {first.owner} (its "
+                             f"{first.field}): one certificate would pass as both "
+                             f"{first.owner} and {claim.owner}")
+
+
 def load_topology(path: Path, policy: Policy | None = None) -> Topology:
     doc, problems = read_yaml(path)
     if problems:
@@ -295,6 +325,10 @@ def build_topology(doc: Document, policy: Policy | None = None) -> Topology:
                 uf["weave_endpoints"].problem("pool too small for even one weave (needs a /29)")
 
     switches: dict[str, Switch] = {}
+    # What each certificate name or address names (nwc.certnames), in document order: a
+    # topology name first, then an explicit certificate name or an address.
+    names: list[_Claim] = []
+    explicit: list[_Claim] = []
     for sname, sc in (top["switches"].mapping(what="switches") or {}).items():
         if not NAME.fullmatch(sname):
             sc.problem(f"{sname!r} is not {NAME_WHAT}")
@@ -305,6 +339,10 @@ def build_topology(doc: Document, policy: Policy | None = None) -> Topology:
             if "cert_name" in sf else None
         if dpid is not None:
             switches[sname] = Switch(sname, dpid, switch_cert)
+            names.append(_Claim(sname, f"switch {sname}", "name", sc))
+            if switch_cert:
+                explicit.append(_Claim(switch_cert.lower(), f"switch {sname}", "cert_name",
+                                       sf["cert_name"]))
 
     hosts: dict[str, ComputeHost] = {}
     links: list[Link] = []
@@ -346,6 +384,17 @@ def build_topology(doc: Document, policy: Policy | None = None) -> Topology:
             continue
         hosts[hname] = ComputeHost(hname, switch, ip, dpid, backend, mgmt, ovsdb, cert_name)
         links.append(Link(hname, switch, mbps, share))
+        owner = f"host {hname}"
+        names.append(_Claim(hname, owner, "name", hc))
+        if cert_name:
+            explicit.append(_Claim(cert_name.lower(), owner, "ovsdb_cert_name",
+                                   hf["ovsdb_cert_name"]))
+        if mgmt is not None:
+            explicit.append(_Claim(str(mgmt), owner, "management_ip", hf["management_ip"]))
+        # The address NWC reaches its OVSDB at names the host too (CertIdentity.of_host).
+        addresses = dict.fromkeys(remote_address(r) for r in (ovsdb or "").split(","))
+        explicit += [_Claim(str(a), owner, "OVSDB address", hf["ovsdb"])
+                     for a in addresses if a is not None]
 
     seen_links: dict[tuple[str, str], Cursor] = {link.key: top["hosts"] for link in links}
     for lc in top["links"].items():
@@ -398,6 +447,8 @@ def build_topology(doc: Document, policy: Policy | None = None) -> Topology:
         if by_ip.setdefault(h.underlay_ip, h.name) != h.name:
             host_cursors[h.name].problem(f"underlay_ip {h.underlay_ip} is also used by "
                                          f"{by_ip[h.underlay_ip]}")
+
+    _refuse_shared_identities(names + explicit)
 
     vms: dict[str, Vm] = {}
     vm_root = top.get("vms")

@@ -618,12 +618,19 @@ class LegStatus:
 def host_text(text: str, limit: int = MAX_DETAIL_CHARS) -> str:
     """Text a host wrote, safe to log, audit and show: every unsafe character (see
     `_UNSAFE_CATEGORIES`) replaced by its escape (a newline by `\\x0a`, ESC by `\\x1b`, a
-    right-to-left override by `\\u202e`), and at most `limit` characters, a cut one ending
-    with a marker that says how long it was. Cleaning clean text changes nothing."""
+    right-to-left override by `\\u202e`) and the backslash itself by `\\\\`, and at most
+    `limit` characters, a cut one ending with a marker that says how long it was.
+
+    Escaping the backslash is what makes an escape mean what it says: without it a host
+    could write the four characters `\\x1b` and a reader could not tell them from a real ESC
+    NWC escaped. The price: cleaning is not idempotent (a second pass doubles every
+    backslash), so text is cleaned once, where it comes in from the host."""
     out: list[str] = []
     size = 0
     for ch in text:
-        if unicodedata.category(ch) in _UNSAFE_CATEGORIES:
+        if ch == "\\":
+            ch = "\\\\"
+        elif unicodedata.category(ch) in _UNSAFE_CATEGORIES:
             code = ord(ch)
             ch = f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 \
                 else f"\\U{code:08x}"

@@ -355,6 +355,9 @@ class Tunnels:
         # Why a host's bridge could not be guarded, as last logged (each entry is used only
         # by that host's link thread).
         self._guard_problems: dict[str, str] = {}
+        # What of each host's bridge corrections has been said (each used only by that
+        # host's link thread): a host undoing them each pass is told about once a minute.
+        self._guard_notices: dict[str, bridgeguard.Notices] = {}
         self._lock = threading.Lock()
         self._weaves: dict[str, _WeaveTunnels] = {}
         # host -> leg key -> the first records version seen without its record (None until
@@ -686,10 +689,13 @@ class Tunnels:
         """On the host's link thread: fail_mode and connection_mode of its integration
         bridge (nwc.bridgeguard). A failure never stops the tunnel work: the next pass
         looks again."""
+        notices = self._guard_notices.setdefault(host, bridgeguard.Notices())
         try:
-            bridgeguard.enforce(db, host, self.bridge, self.reports.bridge)
+            bridgeguard.enforce(db, host, self.bridge, self.reports.bridge, notices,
+                                self.monotonic())
         except Exception as exc:
-            problem = f"{type(exc).__name__}: {exc}"
+            # The host's server wrote what the exception quotes (a row, an error string).
+            problem = host_text(f"{type(exc).__name__}: {exc}")
             if self._guard_problems.get(host) != problem:  # once, not every pass
                 log.error("host %s: cannot check or correct bridge %s (%s); retrying every "
                           "pass", host, self.bridge, problem)

@@ -10,6 +10,7 @@ import contextlib
 import os
 import signal
 import socket
+import stat
 import subprocess
 import time
 from collections.abc import Callable, Sequence
@@ -268,13 +269,42 @@ class Lab:
         return proc
 
     def directory(self, suffix: str) -> Path:
+        """/tmp/PREFIX-SUFFIX, private to this user (0700): it holds private OVS databases
+        (PSKs in conf.db), keys and logs. The name is guessable (the prefix is the pid's
+        digits), so one already there is used only if it is a directory of ours, 0700, and
+        not a symlink; else LabError."""
         path = Path("/tmp") / f"{self.prefix}-{suffix}"
         if path in self._dirs:  # asked for again (logs, captures): removed once
             return path
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            path.mkdir(mode=0o700)
+        except FileExistsError:
+            # Left by an earlier lab of a process with the same pid digits, or planted.
+            problem = not_private(os.lstat(path), os.geteuid())
+            if problem is not None:
+                raise LabError(f"{path} exists and {problem}: remove it, or use another "
+                               "prefix") from None
         self._dirs.add(path)
         self.on_close(f"dir {path}", lambda: _rmtree(path))
         return path
+
+
+class LabError(RuntimeError):
+    """The lab cannot be set up safely as asked."""
+
+
+def not_private(st: os.stat_result, uid: int) -> str | None:
+    """Why a path with this lstat() result is no private directory of user `uid` (None
+    when it is one: a real directory, owned by `uid`, mode 0700)."""
+    if stat.S_ISLNK(st.st_mode):
+        return "is a symlink"
+    if not stat.S_ISDIR(st.st_mode):
+        return "is not a directory"
+    if st.st_uid != uid:
+        return f"belongs to uid {st.st_uid}, not {uid}"
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        return f"has mode {stat.S_IMODE(st.st_mode):04o}, not 0700"
+    return None
 
 
 def _netns_names() -> list[str]:

@@ -60,7 +60,8 @@ class PrivateOvs:
         self.ns.run("ovsdb-tool", "create", str(db), str(SCHEMA), env=self.env)
         # The tunnel backends keep pre-shared keys in here. OVS writes it 0640, and again at
         # every compaction (the agent compacts after each leg removal), so a chmod would not
-        # last: the run directory, 0700, is what keeps it private.
+        # last: the run directory, 0700 and ours (Lab.directory checks one it finds), is what
+        # keeps it private.
         remotes = [f"--remote=punix:{self.db_sock}", "--remote=db:Open_vSwitch,Open_vSwitch,"
                    "manager_options"]
         if self.ovsdb_tcp:

@@ -5,13 +5,27 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import time
+import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
 from tunnel_fakes import POLICY, T0, TOPO, FakeHostDb
 
-from nwc.bridgeguard import BridgeRows, Fix, RemoteRow, fixes
+from nwc.bridgeguard import (
+    MAX_LISTED,
+    NOTICE_BURST,
+    REPEAT_S,
+    BridgeRows,
+    Fix,
+    Notice,
+    Notices,
+    RemoteRow,
+    fixes,
+    summary,
+)
 from nwc.pki import CertificateAuthority
 from nwc.tunnels import Tunnels
 
@@ -89,12 +103,13 @@ class Told:
         self.bridges.append((host, bridge, fixed, detail))
 
 
-def part_on(tmp_path: Path, dbs: dict[str, FakeHostDb], told: Told) -> Tunnels:
+def part_on(tmp_path: Path, dbs: dict[str, FakeHostDb], told: Told,
+            clock: Callable[[], float] = time.monotonic) -> Tunnels:
     return Tunnels(topology=TOPO, policy=lambda: POLICY,
                    ca=CertificateAuthority.load_or_create(tmp_path / "pki", now=T0),
                    reports=told, ovsdb_targets={h: f"unix:{h}" for h in dbs},
                    db_factory=lambda target: dbs[target.split(":")[1]],
-                   now=lambda: T0 + dt.timedelta(seconds=1), io_wait_s=10)
+                   now=lambda: T0 + dt.timedelta(seconds=1), io_wait_s=10, monotonic=clock)
 
 
 def test_the_part_corrects_a_hosts_bridge_warns_and_tells_admins_each_time(
@@ -142,6 +157,129 @@ def test_a_bridge_that_cannot_be_read_does_not_stop_the_tunnel_work(
         assert any("bridge br-int checked again" in r.getMessage() for r in caplog.records)
     finally:
         part.stop()
+
+
+# -- what a host writes into its own OVSDB reaches the log and admins cleaned and spaced ----
+
+FORGED = ("tcp:192.0.2.1:6653\n2026-11-25 12:00:00,000 WARNING nwc.tunnels: host h2 bridge "
+          "br-int: all fine\x1b[2J\u202e")
+UNSAFE = {"Cc", "Cf", "Cs", "Zl", "Zp"}
+
+
+def is_clean(text: str) -> bool:
+    return not {unicodedata.category(ch) for ch in text} & UNSAFE
+
+
+def warnings_of(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.levelno == logging.WARNING and r.name == "nwc.bridgeguard"]
+
+
+def test_a_controller_target_the_host_wrote_is_cleaned_for_the_log_and_the_event(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Found in review: `ovs-vsctl set-controller br-int $'tcp:...\\n<fake log line>\\e[2J'`
+    put a forged log line and a terminal escape into NWC's log and the admin event."""
+    h1 = FakeHostDb()
+    h1.bridges["br-int"] = rows(controllers=(replace(CTL, target=FORGED),))
+    told = Told()
+    part = part_on(tmp_path, {"h1": h1}, told)
+    try:
+        with caplog.at_level(logging.WARNING):
+            part.sync()
+    finally:
+        part.stop()
+    [warned] = warnings_of(caplog)
+    [(_, _, fixed, detail)] = told.bridges
+    assert is_clean(warned) and is_clean(detail) and is_clean(fixed[0].target or "")
+    assert "tcp:192.0.2.1:6653\\x0a2026-11-25" in warned and "all fine\\x1b[2J\\u202e" in detail
+    assert h1.bridges["br-int"].controllers[0].connection_mode == "out-of-band"  # still fixed
+
+
+def test_a_host_with_many_rows_gets_them_all_fixed_and_a_bounded_message(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    h1 = FakeHostDb()
+    many = tuple(RemoteRow(f"u{i:03d}", f"tcp:192.0.2.{i}:6653", None) for i in range(1, 101))
+    h1.bridges["br-int"] = rows(controllers=many)
+    told = Told()
+    part = part_on(tmp_path, {"h1": h1}, told)
+    try:
+        with caplog.at_level(logging.WARNING):
+            part.sync()
+    finally:
+        part.stop()
+    assert {c.connection_mode for c in h1.bridges["br-int"].controllers} == {"out-of-band"}
+    [warned] = warnings_of(caplog)
+    assert warned.count("connection_mode unset (in-band) -> out-of-band") == MAX_LISTED
+    assert f"and {100 - MAX_LISTED} more rows" in warned
+    assert len(told.bridges[0][2]) == MAX_LISTED
+
+
+def test_a_correction_the_host_keeps_undoing_is_said_about_once_a_minute_with_a_count(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Found in review: the guard runs after every read (0.1 s), and a tool setting the old
+    value back got a warning and an event each pass."""
+    h1 = FakeHostDb()
+    clock = [1000.0]
+    told = Told()
+    part = part_on(tmp_path, {"h1": h1}, told, clock=lambda: clock[0])
+    try:
+        with caplog.at_level(logging.WARNING):
+            for _ in range(11):  # the tool sets it back before every pass
+                h1.bridges["br-int"] = replace(h1.bridges["br-int"], fail_mode="standalone")
+                part.sync()
+                clock[0] += 0.1
+            assert h1.journal.count("fix") == 11  # corrected every time
+            assert len(told.bridges) == len(warnings_of(caplog)) == 1
+            clock[0] = 1000.0 + REPEAT_S
+            h1.bridges["br-int"] = replace(h1.bridges["br-int"], fail_mode="standalone")
+            part.sync()
+    finally:
+        part.stop()
+    assert len(told.bridges) == len(warnings_of(caplog)) == 2
+    assert "the same 10 more times since it was last said" in told.bridges[1][3]
+    assert "the same 10 more times" in warnings_of(caplog)[1]
+
+
+def test_the_same_correction_is_the_same_whatever_the_rows_uuid() -> None:
+    notices = Notices()
+    fix = Fix("Controller", "uuid-1", "connection_mode", None, "out-of-band", "tcp:192.0.2.1:1")
+    assert notices.due([fix], 0.0) == Notice()
+    assert notices.due([replace(fix, record="uuid-2")], 1.0) is None  # the row made anew
+    assert notices.due([replace(fix, target="tcp:192.0.2.1:2")], 2.0) == Notice()  # another
+    assert notices.due([fix], REPEAT_S) == Notice(repeats=1)
+
+
+def test_a_host_varying_what_it_sets_gets_a_burst_of_messages_then_a_count() -> None:
+    """Each new target is a new correction: without a bound per host, varying the text
+    would bring back a message per pass."""
+    notices = Notices()
+
+    def fix(i: int) -> list[Fix]:
+        return [Fix("Manager", f"u{i}", "connection_mode", None, "out-of-band",
+                    f"tcp:192.0.2.{i}:6640")]
+    said = [notices.due(fix(i), i * 0.1) for i in range(NOTICE_BURST + 20)]
+    assert said[:NOTICE_BURST] == [Notice()] * NOTICE_BURST and set(said[NOTICE_BURST:]) == {None}
+    assert notices.due(fix(99), REPEAT_S + 0.05) == Notice(held=20)
+    assert "20 further corrections on this host made without being said" in summary(
+        "h1", "br-int", fix(99), Notice(held=20))
+
+
+def test_an_error_quoting_the_hosts_text_is_logged_cleaned(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    h1 = FakeHostDb()
+
+    def refuse(bridge: str) -> BridgeRows:
+        raise RuntimeError(f"unexpected row {FORGED}")
+    h1.bridge_rows = refuse  # type: ignore[method-assign]
+    part = part_on(tmp_path, {"h1": h1}, Told())
+    try:
+        with caplog.at_level(logging.ERROR, logger="nwc.tunnels"):
+            part.sync()
+    finally:
+        part.stop()
+    [error] = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert "cannot check or correct bridge br-int" in error
+    assert is_clean(error) and "all fine\\x1b[2J" in error
 
 
 def set_controller_commands(markdown: str) -> list[str]:

@@ -570,3 +570,49 @@ def test_a_duplicate_dpid_is_one_problem_on_the_right_entry(find: str, replace: 
     if "hosts.h1" in expected:
         text = text.replace("underlay_ip: 100.64.0.1}", "underlay_ip: 100.64.0.1, dpid: 7}")
     assert topology_problems(text) == [expected]
+
+
+# -- one certificate identity per machine (nwc.certnames) ------------------------------------
+
+TWO_HOSTS = TOPOLOGY + "  h2: {switch: s2, uplink_mbps: 100, underlay_ip: 100.64.0.2}\n"
+H1 = "underlay_ip: 100.64.0.1"
+H2 = "underlay_ip: 100.64.0.2"
+
+
+@pytest.mark.parametrize(("edits", "expected"), [
+    # Found in review: h2's certificate passed as h1's OVSDB server (given h1's PSKs) and br-int.
+    ([(H1, f"{H1}, ovsdb_cert_name: h2")],
+     "t.yaml:8: hosts.h1.ovsdb_cert_name: ovsdb_cert_name h2 also names host h2 (its name)"),
+    ([(H1, f"{H1}, ovsdb_cert_name: s1")],
+     "t.yaml:8: hosts.h1.ovsdb_cert_name: ovsdb_cert_name s1 also names switch s1 (its name)"),
+    ([("s1: {}", "s1: {cert_name: fabric}"), (H1, f"{H1}, ovsdb_cert_name: Fabric")],
+     "t.yaml:8: hosts.h1.ovsdb_cert_name: ovsdb_cert_name fabric also names switch s1 (its "
+     "cert_name)"),
+    ([("s2: {}", "s2: {cert_name: h1}")],  # a host named like a switch's certificate
+     "t.yaml:4: switches.s2.cert_name: cert_name h1 also names host h1 (its name)"),
+    ([(H1, f"{H1}, ovsdb_cert_name: ovsdb.example"), (H2, f"{H2}, ovsdb_cert_name: ovsdb.example")],
+     "t.yaml:9: hosts.h2.ovsdb_cert_name: ovsdb_cert_name ovsdb.example also names host h1 (its "
+     "ovsdb_cert_name)"),
+    ([(H1, f"{H1}, management_ip: 198.51.100.5"), (H2, f"{H2}, management_ip: 198.51.100.5")],
+     "t.yaml:9: hosts.h2.management_ip: management_ip 198.51.100.5 also names host h1 (its "
+     "management_ip)"),
+    ([(H1, f"{H1}, management_ip: 198.51.100.5"), (H2, f"{H2}, ovsdb: 'ssl:198.51.100.5:6640'")],
+     "t.yaml:9: hosts.h2.ovsdb: OVSDB address 198.51.100.5 also names host h1 (its "
+     "management_ip)"),
+])
+def test_two_machines_cannot_share_a_certificate_identity(edits: list[tuple[str, str]],
+                                                          expected: str) -> None:
+    text = TWO_HOSTS
+    for find, replace in edits:
+        assert find in text
+        text = text.replace(find, replace)
+    assert [p.split(": one certificate")[0] for p in topology_problems(text)] == [expected]
+
+
+def test_fabric_switches_may_share_a_certificate_and_a_host_its_own_names() -> None:
+    text = (TWO_HOSTS.replace("s1: {}, s2: {}", "s1: {cert_name: fabric}, s2: {cert_name: s1}")
+            .replace(H1, f"{H1}, ovsdb_cert_name: h1.mgmt.example, management_ip: 198.51.100.5, "
+                         "ovsdb: 'ssl:198.51.100.5:6640'"))
+    topo = parse_topology_text(text)
+    assert topo.hosts["h1"].ovsdb_cert_name == "h1.mgmt.example"
+    assert topo.switches["s2"].cert_name == "s1"

@@ -91,6 +91,22 @@ def test_a_hosts_switch_presents_the_hosts_certificate() -> None:
     assert h2.problem(ovs_pki("h2")) is not None  # the explicit name replaces the host's
 
 
+@pytest.mark.parametrize(("cn", "kind", "name"), [
+    ("\u017f1", "fabric", "s1"),  # LATIN SMALL LETTER LONG S: casefold() gives "s1"
+    ("\u017f1 id:" + OVS_PKI_ID, "fabric", "s1"),
+    ("\u212a1", "host", "k1"),  # KELVIN SIGN: casefold() and lower() give "k1"
+])
+def test_a_lookalike_unicode_name_is_nobodys(cn: str, kind: str, name: str) -> None:
+    """Found in review: names were compared after str.casefold(), which maps some non-ASCII
+    letters onto ASCII ones, so a certificate for `ſ1` passed as switch s1's."""
+    topo = topology(TRIANGLE.replace("h1:", "k1:").replace("host: h1", "host: k1"))
+    identity = switch_identity(topo, kind, name)
+    assert identity.problem(named_der(name)) is None  # the real name still passes
+    problem = identity.problem(named_der(cn))
+    assert problem is not None and f"not {'switch' if kind == 'fabric' else 'host'} {name}'s" \
+        in problem
+
+
 def test_a_switch_certificate_name_is_checked_when_the_topology_loads() -> None:
     with pytest.raises(Exception, match="DNS name"):
         topology(TRIANGLE.replace("s3: {}", "s3: {cert_name: '*.example'}"))
