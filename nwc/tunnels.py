@@ -30,6 +30,7 @@ import logging
 import queue
 import threading
 import time
+import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,6 +81,14 @@ IO_WAIT_S = 0.5
 # A responder in one of these phases answers IKE: the initiator may start.
 RESPONDER_READY = frozenset({Phase.LISTENING, Phase.CONNECTING, Phase.INSTALLED})
 
+
+
+def host_safe_traceback(exc: BaseException) -> str:
+    """A traceback for the log whose exception text, which may quote what a host wrote, is
+    cleaned: its frames are NWC's code, but a raw message could forge log lines."""
+    frames = "".join(traceback.format_tb(exc.__traceback__))
+    return f"Traceback (most recent call last):\n{frames}{type(exc).__name__}: " \
+           f"{host_text(str(exc))}"
 
 class Reports(Protocol):
     """How the part tells the weaver (posted to its loop, never called from this thread)."""
@@ -251,7 +260,8 @@ class _HostLink:
         try:
             ids = db.external_ids("nwc-")
         except Exception as exc:
-            log.warning("OVSDB of %s unreadable (%s); reconnecting", self.host, exc)
+            log.warning("OVSDB of %s unreadable (%s); reconnecting", self.host,
+                        host_text(str(exc)))
             self._drop()
             return None
         self.suspect = False
@@ -621,7 +631,8 @@ class Tunnels:
                         self._absorb(held, leg, current, reports)
                     self._judge(held, reports)
                 except Exception as exc:
-                    log.exception("weave %s: tunnel decision failed", held.weave.id)
+                    log.error("weave %s: tunnel decision failed:\n%s", held.weave.id,
+                              host_safe_traceback(exc))
                     # The surprise may have been a host's text, quoted in the exception.
                     self._fail_weave(held, "tunnel part could not handle it: "
                                      f"{host_text(repr(exc))}", reports)

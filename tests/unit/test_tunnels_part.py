@@ -1108,3 +1108,22 @@ def test_an_agents_text_reaches_the_log_audit_and_events_as_one_short_line(
         assert texts and not any("\n" in t or "\x1b" in t for t in texts)
         assert len(json.dumps(e)) < 3000
     world.part.stop()
+
+
+def test_a_traceback_quoting_host_text_cannot_forge_log_lines() -> None:
+    """A failed tunnel decision logs its traceback; the exception may quote a host's text
+    (review: a newline in it started a line of the host's choosing in the controller log)."""
+    from nwc.tunnels import host_safe_traceback
+
+    def decide() -> None:
+        raise ValueError("bad phase 'x'\n2026-01-01 00:00:00,000 INFO nwc.weaver: forged\x1b[2J")
+
+    try:
+        decide()
+    except ValueError as exc:
+        text = host_safe_traceback(exc)
+    lines = text.splitlines()
+    assert lines[0] == "Traceback (most recent call last):"
+    assert any("in decide" in line for line in lines)  # the frames are still there
+    assert lines[-1].startswith("ValueError: bad phase 'x'\\x0a2026-01-01")
+    assert not any(line.startswith("2026") for line in lines) and "\x1b" not in text
