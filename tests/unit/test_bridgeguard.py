@@ -112,6 +112,19 @@ def part_on(tmp_path: Path, dbs: dict[str, FakeHostDb], told: Told,
                    now=lambda: T0 + dt.timedelta(seconds=1), io_wait_s=10, monotonic=clock)
 
 
+def one_pass(tmp_path: Path, dbs: dict[str, FakeHostDb],
+             caplog: pytest.LogCaptureFixture) -> Told:
+    """One tunnel pass over these hosts, its warnings captured: what admins were told."""
+    told = Told()
+    part = part_on(tmp_path, dbs, told)
+    try:
+        with caplog.at_level(logging.WARNING):
+            part.sync()
+    finally:
+        part.stop()
+    return told
+
+
 def test_the_part_corrects_a_hosts_bridge_warns_and_tells_admins_each_time(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     h1, h2 = FakeHostDb(), FakeHostDb()
@@ -181,13 +194,7 @@ def test_a_controller_target_the_host_wrote_is_cleaned_for_the_log_and_the_event
     put a forged log line and a terminal escape into NWC's log and the admin event."""
     h1 = FakeHostDb()
     h1.bridges["br-int"] = rows(controllers=(replace(CTL, target=FORGED),))
-    told = Told()
-    part = part_on(tmp_path, {"h1": h1}, told)
-    try:
-        with caplog.at_level(logging.WARNING):
-            part.sync()
-    finally:
-        part.stop()
+    told = one_pass(tmp_path, {"h1": h1}, caplog)
     [warned] = warnings_of(caplog)
     [(_, _, fixed, detail)] = told.bridges
     assert is_clean(warned) and is_clean(detail) and is_clean(fixed[0].target or "")
@@ -200,13 +207,7 @@ def test_a_host_with_many_rows_gets_them_all_fixed_and_a_bounded_message(
     h1 = FakeHostDb()
     many = tuple(RemoteRow(f"u{i:03d}", f"tcp:192.0.2.{i}:6653", None) for i in range(1, 101))
     h1.bridges["br-int"] = rows(controllers=many)
-    told = Told()
-    part = part_on(tmp_path, {"h1": h1}, told)
-    try:
-        with caplog.at_level(logging.WARNING):
-            part.sync()
-    finally:
-        part.stop()
+    told = one_pass(tmp_path, {"h1": h1}, caplog)
     assert {c.connection_mode for c in h1.bridges["br-int"].controllers} == {"out-of-band"}
     [warned] = warnings_of(caplog)
     assert warned.count("connection_mode unset (in-band) -> out-of-band") == MAX_LISTED
