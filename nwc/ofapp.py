@@ -85,6 +85,9 @@ from nwc.topology import Topology, Vm
 from nwc.weave import Weave
 
 log = logging.getLogger(__name__)
+# A switch refused for its certificate retries about once a second: its refusal is logged
+# at most this often, with a count of the refusals in between.
+REFUSAL_LOG_EVERY_S = 60.0
 
 MAX_CONNECTIONS = 256  # more peers than any fabric NWC runs: the rest are refused
 # os-ken asks every switch for an echo this often and hangs up after this many unanswered,
@@ -392,6 +395,9 @@ class FlowsPart:
         # with the same certificate raises one security event, not one per reconnect.
         # Bounded by the topology's switches. Loop thread only.
         self._identity_refused: dict[int, str] = {}
+        # dpid -> [when the last refusal was logged (weaver's monotonic clock), refusals not
+        # logged since]: an impostor retrying each second must not fill the log.
+        self._refusal_logged: dict[int, list[float]] = {}
         self.lock = threading.Lock()  # guards `switches`, their batches and statistics
         self.switches: dict[int, SwitchConn] = {}
         self.pending: dict[str, set[int]] = {}  # weave id -> dpids not yet confirmed
@@ -904,11 +910,21 @@ class FlowsPart:
         why = switch_identity(self.weaver.topology, kind, name).problem(der)
         if why is None:
             self._identity_refused.pop(datapath.id, None)
+            self._refusal_logged.pop(datapath.id, None)
             return True
-        log.warning("refusing switch %s (%#x) from %s: %s", name, datapath.id, _peer(datapath),
-                    why)
         _close(datapath)
-        if self._identity_refused.get(datapath.id) != why:
+        now = self.weaver.clock.monotonic()
+        logged = self._refusal_logged.get(datapath.id)
+        changed = self._identity_refused.get(datapath.id) != why
+        if changed or logged is None or now - logged[0] >= REFUSAL_LOG_EVERY_S:
+            unsaid = int(logged[1]) if logged is not None and not changed else 0
+            log.warning("refusing switch %s (%#x) from %s: %s%s", name, datapath.id,
+                        _peer(datapath), why,
+                        f" ({unsaid} more refusals of it since the last line)" if unsaid else "")
+            self._refusal_logged[datapath.id] = [now, 0]
+        else:
+            logged[1] += 1
+        if changed:
             self._identity_refused[datapath.id] = why
             self.weaver.security_event(
                 None, "switch_identity",
