@@ -1619,6 +1619,7 @@ def serve(controller: Any, args: Any) -> FlowsPart:
     app.attach(part)
     controller.stats_sources.append(part.weave_stats)
     controller.drop_sources.append(part.drop_stats)
+    controller.switch_sources.append(part.switch_connections)
 
     def stop() -> None:
         if app.part is part:
