@@ -14,7 +14,7 @@ Who may do what (tenant = the tenant a bearer token was issued to; admin = opera
 | delete (terminate) | either party: consent to a weave can be withdrawn by either side | all |
 | extend | the requester's tenant (it holds the lease); the target may terminate instead | all |
 | ivns | its own IVNs in full, plus the names of IVNs it may weave with | all |
-| fabric | links, capacity and reservations (not which weave holds them) | with weave ids |
+| fabric | links, reservations (not whose), switches connected | weave ids, why not connected |
 | events | events about its own weaves and requests | all, incl. security |
 | /metrics | 403 | yes |
 | health | no token needed | |
@@ -220,11 +220,39 @@ class LinkOut(BaseModel):
     weaves: list[str] | None = Field(default=None, description="admins only")
 
 
+class SwitchConnectionOut(BaseModel):
+    name: str
+    kind: Literal["host", "fabric"] = Field(description="a compute host's br-int, or a fabric "
+                                            "switch")
+    connected: bool = Field(description="its OpenFlow connection is up and resynced")
+    detail: str | None = Field(default=None, description="admins only: the state, and why it "
+                               "is not connected where known")
+
+
 class FabricOut(BaseModel):
     topology: str
     switches: list[str]
     hosts: list[str]
     links: list[LinkOut]
+    connections: list[SwitchConnectionOut] | None = Field(
+        default=None, description="each switch's and host bridge's OpenFlow connection; "
+        "absent when no OpenFlow part runs. A link's `up` is its last known port state: a "
+        "switch that is not connected reports none")
+
+
+def switch_connections(controller: Controller,
+                       principal: Principal) -> list[dict[str, Any]] | None:
+    """The switches' connections for the fabric view (None: no OpenFlow part, not known).
+    Tenants see whether each is connected, as they see each link's state; why one is not
+    (a refused certificate among the reasons) is for operators, like security events."""
+    if not controller.switch_sources:
+        return None
+    merged: dict[str, Any] = {}
+    for source in controller.switch_sources:  # reads under a lock held briefly: no loop call
+        merged.update(source())
+    return [{"name": name, "kind": c.kind, "connected": c.connected,
+             "detail": c.detail if principal.is_admin else None}
+            for name, c in sorted(merged.items())]
 
 
 class HealthOut(BaseModel):
@@ -850,10 +878,12 @@ class NorthboundApi:
                  response_model_exclude_none=True, tags=["fabric"],
                  responses=_errors(*AUTH_ERRORS))
         def show_fabric(principal: Caller) -> dict[str, Any]:
-            """Every fabric link: capacity, the share weaves may reserve, what is reserved."""
+            """Every fabric link: capacity, the share weaves may reserve, what is reserved;
+            every switch's OpenFlow connection."""
             loads = self.on_loop(link_loads, controller.weaver)
             topology = controller.config.topology
             return {"topology": topology.name, "switches": sorted(topology.switches),
+                    "connections": switch_connections(controller, principal),
                     "hosts": sorted(topology.hosts),
                     "links": [{"a": ld.a, "b": ld.b, "capacity_mbps": ld.capacity_mbps,
                                "reservable_mbps": ld.reservable_mbps,

@@ -306,7 +306,18 @@ def fabric_rows(fabric: dict[str, Any]) -> str:
     headers = ["LINK", "CAPACITY", "RESERVABLE", "RESERVED", "FREE", "STATE", "WEAVES"]
     if not any("weaves" in ln for ln in fabric["links"]):
         headers, rows = headers[:-1], [r[:-1] for r in rows]
-    return f"topology {fabric['topology']} (Mbit/s)\n" + table(headers, rows)
+    text = f"topology {fabric['topology']} (Mbit/s)\n" + table(headers, rows)
+    connections = fabric.get("connections")
+    if connections is None:  # no OpenFlow part runs (or an older controller): not known
+        return text
+    # A link's STATE is its last known port state: a switch that is not connected reports
+    # none, so its links may show up while nothing passes; this table says so.
+    headers = ["SWITCH", "KIND", "CONNECTED", "DETAIL"]
+    rows = [[c["name"], c["kind"], "yes" if c["connected"] else "NO", c.get("detail") or ""]
+            for c in connections]
+    if not any("detail" in c for c in connections):  # a tenant's view
+        headers, rows = headers[:-1], [r[:-1] for r in rows]
+    return text + "\n\n" + table(headers, rows)
 
 
 def event_line(kind: str, data: dict[str, Any]) -> str:
@@ -638,7 +649,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run(cmd_weave_delete))
 
     p = sub.add_parser("fabric", parents=[common], epilog=epilog,
-                       help="fabric links: capacity, reservable share, reserved")
+                       help="fabric links: capacity, reservable share, reserved; "
+                            "switches connected")
     p.set_defaults(func=_run(cmd_fabric))
 
     p = sub.add_parser("ivns", parents=[common], epilog=epilog,

@@ -58,6 +58,11 @@ class Controller:
     # Each host's OVSDB and agent as the tunnel part judged them last (host -> an object with
     # `ovsdb_up` and `agent_up`, None while not known: nwc.hostwatch.HostHealth), for metrics.
     host_sources: list[Callable[[], dict[str, Any]]] = field(default_factory=list, init=False)
+    # Each switch's and host bridge's OpenFlow connection as the flows part knows it now
+    # (name -> an object with `kind`, `connected`, `detail`: nwc.ofapp.SwitchConnection), for
+    # metrics and the fabric view. None attached (no OpenFlow): not known, not shown.
+    switch_sources: list[Callable[[], dict[str, Any]]] = field(default_factory=list,
+                                                               init=False)
     # What the data plane's counting drops refused, per switch (the OpenFlow app:
     # nwc.pipeline.DroppedTraffic, carried across re-installs), for metrics.
     drop_sources: list[Callable[[], list[DroppedTraffic]]] = field(default_factory=list,

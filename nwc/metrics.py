@@ -15,6 +15,8 @@ process, or a test, may build many apps. Three kinds of metric:
   counting drops refused (fabric edge sources, forged overlay, VM spoofing, default deny);
 - read at scrape time from the tunnel part (`controller.host_sources`): whether each host's
   OVSDB answers and its agent's heartbeat goes on;
+- read at scrape time from the flows part (`controller.switch_sources`): whether each switch
+  and host bridge is connected (a link's `up` is only its last known port state);
 - read at scrape time from disk: the expiry of each TLS certificate `nwc run` was given
   (`nwc.certexpiry`), so a renewed file shows at the next scrape.
 """
@@ -132,6 +134,7 @@ class ControllerCollector(Collector):
         yield from self._drops()
         yield from self._measurements(snap.live)
         yield from self._hosts()
+        yield from self._switches()
 
     def _hosts(self) -> Iterator[Metric]:
         ovsdb = GaugeMetricFamily("nwc_host_ovsdb_up", "1 if the controller reads the host's "
@@ -150,6 +153,20 @@ class ControllerCollector(Collector):
                 if health.agent_up is not None:
                     agent.add_metric([host], 1 if health.agent_up else 0)
         yield from (ovsdb, agent)
+
+    def _switches(self) -> Iterator[Metric]:
+        connected = GaugeMetricFamily(
+            "nwc_switch_connected", "1 while the switch's (or host bridge's) OpenFlow "
+            "connection is up and resynced, else 0", labels=["switch"])
+        for source in self.controller.switch_sources:
+            try:
+                switches = source()
+            except Exception:
+                log.exception("metrics: switch source %s failed", source)
+                continue
+            for name, connection in sorted(switches.items()):
+                connected.add_metric([name], 1 if connection.connected else 0)
+        yield connected
 
     def _drops(self) -> Iterator[Metric]:
         labels = ["switch", "reason", "ivn", "port"]

@@ -357,6 +357,18 @@ class HostCounters:
             self.dropped.discard((number, d))
 
 
+@dataclass(frozen=True)
+class SwitchConnection:
+    """One switch's (or host bridge's) OpenFlow connection as the flows part knows it now."""
+
+    kind: str  # "host" (its br-int) or "fabric"
+    # Its connection is up and the barrier of its resync is back: it holds what NWC wants.
+    connected: bool
+    # Why it is not, where known: "not connected", "not connected: refused for its
+    # certificate", "connected, resync not confirmed"; "connected" when it is.
+    detail: str
+
+
 @dataclass
 class SwitchConn:
     datapath: Any
@@ -375,6 +387,9 @@ class SwitchConn:
     # The base program (everything but weaves) of the last resync, so that a fabric link
     # change resyncs only the switches whose base it changes.
     base: tuple[tuple[Flow, ...], tuple[Meter, ...]] | None = None
+    # The barrier of its first resync is back: only then does the switch hold what NWC
+    # wants (until then it may hold a previous run's tables, or nothing). Under the lock.
+    resynced: bool = False
 
     def next_xid(self) -> int:
         return next(self.xids) & 0xFFFFFFFF
@@ -392,13 +407,15 @@ class FlowsPart:
         # CERT_NAMES_MATCH: a TLS switch's certificate must name the switch it claims to be.
         self.check_cert_names = cert_names == CERT_NAMES_MATCH
         # dpid -> why its last claimant was refused for its certificate: a claimant retrying
-        # with the same certificate raises one security event, not one per reconnect.
-        # Bounded by the topology's switches. Loop thread only.
+        # with the same certificate raises one security event, not one per reconnect, and
+        # a timeout or the fabric view can say why the switch is not connected. Bounded by
+        # the topology's switches. Written on the loop, under `lock` (read from others).
         self._identity_refused: dict[int, str] = {}
         # dpid -> [when the last refusal was logged (weaver's monotonic clock), refusals not
-        # logged since]: an impostor retrying each second must not fill the log.
+        # logged since]: an impostor retrying each second must not fill the log. Loop only.
         self._refusal_logged: dict[int, list[float]] = {}
-        self.lock = threading.Lock()  # guards `switches`, their batches and statistics
+        # guards `switches`, their batches and statistics, and `_identity_refused`
+        self.lock = threading.Lock()
         self.switches: dict[int, SwitchConn] = {}
         self.pending: dict[str, set[int]] = {}  # weave id -> dpids not yet confirmed
         self.generation: dict[str, int] = {}
@@ -601,6 +618,56 @@ class FlowsPart:
                 self._off_path_saved[weave_id] = dpids
             else:
                 self._off_path_saved.pop(weave_id, None)
+
+    def waiting_on(self, weave_id: str) -> str | None:
+        """What the part still waits for with a weave, switch by switch, and why where known
+        (the weaver puts it in its timeout details): a weave being built waits for the
+        switches of its paths that have not confirmed its flows, one being torn down for
+        those that have not confirmed them gone. None when it waits for nothing. On the loop
+        (which alone changes `pending` and `removing`); the lock is held only to read the
+        connections."""
+        if weave_id in self.pending:
+            dpids, what = set(self.pending[weave_id]), None
+        elif weave_id in self.removing:
+            dpids, what = set(self.removing[weave_id].waiting), "removal not confirmed"
+        else:
+            return None
+        states = self._connections(dpids)
+        said = []
+        for dpid in dpids:
+            kind_name = switch_name(self.weaver.topology, dpid)
+            name = kind_name[1] if kind_name is not None else f"{dpid:#x}"
+            connected, detail = states[dpid]
+            if connected:  # resynced, yet still waited for: its batch's barrier is not back
+                detail = "connected, barrier not back"
+            said.append(f"{name}: {detail}{', ' + what if what else ''}")
+        return "; ".join(sorted(said)) or None
+
+    def switch_connections(self) -> dict[str, SwitchConnection]:
+        """Every switch and host bridge of the topology, by name, with its connection (for
+        metrics and the fabric view). Any thread: the lock is held only to read."""
+        topology = self.weaver.topology  # replaced whole, never changed in place
+        named = {h.dpid: ("host", h.name) for h in topology.hosts.values()}
+        named.update({s.dpid: ("fabric", s.name) for s in topology.switches.values()})
+        states = self._connections(named)
+        return {name: SwitchConnection(kind, *states[dpid])
+                for dpid, (kind, name) in sorted(named.items(), key=lambda i: i[1][1])}
+
+    def _connections(self, dpids: Iterable[int]) -> dict[int, tuple[bool, str]]:
+        """Each of these switches' `SwitchConnection.connected` and `detail`."""
+        out = {}
+        with self.lock:
+            for dpid in dpids:
+                conn = self.switches.get(dpid)
+                if conn is not None:
+                    out[dpid] = (conn.resynced, "connected" if conn.resynced
+                                 else "connected, resync not confirmed")
+                    continue
+                # Not the certificate's problem itself: a timeout's detail goes to tenants,
+                # and whose certificate was presented is for operators (the security event).
+                out[dpid] = (False, "not connected: refused for its certificate"
+                             if dpid in self._identity_refused else "not connected")
+        return out
 
     def _removals_at(self, dpid: int) -> list[Removal]:
         return [r for _, r in sorted(self.removing.items()) if dpid in r.waiting]
@@ -909,23 +976,26 @@ class FlowsPart:
             return True
         why = switch_identity(self.weaver.topology, kind, name).problem(der)
         if why is None:
-            self._identity_refused.pop(datapath.id, None)
+            with self.lock:
+                self._identity_refused.pop(datapath.id, None)
             self._refusal_logged.pop(datapath.id, None)
             return True
         _close(datapath)
+        with self.lock:
+            repeated = self._identity_refused.get(datapath.id) == why
         now = self.weaver.clock.monotonic()
         logged = self._refusal_logged.get(datapath.id)
-        changed = self._identity_refused.get(datapath.id) != why
-        if changed or logged is None or now - logged[0] >= REFUSAL_LOG_EVERY_S:
-            unsaid = int(logged[1]) if logged is not None and not changed else 0
+        if not repeated or logged is None or now - logged[0] >= REFUSAL_LOG_EVERY_S:
+            unsaid = int(logged[1]) if logged is not None and repeated else 0
             log.warning("refusing switch %s (%#x) from %s: %s%s", name, datapath.id,
                         _peer(datapath), why,
                         f" ({unsaid} more refusals of it since the last line)" if unsaid else "")
             self._refusal_logged[datapath.id] = [now, 0]
         else:
             logged[1] += 1
-        if changed:
+        with self.lock:
             self._identity_refused[datapath.id] = why
+        if not repeated:
             self.weaver.security_event(
                 None, "switch_identity",
                 f"a connection from {_peer(datapath)} claimed {kind} {name}'s datapath id "
@@ -1010,6 +1080,8 @@ class FlowsPart:
                     conn.reads.pop(read, None)  # answered before the barrier, or never
                 if not batch.errors:
                     self._count_batch(conn, batch)
+                    if batch.kind == "sync":
+                        conn.resynced = True
         if batch is None:
             return
         if batch.errors:
@@ -1563,6 +1635,7 @@ def serve(controller: Any, args: Any) -> FlowsPart:
     app.attach(part)
     controller.stats_sources.append(part.weave_stats)
     controller.drop_sources.append(part.drop_stats)
+    controller.switch_sources.append(part.switch_connections)
 
     def stop() -> None:
         if app.part is part:
@@ -1581,4 +1654,5 @@ def serve(controller: Any, args: Any) -> FlowsPart:
     return part
 
 
-__all__ = ["FlowsApp", "FlowsPart", "Program", "serve", "start_osken", "switch_identity"]
+__all__ = ["FlowsApp", "FlowsPart", "Program", "SwitchConnection", "serve", "start_osken",
+           "switch_identity"]

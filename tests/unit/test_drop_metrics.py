@@ -43,6 +43,7 @@ def _metrics(fsim: FlowsSim) -> Metrics:
     controller = SimpleNamespace(
         weaver=fsim.weaver, call=lambda fn, *args, timeout=None: fsim.loop.call(fn, *args),
         host_sources=[], drop_sources=[fsim.part.drop_stats], weave_stats=lambda weave: {},
+        switch_sources=[fsim.part.switch_connections],
         cert_watch=None)
     return Metrics(controller)  # type: ignore[arg-type]
 

@@ -179,6 +179,47 @@ def _last_detail(fsim: FlowsSim, weave_id: str) -> str | None:
     return next((str(r.get("detail")) for r in reversed(records) if r.get("detail")), None)
 
 
+def _timed_out(fsim: FlowsSim, weave: Weave) -> str | None:
+    """The weave is past its provision timeout: what its failure's detail says."""
+    fsim.advance(fsim.weaver.provision_timeout.total_seconds() + 1)
+    fsim.loop.call(fsim.weaver.tick)
+    assert _ended(fsim, weave.id).state is State.FAILED
+    return fsim.loop.call(_last_detail, fsim, weave.id)
+
+
+def test_a_provision_timeout_names_the_switch_that_never_connected(fsim: FlowsSim) -> None:
+    """Found deploying: with s1's management link down the timeout named only the part, and
+    the tunnel part's host legs took the blame for a fabric fault."""
+    for name in ("h1", "h2", "h3", "s2", "s3"):
+        fsim.connect(name, settle=False)
+    fsim.settle()
+    weave = fsim.loop.call(fsim.weaver.create,
+                           WeaveRequest("acme-web", "globex-db", 600, 5, None))
+    assert isinstance(weave, Weave)
+    fsim.settle()
+    assert fsim.dpid("s1") in weave_switches(fsim.topology, weave)  # web1's host hangs off s1
+    timeout = fsim.weaver.provision_timeout.total_seconds()
+    assert _timed_out(fsim, weave) == f"not ready after {timeout:g} s: flows (s1: not connected)"
+
+
+def test_a_provision_timeout_names_a_switch_whose_barrier_is_not_back(fsim: FlowsSim) -> None:
+    fsim.connect_all()
+    hold = threading.Event()  # h2 was resynced, then stops reading
+    fsim.dps["h2"].block = hold
+    try:
+        weave = fsim.loop.call(fsim.weaver.create,
+                               WeaveRequest("acme-web", "globex-db", 600, 5, None))
+        assert isinstance(weave, Weave)
+        fsim.part.flush(timeout=10, only=[fsim.dpid(n) for n in ("h1", "h3", "s1", "s2",
+                                                                  "s3")])
+        fsim.loop.call(lambda: None)
+        timeout = fsim.weaver.provision_timeout.total_seconds()
+        assert _timed_out(fsim, weave) == (
+            f"not ready after {timeout:g} s: flows (h2: connected, barrier not back)")
+    finally:
+        hold.set()
+
+
 def test_a_reconnect_programs_everything_but_a_colliding_weave(fsim: FlowsSim) -> None:
     fsim.connect_all()
     first = fsim.weave("acme-web", "globex-db")
@@ -553,8 +594,9 @@ def test_a_dropped_switch_holds_a_teardown_no_longer_than_the_teardown_timeout(
     fsim.loop.call(fsim.weaver.tick)
     assert _state(fsim, weave.id) is State.TERMINATED
     assert {"type": "weave.teardown_unconfirmed", "weave_id": weave.id, "parts": ["flows"],
-            "detail": "teardown not confirmed within 10 s by: flows (resynced when they "
-            "answer)"} in [{k: v for k, v in e.items() if k != "ts"} for e in events]
+            "detail": "teardown not confirmed within 10 s by: flows (h1: not connected, "
+            "removal not confirmed) (resynced when they answer)"} in [
+                {k: v for k, v in e.items() if k != "ts"} for e in events]
     # The part forgets it at the next teardown rather than keep it for a switch that may
     # never come back; h1 loses the weave's flows on its resync all the same.
     other = fsim.weave("acme-web", "initech-app", profile="silver")

@@ -18,10 +18,12 @@ from certfiles import named_der
 from flowsim import FlowsSim
 from netsim import TRIANGLE
 
+from nwc.admission import WeaveRequest
 from nwc.config import SHIPPED_POLICIES
 from nwc.ofapp import switch_identity
 from nwc.policy import load_policy
 from nwc.topology import parse_topology_text
+from nwc.weave import State, Weave
 
 pytestmark = pytest.mark.unit
 
@@ -172,6 +174,35 @@ def test_a_hosts_certificate_cannot_take_a_fabric_switchs_place(
     assert fsim.part.switches[s1].datapath is real
     audit = (fsim.state_dir / "audit.jsonl").read_text()
     assert "switch_identity" in audit
+
+
+def test_a_switch_refused_for_its_certificate_is_named_by_a_provision_timeout(
+        fsim: FlowsSim) -> None:
+    """Found deploying: with both fabric switches refused for their certificate, a weave's
+    timeout named only the flows part (and the tunnel part's host legs)."""
+    for name in ("h1", "h2", "h3", "s2", "s3"):
+        fsim.connect(name, settle=False, certificate=ovs_pki(name))
+    fsim.settle()
+    refused = fsim.connect("s1", certificate=ovs_pki("h2"))
+    assert refused.closed.is_set()
+    weave = fsim.loop.call(fsim.weaver.create,
+                           WeaveRequest("acme-web", "globex-db", 600, 5, None))
+    assert isinstance(weave, Weave)
+    fsim.settle()
+    fsim.advance(fsim.weaver.provision_timeout.total_seconds() + 1)
+    fsim.loop.call(fsim.weaver.tick)
+    failed = fsim.loop.call(fsim.weaver.store.weave, weave.id)
+    assert failed is not None and failed.state is State.FAILED
+    detail = next(r["detail"] for r in reversed(fsim.loop.call(fsim.weaver.store.audit_records))
+                  if r.get("weave_id") == weave.id and r.get("action") == "weave.fail")
+    timeout = fsim.weaver.provision_timeout.total_seconds()
+    # Not whose certificate it was: the detail goes to tenants (the security event says it).
+    assert detail == (f"not ready after {timeout:g} s: "
+                      "flows (s1: not connected: refused for its certificate)")
+    # The fabric view says the same, switch by switch.
+    connections = fsim.part.switch_connections()
+    assert connections["s1"].detail == "not connected: refused for its certificate"
+    assert not connections["s1"].connected and connections["s2"].connected
 
 
 def test_a_host_certificate_cannot_claim_another_hosts_bridge(fsim: FlowsSim) -> None:

@@ -33,6 +33,7 @@ from nwc.client import (
     event_line,
     stats_lines,
 )
+from nwc.ofapp import SwitchConnection
 
 pytestmark = pytest.mark.unit
 
@@ -186,6 +187,24 @@ def test_fabric_and_ivns_tables(served: Served, capsys: pytest.CaptureFixture[st
     code, out, _ = nwc(capsys, "ivns")
     assert code == 0
     assert any(line.split()[:3] == ["acme-web", "acme", "yes"] for line in out.splitlines())
+
+
+def test_fabric_lists_each_switchs_connection(
+        make_served: Callable[..., Served], capsys: pytest.CaptureFixture[str]) -> None:
+    """Found deploying: with s1 and s2 refused, `nwc fabric` showed every link up and nothing
+    else; a link's state is its last known port state, the switches' table says the rest."""
+    served = make_served(who="admin", parts=(EagerPart(),))
+    served.harness.controller.switch_sources.append(lambda: {
+        "s1": SwitchConnection("fabric", False, "not connected: refused for its certificate"),
+        "h1": SwitchConnection("host", True, "connected")})
+    code, out, _ = nwc(capsys, "fabric")
+    assert code == 0
+    links, switches = out.split("\n\n")
+    assert "s1-s2" in links
+    assert switches.splitlines() == [
+        "SWITCH  KIND    CONNECTED  DETAIL",
+        "h1      host    yes        connected",
+        "s1      fabric  NO         not connected: refused for its certificate"]
 
 
 def test_token_file_instead_of_the_environment(served: Served, tmp_path: object,

@@ -12,6 +12,7 @@ from api_harness import EagerPart, Harness, ManualPart
 from nwc.api import ApiSettings
 from nwc.auth import TokenStore
 from nwc.lease import parse_iso
+from nwc.ofapp import SwitchConnection
 
 pytestmark = pytest.mark.unit
 
@@ -486,6 +487,21 @@ def test_fabric_shows_capacity_and_reservations(harness: Harness) -> None:
     admin_view = harness.request("GET", "/v1/fabric", "admin").json()
     link = next(ln for ln in admin_view["links"] if (ln["a"], ln["b"]) == ("s1", "s2"))
     assert link["weaves"] == ["wv-000001"]
+
+
+def test_fabric_shows_each_switchs_connection_why_to_admins_only(harness: Harness) -> None:
+    assert "connections" not in harness.request("GET", "/v1/fabric", "admin").json()  # no OF
+    harness.controller.switch_sources.append(lambda: {
+        "s1": SwitchConnection("fabric", False, "not connected: refused for its certificate"),
+        "h1": SwitchConnection("host", True, "connected")})
+    admin = harness.request("GET", "/v1/fabric", "admin").json()["connections"]
+    assert admin == [
+        {"name": "h1", "kind": "host", "connected": True, "detail": "connected"},
+        {"name": "s1", "kind": "fabric", "connected": False,
+         "detail": "not connected: refused for its certificate"}]
+    tenant = harness.request("GET", "/v1/fabric").json()["connections"]
+    assert tenant == [{"name": "h1", "kind": "host", "connected": True},
+                      {"name": "s1", "kind": "fabric", "connected": False}]
 
 
 def test_health_needs_no_token_and_says_little(harness: Harness) -> None:
