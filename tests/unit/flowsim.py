@@ -212,6 +212,12 @@ class FlowsSim:
         loop, part = _start(weaver, cert_names)
         return cls(policy, topology, weaver, clock, fake_clock, net, loop, part, tmp_path)
 
+    def __enter__(self) -> FlowsSim:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
         for dp in self.dps.values():
             if dp.block is not None:

@@ -30,12 +30,9 @@ POLICY = load_policy([SHIPPED_POLICIES])
 
 @pytest.fixture
 def fsim(tmp_path: Path) -> Iterator[FlowsSim]:
-    sim = FlowsSim.build(tmp_path)
-    try:
+    with FlowsSim.build(tmp_path) as sim:
         sim.connect_all()
         yield sim
-    finally:
-        sim.close()
 
 
 def _metrics(fsim: FlowsSim) -> Metrics:

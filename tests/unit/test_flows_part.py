@@ -38,11 +38,8 @@ pytestmark = pytest.mark.unit
 
 @pytest.fixture
 def fsim(tmp_path: Path) -> Iterator[FlowsSim]:
-    sim = FlowsSim.build(tmp_path)
-    try:
+    with FlowsSim.build(tmp_path) as sim:
         yield sim
-    finally:
-        sim.close()
 
 
 def test_a_weave_is_confirmed_by_every_switch_and_carries_traffic(fsim: FlowsSim) -> None:

@@ -23,11 +23,8 @@ EVERY_SWITCH = ("h1", "h2", "h3", "s1", "s2", "s3")
 
 @pytest.fixture
 def fsim(tmp_path: Path) -> Iterator[FlowsSim]:
-    sim = FlowsSim.build(tmp_path)
-    try:
+    with FlowsSim.build(tmp_path) as sim:
         yield sim
-    finally:
-        sim.close()
 
 
 def _connected(fsim: FlowsSim) -> dict[str, float]:

@@ -118,11 +118,8 @@ def test_a_switch_certificate_name_is_checked_when_the_topology_loads() -> None:
 
 @pytest.fixture
 def fsim(tmp_path: Path) -> Iterator[FlowsSim]:
-    sim = FlowsSim.build(tmp_path, TRIANGLE)
-    try:
+    with FlowsSim.build(tmp_path, TRIANGLE) as sim:
         yield sim
-    finally:
-        sim.close()
 
 
 def _security_events(sim: FlowsSim) -> list[dict[str, Any]]:
