@@ -360,12 +360,20 @@ def evaluate(request: WeaveRequest, *, policy: Policy, topology: Topology, fabri
     decision = _decide(request, policy=policy, topology=topology, fabric=fabric,
                        live=list(live), now=now)
     if isinstance(decision, Denial) and asker is not None:
-        unseen = {n for n in (request.requester, request.target)
-                  if n in policy.ivns and not policy.visible_to(asker, n)}
-        seen_as = check_request(request, policy, unseen) if unseen else None
-        if seen_as is not None and seen_as != decision:  # not already refused as invalid
-            return replace(decision, tenant_view=seen_as)
+        return worded_for(decision, request, policy, asker)
     return decision
+
+
+def worded_for(denial: Denial, request: WeaveRequest, policy: Policy, asker: str) -> Denial:
+    """`denial` with, as its `tenant_view`, the refusal for an IVN that does not exist when
+    `request` names one tenant `asker` may not see (`evaluate`'s `asker`). Only a refusal
+    needs it: callers on the admission path call this once they hold a Denial."""
+    unseen = {n for n in (request.requester, request.target)
+              if n in policy.ivns and not policy.visible_to(asker, n)}
+    seen_as = check_request(request, policy, unseen) if unseen else None
+    if seen_as is not None and seen_as != denial:  # not already refused as invalid
+        return replace(denial, tenant_view=seen_as)
+    return denial
 
 
 def _decide(request: WeaveRequest, *, policy: Policy, topology: Topology, fabric: Fabric,

@@ -119,6 +119,7 @@ def print_wiring(topo: Topology) -> None:
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     from nwc.audit import compare_with_database, intact, read_jsonl, verify_chain
+    from nwc.store import DATABASE_FILE
 
     path = args.file or state_dir(args) / "audit.jsonl"
     if not path.exists():
@@ -126,7 +127,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         return EXIT_ERROR
     # A file given alone may come from anywhere: only a state directory named with it (or
     # the one it is in) is its database.
-    database = state_dir(args) / "nwc.db"
+    database = state_dir(args) / DATABASE_FILE
     checked = (args.file is None or args.state_dir is not None) and database.exists()
     if checked:
         records, tail = compare_with_database(path, database)

@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from nwc.weaver import Weaver
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -142,12 +143,7 @@ class ControllerCollector(Collector):
         agent = GaugeMetricFamily("nwc_host_agent_up", "1 if the host's agent's heartbeat "
                                   "goes on, 0 if it stopped; absent while the host's OVSDB "
                                   "cannot be read (not known)", labels=["host"])
-        for source in self.controller.host_sources:
-            try:
-                hosts = source()
-            except Exception:
-                log.exception("metrics: host source %s failed", source)
-                continue
+        for hosts in _read_each(self.controller.host_sources, "host"):
             for host, health in sorted(hosts.items()):
                 ovsdb.add_metric([host], 1 if health.ovsdb_up else 0)
                 if health.agent_up is not None:
@@ -158,12 +154,7 @@ class ControllerCollector(Collector):
         connected = GaugeMetricFamily(
             "nwc_switch_connected", "1 while the switch's (or host bridge's) OpenFlow "
             "connection is up and resynced, else 0", labels=["switch"])
-        for source in self.controller.switch_sources:
-            try:
-                switches = source()
-            except Exception:
-                log.exception("metrics: switch source %s failed", source)
-                continue
+        for switches in _read_each(self.controller.switch_sources, "switch"):
             for name, connection in sorted(switches.items()):
                 connected.add_metric([name], 1 if connection.connected else 0)
         yield connected
@@ -175,12 +166,7 @@ class ControllerCollector(Collector):
             "reason (fabric_edge_source, overlay_source, vm_spoof, default_deny); ivn and port "
             "where the drop has one", labels=labels)
         octets = CounterMetricFamily("nwc_dropped_bytes", "Bytes of the same", labels=labels)
-        for source in self.controller.drop_sources:
-            try:
-                dropped = source()
-            except Exception:
-                log.exception("metrics: drop source %s failed", source)
-                continue
+        for dropped in _read_each(self.controller.drop_sources, "drop"):
             for d in dropped:
                 values = [d.switch, d.labels.reason, d.labels.ivn, d.labels.port]
                 packets.add_metric(values, d.packets)
@@ -264,6 +250,16 @@ class ControllerCollector(Collector):
                               weave.id)
         yield from families.values()
         yield from (sa_state, rekeys)
+
+
+def _read_each(sources: Iterable[Callable[[], T]], what: str) -> Iterator[T]:
+    """What each scrape-time source answers; one that raises is logged and skipped, so a
+    failing part costs its own series, never the scrape."""
+    for source in sources:
+        try:
+            yield source()
+        except Exception:
+            log.exception("metrics: %s source %s failed", what, source)
 
 
 class CertificateCollector(Collector):

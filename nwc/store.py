@@ -65,7 +65,8 @@ class TransactionLost(sqlite3.OperationalError):
     """SQLite ended the transaction on its own, part-way: none of it is on disk."""
 
 
-# The database's name inside a state directory (`nwc token issue` looks for it too).
+# The database's name inside a state directory (`nwc token issue` and `nwc audit verify`
+# look for it too).
 DATABASE_FILE = "nwc.db"
 
 

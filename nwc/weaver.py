@@ -39,6 +39,7 @@ from nwc.admission import (
     evaluate_extension,
     plan_legs,
     prefixes_withdrawn,
+    worded_for,
 )
 from nwc.fabric import CapacityError, Fabric
 from nwc.lease import Clock, LeaseBook, iso
@@ -441,15 +442,18 @@ class Weaver:
     def create(self, request: WeaveRequest, actor: Actor = SYSTEM,
                request_id: str | None = None) -> Weave | Denial:
         now = self.clock.now()
-        # A refusal is worded for each tenant told of it: the one asking, or, when an
-        # operator asks, the one whose event stream hears of it.
-        asker = actor.tenant if actor.tenant is not None else self._told(request, actor)
         decision = evaluate(request, policy=self.policy, topology=self.topology,
                             fabric=self.fabric,
-                            live=self.live_view(request.requester, request.target), now=now,
-                            asker=asker)
+                            live=self.live_view(request.requester, request.target), now=now)
         if isinstance(decision, Denial):
-            self._record_denial("weave.create", request, decision, actor, request_id)
+            # A refusal is worded for each tenant told of it: the one asking, or, when an
+            # operator asks, the one whose event stream hears of it. Worked out here, on a
+            # refusal only, not on the admission path.
+            told = self._told(request, actor)
+            asker = actor.tenant if actor.tenant is not None else told
+            if asker is not None:
+                decision = worded_for(decision, request, self.policy, asker)
+            self._record_denial("weave.create", request, decision, actor, request_id, told)
             return decision
         return self._admit(decision, now, actor, request_id)
 
@@ -459,7 +463,8 @@ class Weaver:
         another tenant's IVN it may not see as requester), recorded and announced exactly as
         `create` records its own refusals, so that such a probe leaves the same durable
         record as one naming a missing IVN, and takes the same path to its answer."""
-        self._record_denial("weave.create", request, denial, actor, request_id)
+        self._record_denial("weave.create", request, denial, actor, request_id,
+                            self._told(request, actor))
         return denial
 
     def _told(self, request: WeaveRequest, actor: Actor) -> str | None:
@@ -1080,15 +1085,15 @@ class Weaver:
                 log.exception("part %s.weave_moved(%s) raised", part.name, weave.id)
 
     def _record_denial(self, action: str, request: WeaveRequest, denial: Denial, actor: Actor,
-                       request_id: str | None) -> None:
+                       request_id: str | None, told: str | None) -> None:
+        """`told`: the tenant whose event stream hears of it (`_told`)."""
         with self.store.transaction():
             # The true reason, and what the tenant was told when that differs.
-            told = denial.seen_by(operator=False)
+            shown = denial.seen_by(operator=False)
             self._audit(action, "denied", actor=actor, request_id=request_id,
                         reason=denial.reason.value, detail=denial.detail,
                         requester=request.requester, target=request.target,
-                        tenant_told=told.reason.value if told is not denial else None)
-        told = self._told(request, actor)
+                        tenant_told=shown.reason.value if shown is not denial else None)
         # The audience is named here, where the refusal was worded for it (`create`).
         self.emit({"type": "weave.denied", "action": action, "requester": request.requester,
                    "target": request.target, "audience": [told] if told else [],
