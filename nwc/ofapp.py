@@ -1169,34 +1169,27 @@ class FlowsPart:
         flow-stats request), and the SwitchStats their answers fill. A fabric switch is
         asked for its drops only: nobody sums its weave counters."""
         dp = conn.datapath
-        kinds: dict[int, str] = {}
-        msgs: list[Any] = []
+        requests: list[tuple[str, Any]] = []
         if numbers is None:
-            drops = parser.OFPFlowStatsRequest(dp, 0, ofp.OFPTT_ALL, ofp.OFPP_ANY, ofp.OFPG_ANY,
-                                               ROLE_DROP, ROLE_DROP, parser.OFPMatch())
-            drops.set_xid(conn.next_xid())
-            kinds[drops.xid] = "drops"
-            msgs.append(drops)
-        if conn.kind != "host" and numbers is None:
-            return msgs, SwitchStats(kinds, numbers=numbers, reads_drops=True)
-        if numbers is not None and len(numbers) == 1:
-            (number,) = numbers
-            flows = parser.OFPFlowStatsRequest(dp, 0, ofp.OFPTT_ALL, ofp.OFPP_ANY, ofp.OFPG_ANY,
-                                               weave_cookie(number), OWNER_MASK,
-                                               parser.OFPMatch())
-            # Only meters the switch holds: asking for a missing one is an OpenFlow error.
-            ids = [mid for mid in (meter_id(number, d) for d in DIRECTIONS) if mid in conn.meters]
-        else:
-            flows = parser.OFPFlowStatsRequest(dp, 0, ofp.OFPTT_ALL, ofp.OFPP_ANY, ofp.OFPG_ANY,
-                                               KIND_WEAVE << KIND_SHIFT, 0xFF << KIND_SHIFT,
-                                               parser.OFPMatch())
-            ids = [ofp.OFPM_ALL]
-        weave_msgs = [flows, *(parser.OFPMeterStatsRequest(dp, 0, mid) for mid in ids)]
-        for msg in weave_msgs:
+            requests.append(("drops", _flow_stats_request(dp, ROLE_DROP, ROLE_DROP)))
+        if conn.kind == "host" or numbers is not None:
+            if numbers is not None and len(numbers) == 1:
+                (number,) = numbers
+                flows = _flow_stats_request(dp, weave_cookie(number), OWNER_MASK)
+                # Only meters the switch holds: asking for a missing one is an OpenFlow error.
+                ids = [mid for mid in (meter_id(number, d) for d in DIRECTIONS)
+                       if mid in conn.meters]
+            else:
+                flows = _flow_stats_request(dp, KIND_WEAVE << KIND_SHIFT, 0xFF << KIND_SHIFT)
+                ids = [ofp.OFPM_ALL]
+            requests.append(("flows", flows))
+            requests += [("meters", parser.OFPMeterStatsRequest(dp, 0, mid)) for mid in ids]
+        kinds: dict[int, str] = {}
+        for kind, msg in requests:
             msg.set_xid(conn.next_xid())
-            kinds[msg.xid] = "flows" if msg is flows else "meters"
-        stats = SwitchStats(kinds, numbers=numbers, reads_drops=numbers is None)
-        return [*msgs, *weave_msgs], stats
+            kinds[msg.xid] = kind
+        return ([msg for _, msg in requests],
+                SwitchStats(kinds, numbers=numbers, reads_drops=numbers is None))
 
     def _observe(self, dpid: int, stats: SwitchStats) -> None:
         """A complete reading of one switch: every weave counted there that it covers, and
@@ -1338,6 +1331,12 @@ class FlowsPart:
 def _base_key(base: Any) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
     """What a switch's base program is compared by (SwitchConn.base): its flows and meters."""
     return tuple(base.flows), tuple(base.meters)
+
+
+def _flow_stats_request(dp: Any, cookie: int, cookie_mask: int) -> Any:
+    """A flow-stats request for every flow of every table whose cookie matches."""
+    return parser.OFPFlowStatsRequest(dp, 0, ofp.OFPTT_ALL, ofp.OFPP_ANY, ofp.OFPG_ANY,
+                                      cookie, cookie_mask, parser.OFPMatch())
 
 
 def _port_description(dp: Any) -> tuple[dict[str, int], dict[int, bool]]:

@@ -427,6 +427,19 @@ def _wait_removal_waits_only_for(nwc: Nwc, weave_id: str, dpid: int) -> None:
     wait_for(waits_for_it_only, 15, "every switch but h1 to confirm the removal")
 
 
+def _terminate_with_h1_away(nwc: Nwc, weave: Weave) -> _AwayHost:
+    """h1, holding the weave's flows, loses NWC; then the weave is terminated, with a
+    teardown timeout longer than the tests wait (TERMINATED can only come from a
+    confirmation)."""
+    h1 = _AwayHost(nwc, weave)
+    assert h1.weave_flows() > 0
+    h1.away()
+    nwc.controller.call(setattr, nwc.controller.weaver, "teardown_timeout",
+                        timedelta(seconds=120))
+    nwc.controller.call(nwc.controller.weaver.terminate, weave.id)
+    return h1
+
+
 def _wait_terminated_by_resync(nwc: Nwc, weave_id: str) -> None:
     def terminated() -> bool:
         weaver = nwc.controller.weaver
@@ -438,13 +451,7 @@ def test_a_switch_away_during_teardown_keeps_it_terminating_until_resynced(nwc: 
     """Real OVS with fail_mode=secure keeps a weave's flows while its controller is away: the
     teardown is confirmed only once it is back and its resync removed them."""
     weave = nwc.weave("acme-web", "globex-db")
-    h1 = _AwayHost(nwc, weave)
-    assert h1.weave_flows() > 0
-    h1.away()
-    # Longer than this test waits: TERMINATED below can only come from a confirmation.
-    nwc.controller.call(setattr, nwc.controller.weaver, "teardown_timeout",
-                        timedelta(seconds=120))
-    nwc.controller.call(nwc.controller.weaver.terminate, weave.id)
+    h1 = _terminate_with_h1_away(nwc, weave)
     time.sleep(1)
     record = nwc.controller.call(nwc.controller.weaver.store.weave, weave.id)
     assert record.state is State.TERMINATING
@@ -489,12 +496,7 @@ def test_a_teardown_under_way_at_a_stop_waits_after_the_restart_for_a_switch_sti
     still away after the restart: the weave stays terminating, its slot not given to a new
     weave, until h1's resync removes the flows; then it is terminated, confirmed."""
     weave = nwc.weave("acme-web", "globex-db")
-    h1 = _AwayHost(nwc, weave)
-    assert h1.weave_flows() > 0
-    h1.away()
-    nwc.controller.call(setattr, nwc.controller.weaver, "teardown_timeout",
-                        timedelta(seconds=120))
-    nwc.controller.call(nwc.controller.weaver.terminate, weave.id)
+    h1 = _terminate_with_h1_away(nwc, weave)
     _wait_removal_waits_only_for(nwc, weave.id, h1.dpid)
     # Longer than this test waits: TERMINATED below can only come from a confirmation.
     nwc.restart_controller(teardown_timeout_s=120)

@@ -49,16 +49,29 @@ def _start_nwc(lab: Lab, tmp_path: Path, host: str, port: int, ctl: TlsFilePaths
 
 
 def _switch(lab: Lab, mgmt: ManagementNet, name: str, tls: TlsFilePaths, dpid: int,
-            target: str) -> PrivateOvs:
+            target: str, bridge: str = "br0") -> PrivateOvs:
     """A private ovs-vswitchd in a namespace of its own, presenting `tls`, with one bridge
     claiming `dpid` and connecting to `target`."""
     ns = lab.netns(name)
     mgmt.attach(ns)
     ovs = PrivateOvs(lab, ns, name).start(tls=tls)
-    ovs.vsctl("add-br", "br0", "--", "set", "bridge", "br0", "datapath_type=netdev",
+    ovs.vsctl("add-br", bridge, "--", "set", "bridge", bridge, "datapath_type=netdev",
               "fail_mode=secure", "protocols=OpenFlow13", f"other_config:datapath-id={dpid:016x}")
-    ovs.vsctl("set-controller", "br0", target)
+    ovs.vsctl("set-controller", bridge, target)
     return ovs
+
+
+def ovs_connected(ovs: PrivateOvs) -> bool:
+    return ovs.vsctl("--columns=is_connected", "--bare", "list", "controller") == "true"
+
+
+def _client(ca_cert: Path, cert: Path, key: Path) -> ssl.SSLContext:
+    """A TLS client that checks the controller against `ca_cert` and presents `cert`."""
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client.check_hostname = False
+    client.load_verify_locations(str(ca_cert))
+    client.load_cert_chain(str(cert), str(key))
+    return client
 
 
 def test_openflow_over_tls_with_a_real_switch_and_only_trusted_peers(tmp_path: Path) -> None:
@@ -78,15 +91,8 @@ def test_openflow_over_tls_with_a_real_switch_and_only_trusted_peers(tmp_path: P
         log_path = _start_nwc(lab, tmp_path, host, port, ctl)
 
         # A real switch: its own certificate, NWC's CA to check the controller's.
-        ns = lab.netns("sw")
-        mgmt.attach(ns)
-        ovs = PrivateOvs(lab, ns, "sw").start(tls=sw)
-        ovs.vsctl("add-br", "br-int", "--", "set", "bridge", "br-int", "datapath_type=netdev",
-                  "fail_mode=secure", "protocols=OpenFlow13",
-                  f"other_config:datapath-id={h1.dpid:016x}")
-        ovs.vsctl("set-controller", "br-int", f"ssl:{host}:{port}")
-        wait_for(lambda: ovs.vsctl("--columns=is_connected", "--bare", "list",
-                                   "controller") == "true", 30, "the switch to connect over TLS")
+        ovs = _switch(lab, mgmt, "sw", sw, h1.dpid, f"ssl:{host}:{port}", bridge="br-int")
+        wait_for(lambda: ovs_connected(ovs), 30, "the switch to connect over TLS")
         # NWC programmed it: the IVN base flows of h1 are there (cookie kind 1).
         wait_for(lambda: "cookie=0x1" in ovs.ofctl("dump-flows", "br-int"), 20,
                  "NWC's flows on the switch")
@@ -97,10 +103,7 @@ def test_openflow_over_tls_with_a_real_switch_and_only_trusted_peers(tmp_path: P
             assert _first_bytes(plain) == b""
 
         # A certificate from another CA: the handshake fails and nothing is greeted.
-        client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        client.check_hostname = False
-        client.load_verify_locations(str(ca_cert))
-        client.load_cert_chain(str(rogue_cert), str(rogue_key))
+        client = _client(ca_cert, rogue_cert, rogue_key)
         with socket.create_connection((host, port), timeout=5) as raw:
             try:
                 with client.wrap_socket(raw) as rogue:
@@ -111,10 +114,7 @@ def test_openflow_over_tls_with_a_real_switch_and_only_trusted_peers(tmp_path: P
         assert greeting == b""
 
         # A trusted switch certificate is greeted with OpenFlow 1.3's hello, through TLS.
-        client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        client.check_hostname = False
-        client.load_verify_locations(str(ca_cert))
-        client.load_cert_chain(str(sw_cert), str(sw_key))
+        client = _client(ca_cert, sw_cert, sw_key)
         with socket.create_connection((host, port), timeout=5) as raw, \
                 client.wrap_socket(raw) as trusted:
             trusted.sendall(OF13_HELLO)
@@ -122,14 +122,10 @@ def test_openflow_over_tls_with_a_real_switch_and_only_trusted_peers(tmp_path: P
 
         # The switch stayed connected meanwhile.
         time.sleep(0.5)
-        assert ovs.vsctl("--columns=is_connected", "--bare", "list", "controller") == "true"
+        assert ovs_connected(ovs)
         text = log_path.read_text()
         assert "TLS handshake failed" in text
         assert "switch h1" in text and "connected" in text
-
-
-def ovs_connected(ovs: PrivateOvs) -> bool:
-    return ovs.vsctl("--columns=is_connected", "--bare", "list", "controller") == "true"
 
 
 def _flows(ovs: PrivateOvs) -> list[str]:
