@@ -232,12 +232,14 @@ class FlowsSim:
         changed while NWC was down; the network stays as built). The switches keep their
         tables (fail_mode=secure) and are connected to the new controller only by
         `connect`."""
+        # The restarted controller runs with the options the first one had.
+        cert_names = "match" if self.part.check_cert_names else "any"
         self.close()
         self.dps.clear()
         self.weaver = Weaver(policy=policy or self.policy, topology=topology or self.topology,
                              store=Store(self.state_dir), clock=self.clock)
         self.weaver.recover(parts_to_attach=True)
-        self.loop, self.part = _start(self.weaver)
+        self.loop, self.part = _start(self.weaver, cert_names)
         self.loop.call(self.weaver.parts_attached)
 
     # -- switches -----------------------------------------------------------------------------
