@@ -261,15 +261,7 @@ class EmulatedNetwork:
                                dst_ip)
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, start_new_session=True)
-        self.lab.watch_pid(proc.pid, f"ping from {src}")
-        self.lab.on_close(f"ping from {src}", lambda: _kill_quietly(proc))
-        return proc
+        return self.lab.process(proc, f"ping from {src}")
 
     def gateway_mac(self, ivn: str) -> str:
         return gateway_mac(self.policy.ivns[ivn])
-
-
-def _kill_quietly(proc: subprocess.Popen[str]) -> None:
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait(5)

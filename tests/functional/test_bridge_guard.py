@@ -12,10 +12,10 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from conftest import Nwc
+from fake_parts import TunnelReports
 
 from nwc.config import SHIPPED_POLICIES
 from nwc.lab.netns import Lab, Netns, wait_for
@@ -36,20 +36,6 @@ def in_band_flows(ovs: PrivateOvs, bridge: str) -> int:
     """OVS's hidden flows (not in `ovs-ofctl dump-flows`), as deploy.md section 9 counts them."""
     return sum(1 for line in ovs.appctl("bridge/dump-flows", bridge).splitlines()
                if "priority=180" in line)
-
-
-class Reported:
-    def __init__(self) -> None:
-        self.bridges: list[tuple[str, str, list[Any], str]] = []
-
-    def ready(self, weave_id: str) -> None: ...
-    def failed(self, weave_id: str, detail: str) -> None: ...
-    def security(self, weave_id: str, kind: str, detail: str) -> None: ...
-    def down(self, weave_id: str) -> None: ...
-    def host(self, host: str, kind: str, up: bool, detail: str) -> None: ...
-
-    def bridge(self, host: str, bridge: str, fixed: list[Any], detail: str) -> None:
-        self.bridges.append((host, bridge, fixed, detail))
 
 
 @pytest.fixture
@@ -105,7 +91,7 @@ def test_the_guides_bridge_leaks_between_ivns_until_the_guard_sets_it_out_of_ban
     assert ovs.ofctl("dump-flows", "br-int").count("priority") == 0  # NWC's table is empty
     assert reaches(vm1)  # the leak the tester found, through fail_mode=secure
 
-    told = Reported()
+    told = TunnelReports()
     policy = load_policy([SHIPPED_POLICIES])
     part = Tunnels(topology=parse_topology_text(TWO_HOSTS, policy), policy=lambda: policy,
                    ca=CertificateAuthority.load_or_create(tmp_path / "pki",

@@ -277,9 +277,7 @@ def test_rekeys_keep_the_leg_up_encrypted_and_counted(world: World) -> None:
 
 def ike_ids(world: World, host: str, name: str) -> set[str]:
     """The unique ids of every IKE SA a host's charon holds for a connection."""
-    with vici_session(world.tl.hosts[host].charon.vici_socket) as s:
-        return {_text(ike["uniqueid"]) for entry in s.list_sas({"ike": name})
-                for ike in entry.values()}
+    return world.tl.hosts[host].ike.ike_sa_ids(name)
 
 
 @dataclass

@@ -8,10 +8,11 @@ import logging
 import time
 import unicodedata
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from fake_parts import TunnelReports
 from tunnel_fakes import POLICY, T0, TOPO, FakeHostDb
 
 from nwc.bridgeguard import (
@@ -89,21 +90,7 @@ def test_a_fix_says_the_old_value_and_what_unset_means() -> None:
 # -- the tunnel part guards every host it reads -------------------------------------------
 
 
-@dataclass
-class Told:
-    bridges: list[tuple[str, str, list[Fix], str]] = field(default_factory=list)
-
-    def ready(self, weave_id: str) -> None: ...
-    def failed(self, weave_id: str, detail: str) -> None: ...
-    def security(self, weave_id: str, kind: str, detail: str) -> None: ...
-    def down(self, weave_id: str) -> None: ...
-    def host(self, host: str, kind: str, up: bool, detail: str) -> None: ...
-
-    def bridge(self, host: str, bridge: str, fixed: list[Fix], detail: str) -> None:
-        self.bridges.append((host, bridge, fixed, detail))
-
-
-def part_on(tmp_path: Path, dbs: dict[str, FakeHostDb], told: Told,
+def part_on(tmp_path: Path, dbs: dict[str, FakeHostDb], told: TunnelReports,
             clock: Callable[[], float] = time.monotonic) -> Tunnels:
     return Tunnels(topology=TOPO, policy=lambda: POLICY,
                    ca=CertificateAuthority.load_or_create(tmp_path / "pki", now=T0),
@@ -113,9 +100,9 @@ def part_on(tmp_path: Path, dbs: dict[str, FakeHostDb], told: Told,
 
 
 def one_pass(tmp_path: Path, dbs: dict[str, FakeHostDb],
-             caplog: pytest.LogCaptureFixture) -> Told:
+             caplog: pytest.LogCaptureFixture) -> TunnelReports:
     """One tunnel pass over these hosts, its warnings captured: what admins were told."""
-    told = Told()
+    told = TunnelReports()
     part = part_on(tmp_path, dbs, told)
     try:
         with caplog.at_level(logging.WARNING):
@@ -129,7 +116,7 @@ def test_the_part_corrects_a_hosts_bridge_warns_and_tells_admins_each_time(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     h1, h2 = FakeHostDb(), FakeHostDb()
     h1.bridges["br-int"] = rows(fail_mode="standalone", controllers=(CTL,))
-    told = Told()
+    told = TunnelReports()
     part = part_on(tmp_path, {"h1": h1, "h2": h2}, told)
     try:
         with caplog.at_level(logging.WARNING):
@@ -157,7 +144,7 @@ def test_a_bridge_that_cannot_be_read_does_not_stop_the_tunnel_work(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     h1, h2 = FakeHostDb(), FakeHostDb()
     h1.failing.add("bridge_rows")
-    part = part_on(tmp_path, {"h1": h1, "h2": h2}, Told())
+    part = part_on(tmp_path, {"h1": h1, "h2": h2}, TunnelReports())
     try:
         with caplog.at_level(logging.INFO, logger="nwc.tunnels"):
             for _ in range(3):
@@ -221,7 +208,7 @@ def test_a_correction_the_host_keeps_undoing_is_said_about_once_a_minute_with_a_
     value back got a warning and an event each pass."""
     h1 = FakeHostDb()
     clock = [1000.0]
-    told = Told()
+    told = TunnelReports()
     part = part_on(tmp_path, {"h1": h1}, told, clock=lambda: clock[0])
     try:
         with caplog.at_level(logging.WARNING):
@@ -272,7 +259,7 @@ def test_an_error_quoting_the_hosts_text_is_logged_cleaned(
     def refuse(bridge: str) -> BridgeRows:
         raise RuntimeError(f"unexpected row {FORGED}")
     h1.bridge_rows = refuse  # type: ignore[method-assign]
-    part = part_on(tmp_path, {"h1": h1}, Told())
+    part = part_on(tmp_path, {"h1": h1}, TunnelReports())
     try:
         with caplog.at_level(logging.ERROR, logger="nwc.tunnels"):
             part.sync()

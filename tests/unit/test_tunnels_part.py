@@ -22,6 +22,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from fake_parts import TunnelReports
 from tunnel_fakes import (
     OVS_TOPO,
     POLICY,
@@ -63,32 +64,6 @@ weave = one_leg_weave
 
 
 @dataclass
-class Reports:
-    log: list[tuple[str, ...]] = field(default_factory=list)
-
-    def ready(self, weave_id: str) -> None:
-        self.log.append(("ready", weave_id))
-
-    def failed(self, weave_id: str, detail: str) -> None:
-        self.log.append(("failed", weave_id, detail))
-
-    def security(self, weave_id: str, kind: str, detail: str) -> None:
-        self.log.append(("security", weave_id, kind, detail))
-
-    def down(self, weave_id: str) -> None:
-        self.log.append(("down", weave_id))
-
-    def host(self, host: str, kind: str, up: bool, detail: str) -> None:
-        self.log.append(("host", host, kind, up, detail))
-
-    def hosts(self) -> list[tuple[str, str, bool]]:
-        return [e[1:4] for e in self.log if e[0] == "host"]
-
-    def kinds(self) -> list[str]:
-        return [e[2] if e[0] == "security" else e[0] for e in self.log]
-
-
-@dataclass
 class World:
     tmp: Path
     backend: str = "strongswan"
@@ -97,7 +72,7 @@ class World:
     part_clock: FakeClock = field(default_factory=FakeClock)
     # Hosts whose agent has stopped (killed): rounds pass them by.
     stopped: set[str] = field(default_factory=set)
-    reports: Reports = field(default_factory=Reports)
+    reports: TunnelReports = field(default_factory=TunnelReports)
     dbs: dict[str, FakeHostDb] = field(default_factory=dict)
     ikes: dict[str, FakeIke] = field(default_factory=dict)
     nets: dict[str, FakeNet] = field(default_factory=dict)
